@@ -1,0 +1,87 @@
+"""`rayrlhf` command line: load config, build, run, clean up.
+
+    rayrlhf train [--config F] [--set k=v ...] [--run-dir D]     SFT -> RM -> PPO -> eval -> report
+    rayrlhf sft | rm | ppo | eval  [same options]                 one stage
+Exit codes: 0 ok, 1 runtime failure, 2 bad config or arguments (nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError, load_config
+
+log = logging.getLogger("rayrlhf")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (default: the packaged configs/default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set sft.lr=1e-4 (repeatable)")
+    p.add_argument("--run-dir", help="run directory (default: <run.output_dir>/<run.name>-<timestamp>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayrlhf", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="the full pipeline: SFT -> reward model -> PPO -> evaluation report")
+    _common(p)
+    p = sub.add_parser("sft", help="supervised fine-tuning")
+    _common(p)
+    p = sub.add_parser("rm", help="reward model from an SFT checkpoint")
+    _common(p)
+    p.add_argument("--sft-checkpoint", help="default: <run-dir>/sft/checkpoint")
+    p = sub.add_parser("ppo", help="PPO from SFT and reward-model checkpoints")
+    _common(p)
+    p.add_argument("--sft-checkpoint", help="default: <run-dir>/sft/checkpoint")
+    p.add_argument("--rm-checkpoint", help="default: <run-dir>/rm/checkpoint")
+    p = sub.add_parser("eval", help="evaluate SFT and PPO policies of a run and write report.md")
+    _common(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"rayrlhf: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, cfg)
+    except (FileNotFoundError, ValueError) as e:  # bad paths and data found at run time
+        print(f"rayrlhf {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline import workflow as stages
+
+    if args.command == "eval" and not args.run_dir:
+        print("rayrlhf eval: error: --run-dir is required", file=sys.stderr)
+        return 2
+    run = stages.open_run(cfg, args.run_dir)
+    try:
+        if args.command == "train":
+            stages.train(cfg, run)
+        elif args.command == "sft":
+            stages.sft(cfg, run)
+        elif args.command == "rm":
+            stages.rm(cfg, run, Path(args.sft_checkpoint) if args.sft_checkpoint else None)
+        elif args.command == "ppo":
+            stages.ppo(cfg, run, Path(args.sft_checkpoint) if args.sft_checkpoint else None,
+                       Path(args.rm_checkpoint) if args.rm_checkpoint else None)
+        elif args.command == "eval":
+            stages.evaluate(cfg, run)
+    finally:
+        stages.shutdown()
+    print(f"run directory: {run.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

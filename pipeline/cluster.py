@@ -1,0 +1,51 @@
+"""Connecting to Ray: a given cluster (`ray.address` or RAY_ADDRESS) or a local one sized for the roles."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def role_cpus(cfg: Config) -> float:
+    """Logical CPUs that the PPO roles ask for together (the offline stages run one at a time)."""
+    ppo = (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.reward.num_cpus + cfg.reference.num_cpus
+           + cfg.ppo.num_cpus)
+    return max(ppo, cfg.sft.num_cpus, cfg.rm.num_cpus, cfg.serve.num_cpus * cfg.serve.num_replicas)
+
+
+def connect(cfg: Config) -> None:
+    """ray.init against the configured cluster, or start a local one.
+
+    Ray 2.60 turns token auth on for new local clusters; we say so explicitly (RAY_AUTH_MODE=token) so
+    every process we start, and every test, agrees on it. Ray stores the token in ~/.ray/auth_token
+    unless RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH provides one.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Logical CPUs may exceed the cores: roles take turns, and each actor runs torch on its own threads.
+    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(role_cpus(cfg)))
+    ray.init(num_cpus=num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=True,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+
+def init_worker_process(num_cpus: float) -> None:
+    """Inside an actor: torch threads match the actor's CPUs (oversubscribed OpenMP threads spin and stall)."""
+    import torch
+
+    threads = max(1, int(num_cpus))
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

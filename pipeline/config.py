@@ -1,0 +1,358 @@
+"""Typed, frozen configuration: one model per component, validated once when loaded.
+
+A YAML file (or the packaged `configs/default.yaml`) plus `--set a.b=value` overrides become a `Config`.
+Unknown keys, wrong types and impossible combinations raise `ConfigError` naming the key; nothing is
+changed silently afterwards (all models are frozen). Derived sizes are properties computed with exact
+division, validated here so they cannot fail later.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _divides(section: str, total_key: str, total: int, part_key: str, part: int) -> None:
+    if part <= 0 or total % part:
+        raise ValueError(f"{section}.{total_key} ({total}) must be a positive multiple of {section}.{part_key} ({part})")
+
+
+class RunConfig(_Section):
+    name: str = Field("rayrlhf", description="Run name; the run directory is <output_dir>/<name>-<timestamp>.")
+    output_dir: str = Field("runs", description="Parent folder of run directories.")
+    seed: int = Field(0, description="Seed for torch, numpy and Python's RNG in every component.")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Cluster address; None uses RAY_ADDRESS, else starts a local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local Ray (default: enough for all roles).")
+    include_dashboard: bool = Field(False, description="Start the dashboard with a local Ray.")
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        "builtin:tiny-llama",
+        description="Hugging Face hub id or local path of the base causal LM; `builtin:tiny-llama` builds a small "
+        "Llama from the fields below with a BPE tokenizer trained on the training corpus.",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer id/path if it differs from the model's.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")
+    # Architecture of the builtin model. head_dim = hidden_size / num_heads must be one vLLM's CPU kernels accept.
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(512, ge=8)
+    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary size of the builtin tokenizer.")
+    max_position_embeddings: int = Field(512, ge=16)
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.name_or_path.startswith("builtin:")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.is_builtin:
+            if self.name_or_path != "builtin:tiny-llama":
+                raise ValueError(f"model.name_or_path: unknown builtin {self.name_or_path!r} (known: builtin:tiny-llama)")
+            _divides("model", "hidden_size", self.hidden_size, "num_heads", self.num_heads)
+            head_dim = self.hidden_size // self.num_heads
+            if head_dim not in (32, 64, 80, 96, 112, 128, 160, 192, 256):
+                raise ValueError(f"model.hidden_size/num_heads gives head_dim {head_dim}; use 32, 64, 80, 96, 112, 128, ...")
+        return self
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "hub", "local"] = Field(
+        "synthetic", description="`synthetic`: the builtin TL;DR-style task; `hub`: datasets by id; `local`: files."
+    )
+    # Synthetic task
+    seed: int = Field(1234, description="Seed of the synthetic task generator.")
+    num_train_posts: int = Field(2000, ge=1)
+    num_valid_posts: int = Field(200, ge=1)
+    num_test_posts: int = Field(200, ge=1)
+    num_train_pairs: int = Field(3000, ge=1)
+    num_valid_pairs: int = Field(400, ge=1)
+    label_noise: float = Field(0.1, ge=0.0, lt=0.5, description="Probability that a synthetic comparison label is flipped.")
+    # Real data: hub ids or local files (jsonl/json/parquet); split names as in the CarperAI datasets.
+    sft_dataset: str = "CarperAI/openai_summarize_tldr"
+    comparisons_dataset: str = "CarperAI/openai_summarize_comparisons"
+    sft_train: str = Field("train", description="Split name (hub) or file path (local) of SFT training rows.")
+    sft_valid: str = Field("valid", description="Split name (hub) or file path (local) of SFT validation rows.")
+    sft_test: str = Field("test", description="Split name (hub) or file path (local) of held-out evaluation prompts.")
+    pairs_train: str = Field("train", description="Split name (hub) or file path (local) of comparison pairs.")
+    pairs_valid: str = Field("valid1", description="Split name (hub) or file path (local) of validation pairs.")
+    max_rows: int | None = Field(None, ge=1, description="Cap on rows read per split (quick runs).")
+    strict: bool = Field(False, description="Reject the dataset at the first bad row instead of skipping it.")
+    max_prompt_tokens: int = Field(512, ge=16, description="Queries are cut at a newline of the post to fit this.")
+    max_summary_tokens: int = Field(53, ge=1, description="References longer than this (with EOS) are truncated.")
+
+
+class SFTConfig(_Section):
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1)
+    micro_batch_size: int = Field(32, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_every: int = Field(50, ge=1, description="Optimizer steps between validations (and at the end).")
+    num_eval_prompts: int = Field(100, ge=1, description="Held-out prompts summarised greedily for ROUGE.")
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> SFTConfig:
+        _divides("sft", "batch_size", self.batch_size, "micro_batch_size", self.micro_batch_size)
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+class RMConfig(_Section):
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1)
+    micro_batch_size: int = Field(32, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_every: int = Field(50, ge=1)
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> RMConfig:
+        _divides("rm", "batch_size", self.batch_size, "micro_batch_size", self.micro_batch_size)
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+class RolloutConfig(_Section):
+    backend: Literal["hf", "vllm"] = Field("hf", description="`hf`: transformers generate; `vllm`: a vLLM engine per worker.")
+    num_workers: int = Field(1, ge=1, description="Rollout workers, scaled independently of the learner.")
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probs everywhere use logits / temperature.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(24, ge=1, description="Fixed response budget; responses are cut after the first EOS.")
+    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    vllm_kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+
+
+class RewardConfig(_Section):
+    backend: Literal["local", "http"] = Field("local", description="`local`: a RewardScorer actor; `http`: the reward service.")
+    url: str | None = Field(None, description="Base URL of the reward service when backend is http.")
+    token_env: str = Field("RAYRLHF_SERVE_TOKEN", description="Environment variable holding the service's bearer token.")
+    timeout_s: float = Field(30.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    missing_eos_score: float | None = Field(-1.0, description="Score of a response without EOS (the EOS trick); null disables.")
+    batch_size: int = Field(64, ge=1)
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardConfig:
+        if self.backend == "http" and not self.url:
+            raise ValueError("reward.url is required when reward.backend is http")
+        return self
+
+
+class ReferenceConfig(_Section):
+    batch_size: int = Field(64, ge=1)
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+
+
+class PPOConfig(_Section):
+    steps: int = Field(40, ge=1, description="Learner updates (policy versions) to run.")
+    prompts_per_step: int = Field(32, ge=1)
+    samples_per_prompt: int = Field(2, ge=1, description="n responses per prompt (needed >1 by rloo/grpo).")
+    ppo_epochs: int = Field(4, ge=1)
+    minibatch_size: int = Field(32, ge=1, description="Sequences per optimizer step.")
+    micro_batch_size: int = Field(32, ge=1, description="Sequences per forward/backward (gradient accumulation).")
+    lr: float = Field(3e-4, gt=0)
+    critic_lr: float = Field(3e-4, gt=0)
+    adam_eps: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+    clip_range: float = Field(0.2, gt=0)
+    value_clip_range: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    ent_coef: float = Field(0.0, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    kl_coef: float = Field(0.05, ge=0)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    advantage_estimator: Literal["gae", "rloo", "grpo"] = "gae"
+    whiten_advantages: bool = True
+    max_staleness: int = Field(1, ge=0, description="0: synchronous on-policy PPO; k: a batch may come from version >= step - k.")
+    weight_sync: Literal["object_store", "collective"] = "object_store"
+    sync_timeout_s: float = Field(120.0, gt=0, description="A weight sync or remote call slower than this is an error.")
+    bucket_mb: float = Field(64.0, gt=0, description="Size of the flat buckets weights are sent in.")
+    checkpoint_every: int = Field(0, ge=0, description="PPO steps between checkpoints (0: only at the end).")
+    num_cpus: float = Field(1, ge=0, description="CPUs of the learner actor.")
+    num_gpus: float = Field(0, ge=0, description="GPUs of the learner actor.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PPOConfig:
+        _divides("ppo", "rollout_batch_size", self.rollout_batch_size, "minibatch_size", self.minibatch_size)
+        _divides("ppo", "minibatch_size", self.minibatch_size, "micro_batch_size", self.micro_batch_size)
+        if self.advantage_estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
+            raise ValueError(f"ppo.advantage_estimator {self.advantage_estimator} needs ppo.samples_per_prompt >= 2")
+        return self
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Sequences per policy version: prompts_per_step x samples_per_prompt."""
+        return self.prompts_per_step * self.samples_per_prompt
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.minibatch_size // self.micro_batch_size
+
+
+class EvalConfig(_Section):
+    num_prompts: int = Field(200, ge=1, description="Held-out prompts for `rayrlhf eval`.")
+    num_samples_shown: int = Field(4, ge=0, description="Sample summaries shown side by side in report.md.")
+    batch_size: int = Field(64, ge=1)
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    max_batch_size: int = Field(64, ge=1, description="Dynamic batching: most sequences scored in one model call.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_request_items: int = Field(256, ge=1, description="Most {prompt, response} items in one request.")
+    token_env: str = Field("RAYRLHF_SERVE_TOKEN", description="Environment variable holding the bearer token.")
+    token_file: str | None = Field(None, description="File holding the bearer token (instead of token_env).")
+    allow_insecure_non_loopback: bool = Field(False, description="Listen beyond loopback without a token.")
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    sft: SFTConfig = SFTConfig()
+    rm: RMConfig = RMConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    ppo: PPOConfig = PPOConfig()
+    eval: EvalConfig = EvalConfig()
+    serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.rollout.backend == "vllm" and self.model.lora is not None:
+            raise ValueError("rollout.backend vllm with model.lora: merge adapters first (LoRA weight sync is not supported)")
+        if self.ppo.weight_sync == "collective" and self.rollout.backend == "vllm":
+            raise ValueError("ppo.weight_sync collective is implemented for the hf rollout backend; use object_store with vllm")
+        return self
+
+
+DEFAULT_CONFIG = "default.yaml"
+
+
+def packaged_config_path(name: str = DEFAULT_CONFIG) -> Path:
+    return Path(str(importlib.resources.files("configs") / name))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML, so 1e-4, true, null and [1, 2] get their types)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set sft.lr=1e-4")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from e
+    # YAML 1.1 reads `1e-4` as a string; accept it as the number the user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return parts, value
+
+
+def _apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for i, p in enumerate(parts[:-1]):
+        child = node.setdefault(p, {})
+        if child is None:  # e.g. `model.lora: null` then `--set model.lora.r=4`
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_error(e: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and not isinstance(err["input"], dict) else ""))
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML (default: the packaged CPU config), apply `--set` overrides, validate once."""
+    source = Path(path) if path is not None else packaged_config_path()
+    if not source.is_file():
+        raise ConfigError(f"config file not found: {source}")
+    try:
+        tree = yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {source} is not valid YAML: {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {source}: top level must be a mapping of sections, got {type(tree).__name__}")
+    for item in overrides:
+        _apply_override(tree, *parse_override(item))
+    return config_from_dict(tree, str(source))
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

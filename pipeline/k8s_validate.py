@@ -1,0 +1,564 @@
+"""Offline validation of the Kubernetes manifests under k8s/: no cluster, no network, no Ray started.
+
+    python -m pipeline.k8s_validate k8s/ [more paths] [--crds DIR]
+
+Every YAML document under the paths is checked; `kustomization.yaml` files are rendered, not validated:
+- RayJob / RayService / RayCluster against the openAPIV3Schema of the served CRD version in --crds, enforced
+  the way the API server does: unknown fields are rejected (every object without
+  x-kubernetes-preserve-unknown-fields is closed), `default`s are filled in before `required` is checked,
+  `nullable` and x-kubernetes-int-or-string are honoured, list-type set/map entries must be unique, and
+  `metadata` is checked as an ObjectMeta.
+- Core kinds (PersistentVolumeClaim, Secret, ...) against kubernetes-validate's bundled strict schemas, for
+  the newest Kubernetes version it bundles.
+- RayJob spec.runtimeEnvYAML with Ray's own `ray.runtime_env.RuntimeEnv`, and RayService spec.serveConfigV2
+  with Ray Serve's `ServeDeploySchema`. Both accept unknown keys (forwarded to plugins, or ignored for forward
+  compatibility); here they are errors, since a misspelt option would otherwise vanish silently.
+- Project rules: every document has metadata.name; a container's nvidia.com/gpu request equals its limit;
+  rayStartParams.resources is the quoted JSON object KubeRay passes to `ray start --resources`.
+Not checked: CEL rules (x-kubernetes-validations), string formats (int32, date-time), and whatever KubeRay's
+webhook and controller reject at run time.
+
+Overlays are rendered in pure Python for the subset of kustomize these manifests use: `resources` (files and
+directories), `images`, `namespace`, and JSON6902 `patches` (add, remove, replace, test) with a `target`.
+Anything else (strategic-merge patches, generators, ...) is reported as unsupported, never skipped.
+A rendered document identical to one already checked (e.g. the base rendered on its own) is not re-checked.
+
+Exit status: 0 all valid, 1 problems (all listed, one per line: file#document kind/name JSON-path: message),
+2 usage error (bad path, missing CRD directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import os
+import re
+import sys
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import yaml
+from referencing import Registry, Resource
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CRDS = REPO_ROOT.parent / "shared" / "k8s-crds"
+KUBERAY_KINDS = ("RayCluster", "RayJob", "RayService")
+KUSTOMIZATION = "kustomization.yaml"
+GPU = "nvidia.com/gpu"
+OBJECT_META = "https://kubernetes.io/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
+# The CRDs are 1-1.4 MB of YAML each: the C loader reads them 10x faster than the pure-Python one.
+Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One YAML document. `source` is `file#index`; `rendered_by` the kustomization directory, if any."""
+
+    source: str
+    doc: dict
+    rendered_by: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.rendered_by}: {self.source}" if self.rendered_by else self.source
+
+    @property
+    def label(self) -> str:
+        doc = self.doc if isinstance(self.doc, dict) else {}
+        meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+        return f"{doc.get('kind', '?')}/{meta.get('name', '?')}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: str  # file#document, prefixed by the kustomization that rendered it
+    label: str  # kind/name
+    path: str  # JSON path in the document; `... > key` continues into an embedded YAML string
+    message: str
+
+    @classmethod
+    def of(cls, m: Manifest, path: str, message: str) -> Problem:
+        return cls(m.where, m.label, path, message)
+
+    def __str__(self) -> str:
+        return f"{self.where} {self.label} {self.path}: {self.message}"
+
+
+class RenderError(Exception):
+    """A kustomization that cannot be rendered (or uses a feature the offline renderer does not support)."""
+
+
+def json_path(parts: typing.Iterable[str | int], root: str = "$") -> str:
+    """["spec", "workerGroupSpecs", 0, "nvidia.com/gpu"] -> $.spec.workerGroupSpecs[0]['nvidia.com/gpu']"""
+    out = root
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}" if re.fullmatch(r"[A-Za-z_][\w-]*", p) else f"['{p}']"
+    return out
+
+
+def _inner(where: str, parts: typing.Iterable[str | int]) -> str:
+    """A path inside a YAML string embedded at `where`: $.spec.serveConfigV2 > applications[0].name"""
+    return f"{where} > {json_path(parts, '').lstrip('.')}"
+
+
+def _find(node: Any, key: str, path: list) -> Iterator[tuple[list, Any]]:
+    """(path, value) of every mapping entry named `key`, at any depth."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield path + [k], v
+            yield from _find(v, key, path + [k])
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _find(v, key, path + [i])
+
+
+def _containers(doc: dict) -> Iterator[tuple[list, dict]]:
+    """Every container of every pod template in `doc`, wherever the kind nests it."""
+    for key in ("containers", "initContainers"):
+        for path, items in _find(doc, key, []):
+            if isinstance(items, list):
+                yield from ((path + [i], c) for i, c in enumerate(items) if isinstance(c, dict))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_documents(path: Path) -> list[Manifest]:
+    """The non-empty YAML documents of one file; raises RenderError for YAML that does not parse."""
+    try:
+        docs = list(yaml.load_all(path.read_text(), Loader=Loader))
+    except (OSError, yaml.YAMLError) as e:
+        raise RenderError(f"cannot read {path}: {e}") from e
+    return [Manifest(f"{path}#{i}", d) for i, d in enumerate(docs) if d is not None]
+
+
+def _read_kustomization(directory: Path) -> dict:
+    spec = yaml.safe_load((directory / KUSTOMIZATION).read_text()) or {}
+    unsupported = sorted(set(spec) - {"apiVersion", "kind", "resources", "images", "namespace", "patches"})
+    if unsupported:
+        raise RenderError(f"{directory / KUSTOMIZATION}: fields {unsupported} are not supported by the offline renderer")
+    return spec
+
+
+def render(directory: Path) -> list[Manifest]:
+    """`kustomize build directory` for the subset described in the module docstring."""
+    spec = _read_kustomization(directory)
+    loaded: list[Manifest] = []
+    for entry in spec.get("resources", []):
+        path = Path(os.path.normpath(directory / entry))  # overlays/x/../../base/f.yaml -> base/f.yaml
+        loaded += render(path) if path.is_dir() else load_documents(path)
+    docs = [copy.deepcopy(m.doc) for m in loaded]
+    for patch in spec.get("patches", []):
+        _apply_patch(directory, patch, docs)
+    for image in spec.get("images", []):
+        for doc in docs:
+            for _, container in _containers(doc):
+                if isinstance(container.get("image"), str):
+                    container["image"] = _retag(container["image"], image)
+    if "namespace" in spec:
+        for doc in docs:
+            doc.setdefault("metadata", {})["namespace"] = spec["namespace"]
+    return [Manifest(m.source, doc, str(directory)) for m, doc in zip(loaded, docs)]
+
+
+def _retag(ref: str, image: dict) -> str:
+    """kustomize's `images` transformer on one reference `name[:tag][@digest]`."""
+    name, _, digest = ref.partition("@")
+    tag = ""
+    if name.rfind(":") > name.rfind("/"):  # a colon after the last slash is a tag, not a registry port
+        name, tag = name.rsplit(":", 1)
+    if name != image.get("name"):
+        return ref
+    name = image.get("newName", name)
+    if "digest" in image:
+        return f"{name}@{image['digest']}"
+    if "newTag" in image:
+        return f"{name}:{image['newTag']}"
+    return name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
+
+
+def _apply_patch(directory: Path, entry: dict, docs: list[dict]) -> None:
+    where = f"{directory / KUSTOMIZATION} patch {entry.get('path', '(inline)')}"
+    target = entry.get("target")
+    if set(entry) - {"path", "patch", "target"} or not isinstance(target, dict):
+        raise RenderError(f"{where}: only `path` or `patch` with a `target` is supported")
+    if set(target) - {"group", "version", "kind", "name", "namespace"}:
+        raise RenderError(f"{where}: target selectors other than group/version/kind/name/namespace are not supported")
+    text = (directory / entry["path"]).read_text() if "path" in entry else entry.get("patch", "")
+    ops = yaml.safe_load(text)
+    if not isinstance(ops, list):
+        raise RenderError(f"{where}: strategic-merge patches are not supported offline; write a JSON6902 patch (a list of operations)")
+    matched = [doc for doc in docs if _matches(doc, target)]
+    if not matched:
+        raise RenderError(f"{where}: target {target} matches no resource")
+    for doc in matched:
+        for op in ops:
+            try:
+                _apply_op(doc, op)
+            except (KeyError, IndexError, ValueError, TypeError) as e:
+                raise RenderError(f"{where}: {op.get('op')} {op.get('path')}: {e}") from e
+
+
+def _matches(doc: dict, target: dict) -> bool:
+    group, _, version = doc.get("apiVersion", "").rpartition("/")
+    meta = doc.get("metadata") or {}
+    actual = {"group": group, "version": version, "kind": doc.get("kind"), "name": meta.get("name"),
+              "namespace": meta.get("namespace", "")}
+    # kustomize reads target fields as anchored regular expressions.
+    return all(re.fullmatch(str(want), str(actual[key] or "")) for key, want in target.items())
+
+
+def _apply_op(doc: dict, op: dict) -> None:
+    """One RFC 6902 operation: add, remove, replace or test (move and copy are not needed here)."""
+    keys = [k.replace("~1", "/").replace("~0", "~") for k in op["path"].split("/")[1:]]
+    if not keys:
+        raise ValueError("the whole document cannot be patched")
+    parent = doc
+    for k in keys[:-1]:
+        parent = parent[int(k)] if isinstance(parent, list) else parent[k]
+    last: str | int = keys[-1]
+    if isinstance(parent, list):
+        last = len(parent) if last == "-" and op["op"] == "add" else int(last)
+        if op["op"] != "add" and not 0 <= last < len(parent):
+            raise IndexError(f"index {last} out of range")
+    elif op["op"] != "add" and last not in parent:
+        raise KeyError(last)
+    if op["op"] == "add":
+        parent.insert(last, op["value"]) if isinstance(parent, list) else parent.__setitem__(last, op["value"])
+    elif op["op"] == "replace":
+        parent[last] = op["value"]
+    elif op["op"] == "remove":
+        del parent[last]
+    elif op["op"] == "test":
+        if parent[last] != op["value"]:
+            raise ValueError(f"test failed: found {parent[last]!r}, expected {op['value']!r}")
+    else:
+        raise ValueError(f"unsupported operation {op['op']!r}")
+
+
+def collect(paths: list[Path]) -> tuple[list[Manifest], list[Problem]]:
+    """All documents to check: plain manifests, then every kustomization rendered."""
+    files = sorted({f for p in paths for f in ([p] if p.is_file() else [*p.rglob("*.yaml"), *p.rglob("*.yml")])})
+    kustomizations = [f.parent for f in files if f.name == KUSTOMIZATION]
+    manifests: list[Manifest] = []
+    problems: list[Problem] = []
+    patch_files = set()
+    for directory in kustomizations:
+        try:
+            patches = _read_kustomization(directory).get("patches", [])
+        except (RenderError, yaml.YAMLError) as e:
+            problems.append(Problem(str(directory / KUSTOMIZATION), "Kustomization", "$", str(e)))
+            continue
+        patch_files |= {(directory / p["path"]).resolve() for p in patches if isinstance(p, dict) and "path" in p}
+    for f in files:
+        if f.name != KUSTOMIZATION and f.resolve() not in patch_files:
+            try:
+                manifests += load_documents(f)
+            except RenderError as e:
+                problems.append(Problem(str(f), "?", "$", str(e)))
+    seen = {_canonical(m.doc) for m in manifests}
+    for directory in kustomizations:
+        try:
+            rendered = render(directory)
+        except (RenderError, OSError, yaml.YAMLError) as e:
+            problems.append(Problem(str(directory / KUSTOMIZATION), "Kustomization", "$", f"cannot render: {e}"))
+            continue
+        for m in rendered:
+            if _canonical(m.doc) not in seen:
+                seen.add(_canonical(m.doc))
+                manifests.append(m)
+    return manifests, problems
+
+
+def _canonical(doc: Any) -> str:
+    return json.dumps(doc, sort_keys=True, default=str)
+
+
+# ---------------------------------------------------------------------------------------------- schemas
+
+
+@cache
+def _core_schemas() -> tuple[Any, Registry]:
+    """kubernetes-validate's strict schemas for its newest Kubernetes version, and a registry for their $refs."""
+    root = resources.files("kubernetes_validate") / "kubernetes-json-schema" / f"v{kubernetes_validate.latest_version()}-local-strict"
+    definitions = Resource.from_contents(json.loads((root / "_definitions.json").read_text()))
+    return root, definitions @ Registry()
+
+
+def _core_validator(api_version: str, kind: str) -> jsonschema.Validator | None:
+    root, registry = _core_schemas()
+    # The file naming of kubernetes-validate: apps/v1 -> apps-v1, rbac.authorization.k8s.io/v1 -> rbac-v1.
+    group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+    schema_file = root / f"{kind.lower()}-{group_version}.json"
+    if not schema_file.is_file():
+        return None
+    return jsonschema.Draft202012Validator(json.loads(schema_file.read_text()), registry=registry)
+
+
+@cache
+def _crd_schemas(crd_dir: Path) -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) -> openAPIV3Schema, for every served version of every CRD in crd_dir."""
+    out = {}
+    for path in sorted(crd_dir.glob("*.yaml")):
+        for crd in yaml.load_all(path.read_text(), Loader=Loader):
+            if isinstance(crd, dict) and crd.get("kind") == "CustomResourceDefinition":
+                spec = crd["spec"]
+                for version in spec["versions"]:
+                    if version.get("served"):
+                        key = (f"{spec['group']}/{version['name']}", spec["names"]["kind"])
+                        out[key] = version["schema"]["openAPIV3Schema"]
+    return out
+
+
+def _structural(schema: dict) -> dict:
+    """A copy of a CRD schema that jsonschema enforces the way the API server does (see module docstring)."""
+    s = dict(schema)
+    if "properties" in s:
+        s["properties"] = {k: _structural(v) for k, v in s["properties"].items()}
+    if isinstance(s.get("additionalProperties"), dict):
+        s["additionalProperties"] = _structural(s["additionalProperties"])
+    if isinstance(s.get("items"), dict):
+        s["items"] = _structural(s["items"])
+    for keyword in ("allOf", "anyOf", "oneOf"):
+        if keyword in s:
+            s[keyword] = [_structural(sub) for sub in s[keyword]]
+    # Structural schemas: fields not declared are pruned by the API server, so for a manifest they are mistakes.
+    if s.get("type") == "object" and "additionalProperties" not in s and not s.get("x-kubernetes-preserve-unknown-fields"):
+        s["additionalProperties"] = False
+    if s.get("x-kubernetes-int-or-string") and "anyOf" not in s:
+        s["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if s.get("nullable") and "type" in s:
+        s["type"] = [s["type"], "null"]
+    return s
+
+
+def _unique_list_entries(validator, list_type, instance, schema) -> Iterator[jsonschema.ValidationError]:
+    """x-kubernetes-list-type: `set` items, and `map` items' x-kubernetes-list-map-keys, must be unique."""
+    if list_type not in ("set", "map") or not isinstance(instance, list):
+        return
+    keys = schema.get("x-kubernetes-list-map-keys", [])
+    seen = set()
+    for i, item in enumerate(instance):
+        key = _canonical({k: item.get(k) for k in keys} if list_type == "map" and isinstance(item, dict) else item)
+        if key in seen:
+            yield jsonschema.ValidationError(f"duplicate entry {key} in a list of type {list_type}", path=[i])
+        seen.add(key)
+
+
+CrdValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator, {"x-kubernetes-list-type": _unique_list_entries}
+)
+
+
+@cache
+def _crd_validator(crd_dir: Path, api_version: str, kind: str) -> jsonschema.Validator | None:
+    schema = _crd_schemas(crd_dir).get((api_version, kind))
+    if schema is None:
+        return None
+    schema = _structural(schema)
+    # The API server validates a custom resource's metadata as ObjectMeta, whatever its CRD says.
+    schema["properties"]["metadata"] = {"$ref": OBJECT_META}
+    return CrdValidator(schema, registry=_core_schemas()[1])
+
+
+def _fill_defaults(schema: dict, value: Any) -> None:
+    """Set missing fields that have a schema `default`, as the API server does before validating."""
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        for key, sub in properties.items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                _fill_defaults(sub, value[key])
+        if isinstance(schema.get("additionalProperties"), dict):
+            for key, item in value.items():
+                if key not in properties:
+                    _fill_defaults(schema["additionalProperties"], item)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for item in value:
+            _fill_defaults(schema["items"], item)
+
+
+def _schema_problems(m: Manifest, validator: jsonschema.Validator, instance: dict) -> list[Problem]:
+    problems = []
+    for e in validator.iter_errors(instance):
+        path = list(e.absolute_path)
+        if e.validator == "additionalProperties" and isinstance(e.instance, dict):
+            declared = e.schema.get("properties", {})
+            problems += [Problem.of(m, json_path(path + [k]), "unknown field") for k in e.instance if k not in declared]
+        else:
+            message = e.message if len(e.message) <= 300 else e.message[:300] + "..."
+            problems.append(Problem.of(m, json_path(path), message))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- Ray
+
+
+def _embedded_yaml(m: Manifest, where: str, text: str) -> tuple[dict | None, list[Problem]]:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        return None, [Problem.of(m, where, "not valid YAML: " + " ".join(str(e).split()))]
+    if not isinstance(value, dict):
+        return None, [Problem.of(m, where, f"must be a YAML mapping, got {type(value).__name__}")]
+    return value, []
+
+
+def _runtime_env_problems(m: Manifest, text: str) -> list[Problem]:
+    """spec.runtimeEnvYAML through Ray's RuntimeEnv, as `ray job submit --runtime-env-json` does."""
+    from ray.runtime_env import RuntimeEnv  # imported here: `import ray` costs about half a second
+
+    where = "$.spec.runtimeEnvYAML"
+    env, problems = _embedded_yaml(m, where, text)
+    if env is None:
+        return problems
+    known = RuntimeEnv.known_fields | set(inspect.signature(RuntimeEnv).parameters) - {"_validate", "kwargs"}
+    problems += [
+        Problem.of(m, _inner(where, [key]), "unknown runtime_env field (Ray would hand it to a plugin; none is used)")
+        for key in env if key not in known
+    ]
+    try:
+        RuntimeEnv(**env)
+    except Exception as e:  # noqa: BLE001 - whatever Ray's validation raises, the runtime env is unusable
+        problems.append(Problem.of(m, where, f"rejected by ray.runtime_env.RuntimeEnv: {type(e).__name__}: {e}"))
+    return problems
+
+
+def _serve_config_problems(m: Manifest, text: str) -> list[Problem]:
+    """spec.serveConfigV2 through Ray Serve's ServeDeploySchema, plus the unknown keys it would ignore."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    where = "$.spec.serveConfigV2"
+    config, problems = _embedded_yaml(m, where, text)
+    if config is None:
+        return problems
+    try:
+        ServeDeploySchema.model_validate(config)
+    except ValidationError as e:
+        problems += [Problem.of(m, _inner(where, err["loc"]), err["msg"].removeprefix("Value error, ")) for err in e.errors()]
+    problems += [
+        Problem.of(m, _inner(where, path), "unknown key (Ray Serve ignores it)")
+        for path in _undeclared_keys(ServeDeploySchema, config, [])
+    ]
+    return problems
+
+
+def _undeclared_keys(model: type, data: dict, path: list) -> Iterator[list]:
+    fields = {alias: f for name, f in model.model_fields.items() for alias in (name, f.alias) if alias}
+    for key, value in data.items():
+        if key not in fields:
+            yield path + [key]
+            continue
+        sub = _model_in(fields[key].annotation)
+        if sub is not None and isinstance(value, dict):
+            yield from _undeclared_keys(sub, value, path + [key])
+        elif sub is not None and isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    yield from _undeclared_keys(sub, item, path + [key, i])
+
+
+def _model_in(annotation: Any) -> type | None:
+    """The pydantic model inside an annotation such as Optional[List[Model]], if any."""
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        return annotation
+    return next((found for arg in typing.get_args(annotation) if (found := _model_in(arg)) is not None), None)
+
+
+# ---------------------------------------------------------------------------------------------- rules
+
+
+def _project_problems(m: Manifest) -> list[Problem]:
+    problems = []
+    if not (m.doc.get("metadata") or {}).get("name"):
+        problems.append(Problem.of(m, "$.metadata.name", "required"))
+    for path, container in _containers(m.doc):
+        res = container.get("resources") if isinstance(container.get("resources"), dict) else {}
+        requested, limit = ((res.get(k) or {}).get(GPU) for k in ("requests", "limits"))
+        if (requested is not None or limit is not None) and str(requested) != str(limit):
+            message = f"{GPU} requests ({requested}) must equal limits ({limit})"
+            problems.append(Problem.of(m, json_path(path + ["resources"]), message))
+    for path, params in _find(m.doc, "rayStartParams", []):
+        if isinstance(params, dict) and isinstance(params.get("resources"), str):
+            problems += _ray_resources_problems(m, json_path(path + ["resources"]), params["resources"])
+    return problems
+
+
+def _ray_resources_problems(m: Manifest, where: str, value: str) -> list[Problem]:
+    """KubeRay passes the value to `ray start --resources=<value>` through a shell: '"{\\"role_x\\": 1}"'."""
+    if not (len(value) >= 2 and value[0] == value[-1] == '"'):
+        return [Problem.of(m, where, 'must be a double-quoted JSON object, e.g. \'"{\\"role_x\\": 1}"\'')]
+    try:
+        parsed = json.loads(value[1:-1].replace('\\"', '"'))
+    except json.JSONDecodeError as e:
+        return [Problem.of(m, where, f"not a JSON object once unquoted: {e}")]
+    if not isinstance(parsed, dict) or not all(isinstance(v, (int, float)) for v in parsed.values()):
+        return [Problem.of(m, where, "must map resource names to numbers")]
+    return []
+
+
+def validate(manifests: list[Manifest], crd_dir: Path) -> list[Problem]:
+    """All problems of all manifests (an empty list: all valid)."""
+    problems = []
+    for m in manifests:
+        if not isinstance(m.doc, dict):
+            problems.append(Problem.of(m, "$", f"a manifest must be a mapping, got {type(m.doc).__name__}"))
+            continue
+        problems += _validate_one(m, crd_dir)
+    return problems
+
+
+def _validate_one(m: Manifest, crd_dir: Path) -> list[Problem]:
+    api_version, kind = m.doc.get("apiVersion"), m.doc.get("kind")
+    if not isinstance(api_version, str) or not isinstance(kind, str):
+        return [Problem.of(m, "$", "apiVersion and kind are required")]
+    if kind in KUBERAY_KINDS:
+        validator = _crd_validator(crd_dir, api_version, kind)
+        instance = copy.deepcopy(m.doc)
+        if validator is not None:
+            _fill_defaults(validator.schema, instance)
+    else:
+        validator, instance = _core_validator(api_version, kind), m.doc
+    if validator is None:
+        return [Problem.of(m, "$", f"no schema for {kind} {api_version} (CRDs from {crd_dir}, core kinds from kubernetes-validate)")]
+    problems = _schema_problems(m, validator, instance) + _project_problems(m)
+    spec = m.doc.get("spec") if isinstance(m.doc.get("spec"), dict) else {}
+    if kind == "RayJob" and isinstance(spec.get("runtimeEnvYAML"), str):
+        problems += _runtime_env_problems(m, spec["runtimeEnvYAML"])
+    if kind == "RayService" and isinstance(spec.get("serveConfigV2"), str):
+        problems += _serve_config_problems(m, spec["serveConfigV2"])
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.k8s_validate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="YAML files or directories (searched recursively)")
+    parser.add_argument("--crds", type=Path, default=DEFAULT_CRDS, help=f"KubeRay CRD directory (default: {DEFAULT_CRDS})")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        parser.error(f"no such file or directory: {', '.join(missing)}")
+    if not args.crds.is_dir() or not _crd_schemas(args.crds.resolve()):
+        parser.error(f"no KubeRay CRDs in {args.crds} (--crds)")
+    manifests, problems = collect(args.paths)
+    problems += validate(manifests, args.crds.resolve())
+    for problem in problems:
+        print(problem)
+    print(f"{len(manifests)} documents checked, {len(problems)} problems", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Models and tokenizers: load by hub id or path, or build the builtin tiny Llama; save in HF format.
+
+Policies and the reference are `AutoModelForCausalLM`; the reward model and critic are
+`AutoModelForSequenceClassification` with one label (a backbone plus a scalar `score` head), so every
+checkpoint loads with plain transformers and the policies with vLLM as they are. The reward model's
+normalising bias (reference summaries score 0 on average) lives in its config as `reward_bias`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from pipeline.config import LoraConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|endoftext|>"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --- tokenizers -------------------------------------------------------------------------------------
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the corpus, with a dedicated pad token distinct from EOS (detail 3)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN,
+                                   bos_token=EOS_TOKEN, unk_token=None, model_max_length=1 << 20)
+
+
+def prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Ensure an EOS and a pad token that is not EOS (padding with EOS would mask the real EOS)."""
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {tok.name_or_path!r} has no EOS token")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tok
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(name_or_path))
+
+
+# --- models -----------------------------------------------------------------------------------------
+
+def build_tiny_llama(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, attention_dropout=0.0,
+    )
+    return LlamaForCausalLM(config)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off in every model during RL (detail 4): PPO ratios must be 1 for unchanged weights."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def _fit_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+
+
+def load_causal_lm(path: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "float32") -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    _fit_vocab(model, tokenizer)
+    return model
+
+
+def load_scalar_model(path: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "float32",
+                      init_head: bool = False) -> PreTrainedModel:
+    """Backbone + scalar head. `init_head`: a fresh head with std 1/sqrt(d+1) (detail 7), e.g. from SFT."""
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+    _fit_vocab(model, tokenizer)
+    if init_head:
+        d = model.score.weight.shape[1]
+        nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(d + 1))
+        model.config.reward_bias = 0.0
+    return model
+
+
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig | None, task_type: str) -> PreTrainedModel:
+    """Wrap with peft LoRA adapters; the scalar head of a reward/value model stays fully trainable."""
+    if cfg is None:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        task_type=task_type, modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def unwrap(model: nn.Module) -> PreTrainedModel:
+    """The plain transformers model, LoRA merged in, for saving and weight sync."""
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+def save_checkpoint(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
+    """save_pretrained (safetensors) + tokenizer, written aside then renamed: a crash leaves the old one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrap(model).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,151 @@
+"""Reward-model training on comparisons: loss = -log sigmoid(r_chosen - r_rejected).
+
+Initialised from the SFT checkpoint with a fresh scalar head (std 1/sqrt(d+1)); the reward is read at the
+last non-pad token. After training, a bias is set so reference summaries score 0 on average (detail 7).
+On the synthetic task, accuracy is also measured against the noiseless gold labels, next to the ceiling the
+label noise implies for the noisy labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+
+from pipeline.config import Config
+from pipeline.data import ComparisonExample, SummaryExample, load_tldr
+from pipeline.metrics import MetricsLogger
+from pipeline.modeling import apply_lora, count_params, load_scalar_model, load_tokenizer, save_checkpoint
+from pipeline.sequences import pad_right, sequence_scores
+from pipeline.sft import encode_queries, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry negative log-likelihood, mean over pairs: -log sigmoid(r_c - r_r) (Stiennon et al. eq. 1)."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def encode_responses(tokenizer: PreTrainedTokenizerBase, queries: list[str], responses: list[str],
+                     max_prompt_tokens: int, max_summary_tokens: int) -> list[list[int]]:
+    """query tokens + response tokens + EOS, each part cut to its budget: what the scorer sees."""
+    q_ids = encode_queries(tokenizer, queries, max_prompt_tokens)
+    r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [q + (r + [eos])[:max_summary_tokens] for q, r in zip(q_ids, r_ids)]
+
+
+@torch.no_grad()
+def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
+    model.eval()
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = pad_right(seqs[i : i + batch_size], pad_id)
+        out.append(sequence_scores(model, ids, mask))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+class RMTrainer:
+    """Trains the reward model from the SFT checkpoint; writes `<out_dir>/checkpoint`."""
+
+    def __init__(self, cfg: Config, out_dir: str | Path, sft_checkpoint: str | Path):
+        self.cfg, self.out_dir, self.sft_checkpoint = cfg, Path(out_dir), str(sft_checkpoint)
+
+    def _encode_pairs(self, tok, pairs: list[ComparisonExample]) -> tuple[list[list[int]], list[list[int]]]:
+        d = self.cfg.data
+        queries = [p.query for p in pairs]
+        return (encode_responses(tok, queries, [p.chosen for p in pairs], d.max_prompt_tokens, d.max_summary_tokens),
+                encode_responses(tok, queries, [p.rejected for p in pairs], d.max_prompt_tokens, d.max_summary_tokens))
+
+    def run(self) -> dict[str, float]:
+        cfg, rc = self.cfg, self.cfg.rm
+        seed_everything(cfg.run.seed)
+        t0 = time.time()
+        data = load_tldr(cfg.data)
+        tok = load_tokenizer(self.sft_checkpoint)
+        model = load_scalar_model(self.sft_checkpoint, tok, cfg.model.dtype, init_head=True)
+        model = apply_lora(model, cfg.model.lora, "SEQ_CLS")
+        log.info("RM: %d parameters, %d train / %d valid pairs", count_params(model), len(data.pairs_train),
+                 len(data.pairs_valid))
+        train_c, train_r = self._encode_pairs(tok, data.pairs_train)
+        steps_per_epoch = len(train_c) // rc.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"rm.batch_size {rc.batch_size} exceeds the {len(train_c)} training pairs")
+        total = steps_per_epoch * rc.epochs
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rc.lr, weight_decay=rc.weight_decay)
+        sched = get_cosine_schedule_with_warmup(opt, int(rc.warmup_ratio * total), total)
+        metrics = MetricsLogger(self.out_dir)
+        rng = random.Random(cfg.run.seed)
+        best: dict[str, float] = {"rm/valid_accuracy": -1.0}
+        step = 0
+        bar = tqdm(total=total, desc="rm", mininterval=2, ascii=True)
+        for _epoch in range(rc.epochs):
+            order = list(range(len(train_c)))
+            rng.shuffle(order)
+            for b in range(steps_per_epoch):
+                model.train()
+                idx = order[b * rc.batch_size : (b + 1) * rc.batch_size]
+                loss_sum, correct = 0.0, 0
+                for m in range(0, len(idx), rc.micro_batch_size):
+                    mi = idx[m : m + rc.micro_batch_size]
+                    # chosen and rejected in one forward: (2b, T)
+                    ids, mask = pad_right([train_c[i] for i in mi] + [train_r[i] for i in mi], tok.pad_token_id)
+                    r = sequence_scores(model, ids, mask)
+                    rc_, rr = r[: len(mi)], r[len(mi):]
+                    loss = pairwise_loss(rc_, rr) * len(mi) / len(idx)
+                    loss.backward()
+                    loss_sum += loss.item()
+                    correct += int((rc_ > rr).sum())
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                metrics.log(step, {"rm/loss": loss_sum, "rm/train_accuracy": correct / len(idx),
+                                   "rm/grad_norm": float(grad_norm), "rm/lr": sched.get_last_lr()[0]})
+                if step % rc.eval_every == 0 or step == total:
+                    result = self.evaluate(model, tok, data.pairs_valid)
+                    metrics.log(step, result)
+                    bar.set_postfix(valid_acc=f"{result['rm/valid_accuracy']:.3f}")
+                    if result["rm/valid_accuracy"] > best["rm/valid_accuracy"]:
+                        best = {**result, "rm/best_step": step}
+                        save_checkpoint(model, tok, self.out_dir / "checkpoint")
+        bar.close()
+        best.update(self.normalise(data.sft_train[:512], tok))
+        best["timing/rm_s"] = time.time() - t0
+        metrics.log(step, best)
+        metrics.close()
+        return best
+
+    def evaluate(self, model, tok, pairs: list[ComparisonExample]) -> dict[str, float]:
+        c, r = self._encode_pairs(tok, pairs)
+        bs = 2 * self.cfg.rm.micro_batch_size
+        rc_, rr = score_sequences(model, c, tok.pad_token_id, bs), score_sequences(model, r, tok.pad_token_id, bs)
+        agree = rc_ > rr
+        out = {"rm/valid_accuracy": agree.float().mean().item(), "rm/valid_loss": pairwise_loss(rc_, rr).item()}
+        if pairs[0].gold_agrees is not None:
+            gold = torch.tensor([p.gold_agrees for p in pairs])
+            # A pair's gold label is the dataset label unless noise flipped it.
+            out["rm/valid_gold_accuracy"] = (agree == gold).float().mean().item()
+            out["rm/label_noise_ceiling"] = gold.float().mean().item()
+        return out
+
+    def normalise(self, references: list[SummaryExample], tok) -> dict[str, float]:
+        """Set config.reward_bias so references score 0 on average, and re-save the best checkpoint."""
+        path = self.out_dir / "checkpoint"
+        model = load_scalar_model(str(path), tok, self.cfg.model.dtype)
+        d = self.cfg.data
+        seqs = encode_responses(tok, [e.query for e in references], [e.reference for e in references],
+                                d.max_prompt_tokens, d.max_summary_tokens)
+        raw = score_sequences(model, seqs, tok.pad_token_id, 2 * self.cfg.rm.micro_batch_size)
+        model.config.reward_bias = -raw.mean().item()
+        save_checkpoint(model, tok, path)
+        return {"rm/reward_bias": model.config.reward_bias, "rm/reference_reward_std": raw.std().item()}

@@ -1,0 +1,66 @@
+"""The run directory: one per run, holding the config, every stage's output and the report.
+
+    <run>/config.yaml          the validated config the run used
+    <run>/sft/checkpoint       best SFT policy (HF format + tokenizer); metrics.jsonl, tensorboard/
+    <run>/rm/checkpoint        reward model (sequence classification, reward_bias in its config)
+    <run>/ppo/checkpoint       final PPO policy; ppo/critic; ppo/state.pt; metrics.jsonl
+    <run>/eval/                evaluation results; <run>/report.md and plots
+    <run>/stages.json          each finished stage's summary metrics
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Config, config_to_yaml
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @classmethod
+    def create(cls, cfg: Config, path: str | Path | None = None) -> RunDir:
+        """A new run directory (or an existing one to add stages to), with the config written into it."""
+        if path is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            path = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}"
+        run = cls(Path(path))
+        run.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(run.path / "config.yaml", config_to_yaml(cfg))
+        return run
+
+    def stage(self, name: str) -> Path:
+        p = self.path / name
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def checkpoint(self, stage: str) -> Path:
+        return self.path / stage / "checkpoint"
+
+    def record(self, stage: str, summary: dict) -> None:
+        path = self.path / "stages.json"
+        stages = json.loads(path.read_text()) if path.exists() else {}
+        stages[stage] = summary
+        _atomic_write(path, json.dumps(stages, indent=2))
+
+    def stages(self) -> dict:
+        path = self.path / "stages.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def require_checkpoint(path: Path, what: str) -> Path:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{what} checkpoint not found at {path} (no config.json); run that stage first "
+                                f"or pass its path")
+    return path

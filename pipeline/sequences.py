@@ -1,0 +1,127 @@
+"""Token-level plumbing shared by every role: padding, positions, log-probs, values, scores, sampling.
+
+Layout of a rollout (B sequences): `[pad.. prompt | response .. pad]` — prompts left-padded to P, responses
+right-padded to R after their first EOS. Every role computes log-probs with `response_logprobs`, from
+logits divided by the sampling temperature (detail 11), with positions counted from the first real token,
+so the generator, the reference and the learner agree exactly for the same weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """-> ids (B, P), mask (B, P), left-padded to the longest sequence."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """-> ids (B, W), mask (B, W), right-padded to `width` (default: the longest)."""
+    width = width or max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def position_ids(mask: Tensor) -> Tensor:
+    """Positions counted from each row's first real token, as generate and vLLM count them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def truncate_after_eos(responses: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Keep tokens up to and including the first EOS, pad the rest (detail 5). -> (responses, mask) (B, R)."""
+    is_eos = responses == eos_id
+    # after_eos[b, t] = an EOS occurred strictly before t
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    mask = (~after_eos).long()
+    return responses.masked_fill(after_eos, pad_id), mask
+
+
+def has_eos(responses: Tensor, response_mask: Tensor, eos_id: int) -> Tensor:
+    """(B,) bool: the response ended with EOS within its budget."""
+    return ((responses == eos_id) & response_mask.bool()).any(-1)
+
+
+def _forward_logits(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+
+
+def response_logprobs(
+    model: nn.Module, prompts: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor,
+    temperature: float, with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """log pi(a_t | s_t) of the response tokens under logits / temperature -> (B, R) [and entropy (B, R)].
+
+    Positions outside the response mask hold 0.
+    """
+    ids = torch.cat([prompts, responses], 1)  # (B, P+R)
+    mask = torch.cat([prompt_mask, response_mask], 1)
+    P = prompts.shape[1]
+    logits = _forward_logits(model, ids, mask)[:, P - 1 : -1].float() / temperature  # (B, R, V)
+    logp_all = F.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, responses.unsqueeze(-1)).squeeze(-1) * response_mask
+    entropy = None
+    if with_entropy:
+        entropy = -(logp_all.exp() * logp_all).sum(-1) * response_mask
+    return logp, entropy
+
+
+def _scalar_model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(backbone, score head) of an AutoModelForSequenceClassification, peft-wrapped or not."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(hf, hf.base_model_prefix), hf.score
+
+
+def token_values(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+    """Scalar head on every position's hidden state -> (B, T): the critic's V(s_t)."""
+    backbone, head = _scalar_model_parts(model)
+    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+    return head(hidden).squeeze(-1).float()
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """(B,) index of each row's last real token."""
+    T = mask.shape[1]
+    return (mask.long() * torch.arange(T, device=mask.device)).argmax(-1)
+
+
+def sequence_scores(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+    """Reward read at the last non-pad token (detail 7) -> (B,), before the normalising bias."""
+    values = token_values(model, ids, mask)  # (B, T)
+    return values.gather(1, last_token_index(mask).unsqueeze(1)).squeeze(1)
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module, prompts: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_id: int, pad_id: int,
+    temperature: float, top_p: float, greedy: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Sample one response per prompt row with transformers' generate -> responses, mask (B, max_new_tokens).
+
+    top_k is off so the sampling distribution is exactly softmax(logits / T) (when top_p = 1), the one
+    the log-probs are computed under.
+    """
+    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    out = model.generate(
+        input_ids=prompts, attention_mask=prompt_mask, max_new_tokens=max_new_tokens, min_new_tokens=0,
+        eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True, **kwargs,
+    )
+    responses = out[:, prompts.shape[1]:]
+    if responses.shape[1] < max_new_tokens:  # generate stops once every row hit EOS
+        responses = F.pad(responses, (0, max_new_tokens - responses.shape[1]), value=pad_id)
+    return truncate_after_eos(responses, eos_id, pad_id)

@@ -1,0 +1,169 @@
+"""The builtin TL;DR-style task: Reddit-like posts, human-style references and a programmatic gold judge.
+
+Every post holds 2-3 *key facts* ("my landlord raised the rent") among *distractors* — mundane sentences
+about the same people ("my landlord went to the gym"). A good TL;DR states every key fact, invents none
+and adds nothing else. References imitate human writers of uneven quality: some are good, some miss a
+fact, some are padded with a distractor, some get a fact wrong. Comparison pairs are labelled by the gold
+judge, then flipped with probability `label_noise` (annotator disagreement).
+
+The judge stays available to evaluation, so a run can show that PPO raised *true* quality, not only the
+learned reward. Everything is deterministic given the seed.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+SUBREDDITS = ("relationships", "personalfinance", "AskReddit", "tifu", "legaladvice")
+SUBJECTS = (
+    "my boss", "my sister", "my roommate", "my girlfriend", "my dad",
+    "my neighbor", "my best friend", "my landlord", "my coworker", "my brother",
+)
+KEY_EVENTS = (
+    "moved to denver", "crashed my car", "lost the house keys", "owes me money", "got engaged",
+    "failed the exam", "broke my phone", "raised the rent", "stopped talking to me", "lied about the trip",
+    "found a new job", "adopted a dog",
+)
+MUNDANE_EVENTS = (
+    "went to the gym", "likes pizza", "watched a movie", "has a blue car", "drinks coffee",
+    "plays guitar", "read a book", "took a nap",
+)
+KEY_FRAMES = ("{fact}.", "last week {fact}.", "i just found out that {fact}.", "to make things worse {fact}.", "{fact} and i am upset.")
+DISTRACTOR_FRAMES = ("also {fact}.", "{fact} yesterday.", "by the way {fact}.")
+OPENERS = ("hi reddit.", "long time lurker here.", "throwaway account.", "this is a weird one.")
+TITLES = ("need advice about {subject}", "what should i do about {subject}", "{subject} situation", "am i overreacting")
+
+# Share of each reference quality among human-written references (good ones are the minority, as on Reddit).
+REFERENCE_QUALITIES = (("good", 0.25), ("missing", 0.30), ("verbose", 0.30), ("wrong", 0.15))
+
+
+@dataclass(frozen=True)
+class Post:
+    """One synthetic post with the facts the gold judge grades against."""
+
+    id: str
+    subreddit: str
+    title: str
+    body: str
+    key_facts: tuple[str, ...]
+    distractors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """Gold-judge verdict on one summary; `score` is what comparisons and win rates use."""
+
+    coverage: float  # fraction of the post's key facts stated
+    invented: int  # key-fact statements that are not in the post
+    extra_words: int  # words beyond what stating the key facts needs
+    score: float
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split())
+
+
+ALL_KEY_FACTS = tuple(f"{s} {e}" for s in SUBJECTS for e in KEY_EVENTS)
+
+
+def judge(post: Post, summary: str) -> Judgement:
+    """Coverage of key facts, faithfulness (no invented facts) and brevity, in one score.
+
+    score = coverage - 0.5 * invented - 0.05 * extra_words, where extra_words counts words beyond the
+    key facts joined by "and". Word matching is on normalised text, so punctuation does not matter.
+    """
+    text = f" {_norm(summary)} "
+    facts = set(post.key_facts)
+    covered = sum(f" {f} " in text for f in facts)
+    invented = sum(f" {f} " in text for f in ALL_KEY_FACTS if f not in facts)
+    ideal_words = sum(len(f.split()) for f in facts) + len(facts) - 1
+    extra_words = max(0, len(text.split()) - ideal_words)
+    coverage = covered / len(facts)
+    return Judgement(coverage, invented, extra_words, coverage - 0.5 * invented - 0.05 * extra_words)
+
+
+def prefer(post: Post, a: str, b: str) -> float:
+    """1 if the judge prefers a, 0 if b, 0.5 on a tie."""
+    sa, sb = judge(post, a).score, judge(post, b).score
+    return 0.5 if abs(sa - sb) < 1e-9 else float(sa > sb)
+
+
+def make_post(rng: random.Random, index: int, split: str) -> Post:
+    subjects = rng.sample(SUBJECTS, rng.randint(2, 3))
+    key_facts = tuple(f"{s} {rng.choice(KEY_EVENTS)}" for s in subjects)
+    distractors = tuple(f"{rng.choice(SUBJECTS)} {e}" for e in rng.sample(MUNDANE_EVENTS, rng.randint(2, 3)))
+    sentences = [rng.choice(KEY_FRAMES).format(fact=f) for f in key_facts]
+    sentences += [rng.choice(DISTRACTOR_FRAMES).format(fact=d) for d in distractors]
+    rng.shuffle(sentences)
+    if rng.random() < 0.5:
+        sentences.insert(0, rng.choice(OPENERS))
+    # Paragraph breaks give query truncation real newlines to cut at.
+    cut = rng.randint(1, len(sentences) - 1)
+    body = " ".join(sentences[:cut]) + "\n" + " ".join(sentences[cut:])
+    title = rng.choice(TITLES).format(subject=subjects[0])
+    return Post(f"{split}-{index}", rng.choice(SUBREDDITS), title, body, key_facts, distractors)
+
+
+def write_summary(rng: random.Random, post: Post, quality: str) -> str:
+    """A human-style TL;DR of the given quality: good, missing, verbose or wrong."""
+    facts = list(post.key_facts)
+    rng.shuffle(facts)
+    if quality == "missing":
+        facts.pop()
+    elif quality == "verbose":
+        facts.insert(rng.randint(0, len(facts)), rng.choice(post.distractors))
+    elif quality == "wrong":
+        i = rng.randrange(len(facts))
+        subject = next(s for s in SUBJECTS if facts[i].startswith(s + " "))
+        wrong = [f"{subject} {e}" for e in KEY_EVENTS if f"{subject} {e}" not in post.key_facts]
+        facts[i] = rng.choice(wrong)
+    elif quality != "good":
+        raise ValueError(f"unknown summary quality {quality!r}")
+    return " and ".join(facts) + "."
+
+
+def _quality(rng: random.Random) -> str:
+    names, weights = zip(*REFERENCE_QUALITIES)
+    return rng.choices(names, weights)[0]
+
+
+def make_posts(seed: int, split: str, n: int) -> list[tuple[Post, str]]:
+    """n posts of one split, each with a human-style reference summary."""
+    rng = random.Random(f"{seed}-{split}-posts")
+    out = []
+    for i in range(n):
+        post = make_post(rng, i, split)
+        out.append((post, write_summary(rng, post, _quality(rng))))
+    return out
+
+
+@dataclass(frozen=True)
+class Pair:
+    post: Post
+    chosen: str
+    rejected: str
+    gold_agrees: bool  # False where label noise flipped the gold preference
+
+
+def make_pairs(seed: int, split: str, n: int, label_noise: float) -> list[Pair]:
+    """n comparisons on fresh posts, labelled by the gold judge with `label_noise` flips; no ties."""
+    rng = random.Random(f"{seed}-{split}-pairs")
+    pairs: list[Pair] = []
+    while len(pairs) < n:
+        post = make_post(rng, len(pairs), f"{split}-pair")
+        a, b = (write_summary(rng, post, _quality(rng)) for _ in range(2))
+        p = prefer(post, a, b)
+        if p == 0.5:
+            continue
+        better, worse = (a, b) if p == 1.0 else (b, a)
+        flip = rng.random() < label_noise
+        pairs.append(Pair(post, worse if flip else better, better if flip else worse, not flip))
+    return pairs
+
+
+def lead_sentence(body: str) -> str:
+    """The lead baseline: the post's first sentence."""
+    first = re.split(r"(?<=[.!?])\s", body.strip(), maxsplit=1)[0]
+    return first.strip()

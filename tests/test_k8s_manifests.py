@@ -1,0 +1,132 @@
+"""The KubeRay manifests under k8s/ validate offline, and each deliberately broken manifest fails for its reason.
+
+Each file in tests/data/k8s_broken/ states the problems it must produce in `# expect: <text>` lines: the
+validator must report exactly that many problems, each containing one expected text. Nothing here starts Ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline import k8s_validate as kv
+
+REPO = Path(__file__).resolve().parents[1]
+CRDS = REPO.parent / "shared" / "k8s-crds"
+K8S = REPO / "k8s"
+BROKEN = sorted((Path(__file__).parent / "data" / "k8s_broken").glob("*.yaml"))
+
+
+@pytest.fixture
+def crds() -> Path:
+    if not CRDS.is_dir():
+        pytest.skip(f"KubeRay CRDs not found at {CRDS}")
+    return CRDS
+
+
+def test_k8s_manifests_are_valid(crds: Path) -> None:
+    manifests, problems = kv.collect([K8S])
+    problems += kv.validate(manifests, crds)
+    assert problems == [], "\n".join(map(str, problems))
+    labels = {(m.rendered_by and Path(m.rendered_by).name, m.label) for m in manifests}
+    for overlay in (None, "small", "large"):
+        for label in ("RayJob/rayrlhf-pipeline", "RayService/rayrlhf-reward", "RayCluster/rayrlhf-dev"):
+            assert (overlay, label) in labels
+
+
+def test_validation_does_not_start_ray(crds: Path) -> None:
+    import ray
+
+    kv.validate(kv.collect([K8S / "base"])[0], crds)
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=[p.stem for p in BROKEN])
+def test_broken_manifest_fails_for_its_reason(path: Path, crds: Path) -> None:
+    expected = [line.split("# expect:", 1)[1].strip() for line in path.read_text().splitlines() if "# expect:" in line]
+    assert expected, f"{path.name} has no `# expect:` line"
+    manifests, problems = kv.collect([path])
+    problems += kv.validate(manifests, crds)
+    found = [str(p) for p in problems]
+    assert len(found) == len(expected), "\n".join(found)
+    for text in expected:
+        assert any(text in line for line in found), f"{text!r} not in:\n" + "\n".join(found)
+
+
+def test_overlays_change_image_and_sizes() -> None:
+    small = {m.label: m.doc for m in kv.render(K8S / "overlays" / "small")}
+    large = {m.label: m.doc for m in kv.render(K8S / "overlays" / "large")}
+    for docs in (small, large):
+        images = {c["image"] for doc in docs.values() for _, c in kv._containers(doc)}
+        assert images == {"registry.example.com/rayrlhf:0.1.0"}
+    assert "configs/opt-350m.yaml" in small["RayJob/rayrlhf-pipeline"]["spec"]["entrypoint"]
+    rollout = large["RayJob/rayrlhf-pipeline"]["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]
+    assert (rollout["groupName"], rollout["replicas"]) == ("rollout", 2)
+    gpu_pod = large["RayCluster/rayrlhf-dev"]["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert gpu_pod["resources"]["limits"]["nvidia.com/gpu"] == 8
+
+
+def _overlay(tmp_path: Path, patch: str) -> Path:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "kustomization.yaml").write_text("resources:\n  - pvc.yaml\n")
+    (tmp_path / "base" / "pvc.yaml").write_text(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: data\n"
+        "spec:\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 1Gi\n"
+    )
+    (tmp_path / "overlay").mkdir()
+    (tmp_path / "overlay" / "kustomization.yaml").write_text(
+        "resources:\n  - ../base\npatches:\n  - path: patch.yaml\n    target:\n      kind: PersistentVolumeClaim\n"
+    )
+    (tmp_path / "overlay" / "patch.yaml").write_text(patch)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("patch", "reason"),
+    [
+        ("- op: test\n  path: /metadata/name\n  value: other\n", "test failed: found 'data', expected 'other'"),
+        ("- op: replace\n  path: /spec/volumeName\n  value: v\n", "replace /spec/volumeName: 'volumeName'"),
+        ("spec:\n  volumeName: v\n", "strategic-merge patches are not supported offline"),
+    ],
+)
+def test_overlay_that_cannot_render_is_reported(tmp_path: Path, patch: str, reason: str) -> None:
+    manifests, problems = kv.collect([_overlay(tmp_path, patch)])
+    assert [m.label for m in manifests] == ["PersistentVolumeClaim/data"]  # the base, checked on its own
+    assert len(problems) == 1 and reason in str(problems[0]), problems
+
+
+def test_json6902_operations() -> None:
+    doc = {"spec": {"list": [1, 2], "a/b": {"x": 1}}}
+    for op in (
+        {"op": "add", "path": "/spec/list/-", "value": 3},
+        {"op": "add", "path": "/spec/list/0", "value": 0},
+        {"op": "remove", "path": "/spec/a~1b/x"},
+        {"op": "replace", "path": "/spec/list/1", "value": 10},
+        {"op": "test", "path": "/spec/list", "value": [0, 10, 2, 3]},
+    ):
+        kv._apply_op(doc, op)
+    assert doc == {"spec": {"list": [0, 10, 2, 3], "a/b": {}}}
+
+
+@pytest.mark.parametrize(
+    ("ref", "image", "expected"),
+    [
+        ("rayrlhf:dev", {"name": "rayrlhf", "newName": "reg.io/rayrlhf", "newTag": "1"}, "reg.io/rayrlhf:1"),
+        ("rayrlhf:dev", {"name": "rayrlhf", "newName": "reg.io/rayrlhf"}, "reg.io/rayrlhf:dev"),
+        ("localhost:5000/rayrlhf", {"name": "localhost:5000/rayrlhf", "newTag": "2"}, "localhost:5000/rayrlhf:2"),
+        ("rayrlhf:dev", {"name": "rayrlhf", "digest": "sha256:ab"}, "rayrlhf@sha256:ab"),
+        ("busybox:1.36", {"name": "rayrlhf", "newTag": "1"}, "busybox:1.36"),
+    ],
+)
+def test_images_transformer(ref: str, image: dict, expected: str) -> None:
+    assert kv._retag(ref, image) == expected
+
+
+def test_exit_codes(crds: Path, tmp_path: Path) -> None:
+    assert kv.main([str(K8S), "--crds", str(crds)]) == 0
+    assert kv.main([str(BROKEN[0]), "--crds", str(crds)]) == 1
+    for argv in ([str(tmp_path / "missing.yaml")], [str(K8S), "--crds", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exit_info:
+            kv.main(argv)
+        assert exit_info.value.code == 2
