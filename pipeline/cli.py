@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.cluster import enable_token_auth, quiet_transformers
 from pipeline.config import Config, ConfigError, load_config
 
 log = logging.getLogger("rayrlhf")
@@ -40,12 +41,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rm-checkpoint", help="default: <run-dir>/rm/checkpoint")
     p = sub.add_parser("eval", help="evaluate SFT and PPO policies of a run and write report.md")
     _common(p)
+    p = sub.add_parser("serve", help="serve a reward model over HTTP (Ray Serve + FastAPI)")
+    p.add_argument("--config", help="YAML config whose `serve` section applies")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--checkpoint", required=True, help="reward-model checkpoint directory")
+    p.add_argument("--host", help="listen address (default serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default serve.port)")
+    p = sub.add_parser("submit", help="submit the pipeline to a Ray cluster as a Ray job and follow it")
+    _common(p)
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    p.add_argument("--command", dest="job_command", default="train", choices=["train", "sft", "rm", "ppo"],
+                   help="the rayrlhf command the job runs")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return without following logs")
+    p = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
+    p.add_argument("action", choices=["status", "logs", "stop"])
+    p.add_argument("job_id")
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    enable_token_auth()
+    quiet_transformers()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "jobs":
+        from pipeline.jobs import jobs_main
+
+        return jobs_main(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -61,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline import workflow as stages
 
+    if args.command == "serve":
+        from serving.reward_service import serve_main
+
+        return serve_main(args, cfg)
+    if args.command == "submit":
+        from pipeline.jobs import submit_main
+
+        return submit_main(args, cfg)
     if args.command == "eval" and not args.run_dir:
         print("rayrlhf eval: error: --run-dir is required", file=sys.stderr)
         return 2

@@ -21,9 +21,8 @@ def role_cpus(cfg: Config) -> float:
 def connect(cfg: Config) -> None:
     """ray.init against the configured cluster, or start a local one.
 
-    Ray 2.60 turns token auth on for new local clusters; we say so explicitly (RAY_AUTH_MODE=token) so
-    every process we start, and every test, agrees on it. Ray stores the token in ~/.ray/auth_token
-    unless RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH provides one.
+    Token auth: `enable_token_auth()` must run before Ray is imported (the CLI does it first thing);
+    Ray then stores a token in ~/.ray/auth_token unless RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH gives one.
     """
     import ray
 
@@ -34,11 +33,18 @@ def connect(cfg: Config) -> None:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, log_to_driver=True)
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     # Logical CPUs may exceed the cores: roles take turns, and each actor runs torch on its own threads.
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(role_cpus(cfg)))
     ray.init(num_cpus=num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=True,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+
+def enable_token_auth() -> None:
+    """Ask for Ray's token auth explicitly (Ray 2.60's default for local clusters), unless the user chose.
+
+    Ray reads RAY_AUTH_MODE once, when it is first imported, so this runs before any `import ray`.
+    """
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def init_worker_process(num_cpus: float) -> None:
@@ -49,3 +55,12 @@ def init_worker_process(num_cpus: float) -> None:
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    quiet_transformers()
+
+
+def quiet_transformers() -> None:
+    """Per-load reports and progress bars from transformers drown the pipeline's own progress."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

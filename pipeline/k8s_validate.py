@@ -64,7 +64,7 @@ class Manifest:
     """One YAML document. `source` is `file#index`; `rendered_by` the kustomization directory, if any."""
 
     source: str
-    doc: dict
+    doc: Any  # a mapping, unless the YAML is not a manifest at all
     rendered_by: str | None = None
 
     @property
@@ -73,9 +73,8 @@ class Manifest:
 
     @property
     def label(self) -> str:
-        doc = self.doc if isinstance(self.doc, dict) else {}
-        meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
-        return f"{doc.get('kind', '?')}/{meta.get('name', '?')}"
+        doc = _mapping(self.doc)
+        return f"{doc.get('kind', '?')}/{_mapping(doc.get('metadata')).get('name', '?')}"
 
 
 @dataclass(frozen=True)
@@ -95,6 +94,11 @@ class Problem:
 
 class RenderError(Exception):
     """A kustomization that cannot be rendered (or uses a feature the offline renderer does not support)."""
+
+
+def _mapping(value: Any) -> dict:
+    """`value` if it is a mapping, else {}: the rules below must not crash on the malformed input they report."""
+    return value if isinstance(value, dict) else {}
 
 
 def json_path(parts: typing.Iterable[str | int], root: str = "$") -> str:
@@ -144,9 +148,13 @@ def load_documents(path: Path) -> list[Manifest]:
 
 def _read_kustomization(directory: Path) -> dict:
     spec = yaml.safe_load((directory / KUSTOMIZATION).read_text()) or {}
+    if not isinstance(spec, dict):
+        raise RenderError(f"{directory / KUSTOMIZATION}: not a mapping")
     unsupported = sorted(set(spec) - {"apiVersion", "kind", "resources", "images", "namespace", "patches"})
     if unsupported:
-        raise RenderError(f"{directory / KUSTOMIZATION}: fields {unsupported} are not supported by the offline renderer")
+        raise RenderError(
+            f"{directory / KUSTOMIZATION}: fields {unsupported} are not supported by the offline renderer"
+        )
     return spec
 
 
@@ -168,7 +176,7 @@ def render(directory: Path) -> list[Manifest]:
     if "namespace" in spec:
         for doc in docs:
             doc.setdefault("metadata", {})["namespace"] = spec["namespace"]
-    return [Manifest(m.source, doc, str(directory)) for m, doc in zip(loaded, docs)]
+    return [Manifest(m.source, doc, str(directory)) for m, doc in zip(loaded, docs, strict=True)]
 
 
 def _retag(ref: str, image: dict) -> str:
@@ -197,7 +205,10 @@ def _apply_patch(directory: Path, entry: dict, docs: list[dict]) -> None:
     text = (directory / entry["path"]).read_text() if "path" in entry else entry.get("patch", "")
     ops = yaml.safe_load(text)
     if not isinstance(ops, list):
-        raise RenderError(f"{where}: strategic-merge patches are not supported offline; write a JSON6902 patch (a list of operations)")
+        message = "strategic-merge patches are not supported offline; write a JSON6902 patch (a list of operations)"
+        raise RenderError(f"{where}: {message}")
+    if not all(isinstance(op, dict) for op in ops):
+        raise RenderError(f"{where}: every JSON6902 operation must be a mapping")
     matched = [doc for doc in docs if _matches(doc, target)]
     if not matched:
         raise RenderError(f"{where}: target {target} matches no resource")
@@ -211,9 +222,14 @@ def _apply_patch(directory: Path, entry: dict, docs: list[dict]) -> None:
 
 def _matches(doc: dict, target: dict) -> bool:
     group, _, version = doc.get("apiVersion", "").rpartition("/")
-    meta = doc.get("metadata") or {}
-    actual = {"group": group, "version": version, "kind": doc.get("kind"), "name": meta.get("name"),
-              "namespace": meta.get("namespace", "")}
+    meta = _mapping(doc.get("metadata"))
+    actual = {
+        "group": group,
+        "version": version,
+        "kind": doc.get("kind"),
+        "name": meta.get("name"),
+        "namespace": meta.get("namespace", ""),
+    }
     # kustomize reads target fields as anchored regular expressions.
     return all(re.fullmatch(str(want), str(actual[key] or "")) for key, want in target.items())
 
@@ -233,9 +249,9 @@ def _apply_op(doc: dict, op: dict) -> None:
             raise IndexError(f"index {last} out of range")
     elif op["op"] != "add" and last not in parent:
         raise KeyError(last)
-    if op["op"] == "add":
-        parent.insert(last, op["value"]) if isinstance(parent, list) else parent.__setitem__(last, op["value"])
-    elif op["op"] == "replace":
+    if op["op"] == "add" and isinstance(parent, list):
+        parent.insert(last, op["value"])
+    elif op["op"] in ("add", "replace"):
         parent[last] = op["value"]
     elif op["op"] == "remove":
         del parent[last]
@@ -256,9 +272,8 @@ def collect(paths: list[Path]) -> tuple[list[Manifest], list[Problem]]:
     for directory in kustomizations:
         try:
             patches = _read_kustomization(directory).get("patches", [])
-        except (RenderError, yaml.YAMLError) as e:
-            problems.append(Problem(str(directory / KUSTOMIZATION), "Kustomization", "$", str(e)))
-            continue
+        except (RenderError, OSError, yaml.YAMLError):
+            continue  # reported when it is rendered below
         patch_files |= {(directory / p["path"]).resolve() for p in patches if isinstance(p, dict) and "path" in p}
     for f in files:
         if f.name != KUSTOMIZATION and f.resolve() not in patch_files:
@@ -290,7 +305,8 @@ def _canonical(doc: Any) -> str:
 @cache
 def _core_schemas() -> tuple[Any, Registry]:
     """kubernetes-validate's strict schemas for its newest Kubernetes version, and a registry for their $refs."""
-    root = resources.files("kubernetes_validate") / "kubernetes-json-schema" / f"v{kubernetes_validate.latest_version()}-local-strict"
+    version = kubernetes_validate.latest_version()
+    root = resources.files("kubernetes_validate") / "kubernetes-json-schema" / f"v{version}-local-strict"
     definitions = Resource.from_contents(json.loads((root / "_definitions.json").read_text()))
     return root, definitions @ Registry()
 
@@ -333,7 +349,11 @@ def _structural(schema: dict) -> dict:
         if keyword in s:
             s[keyword] = [_structural(sub) for sub in s[keyword]]
     # Structural schemas: fields not declared are pruned by the API server, so for a manifest they are mistakes.
-    if s.get("type") == "object" and "additionalProperties" not in s and not s.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        s.get("type") == "object"
+        and "additionalProperties" not in s
+        and not s.get("x-kubernetes-preserve-unknown-fields")
+    ):
         s["additionalProperties"] = False
     if s.get("x-kubernetes-int-or-string") and "anyOf" not in s:
         s["anyOf"] = [{"type": "integer"}, {"type": "string"}]
@@ -426,7 +446,8 @@ def _runtime_env_problems(m: Manifest, text: str) -> list[Problem]:
     known = RuntimeEnv.known_fields | set(inspect.signature(RuntimeEnv).parameters) - {"_validate", "kwargs"}
     problems += [
         Problem.of(m, _inner(where, [key]), "unknown runtime_env field (Ray would hand it to a plugin; none is used)")
-        for key in env if key not in known
+        for key in env
+        if key not in known
     ]
     try:
         RuntimeEnv(**env)
@@ -447,7 +468,9 @@ def _serve_config_problems(m: Manifest, text: str) -> list[Problem]:
     try:
         ServeDeploySchema.model_validate(config)
     except ValidationError as e:
-        problems += [Problem.of(m, _inner(where, err["loc"]), err["msg"].removeprefix("Value error, ")) for err in e.errors()]
+        problems += [
+            Problem.of(m, _inner(where, err["loc"]), err["msg"].removeprefix("Value error, ")) for err in e.errors()
+        ]
     problems += [
         Problem.of(m, _inner(where, path), "unknown key (Ray Serve ignores it)")
         for path in _undeclared_keys(ServeDeploySchema, config, [])
@@ -482,11 +505,11 @@ def _model_in(annotation: Any) -> type | None:
 
 def _project_problems(m: Manifest) -> list[Problem]:
     problems = []
-    if not (m.doc.get("metadata") or {}).get("name"):
+    if not _mapping(m.doc.get("metadata")).get("name"):
         problems.append(Problem.of(m, "$.metadata.name", "required"))
     for path, container in _containers(m.doc):
-        res = container.get("resources") if isinstance(container.get("resources"), dict) else {}
-        requested, limit = ((res.get(k) or {}).get(GPU) for k in ("requests", "limits"))
+        requirements = _mapping(container.get("resources"))
+        requested, limit = (_mapping(requirements.get(k)).get(GPU) for k in ("requests", "limits"))
         if (requested is not None or limit is not None) and str(requested) != str(limit):
             message = f"{GPU} requests ({requested}) must equal limits ({limit})"
             problems.append(Problem.of(m, json_path(path + ["resources"]), message))
@@ -532,9 +555,10 @@ def _validate_one(m: Manifest, crd_dir: Path) -> list[Problem]:
     else:
         validator, instance = _core_validator(api_version, kind), m.doc
     if validator is None:
-        return [Problem.of(m, "$", f"no schema for {kind} {api_version} (CRDs from {crd_dir}, core kinds from kubernetes-validate)")]
+        message = f"no schema for {kind} {api_version} (CRDs from {crd_dir}, core kinds from kubernetes-validate)"
+        return [Problem.of(m, "$", message)]
     problems = _schema_problems(m, validator, instance) + _project_problems(m)
-    spec = m.doc.get("spec") if isinstance(m.doc.get("spec"), dict) else {}
+    spec = _mapping(m.doc.get("spec"))
     if kind == "RayJob" and isinstance(spec.get("runtimeEnvYAML"), str):
         problems += _runtime_env_problems(m, spec["runtimeEnvYAML"])
     if kind == "RayService" and isinstance(spec.get("serveConfigV2"), str):
@@ -545,7 +569,9 @@ def _validate_one(m: Manifest, crd_dir: Path) -> list[Problem]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.k8s_validate", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="YAML files or directories (searched recursively)")
-    parser.add_argument("--crds", type=Path, default=DEFAULT_CRDS, help=f"KubeRay CRD directory (default: {DEFAULT_CRDS})")
+    parser.add_argument(
+        "--crds", type=Path, default=DEFAULT_CRDS, help=f"KubeRay CRD directory (default: {DEFAULT_CRDS})"
+    )
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:

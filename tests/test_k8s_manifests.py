@@ -6,9 +6,12 @@ validator must report exactly that many problems, each containing one expected t
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import k8s_validate as kv
 
@@ -130,3 +133,11 @@ def test_exit_codes(crds: Path, tmp_path: Path) -> None:
         with pytest.raises(SystemExit) as exit_info:
             kv.main(argv)
         assert exit_info.value.code == 2
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")
+@pytest.mark.parametrize("overlay", ["base", "overlays/small", "overlays/large"])
+def test_renderer_matches_kubectl_kustomize(overlay: str) -> None:
+    built = subprocess.run(["kubectl", "kustomize", str(K8S / overlay)], capture_output=True, text=True, check=True)
+    theirs = {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(built.stdout) if d}
+    assert {m.label: m.doc for m in kv.render(K8S / overlay)} == theirs  # kustomize reorders; compare by kind/name

@@ -1,0 +1,108 @@
+"""Thin Ray actors around the plain role classes: a few lines per remote method, nothing else.
+
+Each actor runs one call at a time (Ray's default for sync actors), which is what makes a weight swap
+and a generate call on one rollout worker mutually exclusive.
+"""
+
+from __future__ import annotations
+
+import torch
+import ray
+
+from actors.learner import PPOLearner
+from actors.reference import ReferenceLogprobs
+from actors.reward import RewardScorer
+from actors.rollout import RolloutGenerator
+from pipeline.cluster import init_worker_process
+from pipeline.config import Config
+from pipeline.experience import Experience, RefLogprobs, RolloutBatch, RolloutRequest, Scores
+from pipeline.weight_sync import BucketLayout, CollectiveGroup, WeightsPacket, WeightSyncError, pack, plan_buckets
+
+
+@ray.remote
+class RolloutWorker:
+    def __init__(self, cfg: Config, checkpoint: str, worker_index: int):
+        init_worker_process(cfg.rollout.num_cpus)
+        self.gen = RolloutGenerator(checkpoint, cfg.rollout, worker_index, cfg.model.dtype)
+        self.group: CollectiveGroup | None = None
+
+    def generate(self, req: RolloutRequest) -> RolloutBatch:
+        return self.gen.generate(req)
+
+    def load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
+        return self.gen.load_weights(packet, verify)
+
+    def weights_checksum(self) -> tuple[int, str]:
+        return self.gen.weights_checksum()
+
+    def version(self) -> int:
+        return self.gen.version
+
+    def join_group(self, addr: str, port: int, rank: int, world: int, timeout_s: float,
+                   layouts: tuple[BucketLayout, ...]) -> None:
+        self.group = CollectiveGroup(addr, port, rank, world, timeout_s, f"rollout worker {self.gen.worker_index}")
+        self.layouts = layouts
+
+    def receive_weights(self, version: int) -> float:
+        """Collective transport: the version header, then buckets laid out as agreed at join, from rank 0."""
+        header = torch.zeros(1, dtype=torch.long)
+        self.group.broadcast([header])
+        if int(header.item()) != version:
+            raise WeightSyncError(f"rollout worker {self.gen.worker_index}: expected weights v{version}, "
+                                  f"the learner broadcast v{int(header.item())}")
+        buckets = tuple(torch.empty(lay.numel, dtype=lay.dtype) for lay in self.layouts)
+        self.group.broadcast(buckets)
+        return self.gen.load_weights(WeightsPacket(version, self.layouts, buckets, checksum=""))
+
+
+@ray.remote
+class ReferenceWorker:
+    def __init__(self, cfg: Config, checkpoint: str):
+        init_worker_process(cfg.reference.num_cpus)
+        self.ref = ReferenceLogprobs(checkpoint, cfg.rollout.temperature, cfg.reference.batch_size, cfg.model.dtype)
+
+    def logprobs(self, batch: RolloutBatch) -> RefLogprobs:
+        return self.ref.logprobs(batch)
+
+
+@ray.remote
+class RewardWorker:
+    def __init__(self, cfg: Config, checkpoint: str):
+        init_worker_process(cfg.reward.num_cpus)
+        self.scorer = RewardScorer(checkpoint, cfg.reward.missing_eos_score, cfg.reward.batch_size, cfg.model.dtype)
+
+    def score(self, batch: RolloutBatch) -> Scores:
+        return self.scorer.score_rollout(batch)
+
+
+@ray.remote
+class LearnerWorker:
+    def __init__(self, cfg: Config, sft_checkpoint: str, rm_checkpoint: str):
+        init_worker_process(cfg.ppo.num_cpus)
+        self.learner = PPOLearner(cfg, sft_checkpoint, rm_checkpoint)
+        self.group: CollectiveGroup | None = None
+
+    def train_step(self, exp: Experience) -> dict[str, float]:
+        return self.learner.train_step(exp)
+
+    def make_packet(self) -> WeightsPacket:
+        return self.learner.make_packet()
+
+    def weights_checksum(self) -> tuple[int, str]:
+        return self.learner.version, self.learner.make_packet().checksum
+
+    def save(self, out_dir: str) -> None:
+        self.learner.save(out_dir)
+
+    def join_group(self, addr: str, port: int, world: int, timeout_s: float) -> tuple[BucketLayout, ...]:
+        """Rank 0 of the weight-sync group; returns the bucket layout every receiver allocates once."""
+        self.group = CollectiveGroup(addr, port, 0, world, timeout_s, "learner")
+        self.layouts = plan_buckets(self.learner.policy_weights().items(), int(self.learner.pc.bucket_mb * 2**20))
+        return self.layouts
+
+    def broadcast_weights(self) -> int:
+        """Collective transport: header (version), then the flat buckets; returns the version sent."""
+        version = self.learner.version
+        self.group.broadcast([torch.tensor([version], dtype=torch.long)])
+        self.group.broadcast([b.cpu() for b in pack(self.learner.policy_weights(), self.layouts)])
+        return version

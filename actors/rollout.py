@@ -1,0 +1,107 @@
+"""The rollout generator: samples responses with the behaviour policy and records their log-probs.
+
+`RolloutGenerator` holds a backend (`HFBackend` here; `actors.vllm_backend.VLLMBackend` with vLLM) and
+the policy version it holds. A weight swap and a generate call never interleave (one call at a time per
+worker), so each `RolloutBatch` is produced by exactly the version it records.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from actors.reference import default_device
+from pipeline.config import RolloutConfig
+from pipeline.experience import RolloutBatch, RolloutRequest
+from pipeline.modeling import disable_dropout, load_causal_lm, load_tokenizer
+from pipeline.sequences import pad_left, response_logprobs, sample
+from pipeline.weight_sync import WeightsPacket, checksum, unpack
+
+
+class RolloutBackend(Protocol):
+    def generate(self, prompts: list[list[int]], seed: int) -> tuple[Tensor, Tensor, Tensor]:
+        """-> responses (B, R), response_mask (B, R) cut after EOS, behaviour log-probs (B, R)."""
+
+    def load_weights(self, named: Iterable[tuple[str, Tensor]]) -> None: ...
+
+    def named_weights(self) -> dict[str, Tensor]: ...
+
+
+class HFBackend:
+    """transformers `generate`, then one forward pass for the log-probs (the same function the learner uses)."""
+
+    def __init__(self, checkpoint: str, cfg: RolloutConfig, dtype: str = "float32", device: str | None = None):
+        self.device = device or default_device()
+        self.tokenizer = load_tokenizer(checkpoint)
+        self.model = load_causal_lm(checkpoint, self.tokenizer, dtype).to(self.device).eval()
+        disable_dropout(self.model)
+        self.cfg = cfg
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], seed: int) -> tuple[Tensor, Tensor, Tensor]:
+        tok = self.tokenizer
+        ids, mask = (t.to(self.device) for t in pad_left(prompts, tok.pad_token_id))
+        torch.manual_seed(seed)
+        responses, rmask = sample(self.model, ids, mask, max_new_tokens=self.cfg.max_new_tokens, eos_id=tok.eos_token_id,
+                                  pad_id=tok.pad_token_id, temperature=self.cfg.temperature, top_p=self.cfg.top_p)
+        logprobs, _ = response_logprobs(self.model, ids, mask, responses, rmask, self.cfg.temperature)
+        return responses.cpu(), rmask.cpu(), logprobs.cpu()
+
+    @torch.no_grad()
+    def load_weights(self, named: Iterable[tuple[str, Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
+        seen = set()
+        for name, t in named:
+            if name not in params:
+                raise KeyError(f"weight {name!r} is not a parameter of the rollout model")
+            params[name].copy_(t)
+            seen.add(name)
+        missing = set(params) - seen
+        if missing:
+            raise KeyError(f"weight sync left {len(missing)} parameters unset, e.g. {sorted(missing)[:3]}")
+
+    def named_weights(self) -> dict[str, Tensor]:
+        return dict(self.model.named_parameters())
+
+
+class RolloutGenerator:
+    """One rollout worker: n samples per prompt, truncated after EOS, tagged with the weight version."""
+
+    def __init__(self, checkpoint: str, cfg: RolloutConfig, worker_index: int = 0, dtype: str = "float32"):
+        if cfg.backend == "vllm":
+            from actors.vllm_backend import VLLMBackend
+
+            self.backend: RolloutBackend = VLLMBackend(checkpoint, cfg, dtype)
+        else:
+            self.backend = HFBackend(checkpoint, cfg, dtype)
+        self.worker_index = worker_index
+        self.version = 0
+        self.last_sync_s = 0.0
+
+    def generate(self, req: RolloutRequest) -> RolloutBatch:
+        t0 = time.perf_counter()
+        responses, rmask, logprobs = self.backend.generate(req.prompts, req.seed)
+        pad_id = self.backend.tokenizer.pad_token_id
+        prompts, pmask = pad_left(req.prompts, pad_id)
+        return RolloutBatch(req.batch_id, req.shard, self.worker_index, self.version, list(req.prompt_indices),
+                            prompts, pmask, responses, rmask, logprobs, time.perf_counter() - t0)
+
+    def load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
+        """Swap in `packet`'s weights; with `verify`, compare the checksum. Returns seconds taken."""
+        t0 = time.perf_counter()
+        self.backend.load_weights(unpack(packet.layouts, packet.buckets))
+        self.version = packet.version
+        if verify:
+            got = self.weights_checksum()[1]
+            if got != packet.checksum:
+                raise RuntimeError(f"rollout worker {self.worker_index}: weights after sync v{packet.version} "
+                                   f"have checksum {got[:12]}, learner sent {packet.checksum[:12]}")
+        self.last_sync_s = time.perf_counter() - t0
+        return self.last_sync_s
+
+    def weights_checksum(self) -> tuple[int, str]:
+        return self.version, checksum(self.backend.named_weights().items())

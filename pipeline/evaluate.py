@@ -1,0 +1,129 @@
+"""Held-out evaluation of the SFT and PPO policies of a run.
+
+For each policy: responses sampled at the rollout temperature (seeded, so both policies see the same
+prompts and RNG stream), the learned reward (with the EOS trick, as in training), the KL to the reference
+policy (sum over response tokens of log pi - log pi_ref on the policy's own samples), ROUGE against the
+references and the mean response length. On the synthetic task the gold judge gives the win rate of PPO
+over SFT and of each policy over the human references (ties count half).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from actors.reward import RewardScorer
+from pipeline.config import Config
+from pipeline.data import SummaryExample, load_tldr
+from pipeline.experience import RolloutBatch
+from pipeline.modeling import load_causal_lm, load_tokenizer
+from pipeline.sequences import pad_left, response_logprobs, sample
+from pipeline.sft import encode_queries, rouge, seed_everything
+from pipeline.synthetic import judge
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PolicySamples:
+    texts: list[str]
+    lengths: list[int]
+    scores: list[float]
+    kl: list[float]
+
+
+@torch.no_grad()
+def sample_policy(cfg: Config, checkpoint: str, reference, scorer: RewardScorer, queries: list[list[int]],
+                  seed: int) -> PolicySamples:
+    tok = load_tokenizer(checkpoint)
+    model = load_causal_lm(checkpoint, tok, cfg.model.dtype).eval()
+    out = PolicySamples([], [], [], [])
+    bs = cfg.eval.batch_size
+    for i in range(0, len(queries), bs):
+        prompts, pmask = pad_left(queries[i : i + bs], tok.pad_token_id)
+        torch.manual_seed(seed + i)
+        responses, rmask = sample(model, prompts, pmask, max_new_tokens=cfg.rollout.max_new_tokens,
+                                  eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                  temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+        logp, _ = response_logprobs(model, prompts, pmask, responses, rmask, cfg.rollout.temperature)
+        ref_logp, _ = response_logprobs(reference, prompts, pmask, responses, rmask, cfg.rollout.temperature)
+        batch = RolloutBatch(0, 0, 0, 0, [], prompts, pmask, responses, rmask, logp)
+        out.scores += scorer.score_rollout(batch).scores.tolist()
+        out.kl += (logp - ref_logp).sum(-1).tolist()
+        out.lengths += rmask.sum(-1).tolist()
+        out.texts += tok.batch_decode(responses.masked_fill(rmask == 0, tok.pad_token_id), skip_special_tokens=True)
+    return out
+
+
+def win_rate(a: list[float], b: list[float]) -> float:
+    """Share of prompts where a beats b; ties count half."""
+    return float(np.mean([1.0 if x > y + 1e-9 else 0.5 if abs(x - y) <= 1e-9 else 0.0 for x, y in zip(a, b)]))
+
+
+def summarise(name: str, s: PolicySamples, examples: list[SummaryExample]) -> dict[str, float]:
+    out = {f"eval/{name}_reward": float(np.mean(s.scores)), f"eval/{name}_kl": float(np.mean(s.kl)),
+           f"eval/{name}_length": float(np.mean(s.lengths))}
+    out.update({f"eval/{name}_{k}": v for k, v in rouge(s.texts, [e.reference for e in examples]).items()})
+    return out
+
+
+def evaluate_policies(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, ppo_checkpoint: str | None,
+                      out_dir: Path) -> dict[str, float]:
+    seed_everything(cfg.run.seed)
+    data = load_tldr(cfg.data)
+    examples = data.sft_test[: cfg.eval.num_prompts]
+    tok = load_tokenizer(sft_checkpoint)
+    queries = encode_queries(tok, [e.query for e in examples], cfg.data.max_prompt_tokens)
+    reference = load_causal_lm(sft_checkpoint, tok, cfg.model.dtype).eval()
+    scorer = RewardScorer(rm_checkpoint, cfg.reward.missing_eos_score, cfg.reward.batch_size, cfg.model.dtype)
+    seed = cfg.run.seed + 777
+    policies = {"sft": sample_policy(cfg, sft_checkpoint, reference, scorer, queries, seed)}
+    if ppo_checkpoint:
+        policies["ppo"] = sample_policy(cfg, ppo_checkpoint, reference, scorer, queries, seed)
+    results: dict[str, float] = {"eval/num_prompts": float(len(examples))}
+    for name, s in policies.items():
+        results.update(summarise(name, s, examples))
+    gold = examples[0].post is not None
+    if gold:
+        ref_gold = [judge(e.post, e.reference).score for e in examples]
+        golds = {name: [judge(e.post, t).score for e, t in zip(examples, s.texts)] for name, s in policies.items()}
+        results["eval/reference_gold_score"] = float(np.mean(ref_gold))
+        for name, g in golds.items():
+            results[f"eval/{name}_gold_score"] = float(np.mean(g))
+            results[f"eval/{name}_gold_win_vs_reference"] = win_rate(g, ref_gold)
+        if "ppo" in golds:
+            results["eval/ppo_gold_win_vs_sft"] = win_rate(golds["ppo"], golds["sft"])
+    samples = []
+    for i, e in enumerate(examples[: max(cfg.eval.num_samples_shown, 0)]):
+        row = {"query": e.query, "reference": e.reference.strip()}
+        for name, s in policies.items():
+            row[name] = s.texts[i].strip()
+            row[f"{name}_reward"] = s.scores[i]
+            if gold:
+                row[f"{name}_gold"] = judge(e.post, s.texts[i]).score
+        samples.append(row)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps({"metrics": results, "samples": samples}, indent=2))
+    return results
+
+
+def evaluate_run(cfg: Config, run) -> dict[str, float]:
+    """Evaluate a run directory's policies inside a Ray actor with the SFT stage's resources."""
+    import ray
+
+    from pipeline.cluster import init_worker_process
+
+    ppo = run.checkpoint("ppo")
+
+    @ray.remote
+    def _eval() -> dict[str, float]:
+        init_worker_process(cfg.sft.num_cpus)
+        return evaluate_policies(cfg, str(run.checkpoint("sft")), str(run.checkpoint("rm")),
+                                 str(ppo) if (ppo / "config.json").exists() else None, run.path / "eval")
+
+    return ray.get(_eval.options(num_cpus=cfg.sft.num_cpus, num_gpus=cfg.sft.num_gpus).remote())
