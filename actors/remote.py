@@ -94,10 +94,15 @@ class LearnerWorker:
     def save(self, out_dir: str) -> None:
         self.learner.save(out_dir)
 
+    def bucket_layouts(self) -> tuple[BucketLayout, ...]:
+        """The bucket layout every receiver allocates once; ask for it before joining (joining blocks)."""
+        return plan_buckets(self.learner.policy_weights().items(), int(self.learner.pc.bucket_mb * 2**20))
+
     def join_group(self, addr: str, port: int, world: int, timeout_s: float) -> tuple[BucketLayout, ...]:
-        """Rank 0 of the weight-sync group; returns the bucket layout every receiver allocates once."""
+        """Rank 0 of the weight-sync group. Returns only once every worker has joined, so the workers' joins
+        must not wait for this call's result (they take the layout from `bucket_layouts`)."""
+        self.layouts = self.bucket_layouts()
         self.group = CollectiveGroup(addr, port, 0, world, timeout_s, "learner")
-        self.layouts = plan_buckets(self.learner.policy_weights().items(), int(self.learner.pc.bucket_mb * 2**20))
         return self.layouts
 
     def broadcast_weights(self) -> int:

@@ -137,9 +137,12 @@ class PPODriver:
             port = s.getsockname()[1]
         world = 1 + len(self.workers)
         t = self.pc.sync_timeout_s
-        layouts_ref = self.learner.join_group.remote(addr, port, world, t)
-        joins = [w.join_group.remote(addr, port, i + 1, world, t, layouts_ref) for i, w in enumerate(self.workers)]
-        self._get([layouts_ref, *joins], "weight-sync group set-up")
+        # The layout first: the learner's join returns only once all workers joined, so a worker's join that
+        # waited on its result would deadlock until the timeout.
+        layouts = self._get(self.learner.bucket_layouts.remote(), "weight-sync bucket layout")
+        learner_join = self.learner.join_group.remote(addr, port, world, t)
+        joins = [w.join_group.remote(addr, port, i + 1, world, t, layouts) for i, w in enumerate(self.workers)]
+        self._get([learner_join, *joins], "weight-sync group set-up")
 
     def _get(self, refs, what: str):
         """ray.get with the configured timeout; a hung or dead peer becomes an error naming it."""

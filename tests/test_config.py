@@ -1,0 +1,137 @@
+"""Config loading: every invalid config is a ConfigError naming the key; nothing is fixed up silently."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import Config, ConfigError, config_from_dict, config_to_yaml, load_config, parse_override
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _error(overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    return str(info.value)
+
+
+def test_default_config_loads_and_is_frozen():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    with pytest.raises(pydantic.ValidationError):
+        cfg.sft.lr = 1.0  # frozen: nothing changes a validated config afterwards
+
+
+def test_tiny_config_derived_sizes(tiny_cfg):
+    assert tiny_cfg.model.hidden_size == 64 and tiny_cfg.model.num_heads == 2
+    assert tiny_cfg.ppo.rollout_batch_size == 8 * 2
+    assert tiny_cfg.ppo.grad_accum_steps == 8 // 4
+    assert tiny_cfg.sft.grad_accum_steps == 16 // 8
+
+
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        (["sft.bogus=1"], "sft.bogus", "unknown key"),
+        (["bogus.x=1"], "bogus", "unknown key"),
+        (["sft.lr=abc"], "sft.lr", "valid number"),
+        (["ppo.steps=two"], "ppo.steps", "valid integer"),
+        (["rollout.backend=tensorrt"], "rollout.backend", "'hf' or 'vllm'"),
+        (["sft=3"], "sft", "dictionary"),
+        (["sft.batch_size=10", "sft.micro_batch_size=4"], "sft.batch_size", "multiple of sft.micro_batch_size"),
+        (["rm.batch_size=16", "rm.micro_batch_size=0"], "rm.micro_batch_size", "greater than or equal to 1"),
+        (["rm.batch_size=16", "rm.micro_batch_size=3"], "rm.batch_size", "multiple of rm.micro_batch_size"),
+        (["ppo.minibatch_size=32", "ppo.micro_batch_size=5"], "ppo.minibatch_size", "multiple of ppo.micro_batch_size"),
+        (["ppo.prompts_per_step=3", "ppo.samples_per_prompt=2", "ppo.minibatch_size=4", "ppo.micro_batch_size=4"],
+         "ppo.rollout_batch_size", "multiple of ppo.minibatch_size"),
+        (["model.hidden_size=96", "model.num_heads=2"], "model.hidden_size/num_heads", "head_dim 48"),
+        (["model.hidden_size=100", "model.num_heads=3"], "model.hidden_size", "multiple of model.num_heads"),
+        (["ppo.advantage_estimator=rloo", "ppo.samples_per_prompt=1"], "ppo.samples_per_prompt", "rloo"),
+        (["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=1"], "ppo.samples_per_prompt", "grpo"),
+        (["reward.backend=http"], "reward.url", "required"),
+    ],
+)
+def test_invalid_config_names_the_key(overrides, key, words):
+    msg = _error(overrides)
+    assert key in msg
+    assert words in msg
+
+
+def test_parse_override_types():
+    assert parse_override("sft.lr=1e-4") == (["sft", "lr"], 1e-4)  # YAML 1.1 alone would give the string '1e-4'
+    assert isinstance(parse_override("sft.lr=1e-4")[1], float)
+    assert parse_override("ppo.whiten_advantages=true") == (["ppo", "whiten_advantages"], True)
+    assert parse_override("reward.missing_eos_score=null") == (["reward", "missing_eos_score"], None)
+    assert parse_override("ppo.steps=3") == (["ppo", "steps"], 3)
+    assert parse_override("model.lora.target_modules=[q_proj, v_proj]") == (
+        ["model", "lora", "target_modules"], ["q_proj", "v_proj"])
+    assert parse_override("data.sft_train=/data/x.jsonl") == (["data", "sft_train"], "/data/x.jsonl")
+    assert parse_override("run.name=hello") == (["run", "name"], "hello")  # not mistaken for a float
+    assert parse_override("run.name=") == (["run", "name"], "")
+
+
+def test_overrides_apply_with_types_and_nesting():
+    cfg = load_config(None, ["sft.lr=1e-4", "ppo.whiten_advantages=false", "reward.missing_eos_score=null",
+                             "model.lora.r=4", "model.lora.alpha=8", "data.max_rows=10"])
+    assert cfg.sft.lr == pytest.approx(1e-4)
+    assert cfg.ppo.whiten_advantages is False
+    assert cfg.reward.missing_eos_score is None
+    # model.lora is null in the defaults; a nested --set creates the section
+    assert cfg.model.lora is not None and (cfg.model.lora.r, cfg.model.lora.alpha) == (4, 8)
+    assert cfg.data.max_rows == 10
+
+
+@pytest.mark.parametrize("item, words", [
+    ("sft.lr", "expected KEY=VALUE"),
+    ("sft..lr=1", "empty key segment"),
+    ("=3", "empty key segment"),
+    ("sft.lr=[1,", "not valid YAML"),
+    ("sft.lr.x=1", "sft.lr is not a section"),
+])
+def test_bad_override_syntax(item, words):
+    msg = _error([item])
+    assert words in msg
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+
+
+def test_yaml_round_trip(tiny_cfg):
+    assert config_from_dict(yaml.safe_load(config_to_yaml(tiny_cfg))) == tiny_cfg
+
+
+@pytest.mark.parametrize("name", ["opt-350m.yaml", "pythia-1b.yaml"])
+def test_real_run_configs_validate(name):
+    path = REPO / "configs" / name
+    if not path.is_file():
+        pytest.skip(f"{path} does not exist")
+    cfg = load_config(path)
+    assert not cfg.model.is_builtin
+
+
+@pytest.mark.parametrize("overrides", [["sft.bogus=1"], ["sft.batch_size=10", "sft.micro_batch_size=4"], ["sft.lr"]])
+def test_cli_bad_config_exits_2_and_writes_nothing(tmp_path, overrides, capsys):
+    run_dir, output_dir = tmp_path / "run", tmp_path / "runs"
+    argv = ["sft", "--run-dir", str(run_dir), "--set", f"run.output_dir={output_dir}"]
+    for o in overrides:
+        argv += ["--set", o]
+    assert main(argv) == 2
+    assert list(tmp_path.iterdir()) == []
+    assert "rayrlhf:" in capsys.readouterr().err
+
+
+def test_cli_unknown_command_exits_2():
+    with pytest.raises(SystemExit) as info:
+        main(["bogus"])
+    assert info.value.code == 2

