@@ -60,35 +60,9 @@ def _check_sft_rm_run(run: Path) -> None:
     assert any("rm/reward_bias" in r for r in rm_rows)
 
 
-def test_cli_sft_then_rm(cli, tiny_overrides, tiny_cfg, tmp_path):
-    run = tmp_path / "run"
-    cli("sft", run, tiny_overrides)
-    assert (run / "sft" / "checkpoint" / "config.json").is_file() and not (run / "rm").exists()
-    cli("rm", run, tiny_overrides)
-    _check_sft_rm_run(run)
-
-    # The normalising bias makes the training references score 0 on average (detail 7).
-    from actors.reward import RewardScorer
-    from pipeline.data import load_tldr
-    from pipeline.rm import encode_responses
-
-    scorer = RewardScorer(str(run / "rm" / "checkpoint"))
-    refs = load_tldr(tiny_cfg.data).sft_train
-    seqs = encode_responses(scorer.tokenizer, [e.query for e in refs], [e.reference for e in refs],
-                            tiny_cfg.data.max_prompt_tokens, tiny_cfg.data.max_summary_tokens)
-    scores = scorer.score_token_ids(seqs)
-    assert abs(sum(scores) / len(scores)) < 1e-3
-
-
-@pytest.mark.parametrize("max_staleness, weight_sync", [(0, "object_store"), (1, "collective")])
-def test_cli_train(cli, tiny_overrides, tmp_path, max_staleness, weight_sync):
-    run = tmp_path / "run"
-    cli("train", run, [*tiny_overrides, f"ppo.max_staleness={max_staleness}", f"ppo.weight_sync={weight_sync}",
-                       "ppo.sync_timeout_s=300"])
-    _check_sft_rm_run(run)
+def _check_ppo_and_eval(run: Path, max_staleness: int) -> None:
     assert (run / "ppo" / "checkpoint" / "config.json").is_file()
     assert (run / "ppo" / "critic" / "config.json").is_file()
-
     rows = _check_namespaced(run / "ppo" / "metrics.jsonl", {"ppo", "reward", "rollout", "timing"})
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
@@ -112,6 +86,40 @@ def test_cli_train(cli, tiny_overrides, tmp_path, max_staleness, weight_sync):
     assert "## Evaluation on held-out prompts" in report and "Gold-judge win rate, PPO vs SFT" in report
     assert (run / "ppo_curves.png").is_file()
     assert {"sft", "rm", "ppo", "eval"} <= set(json.loads((run / "stages.json").read_text()))
+
+
+def test_cli_stage_by_stage_synchronous(cli, tiny_overrides, tiny_cfg, tmp_path):
+    """`rayrlhf sft`, `rm`, `ppo` (max_staleness 0: on-policy), `eval`, one run directory: what `train` chains."""
+    run = tmp_path / "run"
+    cli("sft", run, tiny_overrides)
+    assert (run / "sft" / "checkpoint" / "config.json").is_file() and not (run / "rm").exists()
+    cli("rm", run, tiny_overrides)
+    _check_sft_rm_run(run)
+
+    # The normalising bias makes the training references score 0 on average (detail 7).
+    from actors.reward import RewardScorer
+    from pipeline.data import load_tldr
+    from pipeline.rm import encode_responses
+
+    scorer = RewardScorer(str(run / "rm" / "checkpoint"))
+    refs = load_tldr(tiny_cfg.data).sft_train
+    seqs = encode_responses(scorer.tokenizer, [e.query for e in refs], [e.reference for e in refs],
+                            tiny_cfg.data.max_prompt_tokens, tiny_cfg.data.max_summary_tokens)
+    scores = scorer.score_token_ids(seqs)
+    assert abs(sum(scores) / len(scores)) < 1e-3
+
+    sync = [*tiny_overrides, "ppo.max_staleness=0", "ppo.weight_sync=object_store"]
+    cli("ppo", run, sync)
+    cli("eval", run, sync)
+    _check_ppo_and_eval(run, max_staleness=0)
+
+
+def test_cli_train_one_step_off_policy_collective(cli, tiny_overrides, tmp_path):
+    """`rayrlhf train` (SFT -> RM -> PPO -> eval) with max_staleness 1 and the gloo weight broadcast."""
+    run = tmp_path / "run"
+    cli("train", run, [*tiny_overrides, "ppo.max_staleness=1", "ppo.weight_sync=collective", "ppo.sync_timeout_s=300"])
+    _check_sft_rm_run(run)
+    _check_ppo_and_eval(run, max_staleness=1)
 
 
 def test_cli_sft_rm_on_real_tldr_files(cli, tiny_overrides, shared_data, gpt2_tokenizer_dir, tmp_path):

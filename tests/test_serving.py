@@ -6,8 +6,7 @@ message, never 500, and the service keeps serving), scores equal to the in-proce
 batching across concurrent requests, the client's retry budget, the non-loopback refusal of
 `rayrlhf serve`, and PPO end to end with `reward.backend: http`.
 
-Ray, the tiny config and the checkpoints come from tests/conftest.py (`ray_local`, `make_tiny_cfg`,
-`tiny_checkpoints`).
+Ray and the tiny config come from tests/conftest.py (`ray_local`, `make_tiny_cfg`).
 """
 
 from __future__ import annotations
@@ -33,8 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from actors.reward import RewardScorer  # noqa: E402
 from pipeline.config import Config, ServeConfig  # noqa: E402
-from pipeline.data import load_tldr  # noqa: E402
+from pipeline.data import corpus_text, load_tldr  # noqa: E402
 from pipeline.experience import RolloutBatch  # noqa: E402
+from pipeline.modeling import build_tiny_llama, load_scalar_model, save_checkpoint, train_tokenizer  # noqa: E402
 from pipeline.rm import encode_responses  # noqa: E402
 from pipeline.sequences import pad_left, pad_right  # noqa: E402
 from pipeline.sft import encode_queries  # noqa: E402
@@ -64,9 +64,15 @@ def cfg(make_tiny_cfg) -> Config:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_checkpoints) -> tuple[Path, Path]:
-    """(SFT policy, reward model) trained once per session."""
-    return tiny_checkpoints.sft, tiny_checkpoints.rm
+def checkpoints(cfg: Config, tmp_path_factory) -> tuple[Path, Path]:
+    """(SFT policy, reward model): an untrained tiny Llama and its scalar-head twin, sharing a tokenizer trained
+    on the task. Built in a second; the session's trained `tiny_checkpoints` would cost a minute on a busy
+    2-core machine, and nothing here needs a trained reward."""
+    root = tmp_path_factory.mktemp("serving_ckpt")
+    tok = train_tokenizer(corpus_text(load_tldr(cfg.data)), cfg.model.vocab_size)
+    torch.manual_seed(0)
+    sft = save_checkpoint(build_tiny_llama(cfg.model, tok), tok, root / "sft")
+    return sft, save_checkpoint(load_scalar_model(str(sft), tok, init_head=True), tok, root / "rm")
 
 
 @pytest.fixture(scope="module")
