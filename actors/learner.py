@@ -144,10 +144,11 @@ class PPOLearner:
             stats.update({"ppo/value_loss": 0.0, "ppo/value_clip_fraction": 0.0})
         for m in range(0, len(idx), pc.micro_batch_size):
             mi = idx[m : m + pc.micro_batch_size]
-            share = len(mi) / len(idx)  # for the batch-mean diagnostics
             prompts, pmask = exp.prompts[mi].to(dev), exp.prompt_mask[mi].to(dev)
             responses, rmask = exp.responses[mi].to(dev), exp.response_mask[mi].to(dev)
             mmask = rmask.float()
+            # token share of the minibatch: the diagnostics below are token means, like the losses
+            share = (mmask.sum() / n_tokens).item()
             logp, entropy = response_logprobs(self.policy, prompts, pmask, responses, rmask, self.cfg.rollout.temperature,
                                               with_entropy=True)
             pl = pm.clipped_policy_loss(logp, exp.logprobs[mi].to(dev), adv["advantages"][mi].to(dev), mmask,

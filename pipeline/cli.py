@@ -2,6 +2,7 @@
 
     rayrlhf train [--config F] [--set k=v ...] [--run-dir D]     SFT -> RM -> PPO -> eval -> report
     rayrlhf sft | rm | ppo | eval  [same options]                 one stage
+    rayrlhf scale --run-dir D --workers N [--address A]          resize a running PPO job's rollout workers
 Exit codes: 0 ok, 1 runtime failure, 2 bad config or arguments (nothing written).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -57,7 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["status", "logs", "stop"])
     p.add_argument("job_id")
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    p = sub.add_parser("scale", help="add or remove rollout workers of a running PPO job")
+    run = p.add_mutually_exclusive_group(required=True)
+    run.add_argument("--run-dir", help="the job's run directory (its name identifies the job)")
+    run.add_argument("--run", dest="run_name", help="the name of the job's run directory")
+    p.add_argument("--workers", type=_positive_int, required=True, help="rollout workers the job should have")
+    p.add_argument("--address", help="Ray cluster address, e.g. HEAD:6379 or auto (default: RAY_ADDRESS)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.jobs import jobs_main
 
         return jobs_main(args)
+    if args.command == "scale":
+        return scale_main(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -79,6 +96,41 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:  # bad paths and data found at run time
         print(f"rayrlhf {args.command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def scale_main(args: argparse.Namespace) -> int:
+    """Ask a running PPO job for `--workers` rollout workers through its `RolloutScaler` actor."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayTaskError
+
+    from pipeline.driver import SCALER_NAMESPACE, scaler_name
+
+    run_name = args.run_name or Path(args.run_dir).resolve().name
+    if not ray.is_initialized():
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if not address:  # a fresh local Ray would hold no job to scale
+            print("rayrlhf scale: error: give --address (or set RAY_ADDRESS) of the job's Ray cluster", file=sys.stderr)
+            return 2
+        ray.init(address=address, log_to_driver=False)
+    name = scaler_name(run_name)
+    try:
+        scaler = ray.get_actor(name, namespace=SCALER_NAMESPACE)
+    except ValueError:
+        print(f"rayrlhf scale: error: no running PPO job named {run_name!r} on this cluster ({name} not found)",
+              file=sys.stderr)
+        return 1
+    try:
+        before = ray.get(scaler.set_desired.remote(args.workers), timeout=30)
+    except RayTaskError as e:
+        print(f"rayrlhf scale: error: {e.cause}", file=sys.stderr)
+        return 1
+    except GetTimeoutError:
+        print(f"rayrlhf scale: error: {name} did not answer within 30s", file=sys.stderr)
+        return 1
+    print(f"{run_name}: rollout workers {before.desired} -> {args.workers} requested (at step {before.step} the job "
+          f"had {before.active} active, {before.starting} starting); applied at the start of its next step, "
+          f"see <run>/ppo/events.jsonl")
+    return 0
 
 
 def _run(args: argparse.Namespace, cfg: Config) -> int:

@@ -8,15 +8,17 @@ Each step k reads as numbered, timed stages:
   3. learn — the learner runs PPO on it and becomes version k+1;
   4. sync — version k+1 is published to every worker (queued behind any generate in flight);
   5. record — metrics, and a checkpoint every `ppo.checkpoint_every` steps.
+Before stage 1, stage 0 (scale) applies a request from `rayrlhf scale` to the rollout pool (elastic rollout).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -28,7 +30,7 @@ from tqdm import tqdm
 from actors.remote import LearnerWorker, ReferenceWorker, RewardWorker, RolloutWorker
 from pipeline.config import Config
 from pipeline.data import load_tldr
-from pipeline.experience import Experience, RolloutRequest
+from pipeline.experience import Experience, RolloutBatch, RolloutRequest
 from pipeline.metrics import MetricsLogger
 from pipeline.modeling import load_tokenizer
 from pipeline.sft import encode_queries
@@ -84,13 +86,229 @@ class InFlight:
     dispatched_at: float
 
 
+SCALER_NAMESPACE = "rayrlhf"
+
+
+def scaler_name(run_name: str) -> str:
+    """Name of a PPO run's `RolloutScaler`: from its run directory's name (the driver writes to `<run>/ppo`)."""
+    return f"rayrlhf-scaler-{run_name}"
+
+
+@dataclass(frozen=True)
+class ScaleStatus:
+    """The rollout worker count a run was asked for, and what its driver had at its last step."""
+
+    desired: int
+    active: int  # workers the batches are sharded over
+    starting: int  # actors started, not yet holding the current weights
+    step: int  # metrics step of the driver's last report
+
+
+@ray.remote(num_cpus=0)
+class RolloutScaler:
+    """Control channel of a running PPO job: how many rollout workers it should have.
+
+    A named actor (`scaler_name(run)` in namespace `SCALER_NAMESPACE`), not detached: it lives and dies with
+    the driver. `rayrlhf scale` sets the count from any process connected to the cluster; the driver reads it
+    at the start of each step and reports back what it has. It holds the request only; `RolloutPool` keeps
+    the guarantees.
+    """
+
+    def __init__(self, workers: int, weight_sync: str):
+        self.status = ScaleStatus(desired=workers, active=workers, starting=0, step=0)
+        self.weight_sync = weight_sync
+
+    def set_desired(self, n: int) -> ScaleStatus:
+        """Ask for `n` rollout workers; returns the status before the request. ValueError if it cannot be met."""
+        if self.weight_sync != "object_store":
+            # A torch.distributed group has a world size fixed when it is created.
+            raise ValueError(f"elastic scaling needs ppo.weight_sync=object_store (this run uses {self.weight_sync})")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"rollout workers must be an integer >= 1, got {n!r}")
+        before, self.status = self.status, replace(self.status, desired=n)
+        return before
+
+    def get_desired(self) -> int:
+        return self.status.desired
+
+    def report(self, active: int, starting: int, step: int) -> None:
+        self.status = replace(self.status, active=active, starting=starting, step=step)
+
+    def get_status(self) -> ScaleStatus:
+        return self.status
+
+
+class EventLog:
+    """Timeline of rollout-pool changes: one JSON object per line in `<out_dir>/events.jsonl`.
+
+    `{"time", "step", "event", "worker", ...}` where `step` is the metrics.jsonl step of the driver iteration
+    it happened in, and event is worker_starting | worker_joined | worker_first_batch | worker_draining |
+    worker_removed | worker_failed.
+    """
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / "events.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a")
+
+    def write(self, step: int, event: str, worker: int, **fields) -> None:
+        row = {"time": time.time(), "step": step, "event": event, "worker": worker, **fields}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        log.info("rollout pool: %s", json.dumps(row))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class PoolWorker:
+    """One rollout worker, with what the pool needs to add or remove it safely."""
+
+    index: int  # its RolloutGenerator.worker_index; never reused within a run
+    handle: ray.actor.ActorHandle
+    ready: ray.ObjectRef | None = None  # starting: resolves once the actor is constructed
+    last_batch: int = -1  # retiring: the last batch dispatched while it was active
+    drained: ray.ObjectRef | None = None  # retiring: resolves once every call queued on it has finished
+    started_at: float = field(default_factory=time.monotonic)
+    warned: bool = False
+
+
+class RolloutPool:
+    """The rollout workers a PPO run shards its batches over, resizable while it runs (elastic rollout).
+
+    Membership changes only in `reconcile`, at the start of a step (stage 0), never between the shards of one
+    batch. Guarantees:
+    - version: a worker is dispatched to only once it holds the current policy version, loaded from the
+      learner's packet with the checksum verified; later versions reach it through `sync` like every other
+      worker, queued in order behind its generate calls. So every shard of a batch is generated by the version
+      published when the batch was dispatched, and the staleness bound holds for new workers unchanged (the
+      learner still checks it);
+    - no lost work: a removed worker gets no new shards or weights, and is killed only once every batch it
+      can hold a shard of has been collected and every call queued on it has finished;
+    - the loop never waits for a worker to start (a new actor may wait minutes for resources or an engine);
+      it waits only to load the current weights into a started one, while the learner is idle.
+    Workers started with the run sit in the driver's placement group; workers added later are placed by Ray
+    with the config's `rollout.num_cpus`/`num_gpus`, outside it.
+    """
+
+    def __init__(self, cfg: Config, sft_checkpoint: str, workers: list, events: EventLog, get):
+        self.cfg, self.sft_checkpoint, self.events = cfg, sft_checkpoint, events
+        self.get = get  # PPODriver._get: ray.get with the configured timeout
+        self.active = [PoolWorker(i, h) for i, h in enumerate(workers)]
+        self.starting: list[PoolWorker] = []
+        self.retiring: list[PoolWorker] = []
+        self.awaiting_first_batch: dict[int, int] = {}  # worker index -> the version it joined with
+        self.next_index = len(workers)
+
+    def handles(self) -> list:
+        """The workers batches are sharded over now, in shard order."""
+        return [w.handle for w in self.active]
+
+    def all_handles(self) -> list:
+        return [w.handle for w in self.active + self.starting + self.retiring]
+
+    def reconcile(self, desired: int, step: int, version: int, next_batch: int, learner) -> int:
+        """Move towards `desired` workers at the start of step `step` (policy `version` published, batches
+        before `next_batch` dispatched). Returns how many started workers failed to come up."""
+        self._remove_drained(collected_before=step, event_step=step + 1)
+        failed = self._join_started(step, version, learner)
+        while len(self.active) + len(self.starting) < desired:
+            self._start(step)
+        while len(self.active) + len(self.starting) > desired:
+            if self.starting:  # never dispatched to: nothing to drain
+                w = self.starting.pop()
+                ray.kill(w.handle)
+                self.events.write(step + 1, "worker_removed", w.index, reason="cancelled before joining")
+            else:
+                self._retire(self.active[-1], step, next_batch)
+        return failed
+
+    def _start(self, step: int) -> None:
+        rc = self.cfg.rollout
+        handle = RolloutWorker.options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus).remote(
+            self.cfg, self.sft_checkpoint, self.next_index)
+        self.starting.append(PoolWorker(self.next_index, handle, ready=handle.version.remote()))
+        self.events.write(step + 1, "worker_starting", self.next_index)
+        self.next_index += 1
+
+    def _join_started(self, step: int, version: int, learner) -> int:
+        """Give the current weights to every started worker, then make it active. Returns failures."""
+        up, failed = [], 0
+        for w in list(self.starting):
+            if not ray.wait([w.ready], timeout=0)[0]:
+                waited = time.monotonic() - w.started_at
+                if waited > self.cfg.ppo.sync_timeout_s and not w.warned:
+                    log.warning("rollout worker %d has waited %.0fs to start (resources?)", w.index, waited)
+                    w.warned = True
+                continue
+            self.starting.remove(w)
+            try:
+                ray.get(w.ready)
+            except RayActorError as e:
+                log.error("rollout worker %d failed to start: %s", w.index, e)
+                self.events.write(step + 1, "worker_failed", w.index, error=str(e).splitlines()[0][:300])
+                failed += 1
+                continue
+            up.append(w)
+        if not up:
+            return failed
+        # The learner is idle between steps, so this packet holds the version the last sync published.
+        packet = learner.make_packet.remote()
+        loads = [w.handle.load_weights.remote(packet, verify=True) for w in up]
+        versions = [w.handle.version.remote() for w in up]
+        out = self.get(loads + versions, "loading the current weights into new rollout workers")
+        for w, load_s, got in zip(up, out, out[len(up):]):
+            if got != version:
+                raise RuntimeError(f"new rollout worker {w.index} loaded v{got}, the published version is v{version}")
+            self.active.append(w)
+            self.awaiting_first_batch[w.index] = version
+            self.events.write(step + 1, "worker_joined", w.index, version=version,
+                              start_s=round(time.monotonic() - w.started_at, 3), load_s=round(load_s, 3))
+        return failed
+
+    def _retire(self, w: PoolWorker, step: int, next_batch: int) -> None:
+        self.active.remove(w)
+        w.last_batch = next_batch - 1
+        w.drained = w.handle.version.remote()  # an actor runs calls in order: this one finishes last
+        self.retiring.append(w)
+        self.events.write(step + 1, "worker_draining", w.index, last_batch=w.last_batch)
+
+    def _remove_drained(self, collected_before: int, event_step: int, wait: bool = False) -> None:
+        """Kill the retiring workers whose batches were all collected and whose queued calls have finished."""
+        for w in list(self.retiring):
+            if w.last_batch >= collected_before:
+                continue
+            if wait:
+                self.get(w.drained, f"rollout worker {w.index} finishing its queued calls")
+            elif not ray.wait([w.drained], timeout=0)[0]:
+                continue
+            ray.kill(w.handle)
+            self.retiring.remove(w)
+            self.events.write(event_step, "worker_removed", w.index, last_batch=w.last_batch)
+
+    def finish(self, steps: int) -> None:
+        """After the last step: every batch is collected; remove the retiring workers once their calls end."""
+        self._remove_drained(collected_before=steps, event_step=steps, wait=True)
+
+    def note_collected(self, rollouts: list[RolloutBatch]) -> None:
+        """Record the first collected batch of each worker that joined while the run was going."""
+        for r in rollouts:
+            joined = self.awaiting_first_batch.pop(r.worker, None)
+            if joined is not None:
+                self.events.write(r.batch_id + 1, "worker_first_batch", r.worker, batch=r.batch_id,
+                                  version=r.policy_version, joined_version=joined)
+
+
 class PPODriver:
     def __init__(self, cfg: Config, out_dir: Path, sft_checkpoint: Path, rm_checkpoint: Path):
         self.cfg, self.pc, self.out_dir = cfg, cfg.ppo, Path(out_dir)
         self.sft_checkpoint, self.rm_checkpoint = str(sft_checkpoint), str(rm_checkpoint)
         self.pg = None
-        self.workers: list = []
-        self.learner = self.reference = self.reward = None
+        self.pool: RolloutPool | None = None
+        self.learner = self.reference = self.reward = self.scaler = None
+        self.events: EventLog | None = None
+        self.run_name = self.out_dir.resolve().parent.name  # out_dir is <run>/ppo
 
     # --- set-up -----------------------------------------------------------------------------------
 
@@ -125,23 +343,32 @@ class PPODriver:
             from serving.client import RemoteRewardWorker
 
             self.reward = RemoteRewardWorker.options(num_cpus=0.1).remote(cfg, self.sft_checkpoint)
-        self.workers = [RolloutWorker.options(**on(3 + i, cfg.rollout.num_cpus, cfg.rollout.num_gpus)).remote(
+        workers = [RolloutWorker.options(**on(3 + i, cfg.rollout.num_cpus, cfg.rollout.num_gpus)).remote(
             cfg, self.sft_checkpoint, i) for i in range(cfg.rollout.num_workers)]
+        self.events = EventLog(self.out_dir)
+        self.pool = RolloutPool(cfg, self.sft_checkpoint, workers, self.events, self._get)
+        name = scaler_name(self.run_name)
+        try:
+            self.scaler = RolloutScaler.options(name=name, namespace=SCALER_NAMESPACE).remote(
+                cfg.rollout.num_workers, self.pc.weight_sync)
+        except ValueError as e:  # the name is taken
+            raise RuntimeError(f"a PPO run named {self.run_name!r} is already running on this Ray cluster "
+                               f"({name} exists); give the run directory another name") from e
         if self.pc.weight_sync == "collective":
-            self._join_collective()
+            self._join_collective(workers)
 
-    def _join_collective(self) -> None:
+    def _join_collective(self, workers: list) -> None:
         addr = ray.util.get_node_ip_address()
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
-        world = 1 + len(self.workers)
+        world = 1 + len(workers)
         t = self.pc.sync_timeout_s
         # The layout first: the learner's join returns only once all workers joined, so a worker's join that
         # waited on its result would deadlock until the timeout.
         layouts = self._get(self.learner.bucket_layouts.remote(), "weight-sync bucket layout")
         learner_join = self.learner.join_group.remote(addr, port, world, t)
-        joins = [w.join_group.remote(addr, port, i + 1, world, t, layouts) for i, w in enumerate(self.workers)]
+        joins = [w.join_group.remote(addr, port, i + 1, world, t, layouts) for i, w in enumerate(workers)]
         self._get([learner_join, *joins], "weight-sync group set-up")
 
     def _get(self, refs, what: str):
@@ -155,13 +382,25 @@ class PPODriver:
 
     # --- stages -----------------------------------------------------------------------------------
 
+    def scale(self, step: int, version: int, next_batch: int) -> None:
+        """Stage 0: bring the rollout pool to the worker count asked for with `rayrlhf scale`."""
+        desired = self._get(self.scaler.get_desired.remote(), "rollout scaler")
+        failed = self.pool.reconcile(desired, step, version, next_batch, self.learner)
+        have = len(self.pool.active) + len(self.pool.starting)
+        if failed:  # not retried: a worker that cannot start would likely fail again every step
+            log.error("%d new rollout worker(s) failed to start; the requested count goes from %d to %d",
+                      failed, desired, have)
+            self._get(self.scaler.set_desired.remote(have), "rollout scaler")
+        self.scaler.report.remote(len(self.pool.active), len(self.pool.starting), step + 1)
+
     def dispatch(self, batch_id: int) -> InFlight:
         """Stage 1: shard batch `batch_id` over the workers; chain reference and reward on each shard."""
         n = self.pc.samples_per_prompt
         indices = self.prompt_source.batch(batch_id)
-        shards = [indices[i :: len(self.workers)] for i in range(len(self.workers))]
+        workers = self.pool.handles()
+        shards = [indices[i :: len(workers)] for i in range(len(workers))]
         flight = InFlight(batch_id, [], [], [], time.perf_counter())
-        for w, (worker, shard) in enumerate(zip(self.workers, shards)):
+        for w, (worker, shard) in enumerate(zip(workers, shards)):
             rep = [i for i in shard for _ in range(n)]  # the n samples of a prompt stay adjacent
             req = RolloutRequest(batch_id, w, rep, [self.prompts[i] for i in rep],
                                  seed=self.cfg.run.seed * 1_000_003 + batch_id * 1009 + w)
@@ -175,6 +414,7 @@ class PPODriver:
         """Stage 2: wait for every shard of the batch, then join them."""
         k = len(flight.rollouts)
         out = self._get(flight.rollouts + flight.refs + flight.scores, f"batch {flight.batch_id} (rollout/reference/reward)")
+        self.pool.note_collected(out[:k])
         return Experience.join(out[:k], out[k : 2 * k], out[2 * k :], self.pad_id)
 
     def learn(self, exp: Experience) -> dict[str, float]:
@@ -185,13 +425,13 @@ class PPODriver:
         """Stage 4: publish `version` to all workers; returns refs of the per-worker load times."""
         if self.pc.weight_sync == "collective":
             sent = self.learner.broadcast_weights.remote()
-            loads = [w.receive_weights.remote(version) for w in self.workers]
+            loads = [w.receive_weights.remote(version) for w in self.pool.handles()]
             got = self._get(sent, "learner weight broadcast")
             if got != version:
                 raise RuntimeError(f"learner broadcast version {got}, driver expected {version}")
             return loads
         packet = self.learner.make_packet.remote()  # one object, read by every worker
-        return [w.load_weights.remote(packet) for w in self.workers]
+        return [w.load_weights.remote(packet) for w in self.pool.handles()]
 
     # --- loop -------------------------------------------------------------------------------------
 
@@ -214,6 +454,9 @@ class PPODriver:
         last: dict[str, float] = {}
         for step in range(self.pc.steps):
             t0 = time.perf_counter()
+            self.scale(step, gate.version, next_batch)  # 0. scale
+            num_workers = len(self.pool.active)
+            t_scale = time.perf_counter()
             while next_batch < self.pc.steps and gate.admits(next_batch):  # 1. dispatch
                 in_flight[next_batch] = self.dispatch(next_batch)
                 next_batch += 1
@@ -231,7 +474,7 @@ class PPODriver:
             totals["sequences"] += exp.size
             totals["tokens"] += int(exp.response_mask.sum())
             metrics.update({
-                "timing/dispatch_s": t1 - t0, "timing/wait_rollout_s": t2 - t1, "timing/learn_s": t3 - t2,
+                "timing/scale_s": t_scale - t0, "timing/dispatch_s": t1 - t_scale, "timing/wait_rollout_s": t2 - t1, "timing/learn_s": t3 - t2,
                 "timing/sync_s": t4 - t3, "timing/step_s": t4 - t0,
                 "timing/generate_s": exp.timings["generate_s"], "timing/reference_s": exp.timings["ref_s"],
                 "timing/reward_s": exp.timings["score_s"],
@@ -239,17 +482,20 @@ class PPODriver:
                 # the learner's idle share: waiting on rollouts/scoring instead of training
                 "timing/learner_idle_s": t2 - t1,
                 "rollout/policy_version": float(exp.policy_version),
+                "rollout/num_workers": float(num_workers),
+                "rollout/sequences": float(exp.size),
                 "rollout/sequences_per_s": totals["sequences"] / (time.perf_counter() - t_loop),
             })
             metrics_log.log(step + 1, metrics)
             last = metrics
             bar.update(1)
-            bar.set_postfix(score=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['ppo/kl']:.2f}")
+            bar.set_postfix(score=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['ppo/kl']:.2f}", workers=num_workers)
             if self.pc.checkpoint_every and (step + 1) % self.pc.checkpoint_every == 0 and step + 1 < self.pc.steps:
                 self._get(self.learner.save.remote(str(self.out_dir / f"step-{step + 1}")), "learner checkpoint")
         bar.close()
         if pending_sync:
             self._get(pending_sync, "weight sync to rollout workers")
+        self.pool.finish(self.pc.steps)
         loop_s = time.perf_counter() - t_loop
         self._get(self.learner.save.remote(str(self.out_dir)), "learner checkpoint")
         metrics_log.close()
@@ -264,8 +510,11 @@ class PPODriver:
         }
 
     def close(self) -> None:
-        for a in [*self.workers, self.learner, self.reference, self.reward]:
+        workers = self.pool.all_handles() if self.pool is not None else []
+        for a in [*workers, self.learner, self.reference, self.reward, self.scaler]:
             if a is not None:
                 ray.kill(a)
+        if self.events is not None:
+            self.events.close()
         if self.pg is not None:
             remove_placement_group(self.pg)

@@ -1,9 +1,9 @@
 """The builtin TL;DR-style task: Reddit-like posts, human-style references and a programmatic gold judge.
 
-Every post holds 2-3 *key facts* ("my landlord raised the rent") among *distractors* — mundane sentences
+Every post holds two *key facts* ("my landlord raised the rent") among *distractors* — mundane sentences
 about the same people ("my landlord went to the gym"). A good TL;DR states every key fact, invents none
 and adds nothing else. References imitate human writers of uneven quality: some are good, some miss a
-fact, some are padded with a distractor, some get a fact wrong. Comparison pairs are labelled by the gold
+fact, some are padded with a distractor, some swap a fact for one about a person the post never mentions. Comparison pairs are labelled by the gold
 judge, then flipped with probability `label_noise` (annotator disagreement).
 
 The judge stays available to evaluation, so a run can show that PPO raised *true* quality, not only the
@@ -35,6 +35,9 @@ DISTRACTOR_FRAMES = ("also {fact}.", "{fact} yesterday.", "by the way {fact}.")
 OPENERS = ("hi reddit.", "long time lurker here.", "throwaway account.", "this is a weird one.")
 TITLES = ("need advice about {subject}", "what should i do about {subject}", "{subject} situation", "am i overreacting")
 
+# Two key facts per post: enough for every failure mode, and a good summary's length does not depend on the
+# post, which keeps the task learnable for a ~1M-parameter reward model on a CPU budget.
+KEY_FACTS_PER_POST = 2
 # Share of each reference quality among human-written references (good ones are the minority, as on Reddit).
 REFERENCE_QUALITIES = (("good", 0.25), ("missing", 0.30), ("verbose", 0.30), ("wrong", 0.15))
 
@@ -91,7 +94,7 @@ def prefer(post: Post, a: str, b: str) -> float:
 
 
 def make_post(rng: random.Random, index: int, split: str) -> Post:
-    subjects = rng.sample(SUBJECTS, rng.randint(2, 3))
+    subjects = rng.sample(SUBJECTS, KEY_FACTS_PER_POST)
     key_facts = tuple(f"{s} {rng.choice(KEY_EVENTS)}" for s in subjects)
     distractors = tuple(f"{rng.choice(SUBJECTS)} {e}" for e in rng.sample(MUNDANE_EVENTS, rng.randint(2, 3)))
     sentences = [rng.choice(KEY_FRAMES).format(fact=f) for f in key_facts]
@@ -115,10 +118,10 @@ def write_summary(rng: random.Random, post: Post, quality: str) -> str:
     elif quality == "verbose":
         facts.insert(rng.randint(0, len(facts)), rng.choice(post.distractors))
     elif quality == "wrong":
-        i = rng.randrange(len(facts))
-        subject = next(s for s in SUBJECTS if facts[i].startswith(s + " "))
-        wrong = [f"{subject} {e}" for e in KEY_EVENTS if f"{subject} {e}" not in post.key_facts]
-        facts[i] = rng.choice(wrong)
+        # An invented fact: a key event about someone the post never mentions.
+        mentioned = {s for s in SUBJECTS for f in post.key_facts + post.distractors if f.startswith(s + " ")}
+        stranger = rng.choice([s for s in SUBJECTS if s not in mentioned])
+        facts[rng.randrange(len(facts))] = f"{stranger} {rng.choice(KEY_EVENTS)}"
     elif quality != "good":
         raise ValueError(f"unknown summary quality {quality!r}")
     return " and ".join(facts) + "."

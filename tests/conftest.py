@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 
+if "ray" in sys.modules:  # too late: Ray has already read its auth settings
+    raise RuntimeError("ray was imported before tests/conftest.py could set RAY_AUTH_MODE/RAY_AUTH_TOKEN")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 # Token auth chosen deliberately (not left to Ray's default), with a fresh token per test session.

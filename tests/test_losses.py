@@ -101,6 +101,7 @@ def test_last_token_index():
     assert last_token_index(mask).tolist() == [1, 3, 3, 0]
 
 
+@pytest.mark.slow
 def test_reward_read_at_last_real_token_is_padding_invariant(tiny_checkpoints):
     from pipeline.modeling import load_scalar_model, load_tokenizer
 

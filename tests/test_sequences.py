@@ -68,6 +68,7 @@ def prompts(tiny_cfg, policy) -> list[list[int]]:
     return [by_len[n] for n in sorted(by_len)[:: max(1, len(by_len) // 4)][:4]]
 
 
+@pytest.mark.slow
 def test_logprobs_are_padding_invariant(policy, prompts):
     model, tok = policy
     g = torch.Generator().manual_seed(0)
@@ -86,6 +87,7 @@ def test_logprobs_are_padding_invariant(policy, prompts):
             assert (alone[0] < 0).all()
 
 
+@pytest.mark.slow
 def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts):
     from actors.reference import ReferenceLogprobs
     from actors.rollout import HFBackend
@@ -108,6 +110,7 @@ def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts
     assert (ref.logprobs - logprobs).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
 def test_generate_samples_from_the_distribution_logprobs_are_computed_under(policy, prompts):
     """generate's own (KV-cached) logits / T equal response_logprobs' full forward at every sampled token."""
     model, tok = policy
@@ -125,6 +128,7 @@ def test_generate_samples_from_the_distribution_logprobs_are_computed_under(poli
     assert (got - expected).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_greedy_sample_picks_the_argmax_of_the_recomputed_logprobs(policy, prompts):
     model, tok = policy
     p, pm = pad_left(prompts, tok.pad_token_id)

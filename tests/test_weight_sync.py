@@ -84,7 +84,7 @@ def test_make_packet():
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -144,6 +144,7 @@ def _train_step(cfg, learner, worker) -> int:
     return version + 1
 
 
+@pytest.mark.slow
 def test_object_store_sync(actors):
     cfg, learner, worker = actors
     version = _train_step(cfg, learner, worker)
@@ -157,6 +158,7 @@ def test_object_store_sync(actors):
     assert _get(worker.version.remote()) == version
 
 
+@pytest.mark.slow
 def test_collective_sync(actors, ray_local):
     """gloo broadcast learner -> worker; then a broadcast nobody receives times out, naming the learner."""
     cfg, learner, worker = actors
