@@ -120,11 +120,11 @@ class RolloutScaler:
 
     def set_desired(self, n: int) -> ScaleStatus:
         """Ask for `n` rollout workers; returns the status before the request. ValueError if it cannot be met."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"rollout workers must be an integer >= 1, got {n!r}")
         if self.weight_sync != "object_store":
             # A torch.distributed group has a world size fixed when it is created.
             raise ValueError(f"elastic scaling needs ppo.weight_sync=object_store (this run uses {self.weight_sync})")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"rollout workers must be an integer >= 1, got {n!r}")
         before, self.status = self.status, replace(self.status, desired=n)
         return before
 
