@@ -1,7 +1,7 @@
 """The builtin TL;DR-style task: Reddit-like posts, human-style references and a programmatic gold judge.
 
-Every post holds two *key facts* ("my landlord raised the rent") among *distractors* — mundane sentences
-about the same people ("my landlord went to the gym"). A good TL;DR states every key fact, invents none
+Every post holds two *key facts* ("my landlord raised rent") among *distractors* — mundane sentences
+about other people ("my dad bakes bread"). A good TL;DR states every key fact, invents none
 and adds nothing else. References imitate human writers of uneven quality: some are good, some miss a
 fact, some are padded with a distractor, some swap a fact for one about a person the post never mentions. Comparison pairs are labelled by the gold
 judge, then flipped with probability `label_noise` (annotator disagreement).
@@ -17,23 +17,23 @@ import re
 from dataclasses import dataclass
 
 SUBREDDITS = ("relationships", "personalfinance", "AskReddit", "tifu", "legaladvice")
-SUBJECTS = (
-    "my boss", "my sister", "my roommate", "my girlfriend", "my dad",
-    "my neighbor", "my best friend", "my landlord", "my coworker", "my brother",
-)
+# Each word appears in one phrase only, and a post never names a person twice, so a summary can be
+# written by copying spans of the post; what a summariser must learn is *which* spans.
+SUBJECTS = ("boss", "sister", "roommate", "girlfriend", "dad", "neighbor", "landlord", "coworker", "brother", "cousin")
 KEY_EVENTS = (
-    "moved to denver", "crashed my car", "lost the house keys", "owes me money", "got engaged",
-    "failed the exam", "broke my phone", "raised the rent", "stopped talking to me", "lied about the trip",
-    "found a new job", "adopted a dog",
+    "moved to denver", "crashed the truck", "lost passports", "owes money", "got engaged", "failed chemistry",
+    "smashed phones", "raised rent", "stopped calling", "lied constantly", "found work", "adopted puppies",
 )
 MUNDANE_EVENTS = (
-    "went to the gym", "likes pizza", "watched a movie", "has a blue car", "drinks coffee",
-    "plays guitar", "read a book", "took a nap",
+    "likes pizza", "drinks coffee", "plays guitar", "watches movies", "reads novels", "loves hiking",
+    "collects stamps", "bakes bread",
 )
-KEY_FRAMES = ("{fact}.", "last week {fact}.", "i just found out that {fact}.", "to make things worse {fact}.", "{fact} and i am upset.")
-DISTRACTOR_FRAMES = ("also {fact}.", "{fact} yesterday.", "by the way {fact}.")
+KEY_FRAMES = ("my {fact}.", "last week my {fact}.", "i just found out that my {fact}.", "worse still my {fact}.",
+              "my {fact} and i am upset.")
+DISTRACTOR_FRAMES = ("also my {fact}.", "my {fact} anyway.", "by the way my {fact}.")
 OPENERS = ("hi reddit.", "long time lurker here.", "throwaway account.", "this is a weird one.")
-TITLES = ("need advice about {subject}", "what should i do about {subject}", "{subject} situation", "am i overreacting")
+TITLES = ("need advice about my {subject}", "what should i do about my {subject}", "my {subject} situation",
+          "am i overreacting")
 
 # Two key facts per post: enough for every failure mode, and a good summary's length does not depend on the
 # post, which keeps the task learnable for a ~1M-parameter reward model on a CPU budget.
@@ -75,13 +75,13 @@ def judge(post: Post, summary: str) -> Judgement:
     """Coverage of key facts, faithfulness (no invented facts) and brevity, in one score.
 
     score = coverage - 0.5 * invented - 0.05 * extra_words, where extra_words counts words beyond the
-    key facts joined by "and". Word matching is on normalised text, so punctuation does not matter.
+    key facts written as "my <fact>" and joined by "and". Matching is on normalised text (punctuation ignored).
     """
     text = f" {_norm(summary)} "
     facts = set(post.key_facts)
     covered = sum(f" {f} " in text for f in facts)
     invented = sum(f" {f} " in text for f in ALL_KEY_FACTS if f not in facts)
-    ideal_words = sum(len(f.split()) for f in facts) + len(facts) - 1
+    ideal_words = sum(len(f.split()) + 1 for f in facts) + len(facts) - 1  # "my X" joined by "and"
     extra_words = max(0, len(text.split()) - ideal_words)
     coverage = covered / len(facts)
     return Judgement(coverage, invented, extra_words, coverage - 0.5 * invented - 0.05 * extra_words)
@@ -94,9 +94,11 @@ def prefer(post: Post, a: str, b: str) -> float:
 
 
 def make_post(rng: random.Random, index: int, split: str) -> Post:
-    subjects = rng.sample(SUBJECTS, KEY_FACTS_PER_POST)
-    key_facts = tuple(f"{s} {rng.choice(KEY_EVENTS)}" for s in subjects)
-    distractors = tuple(f"{rng.choice(SUBJECTS)} {e}" for e in rng.sample(MUNDANE_EVENTS, rng.randint(2, 3)))
+    n_distractors = rng.randint(2, 3)
+    people = rng.sample(SUBJECTS, KEY_FACTS_PER_POST + n_distractors)
+    subjects = people[:KEY_FACTS_PER_POST]
+    key_facts = tuple(f"{s} {e}" for s, e in zip(subjects, rng.sample(KEY_EVENTS, KEY_FACTS_PER_POST)))
+    distractors = tuple(f"{s} {e}" for s, e in zip(people[KEY_FACTS_PER_POST:], rng.sample(MUNDANE_EVENTS, n_distractors)))
     sentences = [rng.choice(KEY_FRAMES).format(fact=f) for f in key_facts]
     sentences += [rng.choice(DISTRACTOR_FRAMES).format(fact=d) for d in distractors]
     rng.shuffle(sentences)
@@ -124,7 +126,7 @@ def write_summary(rng: random.Random, post: Post, quality: str) -> str:
         facts[rng.randrange(len(facts))] = f"{stranger} {rng.choice(KEY_EVENTS)}"
     elif quality != "good":
         raise ValueError(f"unknown summary quality {quality!r}")
-    return " and ".join(facts) + "."
+    return " and ".join(f"my {f}" for f in facts) + "."
 
 
 def _quality(rng: random.Random) -> str:
