@@ -5,9 +5,9 @@
 A ~33M-parameter Llama (hidden 512, 8 layers, 8 heads, intermediate 1376, vocabulary 8000; random weights),
 prompts of 64 tokens from the synthetic TL;DR task with 2 samples each, 48 new tokens at T = 0.7. Each backend
 runs in its own subprocess (vLLM's CPU worker patches `torch.set_num_threads` process-wide) with the same
-number of torch threads; one warm-up call, then the best of `--repeats` timed calls per size. Tokens are the
-response tokens kept (up to and including EOS). HF's figure includes its log-prob forward pass, which vLLM
-returns while sampling.
+number of torch threads; after a warm-up call, the two take turns, and the best of `--repeats` timed calls per
+size counts. Tokens are the response tokens kept (up to and including EOS). HF's figure includes its log-prob
+forward pass, which vLLM returns while sampling.
 """
 
 from __future__ import annotations
@@ -42,16 +42,19 @@ def build_policy(out_dir: Path) -> tuple[Path, list[list[int]]]:
     torch.manual_seed(0)
     model = build_tiny_llama(ModelConfig(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376,
                                          vocab_size=1024), tok)
-    model.resize_token_embeddings(VOCAB)  # the model's vocabulary, beyond the small tokenizer's
+    model.resize_token_embeddings(VOCAB, mean_resizing=False)  # a model vocabulary beyond the tokenizer's
     path = save_checkpoint(model, tok, out_dir / "policy")
     prompts = [ids[:PROMPT_TOKENS] for ids in tok([e.query for e in data.sft_train]).input_ids]
     print(f"policy: {count_params(model) / 1e6:.1f}M parameters, vocabulary {VOCAB}, head_dim 64", flush=True)
     return path, prompts
 
 
-def run_backend(backend: str, checkpoint: str, prompts: list[list[int]], sizes: list[int], threads: int,
-                repeats: int) -> dict:
-    """In the subprocess: one RolloutGenerator, a warm-up call, then the timed calls."""
+def serve_backend(backend: str, checkpoint: str, prompts: list[list[int]], threads: int) -> None:
+    """In a backend's subprocess: build one RolloutGenerator, warm it up, then time the calls asked on stdin.
+
+    Protocol (one JSON object per line): out `READY {...}`, then per input line {"num_seqs", "seed"} out
+    `RESULT {...}`; stdout carries nothing else of ours, library logs go to stderr.
+    """
     import torch
 
     torch.set_num_threads(threads)
@@ -59,61 +62,89 @@ def run_backend(backend: str, checkpoint: str, prompts: list[list[int]], sizes: 
     from pipeline.config import RolloutConfig
     from pipeline.experience import RolloutRequest
 
-    cfg = RolloutConfig(backend=backend, temperature=TEMPERATURE, max_new_tokens=NEW_TOKENS)
-    t0 = time.perf_counter()
-    gen = RolloutGenerator(checkpoint, cfg)
-    result = {"backend": backend, "start_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
-
     def request(num_seqs: int, seed: int) -> RolloutRequest:
         rep = [i for i in range(num_seqs // SAMPLES_PER_PROMPT) for _ in range(SAMPLES_PER_PROMPT)]
         return RolloutRequest(0, 0, rep, [prompts[i] for i in rep], seed)
 
+    t0 = time.perf_counter()
+    gen = RolloutGenerator(checkpoint, RolloutConfig(backend=backend, temperature=TEMPERATURE, max_new_tokens=NEW_TOKENS))
+    start_s = time.perf_counter() - t0
     gen.generate(request(8, seed=0))  # warm-up
-    for n in sizes:
-        best = None
-        for r in range(repeats):
-            batch = gen.generate(request(n, seed=r + 1))
-            tokens = int(batch.response_mask.sum())
-            if best is None or batch.generate_s < best[0]:
-                best = (batch.generate_s, tokens)
-        result[str(n)] = {"seconds": best[0], "tokens": best[1], "tokens_per_s": best[1] / best[0]}
-    return result
+    print("READY " + json.dumps({"start_s": start_s, "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        ask = json.loads(line)
+        batch = gen.generate(request(ask["num_seqs"], ask["seed"]))
+        print("RESULT " + json.dumps({"seconds": batch.generate_s, "tokens": int(batch.response_mask.sum())}), flush=True)
+
+
+class BackendProcess:
+    """One backend in its own process, driven line by line so the two backends can take turns."""
+
+    def __init__(self, backend: str, job: Path, env: dict[str, str], log: Path):
+        self.backend, self.log = backend, log
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", str(job)], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"))
+
+    def read(self, tag: str) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(tag + " "):
+                return json.loads(line.removeprefix(tag + " "))
+        raise SystemExit(f"{self.backend} benchmark process failed (exit {self.proc.wait()}):\n"
+                         f"{self.log.read_text()[-4000:]}")
+
+    def time_call(self, num_seqs: int, seed: int) -> dict:
+        self.proc.stdin.write(json.dumps({"num_seqs": num_seqs, "seed": seed}) + "\n")
+        self.proc.stdin.flush()
+        return self.read("RESULT")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="sequences per generate call")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads per backend")
-    p.add_argument("--repeats", type=int, default=2, help="timed calls per size; the fastest counts")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls per backend and size; the fastest counts")
     p.add_argument("--json", help="also write the figures to this file")
-    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: JSON job for one backend's subprocess
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: the job file of one backend's process
     args = p.parse_args()
     if args.worker:
-        job = json.loads(Path(args.worker).read_text())
-        print("RESULT " + json.dumps(run_backend(**job)), flush=True)
+        serve_backend(**json.loads(Path(args.worker).read_text()))
         return
 
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
-    results = {}
+    backends = ("vllm", "hf")
+    results: dict = {b: {} for b in backends}
     with tempfile.TemporaryDirectory(prefix="bench_rollout_") as tmp:
         checkpoint, prompts = build_policy(Path(tmp))
         if len(prompts) * SAMPLES_PER_PROMPT < max(args.sizes):
             raise SystemExit(f"only {len(prompts)} prompts for {max(args.sizes)} sequences")
-        for backend in ("vllm", "hf"):
-            job = Path(tmp) / f"{backend}.json"
-            job.write_text(json.dumps({"backend": backend, "checkpoint": str(checkpoint), "prompts": prompts,
-                                       "sizes": args.sizes, "threads": args.threads, "repeats": args.repeats}))
-            proc = subprocess.run([sys.executable, __file__, "--worker", str(job)], env=env, capture_output=True,
-                                  text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                raise SystemExit(f"{backend} benchmark failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-            results[backend] = json.loads(lines[-1].removeprefix("RESULT "))
-            print(f"{backend}: started in {results[backend]['start_s']:.1f} s, "
-                  f"{results[backend]['threads']} torch threads", flush=True)
+        procs = {}
+        for b in backends:  # started one after the other: engine start-up is heavy
+            job = Path(tmp) / f"{b}.json"
+            job.write_text(json.dumps({"backend": b, "checkpoint": str(checkpoint), "prompts": prompts,
+                                       "threads": args.threads}))
+            procs[b] = BackendProcess(b, job, env, Path(tmp) / f"{b}.log")
+            results[b].update(procs[b].read("READY"))
+            print(f"{b}: started in {results[b]['start_s']:.1f} s, {results[b]['threads']} torch threads", flush=True)
+        # Turns alternate between the backends (the idle one waits on stdin), so load from other work on the
+        # machine falls on both alike; the fastest of the repeats counts.
+        for r in range(args.repeats):
+            for n in args.sizes:
+                for b in backends:
+                    got = procs[b].time_call(n, seed=r + 1)
+                    runs = results[b].setdefault(str(n), {"runs_s": []})
+                    runs["runs_s"].append(got["seconds"])
+                    if got["seconds"] <= min(runs["runs_s"]):
+                        runs.update(seconds=got["seconds"], tokens=got["tokens"],
+                                    tokens_per_s=got["tokens"] / got["seconds"])
+        for proc in procs.values():
+            proc.close()
 
     print(f"\nrollout throughput: {PROMPT_TOKENS}-token prompts x {SAMPLES_PER_PROMPT} samples, "
-          f"{NEW_TOKENS} new tokens, T={TEMPERATURE}")
+          f"{NEW_TOKENS} new tokens, T={TEMPERATURE}, best of {args.repeats}")
     print(f"{'sequences':>9} | {'vLLM tok/s':>10} | {'HF tok/s':>8} | {'vLLM/HF':>7}")
     for n in args.sizes:
         v, h = results["vllm"][str(n)], results["hf"][str(n)]

@@ -40,26 +40,27 @@ def test_synthetic_examples_are_in_the_tldr_format(tiny_cfg):
 
 POST = Post(
     id="hand-0", subreddit="tifu", title="my boss situation",
-    body="last week my boss crashed my car.\nalso my dad went to the gym. my sister got engaged.",
-    key_facts=("my boss crashed my car", "my sister got engaged"),
-    distractors=("my dad went to the gym",),
+    body="last week my boss crashed the truck.\nalso my dad bakes bread. my sister got engaged.",
+    key_facts=("boss crashed the truck", "sister got engaged"),
+    distractors=("dad bakes bread",),
 )
+# The ideal summary writes each fact as "my <fact>", joined by "and": (4 + 1) + (3 + 1) + 1 = 10 words.
+GOOD = "my boss crashed the truck and my sister got engaged."
 
 
 @pytest.mark.parametrize("summary, coverage, invented, extra, score", [
-    # Ideal: both facts joined by "and": 5 + 4 + 1 = 10 words, nothing extra -> 1.0
-    ("my boss crashed my car and my sister got engaged.", 1.0, 0, 0, 1.0),
+    # Ideal: 10 words, nothing extra -> 1.0
+    (GOOD, 1.0, 0, 0, 1.0),
     # Punctuation and case do not matter (normalised text)
-    ("My Boss crashed my car!!! And my sister got engaged", 1.0, 0, 0, 1.0),
+    ("My Boss crashed the truck!!! And my sister got engaged", 1.0, 0, 0, 1.0),
     # One fact missing: coverage 1/2, 5 words < 10 ideal -> 0.5
-    ("my boss crashed my car.", 0.5, 0, 0, 0.5),
-    # Padded with the distractor: 10 + "and" + 6 = 17 words, 7 extra -> 1 - 0.05 * 7 = 0.65
-    ("my boss crashed my car and my sister got engaged and my dad went to the gym.", 1.0, 0, 7, 0.65),
-    # An invented key fact (a key event that is not in the post): 16 words -> 1 - 0.5 - 0.3 = 0.2
-    ("my boss crashed my car and my sister got engaged and my dad adopted a dog.", 1.0, 1, 6, 0.2),
-    # A wrong fact instead of a real one: coverage 1/2, 1 invented, 5 + 1 + 5 = 11 words, 1 extra
-    # -> 0.5 - 0.5 - 0.05 = -0.05
-    ("my boss crashed my car and my sister failed the exam.", 0.5, 1, 1, -0.05),
+    ("my boss crashed the truck.", 0.5, 0, 0, 0.5),
+    # Padded with the distractor: 10 + "and" + 4 = 15 words, 5 extra -> 1 - 0.05 * 5 = 0.75
+    ("my boss crashed the truck and my sister got engaged and my dad bakes bread.", 1.0, 0, 5, 0.75),
+    # An invented key fact about someone the post never mentions: 15 words -> 1 - 0.5 - 0.25 = 0.25
+    ("my boss crashed the truck and my sister got engaged and my cousin adopted puppies.", 1.0, 1, 5, 0.25),
+    # A fact given to the wrong person: coverage 1/2, 1 invented, 5 + 1 + 4 = 10 words -> 0.5 - 0.5 = 0.0
+    ("my boss crashed the truck and my cousin got engaged.", 0.5, 1, 0, 0.0),
     # Empty: nothing covered, nothing extra
     ("", 0.0, 0, 0, 0.0),
 ])
@@ -72,10 +73,9 @@ def test_gold_judge_by_hand(summary, coverage, invented, extra, score):
 
 
 def test_prefer_and_ties():
-    good = "my boss crashed my car and my sister got engaged."
-    assert prefer(POST, good, "my boss crashed my car.") == 1.0
-    assert prefer(POST, "my boss crashed my car.", good) == 0.0
-    assert prefer(POST, good, "my sister got engaged and my boss crashed my car") == 0.5
+    assert prefer(POST, GOOD, "my boss crashed the truck.") == 1.0
+    assert prefer(POST, "my boss crashed the truck.", GOOD) == 0.0
+    assert prefer(POST, GOOD, "my sister got engaged and my boss crashed the truck") == 0.5
 
 
 def test_label_noise_rate_roughly_as_configured():
