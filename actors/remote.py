@@ -45,12 +45,12 @@ class RolloutWorker:
 
     def receive_weights(self, version: int) -> float:
         """Collective transport: the version header, then buckets laid out as agreed at join, from rank 0."""
-        header = torch.zeros(1, dtype=torch.long)
+        header = torch.zeros(1, dtype=torch.long, device=self.group.device)
         self.group.broadcast([header])
         if int(header.item()) != version:
             raise WeightSyncError(f"rollout worker {self.gen.worker_index}: expected weights v{version}, "
                                   f"the learner broadcast v{int(header.item())}")
-        buckets = tuple(torch.empty(lay.numel, dtype=lay.dtype) for lay in self.layouts)
+        buckets = tuple(torch.empty(lay.numel, dtype=lay.dtype, device=self.group.device) for lay in self.layouts)
         self.group.broadcast(buckets)
         return self.gen.load_weights(WeightsPacket(version, self.layouts, buckets, checksum=""))
 
@@ -108,6 +108,7 @@ class LearnerWorker:
     def broadcast_weights(self) -> int:
         """Collective transport: header (version), then the flat buckets; returns the version sent."""
         version = self.learner.version
-        self.group.broadcast([torch.tensor([version], dtype=torch.long)])
-        self.group.broadcast([b.cpu() for b in pack(self.learner.policy_weights(), self.layouts)])
+        dev = self.group.device
+        self.group.broadcast([torch.tensor([version], dtype=torch.long, device=dev)])
+        self.group.broadcast([b.to(dev) for b in pack(self.learner.policy_weights(), self.layouts)])
         return version

@@ -121,6 +121,8 @@ class CollectiveGroup:
 
         self.rank, self.component = rank, component
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # NCCL moves GPU tensors, gloo CPU tensors: every buffer of this group lives on `device`.
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         try:
             dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
                                     world_size=world_size, timeout=timedelta(seconds=timeout_s))
