@@ -40,6 +40,10 @@ TITLES = ("need advice about my {subject}", "what should i do about my {subject}
 KEY_FACTS_PER_POST = 2
 # Share of each reference quality among human-written references (good ones are the minority, as on Reddit).
 REFERENCE_QUALITIES = (("good", 0.25), ("missing", 0.30), ("verbose", 0.30), ("wrong", 0.15))
+# Comparisons are between summaries from many writers, models among them (as in Stiennon et al.), so they
+# also show the errors small models make: facts with their people swapped, or one fact stated twice.
+PAIR_QUALITIES = (("good", 0.2), ("missing", 0.15), ("verbose", 0.15), ("wrong", 0.1), ("swapped", 0.25),
+                  ("repeated", 0.15))
 
 
 @dataclass(frozen=True)
@@ -74,17 +78,19 @@ ALL_KEY_FACTS = tuple(f"{s} {e}" for s in SUBJECTS for e in KEY_EVENTS)
 def judge(post: Post, summary: str) -> Judgement:
     """Coverage of key facts, faithfulness (no invented facts) and brevity, in one score.
 
-    score = coverage - 0.5 * invented - 0.05 * extra_words, where extra_words counts words beyond the
-    key facts written as "my <fact>" and joined by "and". Matching is on normalised text (punctuation ignored).
+    score = coverage - 0.5 * invented - 0.05 * extra_words. extra_words counts words beyond what stating
+    each fact the summary makes once takes ("my <fact>", joined by "and"): padding and repetition cost,
+    an invented fact costs through `invented` alone. Matching is on normalised text (punctuation ignored).
     """
     text = f" {_norm(summary)} "
     facts = set(post.key_facts)
-    covered = sum(f" {f} " in text for f in facts)
-    invented = sum(f" {f} " in text for f in ALL_KEY_FACTS if f not in facts)
-    ideal_words = sum(len(f.split()) + 1 for f in facts) + len(facts) - 1  # "my X" joined by "and"
+    covered = [f for f in facts if f" {f} " in text]
+    invented = [f for f in ALL_KEY_FACTS if f not in facts and f" {f} " in text]
+    stated = covered + invented
+    ideal_words = sum(len(f.split()) + 1 for f in stated) + max(len(stated) - 1, 0)
     extra_words = max(0, len(text.split()) - ideal_words)
-    coverage = covered / len(facts)
-    return Judgement(coverage, invented, extra_words, coverage - 0.5 * invented - 0.05 * extra_words)
+    coverage = len(covered) / len(facts)
+    return Judgement(coverage, len(invented), extra_words, coverage - 0.5 * len(invented) - 0.05 * extra_words)
 
 
 def prefer(post: Post, a: str, b: str) -> float:
@@ -112,7 +118,7 @@ def make_post(rng: random.Random, index: int, split: str) -> Post:
 
 
 def write_summary(rng: random.Random, post: Post, quality: str) -> str:
-    """A human-style TL;DR of the given quality: good, missing, verbose or wrong."""
+    """A TL;DR of the given quality: good, missing, verbose, wrong, swapped or repeated."""
     facts = list(post.key_facts)
     rng.shuffle(facts)
     if quality == "missing":
@@ -124,13 +130,19 @@ def write_summary(rng: random.Random, post: Post, quality: str) -> str:
         mentioned = {s for s in SUBJECTS for f in post.key_facts + post.distractors if f.startswith(s + " ")}
         stranger = rng.choice([s for s in SUBJECTS if s not in mentioned])
         facts[rng.randrange(len(facts))] = f"{stranger} {rng.choice(KEY_EVENTS)}"
+    elif quality == "swapped":
+        subjects = [f.split(" ", 1)[0] for f in facts]
+        events = [f.split(" ", 1)[1] for f in facts]
+        facts = [f"{s} {e}" for s, e in zip(subjects, events[1:] + events[:1])]
+    elif quality == "repeated":
+        facts = [facts[0], facts[0]]
     elif quality != "good":
         raise ValueError(f"unknown summary quality {quality!r}")
     return " and ".join(f"my {f}" for f in facts) + "."
 
 
-def _quality(rng: random.Random) -> str:
-    names, weights = zip(*REFERENCE_QUALITIES)
+def _quality(rng: random.Random, table=REFERENCE_QUALITIES) -> str:
+    names, weights = zip(*table)
     return rng.choices(names, weights)[0]
 
 
@@ -158,7 +170,7 @@ def make_pairs(seed: int, split: str, n: int, label_noise: float) -> list[Pair]:
     pairs: list[Pair] = []
     while len(pairs) < n:
         post = make_post(rng, len(pairs), f"{split}-pair")
-        a, b = (write_summary(rng, post, _quality(rng)) for _ in range(2))
+        a, b = (write_summary(rng, post, _quality(rng, PAIR_QUALITIES)) for _ in range(2))
         p = prefer(post, a, b)
         if p == 0.5:
             continue
