@@ -57,8 +57,13 @@ GOOD = "my boss crashed the truck and my sister got engaged."
     ("my boss crashed the truck.", 0.5, 0, 0, 0.5),
     # Padded with the distractor: 10 + "and" + 4 = 15 words, 5 extra -> 1 - 0.05 * 5 = 0.75
     ("my boss crashed the truck and my sister got engaged and my dad bakes bread.", 1.0, 0, 5, 0.75),
-    # An invented key fact about someone the post never mentions: 15 words -> 1 - 0.5 - 0.25 = 0.25
-    ("my boss crashed the truck and my sister got engaged and my cousin adopted puppies.", 1.0, 1, 5, 0.25),
+    # An invented key fact about someone the post never mentions costs through `invented` only: the
+    # three stated facts need 5 + 4 + 4 + 2 = 15 words -> 1 - 0.5 = 0.5
+    ("my boss crashed the truck and my sister got engaged and my cousin adopted puppies.", 1.0, 1, 0, 0.5),
+    # People swapped: both stated facts invented, nothing covered -> 0 - 0.5 * 2 = -1.0
+    ("my boss got engaged and my sister crashed the truck.", 0.0, 2, 0, -1.0),
+    # One fact twice: covered once (5 words ideal), 11 words -> 0.5 - 0.05 * 6 = 0.2
+    ("my boss crashed the truck and my boss crashed the truck.", 0.5, 0, 6, 0.2),
     # A fact given to the wrong person: coverage 1/2, 1 invented, 5 + 1 + 4 = 10 words -> 0.5 - 0.5 = 0.0
     ("my boss crashed the truck and my cousin got engaged.", 0.5, 1, 0, 0.0),
     # Empty: nothing covered, nothing extra
