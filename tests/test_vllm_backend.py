@@ -1,7 +1,8 @@
 """The vLLM rollout backend against the HF conventions, with a real vLLM engine on CPU.
 
-The engine runs in a Ray actor, not in the pytest process: vLLM's CPU worker replaces `torch.set_num_threads`
-process-wide. vLLM is skipped where it is not installed, except in CI (`CI` set), where a missing vLLM fails.
+The engine runs in a Ray actor on the session's Ray (tests/conftest.py: offline, token auth), not in the pytest
+process: vLLM's CPU worker replaces `torch.set_num_threads` process-wide. vLLM is skipped where it is not
+installed, except in CI (`CI` set), where a missing vLLM fails.
 The test policy is a tiny Llama (head_dim 32) whose EOS is likely after a group of "closing" tokens, so the
 batches hold both responses cut at EOS and responses that use the whole budget.
 """
@@ -31,7 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 T = 0.7
 MAX_NEW = 16
 CLOSING_TOKENS = range(100, 140)  # EOS is likely right after one of these
-ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def require_vllm() -> None:
@@ -120,19 +120,13 @@ class VLLMRollout:
 
 
 @pytest.fixture(scope="class")
-def engine(policy_dir):
+def engine(ray_local, policy_dir):
     """One engine for the tests of a class (it starts in ~10 s), stopped before the end-to-end run."""
     require_vllm()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": ENV})
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
-    cfg = RolloutConfig(backend="vllm", temperature=T, max_new_tokens=MAX_NEW)
-    actor = VLLMRollout.options(runtime_env={"env_vars": ENV}).remote(str(policy_dir), cfg)
+    actor = VLLMRollout.remote(str(policy_dir), RolloutConfig(backend="vllm", temperature=T, max_new_tokens=MAX_NEW))
     yield actor
     ray.kill(actor)
-    if started:
-        ray.shutdown()
 
 
 @pytest.mark.vllm
@@ -228,26 +222,17 @@ def test_missing_vllm_names_the_extra(policy_dir, monkeypatch):
         VLLMBackend(str(policy_dir), RolloutConfig(backend="vllm"))
 
 
-TINY = [
-    "model.hidden_size=64", "model.num_heads=2", "model.num_layers=1", "model.intermediate_size=128",
-    "model.vocab_size=400", "data.num_train_posts=64", "data.num_valid_posts=16", "data.num_test_posts=16",
-    "data.num_train_pairs=64", "data.num_valid_pairs=16", "sft.epochs=1", "rm.epochs=1", "sft.batch_size=16",
-    "sft.micro_batch_size=16", "rm.batch_size=16", "rm.micro_batch_size=16", "sft.num_eval_prompts=4",
-    "eval.num_prompts=4", "ppo.steps=2", "ppo.prompts_per_step=4", "ppo.samples_per_prompt=2",
-    "ppo.minibatch_size=8", "ppo.micro_batch_size=4", "ppo.ppo_epochs=1", "rollout.max_new_tokens=8",
-]
-
-
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_train_end_to_end_with_vllm_rollouts(tmp_path):
+def test_train_end_to_end_with_vllm_rollouts(tiny_overrides, tmp_path):
     """`rayrlhf train` with rollout.backend=vllm: SFT -> RM -> PPO on a vLLM rollout worker -> eval and report.
 
-    A subprocess with its own local Ray; max_staleness 0 makes step 2 generate with synced version 1.
+    A subprocess with its own local Ray (the CLI ends Ray when it is done; the log shows which backend ran);
+    max_staleness 0 makes step 2 generate with the synced version 1.
     """
     require_vllm()
-    overrides = [*TINY, f"run.output_dir={tmp_path}", "rollout.backend=vllm", "ppo.max_staleness=0"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | ENV
+    overrides = [*tiny_overrides, f"run.output_dir={tmp_path}", "rollout.backend=vllm", "ppo.max_staleness=0"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "--run-dir", str(tmp_path / "run")]
     cmd += [a for o in overrides for a in ("--set", o)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
