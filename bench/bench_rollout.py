@@ -7,7 +7,8 @@ prompts of 64 tokens from the synthetic TL;DR task with 2 samples each, 48 new t
 runs in its own subprocess (vLLM's CPU worker patches `torch.set_num_threads` process-wide) with the same
 number of torch threads; after a warm-up call, the two take turns, and the best of `--repeats` timed calls per
 size counts. Tokens are the response tokens kept (up to and including EOS). HF's figure includes its log-prob
-forward pass, which vLLM returns while sampling.
+forward pass, which vLLM returns while sampling. Prompts are shorter than one vLLM KV block (128 tokens on CPU),
+so its prefix cache gives no head start on repeated calls.
 """
 
 from __future__ import annotations
@@ -81,9 +82,9 @@ class BackendProcess:
     """One backend in its own process, driven line by line so the two backends can take turns."""
 
     def __init__(self, backend: str, job: Path, env: dict[str, str], log: Path):
-        self.backend, self.log = backend, log
+        self.backend, self.log, self.stderr = backend, log, log.open("w")
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker", str(job)], env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"))
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
 
     def read(self, tag: str) -> dict:
         for line in self.proc.stdout:
@@ -100,6 +101,7 @@ class BackendProcess:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait()
+        self.stderr.close()
 
 
 def main() -> None:

@@ -40,13 +40,6 @@ TITLES = ("need advice about my {subject}", "what should i do about my {subject}
 KEY_FACTS_PER_POST = 2
 # Share of each reference quality among human-written references (good ones are the minority, as on Reddit).
 REFERENCE_QUALITIES = (("good", 0.25), ("missing", 0.30), ("verbose", 0.30), ("wrong", 0.15))
-# Comparisons are between summaries from many writers, models among them (as in Stiennon et al.), so they
-# also show a small model's favourite error: one fact stated twice. ("swapped" — facts given to the wrong
-# people — exists for analysis but is left out: a ~1M-parameter reward model does not learn to check it
-# within the CPU budget, measured gold accuracy 0.66.)
-PAIR_QUALITIES = (("good", 0.25), ("missing", 0.2), ("verbose", 0.2), ("wrong", 0.15), ("repeated", 0.2))
-
-
 @dataclass(frozen=True)
 class Post:
     """One synthetic post with the facts the gold judge grades against."""
@@ -119,7 +112,7 @@ def make_post(rng: random.Random, index: int, split: str) -> Post:
 
 
 def write_summary(rng: random.Random, post: Post, quality: str) -> str:
-    """A TL;DR of the given quality: good, missing, verbose, wrong, swapped or repeated."""
+    """A human-style TL;DR of the given quality: good, missing, verbose or wrong."""
     facts = list(post.key_facts)
     rng.shuffle(facts)
     if quality == "missing":
@@ -131,19 +124,13 @@ def write_summary(rng: random.Random, post: Post, quality: str) -> str:
         mentioned = {s for s in SUBJECTS for f in post.key_facts + post.distractors if f.startswith(s + " ")}
         stranger = rng.choice([s for s in SUBJECTS if s not in mentioned])
         facts[rng.randrange(len(facts))] = f"{stranger} {rng.choice(KEY_EVENTS)}"
-    elif quality == "swapped":
-        subjects = [f.split(" ", 1)[0] for f in facts]
-        events = [f.split(" ", 1)[1] for f in facts]
-        facts = [f"{s} {e}" for s, e in zip(subjects, events[1:] + events[:1])]
-    elif quality == "repeated":
-        facts = [facts[0], facts[0]]
     elif quality != "good":
         raise ValueError(f"unknown summary quality {quality!r}")
     return " and ".join(f"my {f}" for f in facts) + "."
 
 
-def _quality(rng: random.Random, table=REFERENCE_QUALITIES) -> str:
-    names, weights = zip(*table)
+def _quality(rng: random.Random) -> str:
+    names, weights = zip(*REFERENCE_QUALITIES)
     return rng.choices(names, weights)[0]
 
 
@@ -171,7 +158,7 @@ def make_pairs(seed: int, split: str, n: int, label_noise: float) -> list[Pair]:
     pairs: list[Pair] = []
     while len(pairs) < n:
         post = make_post(rng, len(pairs), f"{split}-pair")
-        a, b = (write_summary(rng, post, _quality(rng, PAIR_QUALITIES)) for _ in range(2))
+        a, b = (write_summary(rng, post, _quality(rng)) for _ in range(2))
         p = prefer(post, a, b)
         if p == 0.5:
             continue
