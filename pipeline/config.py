@@ -76,7 +76,7 @@ class ModelConfig(_Section):
                 raise ValueError(f"model.name_or_path: unknown builtin {self.name_or_path!r} (known: builtin:tiny-llama)")
             _divides("model", "hidden_size", self.hidden_size, "num_heads", self.num_heads)
             head_dim = self.hidden_size // self.num_heads
-            if head_dim not in (32, 64, 80, 96, 112, 128, 160, 192, 256):
+            if head_dim not in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512):
                 raise ValueError(f"model.hidden_size/num_heads gives head_dim {head_dim}; use 32, 64, 80, 96, 112, 128, ...")
         return self
 
