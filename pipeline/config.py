@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -107,7 +107,10 @@ class DataConfig(_Section):
     max_summary_tokens: int = Field(53, ge=1, description="References longer than this (with EOS) are truncated.")
 
 
-class SFTConfig(_Section):
+class _TrainerConfig(_Section):
+    """Fields shared by the offline stages (SFT, reward model); `section` names them in errors."""
+
+    section: ClassVar[str]
     epochs: int = Field(2, ge=1, description="Passes over the training set.")
     lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (cosine schedule with warmup).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -116,40 +119,27 @@ class SFTConfig(_Section):
     micro_batch_size: int = Field(32, ge=1, description="Examples per forward/backward; batch_size must be a multiple.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     eval_every: int = Field(50, ge=1, description="Optimizer steps between validations (and at the end).")
+    num_cpus: float = Field(1, ge=0, description="CPUs of the stage's Ray actor (also its torch threads).")
+    num_gpus: float = Field(0, ge=0, description="GPUs of the stage's Ray actor.")
+
+    @model_validator(mode="after")
+    def _check(self) -> _TrainerConfig:
+        _divides(self.section, "batch_size", self.batch_size, "micro_batch_size", self.micro_batch_size)
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+class SFTConfig(_TrainerConfig):
+    section: ClassVar[str] = "sft"
     num_eval_prompts: int = Field(100, ge=1, description="Held-out prompts summarised greedily for ROUGE.")
-    num_cpus: float = Field(1, ge=0, description="CPUs of the stage's Ray actor (also its torch threads).")
-    num_gpus: float = Field(0, ge=0, description="GPUs of the stage's Ray actor.")
-
-    @model_validator(mode="after")
-    def _check(self) -> SFTConfig:
-        _divides("sft", "batch_size", self.batch_size, "micro_batch_size", self.micro_batch_size)
-        return self
-
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.batch_size // self.micro_batch_size
 
 
-class RMConfig(_Section):
-    epochs: int = Field(2, ge=1, description="Passes over the training set.")
+class RMConfig(_TrainerConfig):
+    section: ClassVar[str] = "rm"
     lr: float = Field(5e-4, gt=0, description="Peak AdamW learning rate (cosine schedule with warmup).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup.")
-    batch_size: int = Field(32, ge=1, description="Examples per optimizer step.")
-    micro_batch_size: int = Field(32, ge=1, description="Examples per forward/backward; batch_size must be a multiple.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    eval_every: int = Field(50, ge=1, description="Optimizer steps between validations (and at the end).")
-    num_cpus: float = Field(1, ge=0, description="CPUs of the stage's Ray actor (also its torch threads).")
-    num_gpus: float = Field(0, ge=0, description="GPUs of the stage's Ray actor.")
-
-    @model_validator(mode="after")
-    def _check(self) -> RMConfig:
-        _divides("rm", "batch_size", self.batch_size, "micro_batch_size", self.micro_batch_size)
-        return self
-
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.batch_size // self.micro_batch_size
 
 
 class RolloutConfig(_Section):
