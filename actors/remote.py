@@ -16,7 +16,7 @@ from actors.rollout import RolloutGenerator
 from pipeline.cluster import init_worker_process
 from pipeline.config import Config
 from pipeline.experience import Experience, RefLogprobs, RolloutBatch, RolloutRequest, Scores
-from pipeline.weight_sync import BucketLayout, CollectiveGroup, WeightsPacket, WeightSyncError, pack, plan_buckets
+from pipeline.weight_sync import BucketLayout, CollectiveGroup, WeightsPacket, WeightSyncError, checksum, pack, plan_buckets
 
 
 @ray.remote
@@ -89,7 +89,7 @@ class LearnerWorker:
         return self.learner.make_packet()
 
     def weights_checksum(self) -> tuple[int, str]:
-        return self.learner.version, self.learner.make_packet().checksum
+        return self.learner.version, checksum(self.learner.policy_weights().items())
 
     def save(self, out_dir: str) -> None:
         self.learner.save(out_dir)
