@@ -312,8 +312,7 @@ class PPODriver:
 
     # --- set-up -----------------------------------------------------------------------------------
 
-    def _load_prompts(self) -> list[list[int]]:
-        tok = load_tokenizer(self.sft_checkpoint)
+    def _load_prompts(self, tok) -> list[list[int]]:
         data = load_tldr(self.cfg.data)
         return encode_queries(tok, [e.query for e in data.sft_train], self.cfg.data.max_prompt_tokens)
 
@@ -439,7 +438,7 @@ class PPODriver:
         t_start = time.perf_counter()
         tok = load_tokenizer(self.sft_checkpoint)
         self.pad_id = tok.pad_token_id
-        self.prompts = self._load_prompts()
+        self.prompts = self._load_prompts(tok)
         self.prompt_source = PromptSource(self.prompts, self.pc.prompts_per_step, self.cfg.run.seed)
         self.start_actors()
         setup_s = time.perf_counter() - t_start

@@ -75,6 +75,7 @@ class RMTrainer:
         log.info("RM: %d parameters, %d train / %d valid pairs", count_params(model), len(data.pairs_train),
                  len(data.pairs_valid))
         train_c, train_r = self._encode_pairs(tok, data.pairs_train)
+        valid = self._encode_pairs(tok, data.pairs_valid)  # once, not at every validation
         steps_per_epoch = len(train_c) // rc.batch_size
         if steps_per_epoch == 0:
             raise ValueError(f"rm.batch_size {rc.batch_size} exceeds the {len(train_c)} training pairs")
@@ -112,7 +113,7 @@ class RMTrainer:
                 metrics.log(step, {"rm/loss": loss_sum, "rm/train_accuracy": correct / len(idx),
                                    "rm/grad_norm": float(grad_norm), "rm/lr": sched.get_last_lr()[0]})
                 if step % rc.eval_every == 0 or step == total:
-                    result = self.evaluate(model, tok, data.pairs_valid)
+                    result = self.evaluate(model, tok, data.pairs_valid, valid)
                     metrics.log(step, result)
                     bar.set_postfix(valid_acc=f"{result['rm/valid_accuracy']:.3f}")
                     if result["rm/valid_accuracy"] > best["rm/valid_accuracy"]:
@@ -125,8 +126,9 @@ class RMTrainer:
         metrics.close()
         return best
 
-    def evaluate(self, model, tok, pairs: list[ComparisonExample]) -> dict[str, float]:
-        c, r = self._encode_pairs(tok, pairs)
+    def evaluate(self, model, tok, pairs: list[ComparisonExample],
+                 encoded: tuple[list[list[int]], list[list[int]]] | None = None) -> dict[str, float]:
+        c, r = encoded if encoded is not None else self._encode_pairs(tok, pairs)
         bs = 2 * self.cfg.rm.micro_batch_size
         rc_, rr = score_sequences(model, c, tok.pad_token_id, bs), score_sequences(model, r, tok.pad_token_id, bs)
         agree = rc_ > rr
