@@ -171,12 +171,14 @@ class PPOLearner:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite PPO loss in batch {exp.batch_id}")
             loss.backward()
-        stats["ppo/policy_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), pc.max_grad_norm))
+        # Both norms are checked before either optimizer steps: a NaN/inf gradient leaves every weight untouched.
+        stats["ppo/policy_grad_norm"] = _clip_finite(self.policy, pc.max_grad_norm, f"policy, batch {exp.batch_id}")
+        if self.critic is not None:
+            stats["ppo/critic_grad_norm"] = _clip_finite(self.critic, pc.max_grad_norm, f"critic, batch {exp.batch_id}")
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         if self.critic is not None:
-            stats["ppo/critic_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), pc.max_grad_norm))
             self.critic_opt.step()
             self.critic_sched.step()
             self.critic_opt.zero_grad(set_to_none=True)
@@ -192,6 +194,8 @@ class PPOLearner:
         return make_packet(self.policy_weights(), self.version, int(self.pc.bucket_mb * 2**20))
 
     def save(self, out_dir: str | Path) -> None:
+        """Policy and critic in Hugging Face format, plus `learner_state.pt`: everything `load` needs to go on
+        exactly as if never stopped (optimizer and scheduler states, RNG states, version; LoRA adapters)."""
         out_dir = Path(out_dir)
         save_checkpoint(self.policy, self.tokenizer, out_dir / "checkpoint")
         if self.critic is not None:
@@ -204,7 +208,57 @@ class PPOLearner:
             "critic_scheduler": self.critic_sched.state_dict() if self.critic_sched else None,
             "torch_rng": torch.get_rng_state(),
             "generator": self.generator.get_state(),
+            # The HF checkpoints hold LoRA merged in; resuming needs the adapters themselves.
+            "trainable": ({"policy": _trainable(self.policy), "critic": _trainable(self.critic)}
+                          if self.cfg.model.lora is not None else None),
         }
         tmp = out_dir / "learner_state.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(out_dir / "learner_state.pt")
+
+    def load(self, ckpt_dir: str | Path) -> int:
+        """Restore what `save` wrote into this learner (built from the same SFT and RM checkpoints and config).
+        Returns the restored policy version."""
+        ckpt_dir = Path(ckpt_dir)
+        state = torch.load(ckpt_dir / "learner_state.pt", map_location="cpu", weights_only=False)
+        if state["trainable"] is not None:
+            _load_trainable(self.policy, state["trainable"]["policy"], "policy")
+            if self.critic is not None:
+                _load_trainable(self.critic, state["trainable"]["critic"], "critic")
+        else:
+            dtype = self.cfg.model.dtype
+            self.policy.load_state_dict(load_causal_lm(str(ckpt_dir / "checkpoint"), self.tokenizer, dtype).state_dict())
+            if self.critic is not None:
+                self.critic.load_state_dict(load_scalar_model(str(ckpt_dir / "critic"), self.tokenizer, dtype).state_dict())
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.critic_opt is not None:
+            self.critic_opt.load_state_dict(state["critic_optimizer"])
+            self.critic_sched.load_state_dict(state["critic_scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.generator.set_state(state["generator"])
+        self.version = state["version"]
+        return self.version
+
+
+def _clip_finite(model, max_norm: float, what: str) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if not torch.isfinite(norm):
+        raise FloatingPointError(f"non-finite gradient norm ({float(norm)}) in the {what}; no weight was updated")
+    return float(norm)
+
+
+def _trainable(model) -> dict[str, torch.Tensor] | None:
+    if model is None:
+        return None
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def _load_trainable(model, saved: dict[str, torch.Tensor], what: str) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(saved):
+        raise ValueError(f"{what} checkpoint's trainable parameters do not match this model's "
+                         f"(e.g. {sorted(set(params) ^ set(saved))[:3]}); was the LoRA config changed?")
+    for n, p in params.items():
+        p.copy_(saved[n])

@@ -38,6 +38,9 @@ class RolloutWorker:
     def version(self) -> int:
         return self.gen.version
 
+    def ready(self) -> bool:
+        return True
+
     def join_group(self, addr: str, port: int, rank: int, world: int, timeout_s: float,
                    layouts: tuple[BucketLayout, ...]) -> None:
         self.group = CollectiveGroup(addr, port, rank, world, timeout_s, f"rollout worker {self.gen.worker_index}")
@@ -64,6 +67,9 @@ class ReferenceWorker:
     def logprobs(self, batch: RolloutBatch) -> RefLogprobs:
         return self.ref.logprobs(batch)
 
+    def ready(self) -> bool:
+        return True
+
 
 @ray.remote
 class RewardWorker:
@@ -73,6 +79,9 @@ class RewardWorker:
 
     def score(self, batch: RolloutBatch) -> Scores:
         return self.scorer.score_rollout(batch)
+
+    def ready(self) -> bool:
+        return True
 
 
 @ray.remote
@@ -93,6 +102,9 @@ class LearnerWorker:
 
     def save(self, out_dir: str) -> None:
         self.learner.save(out_dir)
+
+    def load(self, ckpt_dir: str) -> int:
+        return self.learner.load(ckpt_dir)
 
     def bucket_layouts(self) -> tuple[BucketLayout, ...]:
         """The bucket layout every receiver allocates once; ask for it before joining (joining blocks)."""

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from actors.reference import default_device
 from pipeline.config import RolloutConfig
-from pipeline.experience import RolloutBatch, RolloutRequest
+from pipeline.experience import RolloutBatch, RolloutRequest, VersionMismatch
 from pipeline.modeling import disable_dropout, load_causal_lm, load_tokenizer
 from pipeline.sequences import pad_left, response_logprobs, sample
 from pipeline.weight_sync import WeightsPacket, checksum, unpack
@@ -83,6 +83,9 @@ class RolloutGenerator:
         self.last_sync_s = 0.0
 
     def generate(self, req: RolloutRequest) -> RolloutBatch:
+        if req.version is not None and req.version != self.version:
+            raise VersionMismatch(f"rollout worker {self.worker_index} holds policy v{self.version}, batch {req.batch_id} "
+                                  f"needs v{req.version}")
         t0 = time.perf_counter()
         responses, rmask, logprobs = self.backend.generate(req.prompts, req.seed)
         pad_id = self.backend.tokenizer.pad_token_id

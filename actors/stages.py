@@ -14,9 +14,9 @@ from pipeline.sft import SFTTrainer
 
 @ray.remote
 class SFTStage:
-    def __init__(self, cfg: Config, out_dir: str):
+    def __init__(self, cfg: Config, out_dir: str, resume: bool):
         init_worker_process(cfg.sft.num_cpus)
-        self.trainer = SFTTrainer(cfg, Path(out_dir))
+        self.trainer = SFTTrainer(cfg, Path(out_dir), resume)
 
     def run(self) -> dict[str, float]:
         return self.trainer.run()
@@ -24,24 +24,25 @@ class SFTStage:
 
 @ray.remote
 class RMStage:
-    def __init__(self, cfg: Config, out_dir: str, sft_checkpoint: str):
+    def __init__(self, cfg: Config, out_dir: str, sft_checkpoint: str, resume: bool):
         init_worker_process(cfg.rm.num_cpus)
-        self.trainer = RMTrainer(cfg, Path(out_dir), sft_checkpoint)
+        self.trainer = RMTrainer(cfg, Path(out_dir), sft_checkpoint, resume)
 
     def run(self) -> dict[str, float]:
         return self.trainer.run()
 
 
-def run_sft(cfg: Config, out_dir: Path) -> dict[str, float]:
-    actor = SFTStage.options(num_cpus=cfg.sft.num_cpus, num_gpus=cfg.sft.num_gpus).remote(cfg, str(out_dir))
+def run_sft(cfg: Config, out_dir: Path, resume: bool = False) -> dict[str, float]:
+    actor = SFTStage.options(num_cpus=cfg.sft.num_cpus, num_gpus=cfg.sft.num_gpus).remote(cfg, str(out_dir), resume)
     try:
         return ray.get(actor.run.remote())
     finally:
         ray.kill(actor)
 
 
-def run_rm(cfg: Config, out_dir: Path, sft_checkpoint: Path) -> dict[str, float]:
-    actor = RMStage.options(num_cpus=cfg.rm.num_cpus, num_gpus=cfg.rm.num_gpus).remote(cfg, str(out_dir), str(sft_checkpoint))
+def run_rm(cfg: Config, out_dir: Path, sft_checkpoint: Path, resume: bool = False) -> dict[str, float]:
+    actor = RMStage.options(num_cpus=cfg.rm.num_cpus, num_gpus=cfg.rm.num_gpus).remote(
+        cfg, str(out_dir), str(sft_checkpoint), resume)
     try:
         return ray.get(actor.run.remote())
     finally:

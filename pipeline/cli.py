@@ -1,7 +1,8 @@
 """`rayrlhf` command line: load config, build, run, clean up.
 
     rayrlhf train [--config F] [--set k=v ...] [--run-dir D]     SFT -> RM -> PPO -> eval -> report
-    rayrlhf sft | rm | ppo | eval  [same options]                 one stage
+    rayrlhf train --resume D                                      continue run D from its last checkpoint
+    rayrlhf sft | rm | ppo | eval  [same options]                 one stage (sft/rm/ppo also take --resume D)
     rayrlhf scale --run-dir D --workers N [--address A]          resize a running PPO job's rollout workers
 Exit codes: 0 ok, 1 runtime failure, 2 bad config or arguments (nothing written).
 """
@@ -20,25 +21,28 @@ from pipeline.config import Config, ConfigError, load_config
 log = logging.getLogger("rayrlhf")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, resumable: bool = False) -> None:
     p.add_argument("--config", help="YAML config (default: the packaged configs/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set sft.lr=1e-4 (repeatable)")
     p.add_argument("--run-dir", help="run directory (default: <run.output_dir>/<run.name>-<timestamp>)")
+    if resumable:
+        p.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue this run from its last checkpoint, with the config.yaml it was started with")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayrlhf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="the full pipeline: SFT -> reward model -> PPO -> evaluation report")
-    _common(p)
+    _common(p, resumable=True)
     p = sub.add_parser("sft", help="supervised fine-tuning")
-    _common(p)
+    _common(p, resumable=True)
     p = sub.add_parser("rm", help="reward model from an SFT checkpoint")
-    _common(p)
+    _common(p, resumable=True)
     p.add_argument("--sft-checkpoint", help="default: <run-dir>/sft/checkpoint")
     p = sub.add_parser("ppo", help="PPO from SFT and reward-model checkpoints")
-    _common(p)
+    _common(p, resumable=True)
     p.add_argument("--sft-checkpoint", help="default: <run-dir>/sft/checkpoint")
     p.add_argument("--rm-checkpoint", help="default: <run-dir>/rm/checkpoint")
     p = sub.add_parser("eval", help="evaluate SFT and PPO policies of a run and write report.md")
@@ -86,6 +90,19 @@ def main(argv: list[str] | None = None) -> int:
         return jobs_main(args)
     if args.command == "scale":
         return scale_main(args)
+    resume = getattr(args, "resume", None)
+    if resume:
+        clash = [flag for flag, given in (("--config", args.config), ("--set", args.overrides), ("--run-dir", args.run_dir),
+                                          ("--sft-checkpoint", getattr(args, "sft_checkpoint", None)),
+                                          ("--rm-checkpoint", getattr(args, "rm_checkpoint", None))) if given]
+        if clash:
+            print(f"rayrlhf {args.command}: error: --resume continues a run with its own config and checkpoints; "
+                  f"it cannot be combined with {', '.join(clash)}", file=sys.stderr)
+            return 2
+        if not (Path(resume) / "config.yaml").is_file():
+            print(f"rayrlhf {args.command}: error: --resume {resume}: not a run directory (no config.yaml)", file=sys.stderr)
+            return 2
+        args.config, args.run_dir = str(Path(resume) / "config.yaml"), resume
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -135,6 +152,7 @@ def scale_main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline import workflow as stages
+    from pipeline.run_dir import RunDir
 
     if args.command == "serve":
         from serving.reward_service import serve_main
@@ -147,17 +165,18 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
     if args.command == "eval" and not args.run_dir:
         print("rayrlhf eval: error: --run-dir is required", file=sys.stderr)
         return 2
-    run = stages.open_run(cfg, args.run_dir)
+    resume = bool(getattr(args, "resume", None))
+    run = RunDir(Path(args.run_dir)) if resume else stages.open_run(cfg, args.run_dir)
     try:
         if args.command == "train":
-            stages.train(cfg, run)
+            stages.train(cfg, run, resume)
         elif args.command == "sft":
-            stages.sft(cfg, run)
+            stages.sft(cfg, run, resume)
         elif args.command == "rm":
-            stages.rm(cfg, run, Path(args.sft_checkpoint) if args.sft_checkpoint else None)
+            stages.rm(cfg, run, Path(args.sft_checkpoint) if args.sft_checkpoint else None, resume)
         elif args.command == "ppo":
             stages.ppo(cfg, run, Path(args.sft_checkpoint) if args.sft_checkpoint else None,
-                       Path(args.rm_checkpoint) if args.rm_checkpoint else None)
+                       Path(args.rm_checkpoint) if args.rm_checkpoint else None, resume)
         elif args.command == "eval":
             stages.evaluate(cfg, run)
     finally:

@@ -33,6 +33,7 @@ class RunConfig(_Section):
     name: str = Field("rayrlhf", description="Run name; the run directory is <output_dir>/<name>-<timestamp>.")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     seed: int = Field(0, description="Seed for torch, numpy and Python's RNG in every component.")
+    keep_checkpoints: int = Field(2, ge=0, description="Newest resumable checkpoints kept per stage in <stage>/checkpoints (0: all).")
 
 
 class RayConfig(_Section):
@@ -205,7 +206,8 @@ class PPOConfig(_Section):
     weight_sync: Literal["object_store", "collective"] = Field("object_store", description="Transport of new weights to rollout workers.")
     sync_timeout_s: float = Field(120.0, gt=0, description="A weight sync or remote call slower than this is an error.")
     bucket_mb: float = Field(64.0, gt=0, description="Size of the flat buckets weights are sent in.")
-    checkpoint_every: int = Field(0, ge=0, description="PPO steps between checkpoints (0: only at the end).")
+    checkpoint_every: int = Field(10, ge=0, description="PPO steps between resumable checkpoints in ppo/checkpoints (0: only the final one).")
+    max_actor_restarts: int = Field(3, ge=0, description="Restarts Ray gives a dead rollout, reference or reward actor; its in-flight work is dispatched again.")
     num_cpus: float = Field(1, ge=0, description="CPUs of the learner actor.")
     num_gpus: float = Field(0, ge=0, description="GPUs of the learner actor.")
 

@@ -18,11 +18,12 @@ import logging
 import random
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+import torch
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
@@ -30,7 +31,9 @@ from tqdm import tqdm
 from actors.remote import LearnerWorker, ReferenceWorker, RewardWorker, RolloutWorker
 from pipeline.config import Config
 from pipeline.data import load_tldr
-from pipeline.experience import Experience, RolloutBatch, RolloutRequest
+from pipeline.checkpoints import CheckpointDir, atomic_write_text, read_json, write_json
+from pipeline.experience import Experience, RolloutBatch, RolloutRequest, VersionMismatch
+from pipeline.ledger import ExperienceLedger
 from pipeline.metrics import MetricsLogger
 from pipeline.modeling import load_tokenizer
 from pipeline.sft import encode_queries
@@ -77,13 +80,18 @@ class PromptSource:
 
 @dataclass
 class InFlight:
-    """ObjectRefs of one dispatched batch: per shard, its rollout, reference log-probs and scores."""
+    """One dispatched batch: per shard, its request, worker and the ObjectRefs of rollout, reference log-probs
+    and scores; `experience` once collected (a batch buffered at a checkpoint is saved with it)."""
 
     batch_id: int
+    version: int  # the policy version every shard is generated with
+    requests: list[RolloutRequest]
+    workers: list  # actor handle per shard
     rollouts: list
     refs: list
     scores: list
     dispatched_at: float
+    experience: Experience | None = None
 
 
 SCALER_NAMESPACE = "rayrlhf"
@@ -161,6 +169,11 @@ class EventLog:
         self._file.close()
 
 
+def rollout_restarts(cfg: Config) -> int:
+    """A restarted rollout worker cannot rejoin a torch.distributed group, whose world size is fixed."""
+    return cfg.ppo.max_actor_restarts if cfg.ppo.weight_sync == "object_store" else 0
+
+
 @dataclass
 class PoolWorker:
     """One rollout worker, with what the pool needs to add or remove it safely."""
@@ -205,6 +218,12 @@ class RolloutPool:
         """The workers batches are sharded over now, in shard order."""
         return [w.handle for w in self.active]
 
+    def index_of(self, handle) -> int:
+        for w in self.active + self.starting + self.retiring:
+            if w.handle == handle:
+                return w.index
+        raise KeyError("not a worker of this pool")
+
     def all_handles(self) -> list:
         return [w.handle for w in self.active + self.starting + self.retiring]
 
@@ -226,7 +245,8 @@ class RolloutPool:
 
     def _start(self, step: int) -> None:
         rc = self.cfg.rollout
-        handle = RolloutWorker.options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus).remote(
+        handle = RolloutWorker.options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus,
+                                       max_restarts=rollout_restarts(self.cfg)).remote(
             self.cfg, self.sft_checkpoint, self.next_index)
         self.starting.append(PoolWorker(self.next_index, handle, ready=handle.version.remote()))
         self.events.write(step + 1, "worker_starting", self.next_index)
@@ -309,6 +329,10 @@ class PPODriver:
         self.learner = self.reference = self.reward = self.scaler = None
         self.events: EventLog | None = None
         self.run_name = self.out_dir.resolve().parent.name  # out_dir is <run>/ppo
+        self.checkpoints = CheckpointDir(self.out_dir / "checkpoints", cfg.run.keep_checkpoints)
+        self.ledger = ExperienceLedger()
+        self.packets: dict[int, ray.ObjectRef] = {}  # version -> weights packet, for re-dispatch after a restart
+        self.step = 0  # the step being run, for event rows
 
     # --- set-up -----------------------------------------------------------------------------------
 
@@ -317,8 +341,13 @@ class PPODriver:
         return encode_queries(tok, [e.query for e in data.sft_train], self.cfg.data.max_prompt_tokens)
 
     def start_actors(self) -> None:
-        """One placement-group bundle per role, so each lands on its own GPU(s) when there are GPUs."""
-        cfg = self.cfg
+        """One placement-group bundle per role, so each lands on its own GPU(s) when there are GPUs.
+
+        Rollout workers, the reference and the reward scorer are restarted by Ray when they die
+        (`ppo.max_actor_restarts`); the driver then dispatches their lost work again (`collect`). The learner
+        is not: its state is the run, and a dead learner ends the run, to be resumed from its last checkpoint.
+        """
+        cfg, restarts = self.cfg, self.pc.max_actor_restarts
         bundles = [{"CPU": cfg.ppo.num_cpus, "GPU": cfg.ppo.num_gpus},
                    {"CPU": cfg.reference.num_cpus, "GPU": cfg.reference.num_gpus},
                    {"CPU": cfg.reward.num_cpus, "GPU": cfg.reward.num_gpus}]
@@ -333,17 +362,18 @@ class PPODriver:
 
         self.learner = LearnerWorker.options(**on(0, cfg.ppo.num_cpus, cfg.ppo.num_gpus)).remote(
             cfg, self.sft_checkpoint, self.rm_checkpoint)
-        self.reference = ReferenceWorker.options(**on(1, cfg.reference.num_cpus, cfg.reference.num_gpus)).remote(
-            cfg, self.sft_checkpoint)
+        self.reference = ReferenceWorker.options(**on(1, cfg.reference.num_cpus, cfg.reference.num_gpus),
+                                                 max_restarts=restarts).remote(cfg, self.sft_checkpoint)
         if cfg.reward.backend == "local":
-            self.reward = RewardWorker.options(**on(2, cfg.reward.num_cpus, cfg.reward.num_gpus)).remote(
-                cfg, self.rm_checkpoint)
+            self.reward = RewardWorker.options(**on(2, cfg.reward.num_cpus, cfg.reward.num_gpus),
+                                               max_restarts=restarts).remote(cfg, self.rm_checkpoint)
         else:
             from serving.client import RemoteRewardWorker
 
-            self.reward = RemoteRewardWorker.options(num_cpus=0.1).remote(cfg, self.sft_checkpoint)
-        workers = [RolloutWorker.options(**on(3 + i, cfg.rollout.num_cpus, cfg.rollout.num_gpus)).remote(
-            cfg, self.sft_checkpoint, i) for i in range(cfg.rollout.num_workers)]
+            self.reward = RemoteRewardWorker.options(num_cpus=0.1, max_restarts=restarts).remote(cfg, self.sft_checkpoint)
+        workers = [RolloutWorker.options(**on(3 + i, cfg.rollout.num_cpus, cfg.rollout.num_gpus),
+                                         max_restarts=rollout_restarts(cfg)).remote(cfg, self.sft_checkpoint, i)
+                   for i in range(cfg.rollout.num_workers)]
         self.events = EventLog(self.out_dir)
         self.pool = RolloutPool(cfg, self.sft_checkpoint, workers, self.events, self._get)
         name = scaler_name(self.run_name)
@@ -377,7 +407,43 @@ class PPODriver:
         except GetTimeoutError as e:
             raise TimeoutError(f"{what} did not finish within ppo.sync_timeout_s={self.pc.sync_timeout_s}s") from e
         except RayActorError as e:
-            raise RuntimeError(f"{what} failed: an actor died: {e}") from e
+            raise RuntimeError(f"{what} failed: an actor died: {str(e).splitlines()[0]}{self._resume_hint()}") from e
+
+    def _resume_hint(self) -> str:
+        latest = self.checkpoints.latest()
+        where = f"the last checkpoint is {latest}" if latest else "no PPO checkpoint was written yet"
+        return f" ({where}; `rayrlhf train --resume {self.out_dir.parent}` continues from it)"
+
+    def _resume(self, ckpt: Path) -> dict:
+        """Restore the learner, the ledger and the buffered batches from `ckpt`; give the workers its weights."""
+        state = read_json(ckpt / "driver_state.json")
+        if state["config"] != _resumable_config(self.cfg):
+            diff = sorted(k for k in set(state["config"]) | set(_resumable_config(self.cfg))
+                          if state["config"].get(k) != _resumable_config(self.cfg).get(k))
+            raise ValueError(f"{ckpt} was written with a different config ({', '.join(diff)}); resume with the "
+                             f"run's own config.yaml")
+        version = self._get(self.learner.load.remote(str(ckpt)), f"learner restoring {ckpt}")
+        if version != state["version"]:
+            raise RuntimeError(f"{ckpt}: learner state holds v{version}, driver state v{state['version']}")
+        self.ledger = ExperienceLedger.from_json(state["ledger"])
+        buffered: dict[int, Experience] = torch.load(ckpt / "buffer.pt", weights_only=False)
+        in_flight = {}
+        for b, exp in buffered.items():
+            self.ledger.mark_restored(b)
+            in_flight[b] = InFlight(b, exp.policy_version, [], [], [], [], [], time.perf_counter(), experience=exp)
+        packet = self.learner.make_packet.remote()
+        self.packets[version] = packet
+        got = self._get([w.load_weights.remote(packet, verify=True) for w in self.pool.handles()]
+                        + [w.version.remote() for w in self.pool.handles()], "loading the checkpoint's weights into rollout workers")
+        if any(v != version for v in got[len(self.pool.handles()):]):
+            raise RuntimeError(f"rollout workers hold versions {got[len(self.pool.handles()):]} after loading v{version}")
+        MetricsLogger.truncate(self.out_dir, state["step"])
+        self.events.write(state["step"], "resumed", -1, checkpoint=str(ckpt), version=version,
+                          buffered=sorted(buffered))
+        log.info("resumed PPO from %s: step %d, version %d, buffered batches %s", ckpt, state["step"], version,
+                 sorted(buffered))
+        return {"step": state["step"], "next_batch": state["next_batch"], "totals": state["totals"],
+                "in_flight": in_flight}
 
     # --- stages -----------------------------------------------------------------------------------
 
@@ -392,86 +458,233 @@ class PPODriver:
             self._get(self.scaler.set_desired.remote(have), "rollout scaler")
         self.scaler.report.remote(len(self.pool.active), len(self.pool.starting), step + 1)
 
-    def dispatch(self, batch_id: int) -> InFlight:
+    def dispatch(self, batch_id: int, version: int) -> InFlight:
         """Stage 1: shard batch `batch_id` over the workers; chain reference and reward on each shard."""
         n = self.pc.samples_per_prompt
         indices = self.prompt_source.batch(batch_id)
         workers = self.pool.handles()
         shards = [indices[i :: len(workers)] for i in range(len(workers))]
-        flight = InFlight(batch_id, [], [], [], time.perf_counter())
+        flight = InFlight(batch_id, version, [], list(workers), [], [], [], time.perf_counter())
         for w, (worker, shard) in enumerate(zip(workers, shards)):
             rep = [i for i in shard for _ in range(n)]  # the n samples of a prompt stay adjacent
             req = RolloutRequest(batch_id, w, rep, [self.prompts[i] for i in rep],
-                                 seed=self.cfg.run.seed * 1_000_003 + batch_id * 1009 + w)
+                                 seed=self.cfg.run.seed * 1_000_003 + batch_id * 1009 + w, version=version)
+            flight.requests.append(req)
             rollout = worker.generate.remote(req)
             flight.rollouts.append(rollout)
             flight.refs.append(self.reference.logprobs.remote(rollout))
             flight.scores.append(self.reward.score.remote(rollout))
+        self.ledger.dispatched(batch_id, indices, version, [self.pool.index_of(h) for h in workers])
         return flight
 
     def collect(self, flight: InFlight) -> Experience:
-        """Stage 2: wait for every shard of the batch, then join them."""
+        """Stage 2: wait for every shard of the batch, dispatching again the work of actors that died, then join.
+
+        Exactly once: a shard is dispatched again only when its call failed because its actor died (or came back
+        restarted without the batch's weights), to the restarted actor, with the same request and seed and the
+        weights of the batch's version; the ledger records every attempt. Other failures end the run.
+        """
+        if flight.experience is not None:  # collected at a checkpoint, or restored from one
+            return flight.experience
+        for _ in range(4 * (self.pc.max_actor_restarts + 1)):  # every retry needs a restart; restarts are bounded
+            results, failed = self._wait_batch(flight)
+            if not failed:
+                break
+            self._redispatch(flight, failed)
+        else:
+            raise RuntimeError(f"batch {flight.batch_id} kept failing after {self.pc.max_actor_restarts} restarts")
         k = len(flight.rollouts)
-        out = self._get(flight.rollouts + flight.refs + flight.scores, f"batch {flight.batch_id} (rollout/reference/reward)")
-        self.pool.note_collected(out[:k])
-        return Experience.join(out[:k], out[k : 2 * k], out[2 * k :], self.pad_id)
+        rollouts, refs, scores = results[:k], results[k : 2 * k], results[2 * k :]
+        self.pool.note_collected(rollouts)
+        self.ledger.collected(flight.batch_id, k)
+        flight.experience = Experience.join(rollouts, refs, scores, self.pad_id)
+        return flight.experience
+
+    def _wait_batch(self, flight: InFlight) -> tuple[list, dict[int, tuple[str, str]]]:
+        """Wait for all calls of the batch. Returns the results, and {shard: (role, error)} for the calls whose
+        actor died; the first failed role of a shard in chain order (a failed rollout fails its scoring too)."""
+        k = len(flight.rollouts)
+        refs = flight.rollouts + flight.refs + flight.scores
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.pc.sync_timeout_s)
+        if pending:
+            late = [f"{role} of shard {s}" + (f" (rollout worker {self.pool.index_of(flight.workers[s])})"
+                                              if role == "rollout" else "")
+                    for role, group in (("rollout", flight.rollouts), ("reference", flight.refs), ("reward", flight.scores))
+                    for s, r in enumerate(group) if r in pending]
+            raise TimeoutError(f"batch {flight.batch_id}: {', '.join(late)} did not finish within "
+                               f"ppo.sync_timeout_s={self.pc.sync_timeout_s}s")
+        results, failed = [None] * len(refs), {}
+        for i, ref in enumerate(refs):
+            role, s = ("rollout", "reference", "reward")[i // k], i % k
+            try:
+                results[i] = ray.get(ref)
+            except (RayActorError, VersionMismatch) as e:
+                failed.setdefault(s, (role, str(e).splitlines()[0][:300]))
+            except RayTaskError as e:
+                if s in failed:  # scoring of a rollout that failed: it goes again with it
+                    continue
+                raise RuntimeError(f"{role} of batch {flight.batch_id} shard {s} failed: {e.cause!r}") from e
+        return results, failed
+
+    def _redispatch(self, flight: InFlight, failed: dict[int, tuple[str, str]]) -> None:
+        """Dispatch again the failed calls of `flight`, once each, after their actor has restarted."""
+        restarted = set()
+        for s, (role, error) in sorted(failed.items()):
+            if role == "rollout":
+                handle = flight.workers[s]
+                index = self.pool.index_of(handle)
+                self._await_restart(handle, f"rollout worker {index}")
+                attempt = self.ledger.redispatched(flight.batch_id, s, index, error)
+                # The restarted actor holds the SFT weights: the batch's version first, then the current one.
+                handle.load_weights.remote(self.packets[flight.version])
+                flight.rollouts[s] = handle.generate.remote(flight.requests[s])
+                restarted.add(handle)
+                self.events.write(self.step, "shard_redispatched", index, batch=flight.batch_id, shard=s,
+                                  attempt=attempt, version=flight.version, error=error)
+            else:
+                actor = self.reference if role == "reference" else self.reward
+                self._await_restart(actor, role)
+                self.ledger.recalled(flight.batch_id, s, role, error)
+                self.events.write(self.step, f"{role}_redispatched", -1, batch=flight.batch_id, shard=s, error=error)
+            if role in ("rollout", "reference"):
+                flight.refs[s] = self.reference.logprobs.remote(flight.rollouts[s])
+            if role in ("rollout", "reward"):
+                flight.scores[s] = self.reward.score.remote(flight.rollouts[s])
+        for handle in restarted:
+            handle.load_weights.remote(self.packets[self.gate.version])
+
+    def _await_restart(self, actor, what: str) -> None:
+        """Wait until Ray has restarted `actor` (a call to it succeeds); an error naming it when it cannot."""
+        deadline = time.monotonic() + self.pc.sync_timeout_s
+        while True:
+            try:
+                ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except ActorUnavailableError:  # still restarting
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{what} did not come back within ppo.sync_timeout_s={self.pc.sync_timeout_s}s")
+                time.sleep(0.5)
+            except GetTimeoutError as e:
+                raise TimeoutError(f"{what} did not come back within ppo.sync_timeout_s={self.pc.sync_timeout_s}s") from e
+            except RayActorError as e:
+                raise RuntimeError(f"{what} died and Ray did not restart it (ppo.max_actor_restarts="
+                                   f"{self.pc.max_actor_restarts}){self._resume_hint()}") from e
 
     def learn(self, exp: Experience) -> dict[str, float]:
-        """Stage 3: one PPO update on the learner."""
-        return self._get(self.learner.train_step.remote(exp), f"learner update on batch {exp.batch_id}")
+        """Stage 3: one PPO update on the learner. A NaN/inf stops the run before anything is saved."""
+        try:
+            metrics = self._get(self.learner.train_step.remote(exp), f"learner update on batch {exp.batch_id}")
+        except FloatingPointError as e:  # raised in the learner; Ray's error is also an instance of it
+            raise RuntimeError(f"PPO step {exp.batch_id + 1} stopped: {getattr(e, 'cause', e)}"
+                               f"{self._resume_hint()}") from e
+        self.ledger.consumed(exp.batch_id, exp.batch_id)
+        return metrics
 
-    def sync(self, version: int) -> list:
-        """Stage 4: publish `version` to all workers; returns refs of the per-worker load times."""
+    def sync(self, version: int) -> list[tuple]:
+        """Stage 4: publish `version` to all workers; returns (worker, ref of its load time) pairs."""
         if self.pc.weight_sync == "collective":
             sent = self.learner.broadcast_weights.remote()
-            loads = [w.receive_weights.remote(version) for w in self.pool.handles()]
+            loads = [(w, w.receive_weights.remote(version)) for w in self.pool.handles()]
             got = self._get(sent, "learner weight broadcast")
             if got != version:
                 raise RuntimeError(f"learner broadcast version {got}, driver expected {version}")
             return loads
         packet = self.learner.make_packet.remote()  # one object, read by every worker
-        return [w.load_weights.remote(packet) for w in self.pool.handles()]
+        self.packets[version] = packet
+        for old in [v for v in self.packets if v < version - self.pc.max_staleness]:
+            del self.packets[old]  # no batch can need it any more
+        return [(w, w.load_weights.remote(packet)) for w in self.pool.handles()]
+
+    def await_sync(self, pending: list[tuple]) -> list[float]:
+        """Wait for a sync's loads. A worker that died meanwhile is restarted by Ray with the SFT weights:
+        it gets the current version again (a batch of an older version reloads that one, see `collect`)."""
+        times = []
+        for w, ref in pending:
+            index = self.pool.index_of(w)
+            try:
+                times.append(ray.get(ref, timeout=self.pc.sync_timeout_s))
+            except GetTimeoutError as e:
+                raise TimeoutError(f"weight sync to rollout worker {index} did not finish within "
+                                   f"ppo.sync_timeout_s={self.pc.sync_timeout_s}s") from e
+            except RayActorError:
+                if self.pc.weight_sync == "collective":  # such workers are not restarted
+                    raise RuntimeError(f"rollout worker {index} died during a collective weight sync"
+                                       f"{self._resume_hint()}") from None
+                self._await_restart(w, f"rollout worker {index}")
+                times.append(self._get(w.load_weights.remote(self.packets[self.gate.version]),
+                                       f"weight sync to restarted rollout worker {index}"))
+                self.events.write(self.step, "worker_restarted", index, version=self.gate.version)
+        return times
+
+    def checkpoint(self, step: int, next_batch: int, in_flight: dict[int, InFlight], totals: dict) -> Path:
+        """Stage 5: a resumable checkpoint after `step` steps. Batches already dispatched are collected first and
+        saved with it: a resumed run trains on exactly the experience this one would have (nothing dropped,
+        nothing generated twice)."""
+        buffered = {b: self.collect(fl) for b, fl in sorted(in_flight.items())}
+
+        def write(tmp: Path) -> None:
+            self._get(self.learner.save.remote(str(tmp)), "learner checkpoint")
+            torch.save(buffered, tmp / "buffer.pt")
+            write_json(tmp / "driver_state.json", {
+                "step": step, "version": self.gate.version, "next_batch": next_batch, "totals": totals,
+                "sft_checkpoint": self.sft_checkpoint, "rm_checkpoint": self.rm_checkpoint,
+                "config": _resumable_config(self.cfg), "ledger": self.ledger.to_json(),
+            })
+
+        return self.checkpoints.save(step, write)
 
     # --- loop -------------------------------------------------------------------------------------
 
-    def run(self) -> dict[str, float]:
+    def run(self, resume: Path | None = None) -> dict[str, float]:
+        """The PPO loop; with `resume` (a checkpoint directory), from where that checkpoint left off."""
         t_start = time.perf_counter()
         tok = load_tokenizer(self.sft_checkpoint)
         self.pad_id = tok.pad_token_id
         self.prompts = self._load_prompts(tok)
         self.prompt_source = PromptSource(self.prompts, self.pc.prompts_per_step, self.cfg.run.seed)
         self.start_actors()
+        if resume is None:
+            self.checkpoints.clear()
+            MetricsLogger.truncate(self.out_dir, 0)
+        restored = self._resume(resume) if resume is not None else None
+        start = restored["step"] if restored else 0
+        in_flight: dict[int, InFlight] = restored["in_flight"] if restored else {}
+        next_batch = restored["next_batch"] if restored else 0
+        totals = restored["totals"] if restored else {"sequences": 0, "tokens": 0}
+        self.gate = gate = StalenessGate(self.pc.max_staleness, start)
+        if not restored and self.pc.weight_sync == "object_store":
+            self.packets[0] = self.learner.make_packet.remote()
         setup_s = time.perf_counter() - t_start
-        gate = StalenessGate(self.pc.max_staleness)
         metrics_log = MetricsLogger(self.out_dir)
-        in_flight: dict[int, InFlight] = {}
         pending_sync: list = []
-        next_batch = 0
-        totals = {"sequences": 0, "tokens": 0}
-        bar = tqdm(total=self.pc.steps, desc="ppo", mininterval=2, ascii=True)
+        bar = tqdm(total=self.pc.steps, initial=start, desc="ppo", mininterval=2, ascii=True)
         t_loop = time.perf_counter()
+        loop_sequences = loop_tokens = 0  # this process's share, for its throughput
         last: dict[str, float] = {}
-        for step in range(self.pc.steps):
+        for step in range(start, self.pc.steps):
+            self.step = step
             t0 = time.perf_counter()
             self.scale(step, gate.version, next_batch)  # 0. scale
             num_workers = len(self.pool.active)
             t_scale = time.perf_counter()
             while next_batch < self.pc.steps and gate.admits(next_batch):  # 1. dispatch
-                in_flight[next_batch] = self.dispatch(next_batch)
+                in_flight[next_batch] = self.dispatch(next_batch, gate.version)
                 next_batch += 1
             t1 = time.perf_counter()
             exp = self.collect(in_flight.pop(step))  # 2. collect
-            sync_times = self._get(pending_sync, "weight sync to rollout workers") if pending_sync else []
+            sync_times = self.await_sync(pending_sync)
             t2 = time.perf_counter()
             metrics = self.learn(exp)  # 3. learn
             t3 = time.perf_counter()
             pending_sync = self.sync(step + 1)  # 4. sync
             gate.publish(step + 1)
             if self.pc.max_staleness == 0:  # nothing else can run meanwhile; wait so the time is attributed
-                sync_times, pending_sync = self._get(pending_sync, "weight sync to rollout workers"), []
+                sync_times, pending_sync = self.await_sync(pending_sync), []
             t4 = time.perf_counter()
             totals["sequences"] += exp.size
             totals["tokens"] += int(exp.response_mask.sum())
+            loop_sequences += exp.size
+            loop_tokens += int(exp.response_mask.sum())
             metrics.update({
                 "timing/scale_s": t_scale - t0, "timing/dispatch_s": t1 - t_scale, "timing/wait_rollout_s": t2 - t1, "timing/learn_s": t3 - t2,
                 "timing/sync_s": t4 - t3, "timing/step_s": t4 - t0,
@@ -483,27 +696,36 @@ class PPODriver:
                 "rollout/policy_version": float(exp.policy_version),
                 "rollout/num_workers": float(num_workers),
                 "rollout/sequences": float(exp.size),
-                "rollout/sequences_per_s": totals["sequences"] / (time.perf_counter() - t_loop),
+                "rollout/sequences_per_s": loop_sequences / (time.perf_counter() - t_loop),
             })
             metrics_log.log(step + 1, metrics)
             last = metrics
             bar.update(1)
             bar.set_postfix(score=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['ppo/kl']:.2f}", workers=num_workers)
             if self.pc.checkpoint_every and (step + 1) % self.pc.checkpoint_every == 0 and step + 1 < self.pc.steps:
-                self._get(self.learner.save.remote(str(self.out_dir / f"step-{step + 1}")), "learner checkpoint")
+                self.checkpoint(step + 1, next_batch, in_flight, totals)  # 5. checkpoint
         bar.close()
-        if pending_sync:
-            self._get(pending_sync, "weight sync to rollout workers")
+        self.await_sync(pending_sync)
         self.pool.finish(self.pc.steps)
         loop_s = time.perf_counter() - t_loop
         self._get(self.learner.save.remote(str(self.out_dir)), "learner checkpoint")
+        audit = self.ledger.audit(self.pc.steps, self.prompt_source.batch)
+        atomic_write_text(self.out_dir / "ledger.json", json.dumps(
+            {"audit": {**asdict(audit), "ok": audit.ok}, "batches": self.ledger.to_json()}, indent=1))
+        if not audit.ok:
+            raise RuntimeError(f"experience ledger audit failed: lost {audit.lost}, mismatched {audit.mismatched}, "
+                               f"duplicate prompts {audit.duplicate_prompts} (see {self.out_dir / 'ledger.json'})")
         metrics_log.close()
         return {
             "ppo/final_score_mean": last.get("reward/score_mean", float("nan")),
             "ppo/final_kl": last.get("ppo/kl", float("nan")),
             "ppo/steps": float(self.pc.steps),
-            "ppo/sequences_per_s": totals["sequences"] / loop_s,
-            "ppo/tokens_per_s": totals["tokens"] / loop_s,
+            "ppo/resumed_at_step": float(start),
+            "ppo/sequences_per_s": loop_sequences / loop_s,
+            "ppo/tokens_per_s": loop_tokens / loop_s,
+            "ledger/consumed_batches": float(audit.consumed),
+            "ledger/redispatched_shards": float(len(audit.redispatched)),
+            "ledger/restored_batches": float(len(audit.restored)),
             "timing/ppo_setup_s": setup_s,
             "timing/ppo_loop_s": loop_s,
         }
@@ -517,3 +739,11 @@ class PPODriver:
             self.events.close()
         if self.pg is not None:
             remove_placement_group(self.pg)
+
+
+def _resumable_config(cfg: Config) -> dict:
+    """The parts of the config a resumed run must share with the checkpoint (not where Ray runs)."""
+    dump = cfg.model_dump(mode="json")
+    dump.pop("ray", None)
+    dump.get("run", {}).pop("output_dir", None)
+    return dump

@@ -18,6 +18,11 @@ class RolloutRequest:
     prompt_indices: list[int]  # indices into the PPO prompt set, each repeated `samples_per_prompt` times
     prompts: list[list[int]]  # token ids, already truncated
     seed: int
+    version: int | None = None  # the policy version it must be generated with; None: whatever the worker holds
+
+
+class VersionMismatch(RuntimeError):
+    """A rollout worker was asked for a version it does not hold (it restarted and lost its weights)."""
 
 
 @dataclass

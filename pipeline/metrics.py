@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -33,6 +34,19 @@ class MetricsLogger:
             for k, v in clean.items():
                 if math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+
+    @staticmethod
+    def truncate(log_dir: str | Path, last_step: int) -> int:
+        """Drop rows after `last_step` (written by a run that then died); returns how many were dropped.
+        A resumed run writes those steps again; TensorBoard shows the newest value of a step."""
+        path = Path(log_dir) / "metrics.jsonl"
+        rows = read_metrics(path)
+        keep = [r for r in rows if r["step"] <= last_step]
+        if len(keep) < len(rows):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            os.replace(tmp, path)
+        return len(rows) - len(keep)
 
     def close(self) -> None:
         self._file.close()

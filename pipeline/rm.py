@@ -9,7 +9,6 @@ label noise implies for the noisy labels.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from pathlib import Path
 
@@ -18,12 +17,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
+from pipeline.checkpoints import CheckpointDir, resume_or_start, save_training_state
 from pipeline.config import Config
 from pipeline.data import ComparisonExample, SummaryExample, load_tldr
 from pipeline.metrics import MetricsLogger
 from pipeline.modeling import apply_lora, count_params, load_scalar_model, load_tokenizer, save_checkpoint
 from pipeline.sequences import pad_right, sequence_scores
-from pipeline.sft import encode_queries, seed_everything
+from pipeline.sft import encode_queries, epoch_order, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int) 
 class RMTrainer:
     """Trains the reward model from the SFT checkpoint; writes `<out_dir>/checkpoint`."""
 
-    def __init__(self, cfg: Config, out_dir: str | Path, sft_checkpoint: str | Path):
-        self.cfg, self.out_dir, self.sft_checkpoint = cfg, Path(out_dir), str(sft_checkpoint)
+    def __init__(self, cfg: Config, out_dir: str | Path, sft_checkpoint: str | Path, resume: bool = False):
+        self.cfg, self.out_dir, self.sft_checkpoint, self.resume = cfg, Path(out_dir), str(sft_checkpoint), resume
 
     def _encode_pairs(self, tok, pairs: list[ComparisonExample]) -> tuple[list[list[int]], list[list[int]]]:
         d = self.cfg.data
@@ -82,15 +82,14 @@ class RMTrainer:
         total = steps_per_epoch * rc.epochs
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rc.lr, weight_decay=rc.weight_decay)
         sched = get_cosine_schedule_with_warmup(opt, int(rc.warmup_ratio * total), total)
-        metrics = MetricsLogger(self.out_dir)
-        rng = random.Random(cfg.run.seed)
         best: dict[str, float] = {"rm/valid_accuracy": -1.0}
-        step = 0
-        bar = tqdm(total=total, desc="rm", mininterval=2, ascii=True)
-        for _epoch in range(rc.epochs):
-            order = list(range(len(train_c)))
-            rng.shuffle(order)
-            for b in range(steps_per_epoch):
+        ckpts = CheckpointDir(self.out_dir / "checkpoints", cfg.run.keep_checkpoints)
+        step, best = resume_or_start(ckpts, self.resume, self.out_dir, model, opt, sched, best)
+        metrics = MetricsLogger(self.out_dir)
+        bar = tqdm(total=total, initial=step, desc="rm", mininterval=2, ascii=True)
+        for epoch in range(step // steps_per_epoch, rc.epochs):
+            order = epoch_order(len(train_c), cfg.run.seed, epoch)
+            for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
                 model.train()
                 idx = order[b * rc.batch_size : (b + 1) * rc.batch_size]
                 loss_sum, correct = 0.0, 0
@@ -119,6 +118,7 @@ class RMTrainer:
                     if result["rm/valid_accuracy"] > best["rm/valid_accuracy"]:
                         best = {**result, "rm/best_step": step}
                         save_checkpoint(model, tok, self.out_dir / "checkpoint")
+                    save_training_state(ckpts, step, model, opt, sched, best)
         bar.close()
         best.update(self.normalise(data.sft_train[:512], tok))
         best["timing/rm_s"] = time.time() - t0

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
+from pipeline.checkpoints import CheckpointDir, resume_or_start, save_training_state
 from pipeline.config import Config
 from pipeline.data import SummaryExample, TLDRData, corpus_text, lead_baseline, load_tldr, truncate_query
 from pipeline.metrics import MetricsLogger
@@ -28,6 +29,13 @@ from pipeline.synthetic import judge
 
 log = logging.getLogger(__name__)
 IGNORE = -100
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a function of (seed, epoch) only, so a step number is a data cursor."""
+    order = list(range(n))
+    random.Random(f"{seed}-{epoch}").shuffle(order)
+    return order
 
 
 def seed_everything(seed: int) -> None:
@@ -119,8 +127,8 @@ def init_policy(cfg: Config, data: TLDRData) -> tuple[torch.nn.Module, PreTraine
 class SFTTrainer:
     """Trains the SFT policy; `run()` writes `<out_dir>/checkpoint` (best validation loss) and returns a summary."""
 
-    def __init__(self, cfg: Config, out_dir: str | Path):
-        self.cfg, self.out_dir = cfg, Path(out_dir)
+    def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False):
+        self.cfg, self.out_dir, self.resume = cfg, Path(out_dir), resume
 
     def run(self) -> dict[str, float]:
         cfg, sc = self.cfg, self.cfg.sft
@@ -143,15 +151,14 @@ class SFTTrainer:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=sc.lr,
                                 weight_decay=sc.weight_decay)
         sched = get_cosine_schedule_with_warmup(opt, int(sc.warmup_ratio * total), total)
-        metrics = MetricsLogger(self.out_dir)
         best = {"sft/valid_loss": float("inf")}
-        rng = random.Random(cfg.run.seed)
-        step = 0
-        bar = tqdm(total=total, desc="sft", mininterval=2, ascii=True)
-        for _epoch in range(sc.epochs):
-            order = list(range(len(train)))
-            rng.shuffle(order)
-            for b in range(steps_per_epoch):
+        ckpts = CheckpointDir(self.out_dir / "checkpoints", cfg.run.keep_checkpoints)
+        step, best = resume_or_start(ckpts, self.resume, self.out_dir, model, opt, sched, best)
+        metrics = MetricsLogger(self.out_dir)
+        bar = tqdm(total=total, initial=step, desc="sft", mininterval=2, ascii=True)
+        for epoch in range(step // steps_per_epoch, sc.epochs):
+            order = epoch_order(len(train), cfg.run.seed, epoch)
+            for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
                 model.train()
                 idx = order[b * sc.batch_size : (b + 1) * sc.batch_size]
                 micro = [sft_batch([train[i] for i in idx[m : m + sc.micro_batch_size]], tok.pad_token_id)
@@ -177,6 +184,7 @@ class SFTTrainer:
                     if result["sft/valid_loss"] < best["sft/valid_loss"]:
                         best = {**result, "sft/best_step": step}
                         save_checkpoint(model, tok, self.out_dir / "checkpoint")
+                    save_training_state(ckpts, step, model, opt, sched, best)
         bar.close()
         baseline = rouge([lead_baseline(e.query) for e in eval_examples], [e.reference for e in eval_examples])
         best.update({f"sft/lead_{k}": v for k, v in baseline.items()})

@@ -1,4 +1,8 @@
-"""The stages of a run, in order, each on Ray: SFT -> reward model -> PPO -> evaluation and report."""
+"""The stages of a run, in order, each on Ray: SFT -> reward model -> PPO -> evaluation and report.
+
+With `resume`, a stage recorded as finished in stages.json is skipped and the stage that was running
+continues from its latest checkpoint (`<stage>/checkpoints/latest`), or starts over when it wrote none.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,14 @@ import json
 import logging
 from pathlib import Path
 
+from pipeline.checkpoints import CheckpointDir, read_json
 from pipeline.cluster import connect
 from pipeline.config import Config
 from pipeline.run_dir import RunDir, require_checkpoint
 
 log = logging.getLogger(__name__)
+
+STAGES = ("sft", "rm", "ppo", "eval")
 
 
 def open_run(cfg: Config, path: str | None) -> RunDir:
@@ -23,32 +30,49 @@ def _done(run: RunDir, stage: str, summary: dict) -> None:
                                                     for k, v in summary.items()}))
 
 
-def sft(cfg: Config, run: RunDir) -> Path:
+def _skip(run: RunDir, stage: str, resume: bool) -> bool:
+    if resume and stage in run.stages():
+        log.info("resume: %s already finished, skipped", stage)
+        return True
+    return False
+
+
+def sft(cfg: Config, run: RunDir, resume: bool = False) -> Path:
     from actors.stages import run_sft
 
-    connect(cfg)
-    _done(run, "sft", run_sft(cfg, run.stage("sft")))
+    if not _skip(run, "sft", resume):
+        connect(cfg)
+        _done(run, "sft", run_sft(cfg, run.stage("sft"), resume))
     return run.checkpoint("sft")
 
 
-def rm(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None) -> Path:
+def rm(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, resume: bool = False) -> Path:
     from actors.stages import run_rm
 
-    sft_ckpt = require_checkpoint(sft_checkpoint or run.checkpoint("sft"), "SFT")
-    connect(cfg)
-    _done(run, "rm", run_rm(cfg, run.stage("rm"), sft_ckpt))
+    if not _skip(run, "rm", resume):
+        sft_ckpt = require_checkpoint(sft_checkpoint or run.checkpoint("sft"), "SFT")
+        connect(cfg)
+        _done(run, "rm", run_rm(cfg, run.stage("rm"), sft_ckpt, resume))
     return run.checkpoint("rm")
 
 
-def ppo(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, rm_checkpoint: Path | None = None) -> Path:
+def ppo(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, rm_checkpoint: Path | None = None,
+        resume: bool = False) -> Path:
     from pipeline.driver import PPODriver
 
+    if _skip(run, "ppo", resume):
+        return run.checkpoint("ppo")
+    latest = CheckpointDir(run.path / "ppo" / "checkpoints").latest() if resume else None
+    if latest is not None:  # the checkpoints the interrupted run was started with
+        state = read_json(latest / "driver_state.json")
+        sft_checkpoint, rm_checkpoint = Path(state["sft_checkpoint"]), Path(state["rm_checkpoint"])
+        log.info("resume: PPO from %s", latest)
     sft_ckpt = require_checkpoint(sft_checkpoint or run.checkpoint("sft"), "SFT")
     rm_ckpt = require_checkpoint(rm_checkpoint or run.checkpoint("rm"), "reward model")
     connect(cfg)
     driver = PPODriver(cfg, run.stage("ppo"), sft_ckpt, rm_ckpt)
     try:
-        _done(run, "ppo", driver.run())
+        _done(run, "ppo", driver.run(resume=latest))
     finally:
         driver.close()
     return run.checkpoint("ppo")
@@ -65,10 +89,10 @@ def evaluate(cfg: Config, run: RunDir) -> Path:
     return report
 
 
-def train(cfg: Config, run: RunDir) -> Path:
-    sft(cfg, run)
-    rm(cfg, run)
-    ppo(cfg, run)
+def train(cfg: Config, run: RunDir, resume: bool = False) -> Path:
+    sft(cfg, run, resume)
+    rm(cfg, run, resume=resume)
+    ppo(cfg, run, resume=resume)
     return evaluate(cfg, run)
 
 

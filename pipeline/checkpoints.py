@@ -1,0 +1,134 @@
+"""Resumable training state on disk: numbered checkpoint directories, each written aside and then renamed.
+
+    <stage>/checkpoints/step-000040/   one complete checkpoint (what goes in it is the stage's business)
+    <stage>/checkpoints/latest         the name of the newest complete one, replaced atomically
+
+A directory is first written as `step-N.tmp` and renamed only once every file in it is written and flushed,
+and `latest` moves only after that rename: a crash at any moment leaves the previous checkpoint intact and
+named by `latest`. Leftover `.tmp` directories are never read and are removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointDir:
+    """The numbered checkpoints of one stage under `<root>`; keeps the newest `keep` (0 keeps all)."""
+
+    def __init__(self, root: str | Path, keep: int = 2):
+        self.root, self.keep = Path(root), keep
+
+    def save(self, step: int, write: Callable[[Path], None]) -> Path:
+        """`write(tmp_dir)` fills a fresh directory; it then becomes `step-N` and `latest` names it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob("*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        name = f"step-{step:06d}"
+        tmp, final = self.root / f"{name}.tmp", self.root / name
+        tmp.mkdir()
+        write(tmp)
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (a resumed run passing it once more)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(self.root / "latest", name)
+        self._prune()
+        return final
+
+    def clear(self) -> None:
+        """A fresh (not resumed) run: earlier checkpoints here belong to another run and must never be resumed."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None. Trusts `latest`, falling back to the highest `step-N`."""
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            path = self.root / pointer.read_text().strip()
+            if path.is_dir():
+                return path
+        steps = self.complete()
+        return steps[-1] if steps else None
+
+    def complete(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step-")
+                      and not p.name.endswith(".tmp"))
+
+    def _prune(self) -> None:
+        if self.keep:
+            for old in self.complete()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1))
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def save_training_state(ckpts: CheckpointDir, step: int, model, opt, sched, best: dict) -> Path:
+    """A resumable SFT/RM checkpoint: the model's current (not best) weights, optimizer, scheduler, torch RNG
+    and the best result so far. The data order is a function of (seed, epoch), so `step` is the data cursor."""
+    import torch
+
+    def write(tmp: Path) -> None:
+        torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(), "best": best},
+                   tmp / "trainer_state.pt")
+
+    return ckpts.save(step, write)
+
+
+def load_training_state(path: Path, model, opt, sched) -> tuple[int, dict]:
+    """Restore what `save_training_state` wrote; returns (step, best)."""
+    import torch
+
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["best"]
+
+
+def resume_or_start(ckpts: CheckpointDir, resume: bool, log_dir: Path, model, opt, sched, best: dict) -> tuple[int, dict]:
+    """(step, best) to start a training loop from: the latest checkpoint's when resuming and there is one,
+    else (0, best). Metrics rows after that step, written by the run that stopped, are dropped."""
+    if not resume:
+        ckpts.clear()
+    latest = ckpts.latest() if resume else None
+    step = 0
+    if latest is not None:
+        step, best = load_training_state(latest, model, opt, sched)
+    from pipeline.metrics import MetricsLogger
+
+    MetricsLogger.truncate(log_dir, step)
+    return step, best
