@@ -18,35 +18,9 @@ ONE_STEP = ["ppo.prompts_per_step=4", "ppo.samples_per_prompt=2", "ppo.minibatch
 
 
 @pytest.fixture(scope="module")
-def experience(make_tiny_cfg, tiny_checkpoints):
+def experience(make_tiny_cfg, make_experience):
     """8 sampled responses (4 prompts x 2) with behaviour/reference log-probs and reward scores."""
-    from actors.reference import ReferenceLogprobs
-    from actors.reward import RewardScorer
-    from actors.rollout import RolloutGenerator
-    from pipeline.data import load_tldr
-    from pipeline.experience import Experience, RolloutRequest
-    from pipeline.sft import encode_queries
-
-    cfg = make_tiny_cfg(*ONE_STEP, "ppo.micro_batch_size=8")
-    sft, rm = str(tiny_checkpoints.sft), str(tiny_checkpoints.rm)
-    gen = RolloutGenerator(sft, cfg.rollout)
-    tok = gen.backend.tokenizer
-    queries = encode_queries(tok, [e.query for e in load_tldr(cfg.data).sft_train[:4]], cfg.data.max_prompt_tokens)
-    indices = [i for i in range(4) for _ in range(2)]
-    rollout = gen.generate(RolloutRequest(0, 0, indices, [queries[i] for i in indices], seed=11))
-    ref = ReferenceLogprobs(sft, cfg.rollout.temperature).logprobs(rollout)
-    scores = RewardScorer(rm, cfg.reward.missing_eos_score).score_rollout(rollout)
-    exp = Experience.join([rollout], [ref], [scores], tok.pad_token_id)
-    assert exp.size == 8 and exp.policy_version == 0
-    # The barely trained policy rarely emits EOS within 12 tokens; cut responses to uneven lengths by hand (as an
-    # EOS would), so token means and sequence means differ. Log-probs of the kept tokens stay valid (causal).
-    lengths = torch.tensor([12, 3, 7, 12, 1, 5, 9, 2])
-    keep = (torch.arange(exp.responses.shape[1]) < lengths[:, None]).long()  # (B, R)
-    exp = replace(exp, responses=exp.responses.masked_fill(keep == 0, tok.pad_token_id),
-                  response_mask=exp.response_mask * keep, logprobs=exp.logprobs * keep,
-                  ref_logprobs=exp.ref_logprobs * keep)
-    assert exp.response_mask.sum(-1).tolist() == lengths.tolist()
-    return exp
+    return make_experience(make_tiny_cfg(*ONE_STEP, "ppo.micro_batch_size=8"))
 
 
 def _learner(make_tiny_cfg, ckpt, *overrides: str) -> PPOLearner:
