@@ -106,6 +106,9 @@ class LearnerWorker:
     def load(self, ckpt_dir: str) -> int:
         return self.learner.load(ckpt_dir)
 
+    def ready(self) -> bool:
+        return True
+
     def bucket_layouts(self) -> tuple[BucketLayout, ...]:
         """The bucket layout every receiver allocates once; ask for it before joining (joining blocks)."""
         return plan_buckets(self.learner.policy_weights().items(), int(self.learner.pc.bucket_mb * 2**20))

@@ -145,6 +145,9 @@ class RolloutScaler:
     def get_status(self) -> ScaleStatus:
         return self.status
 
+    def ready(self) -> bool:
+        return True
+
 
 class EventLog:
     """Timeline of rollout-pool changes: one JSON object per line in `<out_dir>/events.jsonl`.
@@ -383,8 +386,26 @@ class PPODriver:
         except ValueError as e:  # the name is taken
             raise RuntimeError(f"a PPO run named {self.run_name!r} is already running on this Ray cluster "
                                f"({name} exists); give the run directory another name") from e
+        self._await_started({"learner": self.learner, "reference": self.reference, "reward scorer": self.reward,
+                             "rollout scaler": self.scaler,
+                             **{f"rollout worker {i}": w for i, w in enumerate(workers)}})
         if self.pc.weight_sync == "collective":
             self._join_collective(workers)
+
+    def _await_started(self, actors: dict[str, ray.actor.ActorHandle]) -> None:
+        """Wait for every actor's constructor (model loading may take minutes) under its own timeout, so
+        `ppo.sync_timeout_s` bounds only the calls of the loop."""
+        refs = {name: a.ready.remote() for name, a in actors.items()}
+        _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.pc.startup_timeout_s)
+        if pending:
+            late = [name for name, r in refs.items() if r in pending]
+            raise TimeoutError(f"{', '.join(late)} did not start within ppo.startup_timeout_s={self.pc.startup_timeout_s}s "
+                               f"(resources? see `ray status`)")
+        for name, r in refs.items():
+            try:
+                ray.get(r)
+            except RayActorError as e:
+                raise RuntimeError(f"{name} failed to start: {str(e).splitlines()[0][:500]}") from e
 
     def _join_collective(self, workers: list) -> None:
         addr = ray.util.get_node_ip_address()
