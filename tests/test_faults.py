@@ -39,7 +39,7 @@ class KillingDriver(PPODriver):
             # Earlier batches finish first, so the kill takes exactly the calls of batch `at_batch`.
             ray.wait(self.earlier, num_returns=len(self.earlier), timeout=120)
             actor = {"rollout": lambda: self.pool.handles()[0], "reference": lambda: self.reference,
-                     "reward": lambda: self.reward}[self.victim]()
+                     "reward": lambda: self.reward, "learner": lambda: self.learner}[self.victim]()
             ray.kill(actor, no_restart=False)
         flight = super().dispatch(batch_id, version)
         self.earlier += flight.rollouts + flight.refs + flight.scores
@@ -105,6 +105,15 @@ def test_actor_that_cannot_restart_ends_the_run_naming_it(ray_local, make_tiny_c
     driver = KillingDriver(cfg, tmp_path / "run" / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm,
                            victim="rollout", at_batch=2)
     with pytest.raises(RuntimeError, match=r"rollout worker 0 died and Ray did not restart it \(ppo.max_actor_restarts=0\)"):
+        _run(driver)
+
+
+def test_a_dead_learner_ends_the_run_pointing_at_the_last_checkpoint(ray_local, make_tiny_cfg, tiny_checkpoints,
+                                                                     tmp_path):
+    cfg = make_tiny_cfg(*OVERRIDES, "ppo.checkpoint_every=1", "rollout.num_workers=1")
+    driver = KillingDriver(cfg, tmp_path / "run" / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm,
+                           victim="learner", at_batch=3)
+    with pytest.raises(RuntimeError, match=r"learner .* failed: an actor died.*the last checkpoint is .*step-00000[12]"):
         _run(driver)
 
 
