@@ -23,7 +23,7 @@ from pipeline.data import ComparisonExample, SummaryExample, load_tldr
 from pipeline.metrics import MetricsLogger
 from pipeline.modeling import apply_lora, count_params, load_scalar_model, load_tokenizer, save_checkpoint
 from pipeline.sequences import pad_right, sequence_scores
-from pipeline.sft import encode_queries, epoch_order, seed_everything
+from pipeline.sft import encode_queries, epoch_batches, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -87,38 +87,35 @@ class RMTrainer:
         step, best = resume_or_start(ckpts, self.resume, self.out_dir, model, opt, sched, best)
         metrics = MetricsLogger(self.out_dir)
         bar = tqdm(total=total, initial=step, desc="rm", mininterval=2, ascii=True)
-        for epoch in range(step // steps_per_epoch, rc.epochs):
-            order = epoch_order(len(train_c), cfg.run.seed, epoch)
-            for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
-                model.train()
-                idx = order[b * rc.batch_size : (b + 1) * rc.batch_size]
-                loss_sum, correct = 0.0, 0
-                for m in range(0, len(idx), rc.micro_batch_size):
-                    mi = idx[m : m + rc.micro_batch_size]
-                    # chosen and rejected in one forward: (2b, T)
-                    ids, mask = pad_right([train_c[i] for i in mi] + [train_r[i] for i in mi], tok.pad_token_id)
-                    r = sequence_scores(model, ids, mask)
-                    rc_, rr = r[: len(mi)], r[len(mi):]
-                    loss = pairwise_loss(rc_, rr) * len(mi) / len(idx)
-                    loss.backward()
-                    loss_sum += loss.item()
-                    correct += int((rc_ > rr).sum())
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(1)
-                metrics.log(step, {"rm/loss": loss_sum, "rm/train_accuracy": correct / len(idx),
-                                   "rm/grad_norm": float(grad_norm), "rm/lr": sched.get_last_lr()[0]})
-                if step % rc.eval_every == 0 or step == total:
-                    result = self.evaluate(model, tok, data.pairs_valid, valid)
-                    metrics.log(step, result)
-                    bar.set_postfix(valid_acc=f"{result['rm/valid_accuracy']:.3f}")
-                    if result["rm/valid_accuracy"] > best["rm/valid_accuracy"]:
-                        best = {**result, "rm/best_step": step}
-                        save_checkpoint(model, tok, self.out_dir / "checkpoint")
-                    save_training_state(ckpts, step, model, opt, sched, best)
+        for idx in epoch_batches(len(train_c), rc.batch_size, rc.epochs, cfg.run.seed, step):
+            model.train()
+            loss_sum, correct = 0.0, 0
+            for m in range(0, len(idx), rc.micro_batch_size):
+                mi = idx[m : m + rc.micro_batch_size]
+                # chosen and rejected in one forward: (2b, T)
+                ids, mask = pad_right([train_c[i] for i in mi] + [train_r[i] for i in mi], tok.pad_token_id)
+                r = sequence_scores(model, ids, mask)
+                rc_, rr = r[: len(mi)], r[len(mi):]
+                loss = pairwise_loss(rc_, rr) * len(mi) / len(idx)
+                loss.backward()
+                loss_sum += loss.item()
+                correct += int((rc_ > rr).sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            metrics.log(step, {"rm/loss": loss_sum, "rm/train_accuracy": correct / len(idx),
+                               "rm/grad_norm": float(grad_norm), "rm/lr": sched.get_last_lr()[0]})
+            if step % rc.eval_every == 0 or step == total:
+                result = self.evaluate(model, tok, data.pairs_valid, valid)
+                metrics.log(step, result)
+                bar.set_postfix(valid_acc=f"{result['rm/valid_accuracy']:.3f}")
+                if result["rm/valid_accuracy"] > best["rm/valid_accuracy"]:
+                    best = {**result, "rm/best_step": step}
+                    save_checkpoint(model, tok, self.out_dir / "checkpoint")
+                save_training_state(ckpts, step, model, opt, sched, best)
         bar.close()
         best.update(self.normalise(data.sft_train[:512], tok))
         best["timing/rm_s"] = time.time() - t0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +32,15 @@ log = logging.getLogger(__name__)
 IGNORE = -100
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The example order of one epoch: a function of (seed, epoch) only, so a step number is a data cursor."""
-    order = list(range(n))
-    random.Random(f"{seed}-{epoch}").shuffle(order)
-    return order
+def epoch_batches(n: int, batch_size: int, epochs: int, seed: int, start_step: int = 0) -> Iterator[list[int]]:
+    """Example indices of each optimizer step from `start_step` on (the last partial batch of an epoch dropped).
+    An epoch's order is a function of (seed, epoch) only, so a step number is a complete data cursor."""
+    per_epoch = n // batch_size
+    for epoch in range(start_step // per_epoch, epochs):
+        order = list(range(n))
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+        for b in range(max(0, start_step - epoch * per_epoch), per_epoch):
+            yield order[b * batch_size : (b + 1) * batch_size]
 
 
 def seed_everything(seed: int) -> None:
@@ -156,35 +161,32 @@ class SFTTrainer:
         step, best = resume_or_start(ckpts, self.resume, self.out_dir, model, opt, sched, best)
         metrics = MetricsLogger(self.out_dir)
         bar = tqdm(total=total, initial=step, desc="sft", mininterval=2, ascii=True)
-        for epoch in range(step // steps_per_epoch, sc.epochs):
-            order = epoch_order(len(train), cfg.run.seed, epoch)
-            for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
-                model.train()
-                idx = order[b * sc.batch_size : (b + 1) * sc.batch_size]
-                micro = [sft_batch([train[i] for i in idx[m : m + sc.micro_batch_size]], tok.pad_token_id)
-                         for m in range(0, len(idx), sc.micro_batch_size)]
-                n_tokens = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)
-                loss_sum = 0.0
-                for mb in micro:
-                    loss, _ = sft_loss(model, mb)
-                    (loss / n_tokens).backward()
-                    loss_sum += loss.item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), sc.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(1)
-                metrics.log(step, {"sft/loss": loss_sum / n_tokens, "sft/grad_norm": float(grad_norm),
-                                   "sft/lr": sched.get_last_lr()[0]})
-                if step % sc.eval_every == 0 or step == total:
-                    result = self.evaluate(model, tok, valid, eval_examples, eval_queries)
-                    metrics.log(step, result)
-                    bar.set_postfix(valid_loss=f"{result['sft/valid_loss']:.3f}", rougeL=f"{result['sft/rougeL']:.3f}")
-                    if result["sft/valid_loss"] < best["sft/valid_loss"]:
-                        best = {**result, "sft/best_step": step}
-                        save_checkpoint(model, tok, self.out_dir / "checkpoint")
-                    save_training_state(ckpts, step, model, opt, sched, best)
+        for idx in epoch_batches(len(train), sc.batch_size, sc.epochs, cfg.run.seed, step):
+            model.train()
+            micro = [sft_batch([train[i] for i in idx[m : m + sc.micro_batch_size]], tok.pad_token_id)
+                     for m in range(0, len(idx), sc.micro_batch_size)]
+            n_tokens = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)
+            loss_sum = 0.0
+            for mb in micro:
+                loss, _ = sft_loss(model, mb)
+                (loss / n_tokens).backward()
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), sc.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            metrics.log(step, {"sft/loss": loss_sum / n_tokens, "sft/grad_norm": float(grad_norm),
+                               "sft/lr": sched.get_last_lr()[0]})
+            if step % sc.eval_every == 0 or step == total:
+                result = self.evaluate(model, tok, valid, eval_examples, eval_queries)
+                metrics.log(step, result)
+                bar.set_postfix(valid_loss=f"{result['sft/valid_loss']:.3f}", rougeL=f"{result['sft/rougeL']:.3f}")
+                if result["sft/valid_loss"] < best["sft/valid_loss"]:
+                    best = {**result, "sft/best_step": step}
+                    save_checkpoint(model, tok, self.out_dir / "checkpoint")
+                save_training_state(ckpts, step, model, opt, sched, best)
         bar.close()
         baseline = rouge([lead_baseline(e.query) for e in eval_examples], [e.reference for e in eval_examples])
         best.update({f"sft/lead_{k}": v for k, v in baseline.items()})

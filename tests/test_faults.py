@@ -46,6 +46,19 @@ class KillingDriver(PPODriver):
         return flight
 
 
+def _with_reward(make_actor) -> type[PPODriver]:
+    """A PPODriver whose reward scorer is `make_actor(driver)` instead of the real one."""
+    import ray
+
+    class Driver(PPODriver):
+        def start_actors(self) -> None:
+            super().start_actors()
+            ray.kill(self.reward)
+            self.reward = make_actor(self)
+
+    return Driver
+
+
 def _run(driver: PPODriver) -> dict:
     try:
         return driver.run()
@@ -128,13 +141,8 @@ def test_a_hanging_reward_scorer_times_out_naming_it(ray_local, make_tiny_cfg, t
         def ready(self) -> bool:
             return True
 
-    class Driver(PPODriver):
-        def start_actors(self) -> None:
-            super().start_actors()
-            ray.kill(self.reward)
-            self.reward = HangingReward.remote()
-
     cfg = make_tiny_cfg(*OVERRIDES, "ppo.sync_timeout_s=8")
+    Driver = _with_reward(lambda driver: HangingReward.remote())
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match=r"batch 0: reward of shard 0, reward of shard 1 did not finish within "
                                            r"ppo.sync_timeout_s=8.0s"):
@@ -163,12 +171,7 @@ def test_nan_reward_stops_the_step_and_keeps_the_last_good_checkpoint(ray_local,
         def ready(self) -> bool:
             return True
 
-    class Driver(PPODriver):
-        def start_actors(self) -> None:
-            super().start_actors()
-            ray.kill(self.reward)
-            self.reward = NaNAfter.remote(self.cfg, self.rm_checkpoint)
-
+    Driver = _with_reward(lambda driver: NaNAfter.remote(driver.cfg, driver.rm_checkpoint))
     cfg = make_tiny_cfg(*OVERRIDES, "ppo.checkpoint_every=2", "rollout.num_workers=1")
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match=r"PPO step 4 stopped: .*non-finite reward scores in batch 3.*"

@@ -76,6 +76,17 @@ def test_checkpoint_dir_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path)
     assert ckpts.latest().name == "step-000006"
 
 
+@pytest.mark.parametrize("start", [0, 3, 4, 5, 11])
+def test_epoch_batches_from_any_step_are_the_tail_of_the_whole_order(start):
+    from pipeline.sft import epoch_batches
+
+    whole = list(epoch_batches(10, 3, epochs=4, seed=7))  # 3 batches per epoch, the 10th example dropped
+    assert len(whole) == 12 and all(len(b) == 3 for b in whole)
+    assert list(epoch_batches(10, 3, epochs=4, seed=7, start_step=start)) == whole[start:]
+    assert sorted(i for b in whole[:3] for i in b) == sorted(set(i for b in whole[:3] for i in b))  # an epoch: no repeats
+    assert whole[:3] != whole[3:6]  # each epoch reshuffled
+
+
 # --- plain classes ----------------------------------------------------------------------------------
 
 @pytest.mark.slow
