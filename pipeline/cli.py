@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--command", dest="job_command", default="train", choices=["train", "sft", "rm", "ppo"],
                    help="the rayrlhf command the job runs")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return without following logs")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run on the cluster's shared storage from its last checkpoint (train/sft/rm/ppo)")
     p = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
     p.add_argument("action", choices=["status", "logs", "stop"])
     p.add_argument("job_id")
@@ -99,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rayrlhf {args.command}: error: --resume continues a run with its own config and checkpoints; "
                   f"it cannot be combined with {', '.join(clash)}", file=sys.stderr)
             return 2
-        if not (Path(resume) / "config.yaml").is_file():
-            print(f"rayrlhf {args.command}: error: --resume {resume}: not a run directory (no config.yaml)", file=sys.stderr)
-            return 2
-        args.config, args.run_dir = str(Path(resume) / "config.yaml"), resume
+        if args.command != "submit":  # a submitted job reads the run directory on the cluster's storage
+            if not (Path(resume) / "config.yaml").is_file():
+                print(f"rayrlhf {args.command}: error: --resume {resume}: not a run directory (no config.yaml)",
+                      file=sys.stderr)
+                return 2
+            args.config, args.run_dir = str(Path(resume) / "config.yaml"), resume
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -136,7 +136,9 @@ def connect_dashboard(address: str) -> JobSubmissionClient:
                              "RAY_AUTH_MODE is token: set RAY_AUTH_MODE=disabled for this command") from None
 
 
-def job_entrypoint(command: str, overrides: list[str], run_dir: str | None) -> str:
+def job_entrypoint(command: str, overrides: list[str], run_dir: str | None, resume: str | None = None) -> str:
+    if resume:  # the run's own config.yaml, on the cluster's shared storage
+        return shlex.join(["rayrlhf", command, "--resume", resume])
     argv = ["rayrlhf", command, "--config", JOB_CONFIG_NAME]
     for item in overrides:
         argv += ["--set", item]
@@ -156,7 +158,7 @@ def submit_main(args: argparse.Namespace, cfg: Config) -> int:
     """`rayrlhf submit`: send the validated config as a Ray job; follow it unless --no-wait."""
     if _bad_address("submit", args.address):
         return 2
-    if not args.run_dir and not Path(cfg.run.output_dir).is_absolute():
+    if not args.run_dir and not getattr(args, "resume", None) and not Path(cfg.run.output_dir).is_absolute():
         print(f"rayrlhf submit: warning: run.output_dir {cfg.run.output_dir!r} is relative; on the cluster it "
               "resolves inside the job's temporary working_dir. Set an absolute path on shared storage.",
               file=sys.stderr)
@@ -165,7 +167,8 @@ def submit_main(args: argparse.Namespace, cfg: Config) -> int:
         with tempfile.TemporaryDirectory(prefix="rayrlhf-job-") as tmp:
             (Path(tmp) / JOB_CONFIG_NAME).write_text(config_to_yaml(cfg))
             # submit_job uploads the directory to the cluster before it returns, so `tmp` may go afterwards.
-            job_id = client.submit_job(entrypoint=job_entrypoint(args.job_command, args.overrides, args.run_dir),
+            entrypoint = job_entrypoint(args.job_command, args.overrides, args.run_dir, getattr(args, "resume", None))
+            job_id = client.submit_job(entrypoint=entrypoint,
                                        runtime_env=job_runtime_env(Path(tmp)))
     except _dashboard_errors() as e:
         return _fail("submit", args.address, e)

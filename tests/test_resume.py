@@ -87,6 +87,22 @@ def test_epoch_batches_from_any_step_are_the_tail_of_the_whole_order(start):
     assert whole[:3] != whole[3:6]  # each epoch reshuffled
 
 
+def test_resume_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys):
+    from pipeline.cli import main
+
+    missing = tmp_path / "no-such-run"
+    assert main(["train", "--resume", str(missing)]) == 2
+    assert "not a run directory (no config.yaml)" in capsys.readouterr().err
+    assert not missing.exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("run:\n  seed: 0\n")
+    assert main(["train", "--resume", str(tmp_path / "run"), "--set", "ppo.steps=3"]) == 2
+    assert "cannot be combined with --set" in capsys.readouterr().err
+    assert main(["ppo", "--resume", str(tmp_path / "run"), "--sft-checkpoint", "x"]) == 2
+    assert "cannot be combined with --sft-checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]
+
+
 # --- plain classes ----------------------------------------------------------------------------------
 
 @pytest.mark.slow
