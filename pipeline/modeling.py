@@ -141,6 +141,8 @@ def save_checkpoint(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
+    if old.exists() and not path.exists():  # a crash between the two renames below: the old one is whole
+        os.replace(old, path)
     shutil.rmtree(tmp, ignore_errors=True)
     unwrap(model).save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
