@@ -38,9 +38,6 @@ class RolloutWorker:
     def version(self) -> int:
         return self.gen.version
 
-    def ready(self) -> bool:
-        return True
-
     def join_group(self, addr: str, port: int, rank: int, world: int, timeout_s: float,
                    layouts: tuple[BucketLayout, ...]) -> None:
         self.group = CollectiveGroup(addr, port, rank, world, timeout_s, f"rollout worker {self.gen.worker_index}")
@@ -67,9 +64,6 @@ class ReferenceWorker:
     def logprobs(self, batch: RolloutBatch) -> RefLogprobs:
         return self.ref.logprobs(batch)
 
-    def ready(self) -> bool:
-        return True
-
 
 @ray.remote
 class RewardWorker:
@@ -79,9 +73,6 @@ class RewardWorker:
 
     def score(self, batch: RolloutBatch) -> Scores:
         return self.scorer.score_rollout(batch)
-
-    def ready(self) -> bool:
-        return True
 
 
 @ray.remote
@@ -105,9 +96,6 @@ class LearnerWorker:
 
     def load(self, ckpt_dir: str) -> int:
         return self.learner.load(ckpt_dir)
-
-    def ready(self) -> bool:
-        return True
 
     def bucket_layouts(self) -> tuple[BucketLayout, ...]:
         """The bucket layout every receiver allocates once; ask for it before joining (joining blocks)."""

@@ -145,9 +145,6 @@ class RolloutScaler:
     def get_status(self) -> ScaleStatus:
         return self.status
 
-    def ready(self) -> bool:
-        return True
-
 
 class EventLog:
     """Timeline of rollout-pool changes: one JSON object per line in `<out_dir>/events.jsonl`.
@@ -395,7 +392,7 @@ class PPODriver:
     def _await_started(self, actors: dict[str, ray.actor.ActorHandle]) -> None:
         """Wait for every actor's constructor (model loading may take minutes) under its own timeout, so
         `ppo.sync_timeout_s` bounds only the calls of the loop."""
-        refs = {name: a.ready.remote() for name, a in actors.items()}
+        refs = {name: a.__ray_ready__.remote() for name, a in actors.items()}
         _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.pc.startup_timeout_s)
         if pending:
             late = [name for name, r in refs.items() if r in pending]
@@ -438,9 +435,9 @@ class PPODriver:
     def _resume(self, ckpt: Path) -> dict:
         """Restore the learner, the ledger and the buffered batches from `ckpt`; give the workers its weights."""
         state = read_json(ckpt / "driver_state.json")
-        if state["config"] != _resumable_config(self.cfg):
-            diff = sorted(k for k in set(state["config"]) | set(_resumable_config(self.cfg))
-                          if state["config"].get(k) != _resumable_config(self.cfg).get(k))
+        ours = _resumable_config(self.cfg)
+        if state["config"] != ours:
+            diff = sorted(k for k in set(state["config"]) | set(ours) if state["config"].get(k) != ours.get(k))
             raise ValueError(f"{ckpt} was written with a different config ({', '.join(diff)}); resume with the "
                              f"run's own config.yaml")
         version = self._get(self.learner.load.remote(str(ckpt)), f"learner restoring {ckpt}")
@@ -579,7 +576,7 @@ class PPODriver:
         deadline = time.monotonic() + self.pc.sync_timeout_s
         while True:
             try:
-                ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                ray.get(actor.__ray_ready__.remote(), timeout=max(1.0, deadline - time.monotonic()))
                 return
             except ActorUnavailableError:  # still restarting
                 if time.monotonic() > deadline:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
+
+from pipeline.checkpoints import atomic_write_text
 
 
 class MetricsLogger:
@@ -43,9 +44,7 @@ class MetricsLogger:
         rows = read_metrics(path)
         keep = [r for r in rows if r["step"] <= last_step]
         if len(keep) < len(rows):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
         return len(rows) - len(keep)
 
     def close(self) -> None:

@@ -11,11 +11,11 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.checkpoints import atomic_write_text
 from pipeline.config import Config, config_to_yaml
 
 
@@ -31,7 +31,7 @@ class RunDir:
             path = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}"
         run = cls(Path(path))
         run.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(run.path / "config.yaml", config_to_yaml(cfg))
+        atomic_write_text(run.path / "config.yaml", config_to_yaml(cfg))
         return run
 
     def stage(self, name: str) -> Path:
@@ -46,17 +46,11 @@ class RunDir:
         path = self.path / "stages.json"
         stages = json.loads(path.read_text()) if path.exists() else {}
         stages[stage] = summary
-        _atomic_write(path, json.dumps(stages, indent=2))
+        atomic_write_text(path, json.dumps(stages, indent=2))
 
     def stages(self) -> dict:
         path = self.path / "stages.json"
         return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def require_checkpoint(path: Path, what: str) -> Path:

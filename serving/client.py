@@ -215,6 +215,3 @@ class RemoteRewardWorker:
 
     def score(self, batch: RolloutBatch) -> Scores:
         return self.scorer.score_rollout(batch)
-
-    def ready(self) -> bool:
-        return True

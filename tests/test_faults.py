@@ -99,11 +99,14 @@ def test_killed_actor_is_restarted_and_its_work_dispatched_again_once(uninterrup
     per_call = {(r["batch"], r["shard"], r["role"]) for r in audit["redispatched"]}
     assert len(per_call) == len(audit["redispatched"]) == len(again)  # each lost call went again exactly once
     if victim == "rollout":
-        # The killed worker restarts holding the SFT weights; the batch it owed was dispatched again to it,
-        # and only its shard: worker 1's shard of the batch was generated once.
-        assert [(r["batch"], r["shard"], r["failed_worker"]) for r in audit["redispatched"]] == [(2, 0, 0)]
-        shard1 = [s for s in ledger["batches"][2]["shards"] if s["shard"] == 1]
-        assert [s["outcome"] for s in shard1] == ["generated"]
+        # The killed worker restarts holding the SFT weights; the batch it owed was dispatched again to it, and
+        # only its shard: worker 1's shards were each generated once. Batch 3, already queued on worker 0 when
+        # batch 2's loss was found, may also go again, depending on whether the weight sync sent to the
+        # restarting actor got through before it (a version mismatch then) — never anything of worker 1.
+        redone = [(r["batch"], r["shard"], r["failed_worker"]) for r in audit["redispatched"]]
+        assert redone[0] == (2, 0, 0) and set(redone) <= {(2, 0, 0), (3, 0, 0)}
+        for batch in ledger["batches"]:
+            assert [s["outcome"] for s in batch["shards"] if s["shard"] == 1] == ["generated"]
     else:
         # A reference/reward call is only sent to the actor once its rollout exists, so a call queued behind the
         # kill may either fail (then it goes again) or reach the restarted actor; both end with the same weights.
@@ -138,9 +141,6 @@ def test_a_hanging_reward_scorer_times_out_naming_it(ray_local, make_tiny_cfg, t
         def score(self, batch):
             time.sleep(3600)
 
-        def ready(self) -> bool:
-            return True
-
     cfg = make_tiny_cfg(*OVERRIDES, "ppo.sync_timeout_s=8")
     Driver = _with_reward(lambda driver: HangingReward.remote())
     t0 = time.monotonic()
@@ -167,9 +167,6 @@ def test_nan_reward_stops_the_step_and_keeps_the_last_good_checkpoint(ray_local,
             if batch.batch_id >= 3:
                 out.scores[0] = float("nan")
             return out
-
-        def ready(self) -> bool:
-            return True
 
     Driver = _with_reward(lambda driver: NaNAfter.remote(driver.cfg, driver.rm_checkpoint))
     cfg = make_tiny_cfg(*OVERRIDES, "ppo.checkpoint_every=2", "rollout.num_workers=1")
