@@ -3,8 +3,15 @@
 Every post holds two *key facts* ("my landlord raised rent") among *distractors* — mundane sentences
 about other people ("my dad bakes bread"). A good TL;DR states every key fact, invents none
 and adds nothing else. References imitate human writers of uneven quality: some are good, some miss a
-fact, some are padded with a distractor, some swap a fact for one about a person the post never mentions. Comparison pairs are labelled by the gold
-judge, then flipped with probability `label_noise` (annotator disagreement).
+fact, some are padded with a distractor, some add a fact about a person the post never mentions. Comparison
+pairs are labelled by the gold judge, then flipped with probability `label_noise` (annotator disagreement).
+
+Each person has one key event of their own (the landlord raises rent, the cousin moves to Denver): which
+facts a post holds is random, but who did what is not. Binding an event to one of several people named in
+the post would need an induction circuit that the builtin 2-layer model does not form on a CPU budget
+(measured: binding at chance after 4500 SFT steps, no previous-token head), and then SFT and PPO would only
+trade coin flips; with the pairing fixed the task measures what RLHF is for — going beyond demonstrations of
+uneven quality. The judge still counts a key event told of the wrong person as invented.
 
 The judge stays available to evaluation, so a run can show that PPO raised *true* quality, not only the
 learned reward. Everything is deterministic given the seed.
@@ -20,10 +27,12 @@ SUBREDDITS = ("relationships", "personalfinance", "AskReddit", "tifu", "legaladv
 # Each word appears in one phrase only, and a post never names a person twice, so a summary can be
 # written by copying spans of the post; what a summariser must learn is *which* spans.
 SUBJECTS = ("boss", "sister", "roommate", "girlfriend", "dad", "neighbor", "landlord", "coworker", "brother", "cousin")
+# Each person's own key event, in the order of SUBJECTS.
 KEY_EVENTS = (
-    "moved to denver", "crashed the truck", "lost passports", "owes money", "got engaged", "failed chemistry",
-    "smashed phones", "raised rent", "stopped calling", "lied constantly", "found work", "adopted puppies",
+    "fired everyone", "got engaged", "owes money", "stopped calling", "crashed the truck", "adopted puppies",
+    "raised rent", "lied constantly", "failed chemistry", "moved to denver",
 )
+EVENT_OF = dict(zip(SUBJECTS, KEY_EVENTS))
 MUNDANE_EVENTS = (
     "likes pizza", "drinks coffee", "plays guitar", "watches movies", "reads novels", "loves hiking",
     "collects stamps", "bakes bread",
@@ -97,7 +106,7 @@ def make_post(rng: random.Random, index: int, split: str) -> Post:
     n_distractors = rng.randint(2, 3)
     people = rng.sample(SUBJECTS, KEY_FACTS_PER_POST + n_distractors)
     subjects = people[:KEY_FACTS_PER_POST]
-    key_facts = tuple(f"{s} {e}" for s, e in zip(subjects, rng.sample(KEY_EVENTS, KEY_FACTS_PER_POST)))
+    key_facts = tuple(f"{s} {EVENT_OF[s]}" for s in subjects)
     distractors = tuple(f"{s} {e}" for s, e in zip(people[KEY_FACTS_PER_POST:], rng.sample(MUNDANE_EVENTS, n_distractors)))
     sentences = [rng.choice(KEY_FRAMES).format(fact=f) for f in key_facts]
     sentences += [rng.choice(DISTRACTOR_FRAMES).format(fact=d) for d in distractors]
@@ -120,10 +129,10 @@ def write_summary(rng: random.Random, post: Post, quality: str) -> str:
     elif quality == "verbose":
         facts.insert(rng.randint(0, len(facts)), rng.choice(post.distractors))
     elif quality == "wrong":
-        # An invented fact: a key event about someone the post never mentions.
+        # An invented fact: the key event of someone the post never mentions.
         mentioned = {s for s in SUBJECTS for f in post.key_facts + post.distractors if f.startswith(s + " ")}
         stranger = rng.choice([s for s in SUBJECTS if s not in mentioned])
-        facts[rng.randrange(len(facts))] = f"{stranger} {rng.choice(KEY_EVENTS)}"
+        facts[rng.randrange(len(facts))] = f"{stranger} {EVENT_OF[stranger]}"
     elif quality != "good":
         raise ValueError(f"unknown summary quality {quality!r}")
     return " and ".join(f"my {f}" for f in facts) + "."
