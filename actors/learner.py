@@ -21,7 +21,7 @@ from pipeline.experience import Experience
 from pipeline.modeling import (
     apply_lora, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer, save_checkpoint, unwrap,
 )
-from pipeline.sequences import response_logprobs, token_values
+from pipeline.sequences import response_logprobs, token_values, trim_padding
 from pipeline.weight_sync import WeightsPacket, make_packet
 
 
@@ -59,22 +59,35 @@ class PPOLearner:
 
     # --- advantages -------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _values(self, exp: Experience, sl: slice | torch.Tensor) -> torch.Tensor:
-        """Critic's V(s_t) before each response token -> (b, R)."""
-        P = exp.prompts.shape[1]
-        ids = torch.cat([exp.prompts[sl], exp.responses[sl]], 1).to(self.device)
-        mask = torch.cat([exp.prompt_mask[sl], exp.response_mask[sl]], 1).to(self.device)
+        """Critic's V(s_t) before each response token -> (b, R); differentiable when grad is enabled."""
+        prompts, pmask = trim_padding(exp.prompts[sl], exp.prompt_mask[sl])
+        P = prompts.shape[1]
+        ids = torch.cat([prompts, exp.responses[sl]], 1).to(self.device)
+        mask = torch.cat([pmask, exp.response_mask[sl]], 1).to(self.device)
         return token_values(self.critic, ids, mask)[:, P - 1 : -1]
 
-    def advantages(self, exp: Experience) -> dict[str, torch.Tensor]:
+    def _single_update(self, exp: Experience) -> bool:
+        """One epoch, one minibatch, one micro batch: the step's only critic forward is on the old weights."""
+        pc = self.pc
+        return (self.critic is not None and pc.ppo_epochs == 1
+                and min(pc.minibatch_size, pc.micro_batch_size) >= exp.size)
+
+    def advantages(self, exp: Experience, values_graph: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """KL, advantages (and values, returns for GAE). `values_graph`: the critic's V on the whole batch,
+        computed with grad for the value loss, which GAE then reads instead of a second forward."""
         pc, mask = self.pc, exp.response_mask.float()
         kl = pm.kl_estimate(exp.logprobs, exp.ref_logprobs, pc.kl_estimator) * mask
         out = {"kl": kl}
         if pc.advantage_estimator == "gae":
-            self.critic.eval()
-            mb = pc.micro_batch_size
-            values = torch.cat([self._values(exp, slice(i, i + mb)).cpu() for i in range(0, exp.size, mb)]) * mask
+            if values_graph is not None:
+                values = values_graph.detach().cpu() * mask
+            else:
+                self.critic.eval()
+                mb = pc.micro_batch_size
+                with torch.no_grad():
+                    values = torch.cat([self._values(exp, slice(i, i + mb)).cpu() for i in range(0, exp.size, mb)])
+                values = values * mask
             rewards = pm.token_rewards(exp.scores, kl, mask, pc.kl_coef)
             adv, returns = pm.gae(rewards, values, mask, pc.gamma, pc.lam)
             out.update(values=values, returns=returns, rewards=rewards)
@@ -98,7 +111,12 @@ class PPOLearner:
                 raise FloatingPointError(f"non-finite {name} in batch {exp.batch_id}")
         t0 = time.perf_counter()
         mask = exp.response_mask.float()
-        adv = self.advantages(exp)
+        # With a single update the value loss's forward is the one GAE needs: run the critic once, not twice.
+        values_graph = None
+        if self._single_update(exp):
+            self.critic.train()
+            values_graph = self._values(exp, slice(None))
+        adv = self.advantages(exp, values_graph)
         sums: dict[str, float] = {}
         n_updates = 0
         self.policy.train()
@@ -108,7 +126,7 @@ class PPOLearner:
             perm = torch.randperm(exp.size, generator=self.generator)
             for start in range(0, exp.size, pc.minibatch_size):
                 idx = perm[start : start + pc.minibatch_size]
-                stats = self._minibatch(exp, adv, mask, idx)
+                stats = self._minibatch(exp, adv, mask, idx, values_graph)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
@@ -136,7 +154,7 @@ class PPOLearner:
         return metrics
 
     def _minibatch(self, exp: Experience, adv: dict[str, torch.Tensor], mask: torch.Tensor,
-                   idx: torch.Tensor) -> dict[str, float]:
+                   idx: torch.Tensor, values_graph: torch.Tensor | None = None) -> dict[str, float]:
         pc, dev = self.pc, self.device
         n_tokens = mask[idx].sum().clamp(min=1.0).to(dev)
         stats = {"ppo/policy_loss": 0.0, "ppo/clip_fraction": 0.0, "ppo/approx_kl": 0.0, "ppo/entropy": 0.0}
@@ -144,14 +162,16 @@ class PPOLearner:
             stats.update({"ppo/value_loss": 0.0, "ppo/value_clip_fraction": 0.0})
         for m in range(0, len(idx), pc.micro_batch_size):
             mi = idx[m : m + pc.micro_batch_size]
-            prompts, pmask = exp.prompts[mi].to(dev), exp.prompt_mask[mi].to(dev)
-            responses, rmask = exp.responses[mi].to(dev), exp.response_mask[mi].to(dev)
+            # The learner makes ppo_epochs passes of two models over the batch: padding it skips is time saved.
+            prompts, pmask, responses, rmask = (t.to(dev) for t in trim_padding(
+                exp.prompts[mi], exp.prompt_mask[mi], exp.responses[mi], exp.response_mask[mi]))
+            R = responses.shape[1]
             mmask = rmask.float()
             # token share of the minibatch: the diagnostics below are token means, like the losses
             share = (mmask.sum() / n_tokens).item()
             logp, entropy = response_logprobs(self.policy, prompts, pmask, responses, rmask, self.cfg.rollout.temperature,
                                               with_entropy=True)
-            pl = pm.clipped_policy_loss(logp, exp.logprobs[mi].to(dev), adv["advantages"][mi].to(dev), mmask,
+            pl = pm.clipped_policy_loss(logp, exp.logprobs[mi, :R].to(dev), adv["advantages"][mi, :R].to(dev), mmask,
                                         pc.clip_range, n_tokens)
             ent = pm.entropy_bonus(entropy, mmask, n_tokens)
             loss = pl.loss - pc.ent_coef * ent
@@ -160,10 +180,13 @@ class PPOLearner:
             stats["ppo/clip_fraction"] += pl.clip_fraction.item() * share
             stats["ppo/approx_kl"] += pl.approx_kl.item() * share
             if self.critic is not None:
-                P = prompts.shape[1]
-                values = token_values(self.critic, torch.cat([prompts, responses], 1),
-                                      torch.cat([pmask, rmask], 1))[:, P - 1 : -1]
-                vl = pm.clipped_value_loss(values, adv["values"][mi].to(dev), adv["returns"][mi].to(dev), mmask,
+                if values_graph is not None:  # the whole batch, in batch order
+                    values = values_graph[mi.to(values_graph.device), :R]
+                else:
+                    P = prompts.shape[1]
+                    values = token_values(self.critic, torch.cat([prompts, responses], 1),
+                                          torch.cat([pmask, rmask], 1))[:, P - 1 : -1]
+                vl = pm.clipped_value_loss(values, adv["values"][mi, :R].to(dev), adv["returns"][mi, :R].to(dev), mmask,
                                            pc.value_clip_range, n_tokens)
                 loss = loss + pc.vf_coef * vl.loss
                 stats["ppo/value_loss"] += vl.loss.item()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.sequences import (
-    has_eos, pad_left, pad_right, position_ids, response_logprobs, sample, truncate_after_eos,
+    has_eos, pad_left, pad_right, position_ids, response_logprobs, sample, trim_padding, truncate_after_eos,
 )
 
 EOS, PAD = 2, 0
@@ -42,6 +42,19 @@ def test_pad_left_and_right():
     ids, mask = pad_right([[1, 2], [3]], PAD, width=4)
     assert ids.tolist() == [[1, 2, PAD, PAD], [3, PAD, PAD, PAD]]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+
+
+def test_trim_padding_drops_only_columns_that_are_padding_in_every_row():
+    p, pm = pad_left([[1, 2], [3]], PAD)
+    p, pm = F.pad(p, (2, 0), value=PAD), F.pad(pm, (2, 0))  # two more all-pad columns on the left
+    r, rm = pad_right([[4, EOS], [5, 6, EOS]], PAD, width=6)
+    tp, tpm, tr, trm = trim_padding(p, pm, r, rm)
+    assert tp.tolist() == [[1, 2], [PAD, 3]] and tpm.tolist() == [[1, 1], [0, 1]]
+    assert tr.tolist() == [[4, EOS, PAD], [5, 6, EOS]] and trm.tolist() == [[1, 1, 0], [1, 1, 1]]
+    # prompt side alone; an all-empty response keeps one column so shapes stay valid
+    assert [t.shape for t in trim_padding(p, pm)] == [(2, 2), (2, 2)]
+    empty = trim_padding(p, pm, r, torch.zeros_like(rm))
+    assert empty[2].shape == (2, 1)
 
 
 # --- with the tiny SFT checkpoint ---------------------------------------------------------------------
@@ -85,6 +98,12 @@ def test_logprobs_are_padding_invariant(policy, prompts):
             torch.testing.assert_close(batch[i, :n], alone[0], atol=1e-5, rtol=0)
             assert (batch[i, n:] == 0).all()  # padding positions hold 0
             assert (alone[0] < 0).all()
+        # the learner's trimmed micro batches give the same log-probs on the kept columns
+        for rows in ([0, 2], [1, 3], [1]):
+            tp, tpm, tr, trm = trim_padding(p[rows], pm[rows], r[rows], rm[rows])
+            trimmed, _ = response_logprobs(model, tp, tpm, tr, trm, temperature=0.7)
+            assert tr.shape[1] == max(len(responses[i]) for i in rows) < r.shape[1]
+            torch.testing.assert_close(trimmed, batch[rows, : tr.shape[1]], atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
