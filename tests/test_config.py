@@ -51,8 +51,8 @@ def test_tiny_config_derived_sizes(tiny_cfg):
          "ppo.rollout_batch_size", "multiple of ppo.minibatch_size"),
         (["model.hidden_size=96", "model.num_heads=2"], "model.hidden_size/num_heads", "head_dim 48"),
         (["model.hidden_size=100", "model.num_heads=3"], "model.hidden_size", "multiple of model.num_heads"),
-        (["ppo.advantage_estimator=rloo", "ppo.samples_per_prompt=1"], "ppo.samples_per_prompt", "rloo"),
-        (["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=1"], "ppo.samples_per_prompt", "grpo"),
+        (["ppo.advantage_estimator=rloo", "ppo.samples_per_prompt=1", "ppo.prompts_per_step=64"], "ppo.samples_per_prompt", "rloo"),
+        (["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=1", "ppo.prompts_per_step=64"], "ppo.samples_per_prompt", "grpo"),
         (["reward.backend=http"], "reward.url", "required"),
     ],
 )
