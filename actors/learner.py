@@ -80,14 +80,12 @@ class PPOLearner:
         kl = pm.kl_estimate(exp.logprobs, exp.ref_logprobs, pc.kl_estimator) * mask
         out = {"kl": kl}
         if pc.advantage_estimator == "gae":
-            if values_graph is not None:
-                values = values_graph.detach().cpu() * mask
-            else:
+            if values_graph is None:
                 self.critic.eval()
                 mb = pc.micro_batch_size
                 with torch.no_grad():
-                    values = torch.cat([self._values(exp, slice(i, i + mb)).cpu() for i in range(0, exp.size, mb)])
-                values = values * mask
+                    values_graph = torch.cat([self._values(exp, slice(i, i + mb)).cpu() for i in range(0, exp.size, mb)])
+            values = values_graph.detach().cpu() * mask
             rewards = pm.token_rewards(exp.scores, kl, mask, pc.kl_coef)
             adv, returns = pm.gae(rewards, values, mask, pc.gamma, pc.lam)
             out.update(values=values, returns=returns, rewards=rewards)
