@@ -107,7 +107,7 @@ class PPOLearner:
                         ("reward scores", exp.scores)):
             if not torch.isfinite(t).all():
                 raise FloatingPointError(f"non-finite {name} in batch {exp.batch_id}")
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         mask = exp.response_mask.float()
         # With a single update the value loss's forward is the one GAE needs: run the critic once, not twice.
         values_graph = None
@@ -142,6 +142,8 @@ class PPOLearner:
             "rollout/response_length": exp.response_mask.sum(-1).float().mean().item(),
             "rollout/eos_fraction": exp.has_eos.float().mean().item(),
             "timing/learner_s": time.perf_counter() - t0,
+            # below learner_s when the learner waits for a core it shares with other roles
+            "timing/learner_cpu_s": time.process_time() - cpu0,
         })
         if "values" in adv:
             metrics["ppo/value_mean"] = pm.masked_mean(adv["values"], mask).item()

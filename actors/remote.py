@@ -22,7 +22,7 @@ from pipeline.weight_sync import BucketLayout, CollectiveGroup, WeightsPacket, W
 @ray.remote
 class RolloutWorker:
     def __init__(self, cfg: Config, checkpoint: str, worker_index: int):
-        init_worker_process(cfg.rollout.num_cpus)
+        init_worker_process(cfg.rollout.num_cpus, cfg.rollout.nice)
         self.gen = RolloutGenerator(checkpoint, cfg.rollout, worker_index, cfg.model.dtype)
         self.group: CollectiveGroup | None = None
 
@@ -58,7 +58,7 @@ class RolloutWorker:
 @ray.remote
 class ReferenceWorker:
     def __init__(self, cfg: Config, checkpoint: str):
-        init_worker_process(cfg.reference.num_cpus)
+        init_worker_process(cfg.reference.num_cpus, cfg.reference.nice)
         self.ref = ReferenceLogprobs(checkpoint, cfg.rollout.temperature, cfg.reference.batch_size, cfg.model.dtype)
 
     def logprobs(self, batch: RolloutBatch) -> RefLogprobs:
@@ -68,7 +68,7 @@ class ReferenceWorker:
 @ray.remote
 class RewardWorker:
     def __init__(self, cfg: Config, checkpoint: str):
-        init_worker_process(cfg.reward.num_cpus)
+        init_worker_process(cfg.reward.num_cpus, cfg.reward.nice)
         self.scorer = RewardScorer(checkpoint, cfg.reward.missing_eos_score, cfg.reward.batch_size, cfg.model.dtype)
 
     def score(self, batch: RolloutBatch) -> Scores:

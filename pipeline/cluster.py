@@ -36,7 +36,8 @@ def connect(cfg: Config) -> None:
     # Logical CPUs may exceed the cores: roles take turns, and each actor runs torch on its own threads.
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(role_cpus(cfg)))
     ray.init(num_cpus=num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=True,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+             _system_config={"worker_niceness": cfg.ray.worker_niceness})
 
 
 def enable_token_auth() -> None:
@@ -47,9 +48,17 @@ def enable_token_auth() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
-def init_worker_process(num_cpus: float) -> None:
-    """Inside an actor: torch threads match the actor's CPUs (oversubscribed OpenMP threads spin and stall)."""
+def init_worker_process(num_cpus: float, nice: int = 0) -> None:
+    """Inside an actor: torch threads match the actor's CPUs (oversubscribed OpenMP threads spin and stall).
+
+    `nice` lowers the process's CPU priority. Rollout and scoring actors use it so that, where they share cores
+    with the learner, the learner (the critical path of asynchronous PPO) is not slowed: they run on the
+    cycles it leaves idle. Where each role has cores of its own it changes nothing.
+    """
     import torch
+
+    if nice:
+        os.nice(nice)  # increments; clamped at 19 by the OS
 
     threads = max(1, int(num_cpus))
     torch.set_num_threads(threads)

@@ -40,6 +40,8 @@ class RayConfig(_Section):
     address: str | None = Field(None, description="Cluster address; None uses RAY_ADDRESS, else starts a local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local Ray (default: enough for all roles).")
     include_dashboard: bool = Field(False, description="Start the dashboard with a local Ray.")
+    worker_niceness: int = Field(0, ge=0, le=19, description=(
+        "OS niceness of a local Ray's worker processes (Ray's own default is 15; a given cluster keeps its own)."))
 
 
 class LoraConfig(_Section):
@@ -147,6 +149,8 @@ class RolloutConfig(_Section):
     backend: Literal["hf", "vllm"] = Field("hf", description="`hf`: transformers generate; `vllm`: a vLLM engine per worker.")
     num_workers: int = Field(1, ge=1, description="Rollout workers, scaled independently of the learner.")
     num_cpus: float = Field(1, ge=0, description="CPUs per rollout worker.")
+    nice: int = Field(10, ge=0, le=19, description=(
+        "Added to the actor process's OS niceness: on CPU cores it shares with the learner, it yields to it."))
     num_gpus: float = Field(0, ge=0, description="GPUs per rollout worker.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probs everywhere use logits / temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; 1 keeps sampling and log-probs on the full softmax(logits / T).")
@@ -164,6 +168,8 @@ class RewardConfig(_Section):
     missing_eos_score: float | None = Field(-1.0, description="Score of a response without EOS (the EOS trick); null disables.")
     batch_size: int = Field(64, ge=1, description="Sequences per reward-model forward.")
     num_cpus: float = Field(1, ge=0, description="CPUs of the reward scorer.")
+    nice: int = Field(10, ge=0, le=19, description=(
+        "Added to the actor process's OS niceness: on CPU cores it shares with the learner, it yields to it."))
     num_gpus: float = Field(0, ge=0, description="GPUs of the reward scorer.")
 
     @model_validator(mode="after")
@@ -176,6 +182,8 @@ class RewardConfig(_Section):
 class ReferenceConfig(_Section):
     batch_size: int = Field(64, ge=1, description="Sequences per reference forward.")
     num_cpus: float = Field(1, ge=0, description="CPUs of the reference actor.")
+    nice: int = Field(10, ge=0, le=19, description=(
+        "Added to the actor process's OS niceness: on CPU cores it shares with the learner, it yields to it."))
     num_gpus: float = Field(0, ge=0, description="GPUs of the reference actor.")
 
 

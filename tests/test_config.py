@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from pathlib import Path
 
 import pydantic
@@ -54,6 +56,8 @@ def test_tiny_config_derived_sizes(tiny_cfg):
         (["ppo.advantage_estimator=rloo", "ppo.samples_per_prompt=1", "ppo.prompts_per_step=64"], "ppo.samples_per_prompt", "rloo"),
         (["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=1", "ppo.prompts_per_step=64"], "ppo.samples_per_prompt", "grpo"),
         (["reward.backend=http"], "reward.url", "required"),
+        (["rollout.nice=20"], "rollout.nice", "less than or equal to 19"),
+        (["ray.worker_niceness=-1"], "ray.worker_niceness", "greater than or equal to 0"),
     ],
 )
 def test_invalid_config_names_the_key(overrides, key, words):
@@ -135,3 +139,23 @@ def test_cli_unknown_command_exits_2():
     with pytest.raises(SystemExit) as info:
         main(["bogus"])
     assert info.value.code == 2
+
+
+def _niceness_after_init(nice: int, queue) -> None:
+    from pipeline.cluster import init_worker_process
+
+    before = os.nice(0)
+    init_worker_process(1, nice)
+    queue.put((before, os.nice(0)))
+
+
+def test_worker_niceness_is_added_in_the_actor_process():
+    """What a rollout/scoring actor runs first: its process's niceness goes up by the configured amount."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_niceness_after_init, args=(3, queue))
+    child.start()
+    before, after = queue.get(timeout=120)
+    child.join(timeout=30)
+    assert after == min(19, before + 3)
+    assert os.nice(0) == before  # this process untouched
