@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import statistics
 from pathlib import Path
 
 from pipeline.cluster import enable_token_auth, quiet_transformers
@@ -44,13 +45,13 @@ def main() -> None:
             workflow.sft(cfg, run)
         if not (run.checkpoint("rm") / "config.json").exists():
             workflow.rm(cfg, run)
-        runs = []  # (staleness, summary, policy checksum, median step time)
+        runs = []  # (staleness, summary, policy checksum, step times)
         order = [(0, 1) if r % 2 == 0 else (1, 0) for r in range(args.rounds)]
         for r, staleness in ((r, st) for r, pair in enumerate(order) for st in pair):
             c = load_config(args.config, [*args.overrides, f"ppo.max_staleness={staleness}"])
             sub = RunDir(run.path / (f"staleness-{staleness}" + (f"-round{r}" if r > 0 else "")))
             summary = _ppo(workflow, c, run, sub)
-            runs.append((staleness, summary, _checksum(sub.path / "ppo" / "checkpoint"), _median_step(sub)))
+            runs.append((staleness, summary, _checksum(sub.path / "ppo" / "checkpoint"), _step_times(sub)))
             if not any(s == staleness for s, *_ in runs[:-1]):  # first run of this setting: evaluate it
                 summary.update(evaluate_policies(c, str(run.checkpoint("sft")), str(run.checkpoint("rm")),
                                                  str(sub.path / "ppo" / "checkpoint"), sub.path / "eval"))
@@ -62,7 +63,7 @@ def main() -> None:
         seqs = sum(summ["ppo/sequences_per_s"] * summ["timing/ppo_loop_s"] for summ, _, _ in mine)
         loop = sum(summ["timing/ppo_loop_s"] for summ, _, _ in mine)
         results[staleness] = {**mine[0][0], "ppo/sequences_per_s": seqs / loop, "timing/ppo_loop_s": loop / len(mine),
-                              "timing/median_step_s": sorted(step for *_, step in mine)[len(mine) // 2],
+                              "timing/median_step_s": statistics.median(t for *_, steps in mine for t in steps),
                               "rounds_per_loop_s": [summ["timing/ppo_loop_s"] for summ, _, _ in mine],
                               "repeats_same_policy": len({ck for _, ck, _ in mine}) == 1}
     sync, asyn = results[0], results[1]
@@ -91,9 +92,8 @@ def _checksum(checkpoint: Path) -> str:
     return h.hexdigest()
 
 
-def _median_step(sub) -> float:
-    steps = sorted(row["timing/step_s"] for row in read_metrics(sub.path / "ppo" / "metrics.jsonl"))
-    return steps[len(steps) // 2]
+def _step_times(sub) -> list[float]:
+    return [row["timing/step_s"] for row in read_metrics(sub.path / "ppo" / "metrics.jsonl")]
 
 
 def _ppo(workflow, cfg, run, sub) -> dict:

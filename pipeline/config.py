@@ -149,8 +149,8 @@ class RolloutConfig(_Section):
     backend: Literal["hf", "vllm"] = Field("hf", description="`hf`: transformers generate; `vllm`: a vLLM engine per worker.")
     num_workers: int = Field(1, ge=1, description="Rollout workers, scaled independently of the learner.")
     num_cpus: float = Field(1, ge=0, description="CPUs per rollout worker.")
-    nice: int = Field(10, ge=0, le=19, description=(
-        "Added to the actor process's OS niceness: on CPU cores it shares with the learner, it yields to it."))
+    nice: int = Field(0, ge=0, le=19, description=(
+        "Added to the worker process's OS niceness (0: generation runs beside the learner at equal priority)."))
     num_gpus: float = Field(0, ge=0, description="GPUs per rollout worker.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probs everywhere use logits / temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; 1 keeps sampling and log-probs on the full softmax(logits / T).")
