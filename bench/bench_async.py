@@ -59,7 +59,7 @@ def main() -> None:
         workflow.shutdown()
     results = {}
     for staleness in (0, 1):
-        mine = [(summ, ck, step) for s, summ, ck, step in runs if s == staleness]
+        mine = [(summ, ck, steps) for s, summ, ck, steps in runs if s == staleness]
         seqs = sum(summ["ppo/sequences_per_s"] * summ["timing/ppo_loop_s"] for summ, _, _ in mine)
         loop = sum(summ["timing/ppo_loop_s"] for summ, _, _ in mine)
         results[staleness] = {**mine[0][0], "ppo/sequences_per_s": seqs / loop, "timing/ppo_loop_s": loop / len(mine),

@@ -51,9 +51,9 @@ def enable_token_auth() -> None:
 def init_worker_process(num_cpus: float, nice: int = 0) -> None:
     """Inside an actor: torch threads match the actor's CPUs (oversubscribed OpenMP threads spin and stall).
 
-    `nice` lowers the process's CPU priority. Rollout and scoring actors use it so that, where they share cores
-    with the learner, the learner (the critical path of asynchronous PPO) is not slowed: they run on the
-    cycles it leaves idle. Where each role has cores of its own it changes nothing.
+    `nice` lowers the process's CPU priority. The scoring actors (reference, reward) use it so that, where they
+    share cores with the learner, the learner (the critical path of asynchronous PPO) is not slowed: they run on
+    the cycles it leaves idle. Where each role has cores of its own it changes nothing.
     """
     import torch
 
