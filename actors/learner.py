@@ -21,7 +21,7 @@ from pipeline.experience import Experience
 from pipeline.modeling import (
     apply_lora, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer, save_checkpoint, unwrap,
 )
-from pipeline.sequences import response_logprobs, token_values, trim_padding
+from pipeline.sequences import response_logprobs, response_values, trim_padding
 from pipeline.weight_sync import WeightsPacket, make_packet
 
 
@@ -62,10 +62,8 @@ class PPOLearner:
     def _values(self, exp: Experience, sl: slice | torch.Tensor) -> torch.Tensor:
         """Critic's V(s_t) before each response token -> (b, R); differentiable when grad is enabled."""
         prompts, pmask = trim_padding(exp.prompts[sl], exp.prompt_mask[sl])
-        P = prompts.shape[1]
-        ids = torch.cat([prompts, exp.responses[sl]], 1).to(self.device)
-        mask = torch.cat([pmask, exp.response_mask[sl]], 1).to(self.device)
-        return token_values(self.critic, ids, mask)[:, P - 1 : -1]
+        tensors = (prompts, pmask, exp.responses[sl], exp.response_mask[sl])
+        return response_values(self.critic, *(t.to(self.device) for t in tensors))
 
     def _single_update(self, exp: Experience) -> bool:
         """One epoch, one minibatch, one micro batch: the step's only critic forward is on the old weights."""
@@ -183,9 +181,7 @@ class PPOLearner:
                 if values_graph is not None:  # the whole batch, in batch order
                     values = values_graph[mi.to(values_graph.device), :R]
                 else:
-                    P = prompts.shape[1]
-                    values = token_values(self.critic, torch.cat([prompts, responses], 1),
-                                          torch.cat([pmask, rmask], 1))[:, P - 1 : -1]
+                    values = response_values(self.critic, prompts, pmask, responses, rmask)
                 vl = pm.clipped_value_loss(values, adv["values"][mi, :R].to(dev), adv["returns"][mi, :R].to(dev), mmask,
                                            pc.value_clip_range, n_tokens)
                 loss = loss + pc.vf_coef * vl.loss

@@ -116,6 +116,14 @@ def token_values(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
     return head(hidden).squeeze(-1).float()
 
 
+def response_values(model: nn.Module, prompts: Tensor, prompt_mask: Tensor, responses: Tensor,
+                    response_mask: Tensor) -> Tensor:
+    """The critic's V(s_t) before each response token -> (B, R): the state that predicts response token t."""
+    P = prompts.shape[1]
+    values = token_values(model, torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1))
+    return values[:, P - 1 : -1]
+
+
 def last_token_index(mask: Tensor) -> Tensor:
     """(B,) index of each row's last real token."""
     T = mask.shape[1]
