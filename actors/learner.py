@@ -9,46 +9,71 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import get_constant_schedule, get_cosine_schedule_with_warmup
 
-from actors.reference import default_device
-from pipeline import ppo_math as pm
-from pipeline.config import Config
-from pipeline.experience import Experience
-from pipeline.modeling import (
-    apply_lora, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer, save_checkpoint, unwrap,
+from core import ppo_math as pm
+from core.config import Config, ModelConfig, PPOConfig
+from core.experience import Experience
+from core.modeling import (
+    apply_lora, default_device, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer, save_checkpoint,
+    unwrap,
 )
-from pipeline.sequences import response_logprobs, response_values, trim_padding
-from pipeline.weight_sync import WeightsPacket, make_packet
+from core.sequences import response_logprobs, response_values, trim_padding
+from core.weight_sync import WeightsPacket, make_packet
 
 
 class StalenessError(RuntimeError):
     """A batch older than `ppo.max_staleness` versions reached the learner."""
 
 
+@dataclass
+class Advantages:
+    """What one batch's update reads, each (B, R) and 0 on padding: the per-token KL to the reference, the
+    (whitened) advantages, and for GAE the old values, the returns and the per-token rewards."""
+
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+
+
 class PPOLearner:
-    def __init__(self, cfg: Config, sft_checkpoint: str, rm_checkpoint: str, device: str | None = None):
-        self.cfg, self.pc = cfg, cfg.ppo
+    """The policy and the critic of one PPO run, their optimizers, and the policy version they hold.
+
+    Built from the PPO config and what else it reads: the model config (dtype, LoRA), the sampling
+    temperature (log-probs are of logits / T, as the rollout sampled them) and the run's seed.
+    """
+
+    def __init__(self, pc: PPOConfig, model: ModelConfig, sft_checkpoint: str, rm_checkpoint: str, *,
+                 temperature: float, seed: int, device: str | None = None):
+        self.pc, self.model_cfg, self.temperature = pc, model, temperature
         self.device = device or default_device()
-        torch.manual_seed(cfg.run.seed)
+        torch.manual_seed(seed)
         self.tokenizer = load_tokenizer(sft_checkpoint)
-        policy = load_causal_lm(sft_checkpoint, self.tokenizer, cfg.model.dtype)
+        policy = load_causal_lm(sft_checkpoint, self.tokenizer, model.dtype)
         disable_dropout(policy)
-        self.policy = apply_lora(policy, cfg.model.lora, "CAUSAL_LM").to(self.device)
+        self.policy = apply_lora(policy, model.lora, "CAUSAL_LM").to(self.device)
         self.critic = None
-        if self.pc.advantage_estimator == "gae":
-            critic = load_scalar_model(rm_checkpoint, self.tokenizer, cfg.model.dtype)  # detail 8
+        if pc.advantage_estimator == "gae":
+            critic = load_scalar_model(rm_checkpoint, self.tokenizer, model.dtype)  # detail 8
             disable_dropout(critic)
-            self.critic = apply_lora(critic, cfg.model.lora, "SEQ_CLS").to(self.device)
+            self.critic = apply_lora(critic, model.lora, "SEQ_CLS").to(self.device)
         self.version = 0
-        updates = self.pc.steps * self.pc.ppo_epochs * (self.pc.rollout_batch_size // self.pc.minibatch_size)
-        self.opt, self.sched = self._optimizer(self.policy, self.pc.lr, updates)
-        self.critic_opt, self.critic_sched = (self._optimizer(self.critic, self.pc.critic_lr, updates)
+        updates = pc.steps * pc.ppo_epochs * (pc.rollout_batch_size // pc.minibatch_size)
+        self.opt, self.sched = self._optimizer(self.policy, pc.lr, updates)
+        self.critic_opt, self.critic_sched = (self._optimizer(self.critic, pc.critic_lr, updates)
                                               if self.critic is not None else (None, None))
-        self.generator = torch.Generator().manual_seed(cfg.run.seed)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def from_config(cls, cfg: Config, sft_checkpoint: str, rm_checkpoint: str, device: str | None = None) -> PPOLearner:
+        return cls(cfg.ppo, cfg.model, sft_checkpoint, rm_checkpoint, temperature=cfg.rollout.temperature,
+                   seed=cfg.run.seed, device=device)
 
     def _optimizer(self, model, lr: float, updates: int):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, eps=self.pc.adam_eps,
@@ -71,12 +96,12 @@ class PPOLearner:
         return (self.critic is not None and pc.ppo_epochs == 1
                 and min(pc.minibatch_size, pc.micro_batch_size) >= exp.size)
 
-    def advantages(self, exp: Experience, values_graph: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def advantages(self, exp: Experience, values_graph: torch.Tensor | None = None) -> Advantages:
         """KL, advantages (and values, returns for GAE). `values_graph`: the critic's V on the whole batch,
         computed with grad for the value loss, which GAE then reads instead of a second forward."""
         pc, mask = self.pc, exp.response_mask.float()
         kl = pm.kl_estimate(exp.logprobs, exp.ref_logprobs, pc.kl_estimator) * mask
-        out = {"kl": kl}
+        values = returns = rewards = None
         if pc.advantage_estimator == "gae":
             if values_graph is None:
                 self.critic.eval()
@@ -86,11 +111,10 @@ class PPOLearner:
             values = values_graph.detach().cpu() * mask
             rewards = pm.token_rewards(exp.scores, kl, mask, pc.kl_coef)
             adv, returns = pm.gae(rewards, values, mask, pc.gamma, pc.lam)
-            out.update(values=values, returns=returns, rewards=rewards)
         else:
             adv = pm.sequence_advantages(exp.scores, kl, mask, pc.kl_coef, pc.samples_per_prompt, pc.advantage_estimator)
-        out["advantages"] = pm.whiten(adv, mask) if pc.whiten_advantages else adv
-        return out
+        return Advantages(kl=kl, advantages=pm.whiten(adv, mask) if pc.whiten_advantages else adv, values=values,
+                          returns=returns, rewards=rewards)
 
     # --- update -----------------------------------------------------------------------------------
 
@@ -127,13 +151,13 @@ class PPOLearner:
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
         self.version += 1
-        seq_kl = adv["kl"].sum(-1)
+        seq_kl = adv.kl.sum(-1)
         metrics = {k: v / n_updates for k, v in sums.items()}
         metrics.update({
             "ppo/kl": seq_kl.mean().item(),
             "ppo/staleness": float(staleness),
             "ppo/lr": self.sched.get_last_lr()[0],
-            "ppo/advantage_mean": pm.masked_mean(adv["advantages"], mask).item(),
+            "ppo/advantage_mean": pm.masked_mean(adv.advantages, mask).item(),
             "reward/score_mean": exp.scores.mean().item(),
             "reward/score_std": exp.scores.std().item(),
             "reward/non_score_mean": (-pc.kl_coef * seq_kl).mean().item(),
@@ -143,15 +167,15 @@ class PPOLearner:
             # below learner_s when the learner waits for a core it shares with other roles
             "timing/learner_cpu_s": time.process_time() - cpu0,
         })
-        if "values" in adv:
-            metrics["ppo/value_mean"] = pm.masked_mean(adv["values"], mask).item()
-            metrics["ppo/return_mean"] = pm.masked_mean(adv["returns"], mask).item()
+        if adv.values is not None:
+            metrics["ppo/value_mean"] = pm.masked_mean(adv.values, mask).item()
+            metrics["ppo/return_mean"] = pm.masked_mean(adv.returns, mask).item()
         for k, v in metrics.items():
             if not math.isfinite(v):
                 raise FloatingPointError(f"{k} is {v} after update to version {self.version}")
         return metrics
 
-    def _minibatch(self, exp: Experience, adv: dict[str, torch.Tensor], mask: torch.Tensor,
+    def _minibatch(self, exp: Experience, adv: Advantages, mask: torch.Tensor,
                    idx: torch.Tensor, values_graph: torch.Tensor | None = None) -> dict[str, float]:
         pc, dev = self.pc, self.device
         n_tokens = mask[idx].sum().clamp(min=1.0).to(dev)
@@ -167,9 +191,9 @@ class PPOLearner:
             mmask = rmask.float()
             # token share of the minibatch: the diagnostics below are token means, like the losses
             share = (mmask.sum() / n_tokens).item()
-            logp, entropy = response_logprobs(self.policy, prompts, pmask, responses, rmask, self.cfg.rollout.temperature,
+            logp, entropy = response_logprobs(self.policy, prompts, pmask, responses, rmask, self.temperature,
                                               with_entropy=True)
-            pl = pm.clipped_policy_loss(logp, exp.logprobs[mi, :R].to(dev), adv["advantages"][mi, :R].to(dev), mmask,
+            pl = pm.clipped_policy_loss(logp, exp.logprobs[mi, :R].to(dev), adv.advantages[mi, :R].to(dev), mmask,
                                         pc.clip_range, n_tokens)
             ent = pm.entropy_bonus(entropy, mmask, n_tokens)
             loss = pl.loss - pc.ent_coef * ent
@@ -182,7 +206,7 @@ class PPOLearner:
                     values = values_graph[mi.to(values_graph.device), :R]
                 else:
                     values = response_values(self.critic, prompts, pmask, responses, rmask)
-                vl = pm.clipped_value_loss(values, adv["values"][mi, :R].to(dev), adv["returns"][mi, :R].to(dev), mmask,
+                vl = pm.clipped_value_loss(values, adv.values[mi, :R].to(dev), adv.returns[mi, :R].to(dev), mmask,
                                            pc.value_clip_range, n_tokens)
                 loss = loss + pc.vf_coef * vl.loss
                 stats["ppo/value_loss"] += vl.loss.item()
@@ -229,7 +253,7 @@ class PPOLearner:
             "generator": self.generator.get_state(),
             # The HF checkpoints hold LoRA merged in; resuming needs the adapters themselves.
             "trainable": ({"policy": _trainable(self.policy), "critic": _trainable(self.critic)}
-                          if self.cfg.model.lora is not None else None),
+                          if self.model_cfg.lora is not None else None),
         }
         tmp = out_dir / "learner_state.pt.tmp"
         torch.save(state, tmp)
@@ -245,7 +269,7 @@ class PPOLearner:
             if self.critic is not None:
                 _load_trainable(self.critic, state["trainable"]["critic"], "critic")
         else:
-            dtype = self.cfg.model.dtype
+            dtype = self.model_cfg.dtype
             self.policy.load_state_dict(load_causal_lm(str(ckpt_dir / "checkpoint"), self.tokenizer, dtype).state_dict())
             if self.critic is not None:
                 self.critic.load_state_dict(load_scalar_model(str(ckpt_dir / "critic"), self.tokenizer, dtype).state_dict())

@@ -6,13 +6,9 @@ import time
 
 import torch
 
-from pipeline.experience import RefLogprobs, RolloutBatch
-from pipeline.modeling import disable_dropout, load_causal_lm, load_tokenizer
-from pipeline.sequences import response_logprobs
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+from core.experience import RefLogprobs, RolloutBatch
+from core.modeling import default_device, load_frozen
+from core.sequences import response_logprobs
 
 
 class ReferenceLogprobs:
@@ -21,9 +17,7 @@ class ReferenceLogprobs:
     def __init__(self, checkpoint: str, temperature: float, batch_size: int = 64, dtype: str = "float32",
                  device: str | None = None):
         self.device = device or default_device()
-        self.tokenizer = load_tokenizer(checkpoint)
-        self.model = load_causal_lm(checkpoint, self.tokenizer, dtype).to(self.device).eval()
-        disable_dropout(self.model)
+        self.model, self.tokenizer = load_frozen(checkpoint, "causal_lm", dtype, self.device)
         self.temperature, self.batch_size = temperature, batch_size
 
     @torch.no_grad()
@@ -36,4 +30,5 @@ class ReferenceLogprobs:
                                       batch.responses[sl].to(self.device), batch.response_mask[sl].to(self.device),
                                       self.temperature)
             out.append(lp.cpu())
-        return RefLogprobs(batch.batch_id, batch.shard, torch.cat(out), time.perf_counter() - t0)
+        return RefLogprobs(batch_id=batch.batch_id, shard=batch.shard, logprobs=torch.cat(out),
+                           ref_s=time.perf_counter() - t0)

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from actors.reference import default_device
-from pipeline.experience import RolloutBatch, Scores
-from pipeline.modeling import disable_dropout, load_scalar_model, load_tokenizer
-from pipeline.sequences import has_eos, pad_right, sequence_scores
+from core.experience import RolloutBatch, Scores
+from core.modeling import default_device, load_frozen
+from core.sequences import eos_trick, has_eos, pad_right, sequence_scores
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Scores of B (prompt, response) pairs: after the EOS trick, before it, and whether each response has EOS."""
+
+    scores: Tensor  # (B,)
+    raw_scores: Tensor  # (B,) reward model + bias
+    has_eos: Tensor  # (B,) bool
 
 
 class RewardScorer:
@@ -24,9 +34,7 @@ class RewardScorer:
                  dtype: str = "float32", device: str | None = None):
         self.checkpoint = str(Path(checkpoint).resolve())
         self.device = device or default_device()
-        self.tokenizer = load_tokenizer(checkpoint)
-        self.model = load_scalar_model(checkpoint, self.tokenizer, dtype).to(self.device).eval()
-        disable_dropout(self.model)
+        self.model, self.tokenizer = load_frozen(checkpoint, "scalar", dtype, self.device)
         self.bias = float(getattr(self.model.config, "reward_bias", 0.0) or 0.0)
         self.missing_eos_score, self.batch_size = missing_eos_score, batch_size
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
@@ -39,14 +47,17 @@ class RewardScorer:
                                        mask[i : i + self.batch_size].to(self.device)).float().cpu())
         return torch.cat(out) + self.bias
 
+    def score_tokens(self, prompts: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor) -> TokenScores:
+        """Scores of left-padded prompts (B, P) followed by their responses (B, R), with the EOS trick."""
+        raw = self._raw(torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1))
+        eos = has_eos(responses, response_mask, self.tokenizer.eos_token_id)
+        return TokenScores(eos_trick(raw, eos, self.missing_eos_score), raw, eos)
+
     def score_rollout(self, batch: RolloutBatch) -> Scores:
         t0 = time.perf_counter()
-        ids = torch.cat([batch.prompts, batch.responses], 1)
-        mask = torch.cat([batch.prompt_mask, batch.response_mask], 1)
-        raw = self._raw(ids, mask)
-        eos = has_eos(batch.responses, batch.response_mask, self.tokenizer.eos_token_id)
-        scores = raw if self.missing_eos_score is None else torch.where(eos, raw, torch.full_like(raw, self.missing_eos_score))
-        return Scores(batch.batch_id, batch.shard, scores, raw, eos, time.perf_counter() - t0)
+        s = self.score_tokens(batch.prompts, batch.prompt_mask, batch.responses, batch.response_mask)
+        return Scores(batch_id=batch.batch_id, shard=batch.shard, scores=s.scores, raw_scores=s.raw_scores,
+                      has_eos=s.has_eos, score_s=time.perf_counter() - t0)
 
     def score_token_ids(self, sequences: list[list[int]]) -> list[float]:
         """Scores of whole tokenized sequences (query + response + EOS), no EOS trick."""

@@ -14,12 +14,11 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from actors.reference import default_device
-from pipeline.config import RolloutConfig
-from pipeline.experience import RolloutBatch, RolloutRequest, VersionMismatch
-from pipeline.modeling import disable_dropout, load_causal_lm, load_tokenizer
-from pipeline.sequences import pad_left, response_logprobs, sample
-from pipeline.weight_sync import WeightsPacket, checksum, unpack
+from core.config import RolloutConfig
+from core.experience import RolloutBatch, RolloutRequest, VersionMismatch
+from core.modeling import default_device, load_frozen
+from core.sequences import pad_left, response_logprobs, sample
+from core.weight_sync import WeightsPacket, checksum, unpack
 
 
 class RolloutBackend(Protocol):
@@ -36,9 +35,7 @@ class HFBackend:
 
     def __init__(self, checkpoint: str, cfg: RolloutConfig, dtype: str = "float32", device: str | None = None):
         self.device = device or default_device()
-        self.tokenizer = load_tokenizer(checkpoint)
-        self.model = load_causal_lm(checkpoint, self.tokenizer, dtype).to(self.device).eval()
-        disable_dropout(self.model)
+        self.model, self.tokenizer = load_frozen(checkpoint, "causal_lm", dtype, self.device)
         self.cfg = cfg
 
     @torch.no_grad()
@@ -90,8 +87,10 @@ class RolloutGenerator:
         responses, rmask, logprobs = self.backend.generate(req.prompts, req.seed)
         pad_id = self.backend.tokenizer.pad_token_id
         prompts, pmask = pad_left(req.prompts, pad_id)
-        return RolloutBatch(req.batch_id, req.shard, self.worker_index, self.version, list(req.prompt_indices),
-                            prompts, pmask, responses, rmask, logprobs, time.perf_counter() - t0)
+        return RolloutBatch(batch_id=req.batch_id, shard=req.shard, worker=self.worker_index,
+                            policy_version=self.version, prompt_indices=list(req.prompt_indices), prompts=prompts,
+                            prompt_mask=pmask, responses=responses, response_mask=rmask, logprobs=logprobs,
+                            generate_s=time.perf_counter() - t0)
 
     def load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
         """Swap in `packet`'s weights; with `verify`, compare the checksum. Returns seconds taken."""

@@ -4,7 +4,7 @@
 `RolloutGenerator`, the reference, the reward scorer and the learner cannot tell the two apart:
 
 - responses (B, R = max_new_tokens), right-padded with the pad id after the first EOS, which is kept;
-- response_mask (B, R): 1 up to and including the first EOS (`pipeline.sequences.truncate_after_eos`);
+- response_mask (B, R): 1 up to and including the first EOS (`core.sequences.truncate_after_eos`);
 - behaviour log-probs (B, R): log softmax(logits / T) of the sampled tokens, 0 on padding. The engine runs
   with `logprobs_mode="processed_logprobs"` (vLLM's default, `raw_logprobs`, is the T = 1 distribution).
   With top_p < 1 the processed log-probs are renormalised over the nucleus, as HF's sampling distribution
@@ -38,22 +38,20 @@ from safetensors.torch import load_file
 from torch import Tensor
 from transformers import AutoConfig, PretrainedConfig
 
-from pipeline.config import RolloutConfig
-from pipeline.modeling import DTYPES, load_tokenizer
-from pipeline.sequences import truncate_after_eos
-
-# Head sizes of vLLM's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py). vLLM checks them only
-# at the first generate call ("Unsupported CPU attention configuration: head_dim=40"), so we check at start-up.
-CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+from core.config import VLLM_CPU_HEAD_SIZES, RolloutConfig
+from core.modeling import DTYPES, load_tokenizer
+from core.sequences import truncate_after_eos
 
 log = logging.getLogger(__name__)
 
 
 def check_cpu_head_dim(checkpoint: str, config: PretrainedConfig) -> None:
+    """vLLM checks the head size only at the first generate call ("Unsupported CPU attention configuration:
+    head_dim=40"), so we check at start-up."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if head_dim not in CPU_HEAD_SIZES:
+    if head_dim not in VLLM_CPU_HEAD_SIZES:
         raise ValueError(f"rollout.backend vllm on CPU: {checkpoint} has head size {head_dim}, which vLLM's CPU "
-                         f"attention does not support (supported: {', '.join(map(str, CPU_HEAD_SIZES))}); "
+                         f"attention does not support (supported: {', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); "
                          "change model.hidden_size / model.num_heads or use rollout.backend hf")
 
 

@@ -18,8 +18,8 @@ import json
 import statistics
 from pathlib import Path
 
-from pipeline.cluster import enable_token_auth, quiet_transformers
-from pipeline.metrics import read_metrics
+from core.process import enable_token_auth, quiet_transformers
+from core.metrics import read_metrics
 
 
 def main() -> None:
@@ -34,8 +34,8 @@ def main() -> None:
     enable_token_auth()
     quiet_transformers()
     from pipeline import workflow
-    from pipeline.config import load_config
-    from pipeline.evaluate import evaluate_policies
+    from core.config import load_config
+    from actors.evaluate import evaluate_policies
     from pipeline.run_dir import RunDir
 
     cfg = load_config(args.config, args.overrides)

@@ -29,16 +29,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cluster import enable_token_auth, quiet_transformers
+from core.process import enable_token_auth, quiet_transformers
 
 enable_token_auth()  # before Ray is imported, as the CLI does
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.data import corpus_text, load_tldr  # noqa: E402
-from pipeline.modeling import build_tiny_llama, load_scalar_model, save_checkpoint, train_tokenizer  # noqa: E402
+from core.config import Config, load_config  # noqa: E402
+from core.data import corpus_text, load_tldr  # noqa: E402
+from core.modeling import build_tiny_llama, load_scalar_model, save_checkpoint, train_tokenizer  # noqa: E402
 from serving.text_scoring import TextRewardModel  # noqa: E402
 
 

@@ -33,9 +33,9 @@ def build_policy(out_dir: Path) -> tuple[Path, list[list[int]]]:
     """Writes the checkpoint and returns it with 64-token prompts (tokenizer trained on the synthetic corpus)."""
     import torch
 
-    from pipeline.config import DataConfig, ModelConfig
-    from pipeline.data import corpus_text, load_tldr
-    from pipeline.modeling import build_tiny_llama, count_params, save_checkpoint, train_tokenizer
+    from core.config import DataConfig, ModelConfig
+    from core.data import corpus_text, load_tldr
+    from core.modeling import build_tiny_llama, count_params, save_checkpoint, train_tokenizer
 
     data = load_tldr(DataConfig(num_train_posts=400, num_valid_posts=1, num_test_posts=1, num_train_pairs=1,
                                 num_valid_pairs=1))
@@ -60,12 +60,12 @@ def serve_backend(backend: str, checkpoint: str, prompts: list[list[int]], threa
 
     torch.set_num_threads(threads)
     from actors.rollout import RolloutGenerator
-    from pipeline.config import RolloutConfig
-    from pipeline.experience import RolloutRequest
+    from core.config import RolloutConfig
+    from core.experience import RolloutRequest
 
     def request(num_seqs: int, seed: int) -> RolloutRequest:
         rep = [i for i in range(num_seqs // SAMPLES_PER_PROMPT) for _ in range(SAMPLES_PER_PROMPT)]
-        return RolloutRequest(0, 0, rep, [prompts[i] for i in rep], seed)
+        return RolloutRequest(batch_id=0, shard=0, prompt_indices=rep, prompts=[prompts[i] for i in rep], seed=seed)
 
     t0 = time.perf_counter()
     gen = RolloutGenerator(checkpoint, RolloutConfig(backend=backend, temperature=TEMPERATURE, max_new_tokens=NEW_TOKENS))

@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from pipeline.cluster import enable_token_auth, quiet_transformers
-from pipeline.config import Config, ConfigError, load_config
+from core.config import Config, ConfigError, load_config
+from core.process import enable_token_auth, quiet_transformers
 
 log = logging.getLogger("rayrlhf")
 
@@ -124,7 +126,7 @@ def scale_main(args: argparse.Namespace) -> int:
     import ray
     from ray.exceptions import GetTimeoutError, RayTaskError
 
-    from pipeline.driver import SCALER_NAMESPACE, scaler_name
+    from core.scaling import SCALER_NAMESPACE, scaler_name
 
     run_name = args.run_name or Path(args.run_dir).resolve().name
     if not ray.is_initialized():
@@ -159,8 +161,6 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline.run_dir import RunDir
 
     if args.command == "serve":
-        from serving.reward_service import serve_main
-
         return serve_main(args, cfg)
     if args.command == "submit":
         from pipeline.jobs import submit_main
@@ -186,6 +186,64 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         stages.shutdown()
     print(f"run directory: {run.path}")
+    return 0
+
+
+def _wait_until_interrupted() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):  # a timed wait, so the main thread gets to run the signal handlers
+        pass
+
+
+def serve_main(args: argparse.Namespace, cfg: Config) -> int:
+    """`rayrlhf serve --checkpoint DIR [--host H] [--port N]`: serve until interrupted. Exit 2 on bad arguments."""
+    import ray
+    from ray import serve
+
+    from pipeline.cluster import connect
+    from serving.auth import TokenError, is_loopback, resolve_token
+    from serving.reward_service import APP_NAME, start_service
+
+    host = args.host or cfg.serve.host
+    port = args.port or cfg.serve.port
+    checkpoint = Path(args.checkpoint).resolve()
+    if not 1 <= port <= 65535:
+        print(f"rayrlhf serve: error: --port {port} is not a TCP port", file=sys.stderr)
+        return 2
+    if not (checkpoint / "config.json").is_file():
+        print(f"rayrlhf serve: error: no reward-model checkpoint at {checkpoint} (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        token = resolve_token(cfg.serve)
+    except TokenError as e:
+        print(f"rayrlhf serve: error: {e}", file=sys.stderr)
+        return 2
+    if token is None and not is_loopback(host):
+        if not cfg.serve.allow_insecure_non_loopback:
+            print(f"rayrlhf serve: error: refusing to listen on {host} without a bearer token: set "
+                  f"{cfg.serve.token_env} (serve.token_env) or serve.token_file, listen on 127.0.0.1, or set "
+                  "serve.allow_insecure_non_loopback=true to accept unauthenticated requests from the network",
+                  file=sys.stderr)
+            return 2
+        log.warning("serving on %s WITHOUT authentication (serve.allow_insecure_non_loopback=true)", host)
+    own_cluster = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    connect(cfg)
+    try:
+        url = start_service(str(checkpoint), cfg, host, port, require_token=token is not None)
+        print(f"reward service: {url} (checkpoint {checkpoint}, auth {'on' if token else 'off'}); "
+              f"GET {url}/v1/model for its version, {url}/docs for the API. Ctrl-C stops it.", flush=True)
+        _wait_until_interrupted()
+    except KeyboardInterrupt:  # Ctrl-C before the service was up (afterwards the handler stops the wait)
+        print("rayrlhf serve: interrupted during start-up", file=sys.stderr)
+        return 130
+    finally:
+        if own_cluster:
+            serve.shutdown()
+            ray.shutdown()
+        else:  # someone else's cluster: remove only this application
+            serve.delete(APP_NAME)
     return 0
 
 

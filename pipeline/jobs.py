@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import Config, config_to_yaml
+from core.config import Config, config_to_yaml
 
 if TYPE_CHECKING:
     from ray.job_submission import JobStatus, JobSubmissionClient

@@ -44,10 +44,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import kubernetes_validate
 import yaml
-from referencing import Registry, Resource
+
+# The validators come with the `k8s` extra (`pip install 'rayrlhf[k8s]'`); without it `main` says so and exits 2.
+try:
+    import jsonschema
+    import kubernetes_validate
+    from referencing import Registry, Resource
+except ModuleNotFoundError as e:
+    MISSING: str | None = e.name
+else:
+    MISSING = None
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CRDS = REPO_ROOT.parent / "shared" / "k8s-crds"
@@ -375,9 +382,10 @@ def _unique_list_entries(validator, list_type, instance, schema) -> Iterator[jso
         seen.add(key)
 
 
-CrdValidator = jsonschema.validators.extend(
-    jsonschema.Draft202012Validator, {"x-kubernetes-list-type": _unique_list_entries}
-)
+@cache
+def _crd_validator_class() -> type:
+    return jsonschema.validators.extend(jsonschema.Draft202012Validator,
+                                        {"x-kubernetes-list-type": _unique_list_entries})
 
 
 @cache
@@ -388,7 +396,7 @@ def _crd_validator(crd_dir: Path, api_version: str, kind: str) -> jsonschema.Val
     schema = _structural(schema)
     # The API server validates a custom resource's metadata as ObjectMeta, whatever its CRD says.
     schema["properties"]["metadata"] = {"$ref": OBJECT_META}
-    return CrdValidator(schema, registry=_core_schemas()[1])
+    return _crd_validator_class()(schema, registry=_core_schemas()[1])
 
 
 def _fill_defaults(schema: dict, value: Any) -> None:
@@ -573,6 +581,10 @@ def main(argv: list[str] | None = None) -> int:
         "--crds", type=Path, default=DEFAULT_CRDS, help=f"KubeRay CRD directory (default: {DEFAULT_CRDS})"
     )
     args = parser.parse_args(argv)
+    if MISSING is not None:
+        print(f"{parser.prog}: error: needs the {MISSING} package: install rayrlhf[k8s] "
+              "(pip install 'rayrlhf[k8s]')", file=sys.stderr)
+        return 2
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
         parser.error(f"no such file or directory: {', '.join(missing)}")

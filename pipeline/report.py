@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.metrics import read_metrics
+from core.metrics import read_metrics
 from pipeline.run_dir import RunDir
 
 PPO_CURVES = ("reward/score_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/clip_fraction",

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.checkpoints import atomic_write_text
-from pipeline.config import Config, config_to_yaml
+from core.checkpoints import atomic_write_text
+from core.config import Config, config_to_yaml
 
 
 @dataclass(frozen=True)

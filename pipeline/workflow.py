@@ -10,9 +10,14 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline.checkpoints import CheckpointDir, read_json
+import ray
+
+from actors.remote import RMStage, SFTStage, evaluate_task
+from core.checkpoints import CheckpointDir, read_json
+from core.config import Config
 from pipeline.cluster import connect
-from pipeline.config import Config
+from pipeline.driver import PPODriver
+from pipeline.report import write_report
 from pipeline.run_dir import RunDir, require_checkpoint
 
 log = logging.getLogger(__name__)
@@ -37,9 +42,34 @@ def _skip(run: RunDir, stage: str, resume: bool) -> bool:
     return False
 
 
-def sft(cfg: Config, run: RunDir, resume: bool = False) -> Path:
-    from actors.stages import run_sft
+def _run_on(actor) -> dict[str, float]:
+    """Run an offline stage's actor to its end, then free its resources."""
+    try:
+        return ray.get(actor.run.remote())
+    finally:
+        ray.kill(actor)
 
+
+def run_sft(cfg: Config, out_dir: Path, resume: bool = False) -> dict[str, float]:
+    actor = SFTStage.options(num_cpus=cfg.sft.num_cpus, num_gpus=cfg.sft.num_gpus).remote(cfg, str(out_dir), resume)
+    return _run_on(actor)
+
+
+def run_rm(cfg: Config, out_dir: Path, sft_checkpoint: Path, resume: bool = False) -> dict[str, float]:
+    actor = RMStage.options(num_cpus=cfg.rm.num_cpus, num_gpus=cfg.rm.num_gpus).remote(
+        cfg, str(out_dir), str(sft_checkpoint), resume)
+    return _run_on(actor)
+
+
+def evaluate_run(cfg: Config, run: RunDir) -> dict[str, float]:
+    """Evaluate a run directory's policies in a Ray task with the SFT stage's resources."""
+    ppo = run.checkpoint("ppo")
+    task = evaluate_task.options(num_cpus=cfg.sft.num_cpus, num_gpus=cfg.sft.num_gpus)
+    return ray.get(task.remote(cfg, str(run.checkpoint("sft")), str(run.checkpoint("rm")),
+                               str(ppo) if (ppo / "config.json").exists() else None, str(run.path / "eval")))
+
+
+def sft(cfg: Config, run: RunDir, resume: bool = False) -> Path:
     if not _skip(run, "sft", resume):
         connect(cfg)
         _done(run, "sft", run_sft(cfg, run.stage("sft"), resume))
@@ -47,8 +77,6 @@ def sft(cfg: Config, run: RunDir, resume: bool = False) -> Path:
 
 
 def rm(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, resume: bool = False) -> Path:
-    from actors.stages import run_rm
-
     if not _skip(run, "rm", resume):
         sft_ckpt = require_checkpoint(sft_checkpoint or run.checkpoint("sft"), "SFT")
         connect(cfg)
@@ -58,8 +86,6 @@ def rm(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, resume: boo
 
 def ppo(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, rm_checkpoint: Path | None = None,
         resume: bool = False) -> Path:
-    from pipeline.driver import PPODriver
-
     if _skip(run, "ppo", resume):
         return run.checkpoint("ppo")
     latest = CheckpointDir(run.path / "ppo" / "checkpoints").latest() if resume else None
@@ -79,9 +105,6 @@ def ppo(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, rm_checkpo
 
 
 def evaluate(cfg: Config, run: RunDir) -> Path:
-    from pipeline.evaluate import evaluate_run
-    from pipeline.report import write_report
-
     connect(cfg)
     _done(run, "eval", evaluate_run(cfg, run))
     report = write_report(run)
@@ -97,7 +120,5 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> Path:
 
 
 def shutdown() -> None:
-    import ray
-
     if ray.is_initialized():
         ray.shutdown()

@@ -4,8 +4,8 @@
 - `serving.text_scoring`: `TextRewardModel`, the plain class that turns {prompt, response} texts into
   reward-model scores exactly as the RM was trained (no Ray, no HTTP);
 - `serving.auth`: bearer-token resolution and checking, and the loopback test;
-- `serving.reward_service`: the Ray Serve deployment, `build_app` (RayService import path) and `serve_main`
+- `serving.reward_service`: the Ray Serve deployment, `build_app` (RayService import path) and `start_service`
   (`rayrlhf serve`);
-- `serving.client`: `RewardClient` (timeouts, retry budget, loud failure) and `RemoteRewardWorker`, the PPO
+- `serving.client`: `RewardClient` (timeouts, retry budget, loud failure) and `RemoteRewardScorer`, the PPO
   reward role when `reward.backend` is `http`.
 """

@@ -1,8 +1,8 @@
 """Wire format of the reward service, v1: typed request/response models shared by the service and the client.
 
-Text policy (what the reward model sees), the same as in reward-model training (`pipeline.rm.encode_responses`):
+Text policy (what the reward model sees), the same as in reward-model training (`core.text.encode_responses`):
 - `prompt` is a TL;DR query ("SUBREDDIT: ... TITLE: ... POST: ... TL;DR:"). One longer than
-  `data.max_prompt_tokens` is cut at a newline of the post, as in training (`pipeline.data.truncate_query`);
+  `data.max_prompt_tokens` is cut at a newline of the post, as in training (`core.data.truncate_query`);
   a query that cannot be cut that way (not in the TL;DR format, or its header alone too long) is rejected (422).
 - `response` is the summary text without EOS; the service appends EOS. It may be empty: a policy that ends
   its summary at once produced EOS only, and that sequence has a score. With EOS it must fit

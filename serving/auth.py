@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pipeline.config import ServeConfig
+from core.config import ServeConfig
 
 
 class TokenError(ValueError):

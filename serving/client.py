@@ -1,4 +1,5 @@
-"""Client of the reward service, and the PPO reward role that uses it (`reward.backend: http`).
+"""Client of the reward service, and the PPO reward role that uses it (`reward.backend: http`; its Ray actor is
+`actors.remote.RemoteRewardWorker`).
 
 `RewardClient` never turns a failure into a score: connection errors, timeouts, 429 and 5xx are retried
 within a budget (`max_retries`, exponential backoff), then raise `RewardServiceError`; any other 4xx raises at
@@ -14,23 +15,18 @@ scored by the service as if it had ended, which only matters when `reward.missin
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
-import ray
 import torch
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.cluster import init_worker_process
-from pipeline.config import Config
-from pipeline.experience import RolloutBatch, Scores
-from pipeline.modeling import load_tokenizer
-from pipeline.sequences import has_eos
+from core.experience import RolloutBatch, Scores
+from core.sequences import eos_trick, has_eos
 from serving.api import Health, ModelInfo, ScoreResponse
 
 log = logging.getLogger(__name__)
@@ -197,21 +193,5 @@ class RemoteRewardScorer:
                         batch.batch_id, sum(out.truncated))
         raw = torch.tensor(out.scores, dtype=torch.float32)
         eos = has_eos(batch.responses, batch.response_mask, self.tokenizer.eos_token_id)
-        scores = raw if self.missing_eos_score is None else torch.where(eos, raw, torch.full_like(raw, self.missing_eos_score))
-        return Scores(batch.batch_id, batch.shard, scores, raw, eos, time.perf_counter() - t0)
-
-
-@ray.remote
-class RemoteRewardWorker:
-    """Thin actor: the driver calls `score` exactly as it calls `actors.remote.RewardWorker.score`."""
-
-    def __init__(self, cfg: Config, tokenizer_checkpoint: str):
-        init_worker_process(1)
-        rc = cfg.reward
-        client = RewardClient(rc.url, os.environ.get(rc.token_env) or None, rc.timeout_s, rc.max_retries)
-        info = client.model_info()  # fail at start-up, not at the first batch, if the service is unusable
-        log.info("reward service %s: model %s (%s)", rc.url, info.model.version, info.model.checkpoint)
-        self.scorer = RemoteRewardScorer(client, load_tokenizer(tokenizer_checkpoint), rc.missing_eos_score)
-
-    def score(self, batch: RolloutBatch) -> Scores:
-        return self.scorer.score_rollout(batch)
+        return Scores(batch_id=batch.batch_id, shard=batch.shard, scores=eos_trick(raw, eos, self.missing_eos_score),
+                      raw_scores=raw, has_eos=eos, score_s=time.perf_counter() - t0)

@@ -19,22 +19,16 @@ Batching: items of all concurrent requests queue for `score_one` (`@serve.batch`
 Tokenizing and the model run on their own threads, never on the event loop.
 
 Entry points: `build_app` (import path `serving.reward_service:build_app` of a RayService `serveConfigV2`)
-and `serve_main` (`rayrlhf serve`).
+and `start_service` (what `rayrlhf serve` runs, see `pipeline.cli`).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' types at run time.
-import argparse
 import asyncio
 import logging
 import math
-import os
-import signal
-import sys
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
@@ -46,8 +40,8 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.cluster import init_worker_process
-from pipeline.config import Config, load_config
+from core.config import Config, load_config
+from core.process import init_worker_process
 from serving.api import (
     API_VERSION,
     MAX_PROMPT_CHARS,
@@ -61,7 +55,7 @@ from serving.api import (
     ScoreRequest,
     ScoreResponse,
 )
-from serving.auth import BearerAuth, TokenError, is_loopback, resolve_token
+from serving.auth import BearerAuth, TokenError, resolve_token
 from serving.text_scoring import TextPolicyError, TextRewardModel
 
 log = logging.getLogger(__name__)
@@ -310,58 +304,3 @@ def start_service(checkpoint: str, cfg: Config, host: str, port: int, require_to
     serve.run(reward_app(checkpoint, cfg, require_token), name=APP_NAME, route_prefix="/")
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"
-
-
-def _wait_until_interrupted() -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):  # a timed wait, so the main thread gets to run the signal handlers
-        pass
-
-
-def serve_main(args: argparse.Namespace, cfg: Config) -> int:
-    """`rayrlhf serve --checkpoint DIR [--host H] [--port N]`: serve until interrupted. Exit 2 on bad arguments."""
-    import ray
-
-    from pipeline.cluster import connect
-
-    host = args.host or cfg.serve.host
-    port = args.port or cfg.serve.port
-    checkpoint = Path(args.checkpoint).resolve()
-    if not 1 <= port <= 65535:
-        print(f"rayrlhf serve: error: --port {port} is not a TCP port", file=sys.stderr)
-        return 2
-    if not (checkpoint / "config.json").is_file():
-        print(f"rayrlhf serve: error: no reward-model checkpoint at {checkpoint} (no config.json)", file=sys.stderr)
-        return 2
-    try:
-        token = resolve_token(cfg.serve)
-    except TokenError as e:
-        print(f"rayrlhf serve: error: {e}", file=sys.stderr)
-        return 2
-    if token is None and not is_loopback(host):
-        if not cfg.serve.allow_insecure_non_loopback:
-            print(f"rayrlhf serve: error: refusing to listen on {host} without a bearer token: set "
-                  f"{cfg.serve.token_env} (serve.token_env) or serve.token_file, listen on 127.0.0.1, or set "
-                  "serve.allow_insecure_non_loopback=true to accept unauthenticated requests from the network",
-                  file=sys.stderr)
-            return 2
-        log.warning("serving on %s WITHOUT authentication (serve.allow_insecure_non_loopback=true)", host)
-    own_cluster = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    connect(cfg)
-    try:
-        url = start_service(str(checkpoint), cfg, host, port, require_token=token is not None)
-        print(f"reward service: {url} (checkpoint {checkpoint}, auth {'on' if token else 'off'}); "
-              f"GET {url}/v1/model for its version, {url}/docs for the API. Ctrl-C stops it.", flush=True)
-        _wait_until_interrupted()
-    except KeyboardInterrupt:  # Ctrl-C before the service was up (afterwards the handler stops the wait)
-        print("rayrlhf serve: interrupted during start-up", file=sys.stderr)
-        return 130
-    finally:
-        if own_cluster:
-            serve.shutdown()
-            ray.shutdown()
-        else:  # someone else's cluster: remove only this application
-            serve.delete(APP_NAME)
-    return 0

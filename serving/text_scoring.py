@@ -1,7 +1,7 @@
 """Scores for {prompt, response} texts, tokenized exactly as the reward model was trained. No Ray, no HTTP.
 
 `TextRewardModel.encode` applies the text policy documented in `serving.api` and returns token sequences
-(query tokens + response tokens + EOS, as `pipeline.rm.encode_responses` builds them); `score_sequences`
+(query tokens + response tokens + EOS, as `core.text.encode_responses` builds them); `score_sequences`
 runs the model on them (blocking; the service calls it from its model thread).
 """
 
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actors.reward import RewardScorer
-from pipeline.config import DataConfig
-from pipeline.data import DataError, truncate_query
+from core.config import DataConfig
+from core.data import DataError, truncate_query
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 

@@ -23,7 +23,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from pipeline.config import Config, load_config  # noqa: E402
+from core.config import Config, load_config  # noqa: E402
 
 # ../shared/data next to the repository; tests that need it skip when it is absent.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -101,8 +101,8 @@ class Checkpoints:
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tiny_cfg, tmp_path_factory) -> Checkpoints:
     """Tiny SFT and reward-model checkpoints, trained once per session with the plain trainers (no Ray)."""
-    from pipeline.rm import RMTrainer
-    from pipeline.sft import SFTTrainer
+    from actors.rm import RMTrainer
+    from actors.sft import SFTTrainer
 
     root = tmp_path_factory.mktemp("tiny_ckpt")
     SFTTrainer(tiny_cfg, root / "sft").run()
@@ -120,9 +120,9 @@ def make_experience(tiny_checkpoints):
     from actors.reference import ReferenceLogprobs
     from actors.reward import RewardScorer
     from actors.rollout import RolloutGenerator
-    from pipeline.data import load_tldr
-    from pipeline.experience import Experience, RolloutRequest
-    from pipeline.sft import encode_queries
+    from core.data import load_tldr
+    from core.experience import Experience, RolloutRequest
+    from core.text import encode_queries
 
     def make(cfg: Config, version: int = 0):
         from dataclasses import replace
@@ -132,7 +132,8 @@ def make_experience(tiny_checkpoints):
         tok = gen.backend.tokenizer
         queries = encode_queries(tok, [e.query for e in load_tldr(cfg.data).sft_train[:4]], cfg.data.max_prompt_tokens)
         indices = [i for i in range(4) for _ in range(2)]
-        rollout = gen.generate(RolloutRequest(version, 0, indices, [queries[i] for i in indices], seed=11 + version))
+        rollout = gen.generate(RolloutRequest(batch_id=version, shard=0, prompt_indices=indices,
+                                               prompts=[queries[i] for i in indices], seed=11 + version))
         ref = ReferenceLogprobs(sft, cfg.rollout.temperature).logprobs(rollout)
         scores = RewardScorer(rm, cfg.reward.missing_eos_score).score_rollout(rollout)
         exp = Experience.join([rollout], [ref], [scores], tok.pad_token_id)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.config import Config, ConfigError, config_from_dict, config_to_yaml, load_config, parse_override
+from core.config import Config, ConfigError, config_from_dict, config_to_yaml, load_config, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,7 @@ def test_cli_unknown_command_exits_2():
 
 
 def _niceness_after_init(nice: int, queue) -> None:
-    from pipeline.cluster import init_worker_process
+    from core.process import init_worker_process
 
     before = os.nice(0)
     init_worker_process(1, nice)

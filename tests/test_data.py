@@ -7,12 +7,12 @@ import logging
 
 import pytest
 
-from pipeline.config import DataConfig
-from pipeline.data import (
+from core.config import DataConfig
+from core.data import (
     DataError, clean_summary, format_query, lead_baseline, load_tldr, read_comparisons, read_summaries,
     split_query, truncate_query,
 )
-from pipeline.synthetic import Post, judge, make_pairs, make_posts, prefer
+from core.synthetic import Post, judge, make_pairs, make_posts, prefer
 
 # --- synthetic task ---------------------------------------------------------------------------------
 
@@ -134,8 +134,8 @@ def test_truncate_query_errors():
 
 
 def test_truncate_query_with_the_builtin_tokenizer(tiny_cfg):
-    from pipeline.data import corpus_text
-    from pipeline.modeling import train_tokenizer
+    from core.data import corpus_text
+    from core.modeling import train_tokenizer
 
     data = load_tldr(tiny_cfg.data)
     tok = train_tokenizer(corpus_text(data), tiny_cfg.model.vocab_size)
@@ -192,7 +192,7 @@ SUMMARY_ROWS = [
 
 def test_bad_rows_are_counted_and_skipped(tmp_path, caplog):
     path = _write_jsonl(tmp_path / "s.jsonl", SUMMARY_ROWS)
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="core.data"):
         out = read_summaries(_local(strict=False), str(path))
     assert [e.reference for e in out] == [" good one", " good two"]
     assert [e.id for e in out] == [f"{path}:0", f"{path}:4"]
@@ -268,7 +268,7 @@ def test_shared_tldr_files_load(shared_data):
 def test_gpt2_tokenizer_gets_a_dedicated_pad_token(shared_data):
     from transformers import GPT2TokenizerFast
 
-    from pipeline.modeling import PAD_TOKEN, prepare_tokenizer
+    from core.modeling import PAD_TOKEN, prepare_tokenizer
 
     src = shared_data / "tokenizer_gpt2"
     if not (src / "vocab.json").is_file():
@@ -284,8 +284,8 @@ def test_gpt2_tokenizer_gets_a_dedicated_pad_token(shared_data):
 
 
 def test_real_queries_truncate_with_gpt2(shared_data, gpt2_tokenizer_dir):
-    from pipeline.modeling import load_tokenizer
-    from pipeline.sft import encode_queries
+    from core.modeling import load_tokenizer
+    from core.text import encode_queries
 
     tok = load_tokenizer(str(gpt2_tokenizer_dir))
     rows = [json.loads(line) for line in (shared_data / "tldr" / "tldr_posts_dev.jsonl").open()][:24]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.metrics import read_metrics
+from core.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -98,8 +98,8 @@ def test_cli_stage_by_stage_synchronous(cli, tiny_overrides, tiny_cfg, tmp_path)
 
     # The normalising bias makes the training references score 0 on average (detail 7).
     from actors.reward import RewardScorer
-    from pipeline.data import load_tldr
-    from pipeline.rm import encode_responses
+    from core.data import load_tldr
+    from core.text import encode_responses
 
     scorer = RewardScorer(str(run / "rm" / "checkpoint"))
     refs = load_tldr(tiny_cfg.data).sft_train
@@ -132,7 +132,7 @@ def test_cli_sft_rm_on_real_tldr_files(cli, tiny_overrides, shared_data, gpt2_to
     cli("sft", run, real)
     cli("rm", run, real)
     _check_sft_rm_run(run)
-    from pipeline.modeling import load_tokenizer
+    from core.modeling import load_tokenizer
 
     tok = load_tokenizer(str(run / "sft" / "checkpoint"))
     assert len(tok) == 50258 and tok.pad_token_id == 50257 and tok.eos_token_id == 50256

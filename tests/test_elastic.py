@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.driver import SCALER_NAMESPACE, PPODriver, RolloutScaler, scaler_name
-from pipeline.experience import Experience
-from pipeline.metrics import read_metrics
+from actors.remote import RolloutScaler
+from core.scaling import SCALER_NAMESPACE, scaler_name
+from pipeline.driver import PPODriver
+from core.experience import Experience
+from core.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.driver import PPODriver
+from pipeline.launch import launch_roles
 
 pytestmark = pytest.mark.slow
 
@@ -24,39 +26,40 @@ OVERRIDES = [f"ppo.steps={STEPS}", "ppo.max_staleness=1", "rollout.num_workers=2
              "reward.num_cpus=0.5", "reference.num_cpus=0.5", "ppo.checkpoint_every=0", "ppo.sync_timeout_s=60"]
 
 
-class KillingDriver(PPODriver):
-    """Kills an actor (as a crash would: Ray may restart it) just before dispatching batch `at_batch`."""
-
-    def __init__(self, *args, victim: str, at_batch: int):
-        super().__init__(*args)
-        self.victim, self.at_batch = victim, at_batch
-        self.earlier: list = []  # every call of the batches before `at_batch`
-
-    def dispatch(self, batch_id: int, version: int):
-        import ray
-
-        if batch_id == self.at_batch:
-            # Earlier batches finish first, so the kill takes exactly the calls of batch `at_batch`.
-            ray.wait(self.earlier, num_returns=len(self.earlier), timeout=120)
-            actor = {"rollout": lambda: self.pool.handles()[0], "reference": lambda: self.reference,
-                     "reward": lambda: self.reward, "learner": lambda: self.learner}[self.victim]()
-            ray.kill(actor, no_restart=False)
-        flight = super().dispatch(batch_id, version)
-        self.earlier += flight.rollouts + flight.refs + flight.scores
-        return flight
-
-
-def _with_reward(make_actor) -> type[PPODriver]:
-    """A PPODriver whose reward scorer is `make_actor(driver)` instead of the real one."""
+def killing(driver: PPODriver, victim: str, at_batch: int) -> PPODriver:
+    """`driver`, made to kill one of its roles (as a crash would: Ray may restart it) just before it dispatches
+    batch `at_batch`; the victim is found in the driver's role handles."""
     import ray
 
-    class Driver(PPODriver):
-        def start_actors(self) -> None:
-            super().start_actors()
-            ray.kill(self.reward)
-            self.reward = make_actor(self)
+    earlier: list = []  # every call of the batches before `at_batch`
+    dispatch = driver.dispatch
 
-    return Driver
+    def kill_then_dispatch(batch_id: int, version: int):
+        if batch_id == at_batch:
+            # Earlier batches finish first, so the kill takes exactly the calls of batch `at_batch`.
+            ray.wait(earlier, num_returns=len(earlier), timeout=120)
+            roles = driver.roles
+            actor = {"rollout": roles.rollouts[0], "reference": roles.reference, "reward": roles.reward,
+                     "learner": roles.learner}[victim]
+            ray.kill(actor, no_restart=False)
+        flight = dispatch(batch_id, version)
+        earlier.extend(flight.refs())
+        return flight
+
+    driver.dispatch = kill_then_dispatch
+    return driver
+
+
+def _with_reward(make_actor):
+    """A launcher whose reward scorer is `make_actor(cfg, rm_checkpoint)` instead of the real one."""
+    import ray
+
+    def launch(cfg, sft_checkpoint, rm_checkpoint, run_name):
+        roles = launch_roles(cfg, sft_checkpoint, rm_checkpoint, run_name)
+        ray.kill(roles.reward)
+        return replace(roles, reward=make_actor(cfg, rm_checkpoint))
+
+    return launch
 
 
 def _run(driver: PPODriver) -> dict:
@@ -83,8 +86,8 @@ def uninterrupted(ray_local, make_tiny_cfg, tiny_checkpoints, tmp_path_factory) 
 def test_killed_actor_is_restarted_and_its_work_dispatched_again_once(uninterrupted, make_tiny_cfg, tiny_checkpoints,
                                                                       tmp_path, victim, capsys):
     run = tmp_path / victim
-    summary = _run(KillingDriver(make_tiny_cfg(*OVERRIDES), run / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm,
-                                 victim=victim, at_batch=2))
+    driver = PPODriver(make_tiny_cfg(*OVERRIDES), run / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm)
+    summary = _run(killing(driver, victim, at_batch=2))
     assert summary["ppo/steps"] == STEPS
 
     a, b = _policy(uninterrupted), _policy(run)
@@ -118,8 +121,8 @@ def test_killed_actor_is_restarted_and_its_work_dispatched_again_once(uninterrup
 
 def test_actor_that_cannot_restart_ends_the_run_naming_it(ray_local, make_tiny_cfg, tiny_checkpoints, tmp_path):
     cfg = make_tiny_cfg(*OVERRIDES, "ppo.max_actor_restarts=0")
-    driver = KillingDriver(cfg, tmp_path / "run" / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm,
-                           victim="rollout", at_batch=2)
+    driver = killing(PPODriver(cfg, tmp_path / "run" / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm),
+                     "rollout", at_batch=2)
     with pytest.raises(RuntimeError, match=r"rollout worker 0 died and Ray did not restart it \(ppo.max_actor_restarts=0\)"):
         _run(driver)
 
@@ -127,8 +130,8 @@ def test_actor_that_cannot_restart_ends_the_run_naming_it(ray_local, make_tiny_c
 def test_a_dead_learner_ends_the_run_pointing_at_the_last_checkpoint(ray_local, make_tiny_cfg, tiny_checkpoints,
                                                                      tmp_path):
     cfg = make_tiny_cfg(*OVERRIDES, "ppo.checkpoint_every=1", "rollout.num_workers=1")
-    driver = KillingDriver(cfg, tmp_path / "run" / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm,
-                           victim="learner", at_batch=3)
+    driver = killing(PPODriver(cfg, tmp_path / "run" / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm),
+                     "learner", at_batch=3)
     with pytest.raises(RuntimeError, match=r"learner .* failed: an actor died.*the last checkpoint is .*step-00000[12]"):
         _run(driver)
 
@@ -142,11 +145,11 @@ def test_a_hanging_reward_scorer_times_out_naming_it(ray_local, make_tiny_cfg, t
             time.sleep(3600)
 
     cfg = make_tiny_cfg(*OVERRIDES, "ppo.sync_timeout_s=8")
-    Driver = _with_reward(lambda driver: HangingReward.remote())
+    launcher = _with_reward(lambda cfg, rm: HangingReward.remote())
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match=r"batch 0: reward of shard 0, reward of shard 1 did not finish within "
                                            r"ppo.sync_timeout_s=8.0s"):
-        _run(Driver(cfg, tmp_path / "run" / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm))
+        _run(PPODriver(cfg, tmp_path / "run" / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm, launcher=launcher))
     assert time.monotonic() - t0 < 120
 
 
@@ -168,12 +171,12 @@ def test_nan_reward_stops_the_step_and_keeps_the_last_good_checkpoint(ray_local,
                 out.scores[0] = float("nan")
             return out
 
-    Driver = _with_reward(lambda driver: NaNAfter.remote(driver.cfg, driver.rm_checkpoint))
+    launcher = _with_reward(lambda cfg, rm: NaNAfter.remote(cfg, rm))
     cfg = make_tiny_cfg(*OVERRIDES, "ppo.checkpoint_every=2", "rollout.num_workers=1")
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match=r"PPO step 4 stopped: .*non-finite reward scores in batch 3.*"
                                            r"the last checkpoint is .*step-000002"):
-        _run(Driver(cfg, run / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm))
+        _run(PPODriver(cfg, run / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm, launcher=launcher))
     latest = run / "ppo" / "checkpoints" / "latest"
     assert latest.read_text() == "step-000002"
     state = json.loads((run / "ppo" / "checkpoints" / "step-000002" / "driver_state.json").read_text())

@@ -24,7 +24,7 @@ def experience(make_tiny_cfg, make_experience):
 
 
 def _learner(make_tiny_cfg, ckpt, *overrides: str) -> PPOLearner:
-    return PPOLearner(make_tiny_cfg(*ONE_STEP, *overrides), str(ckpt.sft), str(ckpt.rm), device="cpu")
+    return PPOLearner.from_config(make_tiny_cfg(*ONE_STEP, *overrides), str(ckpt.sft), str(ckpt.rm), device="cpu")
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -108,7 +108,7 @@ def test_rloo_learner_has_no_critic(make_tiny_cfg, tiny_checkpoints, experience)
 
 
 def test_packet_carries_the_version_and_checksum(make_tiny_cfg, tiny_checkpoints, experience):
-    from pipeline.weight_sync import checksum
+    from core.weight_sync import checksum
 
     learner = _learner(make_tiny_cfg, tiny_checkpoints, "ppo.micro_batch_size=8")
     p0 = learner.make_packet()

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.rm import pairwise_loss
-from pipeline.sequences import last_token_index, pad_left, pad_right, sequence_scores
-from pipeline.sft import IGNORE, EncodedSummary, sft_batch, sft_loss
+from actors.rm import pairwise_loss
+from core.sequences import last_token_index, pad_left, pad_right, sequence_scores
+from actors.sft import IGNORE, sft_batch, sft_loss
+from core.text import EncodedSummary
 
 # Vocabulary of 3 for the hand computations: pad 0, "word" 1, EOS 2.
 PAD, W, EOS = 0, 1, 2
@@ -103,7 +104,7 @@ def test_last_token_index():
 
 @pytest.mark.slow
 def test_reward_read_at_last_real_token_is_padding_invariant(tiny_checkpoints):
-    from pipeline.modeling import load_scalar_model, load_tokenizer
+    from core.modeling import load_scalar_model, load_tokenizer
 
     tok = load_tokenizer(str(tiny_checkpoints.rm))
     model = load_scalar_model(str(tiny_checkpoints.rm), tok).eval()

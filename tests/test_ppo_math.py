@@ -1,4 +1,4 @@
-"""Every function of pipeline.ppo_math against numbers worked out by hand (in the comments)."""
+"""Every function of core.ppo_math against numbers worked out by hand (in the comments)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline import ppo_math as pm
+from core import ppo_math as pm
 
 
 def t(x) -> torch.Tensor:

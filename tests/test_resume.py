@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoints import CheckpointDir
-from pipeline.ledger import ExperienceLedger, LedgerError
+from core.checkpoints import CheckpointDir
+from core.ledger import ExperienceLedger, LedgerError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_checkpoint_dir_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path)
 
 @pytest.mark.parametrize("start", [0, 3, 4, 5, 11])
 def test_epoch_batches_from_any_step_are_the_tail_of_the_whole_order(start):
-    from pipeline.sft import epoch_batches
+    from core.training import epoch_batches
 
     whole = list(epoch_batches(10, 3, epochs=4, seed=7))  # 3 batches per epoch, the 10th example dropped
     assert len(whole) == 12 and all(len(b) == 3 for b in whole)
@@ -109,15 +109,16 @@ def test_resume_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys):
 def test_sft_and_rm_resume_from_their_last_checkpoint_equal_uninterrupted(make_tiny_cfg, tiny_checkpoints, tmp_path,
                                                                           monkeypatch):
     """Die right after the first training-state save, resume, and end with the same weights."""
-    import pipeline.rm as rm_mod
-    import pipeline.sft as sft_mod
+    import actors.rm as rm_mod
+    import actors.sft as sft_mod
+    import core.training as training
     from safetensors.torch import load_file
 
     cfg = make_tiny_cfg("sft.epochs=2", "sft.eval_every=4", "rm.epochs=2", "rm.eval_every=4")
     for mod, make in ((sft_mod, lambda d, r: sft_mod.SFTTrainer(cfg, d, resume=r)),
                       (rm_mod, lambda d, r: rm_mod.RMTrainer(cfg, d, tiny_checkpoints.sft, resume=r))):
         whole = make(tmp_path / f"{mod.__name__}-whole", False).run()
-        real_save = mod.save_training_state
+        real_save = training.save_training_state
 
         class Died(Exception):
             pass
@@ -126,10 +127,10 @@ def test_sft_and_rm_resume_from_their_last_checkpoint_equal_uninterrupted(make_t
             real_save(*args, **kwargs)
             raise Died
 
-        monkeypatch.setattr(mod, "save_training_state", save_then_die)
+        monkeypatch.setattr(training, "save_training_state", save_then_die)
         with pytest.raises(Died):
             make(tmp_path / f"{mod.__name__}-killed", False).run()
-        monkeypatch.setattr(mod, "save_training_state", real_save)
+        monkeypatch.setattr(training, "save_training_state", real_save)
         resumed = make(tmp_path / f"{mod.__name__}-killed", True).run()
 
         for key in whole:
@@ -150,12 +151,12 @@ def test_learner_save_load_continues_identically(make_tiny_cfg, tiny_checkpoints
     cfg = make_tiny_cfg("ppo.prompts_per_step=4", "ppo.samples_per_prompt=2", "ppo.ppo_epochs=2",
                         "ppo.minibatch_size=4", "ppo.micro_batch_size=2")
     exp0, exp1 = make_experience(cfg, version=0), make_experience(cfg, version=1)
-    a = PPOLearner(cfg, str(tiny_checkpoints.sft), str(tiny_checkpoints.rm), device="cpu")
+    a = PPOLearner.from_config(cfg, str(tiny_checkpoints.sft), str(tiny_checkpoints.rm), device="cpu")
     a.train_step(exp0)
     a.save(tmp_path)
     m_a = a.train_step(exp1)
 
-    b = PPOLearner(cfg, str(tiny_checkpoints.sft), str(tiny_checkpoints.rm), device="cpu")
+    b = PPOLearner.from_config(cfg, str(tiny_checkpoints.sft), str(tiny_checkpoints.rm), device="cpu")
     assert b.load(tmp_path) == 1
     m_b = b.train_step(exp1)
     assert {k: v for k, v in m_a.items() if not k.startswith("timing/")} == \

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.sequences import (
+from core.sequences import (
     has_eos, pad_left, pad_right, position_ids, response_logprobs, sample, trim_padding, truncate_after_eos,
 )
 
@@ -61,7 +61,7 @@ def test_trim_padding_drops_only_columns_that_are_padding_in_every_row():
 
 @pytest.fixture(scope="module")
 def policy(tiny_checkpoints):
-    from pipeline.modeling import load_causal_lm, load_tokenizer
+    from core.modeling import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(str(tiny_checkpoints.sft))
     return load_causal_lm(str(tiny_checkpoints.sft), tok).eval(), tok
@@ -70,8 +70,8 @@ def policy(tiny_checkpoints):
 @pytest.fixture(scope="module")
 def prompts(tiny_cfg, policy) -> list[list[int]]:
     """Four truncated synthetic queries of different lengths."""
-    from pipeline.data import load_tldr
-    from pipeline.sft import encode_queries
+    from core.data import load_tldr
+    from core.text import encode_queries
 
     _, tok = policy
     queries = [e.query for e in load_tldr(tiny_cfg.data).sft_test]
@@ -110,8 +110,8 @@ def test_logprobs_are_padding_invariant(policy, prompts):
 def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts):
     from actors.reference import ReferenceLogprobs
     from actors.rollout import HFBackend
-    from pipeline.config import RolloutConfig
-    from pipeline.experience import RolloutBatch
+    from core.config import RolloutConfig
+    from core.experience import RolloutBatch
 
     cfg = RolloutConfig(temperature=0.7, max_new_tokens=12)
     backend = HFBackend(str(tiny_checkpoints.sft), cfg)
@@ -124,7 +124,8 @@ def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts
     assert torch.equal(again, responses)
 
     p, pm = pad_left(rep, backend.tokenizer.pad_token_id)
-    batch = RolloutBatch(0, 0, 0, 0, list(range(8)), p, pm, responses, rmask, logprobs)
+    batch = RolloutBatch(batch_id=0, shard=0, worker=0, policy_version=0, prompt_indices=list(range(8)), prompts=p,
+                         prompt_mask=pm, responses=responses, response_mask=rmask, logprobs=logprobs)
     ref = ReferenceLogprobs(str(tiny_checkpoints.sft), temperature=0.7, batch_size=3).logprobs(batch)
     assert (ref.logprobs - logprobs).abs().max().item() < 1e-5
 

@@ -31,13 +31,13 @@ import torch  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from actors.reward import RewardScorer  # noqa: E402
-from pipeline.config import Config, ServeConfig  # noqa: E402
-from pipeline.data import corpus_text, load_tldr  # noqa: E402
-from pipeline.experience import RolloutBatch  # noqa: E402
-from pipeline.modeling import build_tiny_llama, load_scalar_model, save_checkpoint, train_tokenizer  # noqa: E402
-from pipeline.rm import encode_responses  # noqa: E402
-from pipeline.sequences import pad_left, pad_right  # noqa: E402
-from pipeline.sft import encode_queries  # noqa: E402
+from core.config import Config, ServeConfig  # noqa: E402
+from core.data import corpus_text, load_tldr  # noqa: E402
+from core.experience import RolloutBatch  # noqa: E402
+from core.modeling import build_tiny_llama, load_scalar_model, save_checkpoint, train_tokenizer  # noqa: E402
+from core.text import encode_responses  # noqa: E402
+from core.sequences import pad_left, pad_right  # noqa: E402
+from core.text import encode_queries  # noqa: E402
 from serving.auth import BearerAuth, TokenError, is_loopback, resolve_token  # noqa: E402
 from serving.client import RemoteRewardScorer, RewardClient, RewardServiceError  # noqa: E402
 from serving.reward_service import OPEN_PATHS, PROTECTED_PATHS  # noqa: E402
@@ -329,7 +329,8 @@ def test_remote_scorer_matches_reward_scorer_on_a_rollout(service: str, cfg: Con
     responses = [(b + [eos])[:R] for b in bodies]  # the second has no EOS within R
     p_ids, p_mask = pad_left(prompts, tok.pad_token_id)
     r_ids, r_mask = pad_right(responses, tok.pad_token_id, width=R)
-    batch = RolloutBatch(3, 1, 0, 0, [0, 1, 2, 3], p_ids, p_mask, r_ids, r_mask, torch.zeros(4, R))
+    batch = RolloutBatch(batch_id=3, shard=1, worker=0, policy_version=0, prompt_indices=[0, 1, 2, 3], prompts=p_ids,
+                         prompt_mask=p_mask, responses=r_ids, response_mask=r_mask, logprobs=torch.zeros(4, R))
     local = scorer.score_rollout(batch)
     with RewardClient(service, TOKEN) as client:
         remote = RemoteRewardScorer(client, tok, -1.0).score_rollout(batch)

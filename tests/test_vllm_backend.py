@@ -21,12 +21,12 @@ import torch
 
 from actors.rollout import RolloutGenerator
 from actors.vllm_backend import VLLMBackend
-from pipeline.config import DataConfig, ModelConfig, RolloutConfig
-from pipeline.data import corpus_text, load_tldr
-from pipeline.experience import RolloutBatch, RolloutRequest
-from pipeline.modeling import build_tiny_llama, load_causal_lm, load_tokenizer, save_checkpoint, train_tokenizer
-from pipeline.sequences import has_eos, pad_left, response_logprobs, sample, truncate_after_eos
-from pipeline.weight_sync import make_packet
+from core.config import DataConfig, ModelConfig, RolloutConfig
+from core.data import corpus_text, load_tldr
+from core.experience import RolloutBatch, RolloutRequest
+from core.modeling import build_tiny_llama, load_causal_lm, load_tokenizer, save_checkpoint, train_tokenizer
+from core.sequences import has_eos, pad_left, response_logprobs, sample, truncate_after_eos
+from core.weight_sync import make_packet
 
 REPO = Path(__file__).resolve().parents[1]
 T = 0.7
@@ -79,7 +79,7 @@ def queries(policy_dir) -> list[list[int]]:
 
 def _request(prompts: list[list[int]], n: int, seed: int) -> RolloutRequest:
     rep = [i for i in range(len(prompts)) for _ in range(n)]
-    return RolloutRequest(0, 0, rep, [prompts[i] for i in rep], seed)
+    return RolloutRequest(batch_id=0, shard=0, prompt_indices=rep, prompts=[prompts[i] for i in rep], seed=seed)
 
 
 def _hf_policy(path: Path):
@@ -87,7 +87,7 @@ def _hf_policy(path: Path):
 
 
 def assert_rollout_conventions(responses, mask, logprobs, eos: int, pad: int) -> None:
-    """What every role assumes of a rollout (see pipeline/sequences.py), checked row by row."""
+    """What every role assumes of a rollout (see core/sequences.py), checked row by row."""
     assert responses.shape == mask.shape == logprobs.shape and responses.shape[1] == MAX_NEW
     assert (responses.dtype, mask.dtype, logprobs.dtype) == (torch.long, torch.long, torch.float32)
     assert torch.equal(torch.stack(truncate_after_eos(responses, eos, pad)), torch.stack([responses, mask]))

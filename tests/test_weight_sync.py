@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from pipeline.weight_sync import (
+from core.weight_sync import (
     CollectiveGroup, WeightSyncError, checksum, make_packet, pack, plan_buckets, unpack,
 )
 
@@ -128,12 +128,13 @@ def _get(refs):
 
 def _train_step(cfg, learner, worker) -> int:
     """Generate on the worker, score by hand (reference = behaviour, seeded random scores), one learner update."""
-    from pipeline.experience import Experience, RolloutRequest
+    from core.experience import Experience, RolloutRequest
 
     version = _get(learner.weights_checksum.remote())[0]
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16], [17, 18]]
     rep = [p for p in prompts for _ in range(2)]
-    rollout = _get(worker.generate.remote(RolloutRequest(version, 0, [i // 2 for i in range(8)], rep, seed=version)))
+    req = RolloutRequest(batch_id=version, shard=0, prompt_indices=[i // 2 for i in range(8)], prompts=rep, seed=version)
+    rollout = _get(worker.generate.remote(req))
     exp = Experience(
         batch_id=version, policy_version=version, prompt_indices=rollout.prompt_indices, prompts=rollout.prompts,
         prompt_mask=rollout.prompt_mask, responses=rollout.responses, response_mask=rollout.response_mask,

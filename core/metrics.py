@@ -7,7 +7,7 @@ import math
 import time
 from pathlib import Path
 
-from pipeline.checkpoints import atomic_write_text
+from core.checkpoints import atomic_write_text
 
 
 class MetricsLogger:

@@ -1,4 +1,7 @@
-"""Typed messages between the PPO roles. Shapes: B sequences, P prompt tokens (left-padded), R response tokens."""
+"""Typed messages between the PPO roles. Shapes: B sequences, P prompt tokens (left-padded), R response tokens.
+
+Messages of more than four fields are built by keyword only (`kw_only`): a call site names what it sets.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RolloutRequest:
     """One shard of a PPO batch for one rollout worker."""
 
@@ -25,7 +28,7 @@ class VersionMismatch(RuntimeError):
     """A rollout worker was asked for a version it does not hold (it restarted and lost its weights)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RolloutBatch:
     """Responses sampled by one worker with exactly one policy version.
 
@@ -47,7 +50,7 @@ class RolloutBatch:
     generate_s: float = 0.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Scores:
     """Reward-model output for one rollout batch: scores (B,) after bias and EOS trick; has_eos (B,)."""
 
@@ -67,7 +70,7 @@ class RefLogprobs:
     ref_s: float = 0.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Experience:
     """A rollout joined with its reference log-probs and scores: what the learner consumes."""
 

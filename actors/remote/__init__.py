@@ -1,4 +1,8 @@
-"""Thin Ray actors around the plain role classes: a few lines per remote method, nothing else.
+"""Every `@ray.remote` of rayrlhf: thin Ray wrappers around the plain role classes, a few lines per method.
+
+PPO roles: `RolloutWorker`, `ReferenceWorker`, `RewardWorker` (or `RemoteRewardWorker`, the reward service over
+HTTP), `LearnerWorker`, and `RolloutScaler` (elastic rollout's control channel). Offline stages: `SFTStage`,
+`RMStage`, `evaluate_task`. Placement and resources are the caller's (`pipeline.launch`, `pipeline.workflow`).
 
 Each actor runs one call at a time (Ray's default for sync actors), which is what makes a weight swap
 and a generate call on one rollout worker mutually exclusive.
@@ -6,17 +10,31 @@ and a generate call on one rollout worker mutually exclusive.
 
 from __future__ import annotations
 
-import torch
-import ray
+import logging
+import os
+from pathlib import Path
 
+import ray
+import torch
+
+from actors.evaluate import evaluate_policies
 from actors.learner import PPOLearner
 from actors.reference import ReferenceLogprobs
 from actors.reward import RewardScorer
+from actors.rm import RMTrainer
 from actors.rollout import RolloutGenerator
-from pipeline.cluster import init_worker_process
-from pipeline.config import Config
-from pipeline.experience import Experience, RefLogprobs, RolloutBatch, RolloutRequest, Scores
-from pipeline.weight_sync import BucketLayout, CollectiveGroup, WeightsPacket, WeightSyncError, checksum, pack, plan_buckets
+from actors.sft import SFTTrainer
+from core.config import Config
+from core.experience import Experience, RefLogprobs, RolloutBatch, RolloutRequest, Scores
+from core.modeling import load_tokenizer
+from core.process import init_worker_process
+from core.scaling import ScaleControl, ScaleStatus
+from core.weight_sync import BucketLayout, CollectiveGroup, WeightsPacket, WeightSyncError, checksum, pack, plan_buckets
+from serving.client import RemoteRewardScorer, RewardClient
+
+log = logging.getLogger(__name__)
+
+# --- PPO roles --------------------------------------------------------------------------------------
 
 
 @ray.remote
@@ -76,10 +94,26 @@ class RewardWorker:
 
 
 @ray.remote
+class RemoteRewardWorker:
+    """The reward role over HTTP (`reward.backend: http`): the driver calls `score` exactly as on `RewardWorker`."""
+
+    def __init__(self, cfg: Config, tokenizer_checkpoint: str):
+        init_worker_process(1)
+        rc = cfg.reward
+        client = RewardClient(rc.url, os.environ.get(rc.token_env) or None, rc.timeout_s, rc.max_retries)
+        info = client.model_info()  # fail at start-up, not at the first batch, if the service is unusable
+        log.info("reward service %s: model %s (%s)", rc.url, info.model.version, info.model.checkpoint)
+        self.scorer = RemoteRewardScorer(client, load_tokenizer(tokenizer_checkpoint), rc.missing_eos_score)
+
+    def score(self, batch: RolloutBatch) -> Scores:
+        return self.scorer.score_rollout(batch)
+
+
+@ray.remote
 class LearnerWorker:
     def __init__(self, cfg: Config, sft_checkpoint: str, rm_checkpoint: str):
         init_worker_process(cfg.ppo.num_cpus)
-        self.learner = PPOLearner(cfg, sft_checkpoint, rm_checkpoint)
+        self.learner = PPOLearner.from_config(cfg, sft_checkpoint, rm_checkpoint)
         self.group: CollectiveGroup | None = None
 
     def train_step(self, exp: Experience) -> dict[str, float]:
@@ -115,3 +149,54 @@ class LearnerWorker:
         self.group.broadcast([torch.tensor([version], dtype=torch.long, device=dev)])
         self.group.broadcast([b.to(dev) for b in pack(self.learner.policy_weights(), self.layouts)])
         return version
+
+
+@ray.remote(num_cpus=0)
+class RolloutScaler:
+    """Elastic rollout's control channel (`core.scaling.ScaleControl`), a named actor (`scaler_name(run)` in
+    namespace `SCALER_NAMESPACE`), not detached: it lives and dies with the driver."""
+
+    def __init__(self, workers: int, weight_sync: str):
+        self.control = ScaleControl(workers, weight_sync)
+
+    def set_desired(self, n: int) -> ScaleStatus:
+        return self.control.set_desired(n)
+
+    def get_desired(self) -> int:
+        return self.control.status.desired
+
+    def report(self, active: int, starting: int, step: int) -> None:
+        self.control.report(active, starting, step)
+
+    def get_status(self) -> ScaleStatus:
+        return self.control.status
+
+
+# --- offline stages ---------------------------------------------------------------------------------
+
+
+@ray.remote
+class SFTStage:
+    def __init__(self, cfg: Config, out_dir: str, resume: bool):
+        init_worker_process(cfg.sft.num_cpus)
+        self.trainer = SFTTrainer(cfg, Path(out_dir), resume)
+
+    def run(self) -> dict[str, float]:
+        return self.trainer.run()
+
+
+@ray.remote
+class RMStage:
+    def __init__(self, cfg: Config, out_dir: str, sft_checkpoint: str, resume: bool):
+        init_worker_process(cfg.rm.num_cpus)
+        self.trainer = RMTrainer(cfg, Path(out_dir), sft_checkpoint, resume)
+
+    def run(self) -> dict[str, float]:
+        return self.trainer.run()
+
+
+@ray.remote
+def evaluate_task(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, ppo_checkpoint: str | None,
+                  out_dir: str) -> dict[str, float]:
+    init_worker_process(cfg.sft.num_cpus)
+    return evaluate_policies(cfg, sft_checkpoint, rm_checkpoint, ppo_checkpoint, Path(out_dir))

@@ -16,6 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+# Head sizes of vLLM's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py): the builtin model keeps to
+# them so that `rollout.backend: vllm` works on CPU; `actors.vllm_backend` checks a loaded checkpoint against them.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the offending key."""
 
@@ -79,7 +84,7 @@ class ModelConfig(_Section):
                 raise ValueError(f"model.name_or_path: unknown builtin {self.name_or_path!r} (known: builtin:tiny-llama)")
             _divides("model", "hidden_size", self.hidden_size, "num_heads", self.num_heads)
             head_dim = self.hidden_size // self.num_heads
-            if head_dim not in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512):
+            if head_dim not in VLLM_CPU_HEAD_SIZES:
                 raise ValueError(f"model.hidden_size/num_heads gives head_dim {head_dim}; use 32, 64, 80, 96, 112, 128, ...")
         return self
 
@@ -367,7 +372,7 @@ def reference_markdown() -> str:
         lines += [f"### `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, f in model.model_fields.items():
             ann = f.annotation.__name__ if isinstance(f.annotation, type) else str(f.annotation)
-            for noise in ("typing.", "__main__.", "pipeline.config."):
+            for noise in ("typing.", "__main__.", "core.config."):
                 ann = ann.replace(noise, "")
             ann = ann.replace("|", "\\|")
             default = f.default if not isinstance(f.default, BaseModel) else "{...}"
@@ -376,5 +381,5 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m pipeline.config  -> the config reference in Markdown
+if __name__ == "__main__":  # python -m core.config  -> the config reference in Markdown
     print(reference_markdown())

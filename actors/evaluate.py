@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from actors.reward import RewardScorer
-from pipeline.config import Config
-from pipeline.data import SummaryExample, load_tldr
-from pipeline.experience import RolloutBatch
-from pipeline.modeling import load_causal_lm, load_tokenizer
-from pipeline.sequences import pad_left, response_logprobs, sample
-from pipeline.sft import encode_queries, rouge, seed_everything
-from pipeline.synthetic import judge
+from core.config import Config
+from core.data import SummaryExample, load_tldr
+from core.modeling import load_frozen
+from core.sequences import pad_left, response_logprobs, sample
+from core.synthetic import judge
+from core.text import encode_queries, rouge
+from core.training import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,7 @@ class PolicySamples:
 @torch.no_grad()
 def sample_policy(cfg: Config, checkpoint: str, reference, scorer: RewardScorer, queries: list[list[int]],
                   seed: int) -> PolicySamples:
-    tok = load_tokenizer(checkpoint)
-    model = load_causal_lm(checkpoint, tok, cfg.model.dtype).eval()
+    model, tok = load_frozen(checkpoint, "causal_lm", cfg.model.dtype, device="cpu")
     out = PolicySamples([], [], [], [])
     bs = cfg.eval.batch_size
     for i in range(0, len(queries), bs):
@@ -52,8 +51,7 @@ def sample_policy(cfg: Config, checkpoint: str, reference, scorer: RewardScorer,
                                   temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
         logp, _ = response_logprobs(model, prompts, pmask, responses, rmask, cfg.rollout.temperature)
         ref_logp, _ = response_logprobs(reference, prompts, pmask, responses, rmask, cfg.rollout.temperature)
-        batch = RolloutBatch(0, 0, 0, 0, [], prompts, pmask, responses, rmask, logp)
-        out.scores += scorer.score_rollout(batch).scores.tolist()
+        out.scores += scorer.score_tokens(prompts, pmask, responses, rmask).scores.tolist()
         out.kl += (logp - ref_logp).sum(-1).tolist()
         out.lengths += rmask.sum(-1).tolist()
         out.texts += tok.batch_decode(responses.masked_fill(rmask == 0, tok.pad_token_id), skip_special_tokens=True)
@@ -77,9 +75,8 @@ def evaluate_policies(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, ppo_
     seed_everything(cfg.run.seed)
     data = load_tldr(cfg.data)
     examples = data.sft_test[: cfg.eval.num_prompts]
-    tok = load_tokenizer(sft_checkpoint)
+    reference, tok = load_frozen(sft_checkpoint, "causal_lm", cfg.model.dtype, device="cpu")
     queries = encode_queries(tok, [e.query for e in examples], cfg.data.max_prompt_tokens)
-    reference = load_causal_lm(sft_checkpoint, tok, cfg.model.dtype).eval()
     scorer = RewardScorer(rm_checkpoint, cfg.reward.missing_eos_score, cfg.reward.batch_size, cfg.model.dtype)
     seed = cfg.run.seed + 777
     policies = {"sft": sample_policy(cfg, sft_checkpoint, reference, scorer, queries, seed)}
@@ -110,20 +107,3 @@ def evaluate_policies(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, ppo_
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({"metrics": results, "samples": samples}, indent=2))
     return results
-
-
-def evaluate_run(cfg: Config, run) -> dict[str, float]:
-    """Evaluate a run directory's policies inside a Ray actor with the SFT stage's resources."""
-    import ray
-
-    from pipeline.cluster import init_worker_process
-
-    ppo = run.checkpoint("ppo")
-
-    @ray.remote
-    def _eval() -> dict[str, float]:
-        init_worker_process(cfg.sft.num_cpus)
-        return evaluate_policies(cfg, str(run.checkpoint("sft")), str(run.checkpoint("rm")),
-                                 str(ppo) if (ppo / "config.json").exists() else None, run.path / "eval")
-
-    return ray.get(_eval.options(num_cpus=cfg.sft.num_cpus, num_gpus=cfg.sft.num_gpus).remote())

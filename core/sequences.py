@@ -74,6 +74,14 @@ def has_eos(responses: Tensor, response_mask: Tensor, eos_id: int) -> Tensor:
     return ((responses == eos_id) & response_mask.bool()).any(-1)
 
 
+def eos_trick(raw_scores: Tensor, has_eos: Tensor, missing_eos_score: float | None) -> Tensor:
+    """(B,) scores: a response that used its whole budget without emitting EOS gets `missing_eos_score` instead
+    of the reward model's score (detail 6, Huang et al. 2024); None keeps the model's score."""
+    if missing_eos_score is None:
+        return raw_scores
+    return torch.where(has_eos, raw_scores, torch.full_like(raw_scores, missing_eos_score))
+
+
 def _response_logits(model: nn.Module, ids: Tensor, mask: Tensor, R: int) -> Tensor:
     """Logits at the R positions that predict the response tokens -> (B, R, V).
 

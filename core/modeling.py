@@ -14,6 +14,7 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from pipeline.config import LoraConfig, ModelConfig
+from core.config import LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,21 @@ def load_scalar_model(path: str, tokenizer: PreTrainedTokenizerBase, dtype: str 
         nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(d + 1))
         model.config.reward_bias = 0.0
     return model
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_frozen(checkpoint: str, kind: Literal["causal_lm", "scalar"], dtype: str = "float32",
+                device: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model for inference only (reference, reward scorer, rollout, evaluation): its tokenizer, the model in
+    eval mode on `device` (default: the GPU if there is one) with dropout off, so every role scores alike."""
+    tokenizer = load_tokenizer(checkpoint)
+    load = load_causal_lm if kind == "causal_lm" else load_scalar_model
+    model = load(checkpoint, tokenizer, dtype).to(device or default_device()).eval()
+    disable_dropout(model)
+    return model, tokenizer
 
 
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig | None, task_type: str) -> PreTrainedModel:

@@ -15,15 +15,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from pipeline.checkpoints import CheckpointDir, resume_or_start, save_training_state
-from pipeline.config import Config
-from pipeline.data import ComparisonExample, SummaryExample, load_tldr
-from pipeline.metrics import MetricsLogger
-from pipeline.modeling import apply_lora, count_params, load_scalar_model, load_tokenizer, save_checkpoint
-from pipeline.sequences import pad_right, sequence_scores
-from pipeline.sft import encode_queries, epoch_batches, seed_everything
+from core.config import Config
+from core.data import ComparisonExample, SummaryExample, load_tldr
+from core.metrics import MetricsLogger
+from core.modeling import apply_lora, count_params, load_scalar_model, load_tokenizer, save_checkpoint
+from core.sequences import pad_right, sequence_scores
+from core.text import encode_responses
+from core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +30,6 @@ log = logging.getLogger(__name__)
 def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     """Bradley-Terry negative log-likelihood, mean over pairs: -log sigmoid(r_c - r_r) (Stiennon et al. eq. 1)."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
-
-
-def encode_responses(tokenizer: PreTrainedTokenizerBase, queries: list[str], responses: list[str],
-                     max_prompt_tokens: int, max_summary_tokens: int) -> list[list[int]]:
-    """query tokens + response tokens + EOS, each part cut to its budget: what the scorer sees."""
-    q_ids = encode_queries(tokenizer, queries, max_prompt_tokens)
-    r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    return [q + (r + [eos])[:max_summary_tokens] for q, r in zip(q_ids, r_ids)]
 
 
 @torch.no_grad()
@@ -76,17 +66,11 @@ class RMTrainer:
                  len(data.pairs_valid))
         train_c, train_r = self._encode_pairs(tok, data.pairs_train)
         valid = self._encode_pairs(tok, data.pairs_valid)  # once, not at every validation
-        steps_per_epoch = len(train_c) // rc.batch_size
-        if steps_per_epoch == 0:
-            raise ValueError(f"rm.batch_size {rc.batch_size} exceeds the {len(train_c)} training pairs")
-        total = steps_per_epoch * rc.epochs
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rc.lr, weight_decay=rc.weight_decay)
-        sched = get_cosine_schedule_with_warmup(opt, int(rc.warmup_ratio * total), total)
-        best: dict[str, float] = {"rm/valid_accuracy": -1.0}
-        ckpts = CheckpointDir(self.out_dir / "checkpoints", cfg.run.keep_checkpoints)
-        step, best = resume_or_start(ckpts, self.resume, self.out_dir, model, opt, sched, best)
+        training = start_training(model, rc, len(train_c), "pairs", self.out_dir, cfg.run.keep_checkpoints,
+                                  self.resume, best={"rm/valid_accuracy": -1.0})
+        step, best = training.step, training.best
         metrics = MetricsLogger(self.out_dir)
-        bar = tqdm(total=total, initial=step, desc="rm", mininterval=2, ascii=True)
+        bar = tqdm(total=training.total_steps, initial=step, desc="rm", mininterval=2, ascii=True)
         for idx in epoch_batches(len(train_c), rc.batch_size, rc.epochs, cfg.run.seed, step):
             model.train()
             loss_sum, correct = 0.0, 0
@@ -100,22 +84,16 @@ class RMTrainer:
                 loss.backward()
                 loss_sum += loss.item()
                 correct += int((rc_ > rr).sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(model, training.opt, training.sched, rc.max_grad_norm)
             step += 1
             bar.update(1)
             metrics.log(step, {"rm/loss": loss_sum, "rm/train_accuracy": correct / len(idx),
-                               "rm/grad_norm": float(grad_norm), "rm/lr": sched.get_last_lr()[0]})
-            if step % rc.eval_every == 0 or step == total:
+                               "rm/grad_norm": grad_norm, "rm/lr": training.sched.get_last_lr()[0]})
+            if step % rc.eval_every == 0 or step == training.total_steps:
                 result = self.evaluate(model, tok, data.pairs_valid, valid)
                 metrics.log(step, result)
                 bar.set_postfix(valid_acc=f"{result['rm/valid_accuracy']:.3f}")
-                if result["rm/valid_accuracy"] > best["rm/valid_accuracy"]:
-                    best = {**result, "rm/best_step": step}
-                    save_checkpoint(model, tok, self.out_dir / "checkpoint")
-                save_training_state(ckpts, step, model, opt, sched, best)
+                best = keep_best(step, result, best, "rm/valid_accuracy", True, model, tok, self.out_dir, training)
         bar.close()
         best.update(self.normalise(data.sft_train[:512], tok))
         best["timing/rm_s"] = time.time() - t0

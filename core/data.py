@@ -1,7 +1,7 @@
 """TL;DR data: the OpenAI query format, query truncation, dataset loading and row validation.
 
 Three sources give the same typed examples:
-- `synthetic`: the builtin task (`pipeline.synthetic`), with posts the gold judge can grade;
+- `synthetic`: the builtin task (`core.synthetic`), with posts the gold judge can grade;
 - `hub`: `CarperAI/openai_summarize_tldr` (`prompt`, `label`) and `CarperAI/openai_summarize_comparisons`
   (`prompt`, `chosen`, `rejected`) through `datasets.load_dataset`;
 - `local`: jsonl/json/parquet files with those fields, or with `prompt`/`reference` as in the shared
@@ -16,8 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import DataConfig
-from pipeline.synthetic import Post, lead_sentence, make_pairs, make_posts
+from core.config import DataConfig
+from core.synthetic import Post, lead_sentence, make_pairs, make_posts
 
 log = logging.getLogger(__name__)
 

@@ -128,7 +128,7 @@ def resume_or_start(ckpts: CheckpointDir, resume: bool, log_dir: Path, model, op
     step = 0
     if latest is not None:
         step, best = load_training_state(latest, model, opt, sched)
-    from pipeline.metrics import MetricsLogger
+    from core.metrics import MetricsLogger
 
     MetricsLogger.truncate(log_dir, step)
     return step, best

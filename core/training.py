@@ -1,0 +1,91 @@
+"""What the SFT and reward-model trainers share: seeding, the data cursor, the optimizer step, keeping the best.
+
+Two call sites each, so functions, not a Trainer framework: each trainer's loop stays readable on its own.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+
+from core.checkpoints import CheckpointDir, resume_or_start, save_training_state
+from core.config import RMConfig, SFTConfig
+from core.modeling import save_checkpoint
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_batches(n: int, batch_size: int, epochs: int, seed: int, start_step: int = 0) -> Iterator[list[int]]:
+    """Example indices of each optimizer step from `start_step` on (the last partial batch of an epoch dropped).
+    An epoch's order is a function of (seed, epoch) only, so a step number is a complete data cursor."""
+    per_epoch = n // batch_size
+    for epoch in range(start_step // per_epoch, epochs):
+        order = list(range(n))
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+        for b in range(max(0, start_step - epoch * per_epoch), per_epoch):
+            yield order[b * batch_size : (b + 1) * batch_size]
+
+
+def adamw_cosine(model: torch.nn.Module, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int):
+    """AdamW over the trainable parameters, cosine decay after a linear warm-up of `warmup_ratio` of the steps."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    return opt, get_cosine_schedule_with_warmup(opt, int(warmup_ratio * total_steps), total_steps)
+
+
+@dataclass
+class TrainingStart:
+    """What a trainer's loop starts from: the step count, optimizer and schedule, where checkpoints go, and the
+    step and best result to go on from (those of the latest checkpoint when resuming)."""
+
+    total_steps: int
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    ckpts: CheckpointDir
+    step: int
+    best: dict[str, float]
+
+
+def start_training(model: torch.nn.Module, tc: SFTConfig | RMConfig, n_train: int, unit: str, out_dir: Path,
+                   keep: int, resume: bool, best: dict[str, float]) -> TrainingStart:
+    """Optimizer and schedule for `tc.epochs` passes over `n_train` training `unit`s (examples, pairs); resumed
+    from `out_dir`'s latest checkpoint when `resume`. ValueError when one batch does not fit in the training set."""
+    steps_per_epoch = n_train // tc.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{tc.section}.batch_size {tc.batch_size} exceeds the {n_train} training {unit}")
+    total = steps_per_epoch * tc.epochs
+    opt, sched = adamw_cosine(model, tc.lr, tc.weight_decay, tc.warmup_ratio, total)
+    ckpts = CheckpointDir(out_dir / "checkpoints", keep)
+    step, best = resume_or_start(ckpts, resume, out_dir, model, opt, sched, best)
+    return TrainingStart(total, opt, sched, ckpts, step, best)
+
+
+def optimizer_step(model: torch.nn.Module, opt, sched, max_grad_norm: float) -> float:
+    """Clip, step, advance the schedule, clear the gradients; returns the gradient norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+def keep_best(step: int, result: dict[str, float], best: dict[str, float], key: str, higher_is_better: bool,
+              model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
+              training: TrainingStart) -> dict[str, float]:
+    """After a validation at `step`: when `result` beats `best` on `key`, it becomes the best and its weights
+    `<out_dir>/checkpoint`; then the resumable training state is saved. Returns the best result so far."""
+    better = result[key] > best[key] if higher_is_better else result[key] < best[key]
+    if better:
+        best = {**result, f"{key.split('/')[0]}/best_step": step}
+        save_checkpoint(model, tokenizer, out_dir / "checkpoint")
+    save_training_state(training.ckpts, step, model, training.opt, training.sched, best)
+    return best

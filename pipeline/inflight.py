@@ -1,0 +1,100 @@
+"""Batches in flight: per shard, the request and the ObjectRefs of its three chained calls; how a batch's
+failures are classified into work to dispatch again and errors that end the run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ray
+from ray import ObjectRef
+from ray.actor import ActorHandle
+from ray.exceptions import RayActorError, RayTaskError
+
+from core.experience import Experience, RolloutRequest, VersionMismatch
+from pipeline.calls import RoleTimeout, first_line
+
+# The calls of one shard, in chain order: reference and reward both read the rollout's result.
+ROLES = ("rollout", "reference", "reward")
+
+
+@dataclass
+class ShardCalls:
+    """One shard of a dispatched batch: its request, its rollout worker and its three calls."""
+
+    request: RolloutRequest
+    worker: ActorHandle
+    rollout: ObjectRef  # -> RolloutBatch
+    reference: ObjectRef  # -> RefLogprobs
+    reward: ObjectRef  # -> Scores
+
+    def call(self, role: str) -> ObjectRef:
+        return {"rollout": self.rollout, "reference": self.reference, "reward": self.reward}[role]
+
+
+@dataclass
+class InFlight:
+    """One dispatched batch; `experience` once collected (a batch buffered at a checkpoint is saved with it)."""
+
+    batch_id: int
+    version: int  # the policy version every shard is generated with
+    shards: list[ShardCalls]
+    experience: Experience | None = None
+
+    def refs(self) -> list[ObjectRef]:
+        return [s.call(role) for role in ROLES for s in self.shards]
+
+
+@dataclass(frozen=True)
+class ShardFailure:
+    """A shard's first failed call in chain order, failed because its actor died (or came back restarted
+    without the batch's weights): the work to dispatch again."""
+
+    role: str
+    error: str
+
+
+@dataclass
+class BatchResults:
+    rollouts: list
+    references: list
+    rewards: list
+
+
+def classify_failures(batch_id: int, errors: list[tuple[str, int, BaseException]]) -> dict[int, ShardFailure]:
+    """{shard: failure} from the errors of a batch's calls, given in chain order (every rollout, then every
+    reference call, then every reward call). A dead actor or a version mismatch is work to dispatch again;
+    a later call of a shard already failed fails with it (its input failed) and goes again with it; any other
+    error ends the run naming the role, batch and shard."""
+    failed: dict[int, ShardFailure] = {}
+    for role, shard, e in errors:
+        if isinstance(e, (RayActorError, VersionMismatch)):
+            if shard not in failed:
+                failed[shard] = ShardFailure(role, first_line(e))
+        elif shard not in failed:
+            raise RuntimeError(f"{role} of batch {batch_id} shard {shard} failed: {getattr(e, 'cause', e)!r}") from e
+    return failed
+
+
+def await_batch(flight: InFlight, timeout_s: float, worker_index: Callable[[ActorHandle], int]) -> None:
+    """Wait until every call of the batch has finished; a RoleTimeout naming the calls that did not."""
+    refs = flight.refs()
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        late = [f"{role} of shard {s}" + (f" (rollout worker {worker_index(shard.worker)})" if role == "rollout" else "")
+                for role in ROLES for s, shard in enumerate(flight.shards) if shard.call(role) in pending]
+        raise RoleTimeout(f"batch {flight.batch_id}: {', '.join(late)}", timeout_s)
+
+
+def gather(flight: InFlight) -> tuple[BatchResults, dict[int, ShardFailure]]:
+    """The results of every call of a batch that has finished, and the failures among them."""
+    results: dict[str, list] = {role: [None] * len(flight.shards) for role in ROLES}
+    errors = []
+    for role in ROLES:
+        for s, shard in enumerate(flight.shards):
+            try:
+                results[role][s] = ray.get(shard.call(role))
+            except (RayActorError, VersionMismatch, RayTaskError) as e:
+                errors.append((role, s, e))
+    failed = classify_failures(flight.batch_id, errors)
+    return BatchResults(results["rollout"], results["reference"], results["reward"]), failed

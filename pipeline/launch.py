@@ -1,0 +1,166 @@
+"""Starting the PPO roles: one placement group with a bundle per role, a frozen set of role handles.
+
+Each role's bundles are declared once (`role_bundles`); `Placement` numbers them in that order, so no bundle
+index is computed by hand. Strategy PACK: the roles land on as few nodes as possible, each on its own GPU(s)
+when there are GPUs.
+
+Rollout workers, the reference and the reward scorer are restarted by Ray when they die
+(`ppo.max_actor_restarts`); the driver then dispatches their lost work again. The learner is not: its state is
+the run, and a dead learner ends the run, to be resumed from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.remote import (
+    LearnerWorker, ReferenceWorker, RemoteRewardWorker, RewardWorker, RolloutScaler, RolloutWorker,
+)
+from core.config import Config
+from core.scaling import SCALER_NAMESPACE, scaler_name
+from pipeline.calls import RoleTimeout, first_line, ray_get
+
+
+def _bundle(num_cpus: float, num_gpus: float) -> dict[str, float]:
+    return {k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus}.items() if v > 0} or {"CPU": 0.01}
+
+
+def role_bundles(cfg: Config) -> dict[str, list[dict[str, float]]]:
+    """The placement group's bundles per role, in placement order."""
+    return {
+        "learner": [_bundle(cfg.ppo.num_cpus, cfg.ppo.num_gpus)],
+        "reference": [_bundle(cfg.reference.num_cpus, cfg.reference.num_gpus)],
+        "reward": [_bundle(cfg.reward.num_cpus, cfg.reward.num_gpus)],
+        "rollout": [_bundle(cfg.rollout.num_cpus, cfg.rollout.num_gpus)] * cfg.rollout.num_workers,
+    }
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which bundle of the placement group each role's i-th actor takes."""
+
+    group: PlacementGroup
+    first_bundle: dict[str, int]  # role -> index of its first bundle
+
+    @classmethod
+    def create(cls, bundles: dict[str, list[dict[str, float]]], timeout_s: float) -> Placement:
+        first, flat = {}, []
+        for role, role_bundles_ in bundles.items():
+            first[role] = len(flat)
+            flat += role_bundles_
+        group = placement_group(flat, strategy="PACK")
+        ray.get(group.ready(), timeout=timeout_s)
+        return cls(group, first)
+
+    def on(self, role: str, i: int = 0) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=self.first_bundle[role] + i)
+
+
+@dataclass(frozen=True)
+class RoleHandles:
+    """The actors of one PPO run. Tests may replace a role (`dataclasses.replace`) before the driver uses it."""
+
+    learner: ActorHandle
+    reference: ActorHandle
+    reward: ActorHandle
+    rollouts: tuple[ActorHandle, ...]  # the workers started with the run; the pool adds and removes others
+    scaler: ActorHandle
+    placement: Placement | None = None
+
+    def named(self) -> dict[str, ActorHandle]:
+        return {"learner": self.learner, "reference": self.reference, "reward scorer": self.reward,
+                "rollout scaler": self.scaler, **{f"rollout worker {i}": w for i, w in enumerate(self.rollouts)}}
+
+
+def rollout_restarts(cfg: Config) -> int:
+    """A restarted rollout worker cannot rejoin a torch.distributed group, whose world size is fixed."""
+    return cfg.ppo.max_actor_restarts if cfg.ppo.weight_sync == "object_store" else 0
+
+
+def launch_rollout_worker(cfg: Config, sft_checkpoint: str, index: int,
+                          strategy: PlacementGroupSchedulingStrategy | None = None) -> ActorHandle:
+    """A rollout worker; outside the placement group (a worker added while the run goes) without `strategy`."""
+    rc = cfg.rollout
+    opts = {"num_cpus": rc.num_cpus, "num_gpus": rc.num_gpus, "max_restarts": rollout_restarts(cfg)}
+    if strategy is not None:
+        opts["scheduling_strategy"] = strategy
+    return RolloutWorker.options(**opts).remote(cfg, sft_checkpoint, index)
+
+
+def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name: str) -> RoleHandles:
+    """Create the placement group and every PPO role; returns at once (see `await_started`)."""
+    placement = Placement.create(role_bundles(cfg), cfg.ppo.sync_timeout_s)
+    restarts = cfg.ppo.max_actor_restarts
+
+    def on(role: str, num_cpus: float, num_gpus: float, i: int = 0) -> dict:
+        return {"num_cpus": num_cpus, "num_gpus": num_gpus, "scheduling_strategy": placement.on(role, i)}
+
+    learner = LearnerWorker.options(**on("learner", cfg.ppo.num_cpus, cfg.ppo.num_gpus)).remote(
+        cfg, sft_checkpoint, rm_checkpoint)
+    reference = ReferenceWorker.options(**on("reference", cfg.reference.num_cpus, cfg.reference.num_gpus),
+                                        max_restarts=restarts).remote(cfg, sft_checkpoint)
+    if cfg.reward.backend == "local":
+        reward = RewardWorker.options(**on("reward", cfg.reward.num_cpus, cfg.reward.num_gpus),
+                                      max_restarts=restarts).remote(cfg, rm_checkpoint)
+    else:
+        reward = RemoteRewardWorker.options(num_cpus=0.1, max_restarts=restarts).remote(cfg, sft_checkpoint)
+    rollouts = tuple(launch_rollout_worker(cfg, sft_checkpoint, i, placement.on("rollout", i))
+                     for i in range(cfg.rollout.num_workers))
+    name = scaler_name(run_name)
+    try:
+        scaler = RolloutScaler.options(name=name, namespace=SCALER_NAMESPACE).remote(
+            cfg.rollout.num_workers, cfg.ppo.weight_sync)
+    except ValueError as e:  # the name is taken
+        for a in (learner, reference, reward, *rollouts):
+            ray.kill(a)
+        remove_placement_group(placement.group)
+        raise RuntimeError(f"a PPO run named {run_name!r} is already running on this Ray cluster "
+                           f"({name} exists); give the run directory another name") from e
+    return RoleHandles(learner, reference, reward, rollouts, scaler, placement)
+
+
+def await_started(actors: dict[str, ActorHandle], timeout_s: float) -> None:
+    """Wait for every actor's constructor (model loading may take minutes) under `ppo.startup_timeout_s`, so
+    `ppo.sync_timeout_s` bounds only the calls of the loop."""
+    refs = {name: a.__ray_ready__.remote() for name, a in actors.items()}
+    _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        late = [name for name, r in refs.items() if r in pending]
+        raise RoleTimeout(", ".join(late), timeout_s, key="ppo.startup_timeout_s", did="start",
+                          hint=" (resources? see `ray status`)")
+    for name, r in refs.items():
+        try:
+            ray.get(r)
+        except RayActorError as e:
+            raise RuntimeError(f"{name} failed to start: {first_line(e, 500)}") from e
+
+
+def join_weight_sync_group(roles: RoleHandles, timeout_s: float) -> None:
+    """The collective transport's torch.distributed group: the learner is rank 0, rollout worker i rank i + 1."""
+    addr = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    world = 1 + len(roles.rollouts)
+    # The layout first: the learner's join returns only once all workers joined, so a worker's join that
+    # waited on its result would deadlock until the timeout.
+    layouts = ray_get(roles.learner.bucket_layouts.remote(), "weight-sync bucket layout", timeout_s)
+    learner_join = roles.learner.join_group.remote(addr, port, world, timeout_s)
+    joins = [w.join_group.remote(addr, port, i + 1, world, timeout_s, layouts) for i, w in enumerate(roles.rollouts)]
+    ray_get([learner_join, *joins], "weight-sync group set-up", timeout_s)
+
+
+def close_roles(roles: RoleHandles, rollout_workers: list[ActorHandle]) -> None:
+    """Kill every actor of the run (`rollout_workers`: the pool's, which may differ from those started with
+    the run) and free the placement group."""
+    for a in [*rollout_workers, roles.learner, roles.reference, roles.reward, roles.scaler]:
+        ray.kill(a)
+    if roles.placement is not None:
+        remove_placement_group(roles.placement.group)
