@@ -33,18 +33,20 @@ import argparse
 import copy
 import inspect
 import json
-import os
 import re
 import sys
 import typing
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pipeline.k8s_manifests import (
+    Loader, Manifest, Problem, canonical, collect, containers, find_key, inner, json_path, mapping,
+)
 
 # The validators come with the `k8s` extra (`pip install 'rayrlhf[k8s]'`); without it `main` says so and exits 2.
 try:
@@ -59,251 +61,8 @@ else:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CRDS = REPO_ROOT.parent / "shared" / "k8s-crds"
 KUBERAY_KINDS = ("RayCluster", "RayJob", "RayService")
-KUSTOMIZATION = "kustomization.yaml"
 GPU = "nvidia.com/gpu"
 OBJECT_META = "https://kubernetes.io/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
-# The CRDs are 1-1.4 MB of YAML each: the C loader reads them 10x faster than the pure-Python one.
-Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """One YAML document. `source` is `file#index`; `rendered_by` the kustomization directory, if any."""
-
-    source: str
-    doc: Any  # a mapping, unless the YAML is not a manifest at all
-    rendered_by: str | None = None
-
-    @property
-    def where(self) -> str:
-        return f"{self.rendered_by}: {self.source}" if self.rendered_by else self.source
-
-    @property
-    def label(self) -> str:
-        doc = _mapping(self.doc)
-        return f"{doc.get('kind', '?')}/{_mapping(doc.get('metadata')).get('name', '?')}"
-
-
-@dataclass(frozen=True)
-class Problem:
-    where: str  # file#document, prefixed by the kustomization that rendered it
-    label: str  # kind/name
-    path: str  # JSON path in the document; `... > key` continues into an embedded YAML string
-    message: str
-
-    @classmethod
-    def of(cls, m: Manifest, path: str, message: str) -> Problem:
-        return cls(m.where, m.label, path, message)
-
-    def __str__(self) -> str:
-        return f"{self.where} {self.label} {self.path}: {self.message}"
-
-
-class RenderError(Exception):
-    """A kustomization that cannot be rendered (or uses a feature the offline renderer does not support)."""
-
-
-def _mapping(value: Any) -> dict:
-    """`value` if it is a mapping, else {}: the rules below must not crash on the malformed input they report."""
-    return value if isinstance(value, dict) else {}
-
-
-def json_path(parts: typing.Iterable[str | int], root: str = "$") -> str:
-    """["spec", "workerGroupSpecs", 0, "nvidia.com/gpu"] -> $.spec.workerGroupSpecs[0]['nvidia.com/gpu']"""
-    out = root
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else f".{p}" if re.fullmatch(r"[A-Za-z_][\w-]*", p) else f"['{p}']"
-    return out
-
-
-def _inner(where: str, parts: typing.Iterable[str | int]) -> str:
-    """A path inside a YAML string embedded at `where`: $.spec.serveConfigV2 > applications[0].name"""
-    return f"{where} > {json_path(parts, '').lstrip('.')}"
-
-
-def _find(node: Any, key: str, path: list) -> Iterator[tuple[list, Any]]:
-    """(path, value) of every mapping entry named `key`, at any depth."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == key:
-                yield path + [k], v
-            yield from _find(v, key, path + [k])
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _find(v, key, path + [i])
-
-
-def _containers(doc: dict) -> Iterator[tuple[list, dict]]:
-    """Every container of every pod template in `doc`, wherever the kind nests it."""
-    for key in ("containers", "initContainers"):
-        for path, items in _find(doc, key, []):
-            if isinstance(items, list):
-                yield from ((path + [i], c) for i, c in enumerate(items) if isinstance(c, dict))
-
-
-# ---------------------------------------------------------------------------------------------- loading
-
-
-def load_documents(path: Path) -> list[Manifest]:
-    """The non-empty YAML documents of one file; raises RenderError for YAML that does not parse."""
-    try:
-        docs = list(yaml.load_all(path.read_text(), Loader=Loader))
-    except (OSError, yaml.YAMLError) as e:
-        raise RenderError(f"cannot read {path}: {e}") from e
-    return [Manifest(f"{path}#{i}", d) for i, d in enumerate(docs) if d is not None]
-
-
-def _read_kustomization(directory: Path) -> dict:
-    spec = yaml.safe_load((directory / KUSTOMIZATION).read_text()) or {}
-    if not isinstance(spec, dict):
-        raise RenderError(f"{directory / KUSTOMIZATION}: not a mapping")
-    unsupported = sorted(set(spec) - {"apiVersion", "kind", "resources", "images", "namespace", "patches"})
-    if unsupported:
-        raise RenderError(
-            f"{directory / KUSTOMIZATION}: fields {unsupported} are not supported by the offline renderer"
-        )
-    return spec
-
-
-def render(directory: Path) -> list[Manifest]:
-    """`kustomize build directory` for the subset described in the module docstring."""
-    spec = _read_kustomization(directory)
-    loaded: list[Manifest] = []
-    for entry in spec.get("resources", []):
-        path = Path(os.path.normpath(directory / entry))  # overlays/x/../../base/f.yaml -> base/f.yaml
-        loaded += render(path) if path.is_dir() else load_documents(path)
-    docs = [copy.deepcopy(m.doc) for m in loaded]
-    for patch in spec.get("patches", []):
-        _apply_patch(directory, patch, docs)
-    for image in spec.get("images", []):
-        for doc in docs:
-            for _, container in _containers(doc):
-                if isinstance(container.get("image"), str):
-                    container["image"] = _retag(container["image"], image)
-    if "namespace" in spec:
-        for doc in docs:
-            doc.setdefault("metadata", {})["namespace"] = spec["namespace"]
-    return [Manifest(m.source, doc, str(directory)) for m, doc in zip(loaded, docs, strict=True)]
-
-
-def _retag(ref: str, image: dict) -> str:
-    """kustomize's `images` transformer on one reference `name[:tag][@digest]`."""
-    name, _, digest = ref.partition("@")
-    tag = ""
-    if name.rfind(":") > name.rfind("/"):  # a colon after the last slash is a tag, not a registry port
-        name, tag = name.rsplit(":", 1)
-    if name != image.get("name"):
-        return ref
-    name = image.get("newName", name)
-    if "digest" in image:
-        return f"{name}@{image['digest']}"
-    if "newTag" in image:
-        return f"{name}:{image['newTag']}"
-    return name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
-
-
-def _apply_patch(directory: Path, entry: dict, docs: list[dict]) -> None:
-    where = f"{directory / KUSTOMIZATION} patch {entry.get('path', '(inline)')}"
-    target = entry.get("target")
-    if set(entry) - {"path", "patch", "target"} or not isinstance(target, dict):
-        raise RenderError(f"{where}: only `path` or `patch` with a `target` is supported")
-    if set(target) - {"group", "version", "kind", "name", "namespace"}:
-        raise RenderError(f"{where}: target selectors other than group/version/kind/name/namespace are not supported")
-    text = (directory / entry["path"]).read_text() if "path" in entry else entry.get("patch", "")
-    ops = yaml.safe_load(text)
-    if not isinstance(ops, list):
-        message = "strategic-merge patches are not supported offline; write a JSON6902 patch (a list of operations)"
-        raise RenderError(f"{where}: {message}")
-    if not all(isinstance(op, dict) for op in ops):
-        raise RenderError(f"{where}: every JSON6902 operation must be a mapping")
-    matched = [doc for doc in docs if _matches(doc, target)]
-    if not matched:
-        raise RenderError(f"{where}: target {target} matches no resource")
-    for doc in matched:
-        for op in ops:
-            try:
-                _apply_op(doc, op)
-            except (KeyError, IndexError, ValueError, TypeError) as e:
-                raise RenderError(f"{where}: {op.get('op')} {op.get('path')}: {e}") from e
-
-
-def _matches(doc: dict, target: dict) -> bool:
-    group, _, version = doc.get("apiVersion", "").rpartition("/")
-    meta = _mapping(doc.get("metadata"))
-    actual = {
-        "group": group,
-        "version": version,
-        "kind": doc.get("kind"),
-        "name": meta.get("name"),
-        "namespace": meta.get("namespace", ""),
-    }
-    # kustomize reads target fields as anchored regular expressions.
-    return all(re.fullmatch(str(want), str(actual[key] or "")) for key, want in target.items())
-
-
-def _apply_op(doc: dict, op: dict) -> None:
-    """One RFC 6902 operation: add, remove, replace or test (move and copy are not needed here)."""
-    keys = [k.replace("~1", "/").replace("~0", "~") for k in op["path"].split("/")[1:]]
-    if not keys:
-        raise ValueError("the whole document cannot be patched")
-    parent = doc
-    for k in keys[:-1]:
-        parent = parent[int(k)] if isinstance(parent, list) else parent[k]
-    last: str | int = keys[-1]
-    if isinstance(parent, list):
-        last = len(parent) if last == "-" and op["op"] == "add" else int(last)
-        if op["op"] != "add" and not 0 <= last < len(parent):
-            raise IndexError(f"index {last} out of range")
-    elif op["op"] != "add" and last not in parent:
-        raise KeyError(last)
-    if op["op"] == "add" and isinstance(parent, list):
-        parent.insert(last, op["value"])
-    elif op["op"] in ("add", "replace"):
-        parent[last] = op["value"]
-    elif op["op"] == "remove":
-        del parent[last]
-    elif op["op"] == "test":
-        if parent[last] != op["value"]:
-            raise ValueError(f"test failed: found {parent[last]!r}, expected {op['value']!r}")
-    else:
-        raise ValueError(f"unsupported operation {op['op']!r}")
-
-
-def collect(paths: list[Path]) -> tuple[list[Manifest], list[Problem]]:
-    """All documents to check: plain manifests, then every kustomization rendered."""
-    files = sorted({f for p in paths for f in ([p] if p.is_file() else [*p.rglob("*.yaml"), *p.rglob("*.yml")])})
-    kustomizations = [f.parent for f in files if f.name == KUSTOMIZATION]
-    manifests: list[Manifest] = []
-    problems: list[Problem] = []
-    patch_files = set()
-    for directory in kustomizations:
-        try:
-            patches = _read_kustomization(directory).get("patches", [])
-        except (RenderError, OSError, yaml.YAMLError):
-            continue  # reported when it is rendered below
-        patch_files |= {(directory / p["path"]).resolve() for p in patches if isinstance(p, dict) and "path" in p}
-    for f in files:
-        if f.name != KUSTOMIZATION and f.resolve() not in patch_files:
-            try:
-                manifests += load_documents(f)
-            except RenderError as e:
-                problems.append(Problem(str(f), "?", "$", str(e)))
-    seen = {_canonical(m.doc) for m in manifests}
-    for directory in kustomizations:
-        try:
-            rendered = render(directory)
-        except (RenderError, OSError, yaml.YAMLError) as e:
-            problems.append(Problem(str(directory / KUSTOMIZATION), "Kustomization", "$", f"cannot render: {e}"))
-            continue
-        for m in rendered:
-            if _canonical(m.doc) not in seen:
-                seen.add(_canonical(m.doc))
-                manifests.append(m)
-    return manifests, problems
-
-
-def _canonical(doc: Any) -> str:
-    return json.dumps(doc, sort_keys=True, default=str)
 
 
 # ---------------------------------------------------------------------------------------------- schemas
@@ -376,7 +135,7 @@ def _unique_list_entries(validator, list_type, instance, schema) -> Iterator[jso
     keys = schema.get("x-kubernetes-list-map-keys", [])
     seen = set()
     for i, item in enumerate(instance):
-        key = _canonical({k: item.get(k) for k in keys} if list_type == "map" and isinstance(item, dict) else item)
+        key = canonical({k: item.get(k) for k in keys} if list_type == "map" and isinstance(item, dict) else item)
         if key in seen:
             yield jsonschema.ValidationError(f"duplicate entry {key} in a list of type {list_type}", path=[i])
         seen.add(key)
@@ -453,7 +212,7 @@ def _runtime_env_problems(m: Manifest, text: str) -> list[Problem]:
         return problems
     known = RuntimeEnv.known_fields | set(inspect.signature(RuntimeEnv).parameters) - {"_validate", "kwargs"}
     problems += [
-        Problem.of(m, _inner(where, [key]), "unknown runtime_env field (Ray would hand it to a plugin; none is used)")
+        Problem.of(m, inner(where, [key]), "unknown runtime_env field (Ray would hand it to a plugin; none is used)")
         for key in env
         if key not in known
     ]
@@ -477,10 +236,10 @@ def _serve_config_problems(m: Manifest, text: str) -> list[Problem]:
         ServeDeploySchema.model_validate(config)
     except ValidationError as e:
         problems += [
-            Problem.of(m, _inner(where, err["loc"]), err["msg"].removeprefix("Value error, ")) for err in e.errors()
+            Problem.of(m, inner(where, err["loc"]), err["msg"].removeprefix("Value error, ")) for err in e.errors()
         ]
     problems += [
-        Problem.of(m, _inner(where, path), "unknown key (Ray Serve ignores it)")
+        Problem.of(m, inner(where, path), "unknown key (Ray Serve ignores it)")
         for path in _undeclared_keys(ServeDeploySchema, config, [])
     ]
     return problems
@@ -513,15 +272,15 @@ def _model_in(annotation: Any) -> type | None:
 
 def _project_problems(m: Manifest) -> list[Problem]:
     problems = []
-    if not _mapping(m.doc.get("metadata")).get("name"):
+    if not mapping(m.doc.get("metadata")).get("name"):
         problems.append(Problem.of(m, "$.metadata.name", "required"))
-    for path, container in _containers(m.doc):
-        requirements = _mapping(container.get("resources"))
-        requested, limit = (_mapping(requirements.get(k)).get(GPU) for k in ("requests", "limits"))
+    for path, container in containers(m.doc):
+        requirements = mapping(container.get("resources"))
+        requested, limit = (mapping(requirements.get(k)).get(GPU) for k in ("requests", "limits"))
         if (requested is not None or limit is not None) and str(requested) != str(limit):
             message = f"{GPU} requests ({requested}) must equal limits ({limit})"
             problems.append(Problem.of(m, json_path(path + ["resources"]), message))
-    for path, params in _find(m.doc, "rayStartParams", []):
+    for path, params in find_key(m.doc, "rayStartParams", []):
         if isinstance(params, dict) and isinstance(params.get("resources"), str):
             problems += _ray_resources_problems(m, json_path(path + ["resources"]), params["resources"])
     return problems
@@ -566,7 +325,7 @@ def _validate_one(m: Manifest, crd_dir: Path) -> list[Problem]:
         message = f"no schema for {kind} {api_version} (CRDs from {crd_dir}, core kinds from kubernetes-validate)"
         return [Problem.of(m, "$", message)]
     problems = _schema_problems(m, validator, instance) + _project_problems(m)
-    spec = _mapping(m.doc.get("spec"))
+    spec = mapping(m.doc.get("spec"))
     if kind == "RayJob" and isinstance(spec.get("runtimeEnvYAML"), str):
         problems += _runtime_env_problems(m, spec["runtimeEnvYAML"])
     if kind == "RayService" and isinstance(spec.get("serveConfigV2"), str):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import k8s_manifests as km
 from pipeline import k8s_validate as kv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,10 +60,10 @@ def test_broken_manifest_fails_for_its_reason(path: Path, crds: Path) -> None:
 
 
 def test_overlays_change_image_and_sizes() -> None:
-    small = {m.label: m.doc for m in kv.render(K8S / "overlays" / "small")}
-    large = {m.label: m.doc for m in kv.render(K8S / "overlays" / "large")}
+    small = {m.label: m.doc for m in km.render(K8S / "overlays" / "small")}
+    large = {m.label: m.doc for m in km.render(K8S / "overlays" / "large")}
     for docs in (small, large):
-        images = {c["image"] for doc in docs.values() for _, c in kv._containers(doc)}
+        images = {c["image"] for doc in docs.values() for _, c in km.containers(doc)}
         assert images == {"registry.example.com/rayrlhf:0.1.0"}
     assert "configs/opt-350m.yaml" in small["RayJob/rayrlhf-pipeline"]["spec"]["entrypoint"]
     rollout = large["RayJob/rayrlhf-pipeline"]["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]
@@ -109,7 +110,7 @@ def test_json6902_operations() -> None:
         {"op": "replace", "path": "/spec/list/1", "value": 10},
         {"op": "test", "path": "/spec/list", "value": [0, 10, 2, 3]},
     ):
-        kv._apply_op(doc, op)
+        km._apply_op(doc, op)
     assert doc == {"spec": {"list": [0, 10, 2, 3], "a/b": {}}}
 
 
@@ -124,7 +125,7 @@ def test_json6902_operations() -> None:
     ],
 )
 def test_images_transformer(ref: str, image: dict, expected: str) -> None:
-    assert kv._retag(ref, image) == expected
+    assert km._retag(ref, image) == expected
 
 
 def test_exit_codes(crds: Path, tmp_path: Path) -> None:
@@ -141,4 +142,4 @@ def test_exit_codes(crds: Path, tmp_path: Path) -> None:
 def test_renderer_matches_kubectl_kustomize(overlay: str) -> None:
     built = subprocess.run(["kubectl", "kustomize", str(K8S / overlay)], capture_output=True, text=True, check=True)
     theirs = {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(built.stdout) if d}
-    assert {m.label: m.doc for m in kv.render(K8S / overlay)} == theirs  # kustomize reorders; compare by kind/name
+    assert {m.label: m.doc for m in km.render(K8S / overlay)} == theirs  # kustomize reorders; compare by kind/name

@@ -1,0 +1,59 @@
+"""Compare two run directories: max abs diff of each stage's final weights, and every differing metric.
+
+    python bench/compare_runs.py RUN_A RUN_B
+
+For a refactor that must not change behaviour: on the same machine and config, every weight diff is 0.0 and
+only `timing/*` and throughput metrics differ. Prints figures; exit 0 either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+VOLATILE = ("timing/", "ppo/sequences_per_s", "ppo/tokens_per_s", "rollout/sequences_per_s")
+
+
+def weight_diff(a: Path, b: Path) -> float:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    if wa.keys() != wb.keys():
+        return math.inf
+    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    args = p.parse_args()
+    for stage in ("sft/checkpoint", "rm/checkpoint", "ppo/checkpoint", "ppo/critic"):
+        if (args.a / stage).is_dir():
+            print(f"{stage}: max abs weight diff {weight_diff(args.a / stage, args.b / stage)}")
+    sa, sb = (json.loads((r / "stages.json").read_text()) for r in (args.a, args.b))
+    differing = 0
+    for stage in sa:
+        for key in sorted(set(sa[stage]) | set(sb.get(stage, {}))):
+            va, vb = sa[stage].get(key), sb.get(stage, {}).get(key)
+            if va != vb and not key.startswith(VOLATILE):
+                differing += 1
+                print(f"{stage} {key}: {va} != {vb}")
+    print(f"{differing} non-timing summary metrics differ")
+    for stage in ("sft", "rm", "ppo"):
+        rows = [[json.loads(line) for line in (r / stage / "metrics.jsonl").read_text().splitlines()]
+                for r in (args.a, args.b)]
+        strip = [[{k: v for k, v in row.items() if not k.startswith(VOLATILE) and k != "time"} for row in rs]
+                 for rs in rows]
+        same = strip[0] == strip[1]
+        print(f"{stage}/metrics.jsonl: {len(rows[0])} vs {len(rows[1])} rows, non-timing values "
+              f"{'identical' if same else 'DIFFER'}")
+        if not same:
+            keys = set().union(*strip[0]) ^ set().union(*strip[1])
+            print(f"  keys in only one run: {sorted(keys)}")
+
+
+if __name__ == "__main__":
+    main()
