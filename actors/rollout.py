@@ -18,7 +18,7 @@ from core.config import RolloutConfig
 from core.experience import RolloutBatch, RolloutRequest, VersionMismatch
 from core.modeling import default_device, load_frozen
 from core.sequences import pad_left, response_logprobs, sample
-from core.weight_sync import WeightsPacket, checksum, unpack
+from core.weight_sync import VersionedChecksum, WeightsPacket, checksum, unpack
 
 
 class RolloutBackend(Protocol):
@@ -98,12 +98,12 @@ class RolloutGenerator:
         self.backend.load_weights(unpack(packet.layouts, packet.buckets))
         self.version = packet.version
         if verify:
-            got = self.weights_checksum()[1]
+            got = self.weights_checksum().checksum
             if got != packet.checksum:
                 raise RuntimeError(f"rollout worker {self.worker_index}: weights after sync v{packet.version} "
                                    f"have checksum {got[:12]}, learner sent {packet.checksum[:12]}")
         self.last_sync_s = time.perf_counter() - t0
         return self.last_sync_s
 
-    def weights_checksum(self) -> tuple[int, str]:
-        return self.version, checksum(self.backend.named_weights().items())
+    def weights_checksum(self) -> VersionedChecksum:
+        return VersionedChecksum(self.version, checksum(self.backend.named_weights().items()))

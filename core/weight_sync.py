@@ -17,9 +17,18 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+
+class VersionedChecksum(NamedTuple):
+    """The policy version a role holds and the checksum of its weights (`checksum`): equal on both ends of a
+    sync means the worker generates with exactly the learner's weights."""
+
+    version: int
+    checksum: str
 
 
 class WeightSyncError(RuntimeError):

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray import ObjectRef
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
-from ray import ObjectRef
 
 from core.experience import RolloutBatch
 from pipeline.calls import done, first_line

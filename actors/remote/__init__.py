@@ -29,7 +29,9 @@ from core.experience import Experience, RefLogprobs, RolloutBatch, RolloutReques
 from core.modeling import load_tokenizer
 from core.process import init_worker_process
 from core.scaling import ScaleControl, ScaleStatus
-from core.weight_sync import BucketLayout, CollectiveGroup, WeightsPacket, WeightSyncError, checksum, pack, plan_buckets
+from core.weight_sync import (
+    BucketLayout, CollectiveGroup, VersionedChecksum, WeightsPacket, WeightSyncError, checksum, pack, plan_buckets,
+)
 from serving.client import RemoteRewardScorer, RewardClient
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ class RolloutWorker:
     def load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
         return self.gen.load_weights(packet, verify)
 
-    def weights_checksum(self) -> tuple[int, str]:
+    def weights_checksum(self) -> VersionedChecksum:
         return self.gen.weights_checksum()
 
     def version(self) -> int:
@@ -122,8 +124,8 @@ class LearnerWorker:
     def make_packet(self) -> WeightsPacket:
         return self.learner.make_packet()
 
-    def weights_checksum(self) -> tuple[int, str]:
-        return self.learner.version, checksum(self.learner.policy_weights().items())
+    def weights_checksum(self) -> VersionedChecksum:
+        return VersionedChecksum(self.learner.version, checksum(self.learner.policy_weights().items()))
 
     def save(self, out_dir: str) -> None:
         self.learner.save(out_dir)
