@@ -9,7 +9,10 @@ division, validated here so they cannot fail later.
 from __future__ import annotations
 
 import importlib.resources
+import ipaddress
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, ClassVar, Literal
 
 import yaml
@@ -25,7 +28,34 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # strict: a wrong type is an error, never coerced (`epochs: true` or `epochs: "3"` is not 3);
+    # allow_inf_nan=False: no infinite or NaN learning rate, clip range, timeout or score.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True, allow_inf_nan=False)
+
+
+# A run name becomes a directory under run.output_dir: one path component, no traversal out of it.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# RFC 1123 host names (labels of letters, digits and inner hyphens).
+HOST_NAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def _check_host(key: str, host: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not HOST_NAME.fullmatch(host):
+            raise ValueError(f"{key} {host!r} is neither an IP address nor a host name") from None
+
+
+def _check_url(key: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{key} {url!r} is not an http(s) URL with a host, e.g. http://127.0.0.1:8000")
+    try:
+        parts.port  # noqa: B018 (raises on a port out of range)
+    except ValueError as e:
+        raise ValueError(f"{key} {url!r}: {e}") from None
+    _check_host(key, parts.hostname)
 
 
 def _divides(section: str, total_key: str, total: int, part_key: str, part: int) -> None:
@@ -38,6 +68,15 @@ class RunConfig(_Section):
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     seed: int = Field(0, description="Seed for torch, numpy and Python's RNG in every component.")
     keep_checkpoints: int = Field(2, ge=0, description="Newest resumable checkpoints kept per stage in <stage>/checkpoints (0: all).")
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if not RUN_NAME.fullmatch(self.name):
+            raise ValueError(f"run.name {self.name!r} must be 1-100 letters, digits, '.', '_' or '-', starting with a "
+                             "letter or digit (it names a directory under run.output_dir)")
+        if not self.output_dir.strip():
+            raise ValueError("run.output_dir is empty")
+        return self
 
 
 class RayConfig(_Section):
@@ -180,6 +219,8 @@ class RewardConfig(_Section):
     def _check(self) -> RewardConfig:
         if self.backend == "http" and not self.url:
             raise ValueError("reward.url is required when reward.backend is http")
+        if self.url is not None:
+            _check_url("reward.url", self.url)
         return self
 
 
@@ -218,7 +259,7 @@ class PPOConfig(_Section):
     weight_sync: Literal["object_store", "collective"] = Field("object_store", description="Transport of new weights to rollout workers.")
     sync_timeout_s: float = Field(120.0, gt=0, description="A weight sync or remote call slower than this is an error naming the component.")
     startup_timeout_s: float = Field(900.0, gt=0, description="Time the PPO actors get to start (load models, engines) before the run fails naming the one that did not.")
-    bucket_mb: float = Field(64.0, gt=0, description="Size of the flat buckets weights are sent in.")
+    bucket_mb: float = Field(64.0, ge=1, description="Size of the flat buckets weights are sent in (MiB, at least 1).")
     checkpoint_every: int = Field(10, ge=0, description="PPO steps between resumable checkpoints in ppo/checkpoints (0: only the final one).")
     max_actor_restarts: int = Field(3, ge=0, description="Restarts Ray gives a dead rollout, reference or reward actor; its in-flight work is dispatched again.")
     num_cpus: float = Field(1, ge=0, description="CPUs of the learner actor.")
@@ -261,6 +302,11 @@ class ServeConfig(_Section):
     token_file: str | None = Field(None, description="File holding the bearer token (instead of token_env).")
     allow_insecure_non_loopback: bool = Field(False, description="Listen beyond loopback without a token.")
 
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        _check_host("serve.host", self.host)
+        return self
+
 
 class Config(_Section):
     run: RunConfig = RunConfig()
@@ -292,6 +338,15 @@ def packaged_config_path(name: str = DEFAULT_CONFIG) -> Path:
     return Path(str(importlib.resources.files("configs") / name))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as users write configs: PyYAML (YAML 1.1) reads `1e-4` as a string; YAML 1.2 and every user mean
+    the float, so it resolves as one (the strict config would otherwise reject it as a wrong type)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value parsed as YAML, so 1e-4, true, null and [1, 2] get their types)."""
     if "=" not in item:
@@ -301,15 +356,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"--set {item!r}: empty key segment in {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from e
-    # YAML 1.1 reads `1e-4` as a string; accept it as the number the user meant.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
     return parts, value
 
 
@@ -342,7 +391,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if not source.is_file():
         raise ConfigError(f"config file not found: {source}")
     try:
-        tree = yaml.safe_load(source.read_text()) or {}
+        tree = yaml.load(source.read_bytes().decode("utf-8"), Loader=_Loader) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {source} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"config {source} cannot be read: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config {source} is not valid YAML: {e}") from e
     if not isinstance(tree, dict):

@@ -207,7 +207,7 @@ def serve_main(args: argparse.Namespace, cfg: Config) -> int:
     from serving.reward_service import APP_NAME, start_service
 
     host = args.host or cfg.serve.host
-    port = args.port or cfg.serve.port
+    port = cfg.serve.port if args.port is None else args.port
     checkpoint = Path(args.checkpoint).resolve()
     if not 1 <= port <= 65535:
         print(f"rayrlhf serve: error: --port {port} is not a TCP port", file=sys.stderr)

@@ -58,6 +58,29 @@ def test_tiny_config_derived_sizes(tiny_cfg):
         (["reward.backend=http"], "reward.url", "required"),
         (["rollout.nice=20"], "rollout.nice", "less than or equal to 19"),
         (["ray.worker_niceness=-1"], "ray.worker_niceness", "greater than or equal to 0"),
+        # strict types: nothing is coerced
+        (["sft.epochs=true"], "sft.epochs", "valid integer"),
+        (['sft.epochs="3"'], "sft.epochs", "valid integer"),
+        (["sft.epochs=3.0"], "sft.epochs", "valid integer"),
+        (["ppo.whiten_advantages=1"], "ppo.whiten_advantages", "valid boolean"),
+        (["run.seed=[1]"], "run.seed", "valid integer"),
+        # finite numbers only
+        (["ppo.lr=.inf"], "ppo.lr", "finite number"),
+        (["ppo.clip_range=.nan"], "ppo.clip_range", "finite number"),
+        (["ppo.sync_timeout_s=.inf"], "ppo.sync_timeout_s", "finite number"),
+        (["reward.missing_eos_score=.nan"], "reward.missing_eos_score", "finite number"),
+        (["reward.missing_eos_score=-.inf"], "reward.missing_eos_score", "finite number"),
+        (["ppo.bucket_mb=1e-9"], "ppo.bucket_mb", "greater than or equal to 1"),
+        # names and addresses
+        (["run.name=../../../tmp/x"], "run.name", "letters, digits"),
+        (["run.name="], "run.name", "letters, digits"),
+        (["run.name=a/b"], "run.name", "letters, digits"),
+        (["run.output_dir= "], "run.output_dir", "empty"),
+        (["reward.url=notaurl"], "reward.url", "http(s) URL"),
+        (["reward.url=ftp://host/x"], "reward.url", "http(s) URL"),
+        (["reward.url=http://127.0.0.1:99999"], "reward.url", "Port out of range"),
+        (["serve.host=not a host!!"], "serve.host", "neither an IP address nor a host name"),
+        (["serve.host=-bad.example"], "serve.host", "neither an IP address nor a host name"),
     ],
 )
 def test_invalid_config_names_the_key(overrides, key, words):
@@ -100,6 +123,25 @@ def test_overrides_apply_with_types_and_nesting():
 def test_bad_override_syntax(item, words):
     msg = _error([item])
     assert words in msg
+
+
+def test_valid_names_addresses_and_yaml_floats_pass(tmp_path):
+    cfg = load_config(None, ["run.name=tldr_smol-1.5", "serve.host=::1", "reward.url=https://rm.example.com:8443/v1",
+                             "reward.backend=http"])
+    assert (cfg.run.name, cfg.serve.host, cfg.reward.url) == ("tldr_smol-1.5", "::1", "https://rm.example.com:8443/v1")
+    path = tmp_path / "c.yaml"
+    path.write_text("sft:\n  lr: 1e-3\n  num_cpus: 2\n")  # YAML 1.1 would read 1e-3 as a string
+    cfg = load_config(path)
+    assert cfg.sft.lr == 1e-3 and cfg.sft.num_cpus == 2.0  # an int is a valid float
+
+
+def test_a_config_file_that_is_not_utf8_exits_2_naming_it(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text"):
+        load_config(path)
+    assert main(["sft", "--config", str(path), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "not UTF-8" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -354,6 +354,14 @@ def test_serve_refuses_non_loopback_without_token(checkpoints, capsys) -> None:
     assert "refusing to listen on 0.0.0.0 without a bearer token" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("port", ["0", "65536", "-1"])
+def test_serve_rejects_a_port_out_of_range_instead_of_using_the_default(checkpoints, capsys, port) -> None:
+    from pipeline.cli import main
+
+    assert main(["serve", "--checkpoint", str(checkpoints[1]), "--port", port]) == 2
+    assert f"--port {port} is not a TCP port" in capsys.readouterr().err
+
+
 def test_token_sources_and_loopback(tmp_path: Path) -> None:
     assert resolve_token(ServeConfig(token_env="T"), {"T": " abc \n"}) == "abc"
     assert resolve_token(ServeConfig(token_env="T"), {}) is None
