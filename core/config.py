@@ -324,11 +324,52 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
+        d, m = self.data, self.model
+        longest = d.max_prompt_tokens + max(self.rollout.max_new_tokens, d.max_summary_tokens)
+        if m.is_builtin and longest > m.max_position_embeddings:
+            raise ValueError(f"data.max_prompt_tokens + max(rollout.max_new_tokens, data.max_summary_tokens) = {longest} "
+                             f"exceeds model.max_position_embeddings {m.max_position_embeddings}")
+        if d.source == "synthetic" and self.ppo.prompts_per_step > d.num_train_posts:
+            raise ValueError(f"ppo.prompts_per_step {self.ppo.prompts_per_step} exceeds the {d.num_train_posts} PPO "
+                             "prompts (data.num_train_posts)")
+        if self.ray.num_cpus is not None and self.ray.address is None and role_cpus(self) > self.ray.num_cpus:
+            raise ValueError(f"ray.num_cpus {self.ray.num_cpus} is less than the {role_cpus(self):g} CPUs the roles ask "
+                             "for together (rollout.num_workers x rollout.num_cpus + reference, reward and ppo num_cpus; "
+                             "or a stage's num_cpus)")
         if self.rollout.backend == "vllm" and self.model.lora is not None:
             raise ValueError("rollout.backend vllm with model.lora: merge adapters first (LoRA weight sync is not supported)")
         if self.ppo.weight_sync == "collective" and self.rollout.backend == "vllm":
             raise ValueError("ppo.weight_sync collective is implemented for the hf rollout backend; use object_store with vllm")
         return self
+
+
+def role_cpus(cfg: Config) -> float:
+    """Logical CPUs that the PPO roles ask for together (the offline stages run one at a time)."""
+    ppo = (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.reward.num_cpus + cfg.reference.num_cpus
+           + cfg.ppo.num_cpus)
+    return max(ppo, cfg.sft.num_cpus, cfg.rm.num_cpus, cfg.serve.num_cpus * cfg.serve.num_replicas)
+
+
+# What a run's identity does not include: where Ray runs and where run directories live.
+NOT_IN_RUN = ("ray", "run.output_dir")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = NOT_IN_RUN) -> list[str]:
+    """Dotted keys whose values differ between two config dumps (`model_dump(mode="json")`), except `ignore`d ones."""
+    fa, fb = _flatten(a), _flatten(b)
+    skip = lambda k: any(k == i or k.startswith(i + ".") for i in ignore)  # noqa: E731
+    return sorted(k for k in set(fa) | set(fb) if not skip(k) and fa.get(k, "<unset>") != fb.get(k, "<unset>"))
 
 
 DEFAULT_CONFIG = "default.yaml"

@@ -151,6 +151,8 @@ class RowChecker:
 def _read_rows(cfg: DataConfig, dataset: str, split_or_path: str) -> tuple[str, list]:
     import datasets  # heavy import, only for real data
 
+    datasets.disable_progress_bars()  # a bar per file drowns the pipeline's own messages
+
     if cfg.source == "hub":
         source = f"{dataset}[{split_or_path}]"
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -114,11 +115,54 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rayrlhf: {e}", file=sys.stderr)
         return 2
+    if args.command in STAGE_COMMANDS and not resume:
+        from pipeline.preflight import PreflightError, check_inputs, run_config
+
+        try:
+            if args.run_dir:
+                cfg = run_config(Path(args.run_dir), cfg, given_explicitly=bool(args.config or args.overrides))
+            check_inputs(cfg, args.command, Path(args.run_dir) if args.run_dir else None,
+                         getattr(args, "sft_checkpoint", None), getattr(args, "rm_checkpoint", None))
+        except PreflightError as e:
+            print(f"rayrlhf {args.command}: error: {e}", file=sys.stderr)
+            return 2
     try:
         return _run(args, cfg)
-    except (FileNotFoundError, ValueError) as e:  # bad paths and data found at run time
-        print(f"rayrlhf {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - every failure of a run is one line, never a traceback
+        line = error_line(e)
+        print(f"rayrlhf {args.command}: error: {line}{'' if '--resume' in line else _resume_hint(args)}",
+              file=sys.stderr)
+        log.debug("traceback", exc_info=True)
         return 1
+
+
+STAGE_COMMANDS = ("train", "sft", "rm", "ppo", "eval")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_line(e: BaseException) -> str:
+    """One line for a failed run: the cause and, for an error raised inside a Ray actor or task, where.
+
+    Ray wraps an actor's exception in a RayTaskError whose text is the remote traceback (with colour codes);
+    its `cause` is the original exception."""
+    from ray.exceptions import RayTaskError
+
+    where = ""
+    while isinstance(e, RayTaskError) and e.cause is not None and e.cause is not e:
+        where = where or f" (in {e.function_name})"
+        e = e.cause
+    text = ANSI.sub("", str(e)).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else type(e).__name__
+    prefix = "" if isinstance(e, (ValueError, FileNotFoundError, RuntimeError)) else f"{type(e).__name__}: "
+    return f"{prefix}{first}{where}"
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    run_dir = getattr(args, "resume", None) or getattr(args, "run_dir", None)
+    if args.command in ("train", "sft", "rm", "ppo") and run_dir and (Path(run_dir) / "config.yaml").is_file():
+        return f" (continue with `rayrlhf {args.command} --resume {run_dir}`)"
+    return ""
 
 
 def scale_main(args: argparse.Namespace) -> int:

@@ -9,16 +9,9 @@ import logging
 import math
 import os
 
-from core.config import Config
+from core.config import Config, role_cpus
 
 log = logging.getLogger(__name__)
-
-
-def role_cpus(cfg: Config) -> float:
-    """Logical CPUs that the PPO roles ask for together (the offline stages run one at a time)."""
-    ppo = (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.reward.num_cpus + cfg.reference.num_cpus
-           + cfg.ppo.num_cpus)
-    return max(ppo, cfg.sft.num_cpus, cfg.rm.num_cpus, cfg.serve.num_cpus * cfg.serve.num_replicas)
 
 
 def connect(cfg: Config) -> None:

@@ -28,7 +28,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from tqdm import tqdm
 
 from core.checkpoints import CheckpointDir, atomic_write_text, read_json, write_json
-from core.config import Config
+from core.config import Config, config_differences
 from core.data import load_tldr
 from core.experience import Experience, RolloutRequest
 from core.ledger import ExperienceLedger
@@ -127,7 +127,7 @@ class PPODriver:
     def restore(self, ckpt: Path) -> LoopState:
         """Restore the learner, the ledger and the buffered batches from `ckpt`; give the workers its weights."""
         state = read_json(ckpt / "driver_state.json")
-        diff = config_diff(state["config"], _resumable_config(self.cfg))
+        diff = config_differences(state["config"], _resumable_config(self.cfg))
         if diff:
             raise ValueError(f"{ckpt} was written with a different config ({', '.join(diff)}); resume with the "
                              f"run's own config.yaml")
@@ -382,8 +382,3 @@ def _resumable_config(cfg: Config) -> dict:
     dump.pop("ray", None)
     dump.get("run", {}).pop("output_dir", None)
     return dump
-
-
-def config_diff(saved: dict, ours: dict) -> list[str]:
-    """The top-level sections in which two resumable configs differ."""
-    return sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))

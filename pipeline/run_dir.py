@@ -6,6 +6,8 @@
     <run>/ppo/checkpoint       final PPO policy; ppo/critic; ppo/state.pt; metrics.jsonl
     <run>/eval/                evaluation results; <run>/report.md and plots
     <run>/stages.json          each finished stage's summary metrics
+    <run>/inputs.json          checkpoints from outside the run a stage was started from (`--sft-checkpoint`, ...),
+                               so that `--resume` continues it from the same ones
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class RunDir:
             path = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}"
         run = cls(Path(path))
         run.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run.path / "config.yaml", config_to_yaml(cfg))
+        if not (run.path / "config.yaml").is_file():  # an existing run keeps its own (`preflight.run_config`)
+            atomic_write_text(run.path / "config.yaml", config_to_yaml(cfg))
         return run
 
     def stage(self, name: str) -> Path:
@@ -47,6 +50,18 @@ class RunDir:
         stages = json.loads(path.read_text()) if path.exists() else {}
         stages[stage] = summary
         atomic_write_text(path, json.dumps(stages, indent=2))
+
+    def record_inputs(self, stage: str, **checkpoints: Path) -> None:
+        """Remember the outside checkpoints `stage` starts from (absolute paths)."""
+        path = self.path / "inputs.json"
+        inputs = json.loads(path.read_text()) if path.exists() else {}
+        inputs[stage] = {k: str(Path(v).resolve()) for k, v in checkpoints.items()}
+        atomic_write_text(path, json.dumps(inputs, indent=2))
+
+    def inputs(self, stage: str) -> dict[str, Path]:
+        path = self.path / "inputs.json"
+        recorded = json.loads(path.read_text()).get(stage, {}) if path.exists() else {}
+        return {k: Path(v) for k, v in recorded.items()}
 
     def stages(self) -> dict:
         path = self.path / "stages.json"

@@ -76,8 +76,19 @@ def sft(cfg: Config, run: RunDir, resume: bool = False) -> Path:
     return run.checkpoint("sft")
 
 
+def _inputs(run: RunDir, stage: str, resume: bool, **given: Path | None) -> dict[str, Path]:
+    """The outside checkpoints `stage` starts from: those given (recorded in the run directory), or on resume
+    those recorded when it started; None where the run's own stage output is used."""
+    if resume:
+        return run.inputs(stage)
+    explicit = {k: v for k, v in given.items() if v is not None}
+    run.record_inputs(stage, **explicit)
+    return explicit
+
+
 def rm(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, resume: bool = False) -> Path:
     if not _skip(run, "rm", resume):
+        sft_checkpoint = _inputs(run, "rm", resume, sft_checkpoint=sft_checkpoint).get("sft_checkpoint")
         sft_ckpt = require_checkpoint(sft_checkpoint or run.checkpoint("sft"), "SFT")
         connect(cfg)
         _done(run, "rm", run_rm(cfg, run.stage("rm"), sft_ckpt, resume))
@@ -88,6 +99,8 @@ def ppo(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, rm_checkpo
         resume: bool = False) -> Path:
     if _skip(run, "ppo", resume):
         return run.checkpoint("ppo")
+    inputs = _inputs(run, "ppo", resume, sft_checkpoint=sft_checkpoint, rm_checkpoint=rm_checkpoint)
+    sft_checkpoint, rm_checkpoint = inputs.get("sft_checkpoint"), inputs.get("rm_checkpoint")
     latest = CheckpointDir(run.path / "ppo" / "checkpoints").latest() if resume else None
     if latest is not None:  # the checkpoints the interrupted run was started with
         state = read_json(latest / "driver_state.json")

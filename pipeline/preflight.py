@@ -1,0 +1,108 @@
+"""Checks made before a command writes anything or starts Ray: every problem found here is exit 2, one line
+naming the key, flag or file, and nothing on disk changes.
+
+- `run_config`: a stage command given an existing run directory uses that run's config; another config for
+  it is refused, naming the keys that differ (a failed or mistaken command must not change a run);
+- `check_inputs`: data files (read and parsed, as the stages will), the checkpoints a stage starts from, and
+  whether the prompt and response budgets fit the model's positions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from core.config import Config, ConfigError, config_differences, load_config
+from core.data import DataError, load_tldr
+
+DATA_KEYS = ("sft_train", "sft_valid", "sft_test", "pairs_train", "pairs_valid")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class PreflightError(ValueError):
+    """A command that cannot run as given; the message names what to change."""
+
+
+def run_config(run_dir: Path, given: Config, given_explicitly: bool) -> Config:
+    """The config of a stage command on `run_dir`: the run's own when it has one, unless another is given."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return given
+    try:
+        saved = load_config(saved_path)
+    except ConfigError as e:
+        raise PreflightError(f"--run-dir {run_dir}: its config.yaml does not load: {e}") from None
+    if not given_explicitly:
+        return saved
+    diff = config_differences(saved.model_dump(mode="json"), given.model_dump(mode="json"))
+    if diff:
+        raise PreflightError(
+            f"--run-dir {run_dir} was started with another config (differs in {', '.join(diff)}); run the stage with "
+            f"the run's own config (leave out --config/--set), or start a new run directory and pass "
+            f"--sft-checkpoint/--rm-checkpoint")
+    return saved
+
+
+def _data_file_problem(key: str, value: str) -> str | None:
+    path = Path(value)
+    if not path.exists():
+        return f"data.{key}: {value} does not exist"
+    if path.is_dir():
+        return f"data.{key}: {value} is a directory, not a data file"
+    if path.suffix not in DATA_SUFFIXES:
+        return f"data.{key}: {value}: unsupported file type {path.suffix!r} (use {', '.join(DATA_SUFFIXES)})"
+    if not os.access(path, os.R_OK):
+        return f"data.{key}: {value} cannot be read (permissions)"
+    return None
+
+
+def check_data(cfg: Config, needs_prompts: bool) -> None:
+    """Local data files exist and parse (strict mode: the first bad row; lax: enough good rows); there are
+    enough PPO prompts. Hub data cannot be checked offline and is read by the stages."""
+    if cfg.data.source != "local":
+        return
+    problems = [p for key in DATA_KEYS if (p := _data_file_problem(key, getattr(cfg.data, key)))]
+    if problems:
+        raise PreflightError("; ".join(problems))
+    try:
+        data = load_tldr(cfg.data)
+    except DataError as e:
+        raise PreflightError(str(e)) from None
+    if needs_prompts and cfg.ppo.prompts_per_step > len(data.sft_train):
+        raise PreflightError(f"ppo.prompts_per_step {cfg.ppo.prompts_per_step} exceeds the {len(data.sft_train)} PPO "
+                             f"prompts in data.sft_train ({cfg.data.sft_train})")
+
+
+def check_checkpoint(path: Path, what: str, how: str) -> None:
+    if not (path / "config.json").is_file():
+        raise PreflightError(f"{what} checkpoint not found at {path} (no config.json); {how}")
+
+
+def check_model_positions(cfg: Config) -> None:
+    """A local model's positions hold the longest sequence any role builds (the builtin's: the config checks)."""
+    config = Path(cfg.model.name_or_path) / "config.json"
+    if cfg.model.is_builtin or not config.is_file():
+        return
+    positions = json.loads(config.read_text()).get("max_position_embeddings")
+    longest = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.data.max_summary_tokens)
+    if positions is not None and longest > positions:
+        raise PreflightError(f"data.max_prompt_tokens + max(rollout.max_new_tokens, data.max_summary_tokens) = "
+                             f"{longest} exceeds the {positions} positions of model.name_or_path {cfg.model.name_or_path}")
+
+
+def check_inputs(cfg: Config, command: str, run_dir: Path | None, sft_checkpoint: str | None,
+                 rm_checkpoint: str | None) -> None:
+    """Everything `command` reads before it starts Ray: data, model positions, the checkpoints it starts from."""
+    check_data(cfg, needs_prompts=command in ("train", "ppo"))
+    check_model_positions(cfg)
+    run = run_dir if run_dir is not None else Path("<new run directory>")
+    if command in ("rm", "ppo"):
+        check_checkpoint(Path(sft_checkpoint) if sft_checkpoint else run / "sft" / "checkpoint", "SFT",
+                         "run `rayrlhf sft` on this run directory first, or pass --sft-checkpoint")
+    if command == "ppo":
+        check_checkpoint(Path(rm_checkpoint) if rm_checkpoint else run / "rm" / "checkpoint", "reward model",
+                         "run `rayrlhf rm` on this run directory first, or pass --rm-checkpoint")
+    if command == "eval":
+        check_checkpoint(run / "sft" / "checkpoint", "SFT", "evaluate a run directory whose SFT stage finished")
+        check_checkpoint(run / "rm" / "checkpoint", "reward model", "evaluate a run whose reward-model stage finished")

@@ -1,0 +1,118 @@
+"""What a command checks before it writes anything or starts Ray: a failed or mistaken command leaves a run
+as it was, and bad inputs exit 2 naming the key, flag or file (no Ray started: these run in milliseconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from core.config import config_to_yaml, load_config
+from pipeline.cli import main, error_line
+
+TINY = ["data.num_train_posts=96", "data.num_valid_posts=16", "data.num_test_posts=16", "data.num_train_pairs=64",
+        "data.num_valid_pairs=16"]
+
+
+def _run_dir(tmp_path: Path, *overrides: str) -> Path:
+    """A run directory as `rayrlhf sft --run-dir R` leaves it before its first checkpoint."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(config_to_yaml(load_config(None, [*TINY, *overrides])))
+    return run
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_failing_stage_command_leaves_the_run_config_untouched(tmp_path, capsys):
+    run = _run_dir(tmp_path, "ppo.steps=12")
+    before = _snapshot(tmp_path)
+    assert main(["ppo", "--run-dir", str(run), "--sft-checkpoint", "/nonexistent"]) == 2
+    assert "SFT checkpoint not found at /nonexistent" in capsys.readouterr().err
+    assert main(["eval", "--run-dir", str(run)]) == 2
+    assert "SFT checkpoint not found" in capsys.readouterr().err
+    assert _snapshot(tmp_path) == before
+    assert yaml.safe_load((run / "config.yaml").read_text())["ppo"]["steps"] == 12
+
+
+def test_another_config_for_an_existing_run_is_refused_naming_the_keys(tmp_path, capsys):
+    run = _run_dir(tmp_path, "ppo.steps=12")
+    before = _snapshot(tmp_path)
+    argv = ["ppo", "--run-dir", str(run), "--sft-checkpoint", "/x", *sum((["--set", o] for o in TINY), [])]
+    assert main([*argv, "--set", "ppo.steps=40", "--set", "sft.lr=0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "was started with another config (differs in ppo.steps, sft.lr)" in err
+    assert _snapshot(tmp_path) == before
+
+
+def test_the_same_config_or_only_another_ray_section_is_accepted(tmp_path):
+    from pipeline.preflight import run_config
+
+    run = _run_dir(tmp_path, "ppo.steps=12")
+    same = load_config(None, [*TINY, "ppo.steps=12", "ray.num_cpus=8", f"run.output_dir={tmp_path}"])
+    assert run_config(run, same, given_explicitly=True).ppo.steps == 12
+    assert run_config(run, load_config(), given_explicitly=False).ppo.steps == 12  # the run's own config
+
+
+def _local_files(tmp_path: Path, rows: int = 8) -> dict[str, Path]:
+    posts = [{"prompt": f"SUBREDDIT: r/test\nTITLE: t{i}\nPOST: body {i}\nTL;DR:", "reference": f" s{i}"}
+             for i in range(rows)]
+    pairs = [{"prompt": p["prompt"], "chosen": " good", "rejected": " bad"} for p in posts]
+    files = {}
+    for key, content in (("sft_train", posts), ("sft_valid", posts), ("sft_test", posts), ("pairs_train", pairs),
+                         ("pairs_valid", pairs)):
+        files[key] = tmp_path / f"{key}.jsonl"
+        files[key].write_text("".join(json.dumps(r) + "\n" for r in content))
+    return files
+
+
+def _local_argv(tmp_path: Path, files: dict[str, Path], command: str = "sft") -> list[str]:
+    argv = [command, "--run-dir", str(tmp_path / "run"), "--set", "data.source=local", "--set", "ppo.prompts_per_step=4",
+            "--set", "ppo.minibatch_size=8", "--set", "ppo.micro_batch_size=8"]
+    for key, path in files.items():
+        argv += ["--set", f"data.{key}={path}"]
+    return argv
+
+
+@pytest.mark.parametrize("break_it, words", [
+    (lambda f: f["sft_valid"].unlink(), "data.sft_valid: {sft_valid} does not exist"),
+    (lambda f: (f["pairs_train"].unlink(), f["pairs_train"].mkdir()), "data.pairs_train: {pairs_train} is a directory"),
+    (lambda f: f["sft_test"].write_text('{"prompt": "SUBREDDIT: r/x\\nPOST: y", "reference": 3}\n'),
+     "{sft_test}: no usable rows"),
+])
+def test_bad_data_files_exit_2_before_anything_is_written(tmp_path, capsys, break_it, words):
+    files = _local_files(tmp_path)
+    break_it(files)
+    assert main(_local_argv(tmp_path, files)) == 2
+    err = capsys.readouterr().err
+    assert words.format(**{k: str(v) for k, v in files.items()}) in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_few_ppo_prompts_in_local_data_exit_2(tmp_path, capsys):
+    files = _local_files(tmp_path, rows=3)
+    assert main(_local_argv(tmp_path, files, "train")) == 2
+    assert "ppo.prompts_per_step 4 exceeds the 3 PPO prompts in data.sft_train" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_local_model_whose_positions_do_not_hold_the_budgets_exits_2(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 128}))
+    assert main(["sft", "--run-dir", str(tmp_path / "run"), "--set", f"model.name_or_path={model}"]) == 2
+    assert f"exceeds the 128 positions of model.name_or_path {model}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_error_inside_an_actor_is_one_line_naming_where():
+    from ray.exceptions import RayTaskError
+
+    wrapped = RayTaskError("SFTStage.run", "Traceback ...\n  \x1b[36mlong\x1b[0m", ValueError("sft.batch_size 64 exceeds "
+                                                                                        "the 10 training examples"))
+    assert error_line(wrapped) == "sft.batch_size 64 exceeds the 10 training examples (in SFTStage.run)"
+    assert error_line(TimeoutError("learner did not finish\nmore")) == "TimeoutError: learner did not finish"
