@@ -109,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"rayrlhf {args.command}: error: --resume {resume}: not a run directory (no config.yaml)",
                       file=sys.stderr)
                 return 2
-            args.config, args.run_dir = str(Path(resume) / "config.yaml"), resume
+            # A stage run with a config of its own (see `preflight.run_config`) resumes with it.
+            own = Path(resume) / args.command / "config.yaml"
+            args.config = str(own if own.is_file() and args.command != "train" else Path(resume) / "config.yaml")
+            args.run_dir = resume
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             if args.run_dir:
-                cfg = run_config(Path(args.run_dir), cfg, given_explicitly=bool(args.config or args.overrides))
+                cfg, args.config_differs = run_config(Path(args.run_dir), cfg, bool(args.config or args.overrides),
+                                                      args.command)
             check_inputs(cfg, args.command, Path(args.run_dir) if args.run_dir else None,
                          getattr(args, "sft_checkpoint", None), getattr(args, "rm_checkpoint", None))
         except PreflightError as e:
@@ -215,6 +219,10 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         return 2
     resume = bool(getattr(args, "resume", None))
     run = RunDir(Path(args.run_dir)) if resume else stages.open_run(cfg, args.run_dir)
+    if getattr(args, "config_differs", None):
+        kept = run.keep_stage_config(args.command, cfg)
+        log.warning("%s runs with a config that differs from the run's config.yaml in %s; kept in %s",
+                    args.command, ", ".join(args.config_differs), kept)
     try:
         if args.command == "train":
             stages.train(cfg, run, resume)

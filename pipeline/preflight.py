@@ -1,8 +1,8 @@
 """Checks made before a command writes anything or starts Ray: every problem found here is exit 2, one line
 naming the key, flag or file, and nothing on disk changes.
 
-- `run_config`: a stage command given an existing run directory uses that run's config; another config for
-  it is refused, naming the keys that differ (a failed or mistaken command must not change a run);
+- `run_config`: a command given an existing run directory uses that run's config unless given another; the
+  run's `config.yaml` is never rewritten (a failed or mistaken command must not change a run);
 - `check_inputs`: data files (read and parsed, as the stages will), the checkpoints a stage starts from, and
   whether the prompt and response budgets fit the model's positions.
 """
@@ -24,24 +24,28 @@ class PreflightError(ValueError):
     """A command that cannot run as given; the message names what to change."""
 
 
-def run_config(run_dir: Path, given: Config, given_explicitly: bool) -> Config:
-    """The config of a stage command on `run_dir`: the run's own when it has one, unless another is given."""
+def run_config(run_dir: Path, given: Config, given_explicitly: bool, command: str) -> tuple[Config, list[str]]:
+    """The config of `command` on `run_dir`, and the keys in which it differs from the run's `config.yaml`.
+
+    Without --config/--set a command uses the run's own config. A single stage may run with another (e.g. PPO
+    with other settings on the run's SFT and RM): the run's config.yaml stays as it is and the caller keeps the
+    stage's config beside its outputs. `train`, which runs every stage, may not."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
-        return given
+        return given, []
     try:
         saved = load_config(saved_path)
     except ConfigError as e:
         raise PreflightError(f"--run-dir {run_dir}: its config.yaml does not load: {e}") from None
     if not given_explicitly:
-        return saved
+        return saved, []
     diff = config_differences(saved.model_dump(mode="json"), given.model_dump(mode="json"))
-    if diff:
+    if diff and command == "train":
         raise PreflightError(
-            f"--run-dir {run_dir} was started with another config (differs in {', '.join(diff)}); run the stage with "
-            f"the run's own config (leave out --config/--set), or start a new run directory and pass "
-            f"--sft-checkpoint/--rm-checkpoint")
-    return saved
+            f"--run-dir {run_dir} was started with another config (differs in {', '.join(diff)}); `train` runs every "
+            f"stage with the run's own config: leave out --config/--set, resume it with --resume, or start a new run "
+            f"directory")
+    return given, diff
 
 
 def _data_file_problem(key: str, value: str) -> str | None:

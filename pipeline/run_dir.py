@@ -1,6 +1,7 @@
 """The run directory: one per run, holding the config, every stage's output and the report.
 
-    <run>/config.yaml          the validated config the run used
+    <run>/config.yaml          the validated config the run was started with (never rewritten)
+    <run>/<stage>/config.yaml  a stage's own config, where it was run with another (e.g. other PPO settings)
     <run>/sft/checkpoint       best SFT policy (HF format + tokenizer); metrics.jsonl, tensorboard/
     <run>/rm/checkpoint        reward model (sequence classification, reward_bias in its config)
     <run>/ppo/checkpoint       final PPO policy; ppo/critic; ppo/state.pt; metrics.jsonl
@@ -50,6 +51,12 @@ class RunDir:
         stages = json.loads(path.read_text()) if path.exists() else {}
         stages[stage] = summary
         atomic_write_text(path, json.dumps(stages, indent=2))
+
+    def keep_stage_config(self, stage: str, cfg: Config) -> Path:
+        """The config a stage ran with when it differs from the run's (which stays as it is)."""
+        path = self.stage(stage) / "config.yaml"
+        atomic_write_text(path, config_to_yaml(cfg))
+        return path
 
     def record_inputs(self, stage: str, **checkpoints: Path) -> None:
         """Remember the outside checkpoints `stage` starts from (absolute paths)."""

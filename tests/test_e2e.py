@@ -112,6 +112,11 @@ def test_cli_stage_by_stage_synchronous(cli, tiny_overrides, tiny_cfg, tmp_path)
     cli("ppo", run, sync)
     cli("eval", run, sync)
     _check_ppo_and_eval(run, max_staleness=0)
+    # The run keeps the config it was started with; the PPO stage's own is kept beside its outputs.
+    import yaml
+
+    assert yaml.safe_load((run / "config.yaml").read_text())["ppo"]["max_staleness"] == tiny_cfg.ppo.max_staleness
+    assert yaml.safe_load((run / "ppo" / "config.yaml").read_text())["ppo"]["max_staleness"] == 0
 
 
 def test_cli_train_one_step_off_policy_collective(cli, tiny_overrides, tmp_path):

@@ -39,13 +39,12 @@ def test_a_failing_stage_command_leaves_the_run_config_untouched(tmp_path, capsy
     assert yaml.safe_load((run / "config.yaml").read_text())["ppo"]["steps"] == 12
 
 
-def test_another_config_for_an_existing_run_is_refused_naming_the_keys(tmp_path, capsys):
+def test_train_with_another_config_on_an_existing_run_is_refused_naming_the_keys(tmp_path, capsys):
     run = _run_dir(tmp_path, "ppo.steps=12")
     before = _snapshot(tmp_path)
-    argv = ["ppo", "--run-dir", str(run), "--sft-checkpoint", "/x", *sum((["--set", o] for o in TINY), [])]
+    argv = ["train", "--run-dir", str(run), *sum((["--set", o] for o in TINY), [])]
     assert main([*argv, "--set", "ppo.steps=40", "--set", "sft.lr=0.01"]) == 2
-    err = capsys.readouterr().err
-    assert "was started with another config (differs in ppo.steps, sft.lr)" in err
+    assert "was started with another config (differs in ppo.steps, sft.lr)" in capsys.readouterr().err
     assert _snapshot(tmp_path) == before
 
 
@@ -54,8 +53,11 @@ def test_the_same_config_or_only_another_ray_section_is_accepted(tmp_path):
 
     run = _run_dir(tmp_path, "ppo.steps=12")
     same = load_config(None, [*TINY, "ppo.steps=12", "ray.num_cpus=8", f"run.output_dir={tmp_path}"])
-    assert run_config(run, same, given_explicitly=True).ppo.steps == 12
-    assert run_config(run, load_config(), given_explicitly=False).ppo.steps == 12  # the run's own config
+    assert run_config(run, same, True, "train")[1] == []
+    cfg, diff = run_config(run, load_config(), False, "ppo")
+    assert cfg.ppo.steps == 12 and diff == []  # the run's own config
+    other = load_config(None, [*TINY, "ppo.steps=40"])
+    assert run_config(run, other, True, "ppo") == (other, ["ppo.steps"])  # kept beside the PPO stage
 
 
 def _local_files(tmp_path: Path, rows: int = 8) -> dict[str, Path]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -241,3 +242,35 @@ def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch,
         print(f"\nmax_staleness={staleness}: killed with {steps_before} steps logged, resumed at step {resumed_at}, "
               f"max abs diff policy {diffs['checkpoint']} critic {diffs['critic']}, ledger consumed "
               f"{audit['consumed']}/{STEPS}, lost {audit['lost']}, restored batches {audit['restored']}")
+
+
+@pytest.mark.slow
+def test_stages_started_from_outside_checkpoints_resume_from_them(ray_local, monkeypatch, tiny_checkpoints,
+                                                                   tiny_overrides, tmp_path):
+    """`rm --sft-checkpoint P` and `ppo --sft-checkpoint P --rm-checkpoint Q` record P and Q in the run directory:
+    `--resume` continues an interrupted one from them (not from the run's own, absent, SFT/RM outputs)."""
+    from pipeline.cli import main
+
+    monkeypatch.setattr("pipeline.workflow.shutdown", lambda: None)  # keep the session's Ray for other tests
+    sets = sum((["--set", o] for o in tiny_overrides), [])
+    rm_run = tmp_path / "rm-run"
+    assert main(["rm", "--run-dir", str(rm_run), "--sft-checkpoint", str(tiny_checkpoints.sft), *sets,
+                 "--set", "rm.eval_every=2"]) == 0
+    # Interrupted after its checkpoints: the stage is not recorded as finished, its final output not written.
+    (rm_run / "stages.json").unlink()
+    assert (rm_run / "rm" / "checkpoints" / "latest").exists()
+    assert main(["rm", "--resume", str(rm_run)]) == 0
+    assert "rm" in json.loads((rm_run / "stages.json").read_text())
+
+    ppo_run = tmp_path / "ppo-run"
+    assert main(["ppo", "--run-dir", str(ppo_run), "--sft-checkpoint", str(tiny_checkpoints.sft),
+                 "--rm-checkpoint", str(tiny_checkpoints.rm), *sets, "--set", "ppo.steps=2",
+                 "--set", "ppo.checkpoint_every=0"]) == 0
+    # Killed before its first checkpoint: `--resume` starts the stage over, from the same checkpoints.
+    (ppo_run / "stages.json").unlink()
+    shutil.rmtree(ppo_run / "ppo")
+    assert main(["ppo", "--resume", str(ppo_run)]) == 0
+    assert json.loads((ppo_run / "stages.json").read_text())["ppo"]["ppo/steps"] == 2.0
+    recorded = json.loads((ppo_run / "inputs.json").read_text())["ppo"]
+    assert recorded == {"sft_checkpoint": str(tiny_checkpoints.sft.resolve()),
+                        "rm_checkpoint": str(tiny_checkpoints.rm.resolve())}
