@@ -23,7 +23,7 @@ from core.data import SummaryExample, load_tldr
 from core.modeling import load_frozen
 from core.sequences import pad_left, response_logprobs, sample
 from core.synthetic import judge
-from core.text import encode_queries, rouge
+from core.text import encode_queries, rouge, with_encodable_queries
 from core.training import seed_everything
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,8 @@ def summarise(name: str, s: PolicySamples, examples: list[SummaryExample]) -> di
 def evaluate_policies(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, ppo_checkpoint: str | None,
                       out_dir: Path) -> dict[str, float]:
     seed_everything(cfg.run.seed)
-    data = load_tldr(cfg.data)
-    examples = data.sft_test[: cfg.eval.num_prompts]
     reference, tok = load_frozen(sft_checkpoint, "causal_lm", cfg.model.dtype, device="cpu")
+    examples = with_encodable_queries(tok, load_tldr(cfg.data), cfg.data).sft_test[: cfg.eval.num_prompts]
     queries = encode_queries(tok, [e.query for e in examples], cfg.data.max_prompt_tokens)
     scorer = RewardScorer(rm_checkpoint, cfg.reward.missing_eos_score, cfg.reward.batch_size, cfg.model.dtype)
     seed = cfg.run.seed + 777

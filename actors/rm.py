@@ -21,7 +21,7 @@ from core.data import ComparisonExample, SummaryExample, load_tldr
 from core.metrics import MetricsLogger
 from core.modeling import apply_lora, count_params, load_scalar_model, load_tokenizer, save_checkpoint
 from core.sequences import pad_right, sequence_scores
-from core.text import encode_responses
+from core.text import encode_responses, with_encodable_queries
 from core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ class RMTrainer:
         cfg, rc = self.cfg, self.cfg.rm
         seed_everything(cfg.run.seed)
         t0 = time.time()
-        data = load_tldr(cfg.data)
         tok = load_tokenizer(self.sft_checkpoint)
+        data = with_encodable_queries(tok, load_tldr(cfg.data), cfg.data)
         model = load_scalar_model(self.sft_checkpoint, tok, cfg.model.dtype, init_head=True)
         model = apply_lora(model, cfg.model.lora, "SEQ_CLS")
         log.info("RM: %d parameters, %d train / %d valid pairs", count_params(model), len(data.pairs_train),

@@ -21,7 +21,7 @@ from core.metrics import MetricsLogger
 from core.modeling import apply_lora, build_tiny_llama, count_params, load_causal_lm, load_tokenizer, train_tokenizer
 from core.sequences import pad_left, pad_right, sample
 from core.synthetic import judge
-from core.text import EncodedSummary, encode_summaries, rouge
+from core.text import EncodedSummary, encode_summaries, rouge, with_encodable_queries
 from core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class SFTTrainer:
         t0 = time.time()
         data = load_tldr(cfg.data)
         model, tok = init_policy(cfg, data)
+        data = with_encodable_queries(tok, data, cfg.data)
         model = apply_lora(model, cfg.model.lora, "CAUSAL_LM")
         log.info("SFT: %d parameters, %d train / %d valid examples", count_params(model), len(data.sft_train),
                  len(data.sft_valid))

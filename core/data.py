@@ -10,6 +10,7 @@ Three sources give the same typed examples:
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -119,6 +120,14 @@ class RowChecker:
     def __init__(self, source: str, strict: bool):
         self.source, self.strict, self.bad, self.first = source, strict, 0, None
 
+    def reject(self, index: int, problem: str) -> None:
+        """A row that cannot be read at all (invalid JSON, not UTF-8, a query that cannot be cut)."""
+        if self.strict:
+            raise DataError(f"{self.source} row {index}: {problem}")
+        self.bad += 1
+        if self.first is None:
+            self.first = f"row {index}: {problem}"
+
     def check(self, index: int, row: Mapping, fields: tuple[str, ...]) -> bool:
         problem = None
         if not isinstance(row, Mapping):
@@ -136,11 +145,7 @@ class RowChecker:
                     break
         if problem is None:
             return True
-        if self.strict:
-            raise DataError(f"{self.source} row {index}: {problem}")
-        self.bad += 1
-        if self.first is None:
-            self.first = f"row {index}: {problem}"
+        self.reject(index, problem)
         return False
 
     def report(self, total: int) -> None:
@@ -148,59 +153,79 @@ class RowChecker:
             log.warning("%s: skipped %d of %d bad rows; first: %s", self.source, self.bad, total, self.first)
 
 
-def _read_rows(cfg: DataConfig, dataset: str, split_or_path: str) -> tuple[str, list]:
+def _read_jsonl(path: Path, checker: RowChecker, max_rows: int | None) -> list[tuple[int, object]]:
+    """(row index, parsed row) of each line that is UTF-8 JSON; the others go to `checker` (row = non-blank line)."""
+    rows = []
+    with path.open("rb") as f:
+        index = -1
+        for raw in f:
+            if not raw.strip():
+                continue
+            index += 1
+            if max_rows is not None and index >= max_rows:
+                break
+            try:
+                rows.append((index, json.loads(raw.decode("utf-8"))))
+            except UnicodeDecodeError as e:
+                checker.reject(index, f"not UTF-8 (byte {e.start} of the line: {e.reason})")
+            except json.JSONDecodeError as e:
+                checker.reject(index, f"invalid JSON ({e.msg} at column {e.colno})")
+    return rows
+
+
+def _read_rows(cfg: DataConfig, dataset: str, split_or_path: str, strict: bool) -> tuple[RowChecker, list]:
+    """The rows of a split or file as (index, row), and the checker that counts its bad rows."""
     import datasets  # heavy import, only for real data
 
     datasets.disable_progress_bars()  # a bar per file drowns the pipeline's own messages
-
     if cfg.source == "hub":
-        source = f"{dataset}[{split_or_path}]"
+        checker = RowChecker(f"{dataset}[{split_or_path}]", strict)
         try:
             ds = datasets.load_dataset(dataset, split=split_or_path)
         except Exception as e:  # the hub is unreachable offline: say so plainly
-            raise DataError(f"cannot load {source}: {e}") from e
+            raise DataError(f"cannot load {checker.source}: {e}") from e
     else:
         path = Path(split_or_path)
-        source = str(path)
+        checker = RowChecker(str(path), strict)
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
         if kind is None:
             raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)")
+        if path.suffix == ".jsonl":  # line by line, so that one bad line is one bad row
+            return checker, _read_jsonl(path, checker, cfg.max_rows)
         try:
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         except Exception as e:
             raise DataError(f"cannot read {path}: {e}") from e
     rows = ds.to_list() if cfg.max_rows is None else ds.select(range(min(cfg.max_rows, len(ds)))).to_list()
-    return source, rows
+    return checker, list(enumerate(rows))
 
 
 def read_summaries(cfg: DataConfig, split_or_path: str) -> list[SummaryExample]:
-    source, rows = _read_rows(cfg, cfg.sft_dataset, split_or_path)
-    checker = RowChecker(source, cfg.strict)
+    checker, rows = _read_rows(cfg, cfg.sft_dataset, split_or_path, cfg.strict)
     out = []
-    for i, row in enumerate(rows):
+    for i, row in rows:
         # CarperAI calls the reference `label`; the shared dev files call it `reference`.
         ref_field = "label" if isinstance(row, Mapping) and "label" in row else "reference"
         if checker.check(i, row, ("prompt", ref_field)):
-            out.append(SummaryExample(f"{source}:{i}", row["prompt"].strip(), clean_summary(row[ref_field])))
-    checker.report(len(rows))
+            out.append(SummaryExample(f"{checker.source}:{i}", row["prompt"].strip(), clean_summary(row[ref_field])))
+    checker.report(len(out) + checker.bad)
     if not out:
-        raise DataError(f"{source}: no usable rows")
+        raise DataError(f"{checker.source}: no usable rows")
     return out
 
 
 def read_comparisons(cfg: DataConfig, split_or_path: str) -> list[ComparisonExample]:
-    source, rows = _read_rows(cfg, cfg.comparisons_dataset, split_or_path)
-    checker = RowChecker(source, cfg.strict)
+    checker, rows = _read_rows(cfg, cfg.comparisons_dataset, split_or_path, cfg.strict)
     out = []
-    for i, row in enumerate(rows):
+    for i, row in rows:
         if checker.check(i, row, ("prompt", "chosen", "rejected")):
-            out.append(ComparisonExample(f"{source}:{i}", row["prompt"].strip(), clean_summary(row["chosen"]),
+            out.append(ComparisonExample(f"{checker.source}:{i}", row["prompt"].strip(), clean_summary(row["chosen"]),
                                          clean_summary(row["rejected"])))
-    checker.report(len(rows))
+    checker.report(len(out) + checker.bad)
     if not out:
-        raise DataError(f"{source}: no usable rows")
+        raise DataError(f"{checker.source}: no usable rows")
     return out
 
 

@@ -6,11 +6,15 @@ through these functions, so a query or a (query, response) pair is the same toke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, fields, replace
 
 from transformers import PreTrainedTokenizerBase
 
-from core.data import SummaryExample, truncate_query
+from core.config import DataConfig
+from core.data import DataError, SummaryExample, TLDRData, truncate_query
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,37 @@ def encode_queries(tokenizer: PreTrainedTokenizerBase, queries: list[str], max_p
 
     texts = [truncate_query(q, count, max_prompt_tokens) for q in queries]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def with_encodable_queries(tokenizer: PreTrainedTokenizerBase, data: TLDRData, cfg: DataConfig) -> TLDRData:
+    """`data` without the examples whose query cannot be cut to `data.max_prompt_tokens` (too long and not in the
+    TL;DR format): skipped and counted per split, or with `data.strict` the first one is an error naming its file
+    and row. Synthetic posts always fit the format, so they are not re-tokenized here."""
+    if cfg.source == "synthetic":
+        return data
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    kept = {}
+    for split in fields(data):
+        examples, bad, first = [], 0, None
+        for ex in getattr(data, split.name):
+            try:
+                truncate_query(ex.query, count, cfg.max_prompt_tokens)
+            except DataError as e:
+                if cfg.strict:
+                    raise DataError(f"{ex.id}: {e}") from None
+                bad, first = bad + 1, first or f"{ex.id}: {e}"
+                continue
+            examples.append(ex)
+        if bad:
+            log.warning("%s: skipped %d of %d rows whose query cannot be cut to data.max_prompt_tokens; first: %s",
+                        split.name, bad, bad + len(examples), first)
+        if bad and not examples:
+            raise DataError(f"{split.name}: no query fits data.max_prompt_tokens={cfg.max_prompt_tokens}")
+        kept[split.name] = examples
+    return replace(data, **kept)
 
 
 def encode_summaries(tokenizer: PreTrainedTokenizerBase, examples: list[SummaryExample], max_prompt_tokens: int,

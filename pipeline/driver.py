@@ -34,7 +34,7 @@ from core.experience import Experience, RolloutRequest
 from core.ledger import ExperienceLedger
 from core.metrics import MetricsLogger
 from core.modeling import load_tokenizer
-from core.text import encode_queries
+from core.text import encode_queries, with_encodable_queries
 from pipeline.calls import RoleTimeout, StageTimer, await_restart, ray_get
 from pipeline.inflight import InFlight, ShardCalls, ShardFailure, await_batch, gather
 from pipeline.launch import (
@@ -89,7 +89,8 @@ class PPODriver:
         self.gate = StalenessGate(self.pc.max_staleness)
         tok = load_tokenizer(self.sft_checkpoint)
         self.pad_id = tok.pad_token_id
-        self.prompts = encode_queries(tok, [e.query for e in load_tldr(cfg.data).sft_train], cfg.data.max_prompt_tokens)
+        data = with_encodable_queries(tok, load_tldr(cfg.data), cfg.data)
+        self.prompts = encode_queries(tok, [e.query for e in data.sft_train], cfg.data.max_prompt_tokens)
         self.prompt_source = PromptSource(self.prompts, self.pc.prompts_per_step, cfg.run.seed)
         self.packets: dict[int, ObjectRef] = {}  # version -> weights packet, for re-dispatch after a restart
         self.step = 0  # the step being run, for event rows

@@ -9,7 +9,7 @@ import pytest
 
 from core.config import DataConfig
 from core.data import (
-    DataError, clean_summary, format_query, lead_baseline, load_tldr, read_comparisons, read_summaries,
+    DataError, SummaryExample, clean_summary, format_query, lead_baseline, load_tldr, read_comparisons, read_summaries,
     split_query, truncate_query,
 )
 from core.synthetic import Post, judge, make_pairs, make_posts, prefer
@@ -210,6 +210,50 @@ def test_bad_row_is_an_error_when_strict(tmp_path, bad_row, problem):
     with pytest.raises(DataError) as info:
         read_summaries(_local(strict=True), str(path))
     assert problem in str(info.value) and str(path) in str(info.value)
+
+
+def _raw_lines(path, lines: list[bytes]):
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+UNREADABLE = [
+    (b'{"prompt": "SUBREDDIT: r/x\\nPOST: y\\nTL;DR:", "reference": "ok"', "row 1: invalid JSON"),
+    ('{"prompt": "caf\u00e9", "reference": "ok"}'.encode("latin-1"), "row 1: not UTF-8"),
+]
+
+
+@pytest.mark.parametrize("line, problem", UNREADABLE)
+def test_unreadable_lines_are_skipped_when_lax_and_named_when_strict(tmp_path, caplog, line, problem):
+    good = json.dumps({"prompt": Q, "reference": "ok"}).encode()
+    path = _raw_lines(tmp_path / "s.jsonl", [good, line, good])
+    with caplog.at_level(logging.WARNING, logger="core.data"):
+        out = read_summaries(_local(strict=False), str(path))
+    assert [e.id for e in out] == [f"{path}:0", f"{path}:2"]
+    assert "skipped 1 of 3 bad rows" in caplog.text and problem in caplog.text
+    with pytest.raises(DataError) as info:
+        read_summaries(_local(strict=True), str(path))
+    assert f"{path} {problem}" in str(info.value)
+
+
+def test_an_overlong_query_outside_the_tldr_format_is_skipped_when_lax_and_named_when_strict(tmp_path, caplog):
+    from transformers import PreTrainedTokenizerFast
+
+    from core.data import TLDRData
+    from core.modeling import train_tokenizer
+    from core.text import with_encodable_queries
+
+    tok: PreTrainedTokenizerFast = train_tokenizer([Q, "free text " * 50], 300)
+    ok = SummaryExample("f.jsonl:0", Q, " ok")
+    long = SummaryExample("f.jsonl:1", "free text " * 400, " too long, no POST: to cut")
+    data = TLDRData([ok, long], [ok], [ok], [], [])
+    cfg = _local(max_prompt_tokens=64)
+    with caplog.at_level(logging.WARNING, logger="core.text"):
+        kept = with_encodable_queries(tok, data, cfg)
+    assert kept.sft_train == [ok] and kept.sft_valid == [ok]
+    assert "sft_train: skipped 1 of 2 rows" in caplog.text and "f.jsonl:1: query of" in caplog.text
+    with pytest.raises(DataError, match=r"^f.jsonl:1: query of \d+ tokens exceeds 64"):
+        with_encodable_queries(tok, data, _local(max_prompt_tokens=64, strict=True))
 
 
 def test_reference_field_may_be_label_or_reference(tmp_path):
