@@ -256,7 +256,7 @@ def serve_main(args: argparse.Namespace, cfg: Config) -> int:
 
     from pipeline.cluster import connect
     from serving.auth import TokenError, is_loopback, resolve_token
-    from serving.reward_service import APP_NAME, start_service
+    from serving.reward_service import APP_NAME, PROXY_CALLBACK, start_service
 
     host = args.host or cfg.serve.host
     port = cfg.serve.port if args.port is None else args.port
@@ -281,6 +281,8 @@ def serve_main(args: argparse.Namespace, cfg: Config) -> int:
             return 2
         log.warning("serving on %s WITHOUT authentication (serve.allow_insecure_non_loopback=true)", host)
     own_cluster = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    if own_cluster:  # the proxy of a Ray started here inherits this process's environment
+        os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
     connect(cfg)
     try:
         url = start_service(str(checkpoint), cfg, host, port, require_token=token is not None)

@@ -31,6 +31,9 @@ def connect(cfg: Config) -> None:
         return
     # Logical CPUs may exceed the cores: roles take turns, and each actor runs torch on its own threads.
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(role_cpus(cfg)))
+    # Ray's metrics endpoint is plain HTTP without auth on all interfaces: a local Ray serves it only with the
+    # dashboard, which reads it (rayrlhf's own metrics go to metrics.jsonl and TensorBoard).
     ray.init(num_cpus=num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=True,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-             _system_config={"worker_niceness": cfg.ray.worker_niceness})
+             _system_config={"worker_niceness": cfg.ray.worker_niceness,
+                             "enable_metrics_collection": cfg.ray.include_dashboard})

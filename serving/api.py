@@ -83,9 +83,15 @@ class ModelInfo(_Wire):
     auth_required: bool
 
 
+class ModelId(_Wire):
+    version: str = Field(description="First 12 hex digits of the sha256 of the checkpoint's weight files.")
+
+
 class Health(_Wire):
+    """Open without auth, so it says which weights are served (their hash), not where they are stored."""
+
     status: Literal["ok"]
-    model: ModelRef
+    model: ModelId
 
 
 class ErrorResponse(_Wire):

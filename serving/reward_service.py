@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
 
 from core.config import Config, load_config
 from core.process import init_worker_process
@@ -50,6 +51,7 @@ from serving.api import (
     ErrorResponse,
     Health,
     Limits,
+    ModelId,
     ModelInfo,
     ModelRef,
     ScoreRequest,
@@ -113,8 +115,18 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+MAX_REQUEST_ID = 128
+
+
+def _valid_request_id(value: str | None) -> bool:
+    """A client's X-Request-ID is echoed in bodies, headers and logs: 1-128 printable ASCII characters.
+    (Starlette decodes header bytes as Latin-1, so a non-ASCII byte shows up here as a non-ASCII character.)"""
+    return value is None or (0 < len(value) <= MAX_REQUEST_ID and value.isascii() and value.isprintable())
+
+
 def _request_id(request: Request) -> str:
-    return request.headers.get("x-request-id") or uuid.uuid4().hex
+    given = request.headers.get("x-request-id")
+    return given if given and _valid_request_id(given) else uuid.uuid4().hex
 
 
 def _error(status: int, message: str, request: Request, detail: list[dict[str, Any]] | None = None,
@@ -150,7 +162,9 @@ async def authenticate_and_measure(request: Request, call_next) -> Response:
     """
     t0 = time.perf_counter()
     service = _current_service()
-    if _route_path(request) in OPEN_PATHS or service.auth.allows(request.headers.get("authorization")):
+    if not _valid_request_id(request.headers.get("x-request-id")):
+        response = _error(400, f"X-Request-ID must be 1-{MAX_REQUEST_ID} printable ASCII characters", request)
+    elif _route_path(request) in OPEN_PATHS or service.auth.allows(request.headers.get("authorization")):
         try:
             response = await call_next(request)
         except Exception:
@@ -225,7 +239,7 @@ class RewardService:
 
     @app.get("/health", response_model=Health)
     async def health(self) -> Health:
-        return Health(status="ok", model=self.model_ref)
+        return Health(status="ok", model=ModelId(version=self.model_ref.version))
 
     @app.get("/v1/model", response_model=ModelInfo, responses={401: _ERROR_RESPONSES[401]})
     async def model_info(self) -> ModelInfo:
@@ -293,6 +307,34 @@ def build_app(args: dict[str, Any]) -> Application:
     parsed = RewardAppArgs.model_validate(args)
     cfg = load_config(parsed.config)
     return reward_app(parsed.checkpoint, cfg, require_token=not cfg.serve.allow_insecure_non_loopback)
+
+
+class RequestIdGuard:
+    """ASGI middleware for Serve's HTTP proxy, outside its own request-id handling (which answers a non-ASCII
+    X-Request-ID with a plain-text 500): such a request gets the service's JSON 400 at the proxy instead."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            given = [v for k, v in scope["headers"] if k.lower() == b"x-request-id"]
+            if given and not all(0 < len(v) <= MAX_REQUEST_ID and all(0x20 <= b < 0x7F for b in v) for v in given):
+                body = ErrorResponse(error="bad_request", request_id=uuid.uuid4().hex,
+                                     message=f"X-Request-ID must be 1-{MAX_REQUEST_ID} printable ASCII characters")
+                await JSONResponse(body.model_dump(exclude_none=True), status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+PROXY_CALLBACK = "serving.reward_service:proxy_middlewares"
+
+
+def proxy_middlewares() -> list[Middleware]:
+    """Serve's proxy reads its middlewares from the callback named by RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+    (`PROXY_CALLBACK`) in the environment the cluster was started with: `rayrlhf serve` sets it for the local
+    Ray it starts, the RayService manifest for its pods."""
+    return [Middleware(RequestIdGuard)]
 
 
 def start_service(checkpoint: str, cfg: Config, host: str, port: int, require_token: bool) -> str:

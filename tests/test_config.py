@@ -206,3 +206,35 @@ def test_worker_niceness_is_added_in_the_actor_process():
     child.join(timeout=30)
     assert after == min(19, before + 3)
     assert os.nice(0) == before  # this process untouched
+
+
+_METRICS_PROBE = """
+import os, socket, sys
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+import ray
+from core.config import load_config
+from pipeline.cluster import connect
+connect(load_config(None, sys.argv[1:]))
+node = ray.nodes()[0]
+port, ip = node["MetricsExportPort"], node["NodeManagerAddress"]
+if not 0 < port < 65536:  # no port assigned: nothing serves metrics
+    print("closed", port)
+else:
+    with socket.socket() as s:
+        s.settimeout(2)
+        print("open" if s.connect_ex((ip, port)) == 0 else "closed", port)
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dashboard, expected", [(False, "closed"), (True, "open")])
+def test_a_local_ray_serves_its_unauthenticated_metrics_only_with_the_dashboard(dashboard, expected):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", _METRICS_PROBE, f"ray.include_dashboard={str(dashboard).lower()}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[0] == expected, out.stdout

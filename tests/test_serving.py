@@ -18,6 +18,8 @@ import secrets
 # so the replicas and the PPO actors inherit it, as pods get it from their Secret.
 TOKEN_ENV = "RAYRLHF_TEST_SERVE_TOKEN"
 TOKEN = os.environ.setdefault(TOKEN_ENV, secrets.token_hex(16))
+# Serve's proxy guard against malformed X-Request-IDs, as `rayrlhf serve` and the RayService manifest set it.
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.reward_service:proxy_middlewares")
 
 import asyncio  # noqa: E402
 import hashlib  # noqa: E402
@@ -113,11 +115,12 @@ def metric(http: httpx.Client, name: str, **labels) -> float:
 # --- health, model, schema, auth --------------------------------------------------------------------------
 
 
-def test_health_is_open_and_names_the_model(http: httpx.Client, checkpoints) -> None:
+def test_health_is_open_and_names_the_model_by_hash_not_by_path(http: httpx.Client, checkpoints) -> None:
     r = http.get("/health")
     assert r.status_code == 200
-    assert r.json()["status"] == "ok"
-    assert r.json()["model"]["checkpoint"] == str(checkpoints[1].resolve())
+    expected = hashlib.sha256((checkpoints[1] / "model.safetensors").read_bytes()).hexdigest()[:12]
+    assert r.json() == {"status": "ok", "model": {"version": expected}}
+    assert str(checkpoints[1].parent) not in r.text  # where the weights live is for authenticated callers only
 
 
 def test_model_info_reports_version_and_limits(http: httpx.Client, cfg: Config, checkpoints) -> None:
@@ -234,6 +237,18 @@ def test_bad_input_is_a_4xx_with_a_message(http: httpx.Client, case: str) -> Non
     assert http.post("/v1/score", json={"items": [OK_ITEM]}, headers=AUTH).status_code == 200  # still serving
 
 
+@pytest.mark.parametrize("request_id", [b"caf\xc3\xa9-utf8", b"latin\xe9", b"\xff\xfe", b"x" * 129])
+def test_a_request_id_that_is_not_printable_ascii_is_a_400_not_a_500(http: httpx.Client, request_id: bytes) -> None:
+    # httpx sends header bytes as given, as a client in another language might.
+    r = http.post("/v1/score", json={"items": [OK_ITEM]}, headers={**AUTH, "X-Request-ID": request_id})
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert "X-Request-ID must be 1-128 printable ASCII characters" in body["message"]
+    assert body["request_id"].isascii() and len(body["request_id"]) == 32  # a fresh id, not the bad one
+    ok = http.post("/v1/score", json={"items": [OK_ITEM]}, headers={**AUTH, "X-Request-ID": "abc-123"})
+    assert ok.status_code == 200 and ok.json()["request_id"] == "abc-123"
+
+
 def test_no_server_errors_after_bad_input(http: httpx.Client) -> None:
     http.post("/v1/score", content=b"\xff\xfe garbage", headers={**AUTH, **JSON})
     assert http.get("/nope", headers=AUTH).status_code == 404
@@ -303,7 +318,7 @@ def test_client_never_retries_a_client_error(service: str) -> None:
 def test_client_retries_5xx_and_429_with_one_request_id() -> None:
     calls: list[httpx.Request] = []
     answers = [httpx.Response(503), httpx.Response(429, headers={"Retry-After": "0"}),
-               httpx.Response(200, json={"status": "ok", "model": {"version": "v", "checkpoint": "c"}})]
+               httpx.Response(200, json={"status": "ok", "model": {"version": "v"}})]
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append(request)
