@@ -29,6 +29,9 @@ def connect(cfg: Config) -> None:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, log_to_driver=True)
         return
+    from pipeline.reaper import guard_local_ray
+
+    guard_local_ray()  # its processes end with this one, however it ends
     # Logical CPUs may exceed the cores: roles take turns, and each actor runs torch on its own threads.
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(role_cpus(cfg)))
     # Ray's metrics endpoint is plain HTTP without auth on all interfaces: a local Ray serves it only with the

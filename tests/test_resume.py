@@ -274,3 +274,31 @@ def test_stages_started_from_outside_checkpoints_resume_from_them(ray_local, mon
     recorded = json.loads((ppo_run / "inputs.json").read_text())["ppo"]
     assert recorded == {"sft_checkpoint": str(tiny_checkpoints.sft.resolve()),
                         "rm_checkpoint": str(tiny_checkpoints.rm.resolve())}
+
+
+@pytest.mark.slow
+def test_a_killed_command_leaves_no_process_of_its_local_ray(tiny_overrides, tmp_path):
+    """SIGKILL of `rayrlhf sft` while its local Ray runs: within 30 s no process of that Ray is left."""
+    from pipeline.reaper import marked
+
+    # As from a shell: the command starts its own Ray with its own token.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYRLHF_LOCAL_RAY", "RAY_AUTH_TOKEN")}
+    argv = ["sft", "--run-dir", str(tmp_path / "run"), *sum((["--set", o] for o in tiny_overrides), []),
+            "--set", "sft.epochs=1000"]  # still training when it is killed
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "run" / "sft" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not metrics.exists():
+        time.sleep(0.2)
+    # Killed in its first seconds, Ray's agents end with it; later they outlive it, reparented to PID 1.
+    time.sleep(10)
+    names = {p.name() for p in marked(f"{proc.pid}:")}
+    assert proc.poll() is None and "raylet" in names, f"the command's Ray did not come up: {names}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while marked(f"{proc.pid}:") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [(p.pid, p.name()) for p in marked(f"{proc.pid}:")]
+    assert left == [], f"processes of the killed command's Ray still alive after 30 s: {left}"
