@@ -13,10 +13,15 @@ Every YAML document under the paths is checked; `kustomization.yaml` files are r
 - RayJob spec.runtimeEnvYAML with Ray's own `ray.runtime_env.RuntimeEnv`, and RayService spec.serveConfigV2
   with Ray Serve's `ServeDeploySchema`. Both accept unknown keys (forwarded to plugins, or ignored for forward
   compatibility); here they are errors, since a misspelt option would otherwise vanish silently.
+- The CRDs' CEL rules (x-kubernetes-validations), evaluated with cel-python on the defaulted object, as on
+  create (transition rules, which compare with `oldSelf`, apply to updates only).
+- Object names: a DNS-1123 subdomain, and for KubeRay's kinds a DNS-1035 label (it names Services after them).
+- The enumerations KubeRay's validation enforces where its CRDs declare a plain string: RayJob
+  spec.submissionMode, RayService spec.upgradeStrategy.type, the head group's serviceType.
 - Project rules: every document has metadata.name; a container's nvidia.com/gpu request equals its limit;
   rayStartParams.resources is the quoted JSON object KubeRay passes to `ray start --resources`.
-Not checked: CEL rules (x-kubernetes-validations), string formats (int32, date-time), and whatever KubeRay's
-webhook and controller reject at run time.
+Not checked: string formats (int32, date-time), and KubeRay's other run-time checks (e.g. a suspended RayJob
+needs shutdownAfterJobFinishes).
 
 Overlays are rendered in pure Python for the subset of kustomize these manifests use: `resources` (files and
 directories), `images`, `namespace`, and JSON6902 `patches` (add, remove, replace, test) with a `target`.
@@ -50,6 +55,7 @@ from pipeline.k8s_manifests import (
 
 # The validators come with the `k8s` extra (`pip install 'rayrlhf[k8s]'`); without it `main` says so and exits 2.
 try:
+    import celpy  # noqa: F401 - cel-python, for the CRDs' CEL rules
     import jsonschema
     import kubernetes_validate
     from referencing import Registry, Resource
@@ -176,6 +182,44 @@ def _fill_defaults(schema: dict, value: Any) -> None:
             _fill_defaults(schema["items"], item)
 
 
+@cache
+def _cel_program(rule: str):
+    import celpy  # cel-python, with the k8s extra
+
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
+def _cel_problems(m: Manifest, schema: dict, value: Any, path: list) -> list[Problem]:
+    """The CRD's x-kubernetes-validations (CEL) on `value` and everything below it, as the API server evaluates
+    them on create: `self` is the value at the rule's node (defaults filled in); transition rules (`oldSelf`)
+    apply to updates only and are skipped."""
+    import celpy
+
+    problems = []
+    for v in schema.get("x-kubernetes-validations", []):
+        rule = v.get("rule", "")
+        if "oldSelf" in rule:
+            continue
+        try:
+            ok = bool(_cel_program(rule).evaluate({"self": celpy.json_to_cel(value)}))
+        except Exception as e:  # noqa: BLE001 - an unevaluable rule is reported, never passed
+            problems.append(Problem.of(m, json_path(path), f"CEL rule {rule!r} could not be evaluated: {e}"))
+            continue
+        if not ok:
+            problems.append(Problem.of(m, json_path(path), v.get("message") or f"fails the CEL rule {rule!r}"))
+    if isinstance(value, dict):
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        for key, item in value.items():
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                problems += _cel_problems(m, sub, item, path + [key])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            problems += _cel_problems(m, schema["items"], item, path + [i])
+    return problems
+
+
 def _schema_problems(m: Manifest, validator: jsonschema.Validator, instance: dict) -> list[Problem]:
     problems = []
     for e in validator.iter_errors(instance):
@@ -270,10 +314,52 @@ def _model_in(annotation: Any) -> type | None:
 # ---------------------------------------------------------------------------------------------- rules
 
 
-def _project_problems(m: Manifest) -> list[Problem]:
+# Object names (k8s.io/apimachinery validation): most kinds take a DNS-1123 subdomain; KubeRay names the
+# Services and Pods of its clusters after them, so its kinds need a DNS-1035 label.
+DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+# Values KubeRay's own validation accepts where its CRDs declare only a string (ray-operator validation.go,
+# and the Kubernetes Service types for the head service it creates).
+HEAD_SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
+KUBERAY_ENUMS: dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    "RayJob": [(("spec", "submissionMode"), ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")),
+               (("spec", "rayClusterSpec", "headGroupSpec", "serviceType"), HEAD_SERVICE_TYPES)],
+    "RayService": [(("spec", "upgradeStrategy", "type"), ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")),
+                   (("spec", "rayClusterConfig", "headGroupSpec", "serviceType"), HEAD_SERVICE_TYPES)],
+    "RayCluster": [(("spec", "headGroupSpec", "serviceType"), HEAD_SERVICE_TYPES)],
+}
+
+
+def _name_problems(m: Manifest) -> list[Problem]:
+    name, kind = mapping(m.doc.get("metadata")).get("name"), m.doc.get("kind")
+    if not name:
+        return [Problem.of(m, "$.metadata.name", "required")]
+    if not isinstance(name, str):
+        return []  # the schema reports the type
+    if kind in KUBERAY_KINDS:
+        if len(name) > 63 or not DNS1035_LABEL.fullmatch(name):
+            return [Problem.of(m, "$.metadata.name", f"{name!r} is not a DNS-1035 label (at most 63 lower-case "
+                                                     "letters, digits and '-', starting with a letter)")]
+    elif len(name) > 253 or not DNS1123_SUBDOMAIN.fullmatch(name):
+        return [Problem.of(m, "$.metadata.name", f"{name!r} is not a DNS-1123 subdomain (lower-case letters, "
+                                                 "digits, '-' and '.', starting and ending alphanumeric)")]
+    return []
+
+
+def _enum_problems(m: Manifest) -> list[Problem]:
     problems = []
-    if not mapping(m.doc.get("metadata")).get("name"):
-        problems.append(Problem.of(m, "$.metadata.name", "required"))
+    for path, allowed in KUBERAY_ENUMS.get(m.doc.get("kind"), []):
+        value: Any = m.doc
+        for key in path:
+            value = mapping(value).get(key)
+        if value is not None and value not in allowed:
+            problems.append(Problem.of(m, json_path(list(path)), f"{value!r} is not one of {', '.join(allowed)} "
+                                                                 "(KubeRay rejects it)"))
+    return problems
+
+
+def _project_problems(m: Manifest) -> list[Problem]:
+    problems = _name_problems(m) + _enum_problems(m)
     for path, container in containers(m.doc):
         requirements = mapping(container.get("resources"))
         requested, limit = (mapping(requirements.get(k)).get(GPU) for k in ("requests", "limits"))
@@ -325,6 +411,8 @@ def _validate_one(m: Manifest, crd_dir: Path) -> list[Problem]:
         message = f"no schema for {kind} {api_version} (CRDs from {crd_dir}, core kinds from kubernetes-validate)"
         return [Problem.of(m, "$", message)]
     problems = _schema_problems(m, validator, instance) + _project_problems(m)
+    if kind in KUBERAY_KINDS:
+        problems += _cel_problems(m, validator.schema, instance, [])
     spec = mapping(m.doc.get("spec"))
     if kind == "RayJob" and isinstance(spec.get("runtimeEnvYAML"), str):
         problems += _runtime_env_problems(m, spec["runtimeEnvYAML"])
