@@ -298,6 +298,10 @@ class ServeConfig(_Section):
     max_batch_size: int = Field(64, ge=1, description="Dynamic batching: most sequences scored in one model call.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="Dynamic batching: longest wait to fill a batch.")
     max_request_items: int = Field(256, ge=1, description="Most {prompt, response} items in one request.")
+    health_check_period_s: float = Field(2.0, gt=0, description=(
+        "Serve checks each replica this often; a replica that fails the check is replaced (Serve's default: 10)."))
+    health_check_timeout_s: float = Field(10.0, gt=0, description=(
+        "A replica whose check takes longer is unhealthy and replaced (Serve's default: 30)."))
     token_env: str = Field("RAYRLHF_SERVE_TOKEN", description="Environment variable holding the bearer token.")
     token_file: str | None = Field(None, description="File holding the bearer token (instead of token_env).")
     allow_insecure_non_loopback: bool = Field(False, description="Listen beyond loopback without a token.")

@@ -107,7 +107,7 @@ class ServiceMetrics:
 
 
 _ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-                413: "too_many_items", 422: "invalid_request", 500: "internal_error"}
+                413: "too_many_items", 422: "invalid_request", 500: "internal_error", 503: "unavailable"}
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."},
     413: {"model": ErrorResponse, "description": "More items than serve.max_request_items."},
@@ -287,6 +287,9 @@ def reward_app(checkpoint: str, cfg: Config, require_token: bool) -> Application
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
         # Enough requests inside a replica to fill the next batch while the current one runs.
         max_ongoing_requests=2 * s.max_batch_size,
+        # A hung replica is found in seconds, not Serve's default half minute (a dead one is found at once).
+        health_check_period_s=s.health_check_period_s,
+        health_check_timeout_s=s.health_check_timeout_s,
     ).bind(checkpoint, cfg, require_token)
 
 
@@ -327,6 +330,49 @@ class RequestIdGuard:
         await self.app(scope, receive, send)
 
 
+class ProxyFailureAs503:
+    """ASGI middleware for Serve's HTTP proxy: when the replica holding a request dies, the proxy sends no
+    response (the HTTP server then answers a plain-text 500) or a plain-text 500 of Serve's own; either becomes
+    a retryable 503 with the service's JSON error and Retry-After. The service's own errors are JSON and pass."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = replaced = False
+
+        async def unavailable(request_id: str) -> None:
+            body = ErrorResponse(error="unavailable", request_id=request_id,
+                                 message="the reward model replica serving this request failed; retry")
+            await JSONResponse(body.model_dump(exclude_none=True), status_code=503,
+                               headers={"Retry-After": "1", "X-Request-ID": request_id})(scope, receive, send)
+
+        async def send_or_replace(message) -> None:
+            nonlocal started, replaced
+            if message["type"] == "http.response.start":
+                started = True
+                headers = {k.lower(): v for k, v in message.get("headers", [])}
+                if message["status"] == 500 and not headers.get(b"content-type", b"").startswith(b"application/json"):
+                    replaced = True
+                    await unavailable(headers.get(b"x-request-id", uuid.uuid4().hex.encode()).decode("ascii", "replace"))
+                    return
+            if not replaced:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, send_or_replace)
+        except Exception:
+            if started:
+                raise
+            log.exception("the proxy failed a request before it answered")
+        if not started:
+            given = dict(scope["headers"]).get(b"x-request-id")
+            await unavailable(given.decode("ascii", "replace") if given else uuid.uuid4().hex)
+
+
 PROXY_CALLBACK = "serving.reward_service:proxy_middlewares"
 
 
@@ -334,7 +380,7 @@ def proxy_middlewares() -> list[Middleware]:
     """Serve's proxy reads its middlewares from the callback named by RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
     (`PROXY_CALLBACK`) in the environment the cluster was started with: `rayrlhf serve` sets it for the local
     Ray it starts, the RayService manifest for its pods."""
-    return [Middleware(RequestIdGuard)]
+    return [Middleware(ProxyFailureAs503), Middleware(RequestIdGuard)]
 
 
 def start_service(checkpoint: str, cfg: Config, host: str, port: int, require_token: bool) -> str:
