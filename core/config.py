@@ -12,8 +12,8 @@ import importlib.resources
 import ipaddress
 import re
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -354,28 +354,6 @@ def role_cpus(cfg: Config) -> float:
     return max(ppo, cfg.sft.num_cpus, cfg.rm.num_cpus, cfg.serve.num_cpus * cfg.serve.num_replicas)
 
 
-# What a run's identity does not include: where Ray runs and where run directories live.
-NOT_IN_RUN = ("ray", "run.output_dir")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_differences(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = NOT_IN_RUN) -> list[str]:
-    """Dotted keys whose values differ between two config dumps (`model_dump(mode="json")`), except `ignore`d ones."""
-    fa, fb = _flatten(a), _flatten(b)
-    skip = lambda k: any(k == i or k.startswith(i + ".") for i in ignore)  # noqa: E731
-    return sorted(k for k in set(fa) | set(fb) if not skip(k) and fa.get(k, "<unset>") != fb.get(k, "<unset>"))
-
-
 DEFAULT_CONFIG = "default.yaml"
 
 
@@ -459,24 +437,3 @@ def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
 
 def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def reference_markdown() -> str:
-    """The README's config reference, generated from the models so the two never drift apart."""
-    lines = []
-    for section, field in Config.model_fields.items():
-        model = field.annotation
-        lines += [f"### `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        for name, f in model.model_fields.items():
-            ann = f.annotation.__name__ if isinstance(f.annotation, type) else str(f.annotation)
-            for noise in ("typing.", "__main__.", "core.config."):
-                ann = ann.replace(noise, "")
-            ann = ann.replace("|", "\\|")
-            default = f.default if not isinstance(f.default, BaseModel) else "{...}"
-            lines.append(f"| `{section}.{name}` | `{ann}` | `{default!r}` | {(f.description or '').replace('|', '/')} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python -m core.config  -> the config reference in Markdown
-    print(reference_markdown())

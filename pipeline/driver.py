@@ -28,7 +28,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from tqdm import tqdm
 
 from core.checkpoints import CheckpointDir, atomic_write_text, read_json, write_json
-from core.config import Config, config_differences
+from core.config import Config
 from core.data import load_tldr
 from core.experience import Experience, RolloutRequest
 from core.ledger import ExperienceLedger
@@ -41,6 +41,7 @@ from pipeline.launch import (
     RoleHandles, await_started, close_roles, join_weight_sync_group, launch_roles, launch_rollout_worker,
 )
 from pipeline.pool import EventLog, PoolCalls, RolloutPool
+from pipeline.preflight import config_differences
 from pipeline.schedule import PromptSource, StalenessGate
 
 log = logging.getLogger(__name__)

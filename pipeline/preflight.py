@@ -12,12 +12,35 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
-from core.config import Config, ConfigError, config_differences, load_config
+from core.config import Config, ConfigError, load_config
 from core.data import DataError, load_tldr
 
 DATA_KEYS = ("sft_train", "sft_valid", "sft_test", "pairs_train", "pairs_valid")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+# What a run's identity does not include: where Ray runs and where run directories live.
+NOT_IN_RUN = ("ray", "run.output_dir")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = NOT_IN_RUN) -> list[str]:
+    """Dotted keys whose values differ between two config dumps (`model_dump(mode="json")`), except `ignore`d ones."""
+    fa, fb = _flatten(a), _flatten(b)
+    skip = lambda k: any(k == i or k.startswith(i + ".") for i in ignore)  # noqa: E731
+    return sorted(k for k in set(fa) | set(fb) if not skip(k) and fa.get(k, "<unset>") != fb.get(k, "<unset>"))
 
 
 class PreflightError(ValueError):

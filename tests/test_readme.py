@@ -2,13 +2,13 @@
 
 from pathlib import Path
 
-from core.config import reference_markdown
+from core.config_docs import reference_markdown
 
 
 def test_readme_config_reference_is_current():
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = text.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
-    assert section == reference_markdown(), "README config reference is stale: regenerate with python -m core.config"
+    assert section == reference_markdown(), "README config reference is stale: regenerate with python scripts/update_readme_config.py"
 
 
 def test_readme_test_command_is_what_ci_runs():

@@ -1,0 +1,29 @@
+"""The README's config reference, generated from the config models: `python -m core.config_docs` prints it,
+`python scripts/update_readme_config.py` rewrites it in README.md, and a test keeps the two in step."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from core.config import Config
+
+
+def reference_markdown() -> str:
+    """The README's config reference, generated from the models so the two never drift apart."""
+    lines = []
+    for section, field in Config.model_fields.items():
+        model = field.annotation
+        lines += [f"### `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, f in model.model_fields.items():
+            ann = f.annotation.__name__ if isinstance(f.annotation, type) else str(f.annotation)
+            for noise in ("typing.", "__main__.", "core.config."):
+                ann = ann.replace(noise, "")
+            ann = ann.replace("|", "\\|")
+            default = f.default if not isinstance(f.default, BaseModel) else "{...}"
+            lines.append(f"| `{section}.{name}` | `{ann}` | `{default!r}` | {(f.description or '').replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())
