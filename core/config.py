@@ -328,11 +328,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        d, m = self.data, self.model
-        longest = d.max_prompt_tokens + max(self.rollout.max_new_tokens, d.max_summary_tokens)
-        if m.is_builtin and longest > m.max_position_embeddings:
-            raise ValueError(f"data.max_prompt_tokens + max(rollout.max_new_tokens, data.max_summary_tokens) = {longest} "
-                             f"exceeds model.max_position_embeddings {m.max_position_embeddings}")
+        d = self.data
         if d.source == "synthetic" and self.ppo.prompts_per_step > d.num_train_posts:
             raise ValueError(f"ppo.prompts_per_step {self.ppo.prompts_per_step} exceeds the {d.num_train_posts} PPO "
                              "prompts (data.num_train_posts)")

@@ -107,15 +107,20 @@ def check_checkpoint(path: Path, what: str, how: str) -> None:
 
 
 def check_model_positions(cfg: Config) -> None:
-    """A local model's positions hold the longest sequence any role builds (the builtin's: the config checks)."""
-    config = Path(cfg.model.name_or_path) / "config.json"
-    if cfg.model.is_builtin or not config.is_file():
-        return
-    positions = json.loads(config.read_text()).get("max_position_embeddings")
+    """The model's positions hold the longest sequence any role builds: the builtin model's from the config, a
+    local model's from its config.json (a hub model's are read when it loads)."""
     longest = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.data.max_summary_tokens)
+    what = "data.max_prompt_tokens + max(rollout.max_new_tokens, data.max_summary_tokens)"
+    if cfg.model.is_builtin:
+        if longest > cfg.model.max_position_embeddings:
+            raise PreflightError(f"{what} = {longest} exceeds model.max_position_embeddings "
+                                 f"{cfg.model.max_position_embeddings}")
+        return
+    config = Path(cfg.model.name_or_path) / "config.json"
+    positions = json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
     if positions is not None and longest > positions:
-        raise PreflightError(f"data.max_prompt_tokens + max(rollout.max_new_tokens, data.max_summary_tokens) = "
-                             f"{longest} exceeds the {positions} positions of model.name_or_path {cfg.model.name_or_path}")
+        raise PreflightError(f"{what} = {longest} exceeds the {positions} positions of model.name_or_path "
+                             f"{cfg.model.name_or_path}")
 
 
 def check_inputs(cfg: Config, command: str, run_dir: Path | None, sft_checkpoint: str | None,

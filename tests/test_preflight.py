@@ -111,6 +111,14 @@ def test_a_local_model_whose_positions_do_not_hold_the_budgets_exits_2(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_budgets_beyond_the_builtin_models_positions_exit_2(tmp_path, capsys):
+    argv = ["sft", "--run-dir", str(tmp_path / "run"), "--set", "data.max_prompt_tokens=500",
+            "--set", "model.max_position_embeddings=512"]
+    assert main(argv) == 2
+    assert "= 532 exceeds model.max_position_embeddings 512" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_error_inside_an_actor_is_one_line_naming_where():
     from ray.exceptions import RayTaskError
 
