@@ -18,7 +18,9 @@ from transformers import PreTrainedTokenizerBase
 from core.config import Config
 from core.data import SummaryExample, TLDRData, corpus_text, lead_baseline, load_tldr
 from core.metrics import MetricsLogger
-from core.modeling import apply_lora, build_tiny_llama, count_params, load_causal_lm, load_tokenizer, train_tokenizer
+from core.modeling import (
+    apply_lora, build_tiny_llama, convert_gguf, count_params, load_causal_lm, load_tokenizer, train_tokenizer,
+)
 from core.sequences import pad_left, pad_right, sample
 from core.synthetic import judge
 from core.text import EncodedSummary, encode_summaries, rouge, with_encodable_queries
@@ -64,14 +66,18 @@ def generate_summaries(model, tokenizer, query_ids: list[list[int]], max_new_tok
     return out
 
 
-def init_policy(cfg: Config, data: TLDRData) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """The base policy: the builtin tiny Llama with a tokenizer trained on the corpus, or a hub/local model."""
+def init_policy(cfg: Config, data: TLDRData, run_dir: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The base policy: the builtin tiny Llama with a tokenizer trained on the corpus, a hub/local model, or a
+    GGUF file converted once into `<run_dir>/base_model`."""
     if cfg.model.is_builtin:
         tokenizer = train_tokenizer(corpus_text(data), cfg.model.vocab_size) if cfg.model.tokenizer is None \
             else load_tokenizer(cfg.model.tokenizer)
         return build_tiny_llama(cfg.model, tokenizer), tokenizer
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
-    return load_causal_lm(cfg.model.name_or_path, tokenizer, cfg.model.dtype), tokenizer
+    base = cfg.model.name_or_path
+    if cfg.model.gguf is not None:
+        base = str(convert_gguf(*cfg.model.gguf, run_dir / "base_model"))
+    tokenizer = load_tokenizer(cfg.model.tokenizer or base)
+    return load_causal_lm(base, tokenizer, cfg.model.dtype), tokenizer
 
 
 class SFTTrainer:
@@ -85,7 +91,7 @@ class SFTTrainer:
         seed_everything(cfg.run.seed)
         t0 = time.time()
         data = load_tldr(cfg.data)
-        model, tok = init_policy(cfg, data)
+        model, tok = init_policy(cfg, data, self.out_dir.parent)
         data = with_encodable_queries(tok, data, cfg.data)
         model = apply_lora(model, cfg.model.lora, "CAUSAL_LM")
         log.info("SFT: %d parameters, %d train / %d valid examples", count_params(model), len(data.sft_train),

@@ -100,6 +100,9 @@ class ModelConfig(_Section):
         description="Hugging Face hub id or local path of the base causal LM; `builtin:tiny-llama` builds a small "
         "Llama from the fields below with a BPE tokenizer trained on the training corpus.",
     )
+    gguf_file: str | None = Field(None, description=(
+        "A GGUF file inside the folder name_or_path names (a name_or_path ending in .gguf is the file itself): "
+        "converted once into <run>/base_model as a Hugging Face folder that every role loads."))
     tokenizer: str | None = Field(None, description="Tokenizer id/path if it differs from the model's.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype of every model.")
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")
@@ -110,6 +113,16 @@ class ModelConfig(_Section):
     intermediate_size: int = Field(512, ge=8, description="Builtin model: MLP width.")
     vocab_size: int = Field(1024, ge=300, description="BPE vocabulary size of the builtin tokenizer.")
     max_position_embeddings: int = Field(512, ge=16, description="Builtin model: longest sequence.")
+
+    @property
+    def gguf(self) -> tuple[str, str] | None:
+        """(folder, file name) when the base model is a GGUF file, else None."""
+        if self.gguf_file is not None:
+            return self.name_or_path, self.gguf_file
+        if self.name_or_path.endswith(".gguf"):
+            folder, _, name = self.name_or_path.rpartition("/")
+            return folder or ".", name
+        return None
 
     @property
     def is_builtin(self) -> bool:

@@ -114,6 +114,36 @@ def load_scalar_model(path: str, tokenizer: PreTrainedTokenizerBase, dtype: str 
     return model
 
 
+def convert_gguf(folder: str, file: str, out: Path) -> Path:
+    """A GGUF checkpoint as a Hugging Face folder (safetensors + tokenizer) at `out`, converted once.
+
+    transformers dequantizes GGUF weights to float when it loads them, but refuses to save such a model
+    ("quantized ... not serializable"): the weights go into a model built from the same config without the
+    quantization marker, which saves as a normal folder that every role, vLLM and `from_pretrained` load."""
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())  # e.g. lm_head.weight, tied to the embeddings
+    if unexpected or [k for k in missing if k not in tied]:
+        raise ValueError(f"{folder}/{file}: GGUF weights do not match the {type(model).__name__} they describe "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)
+    log.info("converted %s/%s to %s (%d parameters)", folder, file, out, count_params(model))
+    return out
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

