@@ -23,7 +23,9 @@ from core.modeling import (
 )
 from core.sequences import pad_left, pad_right, sample
 from core.synthetic import judge
-from core.text import EncodedSummary, encode_summaries, rouge, with_encodable_queries
+from core.text import (
+    EncodedSummary, budget_warnings, encode_summaries, reference_budget, rouge, with_encodable_queries,
+)
 from core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,9 @@ class SFTTrainer:
         model = apply_lora(model, cfg.model.lora, "CAUSAL_LM")
         log.info("SFT: %d parameters, %d train / %d valid examples", count_params(model), len(data.sft_train),
                  len(data.sft_valid))
+        budget = reference_budget(tok, data.sft_train, cfg.data.max_summary_tokens, cfg.rollout.max_new_tokens)
+        for warning in budget_warnings(budget):
+            log.warning("budgets: %s", warning)
         enc = lambda ex: encode_summaries(tok, ex, cfg.data.max_prompt_tokens, cfg.data.max_summary_tokens)  # noqa: E731
         train, valid = enc(data.sft_train), enc(data.sft_valid)
         eval_examples = data.sft_valid[: sc.num_eval_prompts]
@@ -131,6 +136,7 @@ class SFTTrainer:
         best.update({f"sft/lead_{k}": v for k, v in baseline.items()})
         if eval_examples[0].post is not None:
             best["sft/lead_gold_score"] = float(np.mean([judge(e.post, lead_baseline(e.query)).score for e in eval_examples]))
+        best.update(budget)
         best["timing/sft_s"] = time.time() - t0
         metrics.log(step, best)
         metrics.close()

@@ -80,6 +80,41 @@ def encode_responses(tokenizer: PreTrainedTokenizerBase, queries: list[str], res
     return [q + (r + [eos])[:max_summary_tokens] for q, r in zip(q_ids, r_ids)]
 
 
+# Past these, a run learns little and says so (log and report): a reference cut by its budget loses its EOS
+# and teaches the policy never to end; a rollout without EOS scores reward.missing_eos_score whatever it says.
+REFERENCES_CUT_WARN = 0.05
+BEYOND_RESPONSE_BUDGET_WARN = 0.5
+NO_EOS_WARN = 0.5
+
+
+def reference_budget(tokenizer: PreTrainedTokenizerBase, examples: list[SummaryExample], max_summary_tokens: int,
+                     max_new_tokens: int) -> dict[str, float]:
+    """How the references fit the budgets: the share whose tokens plus EOS exceed data.max_summary_tokens (cut,
+    EOS lost) and rollout.max_new_tokens (a policy imitating them cannot end in time), and their median length."""
+    encoded = tokenizer([e.reference for e in examples], add_special_tokens=False)["input_ids"]
+    lengths = sorted(len(ids) + 1 for ids in encoded)
+    n = max(1, len(lengths))
+    return {"sft/references_cut_fraction": sum(x > max_summary_tokens for x in lengths) / n,
+            "sft/references_beyond_response_budget": sum(x > max_new_tokens for x in lengths) / n,
+            "sft/reference_tokens_median": float(lengths[len(lengths) // 2]) if lengths else 0.0}
+
+
+def budget_warnings(metrics: dict[str, float]) -> list[str]:
+    """Plain-words warnings for the budget figures in `metrics` (SFT's reference_budget, PPO's EOS share)."""
+    out = []
+    if metrics.get("sft/references_cut_fraction", 0.0) > REFERENCES_CUT_WARN:
+        out.append(f"{metrics['sft/references_cut_fraction']:.0%} of the SFT references (with EOS) exceed "
+                   f"data.max_summary_tokens and are cut without their EOS (median "
+                   f"{metrics.get('sft/reference_tokens_median', 0):.0f} tokens): raise data.max_summary_tokens")
+    if metrics.get("sft/references_beyond_response_budget", 0.0) > BEYOND_RESPONSE_BUDGET_WARN:
+        out.append(f"{metrics['sft/references_beyond_response_budget']:.0%} of the SFT references (with EOS) are "
+                   f"longer than rollout.max_new_tokens: most rollouts will end without EOS; raise it")
+    if "ppo/eos_fraction_mean" in metrics and metrics["ppo/eos_fraction_mean"] < NO_EOS_WARN:
+        out.append(f"{1 - metrics['ppo/eos_fraction_mean']:.0%} of the PPO rollouts ended without EOS, so they scored "
+                   f"reward.missing_eos_score whatever they said: raise rollout.max_new_tokens")
+    return out
+
+
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean ROUGE-1/2/L F-measures (rouge_score, stemmed), as the TL;DR papers report them."""
     from rouge_score import rouge_scorer

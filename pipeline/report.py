@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from core.metrics import read_metrics
+from core.text import budget_warnings
 from pipeline.run_dir import RunDir
 
 PPO_CURVES = ("reward/score_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/clip_fraction",
@@ -66,6 +67,9 @@ def write_report(run: RunDir) -> Path:
             lines += ["", f"**Gold-judge win rate, PPO vs SFT: {m['eval/ppo_gold_win_vs_sft']:.3f}** (ties count half); "
                       f"reference summaries' mean gold score: {m.get('eval/reference_gold_score', float('nan')):.3f}."]
         lines.append("")
+    warnings = budget_warnings({k: v for summary in stages.values() for k, v in summary.items()})
+    if warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     for stage in ("sft", "rm", "ppo"):
         if stage in stages:
             lines += [f"## {stage.upper()} summary", "", "| metric | value |", "|---|---|"]

@@ -15,6 +15,8 @@ import ray
 from actors.remote import RMStage, SFTStage, evaluate_task
 from core.checkpoints import CheckpointDir, read_json
 from core.config import Config
+from core.metrics import read_metrics
+from core.text import budget_warnings
 from pipeline.cluster import connect
 from pipeline.driver import PPODriver
 from pipeline.report import write_report
@@ -111,9 +113,15 @@ def ppo(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, rm_checkpo
     connect(cfg)
     driver = PPODriver(cfg, run.stage("ppo"), sft_ckpt, rm_ckpt)
     try:
-        _done(run, "ppo", driver.run(resume=latest))
+        summary = driver.run(resume=latest)
     finally:
         driver.close()
+    rows = read_metrics(run.path / "ppo" / "metrics.jsonl")
+    eos = [r["rollout/eos_fraction"] for r in rows if "rollout/eos_fraction" in r]
+    summary["ppo/eos_fraction_mean"] = sum(eos) / len(eos) if eos else float("nan")
+    for warning in budget_warnings(summary):
+        log.warning("budgets: %s", warning)
+    _done(run, "ppo", summary)
     return run.checkpoint("ppo")
 
 

@@ -337,3 +337,30 @@ def test_real_queries_truncate_with_gpt2(shared_data, gpt2_tokenizer_dir):
     assert all(len(q) <= 128 for q in ids)
     assert any(len(tok(r["prompt"])["input_ids"]) > 128 for r in rows)  # truncation was exercised
     assert all(tok.decode(q).endswith("\n\nTL;DR:") for q in ids)
+
+
+def test_budgets_that_do_not_fit_the_references_are_measured_and_warned_about(tmp_path):
+    from core.modeling import train_tokenizer
+    from core.text import budget_warnings, reference_budget
+    from pipeline.report import write_report
+    from pipeline.run_dir import RunDir
+
+    refs = [" one two three", " one two three four five six seven eight nine ten eleven twelve", " ok"]
+    examples = [SummaryExample(f"f:{i}", Q, r) for i, r in enumerate(refs)]
+    tok = train_tokenizer([Q, *refs], 300)
+    lengths = sorted(len(tok(r, add_special_tokens=False)["input_ids"]) + 1 for r in refs)
+    budget = reference_budget(tok, examples, max_summary_tokens=lengths[1], max_new_tokens=lengths[0])
+    assert budget == {"sft/references_cut_fraction": 1 / 3, "sft/references_beyond_response_budget": 2 / 3,
+                      "sft/reference_tokens_median": float(lengths[1])}
+    warnings = budget_warnings({**budget, "ppo/eos_fraction_mean": 0.1})
+    assert len(warnings) == 3
+    assert "33% of the SFT references (with EOS) exceed data.max_summary_tokens" in warnings[0]
+    assert "67% of the SFT references (with EOS) are longer than rollout.max_new_tokens" in warnings[1]
+    assert "90% of the PPO rollouts ended without EOS" in warnings[2]
+    fitting = reference_budget(tok, examples, max_summary_tokens=lengths[2], max_new_tokens=lengths[2])
+    assert budget_warnings({**fitting, "ppo/eos_fraction_mean": 0.9}) == []
+    run = RunDir(tmp_path)
+    run.record("sft", budget)
+    run.record("ppo", {"ppo/eos_fraction_mean": 0.1})
+    report = write_report(run).read_text()
+    assert "## Warnings" in report and "90% of the PPO rollouts ended without EOS" in report
