@@ -27,6 +27,10 @@ QUERY_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\n
 _QUERY_RE = re.compile(r"^(SUBREDDIT:.*?\n\s*TITLE:.*?\n\s*POST:\s?)(.*?)(\s*TL;DR:\s*)$", re.DOTALL)
 
 
+# Local data file types, and how `datasets` reads each.
+DATA_FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
 class DataError(ValueError):
     """A dataset that cannot be used; the message names the file/split and row."""
 
@@ -189,9 +193,9 @@ def _read_rows(cfg: DataConfig, dataset: str, split_or_path: str, strict: bool) 
         checker = RowChecker(str(path), strict)
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+        kind = DATA_FILE_KINDS.get(path.suffix)
         if kind is None:
-            raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)")
+            raise DataError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(DATA_FILE_KINDS)})")
         if path.suffix == ".jsonl":  # line by line, so that one bad line is one bad row
             return checker, _read_jsonl(path, checker, cfg.max_rows)
         try:

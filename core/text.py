@@ -7,6 +7,7 @@ through these functions, so a query or a (query, response) pair is the same toke
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 from transformers import PreTrainedTokenizerBase
@@ -23,10 +24,13 @@ class EncodedSummary:
     summary_ids: list[int]  # ends with EOS
 
 
-def encode_queries(tokenizer: PreTrainedTokenizerBase, queries: list[str], max_prompt_tokens: int) -> list[list[int]]:
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+def token_counter(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], int]:
+    """text -> its number of tokens (no special tokens): what `truncate_query` measures queries with."""
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
+
+def encode_queries(tokenizer: PreTrainedTokenizerBase, queries: list[str], max_prompt_tokens: int) -> list[list[int]]:
+    count = token_counter(tokenizer)
     texts = [truncate_query(q, count, max_prompt_tokens) for q in queries]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
@@ -37,10 +41,7 @@ def with_encodable_queries(tokenizer: PreTrainedTokenizerBase, data: TLDRData, c
     and row. Synthetic posts always fit the format, so they are not re-tokenized here."""
     if cfg.source == "synthetic":
         return data
-
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
+    count = token_counter(tokenizer)
     kept = {}
     for split in fields(data):
         examples, bad, first = [], 0, None

@@ -52,9 +52,9 @@ class Placement:
     @classmethod
     def create(cls, bundles: dict[str, list[dict[str, float]]], timeout_s: float) -> Placement:
         first, flat = {}, []
-        for role, role_bundles_ in bundles.items():
+        for role, group in bundles.items():
             first[role] = len(flat)
-            flat += role_bundles_
+            flat += group
         group = placement_group(flat, strategy="PACK")
         ray.get(group.ready(), timeout=timeout_s)
         return cls(group, first)

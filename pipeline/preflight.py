@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from core.config import Config, ConfigError, load_config
-from core.data import DataError, load_tldr
+from core.data import DATA_FILE_KINDS, DataError, load_tldr
 
 DATA_KEYS = ("sft_train", "sft_valid", "sft_test", "pairs_train", "pairs_valid")
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 # What a run's identity does not include: where Ray runs and where run directories live.
@@ -77,8 +76,8 @@ def _data_file_problem(key: str, value: str) -> str | None:
         return f"data.{key}: {value} does not exist"
     if path.is_dir():
         return f"data.{key}: {value} is a directory, not a data file"
-    if path.suffix not in DATA_SUFFIXES:
-        return f"data.{key}: {value}: unsupported file type {path.suffix!r} (use {', '.join(DATA_SUFFIXES)})"
+    if path.suffix not in DATA_FILE_KINDS:
+        return f"data.{key}: {value}: unsupported file type {path.suffix!r} (use {', '.join(DATA_FILE_KINDS)})"
     if not os.access(path, os.R_OK):
         return f"data.{key}: {value} cannot be read (permissions)"
     return None
@@ -139,9 +138,9 @@ def check_model(cfg: Config) -> int | None:
     return context
 
 
-def check_model_positions(cfg: Config) -> None:
+def check_model_positions(cfg: Config, gguf_positions: int | None) -> None:
     """The model's positions hold the longest sequence any role builds: the builtin model's from the config, a
-    local model's from its config.json (a hub model's are read when it loads)."""
+    GGUF model's from its metadata, a local folder's from its config.json (a hub model's are read when it loads)."""
     longest = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.data.max_summary_tokens)
     what = "data.max_prompt_tokens + max(rollout.max_new_tokens, data.max_summary_tokens)"
     if cfg.model.is_builtin:
@@ -151,7 +150,7 @@ def check_model_positions(cfg: Config) -> None:
         return
     config = Path(cfg.model.name_or_path) / "config.json"
     positions = json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
-    positions = check_model(cfg) or positions
+    positions = gguf_positions or positions
     if positions is not None and longest > positions:
         raise PreflightError(f"{what} = {longest} exceeds the {positions} positions of model.name_or_path "
                              f"{cfg.model.name_or_path}")
@@ -161,7 +160,7 @@ def check_inputs(cfg: Config, command: str, run_dir: Path | None, sft_checkpoint
                  rm_checkpoint: str | None) -> None:
     """Everything `command` reads before it starts Ray: data, model positions, the checkpoints it starts from."""
     check_data(cfg, needs_prompts=command in ("train", "ppo"))
-    check_model_positions(cfg)
+    check_model_positions(cfg, check_model(cfg))
     run = run_dir if run_dir is not None else Path("<new run directory>")
     if command in ("rm", "ppo"):
         check_checkpoint(Path(sft_checkpoint) if sft_checkpoint else run / "sft" / "checkpoint", "SFT",

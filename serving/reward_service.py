@@ -116,6 +116,7 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 MAX_REQUEST_ID = 128
+REQUEST_ID_RULE = f"X-Request-ID must be 1-{MAX_REQUEST_ID} printable ASCII characters"
 
 
 def _valid_request_id(value: str | None) -> bool:
@@ -163,7 +164,7 @@ async def authenticate_and_measure(request: Request, call_next) -> Response:
     t0 = time.perf_counter()
     service = _current_service()
     if not _valid_request_id(request.headers.get("x-request-id")):
-        response = _error(400, f"X-Request-ID must be 1-{MAX_REQUEST_ID} printable ASCII characters", request)
+        response = _error(400, REQUEST_ID_RULE, request)
     elif _route_path(request) in OPEN_PATHS or service.auth.allows(request.headers.get("authorization")):
         try:
             response = await call_next(request)
@@ -321,10 +322,10 @@ class RequestIdGuard:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
-            given = [v for k, v in scope["headers"] if k.lower() == b"x-request-id"]
-            if given and not all(0 < len(v) <= MAX_REQUEST_ID and all(0x20 <= b < 0x7F for b in v) for v in given):
-                body = ErrorResponse(error="bad_request", request_id=uuid.uuid4().hex,
-                                     message=f"X-Request-ID must be 1-{MAX_REQUEST_ID} printable ASCII characters")
+            # Header bytes decoded as Latin-1, as Starlette decodes them for the app's own check.
+            given = [v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"x-request-id"]
+            if not all(map(_valid_request_id, given)):
+                body = ErrorResponse(error="bad_request", request_id=uuid.uuid4().hex, message=REQUEST_ID_RULE)
                 await JSONResponse(body.model_dump(exclude_none=True), status_code=400)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

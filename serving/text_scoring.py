@@ -14,6 +14,7 @@ from pathlib import Path
 from actors.reward import RewardScorer
 from core.config import DataConfig
 from core.data import DataError, truncate_query
+from core.text import token_counter
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
@@ -69,20 +70,17 @@ class TextRewardModel:
     def reward_bias(self) -> float:
         return self.scorer.bias
 
-    def _count(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def encode(self, prompts: list[str], responses: list[str], truncate_responses: bool = False) -> EncodedItems:
         """The text policy of `serving.api`; raises TextPolicyError naming the first item that breaks it."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if not prompts:
             return EncodedItems([], [])
-        tok, eos = self.tokenizer, self.tokenizer.eos_token_id
+        tok, eos, count = self.tokenizer, self.tokenizer.eos_token_id, token_counter(self.tokenizer)
         queries = []
         for i, prompt in enumerate(prompts):
             try:
-                queries.append(truncate_query(prompt, self._count, self.max_prompt_tokens))
+                queries.append(truncate_query(prompt, count, self.max_prompt_tokens))
             except DataError as e:
                 raise TextPolicyError(f"items[{i}].prompt: {e}") from None
         q_ids = tok(queries, add_special_tokens=False)["input_ids"]
