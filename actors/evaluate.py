@@ -3,8 +3,11 @@
 For each policy: responses sampled at the rollout temperature (seeded, so both policies see the same
 prompts and RNG stream), the learned reward (with the EOS trick, as in training), the KL to the reference
 policy (sum over response tokens of log pi - log pi_ref on the policy's own samples), ROUGE against the
-references and the mean response length. On the synthetic task the gold judge gives the win rate of PPO
-over SFT and of each policy over the human references (ties count half).
+references and the mean response length. With a judge (a reward model trained on comparisons disjoint from
+the training reward model's), its score and its win rate of PPO over SFT, scored like the reward (EOS trick
+included): a policy that exploits the training reward model without writing better summaries shows there.
+On the synthetic task the gold judge gives the win rate of PPO over SFT and of each policy over the human
+references. Ties count half in every win rate.
 """
 
 from __future__ import annotations
@@ -35,13 +38,14 @@ class PolicySamples:
     lengths: list[int]
     scores: list[float]
     kl: list[float]
+    judge_scores: list[float]
 
 
 @torch.no_grad()
 def sample_policy(cfg: Config, checkpoint: str, reference, scorer: RewardScorer, queries: list[list[int]],
-                  seed: int) -> PolicySamples:
+                  seed: int, judge: RewardScorer | None = None) -> PolicySamples:
     model, tok = load_frozen(checkpoint, "causal_lm", cfg.model.dtype, device="cpu")
-    out = PolicySamples([], [], [], [])
+    out = PolicySamples([], [], [], [], [])
     bs = cfg.eval.batch_size
     for i in range(0, len(queries), bs):
         prompts, pmask = pad_left(queries[i : i + bs], tok.pad_token_id)
@@ -52,6 +56,8 @@ def sample_policy(cfg: Config, checkpoint: str, reference, scorer: RewardScorer,
         logp, _ = response_logprobs(model, prompts, pmask, responses, rmask, cfg.rollout.temperature)
         ref_logp, _ = response_logprobs(reference, prompts, pmask, responses, rmask, cfg.rollout.temperature)
         out.scores += scorer.score_tokens(prompts, pmask, responses, rmask).scores.tolist()
+        if judge is not None:
+            out.judge_scores += judge.score_tokens(prompts, pmask, responses, rmask).scores.tolist()
         out.kl += (logp - ref_logp).sum(-1).tolist()
         out.lengths += rmask.sum(-1).tolist()
         out.texts += tok.batch_decode(responses.masked_fill(rmask == 0, tok.pad_token_id), skip_special_tokens=True)
@@ -66,24 +72,32 @@ def win_rate(a: list[float], b: list[float]) -> float:
 def summarise(name: str, s: PolicySamples, examples: list[SummaryExample]) -> dict[str, float]:
     out = {f"eval/{name}_reward": float(np.mean(s.scores)), f"eval/{name}_kl": float(np.mean(s.kl)),
            f"eval/{name}_length": float(np.mean(s.lengths))}
+    if s.judge_scores:
+        out[f"eval/{name}_judge_score"] = float(np.mean(s.judge_scores))
     out.update({f"eval/{name}_{k}": v for k, v in rouge(s.texts, [e.reference for e in examples]).items()})
     return out
 
 
 def evaluate_policies(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, ppo_checkpoint: str | None,
-                      out_dir: Path) -> dict[str, float]:
+                      out_dir: Path, judge_checkpoint: str | None = None) -> dict[str, float]:
     seed_everything(cfg.run.seed)
     reference, tok = load_frozen(sft_checkpoint, "causal_lm", cfg.model.dtype, device="cpu")
     examples = with_encodable_queries(tok, load_tldr(cfg.data), cfg.data).sft_test[: cfg.eval.num_prompts]
     queries = encode_queries(tok, [e.query for e in examples], cfg.data.max_prompt_tokens)
     scorer = RewardScorer(rm_checkpoint, cfg.reward.missing_eos_score, cfg.reward.batch_size, cfg.model.dtype)
+    judge = None if judge_checkpoint is None else RewardScorer(judge_checkpoint, cfg.reward.missing_eos_score,
+                                                               cfg.reward.batch_size, cfg.model.dtype)
     seed = cfg.run.seed + 777
-    policies = {"sft": sample_policy(cfg, sft_checkpoint, reference, scorer, queries, seed)}
+    policies = {"sft": sample_policy(cfg, sft_checkpoint, reference, scorer, queries, seed, judge)}
     if ppo_checkpoint:
-        policies["ppo"] = sample_policy(cfg, ppo_checkpoint, reference, scorer, queries, seed)
+        policies["ppo"] = sample_policy(cfg, ppo_checkpoint, reference, scorer, queries, seed, judge)
     results: dict[str, float] = {"eval/num_prompts": float(len(examples))}
     for name, s in policies.items():
         results.update(summarise(name, s, examples))
+    if "ppo" in policies:
+        results["eval/ppo_reward_win_vs_sft"] = win_rate(policies["ppo"].scores, policies["sft"].scores)
+        if judge is not None:
+            results["eval/ppo_judge_win_vs_sft"] = win_rate(policies["ppo"].judge_scores, policies["sft"].judge_scores)
     gold = examples[0].post is not None
     if gold:
         ref_gold = [judge(e.post, e.reference).score for e in examples]
@@ -100,6 +114,8 @@ def evaluate_policies(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, ppo_
         for name, s in policies.items():
             row[name] = s.texts[i].strip()
             row[f"{name}_reward"] = s.scores[i]
+            if s.judge_scores:
+                row[f"{name}_judge"] = s.judge_scores[i]
             if gold:
                 row[f"{name}_gold"] = judge(e.post, s.texts[i]).score
         samples.append(row)

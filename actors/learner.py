@@ -142,17 +142,23 @@ class PPOLearner:
         self.policy.train()
         if self.critic is not None:
             self.critic.train()
-        for _epoch in range(pc.ppo_epochs):
+        for epoch in range(pc.ppo_epochs):
             perm = torch.randperm(exp.size, generator=self.generator)
             for start in range(0, exp.size, pc.minibatch_size):
                 idx = perm[start : start + pc.minibatch_size]
-                stats = self._minibatch(exp, adv, mask, idx, values_graph)
+                # Before the first update of an on-policy batch the learner holds the weights that sampled it:
+                # its log-probs must equal the rollout backend's (HF or vLLM), up to float error.
+                check = staleness == 0 and epoch == 0 and start == 0
+                stats = self._minibatch(exp, adv, mask, idx, values_graph, check)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
         self.version += 1
         seq_kl = adv.kl.sum(-1)
+        behaviour = sums.pop("ppo/behaviour_logprob_max_diff", None)  # one minibatch's maximum, not a mean
         metrics = {k: v / n_updates for k, v in sums.items()}
+        if behaviour is not None:
+            metrics["ppo/behaviour_logprob_max_diff"] = behaviour
         metrics.update({
             "ppo/kl": seq_kl.mean().item(),
             "ppo/staleness": float(staleness),
@@ -176,7 +182,8 @@ class PPOLearner:
         return metrics
 
     def _minibatch(self, exp: Experience, adv: Advantages, mask: torch.Tensor,
-                   idx: torch.Tensor, values_graph: torch.Tensor | None = None) -> dict[str, float]:
+                   idx: torch.Tensor, values_graph: torch.Tensor | None = None,
+                   check_behaviour: bool = False) -> dict[str, float]:
         pc, dev = self.pc, self.device
         n_tokens = mask[idx].sum().clamp(min=1.0).to(dev)
         stats = {"ppo/policy_loss": 0.0, "ppo/clip_fraction": 0.0, "ppo/approx_kl": 0.0, "ppo/entropy": 0.0}
@@ -193,8 +200,11 @@ class PPOLearner:
             share = (mmask.sum() / n_tokens).item()
             logp, entropy = response_logprobs(self.policy, prompts, pmask, responses, rmask, self.temperature,
                                               with_entropy=True)
-            pl = pm.clipped_policy_loss(logp, exp.logprobs[mi, :R].to(dev), adv.advantages[mi, :R].to(dev), mmask,
-                                        pc.clip_range, n_tokens)
+            old_logp = exp.logprobs[mi, :R].to(dev)
+            if check_behaviour:
+                diff = ((logp.detach() - old_logp) * mmask).abs().max().item()
+                stats["ppo/behaviour_logprob_max_diff"] = max(stats.get("ppo/behaviour_logprob_max_diff", 0.0), diff)
+            pl = pm.clipped_policy_loss(logp, old_logp, adv.advantages[mi, :R].to(dev), mmask, pc.clip_range, n_tokens)
             ent = pm.entropy_bonus(entropy, mmask, n_tokens)
             loss = pl.loss - pc.ent_coef * ent
             stats["ppo/policy_loss"] += pl.loss.item()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +44,15 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int) 
 
 
 class RMTrainer:
-    """Trains the reward model from the SFT checkpoint; writes `<out_dir>/checkpoint`."""
+    """Trains a reward model from the SFT checkpoint; writes `<out_dir>/checkpoint`.
 
-    def __init__(self, cfg: Config, out_dir: str | Path, sft_checkpoint: str | Path, resume: bool = False):
+    `role` "rm" is the training reward model; "judge" is the same recipe on the judge's comparisons, disjoint
+    from the reward model's (data.judge_fraction), for evaluation only. Metrics are named `<role>/...`."""
+
+    def __init__(self, cfg: Config, out_dir: str | Path, sft_checkpoint: str | Path, resume: bool = False,
+                 role: Literal["rm", "judge"] = "rm"):
         self.cfg, self.out_dir, self.sft_checkpoint, self.resume = cfg, Path(out_dir), str(sft_checkpoint), resume
+        self.role = role
 
     def _encode_pairs(self, tok, pairs: list[ComparisonExample]) -> tuple[list[list[int]], list[list[int]]]:
         d = self.cfg.data
@@ -62,15 +68,18 @@ class RMTrainer:
         data = with_encodable_queries(tok, load_tldr(cfg.data), cfg.data)
         model = load_scalar_model(self.sft_checkpoint, tok, cfg.model.dtype, init_head=True)
         model = apply_lora(model, cfg.model.lora, "SEQ_CLS")
-        log.info("RM: %d parameters, %d train / %d valid pairs", count_params(model), len(data.pairs_train),
-                 len(data.pairs_valid))
-        train_c, train_r = self._encode_pairs(tok, data.pairs_train)
-        valid = self._encode_pairs(tok, data.pairs_valid)  # once, not at every validation
+        train_pairs, valid_pairs = data.pairs(self.role)
+        if not train_pairs:
+            raise ValueError(f"{self.role}: no training comparisons (a judge needs data.judge_fraction > 0)")
+        log.info("%s: %d parameters, %d train / %d valid pairs", self.role, count_params(model), len(train_pairs),
+                 len(valid_pairs))
+        train_c, train_r = self._encode_pairs(tok, train_pairs)
+        valid = self._encode_pairs(tok, valid_pairs)  # once, not at every validation
         training = start_training(model, rc, len(train_c), "pairs", self.out_dir, cfg.run.keep_checkpoints,
-                                  self.resume, best={"rm/valid_accuracy": -1.0})
+                                  self.resume, best={f"{self.role}/valid_accuracy": -1.0})
         step, best = training.step, training.best
         metrics = MetricsLogger(self.out_dir)
-        bar = tqdm(total=training.total_steps, initial=step, desc="rm", mininterval=2, ascii=True)
+        bar = tqdm(total=training.total_steps, initial=step, desc=self.role, mininterval=2, ascii=True)
         for idx in epoch_batches(len(train_c), rc.batch_size, rc.epochs, cfg.run.seed, step):
             model.train()
             loss_sum, correct = 0.0, 0
@@ -87,16 +96,17 @@ class RMTrainer:
             grad_norm = optimizer_step(model, training.opt, training.sched, rc.max_grad_norm)
             step += 1
             bar.update(1)
-            metrics.log(step, {"rm/loss": loss_sum, "rm/train_accuracy": correct / len(idx),
-                               "rm/grad_norm": grad_norm, "rm/lr": training.sched.get_last_lr()[0]})
+            metrics.log(step, {f"{self.role}/loss": loss_sum, f"{self.role}/train_accuracy": correct / len(idx),
+                               f"{self.role}/grad_norm": grad_norm, f"{self.role}/lr": training.sched.get_last_lr()[0]})
             if step % rc.eval_every == 0 or step == training.total_steps:
-                result = self.evaluate(model, tok, data.pairs_valid, valid)
+                result = self.evaluate(model, tok, valid_pairs, valid)
                 metrics.log(step, result)
-                bar.set_postfix(valid_acc=f"{result['rm/valid_accuracy']:.3f}")
-                best = keep_best(step, result, best, "rm/valid_accuracy", True, model, tok, self.out_dir, training)
+                bar.set_postfix(valid_acc=f"{result[f'{self.role}/valid_accuracy']:.3f}")
+                best = keep_best(step, result, best, f"{self.role}/valid_accuracy", True, model, tok, self.out_dir,
+                                 training)
         bar.close()
         best.update(self.normalise(data.sft_train[:512], tok))
-        best["timing/rm_s"] = time.time() - t0
+        best[f"timing/{self.role}_s"] = time.time() - t0
         metrics.log(step, best)
         metrics.close()
         return best
@@ -107,12 +117,13 @@ class RMTrainer:
         bs = 2 * self.cfg.rm.micro_batch_size
         rc_, rr = score_sequences(model, c, tok.pad_token_id, bs), score_sequences(model, r, tok.pad_token_id, bs)
         agree = rc_ > rr
-        out = {"rm/valid_accuracy": agree.float().mean().item(), "rm/valid_loss": pairwise_loss(rc_, rr).item()}
+        out = {f"{self.role}/valid_accuracy": agree.float().mean().item(),
+               f"{self.role}/valid_loss": pairwise_loss(rc_, rr).item()}
         if pairs[0].gold_agrees is not None:
             gold = torch.tensor([p.gold_agrees for p in pairs])
             # A pair's gold label is the dataset label unless noise flipped it.
-            out["rm/valid_gold_accuracy"] = (agree == gold).float().mean().item()
-            out["rm/label_noise_ceiling"] = gold.float().mean().item()
+            out[f"{self.role}/valid_gold_accuracy"] = (agree == gold).float().mean().item()
+            out[f"{self.role}/label_noise_ceiling"] = gold.float().mean().item()
         return out
 
     def normalise(self, references: list[SummaryExample], tok) -> dict[str, float]:
@@ -125,4 +136,5 @@ class RMTrainer:
         raw = score_sequences(model, seqs, tok.pad_token_id, 2 * self.cfg.rm.micro_batch_size)
         model.config.reward_bias = -raw.mean().item()
         save_checkpoint(model, tok, path)
-        return {"rm/reward_bias": model.config.reward_bias, "rm/reference_reward_std": raw.std().item()}
+        return {f"{self.role}/reward_bias": model.config.reward_bias,
+                f"{self.role}/reference_reward_std": raw.std().item()}

@@ -1,14 +1,17 @@
 """Rollout throughput of the vLLM and HF backends through `RolloutGenerator`, the interface PPO uses.
 
     python bench/bench_rollout.py [--sizes 64 128] [--threads 2] [--repeats 2]
+    python bench/bench_rollout.py --model smollm2 [--checkpoint RUN/sft/checkpoint]   # the real-model recipe
 
-A ~33M-parameter Llama (hidden 512, 8 layers, 8 heads, intermediate 1376, vocabulary 8000; random weights),
-prompts of 64 tokens from the synthetic TL;DR task with 2 samples each, 48 new tokens at T = 0.7. Each backend
-runs in its own subprocess (vLLM's CPU worker patches `torch.set_num_threads` process-wide) with the same
-number of torch threads; after a warm-up call, the two take turns, and the best of `--repeats` timed calls per
-size counts. Tokens are the response tokens kept (up to and including EOS). HF's figure includes its log-prob
-forward pass, which vLLM returns while sampling. Prompts are shorter than one vLLM KV block (128 tokens on CPU),
-so its prefix cache gives no head start on repeated calls.
+`--model tiny` (default): a ~33M-parameter Llama (hidden 512, 8 layers, 8 heads, intermediate 1376, vocabulary
+8000; random weights), prompts of 64 tokens from the synthetic TL;DR task with 2 samples each, 48 new tokens at
+T = 0.7. `--model smollm2`: SmolLM2-135M-Instruct (its GGUF file converted, or `--checkpoint`, e.g. the recipe's
+SFT policy) on the recipe's batch: real TL;DR posts from configs/smollm2-tldr.yaml's posts file cut to its
+max_prompt_tokens, 2 samples each, its max_new_tokens. Each backend runs in its own subprocess (vLLM's CPU worker
+patches `torch.set_num_threads` process-wide) with the same number of torch threads; after a warm-up call, the
+two take turns, and the best of `--repeats` timed calls per size counts. Tokens are the response tokens kept (up
+to and including EOS). HF's figure includes its log-prob forward pass, which vLLM returns while sampling. Each
+call samples other prompts than the warm-up's, so vLLM's prefix cache gives no head start.
 """
 
 from __future__ import annotations
@@ -50,7 +53,24 @@ def build_policy(out_dir: Path) -> tuple[Path, list[list[int]]]:
     return path, prompts
 
 
-def serve_backend(backend: str, checkpoint: str, prompts: list[list[int]], threads: int) -> None:
+def real_policy(out_dir: Path, checkpoint: str | None) -> tuple[Path, list[list[int]], int]:
+    """SmolLM2 (converted from its GGUF file, or `checkpoint`) and the recipe's prompts and response budget."""
+    from core.config import load_config
+    from core.data import load_tldr
+    from core.modeling import convert_gguf, load_tokenizer
+    from core.text import encode_queries
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2-tldr.yaml")
+    path = Path(checkpoint) if checkpoint else convert_gguf(*cfg.model.gguf, out_dir / "smollm2")
+    tok = load_tokenizer(str(path))
+    queries = [e.query for e in load_tldr(cfg.data).sft_train]
+    prompts = encode_queries(tok, queries, cfg.data.max_prompt_tokens)
+    print(f"policy: {path}; {len(prompts)} real TL;DR prompts cut to {cfg.data.max_prompt_tokens} tokens "
+          f"(mean {sum(map(len, prompts)) / len(prompts):.0f}), {cfg.rollout.max_new_tokens} new tokens", flush=True)
+    return path, prompts, cfg.rollout.max_new_tokens
+
+
+def serve_backend(backend: str, checkpoint: str, prompts: list[list[int]], threads: int, new_tokens: int) -> None:
     """In a backend's subprocess: build one RolloutGenerator, warm it up, then time the calls asked on stdin.
 
     Protocol (one JSON object per line): out `READY {...}`, then per input line {"num_seqs", "seed"} out
@@ -64,11 +84,13 @@ def serve_backend(backend: str, checkpoint: str, prompts: list[list[int]], threa
     from core.experience import RolloutRequest
 
     def request(num_seqs: int, seed: int) -> RolloutRequest:
-        rep = [i for i in range(num_seqs // SAMPLES_PER_PROMPT) for _ in range(SAMPLES_PER_PROMPT)]
+        first = seed * num_seqs // SAMPLES_PER_PROMPT  # other prompts on every call
+        rep = [(first + i) % len(prompts) for i in range(num_seqs // SAMPLES_PER_PROMPT) for _ in range(SAMPLES_PER_PROMPT)]
         return RolloutRequest(batch_id=0, shard=0, prompt_indices=rep, prompts=[prompts[i] for i in rep], seed=seed)
 
     t0 = time.perf_counter()
-    gen = RolloutGenerator(checkpoint, RolloutConfig(backend=backend, temperature=TEMPERATURE, max_new_tokens=NEW_TOKENS))
+    gen = RolloutGenerator(checkpoint, RolloutConfig(backend=backend, temperature=TEMPERATURE,
+                                                     max_new_tokens=new_tokens))
     start_s = time.perf_counter() - t0
     gen.generate(request(8, seed=0))  # warm-up
     print("READY " + json.dumps({"start_s": start_s, "threads": torch.get_num_threads()}), flush=True)
@@ -106,7 +128,10 @@ class BackendProcess:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="sequences per generate call")
+    p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny", help="see above")
+    p.add_argument("--checkpoint", help="--model smollm2: a SmolLM2 folder (e.g. a recipe run's sft/checkpoint)")
+    p.add_argument("--sizes", type=int, nargs="+", help="sequences per generate call (tiny: 64 128; smollm2: 32, "
+                   "the recipe's 16 prompts x 2)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads per backend")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per backend and size; the fastest counts")
     p.add_argument("--json", help="also write the figures to this file")
@@ -119,15 +144,19 @@ def main() -> None:
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
     backends = ("vllm", "hf")
     results: dict = {b: {} for b in backends}
+    args.sizes = args.sizes or ([32] if args.model == "smollm2" else [64, 128])
     with tempfile.TemporaryDirectory(prefix="bench_rollout_") as tmp:
-        checkpoint, prompts = build_policy(Path(tmp))
+        if args.model == "smollm2":
+            checkpoint, prompts, new_tokens = real_policy(Path(tmp), args.checkpoint)
+        else:
+            (checkpoint, prompts), new_tokens = build_policy(Path(tmp)), NEW_TOKENS
         if len(prompts) * SAMPLES_PER_PROMPT < max(args.sizes):
             raise SystemExit(f"only {len(prompts)} prompts for {max(args.sizes)} sequences")
         procs = {}
         for b in backends:  # started one after the other: engine start-up is heavy
             job = Path(tmp) / f"{b}.json"
             job.write_text(json.dumps({"backend": b, "checkpoint": str(checkpoint), "prompts": prompts,
-                                       "threads": args.threads}))
+                                       "threads": args.threads, "new_tokens": new_tokens}))
             procs[b] = BackendProcess(b, job, env, Path(tmp) / f"{b}.log")
             results[b].update(procs[b].read("READY"))
             print(f"{b}: started in {results[b]['start_s']:.1f} s, {results[b]['threads']} torch threads", flush=True)
@@ -145,8 +174,9 @@ def main() -> None:
         for proc in procs.values():
             proc.close()
 
-    print(f"\nrollout throughput: {PROMPT_TOKENS}-token prompts x {SAMPLES_PER_PROMPT} samples, "
-          f"{NEW_TOKENS} new tokens, T={TEMPERATURE}, best of {args.repeats}")
+    prompt_len = "real TL;DR" if args.model == "smollm2" else f"{PROMPT_TOKENS}-token"
+    print(f"\nrollout throughput ({args.model}): {prompt_len} prompts x {SAMPLES_PER_PROMPT} samples, "
+          f"{new_tokens} new tokens, T={TEMPERATURE}, best of {args.repeats}")
     print(f"{'sequences':>9} | {'vLLM tok/s':>10} | {'HF tok/s':>8} | {'vLLM/HF':>7}")
     for n in args.sizes:
         v, h = results["vllm"][str(n)], results["hf"][str(n)]

@@ -1,6 +1,6 @@
 """Run a command and report its wall time and the peak memory of its whole process tree (Ray workers included).
 
-    python bench/peak_memory.py -- rayrlhf train
+    python bench/peak_memory.py [--json FILE] -- rayrlhf train
 
 Memory is sampled every 0.5 s as the sum of PSS (proportional set size: shared pages split between the
 processes that map them, so torch's libraries are not counted once per Ray worker) over the command and
@@ -9,9 +9,11 @@ all its descendants; RSS is printed too, as an upper bound.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
@@ -37,6 +39,10 @@ def main() -> int:
         print(__doc__, file=sys.stderr)
         return 2
     cmd = sys.argv[sys.argv.index("--") + 1 :]
+    ours = sys.argv[1 : sys.argv.index("--")]
+    if ours and (len(ours) != 2 or ours[0] != "--json"):
+        print(f"peak_memory: expected [--json FILE] before --, got {' '.join(ours)}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     root = psutil.Process(proc.pid)
@@ -49,6 +55,9 @@ def main() -> int:
     gib = 2**30
     print(f"peak_memory: exit {proc.returncode}, wall {wall:.1f} s, peak PSS {peak_pss / gib:.2f} GiB "
           f"(peak RSS sum {peak_rss / gib:.2f} GiB) for: {' '.join(cmd)}")
+    if ours:
+        Path(ours[1]).write_text(json.dumps({"command": cmd, "exit": proc.returncode, "wall_s": wall,
+                                             "peak_pss_gib": peak_pss / gib, "peak_rss_gib": peak_rss / gib}))
     return proc.returncode
 
 

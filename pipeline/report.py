@@ -59,18 +59,30 @@ def write_report(run: RunDir) -> Path:
         lines += ["## Evaluation on held-out prompts", "",
                   f"{int(m.get('eval/num_prompts', 0))} prompts; responses sampled at the rollout temperature "
                   "with the same seed for both policies.", "", "| metric | SFT | PPO |", "|---|---|---|"]
-        for key in ("reward", "kl", "length", "rouge1", "rouge2", "rougeL", "gold_score", "gold_win_vs_reference"):
+        for key in ("reward", "judge_score", "kl", "length", "rouge1", "rouge2", "rougeL", "gold_score",
+                    "gold_win_vs_reference"):
             s, p = m.get(f"eval/sft_{key}"), m.get(f"eval/ppo_{key}")
             if s is not None or p is not None:
                 lines.append(f"| {key} | {_fmt(s) if s is not None else '-'} | {_fmt(p) if p is not None else '-'} |")
-        if "eval/ppo_gold_win_vs_sft" in m:
-            lines += ["", f"**Gold-judge win rate, PPO vs SFT: {m['eval/ppo_gold_win_vs_sft']:.3f}** (ties count half); "
-                      f"reference summaries' mean gold score: {m.get('eval/reference_gold_score', float('nan')):.3f}."]
+        # Reward models prefer longer summaries: every win rate is shown with the two mean lengths beside it.
+        lengths = f"mean length PPO {m.get('eval/ppo_length', float('nan')):.1f} vs SFT " \
+                  f"{m.get('eval/sft_length', float('nan')):.1f} tokens"
+        lines.append("")
+        for key, what in (("ppo_reward_win_vs_sft", "Training-reward-model win rate"),
+                          ("ppo_judge_win_vs_sft", "Judge win rate"), ("ppo_gold_win_vs_sft", "Gold-judge win rate")):
+            if f"eval/{key}" in m:
+                lines.append(f"- **{what}, PPO vs SFT: {m[f'eval/{key}']:.3f}** (ties count half; {lengths})")
+        if "eval/reference_gold_score" in m:
+            lines.append(f"- Reference summaries' mean gold score: {m['eval/reference_gold_score']:.3f}")
+        if "eval/ppo_judge_win_vs_sft" in m and "judge" in stages:
+            accuracy = stages["judge"].get("judge/valid_accuracy", float("nan"))
+            lines.append(f"- The judge is a reward model trained on comparisons disjoint from the training reward "
+                         f"model's; its held-out pair accuracy: {accuracy:.3f}")
         lines.append("")
     warnings = budget_warnings({k: v for summary in stages.values() for k, v in summary.items()})
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
-    for stage in ("sft", "rm", "ppo"):
+    for stage in ("sft", "rm", "judge", "ppo"):
         if stage in stages:
             lines += [f"## {stage.upper()} summary", "", "| metric | value |", "|---|---|"]
             lines += [f"| {k} | {_fmt(v)} |" for k, v in stages[stage].items()]
@@ -95,7 +107,8 @@ def write_report(run: RunDir) -> Path:
             lines += [f"### Sample {i + 1}", "", "```", s["query"], "```", "", f"- **reference**: {s['reference']}"]
             for name in ("sft", "ppo"):
                 if name in s:
-                    extra = f", gold {s[f'{name}_gold']:.2f}" if f"{name}_gold" in s else ""
+                    extra = "".join(f", {what} {s[f'{name}_{what}']:.2f}" for what in ("judge", "gold")
+                                    if f"{name}_{what}" in s)
                     lines.append(f"- **{name}** (reward {s[f'{name}_reward']:.2f}{extra}): {s[name]}")
             lines.append("")
     path = run.path / "report.md"

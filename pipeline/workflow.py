@@ -1,4 +1,7 @@
-"""The stages of a run, in order, each on Ray: SFT -> reward model -> PPO -> evaluation and report.
+"""The stages of a run, in order, each on Ray: SFT -> reward model (-> judge) -> PPO -> evaluation and report.
+
+The judge is a second reward model trained on comparisons disjoint from the first (data.judge_fraction): it
+scores the SFT and PPO policies in evaluation, so a policy that exploits the training reward model shows.
 
 With `resume`, a stage recorded as finished in stages.json is skipped and the stage that was running
 continues from its latest checkpoint (`<stage>/checkpoints/latest`), or starts over when it wrote none.
@@ -24,7 +27,7 @@ from pipeline.run_dir import RunDir, require_checkpoint
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "rm", "ppo", "eval")
+STAGES = ("sft", "rm", "judge", "ppo", "eval")
 
 
 def open_run(cfg: Config, path: str | None) -> RunDir:
@@ -57,18 +60,29 @@ def run_sft(cfg: Config, out_dir: Path, resume: bool = False) -> dict[str, float
     return _run_on(actor)
 
 
-def run_rm(cfg: Config, out_dir: Path, sft_checkpoint: Path, resume: bool = False) -> dict[str, float]:
+def run_rm(cfg: Config, out_dir: Path, sft_checkpoint: Path, resume: bool = False,
+           role: str = "rm") -> dict[str, float]:
     actor = RMStage.options(num_cpus=cfg.rm.num_cpus, num_gpus=cfg.rm.num_gpus).remote(
-        cfg, str(out_dir), str(sft_checkpoint), resume)
+        cfg, str(out_dir), str(sft_checkpoint), resume, role)
     return _run_on(actor)
 
 
 def evaluate_run(cfg: Config, run: RunDir) -> dict[str, float]:
     """Evaluate a run directory's policies in a Ray task with the SFT stage's resources."""
     ppo = run.checkpoint("ppo")
+    judge = judge_checkpoint(cfg, run)
     task = evaluate_task.options(num_cpus=cfg.sft.num_cpus, num_gpus=cfg.sft.num_gpus)
     return ray.get(task.remote(cfg, str(run.checkpoint("sft")), str(run.checkpoint("rm")),
-                               str(ppo) if (ppo / "config.json").exists() else None, str(run.path / "eval")))
+                               str(ppo) if (ppo / "config.json").exists() else None, str(run.path / "eval"),
+                               str(judge) if judge is not None else None))
+
+
+def judge_checkpoint(cfg: Config, run: RunDir) -> Path | None:
+    """The judge evaluation uses: eval.judge_checkpoint, else the run's own judge stage, else none."""
+    if cfg.eval.judge_checkpoint is not None:
+        return Path(cfg.eval.judge_checkpoint)
+    own = run.checkpoint("judge")
+    return own if (own / "config.json").is_file() else None
 
 
 def sft(cfg: Config, run: RunDir, resume: bool = False) -> Path:
@@ -88,13 +102,15 @@ def _inputs(run: RunDir, stage: str, resume: bool, **given: Path | None) -> dict
     return explicit
 
 
-def rm(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, resume: bool = False) -> Path:
-    if not _skip(run, "rm", resume):
-        sft_checkpoint = _inputs(run, "rm", resume, sft_checkpoint=sft_checkpoint).get("sft_checkpoint")
+def rm(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, resume: bool = False,
+       role: str = "rm") -> Path:
+    """The reward model (role "rm") or the judge (role "judge": the same recipe on the judge's comparisons)."""
+    if not _skip(run, role, resume):
+        sft_checkpoint = _inputs(run, role, resume, sft_checkpoint=sft_checkpoint).get("sft_checkpoint")
         sft_ckpt = require_checkpoint(sft_checkpoint or run.checkpoint("sft"), "SFT")
         connect(cfg)
-        _done(run, "rm", run_rm(cfg, run.stage("rm"), sft_ckpt, resume))
-    return run.checkpoint("rm")
+        _done(run, role, run_rm(cfg, run.stage(role), sft_ckpt, resume, role))
+    return run.checkpoint(role)
 
 
 def ppo(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, rm_checkpoint: Path | None = None,
@@ -136,6 +152,8 @@ def evaluate(cfg: Config, run: RunDir) -> Path:
 def train(cfg: Config, run: RunDir, resume: bool = False) -> Path:
     sft(cfg, run, resume)
     rm(cfg, run, resume=resume)
+    if cfg.data.judge_fraction > 0 and cfg.eval.judge_checkpoint is None:
+        rm(cfg, run, resume=resume, role="judge")
     ppo(cfg, run, resume=resume)
     return evaluate(cfg, run)
 

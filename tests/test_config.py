@@ -84,6 +84,15 @@ def test_tiny_config_derived_sizes(tiny_cfg):
         # cross-field checks, found when the config loads
         (["ppo.prompts_per_step=64", "data.num_train_posts=32"], "ppo.prompts_per_step", "exceeds the 32 PPO prompts"),
         (["ray.num_cpus=2", "rollout.num_workers=3"], "ray.num_cpus", "less than the 6 CPUs"),
+        # one posts file and one pairs file, split by the recipe
+        (["data.posts_file=p.jsonl"], "data.posts_file", "needs data.source local"),
+        (["data.source=local", "data.posts_file=p.jsonl", "data.sft_valid=v.jsonl"], "data.posts_file",
+         "do not also set data.sft_valid"),
+        (["data.source=local", "data.pairs_file=p.jsonl", "data.pairs_train=t.jsonl"], "data.pairs_file",
+         "do not also set data.pairs_train"),
+        (["data.valid_fraction=0.5", "data.test_fraction=0.5"], "data.valid_fraction + data.test_fraction",
+         "no training posts"),
+        (["data.judge_fraction=1.0"], "data.judge_fraction", "less than 1"),
     ],
 )
 def test_invalid_config_names_the_key(overrides, key, words):
@@ -160,7 +169,7 @@ def test_yaml_round_trip(tiny_cfg):
     assert config_from_dict(yaml.safe_load(config_to_yaml(tiny_cfg))) == tiny_cfg
 
 
-@pytest.mark.parametrize("name", ["opt-350m.yaml", "pythia-1b.yaml"])
+@pytest.mark.parametrize("name", ["opt-350m.yaml", "pythia-1b.yaml", "smollm2-tldr.yaml"])
 def test_real_run_configs_validate(name):
     path = REPO / "configs" / name
     if not path.is_file():
@@ -236,3 +245,15 @@ def test_a_local_ray_serves_its_unauthenticated_metrics_only_with_the_dashboard(
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[0] == expected, out.stdout
+
+
+def test_package_paths_name_a_file_inside_an_installed_package():
+    from core.config import ConfigError, package_path
+
+    assert package_path("some/dir") == "some/dir"
+    assert Path(package_path("package:configs/default.yaml")).is_file()  # found without importing the package
+    with pytest.raises(ConfigError, match="no installed Python package 'no_such_pkg_x'"):
+        package_path("package:no_such_pkg_x/model.gguf")
+    cfg = load_config(None, ["model.name_or_path=package:configs/m.gguf"])
+    folder, name = cfg.model.gguf
+    assert name == "m.gguf" and Path(folder) == Path(package_path("package:configs/default.yaml")).parent

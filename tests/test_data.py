@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 
 from core.config import DataConfig
 from core.data import (
-    DataError, SummaryExample, clean_summary, format_query, lead_baseline, load_tldr, read_comparisons, read_summaries,
-    split_query, truncate_query,
+    ComparisonExample, DataError, SummaryExample, TLDRData, clean_summary, format_query, judge_split, lead_baseline,
+    load_tldr, read_comparisons, read_summaries, split_pairs, split_posts, split_query, truncate_query,
 )
 from core.synthetic import Post, judge, make_pairs, make_posts, prefer
 
@@ -364,3 +365,65 @@ def test_budgets_that_do_not_fit_the_references_are_measured_and_warned_about(tm
     run.record("ppo", {"ppo/eos_fraction_mean": 0.1})
     report = write_report(run).read_text()
     assert "## Warnings" in report and "90% of the PPO rollouts ended without EOS" in report
+
+
+def _posts(n: int) -> list[SummaryExample]:
+    return [SummaryExample(f"p{i}", f"SUBREDDIT: r/x\n\nTITLE: t{i}\n\nPOST: body {i}\n\nTL;DR:", f" ref {i}")
+            for i in range(n)]
+
+
+def _pairs(posts: list[SummaryExample]) -> list[ComparisonExample]:
+    return [ComparisonExample(f"c{i}", e.query, " good", " bad") for i, e in enumerate(posts)]
+
+
+def test_one_posts_file_splits_into_disjoint_seeded_parts():
+    posts = _posts(200)
+    train, valid, test = split_posts(posts, 0.05, 0.1, seed=7)
+    assert (len(train), len(valid), len(test)) == (170, 10, 20)
+    assert sorted(e.id for e in train + valid + test) == sorted(e.id for e in posts)  # a partition
+    assert split_posts(posts, 0.05, 0.1, seed=7) == (train, valid, test)  # deterministic
+    assert split_posts(posts, 0.05, 0.1, seed=8)[2] != test
+    assert split_posts(posts, 0.2, 0.1, seed=7)[2] == test  # the held-out posts do not move with valid_fraction
+
+
+def test_pairs_on_held_out_posts_never_train():
+    posts = _posts(100)
+    _, _, test = split_posts(posts, 0.1, 0.1, seed=0)
+    held_out = {e.query for e in test}
+    train, valid = split_pairs(_pairs(posts), 0.05, held_out, seed=0)
+    assert len(train) + len(valid) == 100 and not {p.id for p in train} & {p.id for p in valid}
+    assert not any(p.query in held_out for p in train)
+    assert len(valid) == 10  # the 10 on held-out posts, though 5% would be 5
+    train, valid = split_pairs(_pairs(posts), 0.3, held_out, seed=0)
+    assert len(valid) == 30 and held_out <= {p.query for p in valid}
+    with pytest.raises(DataError, match="none is left to train on"):
+        split_pairs(_pairs(posts[:10]), 0.2, {e.query for e in posts[:10]}, seed=0)
+
+
+def test_the_judge_gets_comparisons_disjoint_from_the_reward_models():
+    posts = _posts(60)
+    data = TLDRData(posts, posts, posts, _pairs(posts[:40]), _pairs(posts[40:]))
+    split = judge_split(data, 0.5, seed=3)
+    assert (len(split.judge_train), len(split.pairs_train), len(split.judge_valid), len(split.pairs_valid)) == \
+        (20, 20, 10, 10)
+    ids = lambda xs: {p.query for p in xs}  # noqa: E731
+    assert not ids(split.judge_train) & ids(split.pairs_train)
+    assert not ids(split.judge_valid) & ids(split.pairs_valid)
+    assert split.pairs("judge") == (split.judge_train, split.judge_valid)
+    assert split.pairs("rm") == (split.pairs_train, split.pairs_valid)
+    with pytest.raises(DataError, match="too few pairs"):
+        judge_split(replace(data, pairs_valid=_pairs(posts[:1])), 0.5, seed=3)
+
+
+def test_a_recipe_reads_one_posts_file_and_one_pairs_file(shared_data):
+    posts = str(shared_data / "tldr" / "tldr_posts_dev.jsonl")
+    pairs = str(shared_data / "tldr" / "tldr_pairs_dev.jsonl")
+    cfg = _local(posts_file=posts, pairs_file=pairs, valid_fraction=0.05, test_fraction=0.1, pairs_valid_fraction=0.15,
+                 judge_fraction=0.5)
+    data = load_tldr(cfg)
+    assert (len(data.sft_train), len(data.sft_valid), len(data.sft_test)) == (1020, 60, 120)
+    test = {e.query for e in data.sft_test}
+    trained_on = data.pairs_train + data.judge_train
+    assert not any(p.query in test for p in trained_on)  # no reward model or judge sees an evaluation post
+    assert len(trained_on) + len(data.pairs_valid) + len(data.judge_valid) == 1000
+    assert abs(len(data.pairs_train) - len(data.judge_train)) <= 1

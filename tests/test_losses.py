@@ -24,29 +24,31 @@ ITEMS = [
 
 def test_sft_batch_masks_query_and_padding():
     b = sft_batch(ITEMS, PAD)
-    assert b["input_ids"].tolist() == [[W, W, W, PAD, EOS], [W, W, W, EOS, PAD]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
-    # labels only on summary tokens (including EOS); the query and right padding are ignored
-    assert b["labels"].tolist() == [[IGNORE, IGNORE, IGNORE, PAD, EOS], [IGNORE, W, W, EOS, IGNORE]]
+    # queries left-padded, summaries right-padded after them: the summaries take the last 3 positions
+    assert b["input_ids"].tolist() == [[W, W, W, PAD, EOS, PAD], [PAD, PAD, W, W, W, EOS]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    # labels only on summary tokens (including EOS and a summary token equal to the pad id); padding ignored
+    assert b["labels"].tolist() == [[PAD, EOS, IGNORE], [W, W, EOS]]
 
 
 class ConstantLM(nn.Module):
     """Logits [0, 0, ln 2] at every position: p = (1/4, 1/4, 1/2), so -log p = (ln 4, ln 4, ln 2).
 
     `garbage` adds huge logits at positions whose next token is not a summary token, which must not
-    change the loss if the query and padding are masked.
+    change the loss if the query and padding are masked. Like a Hugging Face LM, it returns only the last
+    `logits_to_keep` positions.
     """
 
     def __init__(self, garbage: torch.Tensor | None = None):
         super().__init__()
         self.garbage = garbage
 
-    def forward(self, input_ids, attention_mask=None, **_):
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0, **_):
         B, T = input_ids.shape
         logits = torch.tensor([0.0, 0.0, math.log(2.0)]).expand(B, T, 3).clone()  # (B, T, V)
         if self.garbage is not None:
             logits = logits + self.garbage
-        return SimpleNamespace(logits=logits)
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:])
 
 
 def test_sft_loss_by_hand():
@@ -59,8 +61,9 @@ def test_sft_loss_by_hand():
 
 def test_sft_loss_ignores_logits_that_predict_query_or_padding():
     b = sft_batch(ITEMS, PAD)
-    predicts_summary = torch.zeros(2, 5, dtype=torch.bool)
-    predicts_summary[:, :-1] = b["labels"][:, 1:] != IGNORE  # logits at t predict token t + 1
+    T, S = b["input_ids"].shape[1], b["labels"].shape[1]
+    predicts_summary = torch.zeros(2, T, dtype=torch.bool)
+    predicts_summary[:, T - S - 1 : T - 1] = b["labels"] != IGNORE  # logits at t predict token t + 1
     garbage = torch.where(predicts_summary.unsqueeze(-1), 0.0, 1000.0 * torch.tensor([1.0, -3.0, 7.0]))
     loss, n = sft_loss(ConstantLM(garbage), b)
     assert n == 5
@@ -73,6 +76,33 @@ def test_sft_loss_sums_so_accumulation_is_exact():
     parts = [sft_loss(ConstantLM(), sft_batch([it], PAD)) for it in ITEMS]
     assert sum(p[1] for p in parts) == n
     assert (sum(p[0] for p in parts) / n).item() == pytest.approx((whole / n).item(), rel=1e-6)
+
+
+def test_sft_loss_equals_right_padded_full_logits_on_a_llama():
+    """The left-padded layout with only the summary logits gives the loss and gradients of the plain layout
+    (right padding, logits at every position) on a real Llama, fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, pad_token_id=0))
+    items = [EncodedSummary(query_ids=[5, 6, 7, 8], summary_ids=[9, 10, 2]),
+             EncodedSummary(query_ids=[11, 12], summary_ids=[13, 2]),
+             EncodedSummary(query_ids=[14, 15, 16], summary_ids=[17, 18, 19, 20, 2])]
+    loss, n = sft_loss(model, sft_batch(items, 0))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    ids, mask = pad_right([e.query_ids + e.summary_ids for e in items], 0)
+    labels = torch.full_like(ids, IGNORE)
+    for i, e in enumerate(items):
+        labels[i, len(e.query_ids) : len(e.query_ids) + len(e.summary_ids)] = torch.tensor(e.summary_ids)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    plain = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=IGNORE,
+                                              reduction="sum")
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+    assert n == 10
+    assert loss.item() == pytest.approx(plain.item(), abs=1e-5)
+    assert max((a - b).abs().max().item() for a, b in zip(grads, plain_grads)) <= 1e-5
 
 
 @pytest.mark.parametrize("d, expected", [

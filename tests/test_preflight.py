@@ -126,3 +126,7 @@ def test_an_error_inside_an_actor_is_one_line_naming_where():
                                                                                         "the 10 training examples"))
     assert error_line(wrapped) == "sft.batch_size 64 exceeds the 10 training examples (in SFTStage.run)"
     assert error_line(TimeoutError("learner did not finish\nmore")) == "TimeoutError: learner did not finish"
+    # what ray.get raises: the RayTaskError as an instance of its cause's type
+    as_cause = RayTaskError("RMStage.run", "Traceback ...", KeyError("rm/valid_accuracy")).as_instanceof_cause()
+    assert isinstance(as_cause, KeyError)
+    assert error_line(as_cause).startswith("KeyError: 'rm/valid_accuracy'")

@@ -34,13 +34,6 @@ MAX_NEW = 16
 CLOSING_TOKENS = range(100, 140)  # EOS is likely right after one of these
 
 
-def require_vllm() -> None:
-    if os.environ.get("CI"):
-        import vllm  # noqa: F401  (CI must run these tests: a missing vLLM is a failure there, not a skip)
-    else:
-        pytest.importorskip("vllm")
-
-
 def _data_cfg() -> DataConfig:
     return DataConfig(num_train_posts=64, num_valid_posts=4, num_test_posts=4, num_train_pairs=16, num_valid_pairs=4)
 
@@ -120,9 +113,8 @@ class VLLMRollout:
 
 
 @pytest.fixture(scope="class")
-def engine(ray_local, policy_dir):
+def engine(ray_local, policy_dir, vllm_required):
     """One engine for the tests of a class (it starts in ~10 s), stopped before the end-to-end run."""
-    require_vllm()
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     actor = VLLMRollout.remote(str(policy_dir), RolloutConfig(backend="vllm", temperature=T, max_new_tokens=MAX_NEW))
     yield actor
@@ -260,14 +252,13 @@ def test_missing_vllm_names_the_extra(policy_dir, monkeypatch):
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_train_end_to_end_with_vllm_rollouts(tiny_overrides, tmp_path, lora):
+def test_train_end_to_end_with_vllm_rollouts(tiny_overrides, tmp_path, lora, vllm_required):
     """`rayrlhf train` with rollout.backend=vllm: SFT -> RM -> PPO on a vLLM rollout worker -> eval and report.
 
     A subprocess with its own local Ray (the CLI ends Ray when it is done; the log shows which backend ran);
     max_staleness 0 makes step 2 generate with the synced version 1. With model.lora every stage trains adapters
     and the learner syncs its merged weights to the engine.
     """
-    require_vllm()
     overrides = [*tiny_overrides, f"run.output_dir={tmp_path}", "rollout.backend=vllm", "ppo.max_staleness=0"]
     if lora:
         overrides += ["model.lora.r=4", "model.lora.alpha=8"]

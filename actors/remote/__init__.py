@@ -189,9 +189,9 @@ class SFTStage:
 
 @ray.remote
 class RMStage:
-    def __init__(self, cfg: Config, out_dir: str, sft_checkpoint: str, resume: bool):
+    def __init__(self, cfg: Config, out_dir: str, sft_checkpoint: str, resume: bool, role: str = "rm"):
         init_worker_process(cfg.rm.num_cpus)
-        self.trainer = RMTrainer(cfg, Path(out_dir), sft_checkpoint, resume)
+        self.trainer = RMTrainer(cfg, Path(out_dir), sft_checkpoint, resume, role)
 
     def run(self) -> dict[str, float]:
         return self.trainer.run()
@@ -199,6 +199,6 @@ class RMStage:
 
 @ray.remote
 def evaluate_task(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, ppo_checkpoint: str | None,
-                  out_dir: str) -> dict[str, float]:
+                  out_dir: str, judge_checkpoint: str | None = None) -> dict[str, float]:
     init_worker_process(cfg.sft.num_cpus)
-    return evaluate_policies(cfg, sft_checkpoint, rm_checkpoint, ppo_checkpoint, Path(out_dir))
+    return evaluate_policies(cfg, sft_checkpoint, rm_checkpoint, ppo_checkpoint, Path(out_dir), judge_checkpoint)
