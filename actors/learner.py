@@ -3,6 +3,10 @@
 One `train_step` = advantages from the batch (GAE with the per-token KL penalty, or RLOO/GRPO), then
 `ppo_epochs` passes over shuffled minibatches, each accumulated over micro-batches. Losses are token sums
 divided by the minibatch's token count, so the micro-batch size does not change the update.
+
+In a learner group (torch.distributed initialised with N > 1 ranks) policy and critic are sharded with FSDP2
+(`core.sharding`): every rank runs this same code on the whole batch, takes its token-balanced share of each
+minibatch and the gradients are summed over ranks, so N ranks make the one-process update.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from core.modeling import (
     unwrap,
 )
 from core.sequences import response_logprobs, response_values, trim_padding
+from core.sharding import Rank, all_gather_rows, all_reduce_max, all_reduce_sum, full_weights, rank_share, shard_model
 from core.weight_sync import WeightsPacket, make_packet
 
 
@@ -52,7 +57,9 @@ class PPOLearner:
     def __init__(self, pc: PPOConfig, model: ModelConfig, sft_checkpoint: str, rm_checkpoint: str, *,
                  temperature: float, seed: int, device: str | None = None):
         self.pc, self.model_cfg, self.temperature = pc, model, temperature
+        self.checkpoints = {"policy": sft_checkpoint, "critic": rm_checkpoint}  # what a sharded export starts from
         self.device = device or default_device()
+        self.rank = Rank.current()
         torch.manual_seed(seed)
         self.tokenizer = load_tokenizer(sft_checkpoint)
         policy = load_causal_lm(sft_checkpoint, self.tokenizer, model.dtype)
@@ -63,6 +70,9 @@ class PPOLearner:
             critic = load_scalar_model(rm_checkpoint, self.tokenizer, model.dtype)  # detail 8
             disable_dropout(critic)
             self.critic = apply_lora(critic, model.lora, "SEQ_CLS").to(self.device)
+        if self.rank.sharded:  # before the optimizers: they hold the shards
+            self.policy = shard_model(self.policy)
+            self.critic = shard_model(self.critic) if self.critic is not None else None
         self.version = 0
         updates = pc.steps * pc.ppo_epochs * (pc.rollout_batch_size // pc.minibatch_size)
         self.opt, self.sched = self._optimizer(self.policy, pc.lr, updates)
@@ -93,7 +103,7 @@ class PPOLearner:
     def _single_update(self, exp: Experience) -> bool:
         """One epoch, one minibatch, one micro batch: the step's only critic forward is on the old weights."""
         pc = self.pc
-        return (self.critic is not None and pc.ppo_epochs == 1
+        return (self.critic is not None and not self.rank.sharded and pc.ppo_epochs == 1
                 and min(pc.minibatch_size, pc.micro_batch_size) >= exp.size)
 
     def advantages(self, exp: Experience, values_graph: torch.Tensor | None = None) -> Advantages:
@@ -104,10 +114,7 @@ class PPOLearner:
         values = returns = rewards = None
         if pc.advantage_estimator == "gae":
             if values_graph is None:
-                self.critic.eval()
-                mb = pc.micro_batch_size
-                with torch.no_grad():
-                    values_graph = torch.cat([self._values(exp, slice(i, i + mb)).cpu() for i in range(0, exp.size, mb)])
+                values_graph = self._old_values(exp)
             values = values_graph.detach().cpu() * mask
             rewards = pm.token_rewards(exp.scores, kl, mask, pc.kl_coef)
             adv, returns = pm.gae(rewards, values, mask, pc.gamma, pc.lam)
@@ -115,6 +122,20 @@ class PPOLearner:
             adv = pm.sequence_advantages(exp.scores, kl, mask, pc.kl_coef, pc.samples_per_prompt, pc.advantage_estimator)
         return Advantages(kl=kl, advantages=pm.whiten(adv, mask) if pc.whiten_advantages else adv, values=values,
                           returns=returns, rewards=rewards)
+
+    @torch.no_grad()
+    def _old_values(self, exp: Experience) -> torch.Tensor:
+        """V(s_t) of the whole batch before the update -> (B, R); in a group each rank computes an equal
+        contiguous share and the shares are gathered."""
+        self.critic.eval()
+        rows = range(exp.size)
+        if self.rank.sharded:
+            n = exp.size // self.rank.world
+            rows = range(self.rank.rank * n, (self.rank.rank + 1) * n)
+        mb = self.pc.micro_batch_size
+        mine = torch.cat([self._values(exp, slice(i, min(i + mb, rows.stop))).cpu()
+                          for i in range(rows.start, rows.stop, mb)])
+        return torch.cat(all_gather_rows(mine, self.rank.world)) if self.rank.sharded else mine
 
     # --- update -----------------------------------------------------------------------------------
 
@@ -185,7 +206,10 @@ class PPOLearner:
                    idx: torch.Tensor, values_graph: torch.Tensor | None = None,
                    check_behaviour: bool = False) -> dict[str, float]:
         pc, dev = self.pc, self.device
-        n_tokens = mask[idx].sum().clamp(min=1.0).to(dev)
+        n_tokens = mask[idx].sum().clamp(min=1.0).to(dev)  # of the whole minibatch, on every rank
+        if self.rank.sharded:
+            lengths = (exp.prompt_mask[idx].sum(-1) + exp.response_mask[idx].sum(-1)).tolist()
+            idx = idx[rank_share(lengths, self.rank.rank, self.rank.world)]
         stats = {"ppo/policy_loss": 0.0, "ppo/clip_fraction": 0.0, "ppo/approx_kl": 0.0, "ppo/entropy": 0.0}
         if self.critic is not None:
             stats.update({"ppo/value_loss": 0.0, "ppo/value_clip_fraction": 0.0})
@@ -224,6 +248,11 @@ class PPOLearner:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite PPO loss in batch {exp.batch_id}")
             loss.backward()
+        if self.rank.sharded:  # token sums and token-weighted shares: the group's figures are the ranks' sums
+            behaviour = stats.pop("ppo/behaviour_logprob_max_diff", None)
+            stats = all_reduce_sum(stats)
+            if behaviour is not None:
+                stats["ppo/behaviour_logprob_max_diff"] = all_reduce_max(behaviour)
         # Both norms are checked before either optimizer steps: a NaN/inf gradient leaves every weight untouched.
         stats["ppo/policy_grad_norm"] = _clip_finite(self.policy, pc.max_grad_norm, f"policy, batch {exp.batch_id}")
         if self.critic is not None:
@@ -240,8 +269,12 @@ class PPOLearner:
     # --- weights and checkpoints --------------------------------------------------------------------
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
-        """The plain (LoRA-merged) policy parameters, named as the rollout models name them."""
-        return dict(unwrap(self.policy).named_parameters())
+        """The plain (LoRA-merged) policy parameters, named as the rollout models name them. In a group this
+        is a collective that gathers the shards one parameter at a time; rank 0 keeps them (on the CPU)."""
+        if not self.rank.sharded:
+            return dict(unwrap(self.policy).named_parameters())
+        keep = self.rank.rank == 0
+        return {name: t.cpu() for name, t in full_weights(self.policy) if keep}
 
     def make_packet(self) -> WeightsPacket:
         return make_packet(self.policy_weights(), self.version, int(self.pc.bucket_mb * 2**20))
@@ -250,6 +283,8 @@ class PPOLearner:
         """Policy and critic in Hugging Face format, plus `learner_state.pt`: everything `load` needs to go on
         exactly as if never stopped (optimizer and scheduler states, RNG states, version; LoRA adapters)."""
         out_dir = Path(out_dir)
+        if self.rank.sharded:
+            return self._save_sharded(out_dir)
         save_checkpoint(self.policy, self.tokenizer, out_dir / "checkpoint")
         if self.critic is not None:
             save_checkpoint(self.critic, self.tokenizer, out_dir / "critic")
@@ -273,6 +308,8 @@ class PPOLearner:
         """Restore what `save` wrote into this learner (built from the same SFT and RM checkpoints and config).
         Returns the restored policy version."""
         ckpt_dir = Path(ckpt_dir)
+        if self.rank.sharded:
+            return self._load_sharded(ckpt_dir)
         state = torch.load(ckpt_dir / "learner_state.pt", map_location="cpu", weights_only=False)
         if state["trainable"] is not None:
             _load_trainable(self.policy, state["trainable"]["policy"], "policy")
@@ -293,9 +330,79 @@ class PPOLearner:
         self.version = state["version"]
         return self.version
 
+    # --- a sharded learner's checkpoints ------------------------------------------------------------
+
+    def _trained(self) -> list[tuple[str, torch.nn.Module, torch.optim.Optimizer]]:
+        out = [("policy", self.policy, self.opt)]
+        return out + [("critic", self.critic, self.critic_opt)] if self.critic is not None else out
+
+    def _sharded_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        state = {}
+        for name, model, opt in self._trained():
+            state[name], state[f"{name}_optimizer"] = get_state_dict(model, opt)
+        return state
+
+    def _save_sharded(self, out_dir: Path) -> None:
+        """Each rank writes its shards of the models and optimizer states (torch.distributed.checkpoint, in
+        `sharded/`); the Hugging Face folders get the full, LoRA-merged weights, gathered one parameter at a
+        time and written by rank 0, so `from_pretrained` and vLLM load them as from one process."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._sharded_state(), checkpoint_id=str(out_dir / "sharded"))
+        for name, model, _ in self._trained():
+            self._export(name, model, out_dir / ("checkpoint" if name == "policy" else "critic"))
+        if self.rank.rank == 0:
+            state = {"version": self.version, "scheduler": self.sched.state_dict(),
+                     "critic_scheduler": self.critic_sched.state_dict() if self.critic_sched else None,
+                     "torch_rng": torch.get_rng_state(), "generator": self.generator.get_state(),
+                     "world": self.rank.world}
+            tmp = out_dir / "learner_state.pt.tmp"
+            torch.save(state, tmp)
+            tmp.replace(out_dir / "learner_state.pt")
+        dist.barrier()
+
+    def _export(self, name: str, model: torch.nn.Module, path: Path) -> None:
+        weights = {n: t.cpu() for n, t in full_weights(model)}  # a collective: every rank iterates
+        if self.rank.rank != 0:
+            return
+        load = load_causal_lm if name == "policy" else load_scalar_model
+        plain = load(self.checkpoints[name], self.tokenizer, self.model_cfg.dtype)  # config, bias, tied weights
+        missing, unexpected = plain.load_state_dict(weights, strict=False)
+        tied = set(getattr(plain, "_tied_weights_keys", None) or ())
+        if unexpected or set(missing) - tied:
+            raise ValueError(f"{name} export: gathered weights do not match the model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        save_checkpoint(plain, self.tokenizer, path)
+
+    def _load_sharded(self, ckpt_dir: Path) -> int:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        small = torch.load(ckpt_dir / "learner_state.pt", map_location="cpu", weights_only=False)
+        if small.get("world") != self.rank.world:
+            raise ValueError(f"{ckpt_dir} was written by {small.get('world', 1)} learner ranks; this group has "
+                             f"{self.rank.world} (set ppo.learner_workers to match)")
+        state = self._sharded_state()
+        dcp.load(state, checkpoint_id=str(ckpt_dir / "sharded"))
+        for name, model, opt in self._trained():
+            set_state_dict(model, opt, model_state_dict=state[name], optim_state_dict=state[f"{name}_optimizer"])
+        self.sched.load_state_dict(small["scheduler"])
+        if self.critic_sched is not None:
+            self.critic_sched.load_state_dict(small["critic_scheduler"])
+        torch.set_rng_state(small["torch_rng"])
+        self.generator.set_state(small["generator"])
+        self.version = small["version"]
+        return self.version
+
 
 def _clip_finite(model, max_norm: float, what: str) -> float:
+    from torch.distributed.tensor import DTensor
+
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # sharded: the norm of the full gradient
     if not torch.isfinite(norm):
         raise FloatingPointError(f"non-finite gradient norm ({float(norm)}) in the {what}; no weight was updated")
     return float(norm)

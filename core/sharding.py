@@ -1,0 +1,155 @@
+"""A learner sharded over N processes with FSDP2 (`torch.distributed.fsdp.fully_shard`), gloo on CPU, NCCL on GPU.
+
+Parameters, gradients and optimizer state are split across the ranks of the default process group. Every rank
+holds the whole batch; each takes an equal number of sequences of every minibatch, balanced by tokens
+(`rank_share`), and divides its loss by the token count of the whole minibatch, so that the gradients summed
+over ranks (`set_gradient_divide_factor(1)`: summed, not averaged) are exactly the one-process gradient.
+Full weights are gathered one parameter at a time (`full_weights`), LoRA merged on the way, so no rank holds
+more than its shard and one full tensor beyond what it sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in the learner group."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> Rank:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """fully_shard every transformer block (the model's `_no_split_modules`), then the root; gradients are
+    summed across ranks, not averaged (each rank's loss is already its share of the minibatch mean).
+
+    A scalar (reward/value) model's backbone and score head are units of their own: the critic calls them
+    directly for per-token values (`sequences.token_values`), and a unit gathers its parameters only when its
+    own forward runs. A causal LM is called through its root, which keeps tied embeddings in one unit."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    hf = _hf_model(model)
+    blocks = set(getattr(hf, "_no_split_modules", None) or ())
+    if not blocks:
+        raise ValueError(f"{type(hf).__name__} names no transformer block class (_no_split_modules)")
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    if hasattr(hf, "score"):
+        fully_shard(getattr(hf, hf.base_model_prefix))
+        fully_shard(hf.score)
+    fully_shard(model)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):  # a plain SUM (gloo has no pre-multiplied sum)
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def rank_share(lengths: list[int], rank: int, world: int) -> list[int]:
+    """The positions (into `lengths`, the token counts of one minibatch's sequences) that `rank` takes.
+
+    Every rank gets the same number (FSDP's collectives need every rank to run the same forward and backward
+    passes), balanced by tokens: longest first, dealt out in snake order (0, 1, ..., N-1, N-1, ..., 0, ...)."""
+    if len(lengths) % world:
+        raise ValueError(f"{len(lengths)} sequences cannot be split evenly over {world} learner ranks")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    mine = []
+    for k, i in enumerate(order):
+        lap, pos = divmod(k, world)
+        if (pos if lap % 2 == 0 else world - 1 - pos) == rank:
+            mine.append(i)
+    return sorted(mine)
+
+
+def all_gather_rows(local: Tensor, world: int) -> list[Tensor]:
+    """Each rank's equally shaped tensor, in rank order (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    out = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(out, local.contiguous())
+    return out
+
+
+def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
+    """Sums of each rank's figures (a collective; every rank passes the same keys in the same order)."""
+    import torch.distributed as dist
+
+    if not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(values, t.tolist()))
+
+
+def all_reduce_max(value: float) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _full(p: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+
+
+def full_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(name, full tensor) of the plain Hugging Face model, in parameter order, LoRA merged in: what
+    `modeling.unwrap(model).named_parameters()` gives, gathered from shards one parameter at a time.
+
+    A collective when the model is sharded: every rank must iterate it to the end."""
+    hf = _hf_model(model)
+    lora = {}  # module name -> [base weight, A] until its B arrives
+    for name, p in hf.named_parameters():
+        if ".original_module." in name:  # peft's frozen copy of a fully trained module (modules_to_save)
+            continue
+        full = _full(p)
+        module, _, leaf = name.rpartition(".")
+        if ".modules_to_save." in name:  # the trained copy, under the module's own name
+            yield f"{name.split('.modules_to_save.')[0]}.{leaf}", full
+        elif module.endswith(".base_layer"):
+            owner = module.removesuffix(".base_layer")
+            if leaf == "weight" and _is_lora(hf, owner):
+                lora[owner] = [full, None]
+                continue
+            yield f"{owner}.{leaf}", full
+        elif ".lora_A." in name:
+            lora[name.split(".lora_A.")[0]][1] = full
+        elif ".lora_B." in name:
+            owner, adapter = name.split(".lora_B.")[0], name.split(".lora_B.")[1].split(".")[0]
+            base, a = lora.pop(owner)
+            scaling = hf.get_submodule(owner).scaling[adapter]
+            yield f"{owner}.weight", base + (full @ a) * scaling
+        else:
+            yield name, full
+    if lora:
+        raise ValueError(f"LoRA layers without their B matrix: {sorted(lora)[:3]}")
+
+
+def _is_lora(hf: nn.Module, module_name: str) -> bool:
+    return hasattr(hf.get_submodule(module_name), "lora_A")

@@ -1,0 +1,174 @@
+"""The sharded learner (FSDP2 over gloo on CPU): N = 2 ranks make the one-process update.
+
+Each invariance test trains one learner in this process (no process group: the plain path) and a group of two
+in spawned processes (gloo, `torch.distributed.fsdp.fully_shard`), on the same experience and checkpoints, then
+compares the full (LoRA-merged) policy and critic weights after four optimizer steps."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.learner import PPOLearner
+from core.sharding import full_weights, rank_share
+
+# 8 sequences; minibatches of 4 (2 per rank), micro batches of 1, two epochs: four optimizer steps.
+GROUP_STEP = ["ppo.prompts_per_step=4", "ppo.samples_per_prompt=2", "ppo.minibatch_size=4", "ppo.micro_batch_size=1",
+              "ppo.ppo_epochs=2", "reward.missing_eos_score=null"]  # raw scores: RLOO advantages not all 0
+LORA = ["model.lora.r=4", "model.lora.alpha=8"]
+
+
+def test_rank_share_by_hand():
+    lengths = [5, 9, 1, 7, 3, 8]
+    # longest first: 9(1) 8(5) 7(3) 5(0) 3(4) 1(2); snake over 2 ranks: 0 1 1 0 0 1
+    assert rank_share(lengths, 0, 2) == [0, 1, 4]  # 9 + 5 + 3 = 17 tokens
+    assert rank_share(lengths, 1, 2) == [2, 3, 5]  # 8 + 7 + 1 = 16 tokens
+    assert rank_share(lengths, 0, 1) == list(range(6))
+    with pytest.raises(ValueError, match="cannot be split evenly over 4"):
+        rank_share(lengths, 0, 4)
+
+
+def test_full_weights_of_a_lora_model_are_its_merged_weights(make_tiny_cfg, tiny_checkpoints):
+    """Unsharded, `full_weights` streams exactly what peft's merge_and_unload gives (names and values)."""
+    from core.modeling import unwrap
+
+    learner = PPOLearner.from_config(make_tiny_cfg(*GROUP_STEP, *LORA), str(tiny_checkpoints.sft),
+                                     str(tiny_checkpoints.rm), device="cpu")
+    with torch.no_grad():  # non-zero B, so the merge is visible
+        for name, p in learner.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+        for name, p in learner.critic.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:  # the critic's head is trained in full
+                p.normal_(0, 0.1)
+    for model in (learner.policy, learner.critic):
+        streamed = dict(full_weights(model))
+        merged = dict(unwrap(model).named_parameters())
+        assert list(streamed) == list(merged)
+        assert max((streamed[k] - merged[k]).abs().max().item() for k in merged) <= 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _group_rank(rank: int, world: int, port: int, overrides: list[str], sft: str, rm: str, exp_path: str,
+                out_path: str) -> None:
+    """One rank of the learner group (a spawned process)."""
+    import torch.distributed as dist
+
+    from conftest import TINY_OVERRIDES
+    from core.config import load_config
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        learner = PPOLearner.from_config(load_config(None, [*TINY_OVERRIDES, *overrides]), sft, rm, device="cpu")
+        assert learner.rank.world == world
+        metrics = learner.train_step(torch.load(exp_path, weights_only=False))
+        policy = learner.policy_weights()  # collective
+        critic = {n: t.cpu() for n, t in full_weights(learner.critic)} if learner.critic is not None else {}
+        if rank == 0:
+            torch.save({"policy": policy, "critic": critic, "metrics": metrics}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _resume_rank(rank: int, world: int, port: int, overrides: list[str], sft: str, rm: str, exp_path: str,
+                 out_path: str) -> None:
+    """One rank: a step, a sharded checkpoint, then a second step by this learner and by a fresh one loaded
+    from the checkpoint (as `--resume` does); rank 0 saves what the test compares."""
+    from dataclasses import replace
+
+    import torch.distributed as dist
+
+    from conftest import TINY_OVERRIDES
+    from core.config import load_config
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        cfg = load_config(None, [*TINY_OVERRIDES, *overrides])
+        exp = torch.load(exp_path, weights_only=False)
+        ckpt = Path(out_path).parent / "ckpt"
+        first = PPOLearner.from_config(cfg, sft, rm, device="cpu")
+        first.train_step(exp)
+        after_one = first.policy_weights()
+        first.save(ckpt)
+        second = PPOLearner.from_config(cfg, sft, rm, device="cpu")
+        assert second.load(ckpt) == 1
+        exp2 = replace(exp, batch_id=1, policy_version=1)
+        first.train_step(exp2)
+        second.train_step(exp2)
+        kept, resumed = first.policy_weights(), second.policy_weights()
+        if rank == 0:
+            torch.save({"after_one": after_one, "kept": kept, "resumed": resumed}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert list(a) == list(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["gae", "rloo"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_ranks_make_the_one_process_update(make_tiny_cfg, tiny_checkpoints, make_experience, tmp_path,
+                                               estimator, lora):
+    import torch.multiprocessing as mp
+
+    overrides = [*GROUP_STEP, f"ppo.advantage_estimator={estimator}", *(LORA if lora else [])]
+    cfg = make_tiny_cfg(*overrides)
+    exp = make_experience(cfg)
+    exp_path = tmp_path / "exp.pt"
+    torch.save(exp, exp_path)
+    sft, rm = str(tiny_checkpoints.sft), str(tiny_checkpoints.rm)
+
+    one = PPOLearner.from_config(cfg, sft, rm, device="cpu")
+    before = {n: t.detach().clone() for n, t in one.policy_weights().items()}
+    one_metrics = one.train_step(torch.load(exp_path, weights_only=False))
+    one_policy = {n: t.detach().clone() for n, t in one.policy_weights().items()}
+    one_critic = dict(full_weights(one.critic)) if one.critic is not None else {}
+
+    out = tmp_path / "group.pt"
+    os.environ.pop("RAY_ADDRESS", None)
+    mp.spawn(_group_rank, args=(2, _free_port(), overrides, sft, rm, str(exp_path), str(out)), nprocs=2)
+    group = torch.load(out, weights_only=False)
+
+    moved = _max_diff(one_policy, before)
+    assert moved > 0.5 * cfg.ppo.lr  # a real update
+    policy_diff = _max_diff(group["policy"], one_policy)
+    critic_diff = _max_diff(group["critic"], one_critic) if one_critic else 0.0
+    print(f"\n{estimator} {'lora' if lora else 'full'}: N=2 vs N=1 max |diff| policy {policy_diff:.2e}, "
+          f"critic {critic_diff:.2e} (update moved weights by up to {moved:.2e})")
+    assert policy_diff <= 1e-5 and critic_diff <= 1e-5
+    for key in ("ppo/policy_loss", "ppo/entropy", "ppo/approx_kl", "ppo/policy_grad_norm", "ppo/kl"):
+        assert group["metrics"][key] == pytest.approx(one_metrics[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_exactly_and_exports_full_weights(make_tiny_cfg, tiny_checkpoints,
+                                                                       make_experience, tmp_path):
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    overrides = [*GROUP_STEP, *LORA]
+    exp_path = tmp_path / "exp.pt"
+    torch.save(make_experience(make_tiny_cfg(*overrides)), exp_path)
+    out = tmp_path / "resume.pt"
+    mp.spawn(_resume_rank, args=(2, _free_port(), overrides, str(tiny_checkpoints.sft), str(tiny_checkpoints.rm),
+                                 str(exp_path), str(out)), nprocs=2)
+    got = torch.load(out, weights_only=False)
+    assert _max_diff(got["resumed"], got["kept"]) <= 1e-6  # optimizer, scheduler and RNG states restored
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt" / "checkpoint")  # plain, LoRA merged
+    assert _max_diff(dict(exported.named_parameters()), got["after_one"]) == 0.0
+    critic = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt" / "critic")
+    assert critic.config.num_labels == 1
