@@ -120,11 +120,20 @@ def test_cli_stage_by_stage_synchronous(cli, tiny_overrides, tiny_cfg, tmp_path)
 
 
 def test_cli_train_one_step_off_policy_collective(cli, tiny_overrides, tmp_path):
-    """`rayrlhf train` (SFT -> RM -> PPO -> eval) with max_staleness 1 and the gloo weight broadcast."""
+    """`rayrlhf train` (SFT -> RM -> judge -> PPO -> eval) with max_staleness 1 and the gloo weight broadcast."""
     run = tmp_path / "run"
-    cli("train", run, [*tiny_overrides, "ppo.max_staleness=1", "ppo.weight_sync=collective", "ppo.sync_timeout_s=300"])
+    cli("train", run, [*tiny_overrides, "ppo.max_staleness=1", "ppo.weight_sync=collective", "ppo.sync_timeout_s=300",
+                       "data.judge_fraction=0.5"])
     _check_sft_rm_run(run)
     _check_ppo_and_eval(run, max_staleness=1)
+    # the judge: a second reward model on the other half of the comparisons, scoring both policies in evaluation
+    stages = json.loads((run / "stages.json").read_text())
+    assert list(stages) == ["sft", "rm", "judge", "ppo", "eval"]
+    assert 0.0 <= stages["judge"]["judge/valid_accuracy"] <= 1.0
+    m = json.loads((run / "eval" / "results.json").read_text())["metrics"]
+    for key in ("sft_judge_score", "ppo_judge_score", "ppo_judge_win_vs_sft", "ppo_reward_win_vs_sft"):
+        assert math.isfinite(m[f"eval/{key}"]), key
+    assert "Judge win rate, PPO vs SFT" in (run / "report.md").read_text()
 
 
 def test_cli_sft_rm_on_real_tldr_files(cli, tiny_overrides, shared_data, gpt2_tokenizer_dir, tmp_path):

@@ -130,3 +130,25 @@ def test_an_error_inside_an_actor_is_one_line_naming_where():
     as_cause = RayTaskError("RMStage.run", "Traceback ...", KeyError("rm/valid_accuracy")).as_instanceof_cause()
     assert isinstance(as_cause, KeyError)
     assert error_line(as_cause).startswith("KeyError: 'rm/valid_accuracy'")
+
+
+def test_one_posts_file_and_one_pairs_file_are_checked_by_their_keys(tmp_path, capsys):
+    files = _local_files(tmp_path, rows=20)
+    one = {"posts_file": files["sft_train"], "pairs_file": tmp_path / "missing.jsonl"}
+    assert main(_local_argv(tmp_path, one)) == 2
+    assert f"data.pairs_file: {tmp_path / 'missing.jsonl'} does not exist" in capsys.readouterr().err
+    one["pairs_file"] = files["pairs_train"]
+    # 20 posts, 10% held out for tests and 10% for validation: 16 PPO prompts, fewer than 32 asked for
+    argv = [*_local_argv(tmp_path, one, "train"), "--set", "ppo.prompts_per_step=32", "--set", "ppo.minibatch_size=64",
+            "--set", "ppo.micro_batch_size=64"]
+    assert main(argv) == 2
+    assert "exceeds the 16 PPO prompts in data.posts_file" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_judge_without_its_comparisons_exits_2(tmp_path, capsys):
+    assert main(["judge", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "set data.judge_fraction" in capsys.readouterr().err
+    assert main(["train", "--run-dir", str(tmp_path / "run"), "--set", f"eval.judge_checkpoint={tmp_path}/nope"]) == 2
+    assert f"eval.judge_checkpoint judge checkpoint not found at {tmp_path}/nope" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = [
-    "data.max_rows=40", "data.max_prompt_tokens=96",
-    "sft.batch_size=8", "sft.micro_batch_size=4", "sft.eval_every=100", "sft.num_eval_prompts=4",
+    "data.max_rows=32", "data.max_prompt_tokens=64",
+    "sft.batch_size=8", "sft.micro_batch_size=4", "sft.eval_every=100", "sft.num_eval_prompts=2",
     "rm.batch_size=8", "rm.micro_batch_size=4", "rm.eval_every=100",
     "rollout.max_new_tokens=16",
     "ppo.steps=2", "ppo.prompts_per_step=4", "ppo.minibatch_size=8", "ppo.micro_batch_size=4", "ppo.max_staleness=0",
