@@ -204,7 +204,8 @@ class DataConfig(_Section):
                 continue
             if self.source != "local":
                 raise ValueError(f"data.{key} needs data.source local (got {self.source})")
-            both = [f"data.{f}" for f in files if f in self.model_fields_set]
+            # a dumped config (run directory, round trip) holds every key: only a value other than the default clashes
+            both = [f"data.{f}" for f in files if getattr(self, f) != type(self).model_fields[f].default]
             if both:
                 raise ValueError(f"data.{key} is split into {', '.join('data.' + f for f in files)}: do not also set "
                                  f"{', '.join(both)}")

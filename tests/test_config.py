@@ -176,6 +176,7 @@ def test_real_run_configs_validate(name):
         pytest.skip(f"{path} does not exist")
     cfg = load_config(path)
     assert not cfg.model.is_builtin
+    assert config_from_dict(yaml.safe_load(config_to_yaml(cfg))) == cfg  # as a run directory keeps it
 
 
 @pytest.mark.parametrize("overrides", [["sft.bogus=1"], ["sft.batch_size=10", "sft.micro_batch_size=4"], ["sft.lr"]])
