@@ -43,7 +43,7 @@ class PolicySamples:
 
 @torch.no_grad()
 def sample_policy(cfg: Config, checkpoint: str, reference, scorer: RewardScorer, queries: list[list[int]],
-                  seed: int, judge: RewardScorer | None = None) -> PolicySamples:
+                  seed: int, judge_rm: RewardScorer | None = None) -> PolicySamples:
     model, tok = load_frozen(checkpoint, "causal_lm", cfg.model.dtype, device="cpu")
     out = PolicySamples([], [], [], [], [])
     bs = cfg.eval.batch_size
@@ -56,8 +56,8 @@ def sample_policy(cfg: Config, checkpoint: str, reference, scorer: RewardScorer,
         logp, _ = response_logprobs(model, prompts, pmask, responses, rmask, cfg.rollout.temperature)
         ref_logp, _ = response_logprobs(reference, prompts, pmask, responses, rmask, cfg.rollout.temperature)
         out.scores += scorer.score_tokens(prompts, pmask, responses, rmask).scores.tolist()
-        if judge is not None:
-            out.judge_scores += judge.score_tokens(prompts, pmask, responses, rmask).scores.tolist()
+        if judge_rm is not None:
+            out.judge_scores += judge_rm.score_tokens(prompts, pmask, responses, rmask).scores.tolist()
         out.kl += (logp - ref_logp).sum(-1).tolist()
         out.lengths += rmask.sum(-1).tolist()
         out.texts += tok.batch_decode(responses.masked_fill(rmask == 0, tok.pad_token_id), skip_special_tokens=True)
@@ -85,18 +85,19 @@ def evaluate_policies(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, ppo_
     examples = with_encodable_queries(tok, load_tldr(cfg.data), cfg.data).sft_test[: cfg.eval.num_prompts]
     queries = encode_queries(tok, [e.query for e in examples], cfg.data.max_prompt_tokens)
     scorer = RewardScorer(rm_checkpoint, cfg.reward.missing_eos_score, cfg.reward.batch_size, cfg.model.dtype)
-    judge = None if judge_checkpoint is None else RewardScorer(judge_checkpoint, cfg.reward.missing_eos_score,
-                                                               cfg.reward.batch_size, cfg.model.dtype)
+    # the judge reward model (not core.synthetic.judge, the gold judge of the builtin task)
+    judge_rm = None if judge_checkpoint is None else RewardScorer(judge_checkpoint, cfg.reward.missing_eos_score,
+                                                                  cfg.reward.batch_size, cfg.model.dtype)
     seed = cfg.run.seed + 777
-    policies = {"sft": sample_policy(cfg, sft_checkpoint, reference, scorer, queries, seed, judge)}
+    policies = {"sft": sample_policy(cfg, sft_checkpoint, reference, scorer, queries, seed, judge_rm)}
     if ppo_checkpoint:
-        policies["ppo"] = sample_policy(cfg, ppo_checkpoint, reference, scorer, queries, seed, judge)
+        policies["ppo"] = sample_policy(cfg, ppo_checkpoint, reference, scorer, queries, seed, judge_rm)
     results: dict[str, float] = {"eval/num_prompts": float(len(examples))}
     for name, s in policies.items():
         results.update(summarise(name, s, examples))
     if "ppo" in policies:
         results["eval/ppo_reward_win_vs_sft"] = win_rate(policies["ppo"].scores, policies["sft"].scores)
-        if judge is not None:
+        if judge_rm is not None:
             results["eval/ppo_judge_win_vs_sft"] = win_rate(policies["ppo"].judge_scores, policies["sft"].judge_scores)
     gold = examples[0].post is not None
     if gold:
