@@ -332,13 +332,22 @@ class PPOConfig(_Section):
     bucket_mb: float = Field(64.0, ge=1, description="Size of the flat buckets weights are sent in (MiB, at least 1).")
     checkpoint_every: int = Field(10, ge=0, description="PPO steps between resumable checkpoints in ppo/checkpoints (0: only the final one).")
     max_actor_restarts: int = Field(3, ge=0, description="Restarts Ray gives a dead rollout, reference or reward actor; its in-flight work is dispatched again.")
-    num_cpus: float = Field(1, ge=0, description="CPUs of the learner actor.")
-    num_gpus: float = Field(0, ge=0, description="GPUs of the learner actor.")
+    learner_workers: int = Field(1, ge=1, description=(
+        "Ranks of the learner group: policy and critic sharded with FSDP2 over this many actors (gloo on CPU, "
+        "NCCL on GPU), each with ppo.num_cpus and ppo.num_gpus; every rank takes an equal share of each minibatch."))
+    num_cpus: float = Field(1, ge=0, description="CPUs of the learner actor (of each rank of a learner group).")
+    num_gpus: float = Field(0, ge=0, description="GPUs of the learner actor (of each rank of a learner group).")
 
     @model_validator(mode="after")
     def _check(self) -> PPOConfig:
         _divides("ppo", "rollout_batch_size", self.rollout_batch_size, "minibatch_size", self.minibatch_size)
         _divides("ppo", "minibatch_size", self.minibatch_size, "micro_batch_size", self.micro_batch_size)
+        _divides("ppo", "minibatch_size", self.minibatch_size, "learner_workers", self.learner_workers)
+        if self.learner_workers > 1 and self.weight_sync == "collective":
+            # The collective transport's group is each process's default group, which a learner rank already
+            # holds for FSDP: a rank cannot be in both.
+            raise ValueError(f"ppo.weight_sync=collective needs ppo.learner_workers=1 (got {self.learner_workers}); "
+                             f"a learner group syncs weights through the object store")
         if self.advantage_estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
             raise ValueError(f"ppo.advantage_estimator {self.advantage_estimator} needs ppo.samples_per_prompt >= 2")
         return self
@@ -408,8 +417,8 @@ class Config(_Section):
                              "prompts (data.num_train_posts)")
         if self.ray.num_cpus is not None and self.ray.address is None and role_cpus(self) > self.ray.num_cpus:
             raise ValueError(f"ray.num_cpus {self.ray.num_cpus} is less than the {role_cpus(self):g} CPUs the roles ask "
-                             "for together (rollout.num_workers x rollout.num_cpus + reference, reward and ppo num_cpus; "
-                             "or a stage's num_cpus)")
+                             "for together (rollout.num_workers x rollout.num_cpus + reference and reward num_cpus + "
+                             "ppo.learner_workers x ppo.num_cpus; or a stage's num_cpus)")
         if self.ppo.weight_sync == "collective" and self.rollout.backend == "vllm":
             raise ValueError("ppo.weight_sync collective is implemented for the hf rollout backend; use object_store with vllm")
         return self
@@ -418,7 +427,7 @@ class Config(_Section):
 def role_cpus(cfg: Config) -> float:
     """Logical CPUs that the PPO roles ask for together (the offline stages run one at a time)."""
     ppo = (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.reward.num_cpus + cfg.reference.num_cpus
-           + cfg.ppo.num_cpus)
+           + cfg.ppo.num_cpus * cfg.ppo.learner_workers)
     return max(ppo, cfg.sft.num_cpus, cfg.rm.num_cpus, cfg.serve.num_cpus * cfg.serve.num_replicas)
 
 

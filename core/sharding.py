@@ -37,6 +37,33 @@ class Rank:
         return self.world > 1
 
 
+def free_port() -> int:
+    """A TCP port free on this node now (the group's rendezvous binds it moments later)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def join_group(addr: str, port: int, rank: int, world: int, timeout_s: float) -> None:
+    """Make this process rank `rank` of the learner group's default process group (NCCL on GPU, gloo on CPU).
+
+    `timeout_s` bounds the rendezvous and every later collective: a rank that never joins, or a peer that dies
+    mid-collective, becomes an error instead of a hang."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+    except Exception as e:
+        raise RuntimeError(f"learner rank {rank}/{world}: joining the learner group at {addr}:{port} failed: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
 def _hf_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 

@@ -116,6 +116,7 @@ class PPODriver:
         self.pool = RolloutPool(list(self.roles.rollouts), lambda i: launch_rollout_worker(self.cfg, self.sft_checkpoint, i),
                                 PoolCalls(self._get), self.events, self.pc.sync_timeout_s)
         await_started(self.roles.named(), self.pc.startup_timeout_s)
+        self.roles.learner.rendezvous(self.pc.startup_timeout_s)
         if self.pc.weight_sync == "collective":
             join_weight_sync_group(self.roles, self.pc.sync_timeout_s)
 
@@ -123,7 +124,7 @@ class PPODriver:
         self.checkpoints.clear()
         MetricsLogger.truncate(self.out_dir, 0)
         if self.pc.weight_sync == "object_store":
-            self.packets[0] = self.roles.learner.make_packet.remote()
+            self.packets[0] = self.roles.learner.packet()
         return LoopState()
 
     def restore(self, ckpt: Path) -> LoopState:
@@ -133,14 +134,14 @@ class PPODriver:
         if diff:
             raise ValueError(f"{ckpt} was written with a different config ({', '.join(diff)}); resume with the "
                              f"run's own config.yaml")
-        version = self._get(self.roles.learner.load.remote(str(ckpt)), f"learner restoring {ckpt}")
+        version = self._get(self.roles.learner.call("load", str(ckpt)), f"learner restoring {ckpt}")[0]
         if version != state["version"]:
             raise RuntimeError(f"{ckpt}: learner state holds v{version}, driver state v{state['version']}")
         self.ledger = ExperienceLedger.from_json(state["ledger"])
         buffered: dict[int, Experience] = torch.load(ckpt / "buffer.pt", weights_only=False)
         for b in buffered:
             self.ledger.mark_restored(b)
-        self.packets[version] = self.roles.learner.make_packet.remote()
+        self.packets[version] = self.roles.learner.packet()
         self.pool.load_verified(self.pool.active, self.packets[version], version, f"the weights of {ckpt}")
         MetricsLogger.truncate(self.out_dir, state["step"])
         self.gate.publish(state["step"])
@@ -154,6 +155,19 @@ class PPODriver:
 
     def run(self, resume: Path | None = None) -> dict[str, float]:
         """The PPO loop; with `resume` (a checkpoint directory), from where that checkpoint left off."""
+        try:
+            return self._run(resume)
+        except Exception as e:
+            # A dead rank of a learner group fails its peers' collectives: name the rank that died.
+            group = self.roles.learner if self.roles is not None else None
+            dead = group.dead_ranks() if group is not None and group.world > 1 else []
+            if dead:
+                raise RuntimeError(f"learner rank {', '.join(map(str, dead))} of {group.world} died "
+                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                                   f"{self._resume_hint()}") from e
+            raise
+
+    def _run(self, resume: Path | None) -> dict[str, float]:
         self.start()
         state = self.restore(resume) if resume is not None else self.fresh()
         setup_s = time.perf_counter() - self.created
@@ -216,7 +230,7 @@ class PPODriver:
         self.await_sync(pending)
         self.pool.finish(self.pc.steps)
         loop_s = time.perf_counter() - done.start
-        self._get(self.roles.learner.save.remote(str(self.out_dir)), "learner checkpoint")
+        self._get(self.roles.learner.call("save", str(self.out_dir)), "learner checkpoint")
         audit = self.ledger.audit(self.pc.steps, self.prompt_source.batch)
         atomic_write_text(self.out_dir / "ledger.json", json.dumps(
             {"audit": {**asdict(audit), "ok": audit.ok}, "batches": self.ledger.to_json()}, indent=1))
@@ -312,7 +326,7 @@ class PPODriver:
     def learn(self, exp: Experience) -> dict[str, float]:
         """Stage 3: one PPO update on the learner. A NaN/inf stops the run before anything is saved."""
         try:
-            metrics = self._get(self.roles.learner.train_step.remote(exp), f"learner update on batch {exp.batch_id}")
+            metrics = self._get(self.roles.learner.call("train_step", exp), f"learner update on batch {exp.batch_id}")[0]
         except FloatingPointError as e:  # raised in the learner; Ray's error is also an instance of it
             raise RuntimeError(f"PPO step {exp.batch_id + 1} stopped: {getattr(e, 'cause', e)}"
                                f"{self._resume_hint()}") from e
@@ -323,13 +337,13 @@ class PPODriver:
         """Stage 4: publish `version` to all workers; returns the loads queued on them."""
         learner = self.roles.learner
         if self.pc.weight_sync == "collective":
-            sent = learner.broadcast_weights.remote()
+            sent = learner.ranks[0].broadcast_weights.remote()  # a group has no collective transport
             loads = [PendingLoad(w, w.receive_weights.remote(version)) for w in self.pool.handles()]
             got = self._get(sent, "learner weight broadcast")
             if got != version:
                 raise RuntimeError(f"learner broadcast version {got}, driver expected {version}")
             return loads
-        self.packets[version] = packet = learner.make_packet.remote()  # one object, read by every worker
+        self.packets[version] = packet = learner.packet()  # one object, read by every worker
         for old in [v for v in self.packets if v < version - self.pc.max_staleness]:
             del self.packets[old]  # no batch can need it any more
         return [PendingLoad(w, w.load_weights.remote(packet)) for w in self.pool.handles()]
@@ -361,7 +375,7 @@ class PPODriver:
         buffered = {b: self.collect(fl) for b, fl in sorted(state.in_flight.items())}
 
         def write(tmp: Path) -> None:
-            self._get(self.roles.learner.save.remote(str(tmp)), "learner checkpoint")
+            self._get(self.roles.learner.call("save", str(tmp)), "learner checkpoint")
             torch.save(buffered, tmp / "buffer.pt")
             write_json(tmp / "driver_state.json", {
                 "step": step, "version": self.gate.version, "next_batch": state.next_batch, "totals": state.totals,

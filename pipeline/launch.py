@@ -2,7 +2,11 @@
 
 Each role's bundles are declared once (`role_bundles`); `Placement` numbers them in that order, so no bundle
 index is computed by hand. Strategy PACK: the roles land on as few nodes as possible, each on its own GPU(s)
-when there are GPUs.
+when there are GPUs. The learner group's bundles come first, so its ranks are packed together before the other
+roles fill in (its collectives are the run's heaviest traffic).
+
+A learner group (`ppo.learner_workers` > 1) is N `LearnerWorker` ranks behind one `LearnerGroup`: every call
+goes to every rank (FSDP2's collectives join them), the driver reads rank 0's result.
 
 Rollout workers, the reference and the reward scorer are restarted by Ray when they die
 (`ppo.max_actor_restarts`); the driver then dispatches their lost work again. The learner is not: its state is
@@ -11,12 +15,12 @@ the run, and a dead learner ends the run, to be resumed from its last checkpoint
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError
+from ray import ObjectRef
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -25,6 +29,7 @@ from actors.remote import (
 )
 from core.config import Config
 from core.scaling import SCALER_NAMESPACE, scaler_name
+from core.sharding import free_port
 from pipeline.calls import RoleTimeout, first_line, ray_get
 
 
@@ -35,7 +40,7 @@ def _bundle(num_cpus: float, num_gpus: float) -> dict[str, float]:
 def role_bundles(cfg: Config) -> dict[str, list[dict[str, float]]]:
     """The placement group's bundles per role, in placement order."""
     return {
-        "learner": [_bundle(cfg.ppo.num_cpus, cfg.ppo.num_gpus)],
+        "learner": [_bundle(cfg.ppo.num_cpus, cfg.ppo.num_gpus)] * cfg.ppo.learner_workers,
         "reference": [_bundle(cfg.reference.num_cpus, cfg.reference.num_gpus)],
         "reward": [_bundle(cfg.reward.num_cpus, cfg.reward.num_gpus)],
         "rollout": [_bundle(cfg.rollout.num_cpus, cfg.rollout.num_gpus)] * cfg.rollout.num_workers,
@@ -63,11 +68,72 @@ class Placement:
         return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=self.first_bundle[role] + i)
 
 
+class LearnerGroup:
+    """The learner's ranks behind one handle. `call` sends a method to every rank (each runs its share; FSDP's
+    collectives join them) and returns every rank's ref; rank 0's result is the group's."""
+
+    def __init__(self, ranks: list[ActorHandle]):
+        self.ranks = tuple(ranks)
+
+    @property
+    def world(self) -> int:
+        return len(self.ranks)
+
+    def names(self) -> list[str]:
+        return ["learner"] if self.world == 1 else [f"learner rank {i}" for i in range(self.world)]
+
+    def call(self, method: str, *args) -> list[ObjectRef]:
+        if self.world > 1:  # one copy in the object store that every rank reads, not one per call
+            args = tuple(a if isinstance(a, (str, int, float)) else ray.put(a) for a in args)
+        return [getattr(r, method).remote(*args) for r in self.ranks]
+
+    def packet(self) -> ObjectRef:
+        """Rank 0's weights packet (every rank takes part in gathering it; the others return None)."""
+        return self.call("make_packet")[0]
+
+    def rendezvous(self, timeout_s: float) -> None:
+        """Form the group's torch.distributed process group at an address rank 0 chooses on its own node, and
+        build the sharded learner on every rank; a rank that does not join within `timeout_s` is named."""
+        if self.world == 1:
+            return
+        try:
+            addr, port = ray.get(self.ranks[0].address.remote(), timeout=timeout_s)
+        except GetTimeoutError as e:
+            raise RoleTimeout("learner rank 0", timeout_s, key="ppo.startup_timeout_s", did="give an address") from e
+        refs = [r.join.remote(addr, port, timeout_s) for r in self.ranks]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s + 5)
+        if pending:
+            late = [f"learner rank {i}" for i, r in enumerate(refs) if r in pending]
+            raise RoleTimeout(", ".join(late), timeout_s, key="ppo.startup_timeout_s",
+                              did=f"join the learner group at {addr}:{port}")
+        for i, r in enumerate(refs):
+            try:
+                ray.get(r)
+            except (RayActorError, RayTaskError) as e:
+                raise RuntimeError(f"learner rank {i} failed to join the learner group: {first_line(e, 500)}") from e
+
+    def dead_ranks(self, timeout_s: float = 10.0) -> list[int]:
+        """The ranks whose actor has died (asked after a failure, to name them)."""
+        dead = []
+        for i, r in enumerate(self.ranks):
+            try:
+                ray.get(r.__ray_ready__.remote(), timeout=timeout_s)
+            except RayActorError:
+                dead.append(i)
+            except GetTimeoutError:  # alive but busy: not dead
+                pass
+        return dead
+
+    def kill(self) -> None:
+        for r in self.ranks:
+            ray.kill(r)
+
+
 @dataclass(frozen=True)
 class RoleHandles:
     """The actors of one PPO run. Tests may replace a role (`dataclasses.replace`) before the driver uses it."""
 
-    learner: ActorHandle
+    learner: LearnerGroup
     reference: ActorHandle
     reward: ActorHandle
     rollouts: tuple[ActorHandle, ...]  # the workers started with the run; the pool adds and removes others
@@ -75,7 +141,8 @@ class RoleHandles:
     placement: Placement | None = None
 
     def named(self) -> dict[str, ActorHandle]:
-        return {"learner": self.learner, "reference": self.reference, "reward scorer": self.reward,
+        return {**dict(zip(self.learner.names(), self.learner.ranks)),
+                "reference": self.reference, "reward scorer": self.reward,
                 "rollout scaler": self.scaler, **{f"rollout worker {i}": w for i, w in enumerate(self.rollouts)}}
 
 
@@ -102,8 +169,9 @@ def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name:
     def on(role: str, num_cpus: float, num_gpus: float, i: int = 0) -> dict:
         return {"num_cpus": num_cpus, "num_gpus": num_gpus, "scheduling_strategy": placement.on(role, i)}
 
-    learner = LearnerWorker.options(**on("learner", cfg.ppo.num_cpus, cfg.ppo.num_gpus)).remote(
-        cfg, sft_checkpoint, rm_checkpoint)
+    world = cfg.ppo.learner_workers
+    learner = LearnerGroup([LearnerWorker.options(**on("learner", cfg.ppo.num_cpus, cfg.ppo.num_gpus, i)).remote(
+        cfg, sft_checkpoint, rm_checkpoint, i, world) for i in range(world)])
     reference = ReferenceWorker.options(**on("reference", cfg.reference.num_cpus, cfg.reference.num_gpus),
                                         max_restarts=restarts).remote(cfg, sft_checkpoint)
     if cfg.reward.backend == "local":
@@ -118,7 +186,8 @@ def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name:
         scaler = RolloutScaler.options(name=name, namespace=SCALER_NAMESPACE).remote(
             cfg.rollout.num_workers, cfg.ppo.weight_sync)
     except ValueError as e:  # the name is taken
-        for a in (learner, reference, reward, *rollouts):
+        learner.kill()
+        for a in (reference, reward, *rollouts):
             ray.kill(a)
         remove_placement_group(placement.group)
         raise RuntimeError(f"a PPO run named {run_name!r} is already running on this Ray cluster "
@@ -144,15 +213,13 @@ def await_started(actors: dict[str, ActorHandle], timeout_s: float) -> None:
 
 def join_weight_sync_group(roles: RoleHandles, timeout_s: float) -> None:
     """The collective transport's torch.distributed group: the learner is rank 0, rollout worker i rank i + 1."""
-    addr = ray.util.get_node_ip_address()
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
+    addr, port = ray.util.get_node_ip_address(), free_port()
     world = 1 + len(roles.rollouts)
+    learner = roles.learner.ranks[0]  # a learner group has no collective transport (config validation)
     # The layout first: the learner's join returns only once all workers joined, so a worker's join that
     # waited on its result would deadlock until the timeout.
-    layouts = ray_get(roles.learner.bucket_layouts.remote(), "weight-sync bucket layout", timeout_s)
-    learner_join = roles.learner.join_group.remote(addr, port, world, timeout_s)
+    layouts = ray_get(learner.bucket_layouts.remote(), "weight-sync bucket layout", timeout_s)
+    learner_join = learner.join_group.remote(addr, port, world, timeout_s)
     joins = [w.join_group.remote(addr, port, i + 1, world, timeout_s, layouts) for i, w in enumerate(roles.rollouts)]
     ray_get([learner_join, *joins], "weight-sync group set-up", timeout_s)
 
@@ -160,7 +227,8 @@ def join_weight_sync_group(roles: RoleHandles, timeout_s: float) -> None:
 def close_roles(roles: RoleHandles, rollout_workers: list[ActorHandle]) -> None:
     """Kill every actor of the run (`rollout_workers`: the pool's, which may differ from those started with
     the run) and free the placement group."""
-    for a in [*rollout_workers, roles.learner, roles.reference, roles.reward, roles.scaler]:
+    roles.learner.kill()
+    for a in [*rollout_workers, roles.reference, roles.reward, roles.scaler]:
         ray.kill(a)
     if roles.placement is not None:
         remove_placement_group(roles.placement.group)

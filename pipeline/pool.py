@@ -166,7 +166,7 @@ class RolloutPool:
         if not up:
             return failed
         # The learner is idle between steps, so this packet holds the version the last sync published.
-        times = self.load_verified(up, learner.make_packet.remote(), version, "the current weights")
+        times = self.load_verified(up, learner.packet(), version, "the current weights")
         for w, load_s in zip(up, times):
             self.active.append(w)
             self.awaiting_first_batch[w.index] = version

@@ -118,7 +118,10 @@ class FakeWorker:
 
 class FakeLearner:
     def __init__(self, version: int):
-        self.make_packet = FakeMethod(lambda: version)  # the packet stands for the weights of `version`
+        self.version = version
+
+    def packet(self):  # the packet stands for the weights of `version`
+        return self.version
 
 
 class FakeCalls:

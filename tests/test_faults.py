@@ -40,7 +40,7 @@ def killing(driver: PPODriver, victim: str, at_batch: int) -> PPODriver:
             ray.wait(earlier, num_returns=len(earlier), timeout=120)
             roles = driver.roles
             actor = {"rollout": roles.rollouts[0], "reference": roles.reference, "reward": roles.reward,
-                     "learner": roles.learner}[victim]
+                     "learner": roles.learner.ranks[0]}[victim]
             ray.kill(actor, no_restart=False)
         flight = dispatch(batch_id, version)
         earlier.extend(flight.refs())

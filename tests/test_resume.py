@@ -173,10 +173,14 @@ def test_learner_save_load_continues_identically(make_tiny_cfg, tiny_checkpoints
 STEPS, EVERY = 6, 2
 
 
-def _ppo_args(run: Path, ckpt, tiny_overrides: list[str], staleness: int) -> list[str]:
+def _ppo_args(run: Path, ckpt, tiny_overrides: list[str], staleness: int, learners: int) -> list[str]:
     argv = ["ppo", "--run-dir", str(run), "--sft-checkpoint", str(ckpt.sft), "--rm-checkpoint", str(ckpt.rm)]
+    # A learner group of 2 fits a local Ray's 4 CPUs with the scorers and the rollout worker on half a CPU each.
+    group = [f"ppo.learner_workers={learners}", "rollout.num_cpus=0.5", "reward.num_cpus=0.5",
+             "reference.num_cpus=0.5"] if learners > 1 else []
     for o in [*tiny_overrides, f"ppo.steps={STEPS}", f"ppo.checkpoint_every={EVERY}", f"ppo.max_staleness={staleness}",
-              "ppo.prompts_per_step=4", "ppo.minibatch_size=4", "ppo.micro_batch_size=4", "run.keep_checkpoints=0"]:
+              "ppo.prompts_per_step=4", "ppo.minibatch_size=4", "ppo.micro_batch_size=4", "run.keep_checkpoints=0",
+              *group]:
         argv += ["--set", o]
     return argv
 
@@ -194,19 +198,19 @@ def _learning_metrics(run: Path) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("staleness", [0, 1])
+@pytest.mark.parametrize(("staleness", "learners"), [(0, 1), (1, 1), (1, 2)])
 def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch, tiny_checkpoints, tiny_overrides,
-                                                         tmp_path, staleness, capsys):
+                                                         tmp_path, staleness, learners, capsys):
     from pipeline.cli import main
 
     monkeypatch.setattr("pipeline.workflow.shutdown", lambda: None)  # keep the session's Ray for other tests
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert main(_ppo_args(whole, tiny_checkpoints, tiny_overrides, staleness)) == 0
+    assert main(_ppo_args(whole, tiny_checkpoints, tiny_overrides, staleness, learners)) == 0
 
     # The driver in its own process, with its own local Ray; SIGKILL once its first checkpoint is complete.
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *_ppo_args(killed, tiny_checkpoints, tiny_overrides,
-                                                                             staleness)],
+                                                                             staleness, learners)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     latest = killed / "ppo" / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
@@ -239,7 +243,7 @@ def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch,
     # With one step of staleness the batch generated before the checkpoint was saved with it, not regenerated.
     assert audit["restored"] == ([resumed_at] if staleness == 1 else [])
     with capsys.disabled():
-        print(f"\nmax_staleness={staleness}: killed with {steps_before} steps logged, resumed at step {resumed_at}, "
+        print(f"\nmax_staleness={staleness}, learner_workers={learners}: killed with {steps_before} steps logged, resumed at step {resumed_at}, "
               f"max abs diff policy {diffs['checkpoint']} critic {diffs['critic']}, ledger consumed "
               f"{audit['consumed']}/{STEPS}, lost {audit['lost']}, restored batches {audit['restored']}")
 

@@ -29,6 +29,7 @@ from core.experience import Experience, RefLogprobs, RolloutBatch, RolloutReques
 from core.modeling import load_tokenizer
 from core.process import init_worker_process
 from core.scaling import ScaleControl, ScaleStatus
+from core.sharding import free_port, join_group
 from core.weight_sync import (
     BucketLayout, CollectiveGroup, VersionedChecksum, WeightsPacket, WeightSyncError, checksum, pack, plan_buckets,
 )
@@ -113,10 +114,22 @@ class RemoteRewardWorker:
 
 @ray.remote
 class LearnerWorker:
-    def __init__(self, cfg: Config, sft_checkpoint: str, rm_checkpoint: str):
+    """Rank `rank` of a learner group of `world` ranks. Alone, the learner is built at once; in a group it is
+    built by `join`, once the torch.distributed group is up (FSDP2 shards the models as they are built)."""
+
+    def __init__(self, cfg: Config, sft_checkpoint: str, rm_checkpoint: str, rank: int = 0, world: int = 1):
         init_worker_process(cfg.ppo.num_cpus)
-        self.learner = PPOLearner.from_config(cfg, sft_checkpoint, rm_checkpoint)
+        self.args, self.rank, self.world = (cfg, sft_checkpoint, rm_checkpoint), rank, world
+        self.learner = PPOLearner.from_config(*self.args) if world == 1 else None
         self.group: CollectiveGroup | None = None
+
+    def address(self) -> tuple[str, int]:
+        """Where the group meets (asked of rank 0): this node's address and a port free on it."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join(self, addr: str, port: int, timeout_s: float) -> None:
+        join_group(addr, port, self.rank, self.world, timeout_s)
+        self.learner = PPOLearner.from_config(*self.args)
 
     def train_step(self, exp: Experience) -> dict[str, float]:
         return self.learner.train_step(exp)
