@@ -80,6 +80,22 @@ def read_checkpoint_weights(checkpoint: str, dtype: str) -> dict[str, Tensor]:
     return weights
 
 
+def engine_args(cfg: RolloutConfig, max_position_embeddings: int, on_gpu: bool) -> dict:
+    """The device-dependent arguments of `vllm.LLM`: tensor parallelism over the worker's GPUs (its own
+    processes: executor `mp`), or the in-process CPU engine."""
+    tp = cfg.tensor_parallel_size
+    if on_gpu:
+        return dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, tensor_parallel_size=tp,
+                    distributed_executor_backend="uni" if tp == 1 else "mp")
+    if tp > 1:
+        raise ValueError(f"rollout.tensor_parallel_size {tp} needs GPUs; this rollout worker has none")
+    # Whole prompts per prefill step: when a seeded request's prefill is split over steps, vLLM 0.32's CPU
+    # runner rewinds its generator with a CUDA-only call and fails ("CPU Generator does not use offset",
+    # v1/worker/gpu_model_runner.py _bookkeeping_sync). The step budget must then hold a whole sequence.
+    return dict(distributed_executor_backend="uni", enforce_eager=True, enable_chunked_prefill=False,
+                max_num_batched_tokens=max(4096, max_position_embeddings))
+
+
 class VLLMBackend:
     """A vLLM engine started once; `generate` samples, `load_weights` swaps a new policy version in place."""
 
@@ -98,20 +114,13 @@ class VLLMBackend:
         self.tokenizer = load_tokenizer(checkpoint)
         # HF names -> CPU tensors of the weights the engine holds, for checksums (vLLM's own are fused).
         self._weights = read_checkpoint_weights(checkpoint, dtype)
-        if on_gpu:
-            device_args = dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
-        else:
-            # Whole prompts per prefill step: when a seeded request's prefill is split over steps, vLLM 0.32's CPU
-            # runner rewinds its generator with a CUDA-only call and fails ("CPU Generator does not use offset",
-            # v1/worker/gpu_model_runner.py _bookkeeping_sync). The step budget must then hold a whole sequence.
-            device_args = dict(enforce_eager=True, enable_chunked_prefill=False,
-                               max_num_batched_tokens=max(4096, hf_config.max_position_embeddings))
+        device_args = engine_args(cfg, hf_config.max_position_embeddings, on_gpu)
         set_num_threads = torch.set_num_threads
         rng_states = torch.get_rng_state(), random.getstate(), np.random.get_state()
         t0 = time.perf_counter()
         try:
             self.llm = LLM(
-                model=checkpoint, dtype=dtype, seed=0, distributed_executor_backend="uni",
+                model=checkpoint, dtype=dtype, seed=0,
                 logprobs_mode="processed_logprobs",
                 # Ignore generation_config.json: its sampling defaults and extra EOS ids would diverge from HF.
                 generation_config="vllm",

@@ -265,11 +265,24 @@ class RolloutConfig(_Section):
     nice: int = Field(0, ge=0, le=19, description=(
         "Added to the worker process's OS niceness (0: generation runs beside the learner at equal priority)."))
     num_gpus: float = Field(0, ge=0, description="GPUs per rollout worker.")
+    tensor_parallel_size: int = Field(1, ge=1, description=(
+        "vLLM tensor parallelism: GPUs each rollout worker's engine splits the model over (rollout.num_gpus must "
+        "equal it, so the worker's placement bundle holds them)."))
     temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probs everywhere use logits / temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; 1 keeps sampling and log-probs on the full softmax(logits / T).")
     max_new_tokens: int = Field(24, ge=1, description="Fixed response budget; responses are cut after the first EOS.")
     vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM on GPU: share of GPU memory for weights and KV cache.")
     vllm_kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutConfig:
+        tp = self.tensor_parallel_size
+        if tp > 1 and self.backend != "vllm":
+            raise ValueError(f"rollout.tensor_parallel_size {tp} needs rollout.backend vllm (got {self.backend})")
+        if tp > 1 and self.num_gpus != tp:
+            raise ValueError(f"rollout.tensor_parallel_size {tp} needs rollout.num_gpus {tp} (got {self.num_gpus:g}): "
+                             f"each rollout worker's bundle holds the GPUs its engine splits the model over")
+        return self
 
 
 class RewardConfig(_Section):
@@ -280,6 +293,8 @@ class RewardConfig(_Section):
     max_retries: int = Field(3, ge=0, description="HTTP backend: retries before the step fails.")
     missing_eos_score: float | None = Field(-1.0, description="Score of a response without EOS (the EOS trick); null disables.")
     batch_size: int = Field(64, ge=1, description="Sequences per reward-model forward.")
+    replicas: int = Field(1, ge=1, description=(
+        "Reward scorer actors (backend local); the driver spreads the shards of each batch over them."))
     num_cpus: float = Field(1, ge=0, description="CPUs of the reward scorer.")
     nice: int = Field(10, ge=0, le=19, description=(
         "Added to the actor process's OS niceness: on CPU cores it shares with the learner, it yields to it."))
@@ -291,11 +306,16 @@ class RewardConfig(_Section):
             raise ValueError("reward.url is required when reward.backend is http")
         if self.url is not None:
             _check_url("reward.url", self.url)
+        if self.backend == "http" and self.replicas > 1:
+            raise ValueError(f"reward.replicas {self.replicas} needs reward.backend local: the reward service scales "
+                             f"its own replicas (serve.num_replicas)")
         return self
 
 
 class ReferenceConfig(_Section):
     batch_size: int = Field(64, ge=1, description="Sequences per reference forward.")
+    replicas: int = Field(1, ge=1, description=(
+        "Reference actors; the driver spreads the shards of each batch (and successive batches) over them."))
     num_cpus: float = Field(1, ge=0, description="CPUs of the reference actor.")
     nice: int = Field(10, ge=0, le=19, description=(
         "Added to the actor process's OS niceness: on CPU cores it shares with the learner, it yields to it."))
@@ -417,7 +437,7 @@ class Config(_Section):
                              "prompts (data.num_train_posts)")
         if self.ray.num_cpus is not None and self.ray.address is None and role_cpus(self) > self.ray.num_cpus:
             raise ValueError(f"ray.num_cpus {self.ray.num_cpus} is less than the {role_cpus(self):g} CPUs the roles ask "
-                             "for together (rollout.num_workers x rollout.num_cpus + reference and reward num_cpus + "
+                             "for together (rollout.num_workers x rollout.num_cpus + reference and reward replicas x num_cpus + "
                              "ppo.learner_workers x ppo.num_cpus; or a stage's num_cpus)")
         if self.ppo.weight_sync == "collective" and self.rollout.backend == "vllm":
             raise ValueError("ppo.weight_sync collective is implemented for the hf rollout backend; use object_store with vllm")
@@ -426,7 +446,8 @@ class Config(_Section):
 
 def role_cpus(cfg: Config) -> float:
     """Logical CPUs that the PPO roles ask for together (the offline stages run one at a time)."""
-    ppo = (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.reward.num_cpus + cfg.reference.num_cpus
+    ppo = (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.reward.num_cpus * cfg.reward.replicas
+           + cfg.reference.num_cpus * cfg.reference.replicas
            + cfg.ppo.num_cpus * cfg.ppo.learner_workers)
     return max(ppo, cfg.sft.num_cpus, cfg.rm.num_cpus, cfg.serve.num_cpus * cfg.serve.num_replicas)
 

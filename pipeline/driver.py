@@ -262,13 +262,18 @@ class PPODriver:
         indices = self.prompt_source.batch(batch_id)
         workers = self.pool.handles()
         flight = InFlight(batch_id, version, [])
+        refs, rewards = self.roles.references, self.roles.rewards
         for w, worker in enumerate(workers):
             rep = [i for i in indices[w :: len(workers)] for _ in range(n)]  # the n samples of a prompt stay adjacent
             req = RolloutRequest(batch_id=batch_id, shard=w, prompt_indices=rep, prompts=[self.prompts[i] for i in rep],
                                  seed=self.cfg.run.seed * 1_000_003 + batch_id * 1009 + w, version=version)
             rollout = worker.generate.remote(req)
-            flight.shards.append(ShardCalls(req, worker, rollout, self.roles.reference.logprobs.remote(rollout),
-                                            self.roles.reward.score.remote(rollout)))
+            # Round robin over the shards of all batches: a batch's shards go to different replicas, and with
+            # a single rollout worker successive batches (in flight together when asynchronous) do.
+            turn = batch_id * len(workers) + w
+            ref, reward = refs[turn % len(refs)], rewards[turn % len(rewards)]
+            flight.shards.append(ShardCalls(req, worker, ref, reward, rollout, ref.logprobs.remote(rollout),
+                                            reward.score.remote(rollout)))
         self.ledger.dispatched(batch_id, indices, version, [self.pool.index_of(h) for h in workers])
         return flight
 
@@ -310,13 +315,14 @@ class PPODriver:
                 self.events.write(self.step, "shard_redispatched", index, batch=flight.batch_id, shard=s,
                                   attempt=attempt, version=flight.version, error=f.error)
             else:
-                self._await_restart(self.roles.reference if f.role == "reference" else self.roles.reward, f.role)
+                actor = shard.reference_actor if f.role == "reference" else shard.reward_actor
+                self._await_restart(actor, self.roles.name_of(actor))
                 self.ledger.recalled(flight.batch_id, s, f.role, f.error)
                 self.events.write(self.step, f"{f.role}_redispatched", -1, batch=flight.batch_id, shard=s, error=f.error)
             if f.role in ("rollout", "reference"):
-                shard.reference = self.roles.reference.logprobs.remote(shard.rollout)
+                shard.reference = shard.reference_actor.logprobs.remote(shard.rollout)
             if f.role in ("rollout", "reward"):
-                shard.reward = self.roles.reward.score.remote(shard.rollout)
+                shard.reward = shard.reward_actor.score.remote(shard.rollout)
         for handle in restarted:
             handle.load_weights.remote(self.packets[self.gate.version])
 

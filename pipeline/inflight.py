@@ -20,10 +20,13 @@ ROLES = ("rollout", "reference", "reward")
 
 @dataclass
 class ShardCalls:
-    """One shard of a dispatched batch: its request, its rollout worker and its three calls."""
+    """One shard of a dispatched batch: its request, its rollout worker, the reference and reward replicas
+    that score it, and its three calls."""
 
     request: RolloutRequest
     worker: ActorHandle
+    reference_actor: ActorHandle
+    reward_actor: ActorHandle
     rollout: ObjectRef  # -> RolloutBatch
     reference: ObjectRef  # -> RefLogprobs
     reward: ObjectRef  # -> Scores

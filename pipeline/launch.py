@@ -41,8 +41,8 @@ def role_bundles(cfg: Config) -> dict[str, list[dict[str, float]]]:
     """The placement group's bundles per role, in placement order."""
     return {
         "learner": [_bundle(cfg.ppo.num_cpus, cfg.ppo.num_gpus)] * cfg.ppo.learner_workers,
-        "reference": [_bundle(cfg.reference.num_cpus, cfg.reference.num_gpus)],
-        "reward": [_bundle(cfg.reward.num_cpus, cfg.reward.num_gpus)],
+        "reference": [_bundle(cfg.reference.num_cpus, cfg.reference.num_gpus)] * cfg.reference.replicas,
+        "reward": [_bundle(cfg.reward.num_cpus, cfg.reward.num_gpus)] * cfg.reward.replicas,
         "rollout": [_bundle(cfg.rollout.num_cpus, cfg.rollout.num_gpus)] * cfg.rollout.num_workers,
     }
 
@@ -134,16 +134,23 @@ class RoleHandles:
     """The actors of one PPO run. Tests may replace a role (`dataclasses.replace`) before the driver uses it."""
 
     learner: LearnerGroup
-    reference: ActorHandle
-    reward: ActorHandle
+    references: tuple[ActorHandle, ...]  # reference replicas
+    rewards: tuple[ActorHandle, ...]  # reward scorer replicas
     rollouts: tuple[ActorHandle, ...]  # the workers started with the run; the pool adds and removes others
     scaler: ActorHandle
     placement: Placement | None = None
 
+    def name_of(self, actor: ActorHandle) -> str:
+        return next(name for name, a in self.named().items() if a == actor)
+
     def named(self) -> dict[str, ActorHandle]:
         return {**dict(zip(self.learner.names(), self.learner.ranks)),
-                "reference": self.reference, "reward scorer": self.reward,
+                **_replicas("reference", self.references), **_replicas("reward scorer", self.rewards),
                 "rollout scaler": self.scaler, **{f"rollout worker {i}": w for i, w in enumerate(self.rollouts)}}
+
+
+def _replicas(role: str, actors: tuple[ActorHandle, ...]) -> dict[str, ActorHandle]:
+    return {role: actors[0]} if len(actors) == 1 else {f"{role} replica {i}": a for i, a in enumerate(actors)}
 
 
 def rollout_restarts(cfg: Config) -> int:
@@ -172,13 +179,15 @@ def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name:
     world = cfg.ppo.learner_workers
     learner = LearnerGroup([LearnerWorker.options(**on("learner", cfg.ppo.num_cpus, cfg.ppo.num_gpus, i)).remote(
         cfg, sft_checkpoint, rm_checkpoint, i, world) for i in range(world)])
-    reference = ReferenceWorker.options(**on("reference", cfg.reference.num_cpus, cfg.reference.num_gpus),
-                                        max_restarts=restarts).remote(cfg, sft_checkpoint)
+    references = tuple(ReferenceWorker.options(**on("reference", cfg.reference.num_cpus, cfg.reference.num_gpus, i),
+                                               max_restarts=restarts).remote(cfg, sft_checkpoint)
+                       for i in range(cfg.reference.replicas))
     if cfg.reward.backend == "local":
-        reward = RewardWorker.options(**on("reward", cfg.reward.num_cpus, cfg.reward.num_gpus),
-                                      max_restarts=restarts).remote(cfg, rm_checkpoint)
+        rewards = tuple(RewardWorker.options(**on("reward", cfg.reward.num_cpus, cfg.reward.num_gpus, i),
+                                             max_restarts=restarts).remote(cfg, rm_checkpoint)
+                        for i in range(cfg.reward.replicas))
     else:
-        reward = RemoteRewardWorker.options(num_cpus=0.1, max_restarts=restarts).remote(cfg, sft_checkpoint)
+        rewards = (RemoteRewardWorker.options(num_cpus=0.1, max_restarts=restarts).remote(cfg, sft_checkpoint),)
     rollouts = tuple(launch_rollout_worker(cfg, sft_checkpoint, i, placement.on("rollout", i))
                      for i in range(cfg.rollout.num_workers))
     name = scaler_name(run_name)
@@ -187,12 +196,12 @@ def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name:
             cfg.rollout.num_workers, cfg.ppo.weight_sync)
     except ValueError as e:  # the name is taken
         learner.kill()
-        for a in (reference, reward, *rollouts):
+        for a in (*references, *rewards, *rollouts):
             ray.kill(a)
         remove_placement_group(placement.group)
         raise RuntimeError(f"a PPO run named {run_name!r} is already running on this Ray cluster "
                            f"({name} exists); give the run directory another name") from e
-    return RoleHandles(learner, reference, reward, rollouts, scaler, placement)
+    return RoleHandles(learner, references, rewards, rollouts, scaler, placement)
 
 
 def await_started(actors: dict[str, ActorHandle], timeout_s: float) -> None:
@@ -228,7 +237,7 @@ def close_roles(roles: RoleHandles, rollout_workers: list[ActorHandle]) -> None:
     """Kill every actor of the run (`rollout_workers`: the pool's, which may differ from those started with
     the run) and free the placement group."""
     roles.learner.kill()
-    for a in [*rollout_workers, roles.reference, roles.reward, roles.scaler]:
+    for a in [*rollout_workers, *roles.references, *roles.rewards, roles.scaler]:
         ray.kill(a)
     if roles.placement is not None:
         remove_placement_group(roles.placement.group)

@@ -39,7 +39,7 @@ def killing(driver: PPODriver, victim: str, at_batch: int) -> PPODriver:
             # Earlier batches finish first, so the kill takes exactly the calls of batch `at_batch`.
             ray.wait(earlier, num_returns=len(earlier), timeout=120)
             roles = driver.roles
-            actor = {"rollout": roles.rollouts[0], "reference": roles.reference, "reward": roles.reward,
+            actor = {"rollout": roles.rollouts[0], "reference": roles.references[0], "reward": roles.rewards[0],
                      "learner": roles.learner.ranks[0]}[victim]
             ray.kill(actor, no_restart=False)
         flight = dispatch(batch_id, version)
@@ -56,8 +56,9 @@ def _with_reward(make_actor):
 
     def launch(cfg, sft_checkpoint, rm_checkpoint, run_name):
         roles = launch_roles(cfg, sft_checkpoint, rm_checkpoint, run_name)
-        ray.kill(roles.reward)
-        return replace(roles, reward=make_actor(cfg, rm_checkpoint))
+        for a in roles.rewards:
+            ray.kill(a)
+        return replace(roles, rewards=(make_actor(cfg, rm_checkpoint),))
 
     return launch
 

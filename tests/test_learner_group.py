@@ -141,3 +141,74 @@ def test_a_rank_that_never_joins_is_a_timeout_naming_it(ray_local):
     finally:
         group.kill()
     assert time.monotonic() - t0 < 30
+
+
+# --- replicated scorers and vLLM tensor parallel: config and placement ------------------------------------
+
+def test_scorer_replicas_take_a_bundle_each():
+    cfg = load_config(None, ["reference.replicas=2", "reward.replicas=3", "reward.num_gpus=1"])
+    bundles = role_bundles(cfg)
+    assert bundles["reference"] == [{"CPU": 1}] * 2 and bundles["reward"] == [{"CPU": 1, "GPU": 1}] * 3
+    with pytest.raises(ValueError, match=r"reward.replicas 2 needs reward.backend local"):
+        load_config(None, ["reward.replicas=2", "reward.backend=http", "reward.url=http://127.0.0.1:8000"])
+    with pytest.raises(ValueError, match=r"ray.num_cpus 4 is less than the 6 CPUs"):
+        load_config(None, ["ray.num_cpus=4", "reference.replicas=2", "reward.replicas=2"])
+
+
+def test_vllm_tensor_parallel_sizes_the_bundle_and_the_engine():
+    from actors.vllm_backend import engine_args
+
+    cfg = load_config(None, ["rollout.backend=vllm", "rollout.tensor_parallel_size=2", "rollout.num_gpus=2",
+                             "rollout.num_workers=2"])
+    assert role_bundles(cfg)["rollout"] == [{"CPU": 1, "GPU": 2}] * 2
+    on_gpu = engine_args(cfg.rollout, 2048, on_gpu=True)
+    assert on_gpu["tensor_parallel_size"] == 2 and on_gpu["distributed_executor_backend"] == "mp"
+    with pytest.raises(ValueError, match="needs GPUs"):
+        engine_args(cfg.rollout, 2048, on_gpu=False)
+    alone = engine_args(load_config(None, ["rollout.backend=vllm"]).rollout, 2048, on_gpu=False)
+    assert alone["distributed_executor_backend"] == "uni" and "tensor_parallel_size" not in alone
+    with pytest.raises(ValueError, match=r"rollout.tensor_parallel_size 2 needs rollout.num_gpus 2 \(got 1\)"):
+        load_config(None, ["rollout.backend=vllm", "rollout.tensor_parallel_size=2", "rollout.num_gpus=1"])
+    with pytest.raises(ValueError, match=r"rollout.tensor_parallel_size 2 needs rollout.backend vllm"):
+        load_config(None, ["rollout.tensor_parallel_size=2", "rollout.num_gpus=2"])
+
+
+@pytest.mark.slow
+def test_learner_group_with_scorer_replicas_survives_a_dead_reward_replica(ray_local, make_tiny_cfg,
+                                                                           tiny_checkpoints, tmp_path, capsys):
+    """2 learner ranks, 2 rollout workers, 2 reference and 2 reward replicas: each batch's two shards are scored
+    by different replicas; a reward replica killed before batch 2 is restarted by Ray and its shard scored
+    again, once: the run ends with exactly the weights of the uninterrupted one."""
+    import ray
+
+    sizes = [*OVERRIDES, "ppo.steps=4", "ppo.learner_workers=2", "rollout.num_workers=2", "reference.replicas=2",
+             "reward.replicas=2", "reference.num_cpus=0.25", "reward.num_cpus=0.25"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    _run(make_tiny_cfg(*sizes), whole, tiny_checkpoints)
+
+    driver = PPODriver(make_tiny_cfg(*sizes), killed / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm)
+    dispatch = driver.dispatch
+    scorers_of_batch = {}
+
+    def kill_then_dispatch(batch_id: int, version: int):
+        if batch_id == 2:
+            ray.kill(driver.roles.rewards[1], no_restart=False)
+        flight = dispatch(batch_id, version)
+        scorers_of_batch[batch_id] = {driver.roles.name_of(s.reward_actor) for s in flight.shards}
+        return flight
+
+    driver.dispatch = kill_then_dispatch
+    try:
+        driver.run()
+    finally:
+        driver.close()
+    assert all(names == {"reward scorer replica 0", "reward scorer replica 1"} for names in scorers_of_batch.values())
+    a, b = _weights(whole / "ppo" / "checkpoint"), _weights(killed / "ppo" / "checkpoint")
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff == 0.0
+    audit = json.loads((killed / "ppo" / "ledger.json").read_text())["audit"]
+    assert audit["ok"] and audit["consumed"] == 4
+    assert {r["role"] for r in audit["redispatched"]} <= {"reward"}
+    with capsys.disabled():
+        print(f"\nreward replica 1 killed before batch 2: {len(audit['redispatched'])} reward call(s) again, "
+              f"max abs diff to uninterrupted {diff}")
