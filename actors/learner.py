@@ -23,7 +23,7 @@ from core import ppo_math as pm
 from core.config import Config, ModelConfig, PPOConfig
 from core.experience import Experience
 from core.modeling import (
-    apply_lora, default_device, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer, save_checkpoint,
+    default_device, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer, save_checkpoint, trainable,
     unwrap,
 )
 from core.sequences import response_logprobs, response_values, trim_padding
@@ -64,12 +64,12 @@ class PPOLearner:
         self.tokenizer = load_tokenizer(sft_checkpoint)
         policy = load_causal_lm(sft_checkpoint, self.tokenizer, model.dtype)
         disable_dropout(policy)
-        self.policy = apply_lora(policy, model.lora, "CAUSAL_LM").to(self.device)
+        self.policy = trainable(policy, model, "CAUSAL_LM").to(self.device)
         self.critic = None
         if pc.advantage_estimator == "gae":
             critic = load_scalar_model(rm_checkpoint, self.tokenizer, model.dtype)  # detail 8
             disable_dropout(critic)
-            self.critic = apply_lora(critic, model.lora, "SEQ_CLS").to(self.device)
+            self.critic = trainable(critic, model, "SEQ_CLS").to(self.device)
         if self.rank.sharded:  # before the optimizers: they hold the shards
             self.policy = shard_model(self.policy)
             self.critic = shard_model(self.critic) if self.critic is not None else None

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from core.config import Config
 from core.data import ComparisonExample, SummaryExample, load_tldr
 from core.metrics import MetricsLogger
-from core.modeling import apply_lora, count_params, load_scalar_model, load_tokenizer, save_checkpoint
+from core.modeling import count_params, load_scalar_model, load_tokenizer, save_checkpoint, trainable
 from core.sequences import pad_right, sequence_scores
 from core.text import encode_responses, with_encodable_queries
 from core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
@@ -67,7 +67,7 @@ class RMTrainer:
         tok = load_tokenizer(self.sft_checkpoint)
         data = with_encodable_queries(tok, load_tldr(cfg.data), cfg.data)
         model = load_scalar_model(self.sft_checkpoint, tok, cfg.model.dtype, init_head=True)
-        model = apply_lora(model, cfg.model.lora, "SEQ_CLS")
+        model = trainable(model, cfg.model, "SEQ_CLS")
         train_pairs, valid_pairs = data.pairs(self.role)
         if not train_pairs:
             raise ValueError(f"{self.role}: no training comparisons (a judge needs data.judge_fraction > 0)")

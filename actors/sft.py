@@ -19,7 +19,7 @@ from core.config import Config, package_path
 from core.data import SummaryExample, TLDRData, corpus_text, lead_baseline, load_tldr
 from core.metrics import MetricsLogger
 from core.modeling import (
-    apply_lora, build_tiny_llama, convert_gguf, count_params, load_causal_lm, load_tokenizer, train_tokenizer,
+    build_tiny_llama, convert_gguf, count_params, load_causal_lm, load_tokenizer, train_tokenizer, trainable,
 )
 from core.sequences import pad_left, pad_right, response_logits, sample
 from core.synthetic import judge
@@ -96,7 +96,7 @@ class SFTTrainer:
         data = load_tldr(cfg.data)
         model, tok = init_policy(cfg, data, self.out_dir.parent)
         data = with_encodable_queries(tok, data, cfg.data)
-        model = apply_lora(model, cfg.model.lora, "CAUSAL_LM")
+        model = trainable(model, cfg.model, "CAUSAL_LM")
         log.info("SFT: %d parameters, %d train / %d valid examples", count_params(model), len(data.sft_train),
                  len(data.sft_valid))
         budget = reference_budget(tok, data.sft_train, cfg.data.max_summary_tokens, cfg.rollout.max_new_tokens)

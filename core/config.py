@@ -124,6 +124,9 @@ class ModelConfig(_Section):
     tokenizer: str | None = Field(None, description="Tokenizer id/path if it differs from the model's.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype of every model.")
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")
+    gradient_checkpointing: bool = Field(False, description=(
+        "Recompute each transformer block's activations in the backward pass (SFT, RM, PPO policy and critic): "
+        "less activation memory for about a third more compute; the same gradients."))
     # Architecture of the builtin model. head_dim = hidden_size / num_heads must be one vLLM's CPU kernels accept.
     hidden_size: int = Field(128, ge=8, description="Builtin model: width.")
     num_layers: int = Field(2, ge=1, description="Builtin model: transformer blocks.")

@@ -159,6 +159,14 @@ def load_frozen(checkpoint: str, kind: Literal["causal_lm", "scalar"], dtype: st
     return model, tokenizer
 
 
+def trainable(model: PreTrainedModel, cfg: ModelConfig, task_type: str) -> PreTrainedModel:
+    """A model to train: gradient checkpointing as configured, then LoRA adapters as configured."""
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs (LoRA) and with FSDP2, and gives the same gradients.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return apply_lora(model, cfg.lora, task_type)
+
+
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig | None, task_type: str) -> PreTrainedModel:
     """Wrap with peft LoRA adapters; the scalar head of a reward/value model stays fully trainable."""
     if cfg is None:

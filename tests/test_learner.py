@@ -133,3 +133,26 @@ def test_two_epochs_and_diagnostics_do_not_depend_on_the_micro_batch_size(make_t
     for k in ("ppo/policy_loss", "ppo/value_loss", "ppo/entropy", "ppo/approx_kl", "ppo/clip_fraction",
               "ppo/value_clip_fraction"):
         assert m1[k] == pytest.approx(m8[k], rel=1e-4, abs=1e-7), k
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_changes_memory_not_the_update(make_tiny_cfg, tiny_checkpoints, experience, lora):
+    """model.gradient_checkpointing recomputes activations in the backward pass: same policy and critic update
+    (two epochs, micro batches of 4) as without it, within float error, full weights and LoRA."""
+    extra = ["model.lora.r=4"] if lora else []
+    runs = {}
+    for gc in (False, True):
+        learner = _learner(make_tiny_cfg, tiny_checkpoints, "ppo.micro_batch_size=4", "ppo.ppo_epochs=2",
+                           f"model.gradient_checkpointing={gc}", *extra)
+        assert unwrap_is_checkpointing(learner.policy) == gc and unwrap_is_checkpointing(learner.critic) == gc
+        m = learner.train_step(copy.deepcopy(experience))
+        runs[gc] = (m, _params(learner.policy), _params(learner.critic))
+    (m0, p0, c0), (m1, p1, c1) = runs[False], runs[True]
+    assert _max_diff(p0, p1) <= 1e-6 and _max_diff(c0, c1) <= 1e-6
+    assert m1["ppo/policy_loss"] == pytest.approx(m0["ppo/policy_loss"], rel=1e-5, abs=1e-7)
+
+
+def unwrap_is_checkpointing(model) -> bool:
+    from core.modeling import unwrap
+
+    return unwrap(model).is_gradient_checkpointing
