@@ -72,6 +72,26 @@ def test_overlays_change_image_and_sizes() -> None:
     assert gpu_pod["resources"]["limits"]["nvidia.com/gpu"] == 8
 
 
+def test_large_overlay_runs_the_learner_as_a_group_that_fits_its_pod() -> None:
+    """The learner pod holds the learner group: ppo.learner_workers x (ppo.num_cpus, ppo.num_gpus), requests =
+    limits, and the entrypoint's config (with its --set items) validates."""
+    import shlex
+
+    from core.config import load_config
+
+    job = {m.label: m.doc for m in km.render(K8S / "overlays" / "large")}["RayJob/rayrlhf-pipeline"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    cfg = load_config(REPO / argv[argv.index("--config") + 1],
+                      [argv[i + 1] for i, a in enumerate(argv) if a == "--set"])
+    learner = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert learner["groupName"] == "learner"
+    res = learner["template"]["spec"]["containers"][0]["resources"]
+    assert res["requests"] == res["limits"]
+    n = cfg.ppo.learner_workers
+    assert n == 4 and int(res["limits"]["nvidia.com/gpu"]) == n * cfg.ppo.num_gpus
+    assert int(res["limits"]["cpu"]) >= n * cfg.ppo.num_cpus
+
+
 def _overlay(tmp_path: Path, patch: str) -> Path:
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "kustomization.yaml").write_text("resources:\n  - pvc.yaml\n")
