@@ -46,8 +46,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def join_group(addr: str, port: int, rank: int, world: int, timeout_s: float) -> None:
-    """Make this process rank `rank` of the learner group's default process group (NCCL on GPU, gloo on CPU).
+def init_default_group(addr: str, port: int, rank: int, world: int, timeout_s: float) -> str:
+    """Make this process rank `rank` of its default process group (NCCL on GPU, gloo on CPU); returns the backend.
 
     `timeout_s` bounds the rendezvous and every later collective: a rank that never joins, or a peer that dies
     mid-collective, becomes an error instead of a hang."""
@@ -56,12 +56,19 @@ def join_group(addr: str, port: int, rank: int, world: int, timeout_s: float) ->
     import torch.distributed as dist
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    return backend
+
+
+def join_group(addr: str, port: int, rank: int, world: int, timeout_s: float) -> None:
+    """Join the learner group as rank `rank` (`init_default_group`); a failure names the rank and the address."""
     try:
-        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
+        init_default_group(addr, port, rank, world, timeout_s)
     except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RuntimeError(f"learner rank {rank}/{world}: joining the learner group at {addr}:{port} failed: "
-                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+                           f"{first}") from e
 
 
 def _hf_model(model: nn.Module) -> nn.Module:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import NamedTuple
 
 import torch
@@ -126,18 +125,16 @@ class CollectiveGroup:
 
     def __init__(self, master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float,
                  component: str):
-        import torch.distributed as dist
+        from core.sharding import init_default_group
 
         self.rank, self.component = rank, component
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        # NCCL moves GPU tensors, gloo CPU tensors: every buffer of this group lives on `device`.
-        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         try:
-            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                                    world_size=world_size, timeout=timedelta(seconds=timeout_s))
+            backend = init_default_group(master_addr, master_port, rank, world_size, timeout_s)
         except Exception as e:
             raise WeightSyncError(f"{component}: joining the weight-sync group at {master_addr}:{master_port} "
                                   f"as rank {rank}/{world_size} failed: {e}") from e
+        # NCCL moves GPU tensors, gloo CPU tensors: every buffer of this group lives on `device`.
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
     def broadcast(self, buckets: Iterable[Tensor]) -> None:
         import torch.distributed as dist

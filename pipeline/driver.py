@@ -35,7 +35,7 @@ from core.ledger import ExperienceLedger
 from core.metrics import MetricsLogger
 from core.modeling import load_tokenizer
 from core.text import encode_queries, with_encodable_queries
-from pipeline.calls import RoleTimeout, StageTimer, await_restart, ray_get
+from pipeline.calls import RoleTimeout, StageTimer, await_restart, first_line, ray_get
 from pipeline.inflight import InFlight, ShardCalls, ShardFailure, await_batch, gather
 from pipeline.launch import (
     RoleHandles, await_started, close_roles, join_weight_sync_group, launch_roles, launch_rollout_worker,
@@ -163,7 +163,7 @@ class PPODriver:
             dead = group.dead_ranks() if group is not None and group.world > 1 else []
             if dead:
                 raise RuntimeError(f"learner rank {', '.join(map(str, dead))} of {group.world} died "
-                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                                   f"({type(e).__name__}: {first_line(e)})"
                                    f"{self._resume_hint()}") from e
             raise
 
