@@ -1,7 +1,7 @@
 """Held-out evaluation of the SFT and PPO policies of a run.
 
-For each policy: responses sampled at the rollout temperature (seeded, so both policies see the same
-prompts and RNG stream), the learned reward (with the EOS trick, as in training), the KL to the reference
+For each policy: responses sampled at the rollout temperature with the rollout's backend (seeded, so both
+policies see the same prompts and RNG stream), the learned reward (with the EOS trick, as in training), the KL to the reference
 policy (sum over response tokens of log pi - log pi_ref on the policy's own samples), ROUGE against the
 references and the mean response length. With a judge (a reward model trained on comparisons disjoint from
 the training reward model's), its score and its win rate of PPO over SFT, scored like the reward (EOS trick
@@ -41,24 +41,64 @@ class PolicySamples:
     judge_scores: list[float]
 
 
+class HFSampler:
+    """Samples a checkpoint with `core.sequences.sample`; log-probs recomputed by the same model."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def load(self, checkpoint: str) -> None:
+        self.model, self.tok = load_frozen(checkpoint, "causal_lm", self.cfg.model.dtype, device="cpu")
+
+    def generate(self, prompts: torch.Tensor, pmask: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+        rc, tok = self.cfg.rollout, self.tok
+        torch.manual_seed(seed)
+        responses, rmask = sample(self.model, prompts, pmask, max_new_tokens=rc.max_new_tokens,
+                                  eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=rc.temperature,
+                                  top_p=rc.top_p)
+        logp, _ = response_logprobs(self.model, prompts, pmask, responses, rmask, rc.temperature)
+        return responses, rmask, logp
+
+
+class VLLMSampler:
+    """Samples with one vLLM engine (started on the SFT checkpoint; later policies' weights swapped in), as the
+    rollout does: on the real model it generates several times faster than `sample`, and its behaviour
+    log-probs are the policy's (the learner checks them against its own every update)."""
+
+    def __init__(self, cfg: Config, first_checkpoint: str):
+        from actors.vllm_backend import VLLMBackend
+
+        self.backend, self.loaded = VLLMBackend(first_checkpoint, cfg.rollout, cfg.model.dtype), first_checkpoint
+        self.dtype = cfg.model.dtype
+
+    def load(self, checkpoint: str) -> None:
+        from actors.vllm_backend import read_checkpoint_weights
+
+        if checkpoint != self.loaded:
+            self.backend.load_weights(read_checkpoint_weights(checkpoint, self.dtype).items())
+            self.loaded = checkpoint
+        self.tok = self.backend.tokenizer
+
+    def generate(self, prompts: torch.Tensor, pmask: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+        rows = [p[m.bool()].tolist() for p, m in zip(prompts, pmask)]
+        return self.backend.generate(rows, seed)
+
+
 @torch.no_grad()
-def sample_policy(cfg: Config, checkpoint: str, reference, scorer: RewardScorer, queries: list[list[int]],
-                  seed: int, judge_rm: RewardScorer | None = None) -> PolicySamples:
-    model, tok = load_frozen(checkpoint, "causal_lm", cfg.model.dtype, device="cpu")
+def sample_policy(cfg: Config, checkpoint: str, sampler: HFSampler | VLLMSampler, reference, scorer: RewardScorer,
+                  queries: list[list[int]], seed: int, judge_rm: RewardScorer | None = None) -> PolicySamples:
+    sampler.load(checkpoint)
+    tok = sampler.tok
     out = PolicySamples([], [], [], [], [])
     bs = cfg.eval.batch_size
     for i in range(0, len(queries), bs):
         prompts, pmask = pad_left(queries[i : i + bs], tok.pad_token_id)
-        torch.manual_seed(seed + i)
-        responses, rmask = sample(model, prompts, pmask, max_new_tokens=cfg.rollout.max_new_tokens,
-                                  eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                  temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
-        logp, _ = response_logprobs(model, prompts, pmask, responses, rmask, cfg.rollout.temperature)
+        responses, rmask, logp = sampler.generate(prompts, pmask, seed + i)
         ref_logp, _ = response_logprobs(reference, prompts, pmask, responses, rmask, cfg.rollout.temperature)
         out.scores += scorer.score_tokens(prompts, pmask, responses, rmask).scores.tolist()
         if judge_rm is not None:
             out.judge_scores += judge_rm.score_tokens(prompts, pmask, responses, rmask).scores.tolist()
-        out.kl += (logp - ref_logp).sum(-1).tolist()
+        out.kl += ((logp - ref_logp) * rmask).sum(-1).tolist()
         out.lengths += rmask.sum(-1).tolist()
         out.texts += tok.batch_decode(responses.masked_fill(rmask == 0, tok.pad_token_id), skip_special_tokens=True)
     return out
@@ -89,9 +129,10 @@ def evaluate_policies(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, ppo_
     judge_rm = None if judge_checkpoint is None else RewardScorer(judge_checkpoint, cfg.reward.missing_eos_score,
                                                                   cfg.reward.batch_size, cfg.model.dtype)
     seed = cfg.run.seed + 777
-    policies = {"sft": sample_policy(cfg, sft_checkpoint, reference, scorer, queries, seed, judge_rm)}
+    sampler = VLLMSampler(cfg, sft_checkpoint) if cfg.rollout.backend == "vllm" else HFSampler(cfg)
+    policies = {"sft": sample_policy(cfg, sft_checkpoint, sampler, reference, scorer, queries, seed, judge_rm)}
     if ppo_checkpoint:
-        policies["ppo"] = sample_policy(cfg, ppo_checkpoint, reference, scorer, queries, seed, judge_rm)
+        policies["ppo"] = sample_policy(cfg, ppo_checkpoint, sampler, reference, scorer, queries, seed, judge_rm)
     results: dict[str, float] = {"eval/num_prompts": float(len(examples))}
     for name, s in policies.items():
         results.update(summarise(name, s, examples))

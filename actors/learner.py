@@ -26,7 +26,7 @@ from core.modeling import (
     default_device, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer, save_checkpoint, trainable,
     unwrap,
 )
-from core.sequences import response_logprobs, response_values, trim_padding
+from core.sequences import length_grouped, response_logprobs, response_values, trim_padding
 from core.sharding import Rank, all_gather_rows, all_reduce_max, all_reduce_sum, full_weights, rank_share, shard_model
 from core.weight_sync import WeightsPacket, make_packet
 
@@ -207,14 +207,15 @@ class PPOLearner:
                    check_behaviour: bool = False) -> dict[str, float]:
         pc, dev = self.pc, self.device
         n_tokens = mask[idx].sum().clamp(min=1.0).to(dev)  # of the whole minibatch, on every rank
+        lengths = (exp.prompt_mask[idx].sum(-1) + exp.response_mask[idx].sum(-1)).tolist()
         if self.rank.sharded:
-            lengths = (exp.prompt_mask[idx].sum(-1) + exp.response_mask[idx].sum(-1)).tolist()
-            idx = idx[rank_share(lengths, self.rank.rank, self.rank.world)]
+            mine = rank_share(lengths, self.rank.rank, self.rank.world)
+            idx, lengths = idx[mine], [lengths[i] for i in mine]
         stats = {"ppo/policy_loss": 0.0, "ppo/clip_fraction": 0.0, "ppo/approx_kl": 0.0, "ppo/entropy": 0.0}
         if self.critic is not None:
             stats.update({"ppo/value_loss": 0.0, "ppo/value_clip_fraction": 0.0})
-        for m in range(0, len(idx), pc.micro_batch_size):
-            mi = idx[m : m + pc.micro_batch_size]
+        for group in length_grouped(lengths, pc.micro_batch_size):
+            mi = idx[group]
             # The learner makes ppo_epochs passes of two models over the batch: padding it skips is time saved.
             prompts, pmask, responses, rmask = (t.to(dev) for t in trim_padding(
                 exp.prompts[mi], exp.prompt_mask[mi], exp.responses[mi], exp.response_mask[mi]))

@@ -21,7 +21,7 @@ from core.config import Config
 from core.data import ComparisonExample, SummaryExample, load_tldr
 from core.metrics import MetricsLogger
 from core.modeling import count_params, load_scalar_model, load_tokenizer, save_checkpoint, trainable
-from core.sequences import pad_right, sequence_scores
+from core.sequences import length_grouped, pad_right, sequence_scores
 from core.text import encode_responses, with_encodable_queries
 from core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
 
@@ -83,8 +83,10 @@ class RMTrainer:
         for idx in epoch_batches(len(train_c), rc.batch_size, rc.epochs, cfg.run.seed, step):
             model.train()
             loss_sum, correct = 0.0, 0
-            for m in range(0, len(idx), rc.micro_batch_size):
-                mi = idx[m : m + rc.micro_batch_size]
+            # chosen and rejected share one forward, so a pair's length is its longer sequence's
+            lengths = [max(len(train_c[i]), len(train_r[i])) for i in idx]
+            for group in length_grouped(lengths, rc.micro_batch_size):
+                mi = [idx[j] for j in group]
                 # chosen and rejected in one forward: (2b, T)
                 ids, mask = pad_right([train_c[i] for i in mi] + [train_r[i] for i in mi], tok.pad_token_id)
                 r = sequence_scores(model, ids, mask)

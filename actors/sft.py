@@ -21,7 +21,7 @@ from core.metrics import MetricsLogger
 from core.modeling import (
     build_tiny_llama, convert_gguf, count_params, load_causal_lm, load_tokenizer, train_tokenizer, trainable,
 )
-from core.sequences import pad_left, pad_right, response_logits, sample
+from core.sequences import length_grouped, pad_left, pad_right, response_logits, sample
 from core.synthetic import judge
 from core.text import (
     EncodedSummary, budget_warnings, encode_summaries, reference_budget, rouge, with_encodable_queries,
@@ -114,8 +114,9 @@ class SFTTrainer:
         bar = tqdm(total=training.total_steps, initial=step, desc="sft", mininterval=2, ascii=True)
         for idx in epoch_batches(len(train), sc.batch_size, sc.epochs, cfg.run.seed, step):
             model.train()
-            micro = [sft_batch([train[i] for i in idx[m : m + sc.micro_batch_size]], tok.pad_token_id)
-                     for m in range(0, len(idx), sc.micro_batch_size)]
+            lengths = [len(train[i].query_ids) + len(train[i].summary_ids) for i in idx]
+            micro = [sft_batch([train[idx[j]] for j in group], tok.pad_token_id)
+                     for group in length_grouped(lengths, sc.micro_batch_size)]
             n_tokens = sum(int((mb["labels"] != IGNORE).sum()) for mb in micro)
             loss_sum = 0.0
             for mb in micro:

@@ -38,6 +38,16 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = No
     return ids, mask
 
 
+def length_grouped(lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Positions into `lengths` in micro batches of `size`, longest first.
+
+    The losses are token sums divided by the whole batch's token count, so how a batch is cut into micro batches
+    does not change the update; grouping similar lengths only removes padding (on real TL;DR posts cut at a
+    newline, the prompts of one batch range from a few dozen tokens to the budget)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[m : m + size] for m in range(0, len(order), size)]
+
+
 def trim_padding(prompts: Tensor, prompt_mask: Tensor, responses: Tensor | None = None,
                  response_mask: Tensor | None = None) -> tuple[Tensor, ...]:
     """Drop the prompt columns that are padding in every row (left) and the response columns after the longest

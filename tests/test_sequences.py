@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from core.sequences import (
-    has_eos, pad_left, pad_right, position_ids, response_logprobs, sample, trim_padding, truncate_after_eos,
+    has_eos, length_grouped, pad_left, pad_right, position_ids, response_logprobs, sample, trim_padding, truncate_after_eos,
 )
 
 EOS, PAD = 2, 0
@@ -55,6 +55,11 @@ def test_trim_padding_drops_only_columns_that_are_padding_in_every_row():
     assert [t.shape for t in trim_padding(p, pm)] == [(2, 2), (2, 2)]
     empty = trim_padding(p, pm, r, torch.zeros_like(rm))
     assert empty[2].shape == (2, 1)
+
+
+def test_length_grouped_cuts_longest_first_and_keeps_every_position_once():
+    assert length_grouped([3, 9, 5, 9, 1], 2) == [[1, 3], [2, 0], [4]]
+    assert length_grouped([], 4) == []
 
 
 # --- with the tiny SFT checkpoint ---------------------------------------------------------------------
@@ -161,3 +166,27 @@ def test_greedy_sample_picks_the_argmax_of_the_recomputed_logprobs(policy, promp
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
         argmax = logits[:, p.shape[1] - 1 : -1].argmax(-1)  # (B, R)
     assert torch.equal(argmax[rmask == 1], responses[rmask == 1])
+
+
+def test_sft_gradient_does_not_depend_on_how_the_batch_is_cut(policy, prompts):
+    """Length-grouped micro batches (the trainer's) give the one-micro-batch gradient: the loss is a token sum
+    divided by the whole batch's token count."""
+    import copy
+
+    from actors.sft import sft_batch, sft_loss
+    from core.text import EncodedSummary
+
+    model, tok = policy
+    items = [EncodedSummary(q, q[: 3 + i] + [tok.eos_token_id]) for i, q in enumerate(prompts)]
+
+    def grads(groups: list[list[int]]) -> dict[str, torch.Tensor]:
+        m = copy.deepcopy(model).train()
+        batches = [sft_batch([items[i] for i in g], tok.pad_token_id) for g in groups]
+        n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+        for b in batches:
+            (sft_loss(m, b)[0] / n_tokens).backward()
+        return {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+
+    lengths = [len(e.query_ids) + len(e.summary_ids) for e in items]
+    whole, grouped = grads([list(range(len(items)))]), grads(length_grouped(lengths, 2))
+    assert max((whole[k] - grouped[k]).abs().max().item() for k in whole) < 1e-6
