@@ -26,8 +26,12 @@ from core.modeling import (
     default_device, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer, save_checkpoint, trainable,
     unwrap,
 )
-from core.sequences import length_grouped, response_logprobs, response_values, trim_padding
-from core.sharding import Rank, all_gather_rows, all_reduce_max, all_reduce_sum, full_weights, rank_share, shard_model
+from core.sequences import (
+    micro_batch_groups, response_logprobs, response_values, token_budget_groups, trim_padding,
+)
+from core.sharding import (
+    Rank, all_gather_rows, all_reduce_max, all_reduce_sum, full_weights, one_rank_group, rank_share, shard_model,
+)
 from core.weight_sync import WeightsPacket, make_packet
 
 
@@ -59,7 +63,12 @@ class PPOLearner:
         self.pc, self.model_cfg, self.temperature = pc, model, temperature
         self.checkpoints = {"policy": sft_checkpoint, "critic": rm_checkpoint}  # what a sharded export starts from
         self.device = device or default_device()
+        if model.mixed_precision != "no" and not torch.distributed.is_initialized():
+            one_rank_group(pc.startup_timeout_s)  # MixedPrecisionPolicy is FSDP2's: a group of one
         self.rank = Rank.current()
+        # FSDP2-wrapped: a group of N > 1 ranks, or one rank in mixed precision. Every path below that a group
+        # takes (sharded checkpoints, gathered weights, summed figures) is also right for a group of one.
+        self.fsdp = self.rank.sharded or model.mixed_precision != "no"
         torch.manual_seed(seed)
         self.tokenizer = load_tokenizer(sft_checkpoint)
         policy = load_causal_lm(sft_checkpoint, self.tokenizer, model.dtype)
@@ -70,9 +79,10 @@ class PPOLearner:
             critic = load_scalar_model(rm_checkpoint, self.tokenizer, model.dtype)  # detail 8
             disable_dropout(critic)
             self.critic = trainable(critic, model, "SEQ_CLS").to(self.device)
-        if self.rank.sharded:  # before the optimizers: they hold the shards
-            self.policy = shard_model(self.policy)
-            self.critic = shard_model(self.critic) if self.critic is not None else None
+        if self.fsdp:  # before the optimizers: they hold the shards
+            self.policy = shard_model(self.policy, model.mixed_precision)
+            self.critic = shard_model(self.critic, model.mixed_precision) if self.critic is not None else None
+        self.packed = pc.max_tokens_per_micro_batch is not None  # micro batches packed, not padded
         self.version = 0
         updates = pc.steps * pc.ppo_epochs * (pc.rollout_batch_size // pc.minibatch_size)
         self.opt, self.sched = self._optimizer(self.policy, pc.lr, updates)
@@ -98,12 +108,12 @@ class PPOLearner:
         """Critic's V(s_t) before each response token -> (b, R); differentiable when grad is enabled."""
         prompts, pmask = trim_padding(exp.prompts[sl], exp.prompt_mask[sl])
         tensors = (prompts, pmask, exp.responses[sl], exp.response_mask[sl])
-        return response_values(self.critic, *(t.to(self.device) for t in tensors))
+        return response_values(self.critic, *(t.to(self.device) for t in tensors), packed=self.packed)
 
     def _single_update(self, exp: Experience) -> bool:
         """One epoch, one minibatch, one micro batch: the step's only critic forward is on the old weights."""
         pc = self.pc
-        return (self.critic is not None and not self.rank.sharded and pc.ppo_epochs == 1
+        return (self.critic is not None and not self.fsdp and pc.ppo_epochs == 1
                 and min(pc.minibatch_size, pc.micro_batch_size) >= exp.size)
 
     def advantages(self, exp: Experience, values_graph: torch.Tensor | None = None) -> Advantages:
@@ -129,13 +139,13 @@ class PPOLearner:
         contiguous share and the shares are gathered."""
         self.critic.eval()
         rows = range(exp.size)
-        if self.rank.sharded:
+        if self.fsdp:
             n = exp.size // self.rank.world
             rows = range(self.rank.rank * n, (self.rank.rank + 1) * n)
         mb = self.pc.micro_batch_size
         mine = torch.cat([self._values(exp, slice(i, min(i + mb, rows.stop))).cpu()
                           for i in range(rows.start, rows.stop, mb)])
-        return torch.cat(all_gather_rows(mine, self.rank.world)) if self.rank.sharded else mine
+        return torch.cat(all_gather_rows(mine, self.rank.world)) if self.fsdp else mine
 
     # --- update -----------------------------------------------------------------------------------
 
@@ -208,13 +218,16 @@ class PPOLearner:
         pc, dev = self.pc, self.device
         n_tokens = mask[idx].sum().clamp(min=1.0).to(dev)  # of the whole minibatch, on every rank
         lengths = (exp.prompt_mask[idx].sum(-1) + exp.response_mask[idx].sum(-1)).tolist()
-        if self.rank.sharded:
+        if self.fsdp:
             mine = rank_share(lengths, self.rank.rank, self.rank.world)
             idx, lengths = idx[mine], [lengths[i] for i in mine]
         stats = {"ppo/policy_loss": 0.0, "ppo/clip_fraction": 0.0, "ppo/approx_kl": 0.0, "ppo/entropy": 0.0}
         if self.critic is not None:
             stats.update({"ppo/value_loss": 0.0, "ppo/value_clip_fraction": 0.0})
-        for group in length_grouped(lengths, pc.micro_batch_size):
+        budget, n_groups = pc.max_tokens_per_micro_batch, None
+        if budget is not None and self.fsdp:  # FSDP's collectives: every rank runs as many passes as the busiest
+            n_groups = int(all_reduce_max(float(len(token_budget_groups(lengths, budget)))))
+        for group in micro_batch_groups(lengths, pc.micro_batch_size, budget, n_groups):
             mi = idx[group]
             # The learner makes ppo_epochs passes of two models over the batch: padding it skips is time saved.
             prompts, pmask, responses, rmask = (t.to(dev) for t in trim_padding(
@@ -224,7 +237,7 @@ class PPOLearner:
             # token share of the minibatch: the diagnostics below are token means, like the losses
             share = (mmask.sum() / n_tokens).item()
             logp, entropy = response_logprobs(self.policy, prompts, pmask, responses, rmask, self.temperature,
-                                              with_entropy=True)
+                                              with_entropy=True, packed=self.packed)
             old_logp = exp.logprobs[mi, :R].to(dev)
             if check_behaviour:
                 diff = ((logp.detach() - old_logp) * mmask).abs().max().item()
@@ -240,7 +253,7 @@ class PPOLearner:
                 if values_graph is not None:  # the whole batch, in batch order
                     values = values_graph[mi.to(values_graph.device), :R]
                 else:
-                    values = response_values(self.critic, prompts, pmask, responses, rmask)
+                    values = response_values(self.critic, prompts, pmask, responses, rmask, self.packed)
                 vl = pm.clipped_value_loss(values, adv.values[mi, :R].to(dev), adv.returns[mi, :R].to(dev), mmask,
                                            pc.value_clip_range, n_tokens)
                 loss = loss + pc.vf_coef * vl.loss
@@ -249,7 +262,7 @@ class PPOLearner:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite PPO loss in batch {exp.batch_id}")
             loss.backward()
-        if self.rank.sharded:  # token sums and token-weighted shares: the group's figures are the ranks' sums
+        if self.fsdp:  # token sums and token-weighted shares: the group's figures are the ranks' sums
             behaviour = stats.pop("ppo/behaviour_logprob_max_diff", None)
             stats = all_reduce_sum(stats)
             if behaviour is not None:
@@ -272,7 +285,7 @@ class PPOLearner:
     def policy_weights(self) -> dict[str, torch.Tensor]:
         """The plain (LoRA-merged) policy parameters, named as the rollout models name them. In a group this
         is a collective that gathers the shards one parameter at a time; rank 0 keeps them (on the CPU)."""
-        if not self.rank.sharded:
+        if not self.fsdp:
             return dict(unwrap(self.policy).named_parameters())
         keep = self.rank.rank == 0
         return {name: t.cpu() for name, t in full_weights(self.policy) if keep}
@@ -284,7 +297,7 @@ class PPOLearner:
         """Policy and critic in Hugging Face format, plus `learner_state.pt`: everything `load` needs to go on
         exactly as if never stopped (optimizer and scheduler states, RNG states, version; LoRA adapters)."""
         out_dir = Path(out_dir)
-        if self.rank.sharded:
+        if self.fsdp:
             return self._save_sharded(out_dir)
         save_checkpoint(self.policy, self.tokenizer, out_dir / "checkpoint")
         if self.critic is not None:
@@ -309,7 +322,7 @@ class PPOLearner:
         """Restore what `save` wrote into this learner (built from the same SFT and RM checkpoints and config).
         Returns the restored policy version."""
         ckpt_dir = Path(ckpt_dir)
-        if self.rank.sharded:
+        if self.fsdp:
             return self._load_sharded(ckpt_dir)
         state = torch.load(ckpt_dir / "learner_state.pt", map_location="cpu", weights_only=False)
         if state["trainable"] is not None:

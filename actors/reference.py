@@ -8,27 +8,29 @@ import torch
 
 from core.experience import RefLogprobs, RolloutBatch
 from core.modeling import default_device, load_frozen
-from core.sequences import response_logprobs
+from core.sequences import micro_batch_groups, response_logprobs, trim_padding
 
 
 class ReferenceLogprobs:
     """log pi_ref(a_t | s_t) under logits / temperature, computed exactly as the learner computes log pi."""
 
     def __init__(self, checkpoint: str, temperature: float, batch_size: int = 64, dtype: str = "float32",
-                 device: str | None = None):
+                 device: str | None = None, max_tokens: int | None = None):
         self.device = device or default_device()
         self.model, self.tokenizer = load_frozen(checkpoint, "causal_lm", dtype, self.device)
-        self.temperature, self.batch_size = temperature, batch_size
+        self.temperature, self.batch_size, self.max_tokens = temperature, batch_size, max_tokens
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch) -> RefLogprobs:
+        """Micro batches of similar lengths (`micro_batch_groups`; packed under a token budget), in batch order."""
         t0 = time.perf_counter()
-        out = []
-        for i in range(0, batch.responses.shape[0], self.batch_size):
-            sl = slice(i, i + self.batch_size)
-            lp, _ = response_logprobs(self.model, batch.prompts[sl].to(self.device), batch.prompt_mask[sl].to(self.device),
-                                      batch.responses[sl].to(self.device), batch.response_mask[sl].to(self.device),
-                                      self.temperature)
-            out.append(lp.cpu())
-        return RefLogprobs(batch_id=batch.batch_id, shard=batch.shard, logprobs=torch.cat(out),
-                           ref_s=time.perf_counter() - t0)
+        out = torch.zeros(batch.responses.shape, dtype=torch.float32)
+        lengths = (batch.prompt_mask.sum(-1) + batch.response_mask.sum(-1)).tolist()
+        for group in micro_batch_groups(lengths, self.batch_size, self.max_tokens):
+            rows = torch.tensor(group)
+            prompts, pmask, responses, rmask = (t.to(self.device) for t in trim_padding(
+                batch.prompts[rows], batch.prompt_mask[rows], batch.responses[rows], batch.response_mask[rows]))
+            lp, _ = response_logprobs(self.model, prompts, pmask, responses, rmask, self.temperature,
+                                      packed=self.max_tokens is not None)
+            out[rows, : lp.shape[1]] = lp.float().cpu()
+        return RefLogprobs(batch_id=batch.batch_id, shard=batch.shard, logprobs=out, ref_s=time.perf_counter() - t0)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from core.experience import RolloutBatch, Scores
 from core.modeling import default_device, load_frozen
-from core.sequences import eos_trick, has_eos, pad_right, sequence_scores
+from core.sequences import eos_trick, has_eos, micro_batch_groups, pad_right, sequence_scores
 
 
 @dataclass(frozen=True)
@@ -31,21 +31,24 @@ class RewardScorer:
     """
 
     def __init__(self, checkpoint: str, missing_eos_score: float | None = -1.0, batch_size: int = 64,
-                 dtype: str = "float32", device: str | None = None):
+                 dtype: str = "float32", device: str | None = None, max_tokens: int | None = None):
         self.checkpoint = str(Path(checkpoint).resolve())
         self.device = device or default_device()
         self.model, self.tokenizer = load_frozen(checkpoint, "scalar", dtype, self.device)
         self.bias = float(getattr(self.model.config, "reward_bias", 0.0) or 0.0)
-        self.missing_eos_score, self.batch_size = missing_eos_score, batch_size
+        self.missing_eos_score, self.batch_size, self.max_tokens = missing_eos_score, batch_size, max_tokens
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
 
     @torch.no_grad()
     def _raw(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = []
-        for i in range(0, ids.shape[0], self.batch_size):
-            out.append(sequence_scores(self.model, ids[i : i + self.batch_size].to(self.device),
-                                       mask[i : i + self.batch_size].to(self.device)).float().cpu())
-        return torch.cat(out) + self.bias
+        """Scores in row order, computed in micro batches of similar lengths (packed under a token budget)."""
+        out = torch.zeros(ids.shape[0])
+        for group in micro_batch_groups(mask.sum(-1).tolist(), self.batch_size, self.max_tokens):
+            rows = torch.tensor(group)
+            keep = mask[rows].any(0)  # columns that are padding in every row of the group cost nothing
+            out[rows] = sequence_scores(self.model, ids[rows][:, keep].to(self.device), mask[rows][:, keep].to(self.device),
+                                        self.max_tokens is not None).float().cpu()
+        return out + self.bias
 
     def score_tokens(self, prompts: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor) -> TokenScores:
         """Scores of left-padded prompts (B, P) followed by their responses (B, R), with the EOS trick."""

@@ -21,7 +21,7 @@ from core.config import Config
 from core.data import ComparisonExample, SummaryExample, load_tldr
 from core.metrics import MetricsLogger
 from core.modeling import count_params, load_scalar_model, load_tokenizer, save_checkpoint, trainable
-from core.sequences import length_grouped, pad_right, sequence_scores
+from core.sequences import micro_batch_groups, pad_right, sequence_scores
 from core.text import encode_responses, with_encodable_queries
 from core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
 
@@ -34,13 +34,15 @@ def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
+def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int,
+                    max_tokens: int | None = None) -> torch.Tensor:
+    """(len(seqs),) scores, in order, computed in micro batches of similar lengths (`micro_batch_groups`)."""
     model.eval()
-    out = []
-    for i in range(0, len(seqs), batch_size):
-        ids, mask = pad_right(seqs[i : i + batch_size], pad_id)
-        out.append(sequence_scores(model, ids, mask))
-    return torch.cat(out) if out else torch.zeros(0)
+    out = torch.zeros(len(seqs))
+    for group in micro_batch_groups([len(s) for s in seqs], batch_size, max_tokens):
+        ids, mask = pad_right([seqs[i] for i in group], pad_id)
+        out[group] = sequence_scores(model, ids, mask, max_tokens is not None).float().cpu()
+    return out
 
 
 class RMTrainer:
@@ -78,18 +80,21 @@ class RMTrainer:
         training = start_training(model, rc, len(train_c), "pairs", self.out_dir, cfg.run.keep_checkpoints,
                                   self.resume, best={f"{self.role}/valid_accuracy": -1.0})
         step, best = training.step, training.best
+        packed = rc.max_tokens_per_micro_batch is not None
         metrics = MetricsLogger(self.out_dir)
         bar = tqdm(total=training.total_steps, initial=step, desc=self.role, mininterval=2, ascii=True)
         for idx in epoch_batches(len(train_c), rc.batch_size, rc.epochs, cfg.run.seed, step):
             model.train()
             loss_sum, correct = 0.0, 0
-            # chosen and rejected share one forward, so a pair's length is its longer sequence's
-            lengths = [max(len(train_c[i]), len(train_r[i])) for i in idx]
-            for group in length_grouped(lengths, rc.micro_batch_size):
+            # chosen and rejected share one forward: a pair takes the longer side's length twice when padded,
+            # both sides' tokens when packed
+            lengths = [len(train_c[i]) + len(train_r[i]) if packed else max(len(train_c[i]), len(train_r[i]))
+                       for i in idx]
+            for group in micro_batch_groups(lengths, rc.micro_batch_size, rc.max_tokens_per_micro_batch):
                 mi = [idx[j] for j in group]
                 # chosen and rejected in one forward: (2b, T)
                 ids, mask = pad_right([train_c[i] for i in mi] + [train_r[i] for i in mi], tok.pad_token_id)
-                r = sequence_scores(model, ids, mask)
+                r = sequence_scores(model, ids, mask, packed)
                 rc_, rr = r[: len(mi)], r[len(mi):]
                 loss = pairwise_loss(rc_, rr) * len(mi) / len(idx)
                 loss.backward()
@@ -116,8 +121,9 @@ class RMTrainer:
     def evaluate(self, model, tok, pairs: list[ComparisonExample],
                  encoded: tuple[list[list[int]], list[list[int]]] | None = None) -> dict[str, float]:
         c, r = encoded if encoded is not None else self._encode_pairs(tok, pairs)
-        bs = 2 * self.cfg.rm.micro_batch_size
-        rc_, rr = score_sequences(model, c, tok.pad_token_id, bs), score_sequences(model, r, tok.pad_token_id, bs)
+        bs, budget = 2 * self.cfg.rm.micro_batch_size, self.cfg.rm.max_tokens_per_micro_batch
+        rc_ = score_sequences(model, c, tok.pad_token_id, bs, budget)
+        rr = score_sequences(model, r, tok.pad_token_id, bs, budget)
         agree = rc_ > rr
         out = {f"{self.role}/valid_accuracy": agree.float().mean().item(),
                f"{self.role}/valid_loss": pairwise_loss(rc_, rr).item()}

@@ -127,6 +127,10 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(False, description=(
         "Recompute each transformer block's activations in the backward pass (SFT, RM, PPO policy and critic): "
         "less activation memory for about a third more compute; the same gradients."))
+    mixed_precision: Literal["no", "bf16"] = Field("no", description=(
+        "bf16: the PPO learner's FSDP2 units compute forward and backward in bf16 and reduce gradients in fp32, "
+        "while the sharded parameters and AdamW state stay fp32 (FSDP2's MixedPrecisionPolicy); a learner of "
+        "one rank forms a group of one for it. Needs model.dtype float32."))
     # Architecture of the builtin model. head_dim = hidden_size / num_heads must be one vLLM's CPU kernels accept.
     hidden_size: int = Field(128, ge=8, description="Builtin model: width.")
     num_layers: int = Field(2, ge=1, description="Builtin model: transformer blocks.")
@@ -152,6 +156,9 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        if self.mixed_precision != "no" and self.dtype != "float32":
+            raise ValueError(f"model.mixed_precision {self.mixed_precision} keeps fp32 master weights: it needs "
+                             f"model.dtype float32 (got {self.dtype})")
         if self.is_builtin:
             if self.name_or_path != "builtin:tiny-llama":
                 raise ValueError(f"model.name_or_path: unknown builtin {self.name_or_path!r} (known: builtin:tiny-llama)")
@@ -226,6 +233,13 @@ class DataConfig(_Section):
         return posts | pairs
 
 
+def _token_budget(what: str):
+    return Field(None, ge=8, description=(
+        f"Pack {what} into micro batches of at most this many real tokens: sorted by length, one row per micro "
+        "batch, positions restarting per sequence and attention kept within it (no padding computed); null: "
+        "padded micro batches of similar lengths. The update is the same either way."))
+
+
 class _TrainerConfig(_Section):
     """Fields shared by the offline stages (SFT, reward model); `section` names them in errors."""
 
@@ -236,6 +250,7 @@ class _TrainerConfig(_Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup.")
     batch_size: int = Field(32, ge=1, description="Examples per optimizer step.")
     micro_batch_size: int = Field(32, ge=1, description="Examples per forward/backward; batch_size must be a multiple.")
+    max_tokens_per_micro_batch: int | None = _token_budget("each optimizer batch's examples (a comparison: both sides)")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     eval_every: int = Field(50, ge=1, description="Optimizer steps between validations (and at the end).")
     num_cpus: float = Field(1, ge=0, description="CPUs of the stage's Ray actor (also its torch threads).")
@@ -296,6 +311,7 @@ class RewardConfig(_Section):
     max_retries: int = Field(3, ge=0, description="HTTP backend: retries before the step fails.")
     missing_eos_score: float | None = Field(-1.0, description="Score of a response without EOS (the EOS trick); null disables.")
     batch_size: int = Field(64, ge=1, description="Sequences per reward-model forward.")
+    max_tokens_per_micro_batch: int | None = _token_budget("each shard's sequences")
     replicas: int = Field(1, ge=1, description=(
         "Reward scorer actors (backend local); the driver spreads the shards of each batch over them."))
     num_cpus: float = Field(1, ge=0, description="CPUs of the reward scorer.")
@@ -317,6 +333,7 @@ class RewardConfig(_Section):
 
 class ReferenceConfig(_Section):
     batch_size: int = Field(64, ge=1, description="Sequences per reference forward.")
+    max_tokens_per_micro_batch: int | None = _token_budget("each shard's sequences")
     replicas: int = Field(1, ge=1, description=(
         "Reference actors; the driver spreads the shards of each batch (and successive batches) over them."))
     num_cpus: float = Field(1, ge=0, description="CPUs of the reference actor.")
@@ -332,6 +349,7 @@ class PPOConfig(_Section):
     ppo_epochs: int = Field(4, ge=1, description="Passes over each batch (detail 12: 4).")
     minibatch_size: int = Field(32, ge=1, description="Sequences per optimizer step.")
     micro_batch_size: int = Field(32, ge=1, description="Sequences per forward/backward (gradient accumulation).")
+    max_tokens_per_micro_batch: int | None = _token_budget("each rank's share of a minibatch (policy and critic)")
     lr: float = Field(3e-4, gt=0, description="Policy learning rate (AdamW).")
     critic_lr: float = Field(3e-4, gt=0, description="Critic learning rate (AdamW).")
     adam_eps: float = Field(1e-5, gt=0, description="AdamW epsilon (detail 12: 1e-5).")
@@ -444,6 +462,10 @@ class Config(_Section):
                              "ppo.learner_workers x ppo.num_cpus; or a stage's num_cpus)")
         if self.ppo.weight_sync == "collective" and self.rollout.backend == "vllm":
             raise ValueError("ppo.weight_sync collective is implemented for the hf rollout backend; use object_store with vllm")
+        if self.ppo.weight_sync == "collective" and self.model.mixed_precision != "no":
+            # mixed precision makes even a one-rank learner a process group, and a process cannot be in two
+            raise ValueError("model.mixed_precision needs ppo.weight_sync object_store (the collective transport's "
+                             "group and the learner's FSDP group would both be the process's default group)")
         return self
 
 

@@ -38,6 +38,37 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = No
     return ids, mask
 
 
+def token_budget_groups(lengths: Sequence[int], max_tokens: int, n_groups: int | None = None) -> list[list[int]]:
+    """Positions into `lengths` in micro batches of at most `max_tokens` tokens each, for packing (`pack`).
+
+    The fewest groups the budget allows (or `n_groups`, when every rank of a group must run the same number of
+    forward and backward passes), filled longest first into the least loaded group, so they come out balanced;
+    a sequence longer than the budget is a group of its own. Like `length_grouped`, the cut changes no update."""
+    if not lengths:
+        return []
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    total = sum(lengths)
+    k = n_groups or max(1, -(-total // max_tokens))
+    while True:
+        loads, groups = [0] * k, [[] for _ in range(k)]
+        for i in order:
+            g = min(range(k), key=lambda j: (loads[j], j))
+            groups[g].append(i)
+            loads[g] += lengths[i]
+        if n_groups is not None or k >= len(lengths) or max(loads) <= max_tokens:
+            return [g for g in groups if g]
+        k += 1
+
+
+def micro_batch_groups(lengths: Sequence[int], size: int, max_tokens: int | None = None,
+                       n_groups: int | None = None) -> list[list[int]]:
+    """How a batch is cut: `token_budget_groups` (then packed) when a token budget is set, else
+    `length_grouped` by `size` sequences (then padded)."""
+    if max_tokens is None:
+        return length_grouped(lengths, size)
+    return token_budget_groups(lengths, max_tokens, n_groups)
+
+
 def length_grouped(lengths: Sequence[int], size: int) -> list[list[int]]:
     """Positions into `lengths` in micro batches of `size`, longest first.
 
@@ -92,27 +123,48 @@ def eos_trick(raw_scores: Tensor, has_eos: Tensor, missing_eos_score: float | No
     return torch.where(has_eos, raw_scores, torch.full_like(raw_scores, missing_eos_score))
 
 
-def response_logits(model: nn.Module, ids: Tensor, mask: Tensor, R: int) -> Tensor:
+def pack(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The real tokens of a padded batch as one row -> ids (1, N), positions (1, N) restarting at 0 for every
+    sequence, and each padded position's index into that row (B, T; -1 at padding).
+
+    Called with these positions and no attention mask, transformers' models read the position restarts as
+    sequence boundaries (`masking_utils.find_packed_sequence_indices`): each token attends only within its own
+    sequence, so every real position's output is the padded batch's, and no compute goes to padding."""
+    keep = mask.bool()
+    index = torch.where(keep, keep.flatten().long().cumsum(0).view_as(keep) - 1, -1)
+    return ids[keep].unsqueeze(0), position_ids(mask)[keep].unsqueeze(0), index
+
+
+def response_logits(model: nn.Module, ids: Tensor, mask: Tensor, R: int, packed: bool = False) -> Tensor:
     """Logits at the R positions that predict the response tokens -> (B, R, V).
 
     Only those go through the LM head (`logits_to_keep`): the prompt positions' logits are never used, and on
-    a small model the head is a fifth of the forward and backward cost.
+    a small model the head is a fifth of the forward and backward cost. `packed`: one row of the real tokens
+    (`pack`); positions that are padding get logits 0.
     """
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=R + 1)
-    return out.logits[:, :-1]
+    if not packed:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=R + 1)
+        return out.logits[:, :-1]
+    flat, pos, index = pack(ids, mask)
+    predicting = index[:, -R - 1 : -1]  # (B, R): the position before each response token
+    real = predicting >= 0
+    out = model(input_ids=flat, position_ids=pos, use_cache=False, logits_to_keep=predicting[real])
+    logits = out.logits[0]
+    full = logits.new_zeros((*predicting.shape, logits.shape[-1]))
+    return full.index_put((real.nonzero(as_tuple=True)), logits)
 
 
 def response_logprobs(
     model: nn.Module, prompts: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor,
-    temperature: float, with_entropy: bool = False,
+    temperature: float, with_entropy: bool = False, packed: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """log pi(a_t | s_t) of the response tokens under logits / temperature -> (B, R) [and entropy (B, R)].
 
-    Positions outside the response mask hold 0.
+    Positions outside the response mask hold 0. `packed`: the forward runs on the real tokens only (`pack`).
     """
     ids = torch.cat([prompts, responses], 1)  # (B, P+R)
     mask = torch.cat([prompt_mask, response_mask], 1)
-    logits = response_logits(model, ids, mask, responses.shape[1]).float() / temperature  # (B, R, V)
+    logits = response_logits(model, ids, mask, responses.shape[1], packed).float() / temperature  # (B, R, V)
     logp_all = F.log_softmax(logits, -1)
     logp = logp_all.gather(-1, responses.unsqueeze(-1)).squeeze(-1) * response_mask
     entropy = None
@@ -127,18 +179,24 @@ def _scalar_model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return getattr(hf, hf.base_model_prefix), hf.score
 
 
-def token_values(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
-    """Scalar head on every position's hidden state -> (B, T): the critic's V(s_t)."""
+def token_values(model: nn.Module, ids: Tensor, mask: Tensor, packed: bool = False) -> Tensor:
+    """Scalar head on every position's hidden state -> (B, T): the critic's V(s_t). `packed`: computed on the
+    real tokens only (`pack`), 0 at padding."""
     backbone, head = _scalar_model_parts(model)
-    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
-    return head(hidden).squeeze(-1).float()
+    if not packed:
+        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        return head(hidden).squeeze(-1).float()
+    flat, pos, index = pack(ids, mask)
+    values = head(backbone(input_ids=flat, position_ids=pos, use_cache=False).last_hidden_state)[0, :, 0].float()
+    return values.new_zeros(index.shape).index_put((index >= 0).nonzero(as_tuple=True), values)
 
 
 def response_values(model: nn.Module, prompts: Tensor, prompt_mask: Tensor, responses: Tensor,
-                    response_mask: Tensor) -> Tensor:
+                    response_mask: Tensor, packed: bool = False) -> Tensor:
     """The critic's V(s_t) before each response token -> (B, R): the state that predicts response token t."""
     P = prompts.shape[1]
-    values = token_values(model, torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1))
+    values = token_values(model, torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1),
+                          packed)
     return values[:, P - 1 : -1]
 
 
@@ -148,9 +206,9 @@ def last_token_index(mask: Tensor) -> Tensor:
     return (mask.long() * torch.arange(T, device=mask.device)).argmax(-1)
 
 
-def sequence_scores(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+def sequence_scores(model: nn.Module, ids: Tensor, mask: Tensor, packed: bool = False) -> Tensor:
     """Reward read at the last non-pad token (detail 7) -> (B,), before the normalising bias."""
-    values = token_values(model, ids, mask)  # (B, T)
+    values = token_values(model, ids, mask, packed)  # (B, T)
     return values.gather(1, last_token_index(mask).unsqueeze(1)).squeeze(1)
 
 

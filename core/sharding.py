@@ -61,6 +61,11 @@ def init_default_group(addr: str, port: int, rank: int, world: int, timeout_s: f
     return backend
 
 
+def one_rank_group(timeout_s: float) -> None:
+    """Make this process a process group of its own (rank 0 of 1, on a free local port)."""
+    init_default_group("127.0.0.1", free_port(), 0, 1, timeout_s)
+
+
 def join_group(addr: str, port: int, rank: int, world: int, timeout_s: float) -> None:
     """Join the learner group as rank `rank` (`init_default_group`); a failure names the rank and the address."""
     try:
@@ -75,9 +80,20 @@ def _hf_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def shard_model(model: nn.Module) -> nn.Module:
+def mixed_precision_policy(mode: str):
+    """FSDP2's policy for `model.mixed_precision`: bf16 parameters in forward and backward, gradients reduced
+    in fp32 (the sharded fp32 parameters and the optimizer never see bf16). None for "no"."""
+    if mode == "no":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard_model(model: nn.Module, mixed_precision: str = "no") -> nn.Module:
     """fully_shard every transformer block (the model's `_no_split_modules`), then the root; gradients are
     summed across ranks, not averaged (each rank's loss is already its share of the minibatch mean).
+    `mixed_precision` ("no", "bf16"): `mixed_precision_policy`.
 
     A scalar (reward/value) model's backbone and score head are units of their own: the critic calls them
     directly for per-token values (`sequences.token_values`), and a unit gathers its parameters only when its
@@ -88,13 +104,15 @@ def shard_model(model: nn.Module) -> nn.Module:
     blocks = set(getattr(hf, "_no_split_modules", None) or ())
     if not blocks:
         raise ValueError(f"{type(hf).__name__} names no transformer block class (_no_split_modules)")
+    policy = mixed_precision_policy(mixed_precision)
+    kwargs = {} if policy is None else {"mp_policy": policy}
     for module in model.modules():
         if type(module).__name__ in blocks:
-            fully_shard(module)
+            fully_shard(module, **kwargs)
     if hasattr(hf, "score"):
-        fully_shard(getattr(hf, hf.base_model_prefix))
-        fully_shard(hf.score)
-    fully_shard(model)
+        fully_shard(getattr(hf, hf.base_model_prefix), **kwargs)
+        fully_shard(hf.score, **kwargs)
+    fully_shard(model, **kwargs)
     for module in model.modules():
         if isinstance(module, FSDPModule):  # a plain SUM (gloo has no pre-multiplied sum)
             module.set_gradient_divide_factor(1.0)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from actors.learner import PPOLearner, StalenessError
+from core.sequences import token_budget_groups
 
 pytestmark = pytest.mark.slow  # every test here uses the tiny checkpoints (trained once per session)
 
@@ -133,6 +134,26 @@ def test_two_epochs_and_diagnostics_do_not_depend_on_the_micro_batch_size(make_t
     for k in ("ppo/policy_loss", "ppo/value_loss", "ppo/entropy", "ppo/approx_kl", "ppo/clip_fraction",
               "ppo/value_clip_fraction"):
         assert m1[k] == pytest.approx(m8[k], rel=1e-4, abs=1e-7), k
+
+
+@pytest.mark.parametrize("estimator", ["gae", "rloo"])
+def test_packed_update_equals_the_padded_update(make_tiny_cfg, tiny_checkpoints, experience, estimator):
+    """Invariance: token-budget micro batches packed into one row each (positions restarting per sequence,
+    attention within it) make the update of padded micro batches; the loss normalisation is the minibatch's
+    token count either way. Two epochs, so ratios move off 1 and clipping is exercised."""
+    common = ("ppo.ppo_epochs=2", "ppo.lr=3e-3", "ppo.clip_range=0.05", f"ppo.advantage_estimator={estimator}")
+    padded = _learner(make_tiny_cfg, tiny_checkpoints, "ppo.micro_batch_size=2", *common)
+    packed = _learner(make_tiny_cfg, tiny_checkpoints, "ppo.micro_batch_size=2", "ppo.max_tokens_per_micro_batch=256",
+                      *common)
+    lengths = (experience.prompt_mask.sum(-1) + experience.response_mask.sum(-1)).tolist()
+    assert 1 < len(token_budget_groups(lengths, 256)) < len(lengths)  # several sequences per packed row
+    m_pad = padded.train_step(copy.deepcopy(experience))
+    m_pack = packed.train_step(copy.deepcopy(experience))
+    assert _max_diff(_params(padded.policy), _params(packed.policy)) < 1e-5
+    if estimator == "gae":
+        assert _max_diff(_params(padded.critic), _params(packed.critic)) < 1e-5
+    for k in ("ppo/policy_loss", "ppo/entropy", "ppo/approx_kl", "ppo/clip_fraction", "ppo/policy_grad_norm"):
+        assert m_pack[k] == pytest.approx(m_pad[k], rel=1e-4, abs=1e-6), k
 
 
 @pytest.mark.parametrize("lora", [False, True])

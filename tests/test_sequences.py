@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from core.sequences import (
-    has_eos, length_grouped, pad_left, pad_right, position_ids, response_logprobs, sample, trim_padding, truncate_after_eos,
+    has_eos, length_grouped, pad_left, pad_right, position_ids, response_logprobs, sample, token_budget_groups,
+    trim_padding, truncate_after_eos,
 )
 
 EOS, PAD = 2, 0
@@ -133,6 +134,15 @@ def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts
                          prompt_mask=pm, responses=responses, response_mask=rmask, logprobs=logprobs)
     ref = ReferenceLogprobs(str(tiny_checkpoints.sft), temperature=0.7, batch_size=3).logprobs(batch)
     assert (ref.logprobs - logprobs).abs().max().item() < 1e-5
+    # packed under a token budget (micro batches of several sequences in one row): the same log-probs
+    packed = ReferenceLogprobs(str(tiny_checkpoints.sft), temperature=0.7, max_tokens=200).logprobs(batch)
+    assert (packed.logprobs - logprobs).abs().max().item() < 1e-5
+
+    from actors.reward import RewardScorer
+
+    padded_scores = RewardScorer(str(tiny_checkpoints.rm), batch_size=3).score_rollout(batch).raw_scores
+    packed_scores = RewardScorer(str(tiny_checkpoints.rm), max_tokens=200).score_rollout(batch).raw_scores
+    assert (packed_scores - padded_scores).abs().max().item() < 1e-5
 
 
 @pytest.mark.slow
@@ -169,8 +179,8 @@ def test_greedy_sample_picks_the_argmax_of_the_recomputed_logprobs(policy, promp
 
 
 def test_sft_gradient_does_not_depend_on_how_the_batch_is_cut(policy, prompts):
-    """Length-grouped micro batches (the trainer's) give the one-micro-batch gradient: the loss is a token sum
-    divided by the whole batch's token count."""
+    """Length-grouped micro batches, padded or packed (the trainer's), give the one-micro-batch gradient: the
+    loss is a token sum divided by the whole batch's token count."""
     import copy
 
     from actors.sft import sft_batch, sft_loss
@@ -179,14 +189,45 @@ def test_sft_gradient_does_not_depend_on_how_the_batch_is_cut(policy, prompts):
     model, tok = policy
     items = [EncodedSummary(q, q[: 3 + i] + [tok.eos_token_id]) for i, q in enumerate(prompts)]
 
-    def grads(groups: list[list[int]]) -> dict[str, torch.Tensor]:
+    def grads(groups: list[list[int]], packed: bool = False) -> dict[str, torch.Tensor]:
         m = copy.deepcopy(model).train()
         batches = [sft_batch([items[i] for i in g], tok.pad_token_id) for g in groups]
         n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
         for b in batches:
-            (sft_loss(m, b)[0] / n_tokens).backward()
+            (sft_loss(m, b, packed)[0] / n_tokens).backward()
         return {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
 
     lengths = [len(e.query_ids) + len(e.summary_ids) for e in items]
-    whole, grouped = grads([list(range(len(items)))]), grads(length_grouped(lengths, 2))
-    assert max((whole[k] - grouped[k]).abs().max().item() for k in whole) < 1e-6
+    whole = grads([list(range(len(items)))])
+    budget = sum(lengths) // 2
+    for cut, packed in ((length_grouped(lengths, 2), False), (token_budget_groups(lengths, budget), True)):
+        got = grads(cut, packed)
+        assert max((whole[k] - got[k]).abs().max().item() for k in whole) < 1e-6, packed
+
+
+def test_token_budget_groups_respect_the_budget_and_balance():
+    lengths = [100, 90, 80, 50, 40, 30, 10]
+    groups = token_budget_groups(lengths, 160)
+    assert sorted(i for g in groups for i in g) == list(range(7))
+    loads = [sum(lengths[i] for i in g) for g in groups]
+    assert max(loads) <= 160 and len(groups) == 3  # 400 tokens: the fewest groups of <= 160
+    assert token_budget_groups([500, 10], 100) == [[0], [1]]  # too long for the budget: alone
+    assert len(token_budget_groups(lengths, 1000, n_groups=4)) == 4  # every rank the same number of passes
+
+
+def test_packed_forward_equals_the_padded_one(policy, prompts, tiny_checkpoints):
+    """Packing (real tokens in one row, positions restarting, attention within each sequence) gives the padded
+    batch's log-probs, entropies and values; fp32."""
+    from core.modeling import load_scalar_model
+    from core.sequences import response_values
+
+    model, tok = policy
+    responses, rmask = pad_right([[5, 6, 7, EOS], [8, EOS], [9, 10, 11, 12, 13, EOS], [14, 15, 16]], PAD)
+    p, pm = pad_left(prompts, PAD)
+    padded = response_logprobs(model, p, pm, responses, rmask, 0.7, with_entropy=True)
+    packed = response_logprobs(model, p, pm, responses, rmask, 0.7, with_entropy=True, packed=True)
+    assert (packed[0] - padded[0]).abs().max() < 1e-5 and (packed[1] - padded[1]).abs().max() < 1e-5
+    critic = load_scalar_model(str(tiny_checkpoints.rm), tok).eval()
+    v_pad = response_values(critic, p, pm, responses, rmask) * rmask
+    v_pack = response_values(critic, p, pm, responses, rmask, packed=True) * rmask
+    assert (v_pack - v_pad).abs().max() < 1e-5

@@ -80,7 +80,8 @@ class RolloutWorker:
 class ReferenceWorker:
     def __init__(self, cfg: Config, checkpoint: str):
         init_worker_process(cfg.reference.num_cpus, cfg.reference.nice)
-        self.ref = ReferenceLogprobs(checkpoint, cfg.rollout.temperature, cfg.reference.batch_size, cfg.model.dtype)
+        self.ref = ReferenceLogprobs(checkpoint, cfg.rollout.temperature, cfg.reference.batch_size, cfg.model.dtype,
+                                     max_tokens=cfg.reference.max_tokens_per_micro_batch)
 
     def logprobs(self, batch: RolloutBatch) -> RefLogprobs:
         return self.ref.logprobs(batch)
@@ -90,7 +91,8 @@ class ReferenceWorker:
 class RewardWorker:
     def __init__(self, cfg: Config, checkpoint: str):
         init_worker_process(cfg.reward.num_cpus, cfg.reward.nice)
-        self.scorer = RewardScorer(checkpoint, cfg.reward.missing_eos_score, cfg.reward.batch_size, cfg.model.dtype)
+        self.scorer = RewardScorer(checkpoint, cfg.reward.missing_eos_score, cfg.reward.batch_size, cfg.model.dtype,
+                                   max_tokens=cfg.reward.max_tokens_per_micro_batch)
 
     def score(self, batch: RolloutBatch) -> Scores:
         return self.scorer.score_rollout(batch)
