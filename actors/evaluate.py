@@ -23,6 +23,7 @@ import torch
 from actors.reward import RewardScorer
 from core.config import Config
 from core.data import SummaryExample, load_tldr
+from core.metrics import MetricsLogger
 from core.modeling import load_frozen
 from core.sequences import pad_left, response_logprobs, sample
 from core.synthetic import judge
@@ -163,4 +164,7 @@ def evaluate_policies(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, ppo_
         samples.append(row)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({"metrics": results, "samples": samples}, indent=2))
+    logger = MetricsLogger(out_dir, cfg=cfg)  # TensorBoard and W&B, as configured
+    logger.log(0, results)
+    logger.close()
     return results

@@ -32,6 +32,7 @@ from core.sequences import (
 from core.sharding import (
     Rank, all_gather_rows, all_reduce_max, all_reduce_sum, full_weights, one_rank_group, rank_share, shard_model,
 )
+from core.throughput import forward_flops, mfu, model_params, peak_flops, training_flops
 from core.weight_sync import WeightsPacket, make_packet
 
 
@@ -160,6 +161,7 @@ class PPOLearner:
                         ("reward scores", exp.scores)):
             if not torch.isfinite(t).all():
                 raise FloatingPointError(f"non-finite {name} in batch {exp.batch_id}")
+        peak = peak_flops(self.device, "bfloat16" if self.model_cfg.mixed_precision == "bf16" else self.model_cfg.dtype)
         t0, cpu0 = time.perf_counter(), time.process_time()
         mask = exp.response_mask.float()
         # With a single update the value loss's forward is the one GAE needs: run the critic once, not twice.
@@ -204,6 +206,7 @@ class PPOLearner:
             # below learner_s when the learner waits for a core it shares with other roles
             "timing/learner_cpu_s": time.process_time() - cpu0,
         })
+        metrics.update(self._throughput(exp, metrics["timing/learner_s"], peak))
         if adv.values is not None:
             metrics["ppo/value_mean"] = pm.masked_mean(adv.values, mask).item()
             metrics["ppo/return_mean"] = pm.masked_mean(adv.returns, mask).item()
@@ -211,6 +214,21 @@ class PPOLearner:
             if not math.isfinite(v):
                 raise FloatingPointError(f"{k} is {v} after update to version {self.version}")
         return metrics
+
+    def _throughput(self, exp: Experience, seconds: float, peak: float) -> dict[str, float]:
+        """Tokens/s and MFU of this update (`core.throughput`): every epoch trains the policy (and the critic) on
+        every token of the batch; GAE's old values are one more critic forward unless the update reuses it. A rank
+        of a group does 1/N of the work on its own device."""
+        pc, tokens = self.pc, int(exp.prompt_mask.sum() + exp.response_mask.sum())
+        checkpointing = self.model_cfg.gradient_checkpointing
+        flops = training_flops(*model_params(self.policy), tokens * pc.ppo_epochs, checkpointing)
+        if self.critic is not None:
+            critic = model_params(self.critic)
+            flops += training_flops(*critic, tokens * pc.ppo_epochs, checkpointing)
+            if not self._single_update(exp):
+                flops += forward_flops(critic[0], tokens)
+        return {"perf/learner_tokens_per_s": tokens * pc.ppo_epochs / seconds if seconds > 0 else 0.0,
+                "perf/learner_mfu": mfu(flops / self.rank.world, seconds, peak)}
 
     def _minibatch(self, exp: Experience, adv: Advantages, mask: torch.Tensor,
                    idx: torch.Tensor, values_graph: torch.Tensor | None = None,

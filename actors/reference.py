@@ -9,6 +9,7 @@ import torch
 from core.experience import RefLogprobs, RolloutBatch
 from core.modeling import default_device, load_frozen
 from core.sequences import micro_batch_groups, response_logprobs, trim_padding
+from core.throughput import forward_flops, mfu, model_params, peak_flops
 
 
 class ReferenceLogprobs:
@@ -19,10 +20,12 @@ class ReferenceLogprobs:
         self.device = device or default_device()
         self.model, self.tokenizer = load_frozen(checkpoint, "causal_lm", dtype, self.device)
         self.temperature, self.batch_size, self.max_tokens = temperature, batch_size, max_tokens
+        self.dtype, self.n_params = dtype, model_params(self.model)[0]
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch) -> RefLogprobs:
         """Micro batches of similar lengths (`micro_batch_groups`; packed under a token budget), in batch order."""
+        peak = peak_flops(self.device, self.dtype)  # measured once, outside the timed work
         t0 = time.perf_counter()
         out = torch.zeros(batch.responses.shape, dtype=torch.float32)
         lengths = (batch.prompt_mask.sum(-1) + batch.response_mask.sum(-1)).tolist()
@@ -33,4 +36,7 @@ class ReferenceLogprobs:
             lp, _ = response_logprobs(self.model, prompts, pmask, responses, rmask, self.temperature,
                                       packed=self.max_tokens is not None)
             out[rows, : lp.shape[1]] = lp.float().cpu()
-        return RefLogprobs(batch_id=batch.batch_id, shard=batch.shard, logprobs=out, ref_s=time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        flops = forward_flops(self.n_params, int(batch.prompt_mask.sum() + batch.response_mask.sum()))
+        return RefLogprobs(batch_id=batch.batch_id, shard=batch.shard, logprobs=out, ref_s=seconds,
+                           mfu=mfu(flops, seconds, peak))

@@ -12,6 +12,7 @@ from torch import Tensor
 from core.experience import RolloutBatch, Scores
 from core.modeling import default_device, load_frozen
 from core.sequences import eos_trick, has_eos, micro_batch_groups, pad_right, sequence_scores
+from core.throughput import forward_flops, mfu, model_params, peak_flops
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class RewardScorer:
         self.model, self.tokenizer = load_frozen(checkpoint, "scalar", dtype, self.device)
         self.bias = float(getattr(self.model.config, "reward_bias", 0.0) or 0.0)
         self.missing_eos_score, self.batch_size, self.max_tokens = missing_eos_score, batch_size, max_tokens
+        self.dtype, self.n_params = dtype, model_params(self.model)[0]
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
 
     @torch.no_grad()
@@ -57,10 +59,13 @@ class RewardScorer:
         return TokenScores(eos_trick(raw, eos, self.missing_eos_score), raw, eos)
 
     def score_rollout(self, batch: RolloutBatch) -> Scores:
+        peak = peak_flops(self.device, self.dtype)  # measured once, outside the timed work
         t0 = time.perf_counter()
         s = self.score_tokens(batch.prompts, batch.prompt_mask, batch.responses, batch.response_mask)
+        seconds = time.perf_counter() - t0
+        flops = forward_flops(self.n_params, int(batch.prompt_mask.sum() + batch.response_mask.sum()))
         return Scores(batch_id=batch.batch_id, shard=batch.shard, scores=s.scores, raw_scores=s.raw_scores,
-                      has_eos=s.has_eos, score_s=time.perf_counter() - t0)
+                      has_eos=s.has_eos, score_s=seconds, mfu=mfu(flops, seconds, peak))
 
     def score_token_ids(self, sequences: list[list[int]]) -> list[float]:
         """Scores of whole tokenized sequences (query + response + EOS), no EOS trick."""

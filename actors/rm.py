@@ -23,6 +23,7 @@ from core.metrics import MetricsLogger
 from core.modeling import count_params, load_scalar_model, load_tokenizer, save_checkpoint, trainable
 from core.sequences import micro_batch_groups, pad_right, sequence_scores
 from core.text import encode_responses, with_encodable_queries
+from core.throughput import mfu, model_params, peak_flops, training_flops
 from core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
 
 log = logging.getLogger(__name__)
@@ -81,10 +82,13 @@ class RMTrainer:
                                   self.resume, best={f"{self.role}/valid_accuracy": -1.0})
         step, best = training.step, training.best
         packed = rc.max_tokens_per_micro_batch is not None
-        metrics = MetricsLogger(self.out_dir)
+        n_params = model_params(model)
+        peak = peak_flops(next(model.parameters()).device, cfg.model.dtype)
+        metrics = MetricsLogger(self.out_dir, cfg=cfg)
         bar = tqdm(total=training.total_steps, initial=step, desc=self.role, mininterval=2, ascii=True)
         for idx in epoch_batches(len(train_c), rc.batch_size, rc.epochs, cfg.run.seed, step):
             model.train()
+            t_step = time.perf_counter()
             loss_sum, correct = 0.0, 0
             # chosen and rejected share one forward: a pair takes the longer side's length twice when padded,
             # both sides' tokens when packed
@@ -101,10 +105,14 @@ class RMTrainer:
                 loss_sum += loss.item()
                 correct += int((rc_ > rr).sum())
             grad_norm = optimizer_step(model, training.opt, training.sched, rc.max_grad_norm)
+            step_s, tokens = time.perf_counter() - t_step, sum(len(train_c[i]) + len(train_r[i]) for i in idx)
             step += 1
             bar.update(1)
             metrics.log(step, {f"{self.role}/loss": loss_sum, f"{self.role}/train_accuracy": correct / len(idx),
-                               f"{self.role}/grad_norm": grad_norm, f"{self.role}/lr": training.sched.get_last_lr()[0]})
+                               f"{self.role}/grad_norm": grad_norm, f"{self.role}/lr": training.sched.get_last_lr()[0],
+                               f"{self.role}/tokens_per_s": tokens / step_s,
+                               f"{self.role}/mfu": mfu(training_flops(*n_params, tokens, cfg.model.gradient_checkpointing),
+                                                       step_s, peak)})
             if step % rc.eval_every == 0 or step == training.total_steps:
                 result = self.evaluate(model, tok, valid_pairs, valid)
                 metrics.log(step, result)

@@ -18,6 +18,7 @@ from core.config import RolloutConfig
 from core.experience import RolloutBatch, RolloutRequest, VersionMismatch
 from core.modeling import default_device, load_frozen
 from core.sequences import pad_left, response_logprobs, sample
+from core.throughput import forward_flops, matmul_params, mfu, peak_flops
 from core.weight_sync import VersionedChecksum, WeightsPacket, checksum, unpack
 
 
@@ -77,20 +78,25 @@ class RolloutGenerator:
             self.backend = HFBackend(checkpoint, cfg, dtype)
         self.worker_index = worker_index
         self.version = 0
+        self.dtype = dtype
+        self.n_params = matmul_params(self.backend.named_weights().items())
         self.last_sync_s = 0.0
 
     def generate(self, req: RolloutRequest) -> RolloutBatch:
         if req.version is not None and req.version != self.version:
             raise VersionMismatch(f"rollout worker {self.worker_index} holds policy v{self.version}, batch {req.batch_id} "
                                   f"needs v{req.version}")
+        peak = peak_flops("cuda" if torch.cuda.is_available() else "cpu", self.dtype)  # cached after the first
         t0 = time.perf_counter()
         responses, rmask, logprobs = self.backend.generate(req.prompts, req.seed)
+        seconds = time.perf_counter() - t0
         pad_id = self.backend.tokenizer.pad_token_id
         prompts, pmask = pad_left(req.prompts, pad_id)
+        tokens = int(pmask.sum() + rmask.sum())  # prefill and decode: a forward pass of each token
         return RolloutBatch(batch_id=req.batch_id, shard=req.shard, worker=self.worker_index,
                             policy_version=self.version, prompt_indices=list(req.prompt_indices), prompts=prompts,
                             prompt_mask=pmask, responses=responses, response_mask=rmask, logprobs=logprobs,
-                            generate_s=time.perf_counter() - t0)
+                            generate_s=seconds, mfu=mfu(forward_flops(self.n_params, tokens), seconds, peak))
 
     def load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
         """Swap in `packet`'s weights; with `verify`, compare the checksum. Returns seconds taken."""

@@ -26,6 +26,7 @@ from core.synthetic import judge
 from core.text import (
     EncodedSummary, budget_warnings, encode_summaries, reference_budget, rouge, with_encodable_queries,
 )
+from core.throughput import mfu, model_params, peak_flops, training_flops
 from core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,13 @@ class SFTTrainer:
                                   self.resume, best={"sft/valid_loss": float("inf")})
         step, best = training.step, training.best
         packed = sc.max_tokens_per_micro_batch is not None
-        metrics = MetricsLogger(self.out_dir)
+        n_params = model_params(model)
+        peak = peak_flops(next(model.parameters()).device, cfg.model.dtype)
+        metrics = MetricsLogger(self.out_dir, cfg=cfg)
         bar = tqdm(total=training.total_steps, initial=step, desc="sft", mininterval=2, ascii=True)
         for idx in epoch_batches(len(train), sc.batch_size, sc.epochs, cfg.run.seed, step):
             model.train()
+            t_step = time.perf_counter()
             lengths = [len(train[i].query_ids) + len(train[i].summary_ids) for i in idx]
             micro = [sft_batch([train[idx[j]] for j in group], tok.pad_token_id)
                      for group in micro_batch_groups(lengths, sc.micro_batch_size, sc.max_tokens_per_micro_batch)]
@@ -126,10 +130,13 @@ class SFTTrainer:
                 (loss / n_tokens).backward()
                 loss_sum += loss.item()
             grad_norm = optimizer_step(model, training.opt, training.sched, sc.max_grad_norm)
+            step_s = time.perf_counter() - t_step
             step += 1
             bar.update(1)
+            flops = training_flops(*n_params, sum(lengths), cfg.model.gradient_checkpointing)
             metrics.log(step, {"sft/loss": loss_sum / n_tokens, "sft/grad_norm": grad_norm,
-                               "sft/lr": training.sched.get_last_lr()[0]})
+                               "sft/lr": training.sched.get_last_lr()[0], "sft/tokens_per_s": sum(lengths) / step_s,
+                               "sft/mfu": mfu(flops, step_s, peak)})
             if step % sc.eval_every == 0 or step == training.total_steps:
                 result = self.evaluate(model, tok, valid, eval_examples, eval_queries)
                 metrics.log(step, result)

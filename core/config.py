@@ -69,6 +69,12 @@ class RunConfig(_Section):
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     seed: int = Field(0, description="Seed for torch, numpy and Python's RNG in every component.")
     keep_checkpoints: int = Field(2, ge=0, description="Newest resumable checkpoints kept per stage in <stage>/checkpoints (0: all).")
+    loggers: list[Literal["tensorboard", "wandb"]] = Field(["tensorboard"], description=(
+        "Where metrics go besides <stage>/metrics.jsonl: TensorBoard (<stage>/tensorboard) and/or Weights & Biases "
+        "(one W&B run per stage, grouped by the run directory's name, with the whole config; "
+        "pip install 'rayrlhf[wandb]'; WANDB_API_KEY, or WANDB_MODE=offline for <run>/wandb)."))
+    wandb_project: str = Field("rayrlhf", description="W&B project of the run's stages.")
+    wandb_entity: str | None = Field(None, description="W&B entity (user or team); null: the API key's default.")
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

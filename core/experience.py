@@ -48,6 +48,7 @@ class RolloutBatch:
     response_mask: Tensor
     logprobs: Tensor
     generate_s: float = 0.0
+    mfu: float = 0.0  # model FLOPs utilisation of the generation (core.throughput)
 
 
 @dataclass(kw_only=True)
@@ -60,6 +61,7 @@ class Scores:
     raw_scores: Tensor
     has_eos: Tensor
     score_s: float = 0.0
+    mfu: float = 0.0
 
 
 @dataclass
@@ -68,6 +70,7 @@ class RefLogprobs:
     shard: int
     logprobs: Tensor  # (B, R), 0 on padding
     ref_s: float = 0.0
+    mfu: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -119,5 +122,8 @@ class Experience:
                 "generate_s": max(r.generate_s for r in rollouts),
                 "ref_s": max(lp.ref_s for lp in refs),
                 "score_s": max(s.score_s for s in scores),
+                "generate_mfu": sum(r.mfu for r in rollouts) / len(rollouts),
+                "ref_mfu": sum(lp.mfu for lp in refs) / len(refs),
+                "score_mfu": sum(s.mfu for s in scores) / len(scores),
             },
         )

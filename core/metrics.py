@@ -1,28 +1,53 @@
-"""Metrics as JSONL (one object per step) and TensorBoard scalars, with namespaced names (`ppo/...`)."""
+"""Metrics as JSONL (one object per step), TensorBoard scalars and Weights & Biases, with namespaced names
+(`ppo/...`). The JSONL file is the record (reports, resume); the others mirror it."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.checkpoints import atomic_write_text
 
+if TYPE_CHECKING:
+    from core.config import Config
+
+
+def wandb_run(cfg: Config, run_dir: Path, stage: str):
+    """The W&B run of one stage of a rayrlhf run: id `<run id>-<stage>` (the run id is made once and kept in
+    <run>/wandb_id, so a resumed stage appends to its own W&B run), grouped by the run directory's name, with the
+    whole config. Offline (WANDB_MODE=offline) it is written under <run>/wandb."""
+    import wandb
+
+    id_file = run_dir / "wandb_id"
+    if not id_file.exists():
+        atomic_write_text(id_file, uuid.uuid4().hex[:8])
+    run_id = id_file.read_text().strip()
+    return wandb.init(project=cfg.run.wandb_project, entity=cfg.run.wandb_entity, id=f"{run_id}-{stage}",
+                      name=f"{run_dir.name}/{stage}", group=run_dir.name, job_type=stage, dir=str(run_dir),
+                      config=cfg.model_dump(mode="json"), resume="allow", reinit="finish_previous")
+
 
 class MetricsLogger:
-    """Appends `{"step": s, "time": t, name: value, ...}` lines to metrics.jsonl and mirrors them to TensorBoard."""
+    """Appends `{"step": s, "time": t, name: value, ...}` lines to metrics.jsonl and mirrors them to TensorBoard
+    and, with `cfg.run.loggers` naming it, to the stage's W&B run (`wandb_run`)."""
 
-    def __init__(self, log_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, log_dir: str | Path, tensorboard: bool = True, cfg: Config | None = None):
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         self._file = self.path.open("a")
-        self._tb = None
-        if tensorboard:
+        loggers = cfg.run.loggers if cfg is not None else ["tensorboard"] if tensorboard else []
+        self._tb = self._wandb = None
+        if "tensorboard" in loggers:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+        if "wandb" in loggers and cfg is not None:
+            self._wandb = wandb_run(cfg, self.dir.parent, self.dir.name)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for name in metrics:
@@ -31,10 +56,12 @@ class MetricsLogger:
         clean = {k: float(v) for k, v in metrics.items()}
         self._file.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
         self._file.flush()
+        finite = {k: v for k, v in clean.items() if math.isfinite(v)}
         if self._tb is not None:
-            for k, v in clean.items():
-                if math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+            for k, v in finite.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(finite, step=step)
 
     @staticmethod
     def truncate(log_dir: str | Path, last_step: int) -> int:
@@ -51,6 +78,8 @@ class MetricsLogger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -171,7 +171,7 @@ class PPODriver:
         self.start()
         state = self.restore(resume) if resume is not None else self.fresh()
         setup_s = time.perf_counter() - self.created
-        metrics_log = MetricsLogger(self.out_dir)
+        metrics_log = MetricsLogger(self.out_dir, cfg=self.cfg)
         bar = tqdm(total=self.pc.steps, initial=state.step, desc="ppo", mininterval=2, ascii=True)
         pending: list[PendingLoad] = []
         done = Throughput()
@@ -221,6 +221,9 @@ class PPODriver:
         return {**metrics, **timer.metrics(),
                 "timing/generate_s": exp.timings["generate_s"], "timing/reference_s": exp.timings["ref_s"],
                 "timing/reward_s": exp.timings["score_s"], "timing/worker_load_s": max(sync_times, default=0.0),
+                "perf/rollout_mfu": exp.timings["generate_mfu"], "perf/reference_mfu": exp.timings["ref_mfu"],
+                "perf/reward_mfu": exp.timings["score_mfu"],
+                "perf/rollout_tokens_per_s": tokens / exp.timings["generate_s"] if exp.timings["generate_s"] > 0 else 0.0,
                 "rollout/policy_version": float(exp.policy_version), "rollout/num_workers": float(num_workers),
                 "rollout/sequences": float(exp.size),
                 "rollout/sequences_per_s": done.sequences / (time.perf_counter() - done.start)}, pending

@@ -158,10 +158,29 @@ def check_model_positions(cfg: Config, gguf_positions: int | None) -> None:
                              f"{cfg.model.name_or_path}")
 
 
+def check_loggers(cfg: Config) -> None:
+    """W&B, when asked for: the package, and a way to log (an API key, or an offline/disabled mode)."""
+    import importlib.util
+    import os
+
+    if "wandb" not in cfg.run.loggers:
+        return
+    if importlib.util.find_spec("wandb") is None:
+        raise PreflightError("run.loggers includes wandb but the wandb package is not installed: "
+                             "pip install 'rayrlhf[wandb]'")
+    mode = os.environ.get("WANDB_MODE", "online")
+    netrc = Path.home() / ".netrc"
+    logged_in = "WANDB_API_KEY" in os.environ or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    if mode not in ("offline", "disabled", "dryrun") and not logged_in:
+        raise PreflightError("run.loggers includes wandb but W&B has no credentials: set WANDB_API_KEY (or run "
+                             "`wandb login`), or WANDB_MODE=offline to log into <run>/wandb")
+
+
 def check_inputs(cfg: Config, command: str, run_dir: Path | None, sft_checkpoint: str | None,
                  rm_checkpoint: str | None) -> None:
     """Everything `command` reads before it starts Ray: data, model positions, the checkpoints it starts from."""
     check_data(cfg, needs_prompts=command in ("train", "ppo"))
+    check_loggers(cfg)
     check_model_positions(cfg, check_model(cfg))
     run = run_dir if run_dir is not None else Path("<new run directory>")
     if command == "judge" and cfg.data.judge_fraction == 0:

@@ -49,6 +49,32 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+# (stage metrics file, role, metric prefix): each role's tokens/s and MFU (core.throughput), logged every step
+THROUGHPUT = (("sft", "SFT", "sft/"), ("rm", "reward model", "rm/"), ("judge", "judge", "judge/"),
+              ("ppo", "PPO learner", "perf/learner_"), ("ppo", "rollout", "perf/rollout_"),
+              ("ppo", "reference", "perf/reference_"), ("ppo", "reward scorer", "perf/reward_"))
+
+
+def throughput_lines(run: RunDir) -> list[str]:
+    """Mean tokens/s and MFU of each role over its steps; MFU against the peak each role measured on its own
+    device (a matmul probe on CPU, the datasheet on known GPUs)."""
+    rows = []
+    for stage, role, prefix in THROUGHPUT:
+        series = read_metrics(run.path / stage / "metrics.jsonl")
+        figures = {}
+        for what in ("tokens_per_s", "mfu"):
+            values = [r[f"{prefix}{what}"] for r in series if f"{prefix}{what}" in r]
+            figures[what] = sum(values) / len(values) if values else None
+        if figures["mfu"] is not None:
+            tps = f"{figures['tokens_per_s']:.1f}" if figures["tokens_per_s"] is not None else "-"
+            rows.append(f"| {role} | {tps} | {100 * figures['mfu']:.1f} % |")
+    if not rows:
+        return []
+    return ["## Throughput", "", "Mean over steps; model FLOPs (2 per matmul parameter per token forward, backward "
+            "as trained) against each role's measured peak.", "", "| role | tokens/s | MFU |", "|---|---|---|",
+            *rows, ""]
+
+
 def write_report(run: RunDir) -> Path:
     stages = run.stages()
     lines = [f"# rayrlhf run report: `{run.path.name}`", ""]
@@ -79,6 +105,7 @@ def write_report(run: RunDir) -> Path:
             lines.append(f"- The judge is a reward model trained on comparisons disjoint from the training reward "
                          f"model's; its held-out pair accuracy: {accuracy:.3f}")
         lines.append("")
+    lines += throughput_lines(run)
     warnings = budget_warnings({k: v for summary in stages.values() for k, v in summary.items()})
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]

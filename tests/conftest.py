@@ -14,6 +14,9 @@ if "ray" in sys.modules:  # too late: Ray has already read its auth settings
     raise RuntimeError("ray was imported before tests/conftest.py could set RAY_AUTH_MODE/RAY_AUTH_TOKEN")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# W&B (run.loggers) writes offline runs under <run>/wandb, never the network; set before Ray starts workers
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
 # Token auth chosen deliberately (not left to Ray's default), with a fresh token per test session.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)

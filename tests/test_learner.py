@@ -70,7 +70,7 @@ def test_first_epoch_ratio_is_one(make_tiny_cfg, tiny_checkpoints, experience):
     assert m["ppo/kl"] == pytest.approx(0.0, abs=1e-5)  # the reference is the same SFT checkpoint
     assert m["ppo/advantage_mean"] == pytest.approx(0.0, abs=1e-5)  # whitened
     assert all(math.isfinite(v) for v in m.values())
-    assert {k.split("/")[0] for k in m} <= {"ppo", "reward", "rollout", "timing"}
+    assert {k.split("/")[0] for k in m} <= {"ppo", "reward", "rollout", "timing", "perf"}
 
 
 @pytest.mark.parametrize("policy_version", [-2, 1])

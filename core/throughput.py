@@ -1,0 +1,88 @@
+"""Model FLOPs utilisation (MFU): the FLOP/s a role's model work needs, against its device's peak.
+
+FLOPs are counted as Kaplan et al. (2020) and PaLM's MFU count them: 2 per matmul parameter per token for a
+forward pass; a backward pass adds 2 for the gradients that flow through every weight and 2 more per trainable
+parameter for the weight gradients (LoRA trains few: its backward costs about one forward, not two); gradient
+checkpointing adds the recomputed forward. The token embedding is a lookup, not a matmul, and is left out (with an
+LM head tied to it), as are attention's score FLOPs: the figure slightly understates the work done.
+
+The peak: a GPU's dense datasheet figure for the dtype (the table below; bf16/fp16 tensor cores, fp32 without
+TF32), or a short matmul probe on the role's own threads, once per process, on a CPU or an unknown GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+# Dense (no sparsity) peak FLOP/s per GPU from the vendors' datasheets (SXM parts).
+GPU_PEAK_FLOPS = {
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "L40S": {"bfloat16": 362e12, "float16": 362e12, "float32": 91.6e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12},
+}
+
+
+def matmul_params(named: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Parameters that take part in matmuls: all but the token (and position) embeddings."""
+    return sum(t.numel() for name, t in named if "embed" not in name and ".wte." not in name and ".wpe." not in name)
+
+
+def model_params(model: nn.Module) -> tuple[int, int]:
+    """(matmul parameters, trainable ones among them) of a model, peft-wrapped or not."""
+    named = list(model.named_parameters())
+    return matmul_params(named), matmul_params((n, p) for n, p in named if p.requires_grad)
+
+
+def forward_flops(n_params: int, tokens: int) -> float:
+    return 2.0 * n_params * tokens
+
+
+def training_flops(n_params: int, n_trainable: int, tokens: int, checkpointing: bool = False) -> float:
+    """Forward + backward (+ the recomputed forward with gradient checkpointing) over `tokens` tokens."""
+    per_token = 2 * n_params + 2 * n_params + 2 * n_trainable + (2 * n_params if checkpointing else 0)
+    return float(per_token) * tokens
+
+
+def _probe(device: torch.device, dtype: torch.dtype, seconds: float = 0.3, n: int = 1024) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    sync()
+    return 2.0 * n**3 * count / (time.perf_counter() - t0)
+
+
+@functools.cache
+def _peak(device_type: str, dtype_name: str, threads: int) -> float:
+    dtype = getattr(torch, dtype_name)
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, peaks in GPU_PEAK_FLOPS.items():
+            if key in name and dtype_name in peaks:
+                return peaks[dtype_name]
+    return _probe(torch.device(device_type), dtype)
+
+
+def peak_flops(device: str | torch.device, dtype: str = "float32") -> float:
+    """Peak FLOP/s of this process's device in `dtype`: the GPU table, else a probe at the current torch threads
+    (cached per device, dtype and thread count: the probe costs about 0.3 s once)."""
+    device_type = torch.device(device).type
+    return _peak(device_type, dtype, torch.get_num_threads() if device_type == "cpu" else 0)
+
+
+def mfu(flops: float, seconds: float, peak: float) -> float:
+    """Share of the peak that `flops` in `seconds` achieved (0 when nothing was timed)."""
+    return flops / seconds / peak if seconds > 0 and peak > 0 else 0.0
