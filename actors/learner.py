@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import get_constant_schedule, get_cosine_schedule_with_warmup
@@ -33,7 +35,7 @@ from core.sharding import (
     Rank, all_gather_rows, all_reduce_max, all_reduce_sum, full_weights, one_rank_group, rank_share, shard_model,
 )
 from core.throughput import forward_flops, mfu, model_params, peak_flops, training_flops
-from core.weight_sync import WeightsPacket, make_packet
+from core.weight_sync import WeightsPacket, make_packet, stream_packet
 
 
 class StalenessError(RuntimeError):
@@ -308,8 +310,20 @@ class PPOLearner:
         keep = self.rank.rank == 0
         return {name: t.cpu() for name, t in full_weights(self.policy) if keep}
 
-    def make_packet(self) -> WeightsPacket:
-        return make_packet(self.policy_weights(), self.version, int(self.pc.bucket_mb * 2**20))
+    def make_packet(self, store: Callable[[torch.Tensor], Any] | None = None) -> WeightsPacket | None:
+        """The policy's weights as a versioned, checksummed packet of flat buckets. Sharded, every rank gathers
+        the full tensors one at a time (a collective) and rank 0 fills one bucket at a time, handing each to
+        `store` (the actor passes `ray.put`) before the next: no rank holds more than its shard plus one bucket
+        and one tensor. The other ranks return None."""
+        bucket_bytes = int(self.pc.bucket_mb * 2**20)
+        if not self.fsdp:
+            return make_packet(self.policy_weights(), self.version, bucket_bytes)
+        gathered = ((name, t.cpu()) for name, t in full_weights(self.policy))
+        if self.rank.rank != 0:
+            for _ in gathered:  # take part in every gather, keep nothing
+                pass
+            return None
+        return stream_packet(gathered, self.version, bucket_bytes, store or (lambda bucket: bucket))
 
     def save(self, out_dir: str | Path) -> None:
         """Policy and critic in Hugging Face format, plus `learner_state.pt`: everything `load` needs to go on

@@ -382,6 +382,11 @@ class PPOConfig(_Section):
     learner_workers: int = Field(1, ge=1, description=(
         "Ranks of the learner group: policy and critic sharded with FSDP2 over this many actors (gloo on CPU, "
         "NCCL on GPU), each with ppo.num_cpus and ppo.num_gpus; every rank takes an equal share of each minibatch."))
+    use_idle_cores: bool = Field(True, description=(
+        "Synchronous PPO (max_staleness 0) runs one role at a time: generation, then reference and reward side by "
+        "side, then the learner. Each then uses the cores of its node that the others leave idle for its torch "
+        "threads (node cores / rollout workers, / scorer replicas, / learner ranks), not only its num_cpus. With "
+        "max_staleness >= 1 the roles overlap and keep their num_cpus."))
     num_cpus: float = Field(1, ge=0, description="CPUs of the learner actor (of each rank of a learner group).")
     num_gpus: float = Field(0, ge=0, description="GPUs of the learner actor (of each rank of a learner group).")
 
@@ -473,6 +478,20 @@ class Config(_Section):
             raise ValueError("model.mixed_precision needs ppo.weight_sync object_store (the collective transport's "
                              "group and the learner's FSDP group would both be the process's default group)")
         return self
+
+
+def role_threads(cfg: Config, role: Literal["rollout", "reference", "reward", "learner"], node_cores: int) -> int:
+    """torch threads of a PPO role's actor on a node with `node_cores` cores: its num_cpus, or, in the synchronous
+    schedule with ppo.use_idle_cores, its share of the node's cores while its turn lasts (the reference and the
+    reward scorers run side by side and split them)."""
+    scorers = cfg.reference.replicas + cfg.reward.replicas
+    own, sharing = {"rollout": (cfg.rollout.num_cpus, cfg.rollout.num_workers),
+                    "reference": (cfg.reference.num_cpus, scorers), "reward": (cfg.reward.num_cpus, scorers),
+                    "learner": (cfg.ppo.num_cpus, cfg.ppo.learner_workers)}[role]
+    threads = max(1, int(own))
+    if cfg.ppo.max_staleness == 0 and cfg.ppo.use_idle_cores:
+        threads = max(threads, node_cores // sharing)
+    return threads
 
 
 def role_cpus(cfg: Config) -> float:

@@ -17,6 +17,11 @@ def enable_token_auth() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
+def node_cores() -> int:
+    """Cores this process may run on (its CPU affinity; Ray does not pin workers)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def init_worker_process(num_cpus: float, nice: int = 0) -> None:
     """Inside an actor: torch threads match the actor's CPUs (oversubscribed OpenMP threads spin and stall).
 

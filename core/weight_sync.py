@@ -14,9 +14,9 @@ that produced it. A sync that does not finish within its timeout raises `WeightS
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -47,7 +47,8 @@ class BucketLayout:
 
 @dataclass(frozen=True)
 class WeightsPacket:
-    """A complete set of policy weights at one version. `buckets[i]` is flat, laid out by `layouts[i]`."""
+    """A complete set of policy weights at one version. `buckets[i]` is flat, laid out by `layouts[i]`; from a
+    sharded learner it is the bucket's Ray ObjectRef (`stream_packet`), which the receiving worker resolves."""
 
     version: int
     layouts: tuple[BucketLayout, ...]
@@ -101,19 +102,59 @@ def unpack(layouts: tuple[BucketLayout, ...], buckets: Iterable[Tensor]) -> Iter
             yield name, flat[off : off + n].view(shape)
 
 
-def checksum(named: Iterable[tuple[str, Tensor]]) -> str:
-    """sha256 over names and bytes in name order: equal iff every tensor is bit-identical."""
+def tensor_digest(name: str, t: Tensor) -> bytes:
+    h = hashlib.sha256(name.encode())
+    h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
+def combine_digests(digests: dict[str, bytes]) -> str:
+    """The checksum of a set of tensors from their digests, in name order (so the order they came in is free)."""
     h = hashlib.sha256()
-    for name, t in sorted(named, key=lambda kv: kv[0]):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    for name in sorted(digests):
+        h.update(digests[name])
     return h.hexdigest()
 
 
+def checksum(named: Iterable[tuple[str, Tensor]]) -> str:
+    """sha256 over each tensor's name and bytes, in name order: equal iff every tensor is bit-identical."""
+    return combine_digests({name: tensor_digest(name, t) for name, t in named})
+
+
+def stream_packet(named: Iterable[tuple[str, Tensor]], version: int, bucket_bytes: int,
+                  store: Callable[[Tensor], Any] = lambda bucket: bucket) -> WeightsPacket:
+    """A packet built as the tensors arrive: each bucket (`plan_buckets`' rule) is filled, handed to `store` and
+    dropped before the next one fills, so a caller that gathers sharded weights one tensor at a time
+    (`sharding.full_weights`) and stores buckets away (`ray.put`) never holds more than one bucket of them.
+    `packet.buckets` holds what `store` returned: the buckets themselves by default."""
+    layouts: list[BucketLayout] = []
+    stored: list[Any] = []
+    digests: dict[str, bytes] = {}
+    pending: list[tuple[str, Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        lay = plan_buckets(pending, bucket_bytes=2**62)[0]  # the rule was applied on the way in: one bucket
+        layouts.append(lay)
+        stored.append(store(torch.cat([t.detach().reshape(-1).cpu() for _, t in pending])))
+        pending.clear()
+
+    size = 0
+    for name, t in named:
+        digests[name] = tensor_digest(name, t)
+        nbytes = t.numel() * t.element_size()
+        if pending and (pending[0][1].dtype != t.dtype or size + nbytes > bucket_bytes):
+            flush()
+            size = 0
+        pending.append((name, t))
+        size += nbytes
+    flush()
+    return WeightsPacket(version, tuple(layouts), tuple(stored), combine_digests(digests))
+
+
 def make_packet(named: dict[str, Tensor], version: int, bucket_bytes: int) -> WeightsPacket:
-    layouts = plan_buckets(named.items(), bucket_bytes)
-    buckets = tuple(b.cpu() for b in pack(named, layouts))
-    return WeightsPacket(version, layouts, buckets, checksum(named.items()))
+    return stream_packet(named.items(), version, bucket_bytes)
 
 
 class CollectiveGroup:

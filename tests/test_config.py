@@ -258,3 +258,18 @@ def test_package_paths_name_a_file_inside_an_installed_package():
     cfg = load_config(None, ["model.name_or_path=package:configs/m.gguf"])
     folder, name = cfg.model.gguf
     assert name == "m.gguf" and Path(folder) == Path(package_path("package:configs/default.yaml")).parent
+
+
+def test_roles_take_the_idle_cores_only_when_they_run_alone():
+    """Synchronous PPO: each role's turn gets the node's cores (scorers split them); asynchronous: num_cpus."""
+    from core.config import role_threads
+
+    sync = load_config(None, ["ppo.max_staleness=0", "rollout.num_workers=2", "reward.replicas=2"])
+    assert role_threads(sync, "learner", 8) == 8
+    assert role_threads(sync, "rollout", 8) == 4  # two workers generate at once
+    assert role_threads(sync, "reference", 8) == role_threads(sync, "reward", 8) == 2  # 1 + 2 scorers side by side
+    assert role_threads(sync, "reward", 2) == 1
+    fixed = load_config(None, ["ppo.max_staleness=0", "ppo.use_idle_cores=false", "ppo.num_cpus=3"])
+    assert role_threads(fixed, "learner", 8) == 3
+    overlapping = load_config(None, ["ppo.max_staleness=1", "ppo.num_cpus=2"])
+    assert role_threads(overlapping, "learner", 8) == 2 and role_threads(overlapping, "rollout", 8) == 1

@@ -15,6 +15,7 @@ import torch
 
 from actors.learner import PPOLearner
 from core.sharding import full_weights, rank_share
+from core.weight_sync import checksum, unpack
 
 # 8 sequences; minibatches of 4 (2 per rank), micro batches of 1, two epochs: four optimizer steps.
 GROUP_STEP = ["ppo.prompts_per_step=4", "ppo.samples_per_prompt=2", "ppo.minibatch_size=4", "ppo.micro_batch_size=1",
@@ -72,9 +73,16 @@ def _group_rank(rank: int, world: int, port: int, overrides: list[str], sft: str
         learner = PPOLearner.from_config(load_config(None, [*TINY_OVERRIDES, *overrides]), sft, rm, device="cpu")
         assert learner.rank.world == world
         metrics = learner.train_step(torch.load(exp_path, weights_only=False))
+        stored: list[torch.Tensor] = []
+        packet = learner.make_packet(store=lambda b: stored.append(b) or len(stored) - 1)  # collective
+        assert (packet is None) == (rank != 0)
+        if packet is not None:  # streamed bucket by bucket, each stored away as it filled
+            assert packet.buckets == tuple(range(len(stored))) and packet.version == learner.version
+            assert checksum(unpack(packet.layouts, stored)) == packet.checksum
         policy = learner.policy_weights()  # collective
         critic = {n: t.cpu() for n, t in full_weights(learner.critic)} if learner.critic is not None else {}
         if rank == 0:
+            assert packet.checksum == checksum(policy.items())
             torch.save({"policy": policy, "critic": critic, "metrics": metrics}, out_path)
     finally:
         dist.destroy_process_group()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core.weight_sync import (
-    CollectiveGroup, WeightSyncError, checksum, make_packet, pack, plan_buckets, unpack,
+    CollectiveGroup, WeightSyncError, checksum, make_packet, pack, plan_buckets, stream_packet, unpack,
 )
 
 # --- plain functions --------------------------------------------------------------------------------
@@ -79,7 +79,40 @@ def test_make_packet():
     named = _mixed()
     packet = make_packet(named, version=7, bucket_bytes=64)
     assert packet.version == 7 and len(packet.buckets) == len(packet.layouts) == 5
+    assert packet.layouts == plan_buckets(named.items(), 64)  # the collective transport's layout
     assert packet.checksum == checksum(named.items())
+
+
+def test_a_streamed_packet_stores_each_bucket_before_the_next_fills():
+    """What a sharded learner's rank 0 does: tensors arrive one at a time (gathered from shards), and every
+    bucket is handed to the store (ray.put) before a tensor of the next bucket is taken, so no more than one
+    bucket and one tensor are ever held."""
+    named = _mixed()
+    events: list[tuple[str, object]] = []
+
+    def arriving():
+        for name, t in named.items():
+            events.append(("tensor", name))
+            yield name, t
+
+    kept: list[torch.Tensor] = []
+
+    def store(bucket: torch.Tensor) -> int:
+        events.append(("store", bucket.numel()))
+        kept.append(bucket)
+        return len(kept) - 1  # a handle, as ray.put returns one
+
+    packet = stream_packet(arriving(), version=3, bucket_bytes=64, store=store)
+    assert packet.buckets == (0, 1, 2, 3, 4) and packet.checksum == checksum(named.items())
+    layouts = packet.layouts
+    # taken: a bucket's tensors, then at most the first tensor of the next, then the store call
+    first_of = {lay.names[0]: i for i, lay in enumerate(layouts)}
+    for i, event in enumerate(events):
+        if event[0] == "store" and i + 1 < len(events):
+            assert events[i - 1][0] == "tensor" and events[i - 1][1] in first_of  # only the next's first
+    stored = [e[1] for e in events if e[0] == "store"]
+    assert stored == [lay.numel for lay in layouts]
+    assert checksum(unpack(layouts, kept)) == packet.checksum  # the stored buckets hold exactly the tensors
 
 
 def _free_port() -> int:

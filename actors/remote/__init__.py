@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -24,10 +25,10 @@ from actors.reward import RewardScorer
 from actors.rm import RMTrainer
 from actors.rollout import RolloutGenerator
 from actors.sft import SFTTrainer
-from core.config import Config
+from core.config import Config, role_threads
 from core.experience import Experience, RefLogprobs, RolloutBatch, RolloutRequest, Scores
 from core.modeling import load_tokenizer
-from core.process import init_worker_process
+from core.process import init_worker_process, node_cores
 from core.scaling import ScaleControl, ScaleStatus
 from core.sharding import free_port, join_group
 from core.weight_sync import (
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 @ray.remote
 class RolloutWorker:
     def __init__(self, cfg: Config, checkpoint: str, worker_index: int):
-        init_worker_process(cfg.rollout.num_cpus, cfg.rollout.nice)
+        init_worker_process(role_threads(cfg, "rollout", node_cores()), cfg.rollout.nice)
         self.gen = RolloutGenerator(checkpoint, cfg.rollout, worker_index, cfg.model.dtype)
         self.group: CollectiveGroup | None = None
 
@@ -51,6 +52,8 @@ class RolloutWorker:
         return self.gen.generate(req)
 
     def load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
+        if packet.buckets and isinstance(packet.buckets[0], ray.ObjectRef):  # from a learner group's rank 0
+            packet = replace(packet, buckets=tuple(ray.get(list(packet.buckets))))
         return self.gen.load_weights(packet, verify)
 
     def weights_checksum(self) -> VersionedChecksum:
@@ -79,7 +82,7 @@ class RolloutWorker:
 @ray.remote
 class ReferenceWorker:
     def __init__(self, cfg: Config, checkpoint: str):
-        init_worker_process(cfg.reference.num_cpus, cfg.reference.nice)
+        init_worker_process(role_threads(cfg, "reference", node_cores()), cfg.reference.nice)
         self.ref = ReferenceLogprobs(checkpoint, cfg.rollout.temperature, cfg.reference.batch_size, cfg.model.dtype,
                                      max_tokens=cfg.reference.max_tokens_per_micro_batch)
 
@@ -90,7 +93,7 @@ class ReferenceWorker:
 @ray.remote
 class RewardWorker:
     def __init__(self, cfg: Config, checkpoint: str):
-        init_worker_process(cfg.reward.num_cpus, cfg.reward.nice)
+        init_worker_process(role_threads(cfg, "reward", node_cores()), cfg.reward.nice)
         self.scorer = RewardScorer(checkpoint, cfg.reward.missing_eos_score, cfg.reward.batch_size, cfg.model.dtype,
                                    max_tokens=cfg.reward.max_tokens_per_micro_batch)
 
@@ -120,7 +123,7 @@ class LearnerWorker:
     built by `join`, once the torch.distributed group is up (FSDP2 shards the models as they are built)."""
 
     def __init__(self, cfg: Config, sft_checkpoint: str, rm_checkpoint: str, rank: int = 0, world: int = 1):
-        init_worker_process(cfg.ppo.num_cpus)
+        init_worker_process(role_threads(cfg, "learner", node_cores()))
         self.args, self.rank, self.world = (cfg, sft_checkpoint, rm_checkpoint), rank, world
         self.learner = PPOLearner.from_config(*self.args) if world == 1 else None
         self.group: CollectiveGroup | None = None
@@ -136,8 +139,9 @@ class LearnerWorker:
     def train_step(self, exp: Experience) -> dict[str, float]:
         return self.learner.train_step(exp)
 
-    def make_packet(self) -> WeightsPacket:
-        return self.learner.make_packet()
+    def make_packet(self) -> WeightsPacket | None:
+        # a group's rank 0 puts each bucket in the object store as it fills: it never holds the whole model
+        return self.learner.make_packet(store=ray.put if self.world > 1 else None)
 
     def weights_checksum(self) -> VersionedChecksum:
         return VersionedChecksum(self.learner.version, checksum(self.learner.policy_weights().items()))
