@@ -1,0 +1,119 @@
+"""rayrlhf against TRL's `RLOOTrainer`, side by side in one run: completions/s of the RL phase on the same SFT and
+reward-model checkpoints, the same prompts cut the same way, batch, k, response length, KL coefficient and
+estimator (RLOO), one update per batch.
+
+    python bench/bench_trl.py --run-dir RUN --trl-python /path/to/trl-venv/bin/python [--steps 10] [--set k=v ...]
+
+RUN: a run directory whose `sft` and `rm` stages finished (`rayrlhf train` on the default config makes one). TRL
+runs in its own virtual environment (it pins a newer transformers than rayrlhf's):
+
+    python -m venv trl-venv && trl-venv/bin/pip install torch==2.13.0 'trl==1.16.*'
+
+Order: rayrlhf synchronous, TRL, rayrlhf synchronous with every role on its num_cpus threads only (as before
+`ppo.use_idle_cores`), rayrlhf one step off policy, rayrlhf GAE (the default estimator, with a critic:
+TRL has no PPO with a critic, so it is compared with TRL's RLOO and said so). Both sides get the machine's cores
+(TRL: torch threads = cores; rayrlhf: its roles as configured, `ppo.use_idle_cores` on). Figures only: the
+machine is shared, so the ratios are of one run and the script says what the load was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from core.process import enable_token_auth, quiet_transformers  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--trl-python", required=True, help="python of a virtual environment with trl installed")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--prompts-per-step", type=int, default=32)
+    p.add_argument("--k", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args()
+    run_path = Path(args.run_dir)
+    for stage in ("sft", "rm"):
+        if not (run_path / stage / "checkpoint" / "config.json").is_file():
+            p.error(f"--run-dir {run_path}: no finished {stage} stage ({stage}/checkpoint); run `rayrlhf train` first")
+    if not Path(args.trl_python).is_file():
+        p.error(f"--trl-python {args.trl_python}: no such file")
+    enable_token_auth()
+    quiet_transformers()
+    from bench_async import _ppo
+    from core.config import load_config
+    from core.data import load_tldr
+    from core.modeling import load_tokenizer
+    from core.text import encode_queries, with_encodable_queries
+    from pipeline import workflow
+    from pipeline.run_dir import RunDir
+
+    run = RunDir(run_path)
+    common = [*args.overrides, "ppo.advantage_estimator=rloo", f"ppo.prompts_per_step={args.prompts_per_step}",
+              f"ppo.samples_per_prompt={args.k}", f"rollout.max_new_tokens={args.max_new_tokens}",
+              "ppo.ppo_epochs=1", f"ppo.minibatch_size={args.prompts_per_step * args.k}", f"ppo.steps={args.steps}",
+              "ppo.checkpoint_every=0"]
+    cfg = load_config(None, common)
+    # The prompts rayrlhf's PPO phase samples from, cut to data.max_prompt_tokens, given to TRL as text.
+    tok = load_tokenizer(str(run.checkpoint("sft")))
+    data = with_encodable_queries(tok, load_tldr(cfg.data), cfg.data)
+    prompts = [tok.decode(q) for q in encode_queries(tok, [e.query for e in data.sft_train], cfg.data.max_prompt_tokens)]
+    cores = len(os.sched_getaffinity(0))
+    load_before = os.getloadavg()[0]
+
+    results: dict[str, float] = {}
+    try:
+        for name, extra in (("rayrlhf rloo sync", ["ppo.max_staleness=0"]), ("trl rloo", None),
+                            ("rayrlhf rloo sync, num_cpus threads", ["ppo.max_staleness=0", "ppo.use_idle_cores=false"]),
+                            ("rayrlhf rloo async", ["ppo.max_staleness=1"]),
+                            ("rayrlhf gae async", ["ppo.max_staleness=1", "ppo.advantage_estimator=gae"])):
+            if extra is None:
+                results[name] = _trl(args, run, prompts, cfg, cores)
+                continue
+            c = load_config(None, [*common, *extra])
+            sub = RunDir(run.path / "bench-trl" / name.replace(" ", "-").replace(",", ""))
+            summary = _ppo(workflow, c, run, sub)
+            results[name] = summary["ppo/sequences_per_s"]
+            print(f"{name}: {results[name]:.1f} completions/s")
+    finally:
+        workflow.shutdown()
+    trl = results["trl rloo"]
+    print(f"\n=== RL phase, {args.steps} updates of {args.prompts_per_step} prompts x {args.k}, {args.max_new_tokens} new "
+          f"tokens, one update per batch; {cores} cores, load average {load_before:.2f} before the run ===")
+    for name, value in results.items():
+        print(f"{name:36s} {value:8.1f} completions/s  {value / trl:5.2f}x TRL")
+    print("(GAE trains a critic beside the policy; TRL has no PPO with a critic, so it is set against TRL's RLOO)")
+    (run.path / "bench-trl" / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def _trl(args, run, prompts: list[str], cfg, cores: int) -> float:
+    side = Path(__file__).resolve().parent / "trl_rloo_side.py"
+    with tempfile.TemporaryDirectory() as tmp:
+        prompt_file, out = Path(tmp) / "prompts.json", Path(tmp) / "out.json"
+        prompt_file.write_text(json.dumps(prompts))
+        cmd = [args.trl_python, str(side), "--sft", str(run.checkpoint("sft")), "--rm", str(run.checkpoint("rm")),
+               "--prompts", str(prompt_file), "--out", str(out), "--prompts-per-step", str(args.prompts_per_step),
+               "--k", str(args.k), "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps),
+               "--lr", str(cfg.ppo.lr), "--beta", str(cfg.ppo.kl_coef), "--temperature", str(cfg.rollout.temperature),
+               "--threads", str(cores)]
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        proc = subprocess.run(cmd, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"TRL side failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        result = json.loads(out.read_text())
+    print(f"trl rloo ({result['trl']}): {result['completions_per_s']:.1f} completions/s")
+    return result["completions_per_s"]
+
+
+if __name__ == "__main__":
+    main()
