@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-VOLATILE = ("timing/", "ppo/sequences_per_s", "ppo/tokens_per_s", "rollout/sequences_per_s")
+VOLATILE = ("timing/", "perf/", "ppo/sequences_per_s", "ppo/tokens_per_s", "rollout/sequences_per_s")
 
 
 def weight_diff(a: Path, b: Path) -> float:

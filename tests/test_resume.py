@@ -160,8 +160,9 @@ def test_learner_save_load_continues_identically(make_tiny_cfg, tiny_checkpoints
     b = PPOLearner.from_config(cfg, str(tiny_checkpoints.sft), str(tiny_checkpoints.rm), device="cpu")
     assert b.load(tmp_path) == 1
     m_b = b.train_step(exp1)
-    assert {k: v for k, v in m_a.items() if not k.startswith("timing/")} == \
-        {k: v for k, v in m_b.items() if not k.startswith("timing/")}
+    # timing/ and perf/ (tokens/s, MFU) are measured, not computed
+    assert {k: v for k, v in m_a.items() if not k.startswith(("timing/", "perf/"))} == \
+        {k: v for k, v in m_b.items() if not k.startswith(("timing/", "perf/"))}
     for (n, p), (_, q) in zip(a.policy.named_parameters(), b.policy.named_parameters()):
         assert torch.equal(p, q), n
     for (n, p), (_, q) in zip(a.critic.named_parameters(), b.critic.named_parameters()):
@@ -193,7 +194,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _learning_metrics(run: Path) -> dict[int, dict]:
     rows = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    volatile = ("timing/", "rollout/sequences_per_s", "time")
+    volatile = ("timing/", "perf/", "rollout/sequences_per_s", "time")
     return {r["step"]: {k: v for k, v in r.items() if not k.startswith(volatile)} for r in rows}
 
 
