@@ -323,7 +323,7 @@ class PPOLearner:
             for _ in gathered:  # take part in every gather, keep nothing
                 pass
             return None
-        return stream_packet(gathered, self.version, bucket_bytes, store or (lambda bucket: bucket))
+        return stream_packet(gathered, self.version, bucket_bytes, store)
 
     def save(self, out_dir: str | Path) -> None:
         """Policy and critic in Hugging Face format, plus `learner_state.pt`: everything `load` needs to go on

@@ -46,7 +46,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.dir / "tensorboard"))
-        if "wandb" in loggers and cfg is not None:
+        if "wandb" in loggers:  # only a cfg names it
             self._wandb = wandb_run(cfg, self.dir.parent, self.dir.name)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

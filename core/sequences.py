@@ -38,6 +38,11 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = No
     return ids, mask
 
 
+def longest_first(lengths: Sequence[int]) -> list[int]:
+    """Positions into `lengths`, longest first (ties in position order): the order every cut of a batch deals in."""
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
 def token_budget_groups(lengths: Sequence[int], max_tokens: int, n_groups: int | None = None) -> list[list[int]]:
     """Positions into `lengths` in micro batches of at most `max_tokens` tokens each, for packing (`pack`).
 
@@ -46,7 +51,7 @@ def token_budget_groups(lengths: Sequence[int], max_tokens: int, n_groups: int |
     a sequence longer than the budget is a group of its own. Like `length_grouped`, the cut changes no update."""
     if not lengths:
         return []
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    order = longest_first(lengths)
     total = sum(lengths)
     k = n_groups or max(1, -(-total // max_tokens))
     while True:
@@ -75,7 +80,7 @@ def length_grouped(lengths: Sequence[int], size: int) -> list[list[int]]:
     The losses are token sums divided by the whole batch's token count, so how a batch is cut into micro batches
     does not change the update; grouping similar lengths only removes padding (on real TL;DR posts cut at a
     newline, the prompts of one batch range from a few dozen tokens to the budget)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    order = longest_first(lengths)
     return [order[m : m + size] for m in range(0, len(order), size)]
 
 

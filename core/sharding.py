@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from core.sequences import longest_first
+
 
 @dataclass(frozen=True)
 class Rank:
@@ -127,7 +129,7 @@ def rank_share(lengths: list[int], rank: int, world: int) -> list[int]:
     passes), balanced by tokens: longest first, dealt out in snake order (0, 1, ..., N-1, N-1, ..., 0, ...)."""
     if len(lengths) % world:
         raise ValueError(f"{len(lengths)} sequences cannot be split evenly over {world} learner ranks")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    order = longest_first(lengths)
     mine = []
     for k, i in enumerate(order):
         lap, pos = divmod(k, world)

@@ -122,11 +122,11 @@ def checksum(named: Iterable[tuple[str, Tensor]]) -> str:
 
 
 def stream_packet(named: Iterable[tuple[str, Tensor]], version: int, bucket_bytes: int,
-                  store: Callable[[Tensor], Any] = lambda bucket: bucket) -> WeightsPacket:
+                  store: Callable[[Tensor], Any] | None = None) -> WeightsPacket:
     """A packet built as the tensors arrive: each bucket (`plan_buckets`' rule) is filled, handed to `store` and
     dropped before the next one fills, so a caller that gathers sharded weights one tensor at a time
     (`sharding.full_weights`) and stores buckets away (`ray.put`) never holds more than one bucket of them.
-    `packet.buckets` holds what `store` returned: the buckets themselves by default."""
+    `packet.buckets` holds what `store` returned: the buckets themselves without one."""
     layouts: list[BucketLayout] = []
     stored: list[Any] = []
     digests: dict[str, bytes] = {}
@@ -137,7 +137,8 @@ def stream_packet(named: Iterable[tuple[str, Tensor]], version: int, bucket_byte
             return
         lay = plan_buckets(pending, bucket_bytes=2**62)[0]  # the rule was applied on the way in: one bucket
         layouts.append(lay)
-        stored.append(store(torch.cat([t.detach().reshape(-1).cpu() for _, t in pending])))
+        bucket = torch.cat([t.detach().reshape(-1).cpu() for _, t in pending])
+        stored.append(bucket if store is None else store(bucket))
         pending.clear()
 
     size = 0
