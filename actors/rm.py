@@ -22,6 +22,7 @@ from core.data import ComparisonExample, SummaryExample, load_tldr
 from core.metrics import MetricsLogger
 from core.modeling import count_params, load_scalar_model, load_tokenizer, save_checkpoint, trainable
 from core.sequences import micro_batch_groups, pad_right, sequence_scores
+from core.sharding import TrainGroup, shard_model
 from core.text import encode_responses, with_encodable_queries
 from core.throughput import mfu, model_params, peak_flops, training_flops
 from core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
@@ -67,25 +68,29 @@ class RMTrainer:
         cfg, rc = self.cfg, self.cfg.rm
         seed_everything(cfg.run.seed)
         t0 = time.time()
+        group = TrainGroup.start(cfg.model.mixed_precision, cfg.ppo.startup_timeout_s)
         tok = load_tokenizer(self.sft_checkpoint)
         data = with_encodable_queries(tok, load_tldr(cfg.data), cfg.data)
         model = load_scalar_model(self.sft_checkpoint, tok, cfg.model.dtype, init_head=True)
         model = trainable(model, cfg.model, "SEQ_CLS")
+        if group.fsdp:  # before the optimizer: it holds the shards
+            model = shard_model(model, cfg.model.mixed_precision)
         train_pairs, valid_pairs = data.pairs(self.role)
         if not train_pairs:
             raise ValueError(f"{self.role}: no training comparisons (a judge needs data.judge_fraction > 0)")
-        log.info("%s: %d parameters, %d train / %d valid pairs", self.role, count_params(model), len(train_pairs),
-                 len(valid_pairs))
+        log.info("%s: %d parameters, %d train / %d valid pairs%s", self.role, count_params(model), len(train_pairs),
+                 len(valid_pairs), f", rank {group.rank.rank} of {group.rank.world}" if group.fsdp else "")
         train_c, train_r = self._encode_pairs(tok, train_pairs)
         valid = self._encode_pairs(tok, valid_pairs)  # once, not at every validation
         training = start_training(model, rc, len(train_c), "pairs", self.out_dir, cfg.run.keep_checkpoints,
-                                  self.resume, best={f"{self.role}/valid_accuracy": -1.0})
+                                  self.resume, {f"{self.role}/valid_accuracy": -1.0}, group)
         step, best = training.step, training.best
         packed = rc.max_tokens_per_micro_batch is not None
         n_params = model_params(model)
         peak = peak_flops(next(model.parameters()).device, cfg.model.dtype)
-        metrics = MetricsLogger(self.out_dir, cfg=cfg)
-        bar = tqdm(total=training.total_steps, initial=step, desc=self.role, mininterval=2, ascii=True)
+        metrics = MetricsLogger(self.out_dir, cfg=cfg) if group.leader else None
+        bar = tqdm(total=training.total_steps, initial=step, desc=self.role, mininterval=2, ascii=True,
+                   disable=not group.leader)
         for idx in epoch_batches(len(train_c), rc.batch_size, rc.epochs, cfg.run.seed, step):
             model.train()
             t_step = time.perf_counter()
@@ -94,8 +99,11 @@ class RMTrainer:
             # both sides' tokens when packed
             lengths = [len(train_c[i]) + len(train_r[i]) if packed else max(len(train_c[i]), len(train_r[i]))
                        for i in idx]
-            for group in micro_batch_groups(lengths, rc.micro_batch_size, rc.max_tokens_per_micro_batch):
-                mi = [idx[j] for j in group]
+            mine = group.share(lengths)  # this rank's pairs; each pair's loss weighs 1 / len(idx) on every rank
+            my_lengths = [lengths[j] for j in mine]
+            for g in micro_batch_groups(my_lengths, rc.micro_batch_size, rc.max_tokens_per_micro_batch,
+                                        group.passes(my_lengths, rc.max_tokens_per_micro_batch)):
+                mi = [idx[mine[j]] for j in g]
                 # chosen and rejected in one forward: (2b, T)
                 ids, mask = pad_right([train_c[i] for i in mi] + [train_r[i] for i in mi], tok.pad_token_id)
                 r = sequence_scores(model, ids, mask, packed)
@@ -105,25 +113,31 @@ class RMTrainer:
                 loss_sum += loss.item()
                 correct += int((rc_ > rr).sum())
             grad_norm = optimizer_step(model, training.opt, training.sched, rc.max_grad_norm)
+            summed = group.sum({"loss": loss_sum, "correct": float(correct)})
             step_s, tokens = time.perf_counter() - t_step, sum(len(train_c[i]) + len(train_r[i]) for i in idx)
             step += 1
             bar.update(1)
-            metrics.log(step, {f"{self.role}/loss": loss_sum, f"{self.role}/train_accuracy": correct / len(idx),
-                               f"{self.role}/grad_norm": grad_norm, f"{self.role}/lr": training.sched.get_last_lr()[0],
-                               f"{self.role}/tokens_per_s": tokens / step_s,
-                               f"{self.role}/mfu": mfu(training_flops(*n_params, tokens, cfg.model.gradient_checkpointing),
-                                                       step_s, peak)})
+            flops = training_flops(*n_params, tokens, cfg.model.gradient_checkpointing) / group.rank.world
+            row = {f"{self.role}/loss": summed["loss"], f"{self.role}/train_accuracy": summed["correct"] / len(idx),
+                   f"{self.role}/grad_norm": grad_norm, f"{self.role}/lr": training.sched.get_last_lr()[0],
+                   f"{self.role}/tokens_per_s": tokens / step_s, f"{self.role}/mfu": mfu(flops, step_s, peak)}
+            if metrics is not None:
+                metrics.log(step, row)
             if step % rc.eval_every == 0 or step == training.total_steps:
                 result = self.evaluate(model, tok, valid_pairs, valid)
-                metrics.log(step, result)
+                if metrics is not None:
+                    metrics.log(step, result)
                 bar.set_postfix(valid_acc=f"{result[f'{self.role}/valid_accuracy']:.3f}")
                 best = keep_best(step, result, best, f"{self.role}/valid_accuracy", True, model, tok, self.out_dir,
-                                 training)
+                                 training, group)
         bar.close()
-        best.update(self.normalise(data.sft_train[:512], tok))
+        if group.leader:  # the best checkpoint is a plain folder now: rank 0 sets its bias alone
+            best.update(self.normalise(data.sft_train[:512], tok))
         best[f"timing/{self.role}_s"] = time.time() - t0
-        metrics.log(step, best)
-        metrics.close()
+        if metrics is not None:
+            metrics.log(step, best)
+            metrics.close()
+        group.barrier()  # the other ranks end once the checkpoint is final
         return best
 
     def evaluate(self, model, tok, pairs: list[ComparisonExample],

@@ -22,6 +22,7 @@ from core.modeling import (
     build_tiny_llama, convert_gguf, count_params, load_causal_lm, load_tokenizer, train_tokenizer, trainable,
 )
 from core.sequences import micro_batch_groups, pad_left, pad_right, response_logits, sample
+from core.sharding import TrainGroup, shard_model
 from core.synthetic import judge
 from core.text import (
     EncodedSummary, budget_warnings, encode_summaries, reference_budget, rouge, with_encodable_queries,
@@ -71,22 +72,35 @@ def generate_summaries(model, tokenizer, query_ids: list[list[int]], max_new_tok
     return out
 
 
-def init_policy(cfg: Config, data: TLDRData, run_dir: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+def init_policy(cfg: Config, data: TLDRData, run_dir: Path,
+                group: TrainGroup = TrainGroup()) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The base policy: the builtin tiny Llama with a tokenizer trained on the corpus, a hub/local model, or a
-    GGUF file converted once into `<run_dir>/base_model`."""
+    GGUF file converted once into `<run_dir>/base_model`. In a group rank 0 trains the tokenizer and converts the
+    GGUF file; the other ranks take its tokenizer and folder (every rank builds the same weights: same seed)."""
     if cfg.model.is_builtin:
-        tokenizer = train_tokenizer(corpus_text(data), cfg.model.vocab_size) if cfg.model.tokenizer is None \
-            else load_tokenizer(cfg.model.tokenizer)
+        tokenizer = None
+        if group.leader:
+            tokenizer = train_tokenizer(corpus_text(data), cfg.model.vocab_size) if cfg.model.tokenizer is None \
+                else load_tokenizer(cfg.model.tokenizer)
+        tokenizer = group.broadcast(tokenizer)
         return build_tiny_llama(cfg.model, tokenizer), tokenizer
     base = package_path(cfg.model.name_or_path)
     if cfg.model.gguf is not None:
-        base = str(convert_gguf(*cfg.model.gguf, run_dir / "base_model"))
+        if group.leader:
+            base = str(convert_gguf(*cfg.model.gguf, run_dir / "base_model"))
+        group.barrier()
+        base = str(run_dir / "base_model")
     tokenizer = load_tokenizer(cfg.model.tokenizer or base)
     return load_causal_lm(base, tokenizer, cfg.model.dtype), tokenizer
 
 
 class SFTTrainer:
-    """Trains the SFT policy; `run()` writes `<out_dir>/checkpoint` (best validation loss) and returns a summary."""
+    """Trains the SFT policy; `run()` writes `<out_dir>/checkpoint` (best validation loss) and returns a summary.
+
+    Run by every rank of a group (`sft.workers`, the process group already joined): the model is sharded with
+    FSDP2, each rank trains on its token-balanced share of every batch with the loss divided by the whole batch's
+    token count (so the summed gradients are the one-process gradient), validates in step with the others, and
+    rank 0 alone writes metrics and checkpoints' small state."""
 
     def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False):
         self.cfg, self.out_dir, self.resume = cfg, Path(out_dir), resume
@@ -95,14 +109,17 @@ class SFTTrainer:
         cfg, sc = self.cfg, self.cfg.sft
         seed_everything(cfg.run.seed)
         t0 = time.time()
+        group = TrainGroup.start(cfg.model.mixed_precision, cfg.ppo.startup_timeout_s)
         data = load_tldr(cfg.data)
-        model, tok = init_policy(cfg, data, self.out_dir.parent)
+        model, tok = init_policy(cfg, data, self.out_dir.parent, group)
         data = with_encodable_queries(tok, data, cfg.data)
         model = trainable(model, cfg.model, "CAUSAL_LM")
-        log.info("SFT: %d parameters, %d train / %d valid examples", count_params(model), len(data.sft_train),
-                 len(data.sft_valid))
+        if group.fsdp:  # before the optimizer: it holds the shards
+            model = shard_model(model, cfg.model.mixed_precision)
+        log.info("SFT: %d parameters, %d train / %d valid examples%s", count_params(model), len(data.sft_train),
+                 len(data.sft_valid), f", rank {group.rank.rank} of {group.rank.world}" if group.fsdp else "")
         budget = reference_budget(tok, data.sft_train, cfg.data.max_summary_tokens, cfg.rollout.max_new_tokens)
-        for warning in budget_warnings(budget):
+        for warning in budget_warnings(budget) if group.leader else ():
             log.warning("budgets: %s", warning)
         enc = lambda ex: encode_summaries(tok, ex, cfg.data.max_prompt_tokens, cfg.data.max_summary_tokens)  # noqa: E731
         train, valid = enc(data.sft_train), enc(data.sft_valid)
@@ -110,38 +127,45 @@ class SFTTrainer:
         eval_queries = [e.query_ids for e in valid[: sc.num_eval_prompts]]
 
         training = start_training(model, sc, len(train), "examples", self.out_dir, cfg.run.keep_checkpoints,
-                                  self.resume, best={"sft/valid_loss": float("inf")})
+                                  self.resume, {"sft/valid_loss": float("inf")}, group)
         step, best = training.step, training.best
         packed = sc.max_tokens_per_micro_batch is not None
         n_params = model_params(model)
         peak = peak_flops(next(model.parameters()).device, cfg.model.dtype)
-        metrics = MetricsLogger(self.out_dir, cfg=cfg)
-        bar = tqdm(total=training.total_steps, initial=step, desc="sft", mininterval=2, ascii=True)
+        metrics = MetricsLogger(self.out_dir, cfg=cfg) if group.leader else None
+        bar = tqdm(total=training.total_steps, initial=step, desc="sft", mininterval=2, ascii=True,
+                   disable=not group.leader)
         for idx in epoch_batches(len(train), sc.batch_size, sc.epochs, cfg.run.seed, step):
             model.train()
             t_step = time.perf_counter()
             lengths = [len(train[i].query_ids) + len(train[i].summary_ids) for i in idx]
-            micro = [sft_batch([train[idx[j]] for j in group], tok.pad_token_id)
-                     for group in micro_batch_groups(lengths, sc.micro_batch_size, sc.max_tokens_per_micro_batch)]
-            n_tokens = sum(int((mb["labels"] != IGNORE).sum()) for mb in micro)
+            n_tokens = sum(len(train[i].summary_ids) for i in idx)  # the label tokens of the whole batch
+            mine = group.share(lengths)
+            my_lengths = [lengths[j] for j in mine]
+            groups = micro_batch_groups(my_lengths, sc.micro_batch_size, sc.max_tokens_per_micro_batch,
+                                        group.passes(my_lengths, sc.max_tokens_per_micro_batch))
             loss_sum = 0.0
-            for mb in micro:
-                loss, _ = sft_loss(model, mb, packed)
+            for g in groups:
+                loss, _ = sft_loss(model, sft_batch([train[idx[mine[j]]] for j in g], tok.pad_token_id), packed)
                 (loss / n_tokens).backward()
                 loss_sum += loss.item()
             grad_norm = optimizer_step(model, training.opt, training.sched, sc.max_grad_norm)
+            loss_sum = group.sum({"loss": loss_sum})["loss"]
             step_s = time.perf_counter() - t_step
             step += 1
             bar.update(1)
-            flops = training_flops(*n_params, sum(lengths), cfg.model.gradient_checkpointing)
-            metrics.log(step, {"sft/loss": loss_sum / n_tokens, "sft/grad_norm": grad_norm,
-                               "sft/lr": training.sched.get_last_lr()[0], "sft/tokens_per_s": sum(lengths) / step_s,
-                               "sft/mfu": mfu(flops, step_s, peak)})
+            flops = training_flops(*n_params, sum(lengths), cfg.model.gradient_checkpointing) / group.rank.world
+            row = {"sft/loss": loss_sum / n_tokens, "sft/grad_norm": grad_norm, "sft/lr": training.sched.get_last_lr()[0],
+                   "sft/tokens_per_s": sum(lengths) / step_s, "sft/mfu": mfu(flops, step_s, peak)}
+            if metrics is not None:
+                metrics.log(step, row)
             if step % sc.eval_every == 0 or step == training.total_steps:
                 result = self.evaluate(model, tok, valid, eval_examples, eval_queries)
-                metrics.log(step, result)
+                if metrics is not None:
+                    metrics.log(step, result)
                 bar.set_postfix(valid_loss=f"{result['sft/valid_loss']:.3f}", rougeL=f"{result['sft/rougeL']:.3f}")
-                best = keep_best(step, result, best, "sft/valid_loss", False, model, tok, self.out_dir, training)
+                best = keep_best(step, result, best, "sft/valid_loss", False, model, tok, self.out_dir, training,
+                                 group)
         bar.close()
         baseline = rouge([lead_baseline(e.query) for e in eval_examples], [e.reference for e in eval_examples])
         best.update({f"sft/lead_{k}": v for k, v in baseline.items()})
@@ -149,8 +173,9 @@ class SFTTrainer:
             best["sft/lead_gold_score"] = float(np.mean([judge(e.post, lead_baseline(e.query)).score for e in eval_examples]))
         best.update(budget)
         best["timing/sft_s"] = time.time() - t0
-        metrics.log(step, best)
-        metrics.close()
+        if metrics is not None:
+            metrics.log(step, best)
+            metrics.close()
         return best
 
     @torch.no_grad()

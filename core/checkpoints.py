@@ -39,21 +39,30 @@ class CheckpointDir:
     def __init__(self, root: str | Path, keep: int = 2):
         self.root, self.keep = Path(root), keep
 
-    def save(self, step: int, write: Callable[[Path], None]) -> Path:
-        """`write(tmp_dir)` fills a fresh directory; it then becomes `step-N` and `latest` names it."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob("*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    def save(self, step: int, write: Callable[[Path], None], leader: bool = True,
+             barrier: Callable[[], None] = lambda: None) -> Path:
+        """`write(tmp_dir)` fills a fresh directory; it then becomes `step-N` and `latest` names it.
+
+        In a group every rank calls it: the leader (rank 0) prepares the directory and publishes it, each rank's
+        `write` adds its own files in between, and `barrier` keeps them in step."""
         name = f"step-{step:06d}"
         tmp, final = self.root / f"{name}.tmp", self.root / name
-        tmp.mkdir()
+        if leader:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            tmp.mkdir()
+        barrier()
         write(tmp)
-        _fsync_tree(tmp)
-        if final.exists():  # the same step saved again (a resumed run passing it once more)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_text(self.root / "latest", name)
-        self._prune()
+        barrier()
+        if leader:
+            _fsync_tree(tmp)
+            if final.exists():  # the same step saved again (a resumed run passing it once more)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            atomic_write_text(self.root / "latest", name)
+            self._prune()
+        barrier()
         return final
 
     def clear(self) -> None:
@@ -94,41 +103,79 @@ def read_json(path: Path):
     return json.loads(path.read_text())
 
 
-def save_training_state(ckpts: CheckpointDir, step: int, model, opt, sched, best: dict) -> Path:
+def save_training_state(ckpts: CheckpointDir, step: int, model, opt, sched, best: dict, group=None) -> Path:
     """A resumable SFT/RM checkpoint: the model's current (not best) weights, optimizer, scheduler, torch RNG
-    and the best result so far. The data order is a function of (seed, epoch), so `step` is the data cursor."""
+    and the best result so far. The data order is a function of (seed, epoch), so `step` is the data cursor.
+
+    In a FSDP group (`group`, a `sharding.TrainGroup`) each rank writes its shards of the model and optimizer
+    with torch.distributed.checkpoint (`sharded/`) and rank 0 the rest, with the group's size."""
     import torch
 
-    def write(tmp: Path) -> None:
-        torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(), "best": best},
-                   tmp / "trainer_state.pt")
+    sharded = group is not None and group.fsdp
 
+    def write(tmp: Path) -> None:
+        small = {"step": step, "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(), "best": best}
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_state, opt_state = get_state_dict(model, opt)
+            dcp.save({"model": model_state, "optimizer": opt_state}, checkpoint_id=str(tmp / "sharded"))
+            small["world"] = group.rank.world
+        else:
+            small.update(model=model.state_dict(), optimizer=opt.state_dict())
+        if not sharded or group.leader:
+            torch.save(small, tmp / "trainer_state.pt")
+
+    if sharded:
+        return ckpts.save(step, write, group.leader, group.barrier)
     return ckpts.save(step, write)
 
 
-def load_training_state(path: Path, model, opt, sched) -> tuple[int, dict]:
-    """Restore what `save_training_state` wrote; returns (step, best)."""
+def load_training_state(path: Path, model, opt, sched, group=None) -> tuple[int, dict]:
+    """Restore what `save_training_state` wrote; returns (step, best). A sharded checkpoint loads into a group
+    of the size that wrote it (and only there): the error names both sizes."""
     import torch
 
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
+    world = group.rank.world if group is not None and group.fsdp else None
+    if state.get("world") != world:
+        wrote = f"a group of {state['world']} ranks" if "world" in state else "one unsharded process"
+        this = f"a group of {world} ranks" if world is not None else "one unsharded process"
+        raise ValueError(f"{path} was written by {wrote}; this is {this} (set the stage's workers and "
+                         "model.mixed_precision as when it was written)")
+    if world is not None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, opt_state = get_state_dict(model, opt)
+        sharded = {"model": model_state, "optimizer": opt_state}
+        dcp.load(sharded, checkpoint_id=str(path / "sharded"))
+        set_state_dict(model, opt, model_state_dict=sharded["model"], optim_state_dict=sharded["optimizer"])
+    else:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     return state["step"], state["best"]
 
 
-def resume_or_start(ckpts: CheckpointDir, resume: bool, log_dir: Path, model, opt, sched, best: dict) -> tuple[int, dict]:
+def resume_or_start(ckpts: CheckpointDir, resume: bool, log_dir: Path, model, opt, sched, best: dict,
+                    group=None) -> tuple[int, dict]:
     """(step, best) to start a training loop from: the latest checkpoint's when resuming and there is one,
-    else (0, best). Metrics rows after that step, written by the run that stopped, are dropped."""
-    if not resume:
+    else (0, best). Metrics rows after that step, written by the run that stopped, are dropped. In a group,
+    rank 0 alone clears and truncates; every rank loads."""
+    leader = group is None or group.leader
+    if not resume and leader:
         ckpts.clear()
+    if group is not None:
+        group.barrier()
     latest = ckpts.latest() if resume else None
     step = 0
     if latest is not None:
-        step, best = load_training_state(latest, model, opt, sched)
+        step, best = load_training_state(latest, model, opt, sched, group)
     from core.metrics import MetricsLogger
 
-    MetricsLogger.truncate(log_dir, step)
+    if leader:
+        MetricsLogger.truncate(log_dir, step)
     return step, best

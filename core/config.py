@@ -126,7 +126,8 @@ class ModelConfig(_Section):
     )
     gguf_file: str | None = Field(None, description=(
         "A GGUF file inside the folder name_or_path names (a name_or_path ending in .gguf is the file itself): "
-        "converted once into <run>/base_model as a Hugging Face folder that every role loads."))
+        "converted once into a Hugging Face folder that every role loads, kept by content hash in "
+        "$RAYRLHF_CACHE/gguf (default ~/.cache/rayrlhf/gguf) and linked into <run>/base_model."))
     tokenizer: str | None = Field(None, description="Tokenizer id/path if it differs from the model's.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype of every model.")
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")
@@ -134,9 +135,10 @@ class ModelConfig(_Section):
         "Recompute each transformer block's activations in the backward pass (SFT, RM, PPO policy and critic): "
         "less activation memory for about a third more compute; the same gradients."))
     mixed_precision: Literal["no", "bf16"] = Field("no", description=(
-        "bf16: the PPO learner's FSDP2 units compute forward and backward in bf16 and reduce gradients in fp32, "
-        "while the sharded parameters and AdamW state stay fp32 (FSDP2's MixedPrecisionPolicy); a learner of "
-        "one rank forms a group of one for it. Needs model.dtype float32."))
+        "bf16: the FSDP2 units of the PPO learner and of the SFT and reward-model trainers compute forward and "
+        "backward in bf16 and reduce gradients in fp32, while the sharded parameters and AdamW state stay fp32 "
+        "(FSDP2's MixedPrecisionPolicy); a trainer of one rank forms a group of one for it. Needs model.dtype "
+        "float32."))
     # Architecture of the builtin model. head_dim = hidden_size / num_heads must be one vLLM's CPU kernels accept.
     hidden_size: int = Field(128, ge=8, description="Builtin model: width.")
     num_layers: int = Field(2, ge=1, description="Builtin model: transformer blocks.")
@@ -259,12 +261,17 @@ class _TrainerConfig(_Section):
     max_tokens_per_micro_batch: int | None = _token_budget("each optimizer batch's examples (a comparison: both sides)")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     eval_every: int = Field(50, ge=1, description="Optimizer steps between validations (and at the end).")
-    num_cpus: float = Field(1, ge=0, description="CPUs of the stage's Ray actor (also its torch threads).")
-    num_gpus: float = Field(0, ge=0, description="GPUs of the stage's Ray actor.")
+    workers: int = Field(1, ge=1, description=(
+        "Ranks of the stage's trainer group: the model sharded with FSDP2 over this many actors (gloo on CPU, NCCL "
+        "on GPU), each with the stage's num_cpus and num_gpus; every rank takes an equal, token-balanced share of "
+        "each batch (batch_size must be a multiple); validation runs on every rank in step."))
+    num_cpus: float = Field(1, ge=0, description="CPUs of the stage's Ray actor (of each rank; also its torch threads).")
+    num_gpus: float = Field(0, ge=0, description="GPUs of the stage's Ray actor (of each rank).")
 
     @model_validator(mode="after")
     def _check(self) -> _TrainerConfig:
         _divides(self.section, "batch_size", self.batch_size, "micro_batch_size", self.micro_batch_size)
+        _divides(self.section, "batch_size", self.batch_size, "workers", self.workers)
         return self
 
     @property
@@ -375,7 +382,10 @@ class PPOConfig(_Section):
     max_staleness: int = Field(1, ge=0, description="0: synchronous on-policy PPO; k: a batch may come from version >= step - k.")
     weight_sync: Literal["object_store", "collective"] = Field("object_store", description="Transport of new weights to rollout workers.")
     sync_timeout_s: float = Field(120.0, gt=0, description="A weight sync or remote call slower than this is an error naming the component.")
-    startup_timeout_s: float = Field(900.0, gt=0, description="Time the PPO actors get to start (load models, engines) before the run fails naming the one that did not.")
+    startup_timeout_s: float = Field(900.0, gt=0, description=(
+        "Time the PPO actors get to start (load models, engines) before the run fails naming the one that did "
+        "not; it also bounds the rendezvous of every trainer group (learner, sft.workers, rm.workers) and each "
+        "of its collectives."))
     bucket_mb: float = Field(64.0, ge=1, description="Size of the flat buckets weights are sent in (MiB, at least 1).")
     checkpoint_every: int = Field(10, ge=0, description="PPO steps between resumable checkpoints in ppo/checkpoints (0: only the final one).")
     max_actor_restarts: int = Field(3, ge=0, description="Restarts Ray gives a dead rollout, reference or reward actor; its in-flight work is dispatched again.")
@@ -470,7 +480,7 @@ class Config(_Section):
         if self.ray.num_cpus is not None and self.ray.address is None and role_cpus(self) > self.ray.num_cpus:
             raise ValueError(f"ray.num_cpus {self.ray.num_cpus} is less than the {role_cpus(self):g} CPUs the roles ask "
                              "for together (rollout.num_workers x rollout.num_cpus + reference and reward replicas x num_cpus + "
-                             "ppo.learner_workers x ppo.num_cpus; or a stage's num_cpus)")
+                             "ppo.learner_workers x ppo.num_cpus; or a stage's workers x num_cpus)")
         if self.ppo.weight_sync == "collective" and self.rollout.backend == "vllm":
             raise ValueError("ppo.weight_sync collective is implemented for the hf rollout backend; use object_store with vllm")
         if self.ppo.weight_sync == "collective" and self.model.mixed_precision != "no":
@@ -499,7 +509,8 @@ def role_cpus(cfg: Config) -> float:
     ppo = (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.reward.num_cpus * cfg.reward.replicas
            + cfg.reference.num_cpus * cfg.reference.replicas
            + cfg.ppo.num_cpus * cfg.ppo.learner_workers)
-    return max(ppo, cfg.sft.num_cpus, cfg.rm.num_cpus, cfg.serve.num_cpus * cfg.serve.num_replicas)
+    return max(ppo, cfg.sft.num_cpus * cfg.sft.workers, cfg.rm.num_cpus * cfg.rm.workers,
+               cfg.serve.num_cpus * cfg.serve.num_replicas)
 
 
 DEFAULT_CONFIG = "default.yaml"

@@ -114,15 +114,43 @@ def load_scalar_model(path: str, tokenizer: PreTrainedTokenizerBase, dtype: str 
     return model
 
 
+def gguf_cache_root() -> Path:
+    """Where converted GGUF models are kept between runs: $RAYRLHF_CACHE/gguf, else ~/.cache/rayrlhf/gguf."""
+    root = os.environ.get("RAYRLHF_CACHE") or Path.home() / ".cache" / "rayrlhf"
+    return Path(root) / "gguf"
+
+
 def convert_gguf(folder: str, file: str, out: Path) -> Path:
     """A GGUF checkpoint as a Hugging Face folder (safetensors + tokenizer) at `out`, converted once.
 
     transformers dequantizes GGUF weights to float when it loads them, but refuses to save such a model
     ("quantized ... not serializable"): the weights go into a model built from the same config without the
-    quantization marker, which saves as a normal folder that every role, vLLM and `from_pretrained` load."""
+    quantization marker, which saves as a normal folder that every role, vLLM and `from_pretrained` load.
+    The conversion (a minute for SmolLM2-135M on 2 cores) is kept in `gguf_cache_root()` under the file's
+    content hash, so a later run of the same file only links (or copies) it into `out`."""
     out = Path(out)
     if (out / "config.json").is_file():
         return out
+    import hashlib
+
+    source = Path(folder) / file
+    with source.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    cached = gguf_cache_root() / f"{source.stem}-{digest}"
+    if not (cached / "config.json").is_file():
+        _convert_gguf(folder, file, cached)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:  # hard links: no second copy of the weights on disk
+        shutil.copytree(cached, tmp, copy_function=os.link)
+    except OSError:  # another file system
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(cached, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def _convert_gguf(folder: str, file: str, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     config = loaded.config
@@ -135,13 +163,19 @@ def convert_gguf(folder: str, file: str, out: Path) -> Path:
         raise ValueError(f"{folder}/{file}: GGUF weights do not match the {type(model).__name__} they describe "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
-    tmp = out.with_name(out.name + ".tmp")
+    # written aside, then renamed: a crash (or another process converting the same file) never leaves half a folder
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
     log.info("converted %s/%s to %s (%d parameters)", folder, file, out, count_params(model))
-    return out
 
 
 def default_device() -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from core.sequences import longest_first
+from core.sequences import longest_first, token_budget_groups
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,63 @@ class Rank:
     @property
     def sharded(self) -> bool:
         return self.world > 1
+
+
+@dataclass(frozen=True)
+class TrainGroup:
+    """An SFT or reward-model trainer's place in its group (`sft.workers`, `rm.workers`) and whether its model is
+    FSDP2-wrapped: a group of N > 1 ranks, or one rank in mixed precision (FSDP2's policy needs a group; a group
+    of one is formed for it). Every collective below is a no-op for a plain single process."""
+
+    rank: Rank = Rank()
+    fsdp: bool = False
+
+    @classmethod
+    def start(cls, mixed_precision: str, timeout_s: float) -> TrainGroup:
+        """The group this process already joined (the stage's actors rendezvous first), else a plain process;
+        mixed precision makes a lone process a group of one."""
+        rank = Rank.current()
+        if mixed_precision != "no" and not rank.sharded:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                one_rank_group(timeout_s)
+        return cls(rank, rank.sharded or mixed_precision != "no")
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0: it alone writes files, metrics and checkpoints' small state."""
+        return self.rank.rank == 0
+
+    def share(self, lengths: list[int]) -> list[int]:
+        """The positions of one optimizer batch (by token counts) this rank trains on (`rank_share`)."""
+        return rank_share(lengths, self.rank.rank, self.rank.world) if self.rank.sharded else list(range(len(lengths)))
+
+    def passes(self, lengths: list[int], max_tokens: int | None) -> int | None:
+        """With a token budget, the micro batches every rank runs (the busiest rank's count: FSDP's collectives
+        need equal passes); None otherwise."""
+        if max_tokens is None or not self.fsdp:
+            return None
+        return int(all_reduce_max(float(len(token_budget_groups(lengths, max_tokens)))))
+
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        return all_reduce_sum(values) if self.fsdp else values
+
+    def barrier(self) -> None:
+        if self.fsdp:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (pickled)."""
+        if not self.rank.sharded:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 def free_port() -> int:
@@ -68,13 +125,13 @@ def one_rank_group(timeout_s: float) -> None:
     init_default_group("127.0.0.1", free_port(), 0, 1, timeout_s)
 
 
-def join_group(addr: str, port: int, rank: int, world: int, timeout_s: float) -> None:
-    """Join the learner group as rank `rank` (`init_default_group`); a failure names the rank and the address."""
+def join_group(addr: str, port: int, rank: int, world: int, timeout_s: float, role: str = "learner") -> None:
+    """Join the `role` group as rank `rank` (`init_default_group`); a failure names the rank and the address."""
     try:
         init_default_group(addr, port, rank, world, timeout_s)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RuntimeError(f"learner rank {rank}/{world}: joining the learner group at {addr}:{port} failed: "
+        raise RuntimeError(f"{role} rank {rank}/{world}: joining the {role} group at {addr}:{port} failed: "
                            f"{first}") from e
 
 
@@ -207,3 +264,20 @@ def full_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
 
 def _is_lora(hf: nn.Module, module_name: str) -> bool:
     return hasattr(hf.get_submodule(module_name), "lora_A")
+
+
+def plain_copy(model: nn.Module, weights: dict[str, Tensor]) -> nn.Module:
+    """A plain (unsharded, LoRA-free) transformers model of `model`'s class and config holding `weights` (what
+    `full_weights` gathered): what a sharded trainer saves, so `from_pretrained` and vLLM load it as usual."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    hf = _hf_model(model)
+    auto = AutoModelForSequenceClassification if hasattr(hf, "score") else AutoModelForCausalLM
+    plain = auto.from_config(hf.config, dtype=next(iter(weights.values())).dtype)
+    missing, unexpected = plain.load_state_dict(weights, strict=False)
+    tied = set(getattr(plain, "_tied_weights_keys", None) or ())
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"gathered weights do not match {type(plain).__name__} (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
+    plain.tie_weights()
+    return plain

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmu
 from core.checkpoints import CheckpointDir, resume_or_start, save_training_state
 from core.config import RMConfig, SFTConfig
 from core.modeling import save_checkpoint
+from core.sharding import TrainGroup, full_weights, plain_copy
 
 
 def seed_everything(seed: int) -> None:
@@ -56,22 +57,27 @@ class TrainingStart:
 
 
 def start_training(model: torch.nn.Module, tc: SFTConfig | RMConfig, n_train: int, unit: str, out_dir: Path,
-                   keep: int, resume: bool, best: dict[str, float]) -> TrainingStart:
+                   keep: int, resume: bool, best: dict[str, float], group: TrainGroup = TrainGroup()) -> TrainingStart:
     """Optimizer and schedule for `tc.epochs` passes over `n_train` training `unit`s (examples, pairs); resumed
-    from `out_dir`'s latest checkpoint when `resume`. ValueError when one batch does not fit in the training set."""
+    from `out_dir`'s latest checkpoint when `resume`. ValueError when one batch does not fit in the training set.
+    A sharded `model` (`group.fsdp`) must be wrapped already: the optimizer holds its shards."""
     steps_per_epoch = n_train // tc.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{tc.section}.batch_size {tc.batch_size} exceeds the {n_train} training {unit}")
     total = steps_per_epoch * tc.epochs
     opt, sched = adamw_cosine(model, tc.lr, tc.weight_decay, tc.warmup_ratio, total)
     ckpts = CheckpointDir(out_dir / "checkpoints", keep)
-    step, best = resume_or_start(ckpts, resume, out_dir, model, opt, sched, best)
+    step, best = resume_or_start(ckpts, resume, out_dir, model, opt, sched, best, group)
     return TrainingStart(total, opt, sched, ckpts, step, best)
 
 
 def optimizer_step(model: torch.nn.Module, opt, sched, max_grad_norm: float) -> float:
-    """Clip, step, advance the schedule, clear the gradients; returns the gradient norm before clipping."""
+    """Clip, step, advance the schedule, clear the gradients; returns the gradient norm before clipping (of the
+    full gradient when sharded)."""
+    from torch.distributed.tensor import DTensor
+
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -80,12 +86,26 @@ def optimizer_step(model: torch.nn.Module, opt, sched, max_grad_norm: float) -> 
 
 def keep_best(step: int, result: dict[str, float], best: dict[str, float], key: str, higher_is_better: bool,
               model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
-              training: TrainingStart) -> dict[str, float]:
+              training: TrainingStart, group: TrainGroup = TrainGroup()) -> dict[str, float]:
     """After a validation at `step`: when `result` beats `best` on `key`, it becomes the best and its weights
-    `<out_dir>/checkpoint`; then the resumable training state is saved. Returns the best result so far."""
+    `<out_dir>/checkpoint`; then the resumable training state is saved. Returns the best result so far.
+    In a group every rank calls it (gathering weights and saving shards are collectives)."""
     better = result[key] > best[key] if higher_is_better else result[key] < best[key]
     if better:
         best = {**result, f"{key.split('/')[0]}/best_step": step}
-        save_checkpoint(model, tokenizer, out_dir / "checkpoint")
-    save_training_state(training.ckpts, step, model, training.opt, training.sched, best)
+        save_model(model, tokenizer, out_dir / "checkpoint", group)
+    save_training_state(training.ckpts, step, model, training.opt, training.sched, best, group)
     return best
+
+
+def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path,
+               group: TrainGroup = TrainGroup()) -> None:
+    """The plain Hugging Face folder of `model` (LoRA merged). Sharded, every rank gathers the full weights one
+    tensor at a time (a collective) and rank 0 writes them."""
+    if not group.fsdp:
+        save_checkpoint(model, tokenizer, path)
+        return
+    weights = {name: t.cpu() for name, t in full_weights(model)}
+    if group.leader:
+        save_checkpoint(plain_copy(model, weights), tokenizer, path)
+    group.barrier()

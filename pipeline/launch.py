@@ -5,8 +5,9 @@ index is computed by hand. Strategy PACK: the roles land on as few nodes as poss
 when there are GPUs. The learner group's bundles come first, so its ranks are packed together before the other
 roles fill in (its collectives are the run's heaviest traffic).
 
-A learner group (`ppo.learner_workers` > 1) is N `LearnerWorker` ranks behind one `LearnerGroup`: every call
-goes to every rank (FSDP2's collectives join them), the driver reads rank 0's result.
+A learner group (`ppo.learner_workers` > 1) is N `LearnerWorker` ranks behind one `RankGroup`: every call
+goes to every rank (FSDP2's collectives join them), the driver reads rank 0's result. The SFT and reward-model
+stages' groups (`sft.workers`, `rm.workers`) are the same: `run_group`.
 
 Rollout workers, the reference and the reward scorer are restarted by Ray when they die
 (`ppo.max_actor_restarts`); the driver then dispatches their lost work again. The learner is not: its state is
@@ -68,19 +69,20 @@ class Placement:
         return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=self.first_bundle[role] + i)
 
 
-class LearnerGroup:
-    """The learner's ranks behind one handle. `call` sends a method to every rank (each runs its share; FSDP's
-    collectives join them) and returns every rank's ref; rank 0's result is the group's."""
+class RankGroup:
+    """The ranks of a trainer group (the PPO learner, or an SFT / reward-model stage) behind one handle. `call`
+    sends a method to every rank (each runs its share; FSDP's collectives join them) and returns every rank's
+    ref; rank 0's result is the group's."""
 
-    def __init__(self, ranks: list[ActorHandle]):
-        self.ranks = tuple(ranks)
+    def __init__(self, ranks: list[ActorHandle], role: str = "learner"):
+        self.ranks, self.role = tuple(ranks), role
 
     @property
     def world(self) -> int:
         return len(self.ranks)
 
     def names(self) -> list[str]:
-        return ["learner"] if self.world == 1 else [f"learner rank {i}" for i in range(self.world)]
+        return [self.role] if self.world == 1 else [f"{self.role} rank {i}" for i in range(self.world)]
 
     def call(self, method: str, *args) -> list[ObjectRef]:
         if self.world > 1:  # one copy in the object store that every rank reads, not one per call
@@ -92,25 +94,42 @@ class LearnerGroup:
         return self.call("make_packet")[0]
 
     def rendezvous(self, timeout_s: float) -> None:
-        """Form the group's torch.distributed process group at an address rank 0 chooses on its own node, and
-        build the sharded learner on every rank; a rank that does not join within `timeout_s` is named."""
+        """Form the group's torch.distributed process group at an address rank 0 chooses on its own node (each
+        rank's `join`); a rank that does not join within `timeout_s` is named."""
         if self.world == 1:
             return
         try:
             addr, port = ray.get(self.ranks[0].address.remote(), timeout=timeout_s)
         except GetTimeoutError as e:
-            raise RoleTimeout("learner rank 0", timeout_s, key="ppo.startup_timeout_s", did="give an address") from e
+            raise RoleTimeout(f"{self.role} rank 0", timeout_s, key="ppo.startup_timeout_s",
+                              did="give an address") from e
         refs = [r.join.remote(addr, port, timeout_s) for r in self.ranks]
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s + 5)
         if pending:
-            late = [f"learner rank {i}" for i, r in enumerate(refs) if r in pending]
+            late = [f"{self.role} rank {i}" for i, r in enumerate(refs) if r in pending]
             raise RoleTimeout(", ".join(late), timeout_s, key="ppo.startup_timeout_s",
-                              did=f"join the learner group at {addr}:{port}")
+                              did=f"join the {self.role} group at {addr}:{port}")
         for i, r in enumerate(refs):
             try:
                 ray.get(r)
             except (RayActorError, RayTaskError) as e:
-                raise RuntimeError(f"learner rank {i} failed to join the learner group: {first_line(e, 500)}") from e
+                raise RuntimeError(f"{self.role} rank {i} failed to join the {self.role} group: "
+                                   f"{first_line(e, 500)}") from e
+
+    def run_to_end(self, method: str = "run"):
+        """Call `method` on every rank and wait for all; rank 0's result. The first rank to fail ends the wait
+        naming itself (its peers would otherwise block in a collective until their timeout)."""
+        refs = self.call(method)
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            i = refs.index(done[0])
+            try:
+                ray.get(done[0])
+            except (RayActorError, RayTaskError) as e:
+                who = self.role if self.world == 1 else f"{self.role} rank {i}"
+                raise RuntimeError(f"{who} failed: {first_line(e, 500)}") from e
+        return ray.get(refs[0])
 
     def dead_ranks(self, timeout_s: float = 10.0) -> list[int]:
         """The ranks whose actor has died (asked after a failure, to name them)."""
@@ -129,11 +148,27 @@ class LearnerGroup:
             ray.kill(r)
 
 
+def run_group(stage: type, role: str, workers: int, num_cpus: float, num_gpus: float, args: tuple,
+              timeout_s: float):
+    """An offline stage (`SFTStage`, `RMStage`) run to its end by `workers` ranks: one bundle per rank in a PACK
+    placement group (the ranks as close as the cluster allows), the process group formed, `run` on every rank;
+    rank 0's result. The actors and the placement group are released however it ends."""
+    placement = Placement.create({role: [_bundle(num_cpus, num_gpus)] * workers}, timeout_s)
+    group = RankGroup([stage.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=placement.on(role, i))
+                       .remote(*args, rank=i, world=workers) for i in range(workers)], role)
+    try:
+        group.rendezvous(timeout_s)
+        return group.run_to_end()
+    finally:
+        group.kill()
+        remove_placement_group(placement.group)
+
+
 @dataclass(frozen=True)
 class RoleHandles:
     """The actors of one PPO run. Tests may replace a role (`dataclasses.replace`) before the driver uses it."""
 
-    learner: LearnerGroup
+    learner: RankGroup
     references: tuple[ActorHandle, ...]  # reference replicas
     rewards: tuple[ActorHandle, ...]  # reward scorer replicas
     rollouts: tuple[ActorHandle, ...]  # the workers started with the run; the pool adds and removes others
@@ -177,7 +212,7 @@ def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name:
         return {"num_cpus": num_cpus, "num_gpus": num_gpus, "scheduling_strategy": placement.on(role, i)}
 
     world = cfg.ppo.learner_workers
-    learner = LearnerGroup([LearnerWorker.options(**on("learner", cfg.ppo.num_cpus, cfg.ppo.num_gpus, i)).remote(
+    learner = RankGroup([LearnerWorker.options(**on("learner", cfg.ppo.num_cpus, cfg.ppo.num_gpus, i)).remote(
         cfg, sft_checkpoint, rm_checkpoint, i, world) for i in range(world)])
     references = tuple(ReferenceWorker.options(**on("reference", cfg.reference.num_cpus, cfg.reference.num_gpus, i),
                                                max_restarts=restarts).remote(cfg, sft_checkpoint)

@@ -22,6 +22,7 @@ from core.metrics import read_metrics
 from core.text import budget_warnings
 from pipeline.cluster import connect
 from pipeline.driver import PPODriver
+from pipeline.launch import run_group
 from pipeline.report import write_report
 from pipeline.run_dir import RunDir, require_checkpoint
 
@@ -56,15 +57,20 @@ def _run_on(actor) -> dict[str, float]:
 
 
 def run_sft(cfg: Config, out_dir: Path, resume: bool = False) -> dict[str, float]:
-    actor = SFTStage.options(num_cpus=cfg.sft.num_cpus, num_gpus=cfg.sft.num_gpus).remote(cfg, str(out_dir), resume)
+    sc = cfg.sft
+    if sc.workers > 1:
+        return run_group(SFTStage, "sft", sc.workers, sc.num_cpus, sc.num_gpus, (cfg, str(out_dir), resume),
+                         cfg.ppo.startup_timeout_s)
+    actor = SFTStage.options(num_cpus=sc.num_cpus, num_gpus=sc.num_gpus).remote(cfg, str(out_dir), resume)
     return _run_on(actor)
 
 
 def run_rm(cfg: Config, out_dir: Path, sft_checkpoint: Path, resume: bool = False,
            role: str = "rm") -> dict[str, float]:
-    actor = RMStage.options(num_cpus=cfg.rm.num_cpus, num_gpus=cfg.rm.num_gpus).remote(
-        cfg, str(out_dir), str(sft_checkpoint), resume, role)
-    return _run_on(actor)
+    rc, args = cfg.rm, (cfg, str(out_dir), str(sft_checkpoint), resume, role)
+    if rc.workers > 1:
+        return run_group(RMStage, role, rc.workers, rc.num_cpus, rc.num_gpus, args, cfg.ppo.startup_timeout_s)
+    return _run_on(RMStage.options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus).remote(*args))
 
 
 def evaluate_run(cfg: Config, run: RunDir) -> dict[str, float]:

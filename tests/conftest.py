@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import tempfile
 
 if "ray" in sys.modules:  # too late: Ray has already read its auth settings
     raise RuntimeError("ray was imported before tests/conftest.py could set RAY_AUTH_MODE/RAY_AUTH_TOKEN")
@@ -17,6 +18,8 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 # W&B (run.loggers) writes offline runs under <run>/wandb, never the network; set before Ray starts workers
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
+# GGUF conversions (a minute each) are kept here across tests and sessions, keyed by the file's content hash
+os.environ.setdefault("RAYRLHF_CACHE", os.path.join(tempfile.gettempdir(), f"rayrlhf-test-cache-{os.getuid()}"))
 # Token auth chosen deliberately (not left to Ray's default), with a fresh token per test session.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)

@@ -91,12 +91,18 @@ def _check_ppo_and_eval(run: Path, max_staleness: int) -> None:
 
 
 def test_cli_stage_by_stage_synchronous(cli, tiny_overrides, tiny_cfg, tmp_path):
-    """`rayrlhf sft`, `rm`, `ppo` (max_staleness 0: on-policy), `eval`, one run directory: what `train` chains."""
+    """`rayrlhf sft`, `rm`, `ppo` (max_staleness 0: on-policy), `eval`, one run directory: what `train` chains.
+    SFT and the reward model each train as a group of two ranks (FSDP2; equal to one rank: test_trainer_group)."""
     run = tmp_path / "run"
-    cli("sft", run, tiny_overrides)
+    groups = [*tiny_overrides, "sft.workers=2", "rm.workers=2"]
+    cli("sft", run, groups)
     assert (run / "sft" / "checkpoint" / "config.json").is_file() and not (run / "rm").exists()
-    cli("rm", run, tiny_overrides)
+    cli("rm", run, groups)
     _check_sft_rm_run(run)
+    from core.checkpoints import CheckpointDir
+
+    for stage in ("sft", "rm"):  # each rank wrote its shards of the resumable state
+        assert (CheckpointDir(run / stage / "checkpoints").latest() / "sharded").is_dir(), stage
 
     # The normalising bias makes the training references score 0 on average (detail 7).
     from actors.reward import RewardScorer

@@ -40,6 +40,9 @@ def test_gguf_converts_to_a_folder_with_the_same_logits(converted):
     from core.modeling import convert_gguf
 
     assert convert_gguf(str(gguf.parent), gguf.name, out) == out  # once: an existing folder is reused
+    # a second run's folder links the converted files kept in the cache (by content hash): no second conversion
+    again = convert_gguf(str(gguf.parent), gguf.name, out.parent / "another_run" / "base_model")
+    assert (again / "model.safetensors").stat().st_ino == (out / "model.safetensors").stat().st_ino
 
 
 @pytest.mark.slow

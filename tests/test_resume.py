@@ -199,7 +199,9 @@ def _learning_metrics(run: Path) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("staleness", "learners"), [(0, 1), (1, 1), (1, 2)])
+# synchronous with one learner, one step off-policy with a learner group of two (its batch restored from the
+# checkpoint); the third pairing (1, 1) passed as well and was dropped for CI time
+@pytest.mark.parametrize(("staleness", "learners"), [(0, 1), (1, 2)])
 def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch, tiny_checkpoints, tiny_overrides,
                                                          tmp_path, staleness, learners, capsys):
     from pipeline.cli import main

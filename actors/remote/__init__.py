@@ -196,21 +196,38 @@ class RolloutScaler:
 # --- offline stages ---------------------------------------------------------------------------------
 
 
+class _GroupRank:
+    """What a rank of an offline stage's group does before `run`: give rank 0's address, join the group."""
+
+    rank: int
+    world: int
+
+    def address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join(self, addr: str, port: int, timeout_s: float) -> None:
+        join_group(addr, port, self.rank, self.world, timeout_s, self.role)
+
+
 @ray.remote
-class SFTStage:
-    def __init__(self, cfg: Config, out_dir: str, resume: bool):
+class SFTStage(_GroupRank):
+    role = "sft"
+
+    def __init__(self, cfg: Config, out_dir: str, resume: bool, rank: int = 0, world: int = 1):
         init_worker_process(cfg.sft.num_cpus)
-        self.trainer = SFTTrainer(cfg, Path(out_dir), resume)
+        self.trainer, self.rank, self.world = SFTTrainer(cfg, Path(out_dir), resume), rank, world
 
     def run(self) -> dict[str, float]:
         return self.trainer.run()
 
 
 @ray.remote
-class RMStage:
-    def __init__(self, cfg: Config, out_dir: str, sft_checkpoint: str, resume: bool, role: str = "rm"):
+class RMStage(_GroupRank):
+    def __init__(self, cfg: Config, out_dir: str, sft_checkpoint: str, resume: bool, role: str = "rm",
+                 rank: int = 0, world: int = 1):
         init_worker_process(cfg.rm.num_cpus)
-        self.trainer = RMTrainer(cfg, Path(out_dir), sft_checkpoint, resume, role)
+        self.trainer, self.rank, self.world = RMTrainer(cfg, Path(out_dir), sft_checkpoint, resume, role), rank, world
+        self.role = role
 
     def run(self) -> dict[str, float]:
         return self.trainer.run()
