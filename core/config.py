@@ -405,11 +405,6 @@ class PPOConfig(_Section):
         _divides("ppo", "rollout_batch_size", self.rollout_batch_size, "minibatch_size", self.minibatch_size)
         _divides("ppo", "minibatch_size", self.minibatch_size, "micro_batch_size", self.micro_batch_size)
         _divides("ppo", "minibatch_size", self.minibatch_size, "learner_workers", self.learner_workers)
-        if self.learner_workers > 1 and self.weight_sync == "collective":
-            # The collective transport's group is each process's default group, which a learner rank already
-            # holds for FSDP: a rank cannot be in both.
-            raise ValueError(f"ppo.weight_sync=collective needs ppo.learner_workers=1 (got {self.learner_workers}); "
-                             f"a learner group syncs weights through the object store")
         if self.advantage_estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
             raise ValueError(f"ppo.advantage_estimator {self.advantage_estimator} needs ppo.samples_per_prompt >= 2")
         return self
@@ -483,10 +478,6 @@ class Config(_Section):
                              "ppo.learner_workers x ppo.num_cpus; or a stage's workers x num_cpus)")
         if self.ppo.weight_sync == "collective" and self.rollout.backend == "vllm":
             raise ValueError("ppo.weight_sync collective is implemented for the hf rollout backend; use object_store with vllm")
-        if self.ppo.weight_sync == "collective" and self.model.mixed_precision != "no":
-            # mixed precision makes even a one-rank learner a process group, and a process cannot be in two
-            raise ValueError("model.mixed_precision needs ppo.weight_sync object_store (the collective transport's "
-                             "group and the learner's FSDP group would both be the process's default group)")
         return self
 
 

@@ -159,36 +159,47 @@ def make_packet(named: dict[str, Tensor], version: int, bucket_bytes: int) -> We
 
 
 class CollectiveGroup:
-    """A torch.distributed process group for weight broadcast: rank 0 the learner, ranks 1..N the workers.
+    """A process group for weight broadcast: rank 0 the learner (rank 0 of a learner group), ranks 1..N the workers.
 
-    Each process holds one (the default group). Every operation has the group's timeout; a peer that
-    never joins or dies turns into `WeightSyncError` instead of a hang.
-    """
+    A group of its own (a TCPStore rendezvous at rank 0's address, then gloo or NCCL on it), not the process's
+    default group: a learner rank's default group is its FSDP group, and a process may hold both. Every
+    operation has the group's timeout; a peer that never joins or dies turns into `WeightSyncError` instead of
+    a hang."""
 
     def __init__(self, master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float,
                  component: str):
-        from core.sharding import init_default_group
+        from datetime import timedelta
+
+        import torch.distributed as dist
 
         self.rank, self.component = rank, component
+        timeout = timedelta(seconds=timeout_s)
         try:
-            backend = init_default_group(master_addr, master_port, rank, world_size, timeout_s)
+            store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout)
+            if torch.cuda.is_available():
+                opts = dist.ProcessGroupNCCL.Options()
+                opts._timeout = timeout
+                self.pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            else:
+                self.pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+                self.device = torch.device("cpu")
+            self.store = store  # kept alive with the group (rank 0 serves it)
         except Exception as e:
             raise WeightSyncError(f"{component}: joining the weight-sync group at {master_addr}:{master_port} "
                                   f"as rank {rank}/{world_size} failed: {e}") from e
-        # NCCL moves GPU tensors, gloo CPU tensors: every buffer of this group lives on `device`.
-        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
     def broadcast(self, buckets: Iterable[Tensor]) -> None:
+        """Rank 0's tensors into every rank's (NCCL moves GPU tensors, gloo CPU tensors: all on `device`)."""
         import torch.distributed as dist
 
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
         try:
             for b in buckets:
-                dist.broadcast(b, src=0)
+                self.pg.broadcast([b], opts).wait()
         except Exception as e:
             raise WeightSyncError(f"{self.component}: weight broadcast failed or timed out: {e}") from e
 
     def close(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.pg = self.store = None

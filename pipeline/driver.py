@@ -346,9 +346,9 @@ class PPODriver:
         """Stage 4: publish `version` to all workers; returns the loads queued on them."""
         learner = self.roles.learner
         if self.pc.weight_sync == "collective":
-            sent = learner.ranks[0].broadcast_weights.remote()  # a group has no collective transport
+            sent = learner.call("broadcast_weights")  # every rank of a group gathers; rank 0 broadcasts
             loads = [PendingLoad(w, w.receive_weights.remote(version)) for w in self.pool.handles()]
-            got = self._get(sent, "learner weight broadcast")
+            got = self._get(sent, "learner weight broadcast")[0]
             if got != version:
                 raise RuntimeError(f"learner broadcast version {got}, driver expected {version}")
             return loads

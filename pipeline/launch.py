@@ -256,14 +256,15 @@ def await_started(actors: dict[str, ActorHandle], timeout_s: float) -> None:
 
 
 def join_weight_sync_group(roles: RoleHandles, timeout_s: float) -> None:
-    """The collective transport's torch.distributed group: the learner is rank 0, rollout worker i rank i + 1."""
-    addr, port = ray.util.get_node_ip_address(), free_port()
+    """The collective transport's process group: the learner (rank 0 of a learner group) is rank 0, at an address
+    it chooses on its own node; rollout worker i is rank i + 1."""
     world = 1 + len(roles.rollouts)
-    learner = roles.learner.ranks[0]  # a learner group has no collective transport (config validation)
+    learner = roles.learner
+    addr, port = ray_get(learner.ranks[0].address.remote(), "learner address", timeout_s)
     # The layout first: the learner's join returns only once all workers joined, so a worker's join that
-    # waited on its result would deadlock until the timeout.
-    layouts = ray_get(learner.bucket_layouts.remote(), "weight-sync bucket layout", timeout_s)
-    learner_join = learner.join_group.remote(addr, port, world, timeout_s)
+    # waited on its result would deadlock until the timeout. Every rank of a group gathers; rank 0 answers.
+    layouts = ray_get(learner.call("bucket_layouts"), "weight-sync bucket layout", timeout_s)[0]
+    learner_join = learner.ranks[0].join_group.remote(addr, port, world, timeout_s, layouts)
     joins = [w.join_group.remote(addr, port, i + 1, world, timeout_s, layouts) for i, w in enumerate(roles.rollouts)]
     ray_get([learner_join, *joins], "weight-sync group set-up", timeout_s)
 

@@ -26,13 +26,14 @@ OVERRIDES = ["ppo.steps=3", "ppo.max_staleness=1", "ppo.checkpoint_every=0", "pp
 
 # --- config and placement ----------------------------------------------------------------------------
 
-def test_learner_workers_must_split_every_minibatch_and_use_the_object_store():
+def test_learner_workers_must_split_every_minibatch():
     with pytest.raises(ValueError, match=r"ppo.minibatch_size \(6\) must be a positive multiple of "
                                          r"ppo.learner_workers \(4\)"):
         load_config(None, ["ppo.prompts_per_step=3", "ppo.minibatch_size=6", "ppo.micro_batch_size=2",
                            "ppo.learner_workers=4"])
-    with pytest.raises(ValueError, match=r"ppo.weight_sync=collective needs ppo.learner_workers=1 \(got 2\)"):
-        load_config(None, ["ppo.learner_workers=2", "ppo.weight_sync=collective"])
+    # the weight-sync group is a process group of its own, beside a rank's FSDP group
+    assert load_config(None, ["ppo.learner_workers=2", "ppo.weight_sync=collective",
+                              "model.mixed_precision=bf16"]).ppo.weight_sync == "collective"
 
 
 def test_a_learner_group_takes_one_bundle_per_rank_first():
@@ -149,8 +150,9 @@ def test_vllm_tensor_parallel_sizes_the_bundle_and_the_engine():
 @pytest.mark.slow
 def test_a_learner_group_with_scorer_replicas_trains_as_one_learner_through_a_dead_reward_replica(
         ray_local, make_tiny_cfg, tiny_checkpoints, tmp_path, capsys):
-    """2 learner ranks, 2 rollout workers, 2 reference and 2 reward replicas, a reward replica killed before batch 2
-    (restarted by Ray, its shard scored again, once) against one learner with the same scorers, uninterrupted.
+    """2 learner ranks syncing weights to 2 rollout workers over the collective transport, 2 reference and 2 reward
+    replicas, a reward replica killed before batch 2 (restarted by Ray, its shard scored again, once) against one
+    learner with the same scorers syncing through the object store, uninterrupted.
     Same batches (same seeds, same weight versions), so the runs differ only by the float order of the sharded
     reductions: the exported policy and critic of N = 2 equal N = 1's within 1e-5, and so do the logged figures.
     (RLOO and LoRA are covered on the plain learner in test_sharding.py; that re-dispatched work changes
@@ -162,8 +164,10 @@ def test_a_learner_group_with_scorer_replicas_trains_as_one_learner_through_a_de
     one, two = tmp_path / "n1", tmp_path / "n2"
     assert _run(make_tiny_cfg(*sizes), one, tiny_checkpoints)["ppo/steps"] == 4
 
-    driver = PPODriver(make_tiny_cfg(*sizes, "ppo.learner_workers=2"), two / "ppo", tiny_checkpoints.sft,
-                       tiny_checkpoints.rm)
+    # the group's rank 0 broadcasts the weights it gathers with its peers, bucket by bucket, over the gloo
+    # weight-sync group (the 1-rank run syncs through the object store)
+    driver = PPODriver(make_tiny_cfg(*sizes, "ppo.learner_workers=2", "ppo.weight_sync=collective"), two / "ppo",
+                       tiny_checkpoints.sft, tiny_checkpoints.rm)
     dispatch = driver.dispatch
     scorers_of_batch = {}
 
@@ -195,6 +199,6 @@ def test_a_learner_group_with_scorer_replicas_trains_as_one_learner_through_a_de
     assert audit["ok"] and audit["consumed"] == 4
     assert {r["role"] for r in audit["redispatched"]} <= {"reward"}
     with capsys.disabled():
-        print(f"
-4 PPO steps, learner_workers 2 (reward replica 1 killed before batch 2: "
+        print(f"\n4 PPO steps, learner_workers 2 over the collective transport (reward replica 1 killed before "
+              f"batch 2: "
               f"{len(audit['redispatched'])} reward call(s) again) vs 1: max abs diff of the exported weights {diffs}")

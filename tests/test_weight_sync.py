@@ -199,7 +199,7 @@ def test_collective_sync(actors, ray_local):
     addr, port = ray_local.util.get_node_ip_address(), _free_port()
     # as the driver does it: the layout first, then both joins at once (the learner's join blocks until all joined)
     layouts = _get(learner.bucket_layouts.remote())
-    _get([learner.join_group.remote(addr, port, 2, SYNC_TIMEOUT_S),
+    _get([learner.join_group.remote(addr, port, 2, SYNC_TIMEOUT_S, layouts),
           worker.join_group.remote(addr, port, 1, 2, SYNC_TIMEOUT_S, layouts)])
 
     version = _train_step(cfg, learner, worker)

@@ -32,7 +32,7 @@ from core.process import init_worker_process, node_cores
 from core.scaling import ScaleControl, ScaleStatus
 from core.sharding import free_port, join_group
 from core.weight_sync import (
-    BucketLayout, CollectiveGroup, VersionedChecksum, WeightsPacket, WeightSyncError, checksum, pack, plan_buckets,
+    BucketLayout, CollectiveGroup, VersionedChecksum, WeightsPacket, WeightSyncError, checksum, pack,
 )
 from serving.client import RemoteRewardScorer, RewardClient
 
@@ -153,22 +153,43 @@ class LearnerWorker:
         return self.learner.load(ckpt_dir)
 
     def bucket_layouts(self) -> tuple[BucketLayout, ...]:
-        """The bucket layout every receiver allocates once; ask for it before joining (joining blocks)."""
-        return plan_buckets(self.learner.policy_weights().items(), int(self.learner.pc.bucket_mb * 2**20))
+        """The bucket layout every receiver allocates once; ask for it before joining (joining blocks). In a
+        learner group every rank is asked (the full tensors are gathered one at a time, streamed into buckets
+        that are dropped as they fill) and rank 0's answer counts; the others return ()."""
+        packet = self.learner.make_packet(store=lambda bucket: None)
+        return packet.layouts if packet is not None else ()
 
-    def join_group(self, addr: str, port: int, world: int, timeout_s: float) -> tuple[BucketLayout, ...]:
-        """Rank 0 of the weight-sync group. Returns only once every worker has joined, so the workers' joins
-        must not wait for this call's result (they take the layout from `bucket_layouts`)."""
-        self.layouts = self.bucket_layouts()
+    def join_group(self, addr: str, port: int, world: int, timeout_s: float,
+                   layouts: tuple[BucketLayout, ...]) -> None:
+        """Rank 0 of the weight-sync group (rank 0 of a learner group; its other ranks never join). Returns only
+        once every worker has joined, so the workers' joins must not wait for this call's result."""
+        self.layouts = layouts
         self.group = CollectiveGroup(addr, port, 0, world, timeout_s, "learner")
-        return self.layouts
 
     def broadcast_weights(self) -> int:
-        """Collective transport: header (version), then the flat buckets; returns the version sent."""
+        """Collective transport: header (version), then the flat buckets; returns the version sent. In a learner
+        group every rank takes part in gathering the full tensors one at a time; rank 0 broadcasts each bucket
+        as soon as it fills, so it never holds more than its shard, one bucket and one tensor."""
         version = self.learner.version
+        if self.group is None:  # a rank > 0 of a learner group
+            self.learner.make_packet(store=lambda bucket: None)
+            return version
         dev = self.group.device
         self.group.broadcast([torch.tensor([version], dtype=torch.long, device=dev)])
-        self.group.broadcast([b.to(dev) for b in pack(self.learner.policy_weights(), self.layouts)])
+        if not self.learner.fsdp:
+            self.group.broadcast([b.to(dev) for b in pack(self.learner.policy_weights(), self.layouts)])
+            return version
+        sent = []
+
+        def send(bucket: torch.Tensor) -> None:
+            lay = self.layouts[len(sent)]
+            if bucket.numel() != lay.numel or bucket.dtype != lay.dtype:
+                raise WeightSyncError(f"learner: bucket {len(sent)} has {bucket.numel()} {bucket.dtype} values, the "
+                                      f"workers expect {lay.numel} {lay.dtype} (layout agreed at join)")
+            self.group.broadcast([bucket.to(dev)])
+            sent.append(len(sent))
+
+        self.learner.make_packet(store=send)
         return version
 
 
