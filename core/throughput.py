@@ -7,14 +7,20 @@ checkpointing adds the recomputed forward. The token embedding is a lookup, not 
 LM head tied to it), as are attention's score FLOPs: the figure slightly understates the work done.
 
 The peak: a GPU's dense datasheet figure for the dtype (the table below; bf16/fp16 tensor cores, fp32 without
-TF32), or a short matmul probe on the role's own threads, once per process, on a CPU or an unknown GPU.
+TF32), or a short matmul probe on the role's own threads, once per process, on a CPU or an unknown GPU. Roles
+start and take their first turn together, so two probes at once would each see half the machine (and an MFU
+above 1 later): probes on a node take turns under a file lock, and the node keeps the highest figure each
+(device, dtype, thread count) has reached, which a probe slowed by other work does not lower.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -73,7 +79,41 @@ def _peak(device_type: str, dtype_name: str, threads: int) -> float:
         for key, peaks in GPU_PEAK_FLOPS.items():
             if key in name and dtype_name in peaks:
                 return peaks[dtype_name]
-    return _probe(torch.device(device_type), dtype)
+    return node_peak(f"{_device_name(device_type)}|{dtype_name}|{threads} threads",
+                     lambda: _probe(torch.device(device_type), dtype))
+
+
+def _device_name(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "cpu"
+    return f"{model} x{os.cpu_count()}"
+
+
+def node_peak(key: str, probe, path: Path | None = None) -> float:
+    """`probe()` run while no other process of this node probes (a file lock), and the highest figure `key` has
+    reached on this node (kept in `$RAYRLHF_CACHE/peak_flops.json`, default ~/.cache/rayrlhf): a probe slowed
+    by other work never lowers the peak that MFU is measured against."""
+    import fcntl
+
+    path = path or Path(os.environ.get("RAYRLHF_CACHE") or Path.home() / ".cache" / "rayrlhf") / "peak_flops.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            known = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:  # a torn file from an older writer: start again
+            known = {}
+        best = max(probe(), float(known.get(key, 0.0)))
+        known[key] = best
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, path)
+    return best
 
 
 def peak_flops(device: str | torch.device, dtype: str = "float32") -> float:

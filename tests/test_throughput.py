@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -34,3 +36,43 @@ def test_peak_is_a_probe_on_cpu_and_the_datasheet_on_a_known_gpu(monkeypatch):
     assert cpu > 1e8 and tp.peak_flops("cpu", "float32") == cpu  # measured once per thread count
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
     assert tp._peak.__wrapped__("cuda", "bfloat16", 0) == pytest.approx(989e12)
+
+
+def test_a_node_keeps_the_highest_peak_a_probe_reached(tmp_path):
+    """Probes take turns under a file lock; one slowed by other work (here: half) never lowers the node's peak."""
+    path = tmp_path / "peak_flops.json"
+    assert tp.node_peak("cpu|float32|2 threads", lambda: 80e9, path) == 80e9
+    assert tp.node_peak("cpu|float32|2 threads", lambda: 40e9, path) == 80e9  # contended probe
+    assert tp.node_peak("cpu|float32|2 threads", lambda: 90e9, path) == 90e9
+    assert tp.node_peak("cpu|float32|1 threads", lambda: 45e9, path) == 45e9  # its own key
+    import json
+
+    assert json.loads(path.read_text()) == {"cpu|float32|2 threads": 90e9, "cpu|float32|1 threads": 45e9}
+
+
+def test_probes_on_a_node_take_turns(tmp_path):
+    """Two processes probing at once: the second probe starts only after the first one ended."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    log = tmp_path / "log"
+    procs = [ctx.Process(target=_probe_and_log, args=(str(tmp_path / "peak.json"), str(log))) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    (a0, a1), (b0, b1) = sorted(tuple(map(float, line.split())) for line in log.read_text().splitlines())
+    assert a1 <= b0  # no overlap
+
+
+def _probe_and_log(path: str, log: str) -> None:
+    from pathlib import Path
+
+    def probe() -> float:
+        t0 = time.time()
+        time.sleep(0.5)
+        with open(log, "a") as f:
+            f.write(f"{t0} {time.time()}\n")
+        return 1.0
+
+    tp.node_peak("k", probe, Path(path))
