@@ -22,6 +22,7 @@ import torch
 from transformers import get_constant_schedule, get_cosine_schedule_with_warmup
 
 from core import ppo_math as pm
+from core.checkpoints import load_trainable_state, trainable_state
 from core.config import Config, ModelConfig, PPOConfig
 from core.experience import Experience
 from core.modeling import (
@@ -343,7 +344,7 @@ class PPOLearner:
             "torch_rng": torch.get_rng_state(),
             "generator": self.generator.get_state(),
             # The HF checkpoints hold LoRA merged in; resuming needs the adapters themselves.
-            "trainable": ({"policy": _trainable(self.policy), "critic": _trainable(self.critic)}
+            "trainable": ({"policy": trainable_state(self.policy), "critic": trainable_state(self.critic)}
                           if self.model_cfg.lora is not None else None),
         }
         tmp = out_dir / "learner_state.pt.tmp"
@@ -358,9 +359,9 @@ class PPOLearner:
             return self._load_sharded(ckpt_dir)
         state = torch.load(ckpt_dir / "learner_state.pt", map_location="cpu", weights_only=False)
         if state["trainable"] is not None:
-            _load_trainable(self.policy, state["trainable"]["policy"], "policy")
+            load_trainable_state(self.policy, state["trainable"]["policy"], "policy")
             if self.critic is not None:
-                _load_trainable(self.critic, state["trainable"]["critic"], "critic")
+                load_trainable_state(self.critic, state["trainable"]["critic"], "critic")
         else:
             dtype = self.model_cfg.dtype
             self.policy.load_state_dict(load_causal_lm(str(ckpt_dir / "checkpoint"), self.tokenizer, dtype).state_dict())
@@ -454,17 +455,3 @@ def _clip_finite(model, max_norm: float, what: str) -> float:
     return float(norm)
 
 
-def _trainable(model) -> dict[str, torch.Tensor] | None:
-    if model is None:
-        return None
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-@torch.no_grad()
-def _load_trainable(model, saved: dict[str, torch.Tensor], what: str) -> None:
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(params) != set(saved):
-        raise ValueError(f"{what} checkpoint's trainable parameters do not match this model's "
-                         f"(e.g. {sorted(set(params) ^ set(saved))[:3]}); was the LoRA config changed?")
-    for n, p in params.items():
-        p.copy_(saved[n])

@@ -103,9 +103,32 @@ def read_json(path: Path):
     return json.loads(path.read_text())
 
 
+def trainable_state(model) -> dict | None:
+    """The trainable parameters of `model` (copies, on the CPU); None for no model. With LoRA these are the
+    adapters (and fully trained heads): a resumable checkpoint needs them, not the frozen base weights."""
+    import torch
+
+    if model is None:
+        return None
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, saved: dict, what: str) -> None:
+    """Copy what `trainable_state` saved back into `model`; the names must match (same LoRA config)."""
+    import torch
+
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(saved):
+        raise ValueError(f"{what} checkpoint's trainable parameters do not match this model's "
+                         f"(e.g. {sorted(set(params) ^ set(saved))[:3]}); was the LoRA config changed?")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+
+
 def save_training_state(ckpts: CheckpointDir, step: int, model, opt, sched, best: dict, group=None) -> Path:
-    """A resumable SFT/RM checkpoint: the model's current (not best) weights, optimizer, scheduler, torch RNG
-    and the best result so far. The data order is a function of (seed, epoch), so `step` is the data cursor.
+    """A resumable SFT/RM checkpoint: the model's current (not best) weights (with LoRA only the trainable ones),
+    optimizer, scheduler, torch RNG and the best result so far. The data order is a function of (seed, epoch), so `step` is the data cursor.
 
     In a FSDP group (`group`, a `sharding.TrainGroup`) each rank writes its shards of the model and optimizer
     with torch.distributed.checkpoint (`sharded/`) and rank 0 the rest, with the group's size."""
@@ -122,6 +145,8 @@ def save_training_state(ckpts: CheckpointDir, step: int, model, opt, sched, best
             model_state, opt_state = get_state_dict(model, opt)
             dcp.save({"model": model_state, "optimizer": opt_state}, checkpoint_id=str(tmp / "sharded"))
             small["world"] = group.rank.world
+        elif any(not p.requires_grad for p in model.parameters()):  # LoRA: the frozen base comes from its checkpoint
+            small.update(trainable=trainable_state(model), optimizer=opt.state_dict())
         else:
             small.update(model=model.state_dict(), optimizer=opt.state_dict())
         if not sharded or group.leader:
@@ -153,7 +178,10 @@ def load_training_state(path: Path, model, opt, sched, group=None) -> tuple[int,
         dcp.load(sharded, checkpoint_id=str(path / "sharded"))
         set_state_dict(model, opt, model_state_dict=sharded["model"], optim_state_dict=sharded["optimizer"])
     else:
-        model.load_state_dict(state["model"])
+        if "trainable" in state:
+            load_trainable_state(model, state["trainable"], str(path))
+        else:
+            model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])

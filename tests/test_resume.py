@@ -107,15 +107,20 @@ def test_resume_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys):
 # --- plain classes ----------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_sft_and_rm_resume_from_their_last_checkpoint_equal_uninterrupted(make_tiny_cfg, tiny_checkpoints, tmp_path,
-                                                                          monkeypatch):
-    """Die right after the first training-state save, resume, and end with the same weights."""
+                                                                          monkeypatch, lora):
+    """Die right after the first training-state save, resume, and end with the same weights. With LoRA the
+    training state holds the adapters (and the reward model's head), not the frozen base weights."""
     import actors.rm as rm_mod
     import actors.sft as sft_mod
     import core.training as training
     from safetensors.torch import load_file
 
-    cfg = make_tiny_cfg("sft.epochs=2", "sft.eval_every=4", "rm.epochs=2", "rm.eval_every=4")
+    from core.checkpoints import CheckpointDir
+
+    cfg = make_tiny_cfg("sft.epochs=2", "sft.eval_every=4", "rm.epochs=2", "rm.eval_every=4",
+                        *(["model.lora.r=4", "model.lora.alpha=8"] if lora else []))
     for mod, make in ((sft_mod, lambda d, r: sft_mod.SFTTrainer(cfg, d, resume=r)),
                       (rm_mod, lambda d, r: rm_mod.RMTrainer(cfg, d, tiny_checkpoints.sft, resume=r))):
         whole = make(tmp_path / f"{mod.__name__}-whole", False).run()
@@ -132,6 +137,12 @@ def test_sft_and_rm_resume_from_their_last_checkpoint_equal_uninterrupted(make_t
         with pytest.raises(Died):
             make(tmp_path / f"{mod.__name__}-killed", False).run()
         monkeypatch.setattr(training, "save_training_state", real_save)
+        state = torch.load(CheckpointDir(tmp_path / f"{mod.__name__}-killed" / "checkpoints").latest()
+                           / "trainer_state.pt", weights_only=False)
+        if lora:
+            assert "model" not in state and all("lora_" in n or "score" in n for n in state["trainable"])
+        else:
+            assert "trainable" not in state and "model" in state
         resumed = make(tmp_path / f"{mod.__name__}-killed", True).run()
 
         for key in whole:
