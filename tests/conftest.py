@@ -218,9 +218,8 @@ def smollm2_gguf() -> Path:
 
 
 # Modules by how long they take (seconds in one process, from CI's --durations), longest first: the two xdist
-# workers (--dist worksteal, pyproject.toml) start on the two halves of this order and steal from the end of each
-# other's queue, so the long tests start early and the short ones fill in at the end. Modules not named keep
-# their order after these.
+# workers (pyproject.toml) take tests in this order as they free up, so the long tests start early and the short
+# ones fill in at the end. Modules not named keep their order after these.
 SLOW_MODULES = ("test_recipe", "test_resume", "test_faults", "test_vllm_backend", "test_learner_group", "test_e2e",
                 "test_trainer_group", "test_sharding", "test_serving", "test_jobs", "test_gguf", "test_weight_sync",
                 "test_serving_ha", "test_elastic", "test_learner")

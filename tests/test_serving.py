@@ -44,7 +44,9 @@ from serving.auth import BearerAuth, TokenError, is_loopback, resolve_token  # n
 from serving.client import RemoteRewardScorer, RewardClient, RewardServiceError  # noqa: E402
 from serving.reward_service import OPEN_PATHS, PROTECTED_PATHS  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs every Ray Serve test (pyproject.toml: --dist loadgroup): two Serve instances at once,
+# one on each worker's Ray cluster, refused connections
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serve")]
 
 SERVE = [f"serve.token_env={TOKEN_ENV}", "serve.max_request_items=16", "serve.max_batch_size=8",
          "serve.batch_wait_timeout_s=0.05", "serve.num_cpus=1"]
