@@ -33,7 +33,8 @@ from core.sequences import (
     micro_batch_groups, response_logprobs, response_values, token_budget_groups, trim_padding,
 )
 from core.sharding import (
-    Rank, all_gather_rows, all_reduce_max, all_reduce_sum, full_weights, one_rank_group, rank_share, shard_model,
+    Rank, all_gather_rows, all_reduce_max, all_reduce_sum, clip_grad_norm, full_weights, one_rank_group, rank_share,
+    shard_model,
 )
 from core.throughput import forward_flops, mfu, model_params, peak_flops, training_flops
 from core.weight_sync import WeightsPacket, make_packet, stream_packet
@@ -446,10 +447,7 @@ class PPOLearner:
 
 
 def _clip_finite(model, max_norm: float, what: str) -> float:
-    from torch.distributed.tensor import DTensor
-
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # sharded: the norm of the full gradient
+    norm = clip_grad_norm(model, max_norm)
     if not torch.isfinite(norm):
         raise FloatingPointError(f"non-finite gradient norm ({float(norm)}) in the {what}; no weight was updated")
     return float(norm)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from core.config import Config
 from core.data import ComparisonExample, SummaryExample, load_tldr
-from core.metrics import MetricsLogger
+from core.metrics import MetricsLogger, NoMetrics
 from core.modeling import count_params, load_scalar_model, load_tokenizer, save_checkpoint, trainable
 from core.sequences import micro_batch_groups, pad_right, sequence_scores
 from core.sharding import TrainGroup, shard_model
@@ -88,7 +88,7 @@ class RMTrainer:
         packed = rc.max_tokens_per_micro_batch is not None
         n_params = model_params(model)
         peak = peak_flops(next(model.parameters()).device, cfg.model.dtype)
-        metrics = MetricsLogger(self.out_dir, cfg=cfg) if group.leader else None
+        metrics = MetricsLogger(self.out_dir, cfg=cfg) if group.leader else NoMetrics()
         bar = tqdm(total=training.total_steps, initial=step, desc=self.role, mininterval=2, ascii=True,
                    disable=not group.leader)
         for idx in epoch_batches(len(train_c), rc.batch_size, rc.epochs, cfg.run.seed, step):
@@ -121,12 +121,10 @@ class RMTrainer:
             row = {f"{self.role}/loss": summed["loss"], f"{self.role}/train_accuracy": summed["correct"] / len(idx),
                    f"{self.role}/grad_norm": grad_norm, f"{self.role}/lr": training.sched.get_last_lr()[0],
                    f"{self.role}/tokens_per_s": tokens / step_s, f"{self.role}/mfu": mfu(flops, step_s, peak)}
-            if metrics is not None:
-                metrics.log(step, row)
+            metrics.log(step, row)
             if step % rc.eval_every == 0 or step == training.total_steps:
                 result = self.evaluate(model, tok, valid_pairs, valid)
-                if metrics is not None:
-                    metrics.log(step, result)
+                metrics.log(step, result)
                 bar.set_postfix(valid_acc=f"{result[f'{self.role}/valid_accuracy']:.3f}")
                 best = keep_best(step, result, best, f"{self.role}/valid_accuracy", True, model, tok, self.out_dir,
                                  training, group)
@@ -134,9 +132,8 @@ class RMTrainer:
         if group.leader:  # the best checkpoint is a plain folder now: rank 0 sets its bias alone
             best.update(self.normalise(data.sft_train[:512], tok))
         best[f"timing/{self.role}_s"] = time.time() - t0
-        if metrics is not None:
-            metrics.log(step, best)
-            metrics.close()
+        metrics.log(step, best)
+        metrics.close()
         group.barrier()  # the other ranks end once the checkpoint is final
         return best
 

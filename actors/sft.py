@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from core.config import Config, package_path
 from core.data import SummaryExample, TLDRData, corpus_text, lead_baseline, load_tldr
-from core.metrics import MetricsLogger
+from core.metrics import MetricsLogger, NoMetrics
 from core.modeling import (
     build_tiny_llama, convert_gguf, count_params, load_causal_lm, load_tokenizer, train_tokenizer, trainable,
 )
@@ -87,7 +87,7 @@ def init_policy(cfg: Config, data: TLDRData, run_dir: Path,
     base = package_path(cfg.model.name_or_path)
     if cfg.model.gguf is not None:
         if group.leader:
-            base = str(convert_gguf(*cfg.model.gguf, run_dir / "base_model"))
+            convert_gguf(*cfg.model.gguf, run_dir / "base_model")
         group.barrier()
         base = str(run_dir / "base_model")
     tokenizer = load_tokenizer(cfg.model.tokenizer or base)
@@ -132,7 +132,7 @@ class SFTTrainer:
         packed = sc.max_tokens_per_micro_batch is not None
         n_params = model_params(model)
         peak = peak_flops(next(model.parameters()).device, cfg.model.dtype)
-        metrics = MetricsLogger(self.out_dir, cfg=cfg) if group.leader else None
+        metrics = MetricsLogger(self.out_dir, cfg=cfg) if group.leader else NoMetrics()
         bar = tqdm(total=training.total_steps, initial=step, desc="sft", mininterval=2, ascii=True,
                    disable=not group.leader)
         for idx in epoch_batches(len(train), sc.batch_size, sc.epochs, cfg.run.seed, step):
@@ -157,12 +157,10 @@ class SFTTrainer:
             flops = training_flops(*n_params, sum(lengths), cfg.model.gradient_checkpointing) / group.rank.world
             row = {"sft/loss": loss_sum / n_tokens, "sft/grad_norm": grad_norm, "sft/lr": training.sched.get_last_lr()[0],
                    "sft/tokens_per_s": sum(lengths) / step_s, "sft/mfu": mfu(flops, step_s, peak)}
-            if metrics is not None:
-                metrics.log(step, row)
+            metrics.log(step, row)
             if step % sc.eval_every == 0 or step == training.total_steps:
                 result = self.evaluate(model, tok, valid, eval_examples, eval_queries)
-                if metrics is not None:
-                    metrics.log(step, result)
+                metrics.log(step, result)
                 bar.set_postfix(valid_loss=f"{result['sft/valid_loss']:.3f}", rougeL=f"{result['sft/rougeL']:.3f}")
                 best = keep_best(step, result, best, "sft/valid_loss", False, model, tok, self.out_dir, training,
                                  group)
@@ -173,9 +171,8 @@ class SFTTrainer:
             best["sft/lead_gold_score"] = float(np.mean([judge(e.post, lead_baseline(e.query)).score for e in eval_examples]))
         best.update(budget)
         best["timing/sft_s"] = time.time() - t0
-        if metrics is not None:
-            metrics.log(step, best)
-            metrics.close()
+        metrics.log(step, best)
+        metrics.close()
         return best
 
     @torch.no_grad()

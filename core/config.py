@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -102,6 +103,12 @@ class LoraConfig(_Section):
 
 
 PACKAGE_PREFIX = "package:"
+
+
+def cache_root() -> Path:
+    """Where rayrlhf keeps what outlives a run on this machine (converted GGUF models, measured peaks):
+    $RAYRLHF_CACHE, else ~/.cache/rayrlhf."""
+    return Path(os.environ.get("RAYRLHF_CACHE") or Path.home() / ".cache" / "rayrlhf")
 
 
 def package_path(value: str) -> str:

@@ -82,6 +82,16 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+class NoMetrics:
+    """Where the ranks of a trainer group other than rank 0 log: nowhere (rank 0 logs the group's figures)."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():

@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from core.config import LoraConfig, ModelConfig
+from core.config import LoraConfig, ModelConfig, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,7 @@ def load_scalar_model(path: str, tokenizer: PreTrainedTokenizerBase, dtype: str 
 
 def gguf_cache_root() -> Path:
     """Where converted GGUF models are kept between runs: $RAYRLHF_CACHE/gguf, else ~/.cache/rayrlhf/gguf."""
-    root = os.environ.get("RAYRLHF_CACHE") or Path.home() / ".cache" / "rayrlhf"
-    return Path(root) / "gguf"
+    return cache_root() / "gguf"
 
 
 def convert_gguf(folder: str, file: str, out: Path) -> Path:

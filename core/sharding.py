@@ -223,6 +223,14 @@ def all_reduce_max(value: float) -> float:
     return t.item()
 
 
+def clip_grad_norm(model: nn.Module, max_norm: float) -> Tensor:
+    """Clip the gradients to `max_norm`; the norm before clipping, of the full gradient when sharded."""
+    from torch.distributed.tensor import DTensor
+
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
 def _full(p: Tensor) -> Tensor:
     from torch.distributed.tensor import DTensor
 

@@ -100,7 +100,9 @@ def node_peak(key: str, probe, path: Path | None = None) -> float:
     by other work never lowers the peak that MFU is measured against."""
     import fcntl
 
-    path = path or Path(os.environ.get("RAYRLHF_CACHE") or Path.home() / ".cache" / "rayrlhf") / "peak_flops.json"
+    from core.config import cache_root
+
+    path = path or cache_root() / "peak_flops.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

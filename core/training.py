@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmu
 from core.checkpoints import CheckpointDir, resume_or_start, save_training_state
 from core.config import RMConfig, SFTConfig
 from core.modeling import save_checkpoint
-from core.sharding import TrainGroup, full_weights, plain_copy
+from core.sharding import TrainGroup, clip_grad_norm, full_weights, plain_copy
 
 
 def seed_everything(seed: int) -> None:
@@ -74,10 +74,7 @@ def start_training(model: torch.nn.Module, tc: SFTConfig | RMConfig, n_train: in
 def optimizer_step(model: torch.nn.Module, opt, sched, max_grad_norm: float) -> float:
     """Clip, step, advance the schedule, clear the gradients; returns the gradient norm before clipping (of the
     full gradient when sharded)."""
-    from torch.distributed.tensor import DTensor
-
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+    grad_norm = clip_grad_norm(model, max_grad_norm)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)

@@ -96,10 +96,9 @@ def gather(flight: InFlight) -> tuple[BatchResults, dict[int, ShardFailure]]:
     try:
         values = ray.get(refs)
     except (RayActorError, VersionMismatch, RayTaskError):
-        values = None
-    if values is not None:
-        by_role = [values[i * n : (i + 1) * n] for i in range(len(ROLES))]  # refs() is in role order
-        return BatchResults(*by_role), {}
+        pass  # read them one by one below
+    else:
+        return BatchResults(*(values[i * n : (i + 1) * n] for i in range(len(ROLES)))), {}  # refs() is in role order
     results: dict[str, list] = {role: [None] * n for role in ROLES}
     errors = []
     for role in ROLES:

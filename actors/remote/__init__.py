@@ -117,10 +117,28 @@ class RemoteRewardWorker:
         return self.scorer.score_rollout(batch)
 
 
+class _GroupRank:
+    """What a rank of a trainer group (learner, SFT, reward model) does before it works: rank 0 gives the address
+    where the group meets, every rank joins it."""
+
+    rank: int
+    world: int
+    role: str
+
+    def address(self) -> tuple[str, int]:
+        """This node's address and a port free on it (asked of rank 0)."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join(self, addr: str, port: int, timeout_s: float) -> None:
+        join_group(addr, port, self.rank, self.world, timeout_s, self.role)
+
+
 @ray.remote
-class LearnerWorker:
+class LearnerWorker(_GroupRank):
     """Rank `rank` of a learner group of `world` ranks. Alone, the learner is built at once; in a group it is
     built by `join`, once the torch.distributed group is up (FSDP2 shards the models as they are built)."""
+
+    role = "learner"
 
     def __init__(self, cfg: Config, sft_checkpoint: str, rm_checkpoint: str, rank: int = 0, world: int = 1):
         init_worker_process(role_threads(cfg, "learner", node_cores()))
@@ -128,12 +146,8 @@ class LearnerWorker:
         self.learner = PPOLearner.from_config(*self.args) if world == 1 else None
         self.group: CollectiveGroup | None = None
 
-    def address(self) -> tuple[str, int]:
-        """Where the group meets (asked of rank 0): this node's address and a port free on it."""
-        return ray.util.get_node_ip_address(), free_port()
-
     def join(self, addr: str, port: int, timeout_s: float) -> None:
-        join_group(addr, port, self.rank, self.world, timeout_s)
+        super().join(addr, port, timeout_s)
         self.learner = PPOLearner.from_config(*self.args)
 
     def train_step(self, exp: Experience) -> dict[str, float]:
@@ -215,19 +229,6 @@ class RolloutScaler:
 
 
 # --- offline stages ---------------------------------------------------------------------------------
-
-
-class _GroupRank:
-    """What a rank of an offline stage's group does before `run`: give rank 0's address, join the group."""
-
-    rank: int
-    world: int
-
-    def address(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), free_port()
-
-    def join(self, addr: str, port: int, timeout_s: float) -> None:
-        join_group(addr, port, self.rank, self.world, timeout_s, self.role)
 
 
 @ray.remote
