@@ -21,6 +21,7 @@ def converted(smollm2_gguf, tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("gguf")  # on one worker: the conversion fixture runs once
 def test_gguf_converts_to_a_folder_with_the_same_logits(converted):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,6 +47,7 @@ def test_gguf_converts_to_a_folder_with_the_same_logits(converted):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("gguf")  # on one worker: the conversion fixture runs once
 def test_the_pipeline_loads_a_gguf_base_model_through_its_converted_folder(converted, tmp_path):
     from actors.sft import init_policy
     from core.data import load_tldr

@@ -179,6 +179,7 @@ def _train_step(cfg, learner, worker) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("sync_actors")  # on one worker: the actors fixture starts once
 def test_object_store_sync(actors):
     cfg, learner, worker = actors
     version = _train_step(cfg, learner, worker)
@@ -193,6 +194,7 @@ def test_object_store_sync(actors):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("sync_actors")  # on one worker: the actors fixture starts once
 def test_collective_sync(actors, ray_local):
     """gloo broadcast learner -> worker; then a broadcast nobody receives times out, naming the learner."""
     cfg, learner, worker = actors
