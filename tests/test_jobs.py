@@ -29,6 +29,9 @@ import requests
 from pipeline.cli import main
 from pipeline.jobs import DashboardError, auth_token, job_entrypoint
 
+# One worker runs the module: its Ray head (a module fixture) would otherwise start on both.
+pytestmark = pytest.mark.xdist_group("jobs")
+
 VENV_BIN = Path(sys.executable).parent
 HEAD_START_TIMEOUT_S = 120.0
 JOB_TIMEOUT_S = 120.0
@@ -161,7 +164,6 @@ def _wait_terminal(head: LocalHead, job_id: str) -> str:
     pytest.fail(f"job {job_id} not finished after {JOB_TIMEOUT_S:.0f} s:\n{client.get_job_logs(job_id)[-3000:]}")
 
 
-@pytest.mark.xdist_group("jobs")  # on one worker: the module's Ray head starts once
 @pytest.mark.slow
 def test_bad_config_exits_2_before_anything_is_sent(head: LocalHead, capsys) -> None:
     before = len(head.client().list_jobs())
@@ -170,7 +172,6 @@ def test_bad_config_exits_2_before_anything_is_sent(head: LocalHead, capsys) -> 
     assert len(head.client().list_jobs()) == before
 
 
-@pytest.mark.xdist_group("jobs")  # on one worker: the module's Ray head starts once
 @pytest.mark.slow
 def test_submit_tiny_sft_job_succeeds(head: LocalHead, tmp_path: Path, capsys) -> None:
     argv = ["submit", "--address", head.address, "--command", "sft", *_sets([*TINY, f"run.output_dir={tmp_path}"])]
@@ -192,7 +193,6 @@ def test_submit_tiny_sft_job_succeeds(head: LocalHead, tmp_path: Path, capsys) -
     assert capsys.readouterr().out.strip() == "SUCCEEDED"
 
 
-@pytest.mark.xdist_group("jobs")  # on one worker: the module's Ray head starts once
 @pytest.mark.slow
 def test_runtime_failure_on_the_cluster_fails_the_job(head: LocalHead, tmp_path: Path, capsys) -> None:
     # Valid here (paths are not checked when loading: they are the cluster's), missing on the cluster.
@@ -210,7 +210,6 @@ def test_runtime_failure_on_the_cluster_fails_the_job(head: LocalHead, tmp_path:
     assert "/nonexistent/" in logs and "rayrlhf sft: error" in logs, logs[-3000:]
 
 
-@pytest.mark.xdist_group("jobs")  # on one worker: the module's Ray head starts once
 @pytest.mark.slow
 def test_config_error_on_the_cluster_side_is_in_the_job_logs(head: LocalHead, capsys) -> None:
     # What a cluster with a different rayrlhf version (other config keys) would do: submit_main validates
@@ -225,7 +224,6 @@ def test_config_error_on_the_cluster_side_is_in_the_job_logs(head: LocalHead, ca
     assert "invalid config" in logs and "sft.batch_size" in logs, logs[-3000:]
 
 
-@pytest.mark.xdist_group("jobs")  # on one worker: the module's Ray head starts once
 @pytest.mark.slow
 def test_jobs_stop_stops_a_running_pipeline(head: LocalHead, tmp_path: Path, capsys) -> None:
     long_run = [*TINY, "sft.epochs=100000", f"run.output_dir={tmp_path}"]
@@ -248,7 +246,6 @@ def test_jobs_stop_stops_a_running_pipeline(head: LocalHead, tmp_path: Path, cap
         time.sleep(1)
 
 
-@pytest.mark.xdist_group("jobs")  # on one worker: the module's Ray head starts once
 @pytest.mark.slow
 def test_wrong_token_is_a_clear_error(head: LocalHead, monkeypatch, capsys) -> None:
     monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
@@ -257,7 +254,6 @@ def test_wrong_token_is_a_clear_error(head: LocalHead, monkeypatch, capsys) -> N
     assert "refused" in err and head.address in err and "RAY_AUTH_TOKEN" in err
 
 
-@pytest.mark.xdist_group("jobs")  # on one worker: the module's Ray head starts once
 @pytest.mark.slow
 def test_unknown_job_id_is_a_clear_error(head: LocalHead, capsys) -> None:
     assert main(["jobs", "status", "raysubmit_nosuchjob", "--address", head.address]) == 1
