@@ -263,7 +263,8 @@ def serve_main(args: argparse.Namespace, cfg: Config) -> int:
 
     from pipeline.cluster import connect
     from serving.auth import TokenError, is_loopback, resolve_token
-    from serving.reward_service import APP_NAME, PROXY_CALLBACK, start_service
+    from serving.proxy import PROXY_CALLBACK
+    from serving.reward_service import APP_NAME, start_service
 
     host = args.host or cfg.serve.host
     port = cfg.serve.port if args.port is None else args.port
@@ -290,6 +291,8 @@ def serve_main(args: argparse.Namespace, cfg: Config) -> int:
     own_cluster = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     if own_cluster:  # the proxy of a Ray started here inherits this process's environment
         os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
+        # Serve's default 5 s proxy readiness check kills a proxy still starting on a busy laptop (seen in CI)
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     connect(cfg)
     try:
         url = start_service(str(checkpoint), cfg, host, port, require_token=token is not None)

@@ -39,7 +39,6 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware import Middleware
 
 from core.config import Config, load_config
 from core.process import init_worker_process
@@ -58,6 +57,7 @@ from serving.api import (
     ScoreResponse,
 )
 from serving.auth import BearerAuth, TokenError, resolve_token
+from serving.proxy import REQUEST_ID_RULE, valid_request_id
 from serving.text_scoring import TextPolicyError, TextRewardModel
 
 log = logging.getLogger(__name__)
@@ -115,19 +115,10 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-MAX_REQUEST_ID = 128
-REQUEST_ID_RULE = f"X-Request-ID must be 1-{MAX_REQUEST_ID} printable ASCII characters"
-
-
-def _valid_request_id(value: str | None) -> bool:
-    """A client's X-Request-ID is echoed in bodies, headers and logs: 1-128 printable ASCII characters.
-    (Starlette decodes header bytes as Latin-1, so a non-ASCII byte shows up here as a non-ASCII character.)"""
-    return value is None or (0 < len(value) <= MAX_REQUEST_ID and value.isascii() and value.isprintable())
-
 
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id")
-    return given if given and _valid_request_id(given) else uuid.uuid4().hex
+    return given if given and valid_request_id(given) else uuid.uuid4().hex
 
 
 def _error(status: int, message: str, request: Request, detail: list[dict[str, Any]] | None = None,
@@ -163,7 +154,7 @@ async def authenticate_and_measure(request: Request, call_next) -> Response:
     """
     t0 = time.perf_counter()
     service = _current_service()
-    if not _valid_request_id(request.headers.get("x-request-id")):
+    if not valid_request_id(request.headers.get("x-request-id")):
         response = _error(400, REQUEST_ID_RULE, request)
     elif _route_path(request) in OPEN_PATHS or service.auth.allows(request.headers.get("authorization")):
         try:
@@ -311,77 +302,6 @@ def build_app(args: dict[str, Any]) -> Application:
     parsed = RewardAppArgs.model_validate(args)
     cfg = load_config(parsed.config)
     return reward_app(parsed.checkpoint, cfg, require_token=not cfg.serve.allow_insecure_non_loopback)
-
-
-class RequestIdGuard:
-    """ASGI middleware for Serve's HTTP proxy, outside its own request-id handling (which answers a non-ASCII
-    X-Request-ID with a plain-text 500): such a request gets the service's JSON 400 at the proxy instead."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            # Header bytes decoded as Latin-1, as Starlette decodes them for the app's own check.
-            given = [v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"x-request-id"]
-            if not all(map(_valid_request_id, given)):
-                body = ErrorResponse(error="bad_request", request_id=uuid.uuid4().hex, message=REQUEST_ID_RULE)
-                await JSONResponse(body.model_dump(exclude_none=True), status_code=400)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-class ProxyFailureAs503:
-    """ASGI middleware for Serve's HTTP proxy: when the replica holding a request dies, the proxy sends no
-    response (the HTTP server then answers a plain-text 500) or a plain-text 500 of Serve's own; either becomes
-    a retryable 503 with the service's JSON error and Retry-After. The service's own errors are JSON and pass."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = replaced = False
-
-        async def unavailable(request_id: str) -> None:
-            body = ErrorResponse(error="unavailable", request_id=request_id,
-                                 message="the reward model replica serving this request failed; retry")
-            await JSONResponse(body.model_dump(exclude_none=True), status_code=503,
-                               headers={"Retry-After": "1", "X-Request-ID": request_id})(scope, receive, send)
-
-        async def send_or_replace(message) -> None:
-            nonlocal started, replaced
-            if message["type"] == "http.response.start":
-                started = True
-                headers = {k.lower(): v for k, v in message.get("headers", [])}
-                if message["status"] == 500 and not headers.get(b"content-type", b"").startswith(b"application/json"):
-                    replaced = True
-                    await unavailable(headers.get(b"x-request-id", uuid.uuid4().hex.encode()).decode("ascii", "replace"))
-                    return
-            if not replaced:
-                await send(message)
-
-        try:
-            await self.app(scope, receive, send_or_replace)
-        except Exception:
-            if started:
-                raise
-            log.exception("the proxy failed a request before it answered")
-        if not started:
-            given = dict(scope["headers"]).get(b"x-request-id")
-            await unavailable(given.decode("ascii", "replace") if given else uuid.uuid4().hex)
-
-
-PROXY_CALLBACK = "serving.reward_service:proxy_middlewares"
-
-
-def proxy_middlewares() -> list[Middleware]:
-    """Serve's proxy reads its middlewares from the callback named by RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
-    (`PROXY_CALLBACK`) in the environment the cluster was started with: `rayrlhf serve` sets it for the local
-    Ray it starts, the RayService manifest for its pods."""
-    return [Middleware(ProxyFailureAs503), Middleware(RequestIdGuard)]
 
 
 def start_service(checkpoint: str, cfg: Config, host: str, port: int, require_token: bool) -> str:

@@ -20,6 +20,9 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 # GGUF conversions (a minute each) are kept here across tests and sessions, keyed by the file's content hash
 os.environ.setdefault("RAYRLHF_CACHE", os.path.join(tempfile.gettempdir(), f"rayrlhf-test-cache-{os.getuid()}"))
+# Serve kills an HTTP proxy whose readiness check misses 5 s three times; on a busy 2-core CI machine the proxy
+# can take longer than that to start (seen in CI: every test_serving test errored at set-up), so give it 60 s.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 # Token auth chosen deliberately (not left to Ray's default), with a fresh token per test session.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)

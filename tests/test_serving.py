@@ -19,7 +19,7 @@ import secrets
 TOKEN_ENV = "RAYRLHF_TEST_SERVE_TOKEN"
 TOKEN = os.environ.setdefault(TOKEN_ENV, secrets.token_hex(16))
 # Serve's proxy guard against malformed X-Request-IDs, as `rayrlhf serve` and the RayService manifest set it.
-os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.reward_service:proxy_middlewares")
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.proxy:proxy_middlewares")
 
 import asyncio  # noqa: E402
 import hashlib  # noqa: E402
@@ -377,6 +377,22 @@ def test_serve_rejects_a_port_out_of_range_instead_of_using_the_default(checkpoi
 
     assert main(["serve", "--checkpoint", str(checkpoints[1]), "--port", port]) == 2
     assert f"--port {port} is not a TCP port" in capsys.readouterr().err
+
+
+def test_the_proxy_callback_imports_neither_torch_nor_transformers() -> None:
+    """Serve's proxy imports PROXY_CALLBACK as it starts and is killed if not ready within its readiness checks;
+    the torch + transformers import (16 s on a busy 2-core machine) once made it miss them."""
+    import subprocess
+    import sys
+
+    from serving.proxy import PROXY_CALLBACK
+
+    module, name = PROXY_CALLBACK.split(":")
+    code = (f"import sys, {module}; middlewares = {module}.{name}(); "
+            "print(len(middlewares), sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["2", "[]"], out.stdout
 
 
 def test_token_sources_and_loopback(tmp_path: Path) -> None:
