@@ -127,6 +127,9 @@ def test_cli_stage_by_stage_synchronous(cli, tiny_overrides, tiny_cfg, tmp_path)
     assert yaml.safe_load((run / "ppo" / "config.yaml").read_text())["ppo"]["max_staleness"] == 0
 
 
+# CI: the judge and `train` in tests/test_recipe.py, the collective transport in test_learner_group.py, one step
+# off policy in test_faults.py and test_resume.py, W&B in test_loggers.py
+@pytest.mark.outside_ci
 def test_cli_train_one_step_off_policy_collective(cli, tiny_overrides, tmp_path):
     """`rayrlhf train` (SFT -> RM -> judge -> PPO -> eval) with max_staleness 1 and the gloo weight broadcast."""
     run = tmp_path / "run"
@@ -154,6 +157,8 @@ def test_cli_train_one_step_off_policy_collective(cli, tiny_overrides, tmp_path)
     assert runs["sft"]["config"]["ppo"]["max_staleness"] == 1
 
 
+# CI: tests/test_recipe.py trains SFT and the reward models on the shared TL;DR files (its own tokenizer)
+@pytest.mark.outside_ci
 def test_cli_sft_rm_on_real_tldr_files(cli, tiny_overrides, shared_data, gpt2_tokenizer_dir, tmp_path):
     posts = shared_data / "tldr" / "tldr_posts_dev.jsonl"
     pairs = shared_data / "tldr" / "tldr_pairs_dev.jsonl"

@@ -27,22 +27,24 @@ OVERRIDES = [f"ppo.steps={STEPS}", "ppo.max_staleness=1", "rollout.num_workers=2
              "reward.num_cpus=0.5", "reference.num_cpus=0.5", "ppo.checkpoint_every=0", "ppo.sync_timeout_s=60"]
 
 
-def killing(driver: PPODriver, victim: str, at_batch: int) -> PPODriver:
-    """`driver`, made to kill one of its roles (as a crash would: Ray may restart it) just before it dispatches
-    batch `at_batch`; the victim is found in the driver's role handles."""
+def killing(driver: PPODriver, kills: dict[str, int]) -> PPODriver:
+    """`driver`, made to kill roles (as a crash would: Ray may restart them) just before it dispatches a batch:
+    `kills` maps a victim (rollout, reference, reward, learner: the first of its role's handles) to that batch."""
     import ray
 
-    earlier: list = []  # every call of the batches before `at_batch`
+    earlier: list = []  # every call of the batches dispatched so far
     dispatch = driver.dispatch
 
     def kill_then_dispatch(batch_id: int, version: int):
-        if batch_id == at_batch:
-            # Earlier batches finish first, so the kill takes exactly the calls of batch `at_batch`.
+        victims = [victim for victim, at_batch in kills.items() if at_batch == batch_id]
+        if victims:
+            # Earlier batches finish first, so each kill takes exactly the calls of its batch and later ones.
             ray.wait(earlier, num_returns=len(earlier), timeout=120)
             roles = driver.roles
-            actor = {"rollout": roles.rollouts[0], "reference": roles.references[0], "reward": roles.rewards[0],
-                     "learner": roles.learner.ranks[0]}[victim]
-            ray.kill(actor, no_restart=False)
+            first = {"rollout": roles.rollouts[0], "reference": roles.references[0], "reward": roles.rewards[0],
+                     "learner": roles.learner.ranks[0]}
+            for victim in victims:
+                ray.kill(first[victim], no_restart=False)
         flight = dispatch(batch_id, version)
         earlier.extend(flight.refs())
         return flight
@@ -84,12 +86,15 @@ def uninterrupted(ray_local, make_tiny_cfg, tiny_checkpoints, tmp_path_factory) 
     return run
 
 
-@pytest.mark.parametrize("victim", ["rollout", "reference", "reward"])
-def test_killed_actor_is_restarted_and_its_work_dispatched_again_once(uninterrupted, make_tiny_cfg, tiny_checkpoints,
-                                                                      tmp_path, victim, capsys):
-    run = tmp_path / victim
+# One run kills a role before each of three batches (one run, not three: each costs a minute of CI).
+KILLS = {"rollout": 1, "reference": 2, "reward": 3}
+
+
+def test_killed_actors_are_restarted_and_their_work_dispatched_again_once(uninterrupted, make_tiny_cfg,
+                                                                         tiny_checkpoints, tmp_path, capsys):
+    run = tmp_path / "killed"
     driver = PPODriver(make_tiny_cfg(*OVERRIDES), run / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm)
-    summary = _run(killing(driver, victim, at_batch=2))
+    summary = _run(killing(driver, KILLS))
     assert summary["ppo/steps"] == STEPS
 
     a, b = _policy(uninterrupted), _policy(run)
@@ -103,28 +108,30 @@ def test_killed_actor_is_restarted_and_its_work_dispatched_again_once(uninterrup
     again = [e for e in events if e["event"].endswith("_redispatched")]
     per_call = {(r["batch"], r["shard"], r["role"]) for r in audit["redispatched"]}
     assert len(per_call) == len(audit["redispatched"]) == len(again)  # each lost call went again exactly once
-    if victim == "rollout":
-        # The killed worker restarts holding the SFT weights; the batch it owed was dispatched again to it, and
-        # only its shard: worker 1's shards were each generated once. Batch 3, already queued on worker 0 when
-        # batch 2's loss was found, may also go again, depending on whether the weight sync sent to the
-        # restarting actor got through before it (a version mismatch then) — never anything of worker 1.
-        redone = [(r["batch"], r["shard"], r["failed_worker"]) for r in audit["redispatched"]]
-        assert redone[0] == (2, 0, 0) and set(redone) <= {(2, 0, 0), (3, 0, 0)}
-        for batch in ledger["batches"]:
-            assert [s["outcome"] for s in batch["shards"] if s["shard"] == 1] == ["generated"]
-    else:
-        # A reference/reward call is only sent to the actor once its rollout exists, so a call queued behind the
-        # kill may either fail (then it goes again) or reach the restarted actor; both end with the same weights.
-        assert all(r["role"] == victim for r in audit["redispatched"])
+    redone = {role: [(r["batch"], r["shard"], r.get("failed_worker")) for r in audit["redispatched"] if r["role"] == role]
+              for role in KILLS}
+    assert set(redone) == set(KILLS) and all(redone.values()), redone  # every kill cost its role some work
+    # The killed rollout worker restarts holding the SFT weights; the batch it owed was dispatched again to it, and
+    # only its shard: worker 1's shards were each generated once. The next batch, already queued on worker 0 when
+    # the loss was found, may also go again, depending on whether the weight sync sent to the restarting actor got
+    # through before it (a version mismatch then) — never anything of worker 1.
+    at = KILLS["rollout"]
+    assert redone["rollout"][0] == (at, 0, 0) and set(redone["rollout"]) <= {(at, 0, 0), (at + 1, 0, 0)}
+    for batch in ledger["batches"]:
+        assert [s["outcome"] for s in batch["shards"] if s["shard"] == 1] == ["generated"]
+    # A reference/reward call is only sent to the actor once its rollout exists, so a call queued behind the kill
+    # may either fail (then it goes again) or reach the restarted actor; both end with the same weights.
+    for role in ("reference", "reward"):
+        assert min(b for b, _, _ in redone[role]) >= KILLS[role], (role, redone[role])
     with capsys.disabled():
-        print(f"\n{victim} actor killed before batch 2: run completed, max abs diff to uninterrupted {diff}, "
-              f"re-dispatched {audit['redispatched']}")
+        print(f"\nkilled {KILLS} (victim: batch before whose dispatch it died): run completed, max abs diff to "
+              f"uninterrupted {diff}, re-dispatched {audit['redispatched']}")
 
 
 def test_actor_that_cannot_restart_ends_the_run_naming_it(ray_local, make_tiny_cfg, tiny_checkpoints, tmp_path):
     cfg = make_tiny_cfg(*OVERRIDES, "ppo.max_actor_restarts=0")
     driver = killing(PPODriver(cfg, tmp_path / "run" / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm),
-                     "rollout", at_batch=2)
+                     {"rollout": 2})
     with pytest.raises(RuntimeError, match=r"rollout worker 0 died and Ray did not restart it \(ppo.max_actor_restarts=0\)"):
         _run(driver)
 
@@ -133,7 +140,7 @@ def test_a_dead_learner_ends_the_run_pointing_at_the_last_checkpoint(ray_local, 
                                                                      tmp_path):
     cfg = make_tiny_cfg(*OVERRIDES, "ppo.checkpoint_every=1", "rollout.num_workers=1")
     driver = killing(PPODriver(cfg, tmp_path / "run" / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm),
-                     "learner", at_batch=3)
+                     {"learner": 3})
     with pytest.raises(RuntimeError, match=r"learner .* failed: an actor died.*the last checkpoint is .*step-00000[12]"):
         _run(driver)
 

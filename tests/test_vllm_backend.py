@@ -251,6 +251,8 @@ def test_missing_vllm_names_the_extra(policy_dir, monkeypatch):
 
 @pytest.mark.vllm
 @pytest.mark.slow
+# CI: tests/test_recipe.py runs `train` with vLLM rollout (LoRA, merged weights synced), TestVLLMEngine the engine
+@pytest.mark.outside_ci
 def test_train_end_to_end_with_vllm_rollouts(tiny_overrides, tmp_path, vllm_required):
     """`rayrlhf train` with rollout.backend=vllm: SFT -> RM -> PPO on a vLLM rollout worker -> eval and report.
 
