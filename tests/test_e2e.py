@@ -127,7 +127,7 @@ def test_cli_stage_by_stage_synchronous(cli, tiny_overrides, tiny_cfg, tmp_path)
     assert yaml.safe_load((run / "ppo" / "config.yaml").read_text())["ppo"]["max_staleness"] == 0
 
 
-# CI: the judge and `train` in tests/test_recipe.py, the collective transport in test_learner_group.py, one step
+# CI: the judge and `train` in tests/test_recipe.py, the collective transport in test_weight_sync.py, one step
 # off policy in test_faults.py and test_resume.py, W&B in test_loggers.py
 @pytest.mark.outside_ci
 def test_cli_train_one_step_off_policy_collective(cli, tiny_overrides, tmp_path):

@@ -120,9 +120,11 @@ def test_killed_actors_are_restarted_and_their_work_dispatched_again_once(uninte
     for batch in ledger["batches"]:
         assert [s["outcome"] for s in batch["shards"] if s["shard"] == 1] == ["generated"]
     # A reference/reward call is only sent to the actor once its rollout exists, so a call queued behind the kill
-    # may either fail (then it goes again) or reach the restarted actor; both end with the same weights.
+    # may either fail (then it goes again) or reach the restarted actor; both end with the same weights. A call of
+    # the batch before may still be queued there too: one step off policy, it is not waited for (nor is a call that
+    # was itself dispatched again after the previous kill).
     for role in ("reference", "reward"):
-        assert min(b for b, _, _ in redone[role]) >= KILLS[role], (role, redone[role])
+        assert min(b for b, _, _ in redone[role]) >= KILLS[role] - 1, (role, redone[role])
     with capsys.disabled():
         print(f"\nkilled {KILLS} (victim: batch before whose dispatch it died): run completed, max abs diff to "
               f"uninterrupted {diff}, re-dispatched {audit['redispatched']}")

@@ -149,6 +149,10 @@ def test_vllm_tensor_parallel_sizes_the_bundle_and_the_engine():
 
 
 @pytest.mark.slow
+# CI (5 minutes of it here): a learner group of two in a driver run in test_resume.py (killed and resumed), N ranks
+# == 1 on the plain learner in test_sharding.py, the collective transport in test_weight_sync.py, a killed reward
+# scorer in test_faults.py
+@pytest.mark.outside_ci
 def test_a_learner_group_with_scorer_replicas_trains_as_one_learner_through_a_dead_reward_replica(
         ray_local, make_tiny_cfg, tiny_checkpoints, tmp_path, capsys):
     """2 learner ranks syncing weights to 2 rollout workers over the collective transport, 2 reference and 2 reward
