@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.replicas < 1 or args.clients < 1 or not 0 < args.kill_at < args.seconds:
         p.error("--replicas and --clients must be >= 1 and 0 < --kill-at < --seconds")
     enable_token_auth()
-    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.proxy:proxy_middlewares")
+    from serving.proxy import PROXY_CALLBACK
+
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
     import ray
     from ray import serve
 

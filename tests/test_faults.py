@@ -18,8 +18,7 @@ import torch
 from pipeline.driver import PPODriver
 from pipeline.launch import launch_roles
 
-# One worker runs the module: its fixture (a whole uninterrupted run) would otherwise run on both.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]
+pytestmark = pytest.mark.slow
 
 STEPS = 5
 # Two rollout workers: only the killed one's shard may go again.

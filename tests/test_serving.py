@@ -18,8 +18,11 @@ import secrets
 # so the replicas and the PPO actors inherit it, as pods get it from their Secret.
 TOKEN_ENV = "RAYRLHF_TEST_SERVE_TOKEN"
 TOKEN = os.environ.setdefault(TOKEN_ENV, secrets.token_hex(16))
-# Serve's proxy guard against malformed X-Request-IDs, as `rayrlhf serve` and the RayService manifest set it.
-os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.proxy:proxy_middlewares")
+# Serve's proxy guard against malformed X-Request-IDs, as `rayrlhf serve` and the RayService manifest set it
+# (serving.proxy imports neither Ray nor torch).
+from serving.proxy import PROXY_CALLBACK  # noqa: E402
+
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
 
 import asyncio  # noqa: E402
 import hashlib  # noqa: E402
@@ -384,8 +387,6 @@ def test_the_proxy_callback_imports_neither_torch_nor_transformers() -> None:
     the torch + transformers import (16 s on a busy 2-core machine) once made it miss them."""
     import subprocess
     import sys
-
-    from serving.proxy import PROXY_CALLBACK
 
     module, name = PROXY_CALLBACK.split(":")
     code = (f"import sys, {module}; middlewares = {module}.{name}(); "

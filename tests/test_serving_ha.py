@@ -14,9 +14,11 @@ import time
 
 import pytest
 
+from serving.proxy import PROXY_CALLBACK  # neither Ray nor torch: Ray is not imported yet
+
 TOKEN_ENV = "RAYRLHF_TEST_HA_TOKEN"
 TOKEN = os.environ.setdefault(TOKEN_ENV, secrets.token_hex(16))  # before Ray starts, as in test_serving.py
-os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.proxy:proxy_middlewares")
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
 
 # one xdist worker runs every Ray Serve test (pyproject.toml: --dist loadgroup): two Serve instances at once,
 # one on each worker's Ray cluster, refused connections
