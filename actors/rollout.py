@@ -17,7 +17,7 @@ from torch import Tensor
 from core.config import RolloutConfig
 from core.experience import RolloutBatch, RolloutRequest, VersionMismatch
 from core.modeling import default_device, load_frozen
-from core.sequences import pad_left, response_logprobs, sample
+from core.sequences import pad_left, sample_with_logprobs
 from core.throughput import forward_flops, matmul_params, mfu, peak_flops
 from core.weight_sync import VersionedChecksum, WeightsPacket, checksum, unpack
 
@@ -32,7 +32,7 @@ class RolloutBackend(Protocol):
 
 
 class HFBackend:
-    """transformers `generate`, then one forward pass for the log-probs (the same function the learner uses)."""
+    """transformers `generate`; the behaviour log-probs come off the logits it sampled from (no second pass)."""
 
     def __init__(self, checkpoint: str, cfg: RolloutConfig, dtype: str = "float32", device: str | None = None):
         self.device = device or default_device()
@@ -44,9 +44,9 @@ class HFBackend:
         tok = self.tokenizer
         ids, mask = (t.to(self.device) for t in pad_left(prompts, tok.pad_token_id))
         torch.manual_seed(seed)
-        responses, rmask = sample(self.model, ids, mask, max_new_tokens=self.cfg.max_new_tokens, eos_id=tok.eos_token_id,
-                                  pad_id=tok.pad_token_id, temperature=self.cfg.temperature, top_p=self.cfg.top_p)
-        logprobs, _ = response_logprobs(self.model, ids, mask, responses, rmask, self.cfg.temperature)
+        responses, rmask, logprobs = sample_with_logprobs(
+            self.model, ids, mask, max_new_tokens=self.cfg.max_new_tokens, eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id, temperature=self.cfg.temperature, top_p=self.cfg.top_p)
         return responses.cpu(), rmask.cpu(), logprobs.cpu()
 
     @torch.no_grad()

@@ -227,12 +227,41 @@ def sample(
     top_k is off so the sampling distribution is exactly softmax(logits / T) (when top_p = 1), the one
     the log-probs are computed under.
     """
+    responses, mask, _ = _generate(model, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p,
+                                   greedy, with_logprobs=False)
+    return responses, mask
+
+
+def sample_with_logprobs(
+    model: nn.Module, prompts: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_id: int, pad_id: int,
+    temperature: float, top_p: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`sample`, and the behaviour log-probs log softmax(logits / T) of each sampled token read off the logits
+    generate computed to sample it -> responses, mask, log-probs (B, max_new_tokens), 0 after EOS.
+
+    No second forward pass over prompt and response: generate's KV-cached logits equal a full forward's
+    (`response_logprobs`, what the learner and the reference compute) up to float error (tests/test_sequences.py).
+    """
+    return _generate(model, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, False,
+                     with_logprobs=True)
+
+
+def _generate(model: nn.Module, prompts: Tensor, prompt_mask: Tensor, max_new_tokens: int, eos_id: int, pad_id: int,
+              temperature: float, top_p: float, greedy: bool, with_logprobs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     out = model.generate(
         input_ids=prompts, attention_mask=prompt_mask, max_new_tokens=max_new_tokens, min_new_tokens=0,
-        eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True, **kwargs,
+        eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True, return_dict_in_generate=True,
+        output_logits=with_logprobs, **kwargs,
     )
-    responses = out[:, prompts.shape[1]:]
+    responses = out.sequences[:, prompts.shape[1]:]
+    logprobs = None
+    if with_logprobs:  # out.logits: one (B, V) tensor per generated position, before temperature
+        logprobs = torch.stack([F.log_softmax(step.float() / temperature, -1).gather(-1, responses[:, t : t + 1])[:, 0]
+                                for t, step in enumerate(out.logits)], 1)
     if responses.shape[1] < max_new_tokens:  # generate stops once every row hit EOS
-        responses = F.pad(responses, (0, max_new_tokens - responses.shape[1]), value=pad_id)
-    return truncate_after_eos(responses, eos_id, pad_id)
+        grow = max_new_tokens - responses.shape[1]
+        responses = F.pad(responses, (0, grow), value=pad_id)
+        logprobs = F.pad(logprobs, (0, grow)) if logprobs is not None else None
+    responses, mask = truncate_after_eos(responses, eos_id, pad_id)
+    return responses, mask, logprobs * mask if logprobs is not None else None
