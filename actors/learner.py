@@ -36,7 +36,9 @@ from core.sharding import (
     Rank, all_gather_rows, all_reduce_max, all_reduce_sum, clip_grad_norm, full_weights, one_rank_group, rank_share,
     shard_model,
 )
-from core.throughput import forward_flops, mfu, model_params, peak_flops, training_flops
+from core.throughput import (
+    attention_flops, forward_flops, mfu, model_head_params, model_params, peak_flops, training_flops,
+)
 from core.weight_sync import WeightsPacket, make_packet, stream_packet
 
 
@@ -224,13 +226,17 @@ class PPOLearner:
         every token of the batch; GAE's old values are one more critic forward unless the update reuses it. A rank
         of a group does 1/N of the work on its own device."""
         pc, tokens = self.pc, int(exp.prompt_mask.sum() + exp.response_mask.sum())
-        checkpointing = self.model_cfg.gradient_checkpointing
-        flops = training_flops(*model_params(self.policy), tokens * pc.ppo_epochs, checkpointing)
+        lengths = (exp.prompt_mask.sum(-1) + exp.response_mask.sum(-1)).tolist()
+        checkpointing, epochs = self.model_cfg.gradient_checkpointing, pc.ppo_epochs
+        attention = attention_flops(self.policy.config, lengths)
+        flops = (training_flops(*model_params(self.policy), tokens * epochs, checkpointing, attention * epochs)
+                 # the head runs on the positions that predict response tokens only
+                 + training_flops(*model_head_params(self.policy), int(exp.response_mask.sum()) * epochs, checkpointing))
         if self.critic is not None:
             critic = model_params(self.critic)
-            flops += training_flops(*critic, tokens * pc.ppo_epochs, checkpointing)
+            flops += training_flops(*critic, tokens * epochs, checkpointing, attention * epochs)
             if not self._single_update(exp):
-                flops += forward_flops(critic[0], tokens)
+                flops += forward_flops(critic[0], tokens) + attention
         return {"perf/learner_tokens_per_s": tokens * pc.ppo_epochs / seconds if seconds > 0 else 0.0,
                 "perf/learner_mfu": mfu(flops / self.rank.world, seconds, peak)}
 

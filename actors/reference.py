@@ -9,7 +9,7 @@ import torch
 from core.experience import RefLogprobs, RolloutBatch
 from core.modeling import default_device, load_frozen
 from core.sequences import micro_batch_groups, response_logprobs, trim_padding
-from core.throughput import forward_flops, mfu, model_params, peak_flops
+from core.throughput import attention_flops, forward_flops, head_params, mfu, model_params, peak_flops
 
 
 class ReferenceLogprobs:
@@ -21,6 +21,7 @@ class ReferenceLogprobs:
         self.model, self.tokenizer = load_frozen(checkpoint, "causal_lm", dtype, self.device)
         self.temperature, self.batch_size, self.max_tokens = temperature, batch_size, max_tokens
         self.dtype, self.n_params = dtype, model_params(self.model)[0]
+        self.n_head = head_params(self.model.named_parameters())
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch) -> RefLogprobs:
@@ -37,6 +38,7 @@ class ReferenceLogprobs:
                                       packed=self.max_tokens is not None)
             out[rows, : lp.shape[1]] = lp.float().cpu()
         seconds = time.perf_counter() - t0
-        flops = forward_flops(self.n_params, int(batch.prompt_mask.sum() + batch.response_mask.sum()))
+        flops = (forward_flops(self.n_params, sum(lengths)) + forward_flops(self.n_head, int(batch.response_mask.sum()))
+                 + attention_flops(self.model.config, lengths))
         return RefLogprobs(batch_id=batch.batch_id, shard=batch.shard, logprobs=out, ref_s=seconds,
                            mfu=mfu(flops, seconds, peak))

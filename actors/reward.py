@@ -12,7 +12,7 @@ from torch import Tensor
 from core.experience import RolloutBatch, Scores
 from core.modeling import default_device, load_frozen
 from core.sequences import eos_trick, has_eos, micro_batch_groups, pad_right, sequence_scores
-from core.throughput import forward_flops, mfu, model_params, peak_flops
+from core.throughput import attention_flops, forward_flops, mfu, model_params, peak_flops
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,8 @@ class RewardScorer:
         t0 = time.perf_counter()
         s = self.score_tokens(batch.prompts, batch.prompt_mask, batch.responses, batch.response_mask)
         seconds = time.perf_counter() - t0
-        flops = forward_flops(self.n_params, int(batch.prompt_mask.sum() + batch.response_mask.sum()))
+        lengths = (batch.prompt_mask.sum(-1) + batch.response_mask.sum(-1)).tolist()
+        flops = forward_flops(self.n_params, sum(lengths)) + attention_flops(self.model.config, lengths)
         return Scores(batch_id=batch.batch_id, shard=batch.shard, scores=s.scores, raw_scores=s.raw_scores,
                       has_eos=s.has_eos, score_s=seconds, mfu=mfu(flops, seconds, peak))
 

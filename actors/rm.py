@@ -24,7 +24,7 @@ from core.modeling import count_params, load_scalar_model, load_tokenizer, save_
 from core.sequences import micro_batch_groups, pad_right, sequence_scores
 from core.sharding import TrainGroup, shard_model
 from core.text import encode_responses, with_encodable_queries
-from core.throughput import mfu, model_params, peak_flops, training_flops
+from core.throughput import attention_flops, mfu, model_params, peak_flops, training_flops
 from core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,9 @@ class RMTrainer:
             step_s, tokens = time.perf_counter() - t_step, sum(len(train_c[i]) + len(train_r[i]) for i in idx)
             step += 1
             bar.update(1)
-            flops = training_flops(*n_params, tokens, cfg.model.gradient_checkpointing) / group.rank.world
+            sides = [len(side[i]) for side in (train_c, train_r) for i in idx]
+            flops = training_flops(*n_params, tokens, cfg.model.gradient_checkpointing,
+                                   attention_flops(model.config, sides)) / group.rank.world
             row = {f"{self.role}/loss": summed["loss"], f"{self.role}/train_accuracy": summed["correct"] / len(idx),
                    f"{self.role}/grad_norm": grad_norm, f"{self.role}/lr": training.sched.get_last_lr()[0],
                    f"{self.role}/tokens_per_s": tokens / step_s, f"{self.role}/mfu": mfu(flops, step_s, peak)}

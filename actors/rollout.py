@@ -13,12 +13,13 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+from transformers import AutoConfig
 
 from core.config import RolloutConfig
 from core.experience import RolloutBatch, RolloutRequest, VersionMismatch
 from core.modeling import default_device, load_frozen
 from core.sequences import pad_left, sample_with_logprobs
-from core.throughput import forward_flops, matmul_params, mfu, peak_flops
+from core.throughput import attention_flops, forward_flops, head_params, matmul_params, mfu, peak_flops
 from core.weight_sync import VersionedChecksum, WeightsPacket, checksum, unpack
 
 
@@ -79,7 +80,9 @@ class RolloutGenerator:
         self.worker_index = worker_index
         self.version = 0
         self.dtype = dtype
-        self.n_params = matmul_params(self.backend.named_weights().items())
+        named = self.backend.named_weights().items()
+        self.n_params, self.n_head = matmul_params(named), head_params(named)
+        self.model_config = AutoConfig.from_pretrained(checkpoint)
         self.last_sync_s = 0.0
 
     def generate(self, req: RolloutRequest) -> RolloutBatch:
@@ -92,11 +95,14 @@ class RolloutGenerator:
         seconds = time.perf_counter() - t0
         pad_id = self.backend.tokenizer.pad_token_id
         prompts, pmask = pad_left(req.prompts, pad_id)
-        tokens = int(pmask.sum() + rmask.sum())  # prefill and decode: a forward pass of each token
+        lengths = (pmask.sum(-1) + rmask.sum(-1)).tolist()  # prefill and decode: a forward pass of each token
+        # the head makes each sampled token's logits; decoding attends to the KV cache of the tokens before
+        flops = (forward_flops(self.n_params, sum(lengths)) + forward_flops(self.n_head, int(rmask.sum()))
+                 + attention_flops(self.model_config, lengths))
         return RolloutBatch(batch_id=req.batch_id, shard=req.shard, worker=self.worker_index,
                             policy_version=self.version, prompt_indices=list(req.prompt_indices), prompts=prompts,
                             prompt_mask=pmask, responses=responses, response_mask=rmask, logprobs=logprobs,
-                            generate_s=seconds, mfu=mfu(forward_flops(self.n_params, tokens), seconds, peak))
+                            generate_s=seconds, mfu=mfu(flops, seconds, peak))
 
     def load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
         """Swap in `packet`'s weights; with `verify`, compare the checksum. Returns seconds taken."""

@@ -27,7 +27,7 @@ from core.synthetic import judge
 from core.text import (
     EncodedSummary, budget_warnings, encode_summaries, reference_budget, rouge, with_encodable_queries,
 )
-from core.throughput import mfu, model_params, peak_flops, training_flops
+from core.throughput import attention_flops, mfu, model_head_params, model_params, peak_flops, training_flops
 from core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class SFTTrainer:
                                   self.resume, {"sft/valid_loss": float("inf")}, group)
         step, best = training.step, training.best
         packed = sc.max_tokens_per_micro_batch is not None
-        n_params = model_params(model)
+        n_params, n_head = model_params(model), model_head_params(model)
         peak = peak_flops(next(model.parameters()).device, cfg.model.dtype)
         metrics = MetricsLogger(self.out_dir, cfg=cfg) if group.leader else NoMetrics()
         bar = tqdm(total=training.total_steps, initial=step, desc="sft", mininterval=2, ascii=True,
@@ -154,7 +154,9 @@ class SFTTrainer:
             step_s = time.perf_counter() - t_step
             step += 1
             bar.update(1)
-            flops = training_flops(*n_params, sum(lengths), cfg.model.gradient_checkpointing) / group.rank.world
+            ckpt = cfg.model.gradient_checkpointing
+            flops = (training_flops(*n_params, sum(lengths), ckpt, attention_flops(model.config, lengths))
+                     + training_flops(*n_head, n_tokens, ckpt)) / group.rank.world  # the head: on summaries only
             row = {"sft/loss": loss_sum / n_tokens, "sft/grad_norm": grad_norm, "sft/lr": training.sched.get_last_lr()[0],
                    "sft/tokens_per_s": sum(lengths) / step_s, "sft/mfu": mfu(flops, step_s, peak)}
             metrics.log(step, row)

@@ -68,15 +68,16 @@ def main() -> None:
     responses, rmask = pad_right([[rng.randrange(1, vocab) for _ in range(rng.randint(15, cfg.rollout.max_new_tokens))]
                                   for _ in range(B)], learner.tokenizer.pad_token_id)
 
-    def batch(i: int) -> Experience:
-        with torch.no_grad():  # the current policy's log-probs: on policy, as the rollout would have sampled them
-            logp = torch.cat([response_logprobs(learner.policy, prompts[s : s + 8], pmask[s : s + 8],
-                                                responses[s : s + 8], rmask[s : s + 8], cfg.rollout.temperature)[0]
-                              for s in range(0, B, 8)])
-        return Experience(batch_id=i, policy_version=learner.version, prompt_indices=list(range(B)), prompts=prompts,
-                          prompt_mask=pmask, responses=responses, response_mask=rmask, logprobs=logp,
-                          ref_logprobs=logp.clone(), scores=torch.randn(B, generator=torch.Generator().manual_seed(i)),
-                          has_eos=torch.ones(B, dtype=torch.bool))
+    def batch(i: int, n: int = B) -> Experience:
+        """The first `n` sequences, with the current policy's log-probs (on policy, as the rollout sampled them)."""
+        p, pm, r, rm = prompts[:n], pmask[:n], responses[:n], rmask[:n]
+        with torch.no_grad():
+            logp = torch.cat([response_logprobs(learner.policy, p[s : s + 8], pm[s : s + 8], r[s : s + 8],
+                                                rm[s : s + 8], cfg.rollout.temperature)[0] for s in range(0, n, 8)])
+        return Experience(batch_id=i, policy_version=learner.version, prompt_indices=list(range(n)), prompts=p,
+                          prompt_mask=pm, responses=r, response_mask=rm, logprobs=logp, ref_logprobs=logp.clone(),
+                          scores=torch.randn(n, generator=torch.Generator().manual_seed(i)),
+                          has_eos=torch.ones(n, dtype=torch.bool))
 
     tokens = int(pmask.sum() + rmask.sum())
     computed = B * (prompts.shape[1] + responses.shape[1])
@@ -84,7 +85,7 @@ def main() -> None:
           f"r={cfg.model.lora.r if cfg.model.lora else '-'}, {cfg.model.dtype}, {args.threads} threads; batch of {B} "
           f"sequences, {tokens} real tokens, micro batches of {pc.micro_batch_size}"
           f"{f', packed under {pc.max_tokens_per_micro_batch} tokens' if pc.max_tokens_per_micro_batch else ''}")
-    learner.train_step(batch(0))  # warm-up: allocator, thread pool, first-call paths
+    learner.train_step(batch(0, pc.micro_batch_size))  # warm-up: allocator, thread pool, first-call paths
     peak = peak_flops("cpu", cfg.model.dtype)
     rows = []
     for i in range(1, args.steps + 1):

@@ -128,6 +128,25 @@ def eos_trick(raw_scores: Tensor, has_eos: Tensor, missing_eos_score: float | No
     return torch.where(has_eos, raw_scores, torch.full_like(raw_scores, missing_eos_score))
 
 
+def flush_right(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's real tokens moved together to the right end of a row as wide as the longest row's real tokens
+    -> ids (B, W), mask (B, W) (padding on the left only), and each position's column there (B, T; -1 at padding).
+
+    A rollout row is `[pad.. prompt | response .. pad]`: prompts and responses padded apart, so a micro batch of
+    rows with similar total lengths still computes the longest prompt plus the longest response for every row
+    (a sixth more positions than real tokens on the recipe's lengths). Flushed right, only the total is padded;
+    positions still count from each row's first real token, so every real position's output is unchanged."""
+    keep = mask.bool()
+    lengths = keep.sum(-1, keepdim=True)
+    width = max(int(lengths.max()), 1)
+    index = torch.where(keep, keep.long().cumsum(-1) - 1 + (width - lengths), -1)
+    rows = keep.nonzero(as_tuple=True)[0]
+    flushed, flushed_mask = ids.new_zeros((ids.shape[0], width)), mask.new_zeros((ids.shape[0], width))
+    flushed[rows, index[keep]] = ids[keep]
+    flushed_mask[rows, index[keep]] = 1
+    return flushed, flushed_mask, index
+
+
 def pack(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The real tokens of a padded batch as one row -> ids (1, N), positions (1, N) restarting at 0 for every
     sequence, and each padded position's index into that row (B, T; -1 at padding).
@@ -144,12 +163,17 @@ def response_logits(model: nn.Module, ids: Tensor, mask: Tensor, R: int, packed:
     """Logits at the R positions that predict the response tokens -> (B, R, V).
 
     Only those go through the LM head (`logits_to_keep`): the prompt positions' logits are never used, and on
-    a small model the head is a fifth of the forward and backward cost. `packed`: one row of the real tokens
-    (`pack`); positions that are padding get logits 0.
+    a small model the head is a fifth of the forward and backward cost. Padded: rows flushed right (`flush_right`);
+    `packed`: one row of the real tokens (`pack`). Positions that are padding get logits 0.
     """
-    if not packed:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=R + 1)
-        return out.logits[:, :-1]
+    if not packed:  # flushed right: every row's response ends in the last column, so R + 1 columns hold them all
+        flushed, fmask, index = flush_right(ids, mask)
+        window = model(input_ids=flushed, attention_mask=fmask, position_ids=position_ids(fmask), use_cache=False,
+                       logits_to_keep=R + 1).logits  # (B, R + 1, V): the last R + 1 columns
+        predicting = index[:, -R - 1 : -1]
+        columns = (predicting - (flushed.shape[1] - R - 1)).clamp(min=0)
+        logits = window.gather(1, columns.unsqueeze(-1).expand(-1, -1, window.shape[-1]))
+        return torch.where((predicting >= 0).unsqueeze(-1), logits, 0.0)
     flat, pos, index = pack(ids, mask)
     predicting = index[:, -R - 1 : -1]  # (B, R): the position before each response token
     real = predicting >= 0
@@ -185,12 +209,15 @@ def _scalar_model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def token_values(model: nn.Module, ids: Tensor, mask: Tensor, packed: bool = False) -> Tensor:
-    """Scalar head on every position's hidden state -> (B, T): the critic's V(s_t). `packed`: computed on the
-    real tokens only (`pack`), 0 at padding."""
+    """Scalar head on every position's hidden state -> (B, T): the critic's V(s_t), 0 at padding. Computed on the
+    rows flushed right (`flush_right`), or `packed` into one row of the real tokens (`pack`)."""
     backbone, head = _scalar_model_parts(model)
     if not packed:
-        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
-        return head(hidden).squeeze(-1).float()
+        flushed, fmask, index = flush_right(ids, mask)
+        hidden = backbone(input_ids=flushed, attention_mask=fmask, position_ids=position_ids(fmask),
+                          use_cache=False).last_hidden_state
+        values = head(hidden).squeeze(-1).float()  # (B, W)
+        return torch.where(index >= 0, values.gather(1, index.clamp(min=0)), 0.0)
     flat, pos, index = pack(ids, mask)
     values = head(backbone(input_ids=flat, position_ids=pos, use_cache=False).last_hidden_state)[0, :, 0].float()
     return values.new_zeros(index.shape).index_put((index >= 0).nonzero(as_tuple=True), values)

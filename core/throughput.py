@@ -1,10 +1,12 @@
 """Model FLOPs utilisation (MFU): the FLOP/s a role's model work needs, against its device's peak.
 
-FLOPs are counted as Kaplan et al. (2020) and PaLM's MFU count them: 2 per matmul parameter per token for a
-forward pass; a backward pass adds 2 for the gradients that flow through every weight and 2 more per trainable
-parameter for the weight gradients (LoRA trains few: its backward costs about one forward, not two); gradient
-checkpointing adds the recomputed forward. The token embedding is a lookup, not a matmul, and is left out (with an
-LM head tied to it), as are attention's score FLOPs: the figure slightly understates the work done.
+FLOPs are counted as PaLM's MFU counts them (Chowdhery et al. 2022, appendix B): 2 per matmul parameter per token
+for a forward pass; a backward pass adds 2 for the gradients that flow through every weight and 2 more per
+trainable parameter for the weight gradients (LoRA trains few: its backward costs about one forward, not two);
+gradient checkpointing adds the recomputed forward. Attention's two matmuls (scores, weighted sum) count for the
+query-key pairs a causal model uses, T(T+1)/2 per sequence of T tokens. The token embedding is a lookup, not a
+matmul; a causal LM's output head (vocabulary x hidden, tied to the embedding or not) counts only on the positions
+that go through it: rayrlhf's learner, reference and SFT send only those that predict response tokens.
 
 The peak: a GPU's dense datasheet figure for the dtype (the table below; bf16/fp16 tensor cores, fp32 without
 TF32), or a short matmul probe on the role's own threads, once per process, on a CPU or an unknown GPU. Roles
@@ -35,9 +37,34 @@ GPU_PEAK_FLOPS = {
 }
 
 
+def _embedding_or_head(name: str) -> bool:
+    return "embed" in name or ".wte." in name or ".wpe." in name or "lm_head" in name
+
+
 def matmul_params(named: Iterable[tuple[str, torch.Tensor]]) -> int:
-    """Parameters that take part in matmuls: all but the token (and position) embeddings."""
-    return sum(t.numel() for name, t in named if "embed" not in name and ".wte." not in name and ".wpe." not in name)
+    """Parameters that take part in matmuls at every position: all but the token (and position) embeddings and
+    a causal LM's output head (`head_params`)."""
+    return sum(t.numel() for name, t in named if not _embedding_or_head(name))
+
+
+def head_params(named: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """A causal LM's output head, vocabulary x hidden: `lm_head`, or the token embedding it is tied to."""
+    return max((t.numel() for name, t in named if _embedding_or_head(name) and ".wpe." not in name), default=0)
+
+
+def model_head_params(model: nn.Module) -> tuple[int, int]:
+    """(output head parameters, trainable ones among them) of a causal LM, peft-wrapped or not: its training FLOPs
+    are `training_flops` of these over the positions that go through the head."""
+    named = list(model.named_parameters())
+    return head_params(named), head_params((n, p) for n, p in named if p.requires_grad)
+
+
+def attention_flops(config, lengths: Iterable[int]) -> float:
+    """Forward FLOPs of attention's two matmuls (q k^T and the weighted sum of v), over causal sequences of
+    `lengths` tokens: 2 x 2 FLOPs per query-key pair per query dimension per layer."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 4.0 * config.num_hidden_layers * heads * head_dim * sum(t * (t + 1) / 2 for t in lengths)
 
 
 def model_params(model: nn.Module) -> tuple[int, int]:
@@ -50,10 +77,13 @@ def forward_flops(n_params: int, tokens: int) -> float:
     return 2.0 * n_params * tokens
 
 
-def training_flops(n_params: int, n_trainable: int, tokens: int, checkpointing: bool = False) -> float:
-    """Forward + backward (+ the recomputed forward with gradient checkpointing) over `tokens` tokens."""
+def training_flops(n_params: int, n_trainable: int, tokens: int, checkpointing: bool = False,
+                   frozen_forward: float = 0.0) -> float:
+    """Forward + backward (+ the recomputed forward with gradient checkpointing) over `tokens` tokens.
+    `frozen_forward`: forward FLOPs of attention's matmuls, which have no weights: their backward computes the
+    gradients of both operands (2x their forward)."""
     per_token = 2 * n_params + 2 * n_params + 2 * n_trainable + (2 * n_params if checkpointing else 0)
-    return float(per_token) * tokens
+    return float(per_token) * tokens + frozen_forward * (4 if checkpointing else 3)
 
 
 def _probe(device: torch.device, dtype: torch.dtype, seconds: float = 0.3, n: int = 1024) -> float:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from core.sequences import (
-    has_eos, length_grouped, pad_left, pad_right, position_ids, response_logprobs, sample, token_budget_groups,
+    flush_right, has_eos, length_grouped, pad_left, pad_right, position_ids, response_logprobs, sample, token_budget_groups,
     trim_padding, truncate_after_eos,
 )
 
@@ -64,6 +64,45 @@ def test_length_grouped_cuts_longest_first_and_keeps_every_position_once():
 
 
 # --- with the tiny SFT checkpoint ---------------------------------------------------------------------
+
+def test_flush_right_moves_each_rows_real_tokens_to_the_right_end():
+    p, pm = pad_left([[1, 2], [3], [4, 5, 6]], PAD)
+    r, rm = pad_right([[7, EOS], [8, 9, EOS], [EOS]], PAD)
+    ids, mask = torch.cat([p, r], 1), torch.cat([pm, rm], 1)  # [pad.. prompt | response .. pad], 6 columns
+    flushed, fmask, index = flush_right(ids, mask)
+    # the longest row has 4 real tokens: 4 columns, padding on the left only
+    assert flushed.tolist() == [[1, 2, 7, EOS], [3, 8, 9, EOS], [4, 5, 6, EOS]]
+    assert fmask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]
+    assert index.tolist() == [[-1, 0, 1, 2, 3, -1], [-1, -1, 0, 1, 2, 3], [0, 1, 2, 3, -1, -1]]
+    short, smask, _ = flush_right(ids[:2, 1:4], mask[:2, 1:4])  # rows of 3 and 2 real tokens
+    assert short.tolist() == [[1, 2, 7], [0, 3, 8]] and smask.tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert position_ids(smask).tolist() == [[0, 1, 2], [0, 0, 1]]
+
+
+@pytest.mark.slow
+def test_flushed_rows_give_the_logits_and_values_of_the_rows_padded_in_place(policy, prompts, tiny_checkpoints):
+    """response_logits / token_values compute on rows flushed right: every real position's output equals the
+    model's on `[pad.. prompt | response .. pad]` as laid out, padding positions are 0."""
+    from core.modeling import load_scalar_model
+    from core.sequences import response_logits, token_values
+
+    model, tok = policy
+    p, pm = pad_left(prompts, tok.pad_token_id)
+    r, rm = pad_right([q[: 2 + 3 * i] for i, q in enumerate(prompts)], tok.pad_token_id)  # responses of 2..11 tokens
+    ids, mask = torch.cat([p, r], 1), torch.cat([pm, rm], 1)
+    R = r.shape[1]
+    with torch.no_grad():
+        in_place = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, -R - 1 : -1]
+        got = response_logits(model, ids, mask, R)
+        predicting = torch.cat([pm[:, -1:], rm[:, :-1]], 1).bool()  # the position before each response token is real
+        torch.testing.assert_close(got[predicting], in_place[predicting], atol=1e-5, rtol=0)
+        assert (got[~predicting] == 0).all()
+        critic = load_scalar_model(str(tiny_checkpoints.rm), tok).eval()
+        hidden = critic.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        values = token_values(critic, ids, mask)
+        torch.testing.assert_close(values[mask.bool()], critic.score(hidden)[..., 0][mask.bool()], atol=1e-5, rtol=0)
+        assert (values[~mask.bool()] == 0).all()
+
 
 @pytest.fixture(scope="module")
 def policy(tiny_checkpoints):

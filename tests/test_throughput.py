@@ -31,6 +31,29 @@ def test_matmul_params_leave_out_the_embedding():
     assert tp.model_params(model) == (16 + 8 + 2, 8 + 2)
 
 
+def test_a_causal_lms_head_counts_apart_on_the_positions_that_use_it():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    named = list(model.named_parameters())
+    # per layer: q, o 16x16; k, v 16x8 (2 of 4 heads); gate, up, down 16x32; the norms' weights
+    per_layer = 2 * 256 + 2 * 128 + 3 * 512 + 2 * 16
+    assert tp.matmul_params(named) == 2 * per_layer + 16  # + the final norm; no embedding, no head
+    assert tp.head_params(named) == 50 * 16
+    tied = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": True}))
+    assert tp.head_params(list(tied.named_parameters())) == 50 * 16  # the embedding it shares
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert tp.model_head_params(model) == (800, 0)
+    # attention: 2 layers x 4 heads x head_dim 4, causal pairs 3 + 1 for sequences of 2 and 1 tokens, 4 FLOPs each
+    assert tp.attention_flops(config, [2, 1]) == 4 * 2 * 16 * (3 + 1)
+    # its backward computes both operands' gradients: 3x the forward (4x with the recomputed forward)
+    assert tp.training_flops(10, 1, 3, frozen_forward=7.0) == (20 + 20 + 2) * 3 + 21
+    assert tp.training_flops(10, 1, 3, checkpointing=True, frozen_forward=7.0) == (20 + 20 + 2 + 20) * 3 + 28
+
+
 def test_peak_is_a_probe_on_cpu_and_the_datasheet_on_a_known_gpu(monkeypatch):
     cpu = tp.peak_flops("cpu", "float32")
     assert cpu > 1e8 and tp.peak_flops("cpu", "float32") == cpu  # measured once per thread count
