@@ -12,7 +12,7 @@ runs in its own virtual environment (it pins a newer transformers than rayrlhf's
 
 Order: rayrlhf synchronous, TRL, rayrlhf synchronous with every role on its num_cpus threads only (as before
 `ppo.use_idle_cores`), rayrlhf one step off policy, rayrlhf GAE (the default estimator, with a critic:
-TRL has no PPO with a critic, so it is compared with TRL's RLOO and said so). Both sides get the machine's cores
+TRL has no PPO with a critic, so it is compared with TRL's RLOO and said so) one step off policy and synchronous. Both sides get the machine's cores
 (TRL: torch threads = cores; rayrlhf: its roles as configured, `ppo.use_idle_cores` on). Figures only: the
 machine is shared, so the ratios are of one run and the script says what the load was.
 """
@@ -77,7 +77,8 @@ def main() -> None:
         for name, extra in (("rayrlhf rloo sync", ["ppo.max_staleness=0"]), ("trl rloo", None),
                             ("rayrlhf rloo sync, num_cpus threads", ["ppo.max_staleness=0", "ppo.use_idle_cores=false"]),
                             ("rayrlhf rloo async", ["ppo.max_staleness=1"]),
-                            ("rayrlhf gae async", ["ppo.max_staleness=1", "ppo.advantage_estimator=gae"])):
+                            ("rayrlhf gae async", ["ppo.max_staleness=1", "ppo.advantage_estimator=gae"]),
+                            ("rayrlhf gae sync", ["ppo.max_staleness=0", "ppo.advantage_estimator=gae"])):
             if extra is None:
                 results[name] = _trl(args, run, prompts, cfg, cores)
                 continue
@@ -95,6 +96,8 @@ def main() -> None:
     for name, value in results.items():
         print(f"{name:36s} {value:8.1f} completions/s  {value / trl:5.2f}x TRL")
     print("(GAE trains a critic beside the policy; TRL has no PPO with a critic, so it is set against TRL's RLOO)")
+    for est in ("rloo", "gae"):
+        print(f"rayrlhf {est}: async / sync {results[f'rayrlhf {est} async'] / results[f'rayrlhf {est} sync']:.2f}x")
     (run.path / "bench-trl" / "results.json").write_text(json.dumps(results, indent=2))
 
 
