@@ -70,8 +70,9 @@ def throughput_lines(run: RunDir) -> list[str]:
             rows.append(f"| {role} | {tps} | {100 * figures['mfu']:.1f} % |")
     if not rows:
         return []
-    return ["## Throughput", "", "Mean over steps; model FLOPs (2 per matmul parameter per token forward, backward "
-            "as trained) against each role's measured peak.", "", "| role | tokens/s | MFU |", "|---|---|---|",
+    return ["## Throughput", "", "Mean over steps; model FLOPs as PaLM counts them (2 per matmul parameter per token "
+            "forward, backward as trained; attention over causal pairs; the output head on the positions it scores) "
+            "against each role's measured peak.", "", "| role | tokens/s | MFU |", "|---|---|---|",
             *rows, ""]
 
 
