@@ -230,13 +230,14 @@ class PPOLearner:
         checkpointing, epochs = self.model_cfg.gradient_checkpointing, pc.ppo_epochs
         attention = attention_flops(self.policy.config, lengths)
         flops = (training_flops(*model_params(self.policy), tokens * epochs, checkpointing, attention * epochs)
-                 # the head runs on the positions that predict response tokens only
-                 + training_flops(*model_head_params(self.policy), int(exp.response_mask.sum()) * epochs, checkpointing))
+                 # the head runs on the positions that predict response tokens only, and is never recomputed
+                 + training_flops(*model_head_params(self.policy), int(exp.response_mask.sum()) * epochs))
         if self.critic is not None:
             critic = model_params(self.critic)
-            flops += training_flops(*critic, tokens * epochs, checkpointing, attention * epochs)
+            critic_attention = attention_flops(self.critic.config, lengths)
+            flops += training_flops(*critic, tokens * epochs, checkpointing, critic_attention * epochs)
             if not self._single_update(exp):
-                flops += forward_flops(critic[0], tokens) + attention
+                flops += forward_flops(critic[0], tokens) + critic_attention
         return {"perf/learner_tokens_per_s": tokens * pc.ppo_epochs / seconds if seconds > 0 else 0.0,
                 "perf/learner_mfu": mfu(flops / self.rank.world, seconds, peak)}
 

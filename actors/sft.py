@@ -156,7 +156,7 @@ class SFTTrainer:
             bar.update(1)
             ckpt = cfg.model.gradient_checkpointing
             flops = (training_flops(*n_params, sum(lengths), ckpt, attention_flops(model.config, lengths))
-                     + training_flops(*n_head, n_tokens, ckpt)) / group.rank.world  # the head: on summaries only
+                     + training_flops(*n_head, n_tokens)) / group.rank.world  # the head: on summaries, not recomputed
             row = {"sft/loss": loss_sum / n_tokens, "sft/grad_norm": grad_norm, "sft/lr": training.sched.get_last_lr()[0],
                    "sft/tokens_per_s": sum(lengths) / step_s, "sft/mfu": mfu(flops, step_s, peak)}
             metrics.log(step, row)

@@ -3,8 +3,9 @@ actor wraps) on SmolLM2-135M-Instruct with the recipe's config (LoRA r=16 on eve
 one update of 16 prompts x 2 samples, micro batches of `ppo.micro_batch_size`), fp32, on this machine's cores.
 
 The MFU is the learner's own `perf/learner_mfu` (`core.throughput`: 2 FLOPs per matmul parameter per token
-forward, 2 more backward plus 2 per trainable parameter; embeddings, the tied LM head and attention scores left
-out) against the matmul peak probed once on the same threads. The batch is the recipe's shape: prompts of 60-160
+forward, 2 more backward plus 2 per trainable parameter; attention over causal pairs; the output head on the
+response positions only) against the matmul peak probed once on the same threads. The seconds printed per update
+also hold building its batch (one no-grad policy forward for the behaviour log-probs); tokens/s and MFU do not. The batch is the recipe's shape: prompts of 60-160
 tokens, responses of 15-53, drawn at random (token ids too: the time does not depend on them); behaviour and
 reference log-probs are the policy's own, so the update is on policy as in the synchronous schedule.
 

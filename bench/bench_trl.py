@@ -37,7 +37,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", required=True)
     p.add_argument("--trl-python", required=True, help="python of a virtual environment with trl installed")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10, help="updates per side (at least 2: the first is not timed)")
     p.add_argument("--prompts-per-step", type=int, default=32)
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=24)
@@ -47,6 +47,8 @@ def main() -> None:
     for stage in ("sft", "rm"):
         if not (run_path / stage / "checkpoint" / "config.json").is_file():
             p.error(f"--run-dir {run_path}: no finished {stage} stage ({stage}/checkpoint); run `rayrlhf train` first")
+    if args.steps < 2:
+        p.error(f"--steps must be at least 2 (the first step is not timed), got {args.steps}")
     if not Path(args.trl_python).is_file():
         p.error(f"--trl-python {args.trl_python}: no such file")
     enable_token_auth()

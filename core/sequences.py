@@ -169,11 +169,11 @@ def response_logits(model: nn.Module, ids: Tensor, mask: Tensor, R: int, packed:
     if not packed:  # flushed right: every row's response ends in the last column, so R + 1 columns hold them all
         flushed, fmask, index = flush_right(ids, mask)
         window = model(input_ids=flushed, attention_mask=fmask, position_ids=position_ids(fmask), use_cache=False,
-                       logits_to_keep=R + 1).logits  # (B, R + 1, V): the last R + 1 columns
+                       logits_to_keep=R + 1).logits  # the last R + 1 columns (all of them when the rows are shorter)
         predicting = index[:, -R - 1 : -1]
-        columns = (predicting - (flushed.shape[1] - R - 1)).clamp(min=0)
+        columns = (predicting - (flushed.shape[1] - window.shape[1])).clamp(min=0)
         logits = window.gather(1, columns.unsqueeze(-1).expand(-1, -1, window.shape[-1]))
-        return torch.where((predicting >= 0).unsqueeze(-1), logits, 0.0)
+        return logits.masked_fill_((predicting < 0).unsqueeze(-1), 0.0)  # in place: gather's backward needs no output
     flat, pos, index = pack(ids, mask)
     predicting = index[:, -R - 1 : -1]  # (B, R): the position before each response token
     real = predicting >= 0
@@ -291,4 +291,4 @@ def _generate(model: nn.Module, prompts: Tensor, prompt_mask: Tensor, max_new_to
         responses = F.pad(responses, (0, grow), value=pad_id)
         logprobs = F.pad(logprobs, (0, grow)) if logprobs is not None else None
     responses, mask = truncate_after_eos(responses, eos_id, pad_id)
-    return responses, mask, logprobs * mask if logprobs is not None else None
+    return responses, mask, logprobs.masked_fill(mask == 0, 0.0) if logprobs is not None else None

@@ -1,10 +1,10 @@
 """Model FLOPs utilisation (MFU): the FLOP/s a role's model work needs, against its device's peak.
 
-FLOPs are counted as PaLM's MFU counts them (Chowdhery et al. 2022, appendix B): 2 per matmul parameter per token
+FLOPs are counted with PaLM's MFU formula (Chowdhery et al. 2022, appendix B): 2 per matmul parameter per token
 for a forward pass; a backward pass adds 2 for the gradients that flow through every weight and 2 more per
 trainable parameter for the weight gradients (LoRA trains few: its backward costs about one forward, not two);
-gradient checkpointing adds the recomputed forward. Attention's two matmuls (scores, weighted sum) count for the
-query-key pairs a causal model uses, T(T+1)/2 per sequence of T tokens. The token embedding is a lookup, not a
+gradient checkpointing adds the recomputed forward (of the decoder layers). Attention's two matmuls (scores, weighted
+sum) count for the query-key pairs a causal model uses, T(T+1)/2 per sequence of T tokens (PaLM counts all T^2). The token embedding is a lookup, not a
 matmul; a causal LM's output head (vocabulary x hidden, tied to the embedding or not) counts only on the positions
 that go through it: rayrlhf's learner, reference and SFT send only those that predict response tokens.
 

@@ -70,7 +70,7 @@ def throughput_lines(run: RunDir) -> list[str]:
             rows.append(f"| {role} | {tps} | {100 * figures['mfu']:.1f} % |")
     if not rows:
         return []
-    return ["## Throughput", "", "Mean over steps; model FLOPs as PaLM counts them (2 per matmul parameter per token "
+    return ["## Throughput", "", "Mean over steps; model FLOPs with PaLM's formula (2 per matmul parameter per token "
             "forward, backward as trained; attention over causal pairs; the output head on the positions it scores) "
             "against each role's measured peak.", "", "| role | tokens/s | MFU |", "|---|---|---|",
             *rows, ""]

@@ -87,16 +87,23 @@ def test_flushed_rows_give_the_logits_and_values_of_the_rows_padded_in_place(pol
     from core.sequences import response_logits, token_values
 
     model, tok = policy
-    p, pm = pad_left(prompts, tok.pad_token_id)
-    r, rm = pad_right([q[: 2 + 3 * i] for i, q in enumerate(prompts)], tok.pad_token_id)  # responses of 2..11 tokens
-    ids, mask = torch.cat([p, r], 1), torch.cat([pm, rm], 1)
-    R = r.shape[1]
-    with torch.no_grad():
-        in_place = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, -R - 1 : -1]
-        got = response_logits(model, ids, mask, R)
+    responses = [q[: 2 + 3 * i] for i, q in enumerate(prompts)]  # 2..11 tokens
+    # as the learner cuts them, and with short prompts and responses padded wider than any whole row (evaluation
+    # pads to max_new_tokens): the flushed rows are then narrower than the R + 1 columns asked of the head
+    for p, pm, r, rm in (pad_left(prompts, tok.pad_token_id) + pad_right(responses, tok.pad_token_id),
+                         pad_left([q[:3] for q in prompts], tok.pad_token_id) + pad_right(responses, tok.pad_token_id, 40)):
+        ids, mask = torch.cat([p, r], 1), torch.cat([pm, rm], 1)
+        R = r.shape[1]
+        with torch.no_grad():
+            in_place = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, -R - 1 : -1]
+            got = response_logits(model, ids, mask, R)
         predicting = torch.cat([pm[:, -1:], rm[:, :-1]], 1).bool()  # the position before each response token is real
         torch.testing.assert_close(got[predicting], in_place[predicting], atol=1e-5, rtol=0)
         assert (got[~predicting] == 0).all()
+    p, pm = pad_left(prompts, tok.pad_token_id)
+    r, rm = pad_right(responses, tok.pad_token_id)
+    ids, mask = torch.cat([p, r], 1), torch.cat([pm, rm], 1)
+    with torch.no_grad():
         critic = load_scalar_model(str(tiny_checkpoints.rm), tok).eval()
         hidden = critic.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
         values = token_values(critic, ids, mask)
