@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from actors.rm import pairwise_loss
-from core.sequences import last_token_index, pad_left, pad_right, sequence_scores
+from core.sequences import flush_right, last_token_index, pad_left, pad_right, sequence_scores
 from actors.sft import IGNORE, sft_batch, sft_loss
 from core.text import EncodedSummary
 
@@ -64,7 +64,13 @@ def test_sft_loss_ignores_logits_that_predict_query_or_padding():
     T, S = b["input_ids"].shape[1], b["labels"].shape[1]
     predicts_summary = torch.zeros(2, T, dtype=torch.bool)
     predicts_summary[:, T - S - 1 : T - 1] = b["labels"] != IGNORE  # logits at t predict token t + 1
-    garbage = torch.where(predicts_summary.unsqueeze(-1), 0.0, 1000.0 * torch.tensor([1.0, -3.0, 7.0]))
+    # the model sees the rows flushed right (sequences.response_logits): mark the same positions there
+    flushed, _, index = flush_right(b["input_ids"], b["attention_mask"])
+    rows, cols = predicts_summary.nonzero(as_tuple=True)
+    marked = torch.zeros(flushed.shape, dtype=torch.bool)
+    marked[rows, index[rows, cols]] = True
+    assert (index[rows, cols] >= 0).all() and int(marked.sum()) == 5
+    garbage = torch.where(marked.unsqueeze(-1), 0.0, 1000.0 * torch.tensor([1.0, -3.0, 7.0]))
     loss, n = sft_loss(ConstantLM(garbage), b)
     assert n == 5
     assert loss.item() == pytest.approx(8 * math.log(2.0), rel=1e-6)
