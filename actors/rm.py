@@ -21,7 +21,7 @@ from core.config import Config
 from core.data import ComparisonExample, SummaryExample, load_tldr
 from core.metrics import MetricsLogger, NoMetrics
 from core.modeling import count_params, load_scalar_model, load_tokenizer, save_checkpoint, trainable
-from core.sequences import micro_batch_groups, pad_right, sequence_scores
+from core.sequences import common_prefix, micro_batch_groups, pad_right, pair_scores, sequence_scores
 from core.sharding import TrainGroup, shard_model
 from core.text import encode_responses, with_encodable_queries
 from core.throughput import attention_flops, mfu, model_params, peak_flops, training_flops
@@ -81,6 +81,7 @@ class RMTrainer:
         log.info("%s: %d parameters, %d train / %d valid pairs%s", self.role, count_params(model), len(train_pairs),
                  len(valid_pairs), f", rank {group.rank.rank} of {group.rank.world}" if group.fsdp else "")
         train_c, train_r = self._encode_pairs(tok, train_pairs)
+        shared = [common_prefix(c, r) for c, r in zip(train_c, train_r)]
         valid = self._encode_pairs(tok, valid_pairs)  # once, not at every validation
         training = start_training(model, rc, len(train_c), "pairs", self.out_dir, cfg.run.keep_checkpoints,
                                   self.resume, {f"{self.role}/valid_accuracy": -1.0}, group)
@@ -104,10 +105,7 @@ class RMTrainer:
             for g in micro_batch_groups(my_lengths, rc.micro_batch_size, rc.max_tokens_per_micro_batch,
                                         group.passes(my_lengths, rc.max_tokens_per_micro_batch)):
                 mi = [idx[mine[j]] for j in g]
-                # chosen and rejected in one forward: (2b, T)
-                ids, mask = pad_right([train_c[i] for i in mi] + [train_r[i] for i in mi], tok.pad_token_id)
-                r = sequence_scores(model, ids, mask, packed)
-                rc_, rr = r[: len(mi)], r[len(mi):]
+                rc_, rr = self._scores(model, [train_c[i] for i in mi], [train_r[i] for i in mi], tok.pad_token_id)
                 loss = pairwise_loss(rc_, rr) * len(mi) / len(idx)
                 loss.backward()
                 loss_sum += loss.item()
@@ -118,8 +116,11 @@ class RMTrainer:
             step += 1
             bar.update(1)
             sides = [len(side[i]) for side in (train_c, train_r) for i in idx]
-            flops = training_flops(*n_params, tokens, cfg.model.gradient_checkpointing,
-                                   attention_flops(model.config, sides)) / group.rank.world
+            # what was computed: a shared start once, its keys and queries' pairs once
+            once = [shared[i] for i in idx] if self.share_prefix else []
+            flops = training_flops(*n_params, tokens - sum(once), cfg.model.gradient_checkpointing,
+                                   attention_flops(model.config, sides) - attention_flops(model.config, once)
+                                   ) / group.rank.world
             row = {f"{self.role}/loss": summed["loss"], f"{self.role}/train_accuracy": summed["correct"] / len(idx),
                    f"{self.role}/grad_norm": grad_norm, f"{self.role}/lr": training.sched.get_last_lr()[0],
                    f"{self.role}/tokens_per_s": tokens / step_s, f"{self.role}/mfu": mfu(flops, step_s, peak)}
@@ -139,12 +140,39 @@ class RMTrainer:
         group.barrier()  # the other ranks end once the checkpoint is final
         return best
 
+    @property
+    def share_prefix(self) -> bool:
+        """Each pair's shared start run once (`pair_scores`): padded micro batches with the KV cache on."""
+        rc = self.cfg.rm
+        return rc.share_prefix and rc.max_tokens_per_micro_batch is None and not self.cfg.model.gradient_checkpointing
+
+    def _scores(self, model, chosen: list[list[int]], rejected: list[list[int]], pad_id: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both sides' scores of a micro batch of pairs: the shared start once, or both sides whole in one
+        forward (2b rows, padded or packed)."""
+        if self.share_prefix:
+            return pair_scores(model, chosen, rejected, pad_id)
+        ids, mask = pad_right(chosen + rejected, pad_id)
+        r = sequence_scores(model, ids, mask, self.cfg.rm.max_tokens_per_micro_batch is not None)
+        return r[: len(chosen)], r[len(chosen):]
+
+    @torch.no_grad()
+    def _pair_scores(self, model, chosen: list[list[int]], rejected: list[list[int]], pad_id: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every pair's scores, in order, in micro batches of similar lengths."""
+        model.eval()
+        rc = self.cfg.rm
+        out_c, out_r = torch.zeros(len(chosen)), torch.zeros(len(chosen))
+        lengths = [len(c) + len(r) for c, r in zip(chosen, rejected)]
+        for g in micro_batch_groups(lengths, rc.micro_batch_size, rc.max_tokens_per_micro_batch):
+            sc, sr = self._scores(model, [chosen[i] for i in g], [rejected[i] for i in g], pad_id)
+            out_c[g], out_r[g] = sc.float().cpu(), sr.float().cpu()
+        return out_c, out_r
+
     def evaluate(self, model, tok, pairs: list[ComparisonExample],
                  encoded: tuple[list[list[int]], list[list[int]]] | None = None) -> dict[str, float]:
         c, r = encoded if encoded is not None else self._encode_pairs(tok, pairs)
-        bs, budget = 2 * self.cfg.rm.micro_batch_size, self.cfg.rm.max_tokens_per_micro_batch
-        rc_ = score_sequences(model, c, tok.pad_token_id, bs, budget)
-        rr = score_sequences(model, r, tok.pad_token_id, bs, budget)
+        rc_, rr = self._pair_scores(model, c, r, tok.pad_token_id)
         agree = rc_ > rr
         out = {f"{self.role}/valid_accuracy": agree.float().mean().item(),
                f"{self.role}/valid_loss": pairwise_loss(rc_, rr).item()}

@@ -244,6 +244,42 @@ def sequence_scores(model: nn.Module, ids: Tensor, mask: Tensor, packed: bool = 
     return values.gather(1, last_token_index(mask).unsqueeze(1)).squeeze(1)
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Tokens two sequences share at their start, leaving each at least one token of its own."""
+    n, limit = 0, min(len(a), len(b)) - 1
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def pair_scores(model: nn.Module, chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]],
+                pad_id: int) -> tuple[Tensor, Tensor]:
+    """Scores of both sides of comparisons -> (b,), (b,), as `sequence_scores` gives them, with each pair's shared
+    start (the post) run through the backbone once: both continuations attend to its keys and values.
+
+    On TL;DR the post is most of each side, so a pair costs about one post and two summaries instead of two
+    posts and two summaries. Causal attention never lets the prefix see what follows it, so its keys and values
+    are the ones each whole side would compute, and the gradient reaches them through the cache."""
+    backbone, head = _scalar_model_parts(model)
+    shared = [common_prefix(c, r) for c, r in zip(chosen, rejected)]
+    if min(shared) == 0:  # nothing to share in some pair: one forward over whole sides
+        ids, mask = pad_right([*chosen, *rejected], pad_id)
+        scores = sequence_scores(model, ids, mask)
+        return scores[: len(chosen)], scores[len(chosen):]
+    prefix, prefix_mask = pad_left([c[:n] for c, n in zip(chosen, shared)], pad_id)
+    cache = backbone(input_ids=prefix, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask),
+                     use_cache=True).past_key_values
+    cache.batch_repeat_interleave(2)  # rows c0, r0, c1, r1, ...
+    ids, mask = pad_right([side[n:] for c, r, n in zip(chosen, rejected, shared) for side in (c, r)], pad_id)
+    start = torch.tensor(shared).repeat_interleave(2).unsqueeze(1)  # positions go on from each prefix's end
+    hidden = backbone(input_ids=ids, attention_mask=torch.cat([prefix_mask.repeat_interleave(2, 0), mask], 1),
+                      position_ids=start + torch.arange(ids.shape[1]), past_key_values=cache,
+                      use_cache=True).last_hidden_state
+    last = hidden[torch.arange(ids.shape[0]), mask.sum(-1) - 1]  # each side's last real token (detail 7)
+    scores = head(last).squeeze(-1).float()
+    return scores[0::2], scores[1::2]
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module, prompts: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_id: int, pad_id: int,

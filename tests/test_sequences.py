@@ -277,3 +277,56 @@ def test_packed_forward_equals_the_padded_one(policy, prompts, tiny_checkpoints)
     v_pad = response_values(critic, p, pm, responses, rmask) * rmask
     v_pack = response_values(critic, p, pm, responses, rmask, packed=True) * rmask
     assert (v_pack - v_pad).abs().max() < 1e-5
+
+
+def test_common_prefix_leaves_each_side_a_token_of_its_own():
+    from core.sequences import common_prefix
+
+    assert common_prefix([1, 2, 3, 4], [1, 2, 5]) == 2
+    assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 2  # one side starts the other: it keeps its last token
+    assert common_prefix([1, 2], [1, 2]) == 1
+    assert common_prefix([7, 2], [1, 2]) == 0
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_pair_scores_with_the_shared_prefix_run_once_equal_each_side_scored_whole(prompts, tiny_checkpoints, lora):
+    """pair_scores runs each pair's shared start once and both continuations on its cached keys and values: the
+    scores and the gradient of the pairwise loss are those of scoring every side whole, fp32."""
+    from actors.rm import pairwise_loss
+    from core.config import LoraConfig
+    from core.modeling import apply_lora, load_scalar_model, load_tokenizer
+    from core.sequences import pair_scores, sequence_scores
+
+    tok = load_tokenizer(str(tiny_checkpoints.rm))
+    torch.manual_seed(0)
+    model = load_scalar_model(str(tiny_checkpoints.rm), tok)
+    if lora:
+        model = apply_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"), "SEQ_CLS")
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # peft starts B at 0: make the adapters matter
+                torch.nn.init.normal_(p, std=0.02)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    # posts of different lengths; summaries of different lengths; one side the start of the other
+    chosen = [q + [5, 6, 7, EOS] for q in prompts] + [prompts[0] + [8, 9]]
+    rejected = [q + [9, EOS] for q in prompts[:2]] + [q + [10, 11, 12, 13, 14, EOS] for q in prompts[2:]]
+    rejected += [prompts[0] + [8, 9, 10, EOS]]
+
+    def loss_and_grads(shared: bool):
+        model.zero_grad()
+        if shared:
+            rc, rr = pair_scores(model, chosen, rejected, tok.pad_token_id)
+        else:
+            ids, mask = pad_right(chosen + rejected, tok.pad_token_id)
+            r = sequence_scores(model, ids, mask)
+            rc, rr = r[: len(chosen)], r[len(chosen):]
+        loss = pairwise_loss(rc, rr)
+        loss.backward()
+        return rc.detach(), rr.detach(), [p.grad.clone() for p in params]
+
+    whole, shared = loss_and_grads(False), loss_and_grads(True)
+    torch.testing.assert_close(shared[0], whole[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared[1], whole[1], atol=1e-5, rtol=0)
+    for g_shared, g_whole in zip(shared[2], whole[2]):
+        torch.testing.assert_close(g_shared, g_whole, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in shared[2])

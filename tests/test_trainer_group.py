@@ -158,6 +158,23 @@ def test_two_rm_ranks_make_the_one_process_steps_with_lora(make_tiny_cfg, tiny_c
 
 
 @pytest.mark.slow
+def test_rm_steps_with_each_pairs_shared_start_run_once_equal_both_sides_run_whole(make_tiny_cfg, tiny_checkpoints,
+                                                                                   tmp_path):
+    """rm.share_prefix (the post once, both summaries on its cached keys and values) makes the steps, validation
+    and normalising bias of running both sides whole: six steps with LoRA, fp32."""
+    overrides = ["rm.micro_batch_size=4", "model.lora.r=4", "model.lora.alpha=8"]
+    for share in (True, False):
+        RMTrainer(make_tiny_cfg(*overrides, f"rm.share_prefix={share}"), tmp_path / str(share), tiny_checkpoints.sft).run()
+    shared, whole = tmp_path / "True", tmp_path / "False"
+    diff = _max_diff(_weights(shared / "checkpoint"), _weights(whole / "checkpoint"))
+    print(f"\nRM shared prefix vs whole sides: checkpoint max |diff| {diff:.2e}")
+    assert diff <= 1e-5
+    for key in ("rm/loss", "rm/train_accuracy", "rm/valid_accuracy", "rm/valid_loss", "rm/reward_bias"):
+        assert _rows(shared, key) == pytest.approx(_rows(whole, key), rel=1e-5, abs=1e-6), key
+    assert len(_rows(shared, "rm/loss")) == 6
+
+
+@pytest.mark.slow
 def test_a_sharded_sft_run_resumes_from_its_checkpoint_as_if_uninterrupted(make_tiny_cfg, tmp_path):
     """A group of two, checkpointing every 2 steps, 'killed' after step 4 (the later checkpoints removed) and
     resumed: steps 5 and 6 log the losses of an uninterrupted run (one process) and end with its weights."""
