@@ -30,14 +30,14 @@ from core.modeling import (
     unwrap,
 )
 from core.sequences import (
-    micro_batch_groups, response_logprobs, response_values, token_budget_groups, trim_padding,
+    micro_batch_groups, prompt_ids, response_logprobs, response_values, token_budget_groups, trim_padding,
 )
 from core.sharding import (
     Rank, all_gather_rows, all_reduce_max, all_reduce_sum, clip_grad_norm, full_weights, one_rank_group, rank_share,
     shard_model,
 )
 from core.throughput import (
-    attention_flops, forward_flops, mfu, model_head_params, model_params, peak_flops, training_flops,
+    forward_flops, mfu, model_head_params, model_params, peak_flops, shared_prefix_work, training_flops,
 )
 from core.weight_sync import WeightsPacket, make_packet, stream_packet
 
@@ -90,6 +90,9 @@ class PPOLearner:
             self.policy = shard_model(self.policy, model.mixed_precision)
             self.critic = shard_model(self.critic, model.mixed_precision) if self.critic is not None else None
         self.packed = pc.max_tokens_per_micro_batch is not None  # micro batches packed, not padded
+        # a prompt's samples run its prompt once (padded micro batches; the KV cache it needs is off under
+        # gradient checkpointing)
+        self.share_prompts = pc.share_prompts and not self.packed and not model.gradient_checkpointing
         self.version = 0
         updates = pc.steps * pc.ppo_epochs * (pc.rollout_batch_size // pc.minibatch_size)
         self.opt, self.sched = self._optimizer(self.policy, pc.lr, updates)
@@ -115,7 +118,8 @@ class PPOLearner:
         """Critic's V(s_t) before each response token -> (b, R); differentiable when grad is enabled."""
         prompts, pmask = trim_padding(exp.prompts[sl], exp.prompt_mask[sl])
         tensors = (prompts, pmask, exp.responses[sl], exp.response_mask[sl])
-        return response_values(self.critic, *(t.to(self.device) for t in tensors), packed=self.packed)
+        return response_values(self.critic, *(t.to(self.device) for t in tensors), packed=self.packed,
+                               share_prompts=self.share_prompts)
 
     def _single_update(self, exp: Experience) -> bool:
         """One epoch, one minibatch, one micro batch: the step's only critic forward is on the old weights."""
@@ -226,18 +230,20 @@ class PPOLearner:
         every token of the batch; GAE's old values are one more critic forward unless the update reuses it. A rank
         of a group does 1/N of the work on its own device."""
         pc, tokens = self.pc, int(exp.prompt_mask.sum() + exp.response_mask.sum())
+        prompt_lengths = exp.prompt_mask.sum(-1).tolist()
         lengths = (exp.prompt_mask.sum(-1) + exp.response_mask.sum(-1)).tolist()
         checkpointing, epochs = self.model_cfg.gradient_checkpointing, pc.ppo_epochs
-        attention = attention_flops(self.policy.config, lengths)
-        flops = (training_flops(*model_params(self.policy), tokens * epochs, checkpointing, attention * epochs)
+        groups = prompt_ids(exp.prompts, exp.prompt_mask) if self.share_prompts else None
+        computed, attention = shared_prefix_work(self.policy.config, lengths, prompt_lengths, groups)
+        flops = (training_flops(*model_params(self.policy), computed * epochs, checkpointing, attention * epochs)
                  # the head runs on the positions that predict response tokens only, and is never recomputed
                  + training_flops(*model_head_params(self.policy), int(exp.response_mask.sum()) * epochs))
         if self.critic is not None:
             critic = model_params(self.critic)
-            critic_attention = attention_flops(self.critic.config, lengths)
-            flops += training_flops(*critic, tokens * epochs, checkpointing, critic_attention * epochs)
+            critic_attention = shared_prefix_work(self.critic.config, lengths, prompt_lengths, groups)[1]
+            flops += training_flops(*critic, computed * epochs, checkpointing, critic_attention * epochs)
             if not self._single_update(exp):
-                flops += forward_flops(critic[0], tokens) + critic_attention
+                flops += forward_flops(critic[0], computed) + critic_attention
         return {"perf/learner_tokens_per_s": tokens * pc.ppo_epochs / seconds if seconds > 0 else 0.0,
                 "perf/learner_mfu": mfu(flops / self.rank.world, seconds, peak)}
 
@@ -256,7 +262,8 @@ class PPOLearner:
         budget, n_groups = pc.max_tokens_per_micro_batch, None
         if budget is not None and self.fsdp:  # FSDP's collectives: every rank runs as many passes as the busiest
             n_groups = int(all_reduce_max(float(len(token_budget_groups(lengths, budget)))))
-        for group in micro_batch_groups(lengths, pc.micro_batch_size, budget, n_groups):
+        prompts_of = prompt_ids(exp.prompts[idx], exp.prompt_mask[idx]) if self.share_prompts else None
+        for group in micro_batch_groups(lengths, pc.micro_batch_size, budget, n_groups, prompts_of):
             mi = idx[group]
             # The learner makes ppo_epochs passes of two models over the batch: padding it skips is time saved.
             prompts, pmask, responses, rmask = (t.to(dev) for t in trim_padding(
@@ -266,7 +273,7 @@ class PPOLearner:
             # token share of the minibatch: the diagnostics below are token means, like the losses
             share = (mmask.sum() / n_tokens).item()
             logp, entropy = response_logprobs(self.policy, prompts, pmask, responses, rmask, self.temperature,
-                                              with_entropy=True, packed=self.packed)
+                                              with_entropy=True, packed=self.packed, share_prompts=self.share_prompts)
             old_logp = exp.logprobs[mi, :R].to(dev)
             if check_behaviour:
                 diff = ((logp.detach() - old_logp) * mmask).abs().max().item()
@@ -282,7 +289,8 @@ class PPOLearner:
                 if values_graph is not None:  # the whole batch, in batch order
                     values = values_graph[mi.to(values_graph.device), :R]
                 else:
-                    values = response_values(self.critic, prompts, pmask, responses, rmask, self.packed)
+                    values = response_values(self.critic, prompts, pmask, responses, rmask, self.packed,
+                                             self.share_prompts)
                 vl = pm.clipped_value_loss(values, adv.values[mi, :R].to(dev), adv.returns[mi, :R].to(dev), mmask,
                                            pc.value_clip_range, n_tokens)
                 loss = loss + pc.vf_coef * vl.loss

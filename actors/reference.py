@@ -8,37 +8,41 @@ import torch
 
 from core.experience import RefLogprobs, RolloutBatch
 from core.modeling import default_device, load_frozen
-from core.sequences import micro_batch_groups, response_logprobs, trim_padding
-from core.throughput import attention_flops, forward_flops, head_params, mfu, model_params, peak_flops
+from core.sequences import micro_batch_groups, prompt_ids, response_logprobs, trim_padding
+from core.throughput import forward_flops, head_params, mfu, model_params, peak_flops, shared_prefix_work
 
 
 class ReferenceLogprobs:
     """log pi_ref(a_t | s_t) under logits / temperature, computed exactly as the learner computes log pi."""
 
     def __init__(self, checkpoint: str, temperature: float, batch_size: int = 64, dtype: str = "float32",
-                 device: str | None = None, max_tokens: int | None = None):
+                 device: str | None = None, max_tokens: int | None = None, share_prompts: bool = False):
         self.device = device or default_device()
         self.model, self.tokenizer = load_frozen(checkpoint, "causal_lm", dtype, self.device)
         self.temperature, self.batch_size, self.max_tokens = temperature, batch_size, max_tokens
+        self.share_prompts = share_prompts and max_tokens is None  # padded micro batches only
         self.dtype, self.n_params = dtype, model_params(self.model)[0]
         self.n_head = head_params(self.model.named_parameters())
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch) -> RefLogprobs:
-        """Micro batches of similar lengths (`micro_batch_groups`; packed under a token budget), in batch order."""
+        """Micro batches of similar lengths (`micro_batch_groups`; packed under a token budget; a prompt's samples
+        together and its prompt run once with `share_prompts`), in batch order."""
         peak = peak_flops(self.device, self.dtype)  # measured once, outside the timed work
         t0 = time.perf_counter()
         out = torch.zeros(batch.responses.shape, dtype=torch.float32)
         lengths = (batch.prompt_mask.sum(-1) + batch.response_mask.sum(-1)).tolist()
-        for group in micro_batch_groups(lengths, self.batch_size, self.max_tokens):
+        groups = prompt_ids(batch.prompts, batch.prompt_mask) if self.share_prompts else None
+        for group in micro_batch_groups(lengths, self.batch_size, self.max_tokens, prompts=groups):
             rows = torch.tensor(group)
             prompts, pmask, responses, rmask = (t.to(self.device) for t in trim_padding(
                 batch.prompts[rows], batch.prompt_mask[rows], batch.responses[rows], batch.response_mask[rows]))
             lp, _ = response_logprobs(self.model, prompts, pmask, responses, rmask, self.temperature,
-                                      packed=self.max_tokens is not None)
+                                      packed=self.max_tokens is not None, share_prompts=self.share_prompts)
             out[rows, : lp.shape[1]] = lp.float().cpu()
         seconds = time.perf_counter() - t0
-        flops = (forward_flops(self.n_params, sum(lengths)) + forward_flops(self.n_head, int(batch.response_mask.sum()))
-                 + attention_flops(self.model.config, lengths))
+        computed, attention = shared_prefix_work(self.model.config, lengths, batch.prompt_mask.sum(-1).tolist(), groups)
+        flops = (forward_flops(self.n_params, computed) + forward_flops(self.n_head, int(batch.response_mask.sum()))
+                 + attention)
         return RefLogprobs(batch_id=batch.batch_id, shard=batch.shard, logprobs=out, ref_s=seconds,
                            mfu=mfu(flops, seconds, peak))

@@ -24,7 +24,7 @@ from core.modeling import count_params, load_scalar_model, load_tokenizer, save_
 from core.sequences import common_prefix, micro_batch_groups, pad_right, pair_scores, sequence_scores
 from core.sharding import TrainGroup, shard_model
 from core.text import encode_responses, with_encodable_queries
-from core.throughput import attention_flops, mfu, model_params, peak_flops, training_flops
+from core.throughput import mfu, model_params, peak_flops, shared_prefix_work, training_flops
 from core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
 
 log = logging.getLogger(__name__)
@@ -115,12 +115,10 @@ class RMTrainer:
             step_s, tokens = time.perf_counter() - t_step, sum(len(train_c[i]) + len(train_r[i]) for i in idx)
             step += 1
             bar.update(1)
-            sides = [len(side[i]) for side in (train_c, train_r) for i in idx]
-            # what was computed: a shared start once, its keys and queries' pairs once
-            once = [shared[i] for i in idx] if self.share_prefix else []
-            flops = training_flops(*n_params, tokens - sum(once), cfg.model.gradient_checkpointing,
-                                   attention_flops(model.config, sides) - attention_flops(model.config, once)
-                                   ) / group.rank.world
+            computed, attention = shared_prefix_work(
+                model.config, [len(side[i]) for side in (train_c, train_r) for i in idx], [shared[i] for i in idx] * 2,
+                list(range(len(idx))) * 2 if self.share_prefix else None)  # a pair's shared start once
+            flops = training_flops(*n_params, computed, cfg.model.gradient_checkpointing, attention) / group.rank.world
             row = {f"{self.role}/loss": summed["loss"], f"{self.role}/train_accuracy": summed["correct"] / len(idx),
                    f"{self.role}/grad_norm": grad_norm, f"{self.role}/lr": training.sched.get_last_lr()[0],
                    f"{self.role}/tokens_per_s": tokens / step_s, f"{self.role}/mfu": mfu(flops, step_s, peak)}

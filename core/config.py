@@ -405,6 +405,12 @@ class PPOConfig(_Section):
     learner_workers: int = Field(1, ge=1, description=(
         "Ranks of the learner group: policy and critic sharded with FSDP2 over this many actors (gloo on CPU, "
         "NCCL on GPU), each with ppo.num_cpus and ppo.num_gpus; every rank takes an equal share of each minibatch."))
+    share_prompts: bool = Field(True, description=(
+        "The learner and the reference run each distinct prompt of a micro batch once, its samples' responses on "
+        "its cached keys and values (micro batches keep a prompt's samples together): the same log-probs, values "
+        "and gradients, with the prompt computed once instead of samples_per_prompt times. Padded micro batches "
+        "only (with a token budget the rows are packed whole); off with model.gradient_checkpointing, which turns "
+        "the cache off."))
     use_idle_cores: bool = Field(True, description=(
         "Synchronous PPO (max_staleness 0) runs one role at a time: generation, then reference and reward side by "
         "side, then the learner. Each then uses the cores of its node that the others leave idle for its torch "

@@ -66,22 +66,35 @@ def token_budget_groups(lengths: Sequence[int], max_tokens: int, n_groups: int |
 
 
 def micro_batch_groups(lengths: Sequence[int], size: int, max_tokens: int | None = None,
-                       n_groups: int | None = None) -> list[list[int]]:
+                       n_groups: int | None = None, prompts: Sequence[int] | None = None) -> list[list[int]]:
     """How a batch is cut: `token_budget_groups` (then packed) when a token budget is set, else
-    `length_grouped` by `size` sequences (then padded)."""
+    `length_grouped` by `size` sequences (then padded; a prompt's samples together when `prompts` is given)."""
     if max_tokens is None:
-        return length_grouped(lengths, size)
+        return length_grouped(lengths, size, prompts)
     return token_budget_groups(lengths, max_tokens, n_groups)
 
 
-def length_grouped(lengths: Sequence[int], size: int) -> list[list[int]]:
-    """Positions into `lengths` in micro batches of `size`, longest first.
+def length_grouped(lengths: Sequence[int], size: int, prompts: Sequence[int] | None = None) -> list[list[int]]:
+    """Positions into `lengths` in micro batches of `size`, longest first. `prompts` (an id per position): the
+    positions of one prompt come one after another (ordered by their longest), so that a micro batch holds a
+    prompt's samples together and `shared_prompt_outputs` runs the prompt once.
 
     The losses are token sums divided by the whole batch's token count, so how a batch is cut into micro batches
     does not change the update; grouping similar lengths only removes padding (on real TL;DR posts cut at a
     newline, the prompts of one batch range from a few dozen tokens to the budget)."""
-    order = longest_first(lengths)
+    if prompts is None:
+        order = longest_first(lengths)
+    else:
+        longest: dict[int, int] = {}
+        for n, g in zip(lengths, prompts):
+            longest[g] = max(longest.get(g, 0), n)
+        order = sorted(range(len(lengths)), key=lambda i: (-longest[prompts[i]], prompts[i], -lengths[i], i))
     return [order[m : m + size] for m in range(0, len(order), size)]
+
+
+def prompt_ids(prompts: Tensor, prompt_mask: Tensor) -> list[int]:
+    """An id per row, equal for rows with the same (padded) prompt: the n samples of one prompt."""
+    return torch.unique(torch.cat([prompts, prompt_mask], 1), dim=0, return_inverse=True)[1].tolist()
 
 
 def trim_padding(prompts: Tensor, prompt_mask: Tensor, responses: Tensor | None = None,
@@ -183,17 +196,57 @@ def response_logits(model: nn.Module, ids: Tensor, mask: Tensor, R: int, packed:
     return full.index_put((real.nonzero(as_tuple=True)), logits)
 
 
+def shared_prompt_outputs(forward, prompts: Tensor, prompt_mask: Tensor, responses: Tensor,
+                          response_mask: Tensor) -> Tensor:
+    """A model's outputs at the R positions that predict the response tokens -> (B, R, ...), with each distinct
+    prompt of the batch run once: its samples' responses run on its cached keys and values.
+
+    With n samples per prompt, a row is mostly prompt (on TL;DR a post of up to 160 tokens, a summary of up to
+    53), so the prompt once instead of n times is most of the work saved. Causal attention never lets a prompt see
+    its response, so the outputs are the whole rows' (the gradient reaches the prompt through the cache).
+    `forward(ids, mask, positions, cache, last_only)` -> (outputs (b, T or 1, ...), cache) runs the model;
+    the position before response token 0 is the prompt's last (prompts are left-padded), the rest are the
+    response's own. Positions that predict nothing (after a response's end) hold 0."""
+    P, R = prompts.shape[1], responses.shape[1]
+    distinct, inverse = torch.unique(torch.cat([prompts, prompt_mask], 1), dim=0, return_inverse=True)
+    first, cache = forward(distinct[:, :P], distinct[:, P:], position_ids(distinct[:, P:]), None, True)
+    cache.batch_select_indices(inverse)
+    start = prompt_mask.sum(-1, keepdim=True)  # positions go on from each prompt's end
+    # Response token t-1 predicts token t, so the last token's output is dropped; it still runs, so that every
+    # call makes both passes (the ranks of an FSDP group must run the same forwards).
+    rest, _ = forward(responses, torch.cat([prompt_mask, response_mask], 1),
+                      start + torch.arange(R, device=start.device), cache, False)
+    out = torch.cat([first[inverse], rest[:, :-1]], 1)
+    predicting = torch.cat([torch.ones_like(response_mask[:, :1]), response_mask[:, :-1]], 1).bool()
+    return out * predicting.view(*predicting.shape, *([1] * (out.dim() - 2)))
+
+
+def _shared_prompt_logits(model: nn.Module, prompts: Tensor, prompt_mask: Tensor, responses: Tensor,
+                          response_mask: Tensor) -> Tensor:
+    def forward(ids, mask, positions, cache, last_only):  # through the root: FSDP keeps tied embeddings there
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1 if last_only else 0)
+        return out.logits, out.past_key_values
+
+    return shared_prompt_outputs(forward, prompts, prompt_mask, responses, response_mask)
+
+
 def response_logprobs(
     model: nn.Module, prompts: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor,
-    temperature: float, with_entropy: bool = False, packed: bool = False,
+    temperature: float, with_entropy: bool = False, packed: bool = False, share_prompts: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """log pi(a_t | s_t) of the response tokens under logits / temperature -> (B, R) [and entropy (B, R)].
 
     Positions outside the response mask hold 0. `packed`: the forward runs on the real tokens only (`pack`).
+    `share_prompts` (padded only): each distinct prompt runs once (`shared_prompt_outputs`).
     """
-    ids = torch.cat([prompts, responses], 1)  # (B, P+R)
-    mask = torch.cat([prompt_mask, response_mask], 1)
-    logits = response_logits(model, ids, mask, responses.shape[1], packed).float() / temperature  # (B, R, V)
+    if share_prompts and not packed:
+        logits = _shared_prompt_logits(model, prompts, prompt_mask, responses, response_mask)
+    else:
+        ids = torch.cat([prompts, responses], 1)  # (B, P+R)
+        mask = torch.cat([prompt_mask, response_mask], 1)
+        logits = response_logits(model, ids, mask, responses.shape[1], packed)
+    logits = logits.float() / temperature  # (B, R, V)
     logp_all = F.log_softmax(logits, -1)
     logp = logp_all.gather(-1, responses.unsqueeze(-1)).squeeze(-1) * response_mask
     entropy = None
@@ -224,8 +277,19 @@ def token_values(model: nn.Module, ids: Tensor, mask: Tensor, packed: bool = Fal
 
 
 def response_values(model: nn.Module, prompts: Tensor, prompt_mask: Tensor, responses: Tensor,
-                    response_mask: Tensor, packed: bool = False) -> Tensor:
-    """The critic's V(s_t) before each response token -> (B, R): the state that predicts response token t."""
+                    response_mask: Tensor, packed: bool = False, share_prompts: bool = False) -> Tensor:
+    """The critic's V(s_t) before each response token -> (B, R): the state that predicts response token t.
+    `share_prompts` (padded only): each distinct prompt runs once (`shared_prompt_outputs`)."""
+    if share_prompts and not packed:
+        backbone, head = _scalar_model_parts(model)
+
+        def forward(ids, mask, positions, cache, last_only):
+            out = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           use_cache=True)
+            hidden = out.last_hidden_state[:, -1:] if last_only else out.last_hidden_state
+            return head(hidden).squeeze(-1).float(), out.past_key_values
+
+        return shared_prompt_outputs(forward, prompts, prompt_mask, responses, response_mask)
     P = prompts.shape[1]
     values = token_values(model, torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1),
                           packed)

@@ -21,7 +21,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -65,6 +65,18 @@ def attention_flops(config, lengths: Iterable[int]) -> float:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return 4.0 * config.num_hidden_layers * heads * head_dim * sum(t * (t + 1) / 2 for t in lengths)
+
+
+def shared_prefix_work(config, lengths: Sequence[int], prefixes: Sequence[int], groups: Sequence[int] | None
+                       ) -> tuple[int, float]:
+    """(tokens run through the model, attention forward FLOPs) for sequences of `lengths` whose first
+    `prefixes[i]` tokens are run once per `groups[i]` (the n samples of a prompt, the two sides of a comparison:
+    `sequences.shared_prompt_outputs`, `pair_scores`). `groups` None: every sequence runs whole."""
+    if groups is None:
+        return sum(lengths), attention_flops(config, lengths)
+    once = list({g: n for g, n in zip(groups, prefixes)}.values())
+    return (sum(lengths) - sum(prefixes) + sum(once),
+            attention_flops(config, lengths) - attention_flops(config, prefixes) + attention_flops(config, once))
 
 
 def model_params(model: nn.Module) -> tuple[int, int]:

@@ -330,3 +330,52 @@ def test_pair_scores_with_the_shared_prefix_run_once_equal_each_side_scored_whol
     for g_shared, g_whole in zip(shared[2], whole[2]):
         torch.testing.assert_close(g_shared, g_whole, atol=1e-5, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in shared[2])
+
+
+def test_length_grouped_keeps_a_prompts_samples_together():
+    lengths, prompts = [10, 30, 12, 28, 20, 21], [0, 1, 0, 1, 2, 2]
+    assert length_grouped(lengths, 2, prompts) == [[1, 3], [5, 4], [2, 0]]
+    assert sorted(i for g in length_grouped(lengths, 4, prompts) for i in g) == list(range(6))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_each_prompt_run_once_gives_the_logprobs_values_and_gradients_of_whole_rows(policy, prompts, tiny_checkpoints,
+                                                                                  lora):
+    """share_prompts runs each distinct prompt of a micro batch once and its samples' responses on its cached keys
+    and values: log-probs, entropies, values and their gradients equal the whole rows', fp32."""
+    from core.config import LoraConfig
+    from core.modeling import apply_lora, load_causal_lm, load_scalar_model
+    from core.sequences import prompt_ids, response_values
+
+    _, tok = policy
+    torch.manual_seed(0)
+    models = [load_causal_lm(str(tiny_checkpoints.sft), tok), load_scalar_model(str(tiny_checkpoints.rm), tok)]
+    if lora:
+        models = [apply_lora(m, LoraConfig(r=4, alpha=8), task) for m, task in zip(models, ("CAUSAL_LM", "SEQ_CLS"))]
+        for m in models:
+            for n, w in m.named_parameters():
+                if "lora_B" in n:  # peft starts B at 0: make the adapters matter
+                    torch.nn.init.normal_(w, std=0.02)
+    policy_model, critic = (m.train() for m in models)
+    # two samples of three prompts and one of the fourth; responses of 1 to 6 tokens, one without EOS
+    rows = [0, 0, 1, 1, 2, 3, 2]
+    responses = [[5, 6, 7, EOS], [8, EOS], [9, 10, 11, 12, 13, EOS], [14], [15, 16, 17, 18, 19, 20], [EOS], [21, EOS]]
+    p, pm = pad_left([prompts[i] for i in rows], tok.pad_token_id)
+    r, rm = pad_right(responses, tok.pad_token_id)
+    assert prompt_ids(p, pm) == [prompt_ids(p, pm)[0]] * 2 + [prompt_ids(p, pm)[2]] * 2 + prompt_ids(p, pm)[4:]
+
+    def run(share: bool):
+        for m in models:
+            m.zero_grad()
+        logp, entropy = response_logprobs(policy_model, p, pm, r, rm, 0.7, with_entropy=True, share_prompts=share)
+        values = response_values(critic, p, pm, r, rm, share_prompts=share) * rm
+        (logp.sum() + 0.1 * entropy.sum() + (values ** 2).sum()).backward()
+        grads = [w.grad.clone() for m in models for w in m.parameters() if w.requires_grad]
+        return logp.detach(), entropy.detach(), values.detach(), grads
+
+    whole, shared = run(False), run(True)
+    for got, want in zip(shared[:3], whole[:3]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for got, want in zip(shared[3], whole[3]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert all(g.abs().sum() > 0 for g in shared[3][-2:])  # the critic's head (and its last adapter) learned

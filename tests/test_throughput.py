@@ -22,6 +22,17 @@ def test_flops_by_hand():
     assert tp.mfu(100.0, 2.0, 100.0) == 0.5 and tp.mfu(100.0, 0.0, 100.0) == 0.0
 
 
+def test_a_shared_prefix_is_counted_once():
+    from types import SimpleNamespace
+
+    one = SimpleNamespace(num_attention_heads=1, head_dim=1, hidden_size=1, num_hidden_layers=1)
+    # two samples of one 3-token prompt with responses of 2 and 3 tokens: the prompt's 3 tokens run once; its
+    # 6 causal pairs once, then 4 + 5 and 4 + 5 + 6 pairs for the responses' tokens: 30 pairs, 4 FLOPs each
+    assert tp.shared_prefix_work(one, [5, 6], [3, 3], [0, 0]) == (8, 120.0)
+    assert tp.shared_prefix_work(one, [5, 6], [3, 3], [0, 1]) == (11, 4.0 * (15 + 21))  # two prompts
+    assert tp.shared_prefix_work(one, [5, 6], [3, 3], None) == (11, 4.0 * (15 + 21))
+
+
 def test_matmul_params_leave_out_the_embedding():
     model = torch.nn.Module()
     model.embed_tokens = torch.nn.Embedding(50, 4)

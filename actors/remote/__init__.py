@@ -84,7 +84,8 @@ class ReferenceWorker:
     def __init__(self, cfg: Config, checkpoint: str):
         init_worker_process(role_threads(cfg, "reference", node_cores()), cfg.reference.nice)
         self.ref = ReferenceLogprobs(checkpoint, cfg.rollout.temperature, cfg.reference.batch_size, cfg.model.dtype,
-                                     max_tokens=cfg.reference.max_tokens_per_micro_batch)
+                                     max_tokens=cfg.reference.max_tokens_per_micro_batch,
+                                     share_prompts=cfg.ppo.share_prompts)
 
     def logprobs(self, batch: RolloutBatch) -> RefLogprobs:
         return self.ref.logprobs(batch)
