@@ -30,7 +30,8 @@ from core.modeling import (
     unwrap,
 )
 from core.sequences import (
-    micro_batch_groups, prompt_ids, response_logprobs, response_values, token_budget_groups, trim_padding,
+    micro_batch_groups, prompt_ids, repeats_a_prompt, response_logprobs, response_values, token_budget_groups,
+    trim_padding,
 )
 from core.sharding import (
     Rank, all_gather_rows, all_reduce_max, all_reduce_sum, clip_grad_norm, full_weights, one_rank_group, rank_share,
@@ -114,12 +115,17 @@ class PPOLearner:
 
     # --- advantages -------------------------------------------------------------------------------
 
+    def _share(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> bool:
+        """Run each prompt of a micro batch once: when one repeats, or always in a group (its ranks must run the
+        same forwards, and the passes differ)."""
+        return self.share_prompts and (self.fsdp or repeats_a_prompt(prompts, prompt_mask))
+
     def _values(self, exp: Experience, sl: slice | torch.Tensor) -> torch.Tensor:
         """Critic's V(s_t) before each response token -> (b, R); differentiable when grad is enabled."""
         prompts, pmask = trim_padding(exp.prompts[sl], exp.prompt_mask[sl])
         tensors = (prompts, pmask, exp.responses[sl], exp.response_mask[sl])
         return response_values(self.critic, *(t.to(self.device) for t in tensors), packed=self.packed,
-                               share_prompts=self.share_prompts)
+                               share_prompts=self._share(prompts, pmask))
 
     def _single_update(self, exp: Experience) -> bool:
         """One epoch, one minibatch, one micro batch: the step's only critic forward is on the old weights."""
@@ -272,8 +278,9 @@ class PPOLearner:
             mmask = rmask.float()
             # token share of the minibatch: the diagnostics below are token means, like the losses
             share = (mmask.sum() / n_tokens).item()
+            one_pass = self._share(prompts, pmask)
             logp, entropy = response_logprobs(self.policy, prompts, pmask, responses, rmask, self.temperature,
-                                              with_entropy=True, packed=self.packed, share_prompts=self.share_prompts)
+                                              with_entropy=True, packed=self.packed, share_prompts=one_pass)
             old_logp = exp.logprobs[mi, :R].to(dev)
             if check_behaviour:
                 diff = ((logp.detach() - old_logp) * mmask).abs().max().item()
@@ -289,8 +296,7 @@ class PPOLearner:
                 if values_graph is not None:  # the whole batch, in batch order
                     values = values_graph[mi.to(values_graph.device), :R]
                 else:
-                    values = response_values(self.critic, prompts, pmask, responses, rmask, self.packed,
-                                             self.share_prompts)
+                    values = response_values(self.critic, prompts, pmask, responses, rmask, self.packed, one_pass)
                 vl = pm.clipped_value_loss(values, adv.values[mi, :R].to(dev), adv.returns[mi, :R].to(dev), mmask,
                                            pc.value_clip_range, n_tokens)
                 loss = loss + pc.vf_coef * vl.loss

@@ -8,7 +8,7 @@ import torch
 
 from core.experience import RefLogprobs, RolloutBatch
 from core.modeling import default_device, load_frozen
-from core.sequences import micro_batch_groups, prompt_ids, response_logprobs, trim_padding
+from core.sequences import micro_batch_groups, prompt_ids, repeats_a_prompt, response_logprobs, trim_padding
 from core.throughput import forward_flops, head_params, mfu, model_params, peak_flops, shared_prefix_work
 
 
@@ -38,7 +38,8 @@ class ReferenceLogprobs:
             prompts, pmask, responses, rmask = (t.to(self.device) for t in trim_padding(
                 batch.prompts[rows], batch.prompt_mask[rows], batch.responses[rows], batch.response_mask[rows]))
             lp, _ = response_logprobs(self.model, prompts, pmask, responses, rmask, self.temperature,
-                                      packed=self.max_tokens is not None, share_prompts=self.share_prompts)
+                                      packed=self.max_tokens is not None,
+                                      share_prompts=self.share_prompts and repeats_a_prompt(prompts, pmask))
             out[rows, : lp.shape[1]] = lp.float().cpu()
         seconds = time.perf_counter() - t0
         computed, attention = shared_prefix_work(self.model.config, lengths, batch.prompt_mask.sum(-1).tolist(), groups)

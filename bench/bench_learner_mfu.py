@@ -5,8 +5,8 @@ one update of 16 prompts x 2 samples, micro batches of `ppo.micro_batch_size`), 
 The MFU is the learner's own `perf/learner_mfu` (`core.throughput`: 2 FLOPs per matmul parameter per token
 forward, 2 more backward plus 2 per trainable parameter; attention over causal pairs; the output head on the
 response positions only) against the matmul peak probed once on the same threads. The seconds printed per update
-also hold building its batch (one no-grad policy forward for the behaviour log-probs); tokens/s and MFU do not. The batch is the recipe's shape: prompts of 60-160
-tokens, responses of 15-53, drawn at random (token ids too: the time does not depend on them); behaviour and
+also hold building its batch (one no-grad policy forward for the behaviour log-probs); tokens/s and MFU do not. The batch is the recipe's shape: 16 prompts of 60-160
+tokens, 2 responses each of 15-53, drawn at random (token ids too: the time does not depend on them); behaviour and
 reference log-probs are the policy's own, so the update is on policy as in the synchronous schedule.
 
     python bench/bench_learner_mfu.py [--steps 3] [--threads N] [--set ppo.micro_batch_size=8 ...]
@@ -64,8 +64,9 @@ def main() -> None:
     B = pc.prompts_per_step * pc.samples_per_prompt
     rng = random.Random(cfg.run.seed)
     vocab = learner.tokenizer.vocab_size
-    prompts, pmask = pad_left([[rng.randrange(1, vocab) for _ in range(rng.randint(60, cfg.data.max_prompt_tokens))]
-                               for _ in range(B)], learner.tokenizer.pad_token_id)
+    distinct = [[rng.randrange(1, vocab) for _ in range(rng.randint(60, cfg.data.max_prompt_tokens))]
+                for _ in range(pc.prompts_per_step)]  # each sampled samples_per_prompt times, side by side
+    prompts, pmask = pad_left([q for q in distinct for _ in range(pc.samples_per_prompt)], learner.tokenizer.pad_token_id)
     responses, rmask = pad_right([[rng.randrange(1, vocab) for _ in range(rng.randint(15, cfg.rollout.max_new_tokens))]
                                   for _ in range(B)], learner.tokenizer.pad_token_id)
 

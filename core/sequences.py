@@ -97,6 +97,12 @@ def prompt_ids(prompts: Tensor, prompt_mask: Tensor) -> list[int]:
     return torch.unique(torch.cat([prompts, prompt_mask], 1), dim=0, return_inverse=True)[1].tolist()
 
 
+def repeats_a_prompt(prompts: Tensor, prompt_mask: Tensor) -> bool:
+    """Whether some prompt is in more than one row: only then does running each prompt once save work (a batch
+    of distinct prompts would pay for two passes and the cache copies, about a tenth more on the recipe's shapes)."""
+    return torch.unique(torch.cat([prompts, prompt_mask], 1), dim=0).shape[0] < prompts.shape[0]
+
+
 def trim_padding(prompts: Tensor, prompt_mask: Tensor, responses: Tensor | None = None,
                  response_mask: Tensor | None = None) -> tuple[Tensor, ...]:
     """Drop the prompt columns that are padding in every row (left) and the response columns after the longest
