@@ -116,9 +116,10 @@ class PPOLearner:
     # --- advantages -------------------------------------------------------------------------------
 
     def _share(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> bool:
-        """Run each prompt of a micro batch once: when one repeats, or always in a group (its ranks must run the
-        same forwards, and the passes differ)."""
-        return self.share_prompts and (self.fsdp or repeats_a_prompt(prompts, prompt_mask))
+        """Run each prompt of a micro batch once where one repeats, in one process: a group's ranks must make the
+        same passes, and under FSDP2 a fully trained model called twice before one backward fails (seen with the
+        reward model), so a group runs rows whole."""
+        return self.share_prompts and not self.fsdp and repeats_a_prompt(prompts, prompt_mask)
 
     def _values(self, exp: Experience, sl: slice | torch.Tensor) -> torch.Tensor:
         """Critic's V(s_t) before each response token -> (b, R); differentiable when grad is enabled."""

@@ -69,6 +69,7 @@ class RMTrainer:
         seed_everything(cfg.run.seed)
         t0 = time.time()
         group = TrainGroup.start(cfg.model.mixed_precision, cfg.ppo.startup_timeout_s)
+        self.sharded = group.fsdp
         tok = load_tokenizer(self.sft_checkpoint)
         data = with_encodable_queries(tok, load_tldr(cfg.data), cfg.data)
         model = load_scalar_model(self.sft_checkpoint, tok, cfg.model.dtype, init_head=True)
@@ -138,11 +139,15 @@ class RMTrainer:
         group.barrier()  # the other ranks end once the checkpoint is final
         return best
 
+    sharded = False  # an FSDP group: its units' parameters are freed between the two passes (below)
+
     @property
     def share_prefix(self) -> bool:
-        """Each pair's shared start run once (`pair_scores`): padded micro batches with the KV cache on."""
+        """Each pair's shared start run once (`pair_scores`): padded micro batches with the KV cache on, in one
+        process (under FSDP2 a fully trained backbone called twice before one backward fails in it)."""
         rc = self.cfg.rm
-        return rc.share_prefix and rc.max_tokens_per_micro_batch is None and not self.cfg.model.gradient_checkpointing
+        return (rc.share_prefix and rc.max_tokens_per_micro_batch is None and not self.cfg.model.gradient_checkpointing
+                and not self.sharded)
 
     def _scores(self, model, chosen: list[list[int]], rejected: list[list[int]], pad_id: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -297,9 +297,9 @@ class RMConfig(_TrainerConfig):
     share_prefix: bool = Field(True, description=(
         "Run the start both sides of a comparison share (the post) through the model once, both summaries on its "
         "cached keys and values: the same scores and gradients, the post computed once instead of twice (1.55x "
-        "pairs/s on the recipe's shapes, bench/bench_rm_prefix.py). Padded micro batches only: with "
-        "max_tokens_per_micro_batch each side is packed whole; off with model.gradient_checkpointing, which "
-        "turns the cache off."))
+        "pairs/s on the recipe's shapes, bench/bench_rm_prefix.py). Padded micro batches in one process only: "
+        "with max_tokens_per_micro_batch each side is packed whole, and so is each side in a group (rm.workers "
+        "> 1); off with model.gradient_checkpointing, which turns the cache off."))
 
 
 class RolloutConfig(_Section):
@@ -409,8 +409,8 @@ class PPOConfig(_Section):
         "The learner and the reference run each distinct prompt of a micro batch once, its samples' responses on "
         "its cached keys and values (micro batches keep a prompt's samples together): the same log-probs, values "
         "and gradients, with the prompt computed once instead of samples_per_prompt times. Padded micro batches "
-        "only (with a token budget the rows are packed whole); off with model.gradient_checkpointing, which turns "
-        "the cache off."))
+        "only (with a token budget the rows are packed whole), in one process (a learner group runs rows whole); off "
+        "with model.gradient_checkpointing, which turns the cache off."))
     use_idle_cores: bool = Field(True, description=(
         "Synchronous PPO (max_staleness 0) runs one role at a time: generation, then reference and reward side by "
         "side, then the learner. Each then uses the cores of its node that the others leave idle for its torch "

@@ -218,8 +218,8 @@ def shared_prompt_outputs(forward, prompts: Tensor, prompt_mask: Tensor, respons
     first, cache = forward(distinct[:, :P], distinct[:, P:], position_ids(distinct[:, P:]), None, True)
     cache.batch_select_indices(inverse)
     start = prompt_mask.sum(-1, keepdim=True)  # positions go on from each prompt's end
-    # Response token t-1 predicts token t, so the last token's output is dropped; it still runs, so that every
-    # call makes both passes (the ranks of an FSDP group must run the same forwards).
+    # Response token t-1 predicts token t, so the last token's output is dropped (it still runs: every call
+    # makes the same two passes, even for one-token responses).
     rest, _ = forward(responses, torch.cat([prompt_mask, response_mask], 1),
                       start + torch.arange(R, device=start.device), cache, False)
     out = torch.cat([first[inverse], rest[:, :-1]], 1)
