@@ -30,15 +30,15 @@ from core.modeling import (
     unwrap,
 )
 from core.sequences import (
-    micro_batch_groups, prompt_ids, repeats_a_prompt, response_logprobs, response_values, token_budget_groups,
-    trim_padding,
+    micro_batch_groups, prefix_runs_once_exactly, prompt_ids, repeats_a_prompt, response_logprobs, response_values,
+    response_work, token_budget_groups, trim_padding,
 )
 from core.sharding import (
     Rank, all_gather_rows, all_reduce_max, all_reduce_sum, clip_grad_norm, full_weights, one_rank_group, rank_share,
     shard_model,
 )
 from core.throughput import (
-    forward_flops, mfu, model_head_params, model_params, peak_flops, shared_prefix_work, training_flops,
+    forward_flops, mfu, model_head_params, model_params, peak_flops, training_flops,
 )
 from core.weight_sync import WeightsPacket, make_packet, stream_packet
 
@@ -79,21 +79,27 @@ class PPOLearner:
         self.fsdp = self.rank.sharded or model.mixed_precision != "no"
         torch.manual_seed(seed)
         self.tokenizer = load_tokenizer(sft_checkpoint)
-        policy = load_causal_lm(sft_checkpoint, self.tokenizer, model.dtype)
-        disable_dropout(policy)
-        self.policy = trainable(policy, model, "CAUSAL_LM").to(self.device)
+        # dropout off after LoRA is applied: its adapters' dropout too (detail 4)
+        self.policy = trainable(load_causal_lm(sft_checkpoint, self.tokenizer, model.dtype), model, "CAUSAL_LM")
+        self.policy = self.policy.to(self.device)
+        disable_dropout(self.policy)
         self.critic = None
         if pc.advantage_estimator == "gae":
             critic = load_scalar_model(rm_checkpoint, self.tokenizer, model.dtype)  # detail 8
-            disable_dropout(critic)
             self.critic = trainable(critic, model, "SEQ_CLS").to(self.device)
+            disable_dropout(self.critic)
         if self.fsdp:  # before the optimizers: they hold the shards
             self.policy = shard_model(self.policy, model.mixed_precision)
             self.critic = shard_model(self.critic, model.mixed_precision) if self.critic is not None else None
         self.packed = pc.max_tokens_per_micro_batch is not None  # micro batches packed, not padded
-        # a prompt's samples run its prompt once (padded micro batches; the KV cache it needs is off under
-        # gradient checkpointing)
-        self.share_prompts = pc.share_prompts and not self.packed and not model.gradient_checkpointing
+        # A prompt's samples run its prompt once: padded micro batches (the KV cache it needs is off under gradient
+        # checkpointing), in one process (a group's ranks must make the same passes, and under FSDP2 a fully
+        # trained model called twice before one backward fails, seen with the reward model), on models whose
+        # cache keeps the whole prompt.
+        self.share_prompts = (pc.share_prompts and not self.packed and not model.gradient_checkpointing
+                              and not self.fsdp and prefix_runs_once_exactly(self.policy)
+                              and (self.critic is None or prefix_runs_once_exactly(self.critic)))
+        self._work: dict[str, list[float]] = {}  # positions and attention FLOPs each model ran in this update
         self.version = 0
         updates = pc.steps * pc.ppo_epochs * (pc.rollout_batch_size // pc.minibatch_size)
         self.opt, self.sched = self._optimizer(self.policy, pc.lr, updates)
@@ -116,10 +122,16 @@ class PPOLearner:
     # --- advantages -------------------------------------------------------------------------------
 
     def _share(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> bool:
-        """Run each prompt of a micro batch once where one repeats, in one process: a group's ranks must make the
-        same passes, and under FSDP2 a fully trained model called twice before one backward fails (seen with the
-        reward model), so a group runs rows whole."""
-        return self.share_prompts and not self.fsdp and repeats_a_prompt(prompts, prompt_mask)
+        """Run each prompt of a micro batch once where one repeats (`self.share_prompts` says where it may)."""
+        return self.share_prompts and repeats_a_prompt(prompts, prompt_mask)
+
+    def _count(self, key: str, model, prompts: torch.Tensor, pmask: torch.Tensor, rmask: torch.Tensor,
+               one_pass: bool) -> None:
+        """Add one forward over these rows, as it ran, to the update's work (MFU counts what runs)."""
+        positions, attention = response_work(model.config, pmask, rmask, prompts if one_pass else None)
+        work = self._work.setdefault(key, [0, 0.0])
+        work[0] += positions
+        work[1] += attention
 
     def _values(self, exp: Experience, sl: slice | torch.Tensor) -> torch.Tensor:
         """Critic's V(s_t) before each response token -> (b, R); differentiable when grad is enabled."""
@@ -161,8 +173,14 @@ class PPOLearner:
             n = exp.size // self.rank.world
             rows = range(self.rank.rank * n, (self.rank.rank + 1) * n)
         mb = self.pc.micro_batch_size
-        mine = torch.cat([self._values(exp, slice(i, min(i + mb, rows.stop))).cpu()
-                          for i in range(rows.start, rows.stop, mb)])
+        mine = []
+        for i in range(rows.start, rows.stop, mb):
+            sl = slice(i, min(i + mb, rows.stop))
+            mine.append(self._values(exp, sl).cpu())
+            prompts, pmask = exp.prompts[sl], exp.prompt_mask[sl]
+            one_pass = self._share(prompts, pmask)
+            self._count("critic_forward", self.critic, prompts, pmask, exp.response_mask[sl], one_pass)
+        mine = torch.cat(mine)
         return torch.cat(all_gather_rows(mine, self.rank.world)) if self.fsdp else mine
 
     # --- update -----------------------------------------------------------------------------------
@@ -180,6 +198,7 @@ class PPOLearner:
                 raise FloatingPointError(f"non-finite {name} in batch {exp.batch_id}")
         peak = peak_flops(self.device, "bfloat16" if self.model_cfg.mixed_precision == "bf16" else self.model_cfg.dtype)
         t0, cpu0 = time.perf_counter(), time.process_time()
+        self._work = {}
         mask = exp.response_mask.float()
         # With a single update the value loss's forward is the one GAE needs: run the critic once, not twice.
         values_graph = None
@@ -233,26 +252,23 @@ class PPOLearner:
         return metrics
 
     def _throughput(self, exp: Experience, seconds: float, peak: float) -> dict[str, float]:
-        """Tokens/s and MFU of this update (`core.throughput`): every epoch trains the policy (and the critic) on
-        every token of the batch; GAE's old values are one more critic forward unless the update reuses it. A rank
-        of a group does 1/N of the work on its own device."""
-        pc, tokens = self.pc, int(exp.prompt_mask.sum() + exp.response_mask.sum())
-        prompt_lengths = exp.prompt_mask.sum(-1).tolist()
-        lengths = (exp.prompt_mask.sum(-1) + exp.response_mask.sum(-1)).tolist()
-        checkpointing, epochs = self.model_cfg.gradient_checkpointing, pc.ppo_epochs
-        groups = prompt_ids(exp.prompts, exp.prompt_mask) if self.share_prompts else None
-        computed, attention = shared_prefix_work(self.policy.config, lengths, prompt_lengths, groups)
-        flops = (training_flops(*model_params(self.policy), computed * epochs, checkpointing, attention * epochs)
+        """Tokens/s and MFU of this update (`core.throughput`) from the work this rank ran (`_count`): the policy
+        (and the critic) trained on every micro batch of every epoch, each distinct prompt once where it ran once;
+        GAE's old values one more critic forward unless the update reused it."""
+        pc, tokens, work = self.pc, int(exp.prompt_mask.sum() + exp.response_mask.sum()), self._work
+        checkpointing = self.model_cfg.gradient_checkpointing
+        positions, attention = work.get("policy", (0, 0.0))
+        flops = (training_flops(*model_params(self.policy), positions, checkpointing, attention)
                  # the head runs on the positions that predict response tokens only, and is never recomputed
-                 + training_flops(*model_head_params(self.policy), int(exp.response_mask.sum()) * epochs))
+                 + training_flops(*model_head_params(self.policy), int(work.get("head", (0,))[0])))
         if self.critic is not None:
             critic = model_params(self.critic)
-            critic_attention = shared_prefix_work(self.critic.config, lengths, prompt_lengths, groups)[1]
-            flops += training_flops(*critic, computed * epochs, checkpointing, critic_attention * epochs)
-            if not self._single_update(exp):
-                flops += forward_flops(critic[0], computed) + critic_attention
+            positions, attention = work.get("critic", (0, 0.0))
+            flops += training_flops(*critic, positions, checkpointing, attention)
+            positions, attention = work.get("critic_forward", (0, 0.0))
+            flops += forward_flops(critic[0], positions) + attention
         return {"perf/learner_tokens_per_s": tokens * pc.ppo_epochs / seconds if seconds > 0 else 0.0,
-                "perf/learner_mfu": mfu(flops / self.rank.world, seconds, peak)}
+                "perf/learner_mfu": mfu(flops, seconds, peak)}
 
     def _minibatch(self, exp: Experience, adv: Advantages, mask: torch.Tensor,
                    idx: torch.Tensor, values_graph: torch.Tensor | None = None,
@@ -280,6 +296,10 @@ class PPOLearner:
             # token share of the minibatch: the diagnostics below are token means, like the losses
             share = (mmask.sum() / n_tokens).item()
             one_pass = self._share(prompts, pmask)
+            self._count("policy", self.policy, prompts, pmask, rmask, one_pass)
+            self._work.setdefault("head", [0, 0.0])[0] += int(rmask.sum())
+            if self.critic is not None:  # on the same rows: here, or in the whole batch's `values_graph`
+                self._count("critic", self.critic, prompts, pmask, rmask, one_pass)
             logp, entropy = response_logprobs(self.policy, prompts, pmask, responses, rmask, self.temperature,
                                               with_entropy=True, packed=self.packed, share_prompts=one_pass)
             old_logp = exp.logprobs[mi, :R].to(dev)

@@ -8,8 +8,11 @@ import torch
 
 from core.experience import RefLogprobs, RolloutBatch
 from core.modeling import default_device, load_frozen
-from core.sequences import micro_batch_groups, prompt_ids, repeats_a_prompt, response_logprobs, trim_padding
-from core.throughput import forward_flops, head_params, mfu, model_params, peak_flops, shared_prefix_work
+from core.sequences import (
+    micro_batch_groups, prefix_runs_once_exactly, prompt_ids, repeats_a_prompt, response_logprobs, response_work,
+    trim_padding,
+)
+from core.throughput import forward_flops, head_params, mfu, model_params, peak_flops
 
 
 class ReferenceLogprobs:
@@ -20,7 +23,8 @@ class ReferenceLogprobs:
         self.device = device or default_device()
         self.model, self.tokenizer = load_frozen(checkpoint, "causal_lm", dtype, self.device)
         self.temperature, self.batch_size, self.max_tokens = temperature, batch_size, max_tokens
-        self.share_prompts = share_prompts and max_tokens is None  # padded micro batches only
+        # padded micro batches only, on a model whose cache keeps the whole prompt
+        self.share_prompts = share_prompts and max_tokens is None and prefix_runs_once_exactly(self.model)
         self.dtype, self.n_params = dtype, model_params(self.model)[0]
         self.n_head = head_params(self.model.named_parameters())
 
@@ -33,16 +37,18 @@ class ReferenceLogprobs:
         out = torch.zeros(batch.responses.shape, dtype=torch.float32)
         lengths = (batch.prompt_mask.sum(-1) + batch.response_mask.sum(-1)).tolist()
         groups = prompt_ids(batch.prompts, batch.prompt_mask) if self.share_prompts else None
+        computed, attention = 0, 0.0  # as the micro batches ran
         for group in micro_batch_groups(lengths, self.batch_size, self.max_tokens, prompts=groups):
             rows = torch.tensor(group)
             prompts, pmask, responses, rmask = (t.to(self.device) for t in trim_padding(
                 batch.prompts[rows], batch.prompt_mask[rows], batch.responses[rows], batch.response_mask[rows]))
+            one_pass = self.share_prompts and repeats_a_prompt(prompts, pmask)
             lp, _ = response_logprobs(self.model, prompts, pmask, responses, rmask, self.temperature,
-                                      packed=self.max_tokens is not None,
-                                      share_prompts=self.share_prompts and repeats_a_prompt(prompts, pmask))
+                                      packed=self.max_tokens is not None, share_prompts=one_pass)
+            c, a = response_work(self.model.config, pmask, rmask, prompts if one_pass else None)
+            computed, attention = computed + c, attention + a
             out[rows, : lp.shape[1]] = lp.float().cpu()
         seconds = time.perf_counter() - t0
-        computed, attention = shared_prefix_work(self.model.config, lengths, batch.prompt_mask.sum(-1).tolist(), groups)
         flops = (forward_flops(self.n_params, computed) + forward_flops(self.n_head, int(batch.response_mask.sum()))
                  + attention)
         return RefLogprobs(batch_id=batch.batch_id, shard=batch.shard, logprobs=out, ref_s=seconds,

@@ -21,10 +21,11 @@ from core.config import Config
 from core.data import ComparisonExample, SummaryExample, load_tldr
 from core.metrics import MetricsLogger, NoMetrics
 from core.modeling import count_params, load_scalar_model, load_tokenizer, save_checkpoint, trainable
-from core.sequences import common_prefix, micro_batch_groups, pad_right, pair_scores, sequence_scores
+from core.sequences import (micro_batch_groups, pad_right, pair_scores, pair_work, prefix_runs_once_exactly,
+                            sequence_scores)
 from core.sharding import TrainGroup, shard_model
 from core.text import encode_responses, with_encodable_queries
-from core.throughput import mfu, model_params, peak_flops, shared_prefix_work, training_flops
+from core.throughput import mfu, model_params, peak_flops, training_flops
 from core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,6 @@ class RMTrainer:
         log.info("%s: %d parameters, %d train / %d valid pairs%s", self.role, count_params(model), len(train_pairs),
                  len(valid_pairs), f", rank {group.rank.rank} of {group.rank.world}" if group.fsdp else "")
         train_c, train_r = self._encode_pairs(tok, train_pairs)
-        shared = [common_prefix(c, r) for c, r in zip(train_c, train_r)]
         valid = self._encode_pairs(tok, valid_pairs)  # once, not at every validation
         training = start_training(model, rc, len(train_c), "pairs", self.out_dir, cfg.run.keep_checkpoints,
                                   self.resume, {f"{self.role}/valid_accuracy": -1.0}, group)
@@ -103,10 +103,14 @@ class RMTrainer:
                        for i in idx]
             mine = group.share(lengths)  # this rank's pairs; each pair's loss weighs 1 / len(idx) on every rank
             my_lengths = [lengths[j] for j in mine]
+            computed, attention = 0, 0.0  # this rank's work, as it ran
             for g in micro_batch_groups(my_lengths, rc.micro_batch_size, rc.max_tokens_per_micro_batch,
                                         group.passes(my_lengths, rc.max_tokens_per_micro_batch)):
                 mi = [idx[mine[j]] for j in g]
-                rc_, rr = self._scores(model, [train_c[i] for i in mi], [train_r[i] for i in mi], tok.pad_token_id)
+                chosen, rejected = [train_c[i] for i in mi], [train_r[i] for i in mi]
+                rc_, rr = self._scores(model, chosen, rejected, tok.pad_token_id)
+                c, a = pair_work(model.config, chosen, rejected, self._shares(model))
+                computed, attention = computed + c, attention + a
                 loss = pairwise_loss(rc_, rr) * len(mi) / len(idx)
                 loss.backward()
                 loss_sum += loss.item()
@@ -116,10 +120,7 @@ class RMTrainer:
             step_s, tokens = time.perf_counter() - t_step, sum(len(train_c[i]) + len(train_r[i]) for i in idx)
             step += 1
             bar.update(1)
-            computed, attention = shared_prefix_work(
-                model.config, [len(side[i]) for side in (train_c, train_r) for i in idx], [shared[i] for i in idx] * 2,
-                list(range(len(idx))) * 2 if self.share_prefix else None)  # a pair's shared start once
-            flops = training_flops(*n_params, computed, cfg.model.gradient_checkpointing, attention) / group.rank.world
+            flops = training_flops(*n_params, computed, cfg.model.gradient_checkpointing, attention)
             row = {f"{self.role}/loss": summed["loss"], f"{self.role}/train_accuracy": summed["correct"] / len(idx),
                    f"{self.role}/grad_norm": grad_norm, f"{self.role}/lr": training.sched.get_last_lr()[0],
                    f"{self.role}/tokens_per_s": tokens / step_s, f"{self.role}/mfu": mfu(flops, step_s, peak)}
@@ -149,11 +150,16 @@ class RMTrainer:
         return (rc.share_prefix and rc.max_tokens_per_micro_batch is None and not self.cfg.model.gradient_checkpointing
                 and not self.sharded)
 
+    def _shares(self, model) -> bool:
+        """`share_prefix`, where the shared pass gives exactly the whole sides' scores: not while dropout is
+        active in training (one mask for the post of both sides), not on a sliding-window cache."""
+        return self.share_prefix and prefix_runs_once_exactly(model)
+
     def _scores(self, model, chosen: list[list[int]], rejected: list[list[int]], pad_id: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both sides' scores of a micro batch of pairs: the shared start once, or both sides whole in one
         forward (2b rows, padded or packed)."""
-        if self.share_prefix:
+        if self._shares(model):
             return pair_scores(model, chosen, rejected, pad_id)
         ids, mask = pad_right(chosen + rejected, pad_id)
         r = sequence_scores(model, ids, mask, self.cfg.rm.max_tokens_per_micro_batch is not None)

@@ -296,10 +296,11 @@ class RMConfig(_TrainerConfig):
     lr: float = Field(5e-4, gt=0, description="Peak AdamW learning rate (cosine schedule with warmup).")
     share_prefix: bool = Field(True, description=(
         "Run the start both sides of a comparison share (the post) through the model once, both summaries on its "
-        "cached keys and values: the same scores and gradients, the post computed once instead of twice (1.55x "
+        "cached keys and values: the same scores and gradients, the post computed once instead of twice (1.52x "
         "pairs/s on the recipe's shapes, bench/bench_rm_prefix.py). Padded micro batches in one process only: "
         "with max_tokens_per_micro_batch each side is packed whole, and so is each side in a group (rm.workers "
-        "> 1); off with model.gradient_checkpointing, which turns the cache off."))
+        "> 1); off with model.gradient_checkpointing, which turns the cache off, while dropout is active and on "
+        "models with sliding-window attention layers."))
 
 
 class RolloutConfig(_Section):
@@ -408,9 +409,11 @@ class PPOConfig(_Section):
     share_prompts: bool = Field(True, description=(
         "The learner and the reference run each distinct prompt of a micro batch once, its samples' responses on "
         "its cached keys and values (micro batches keep a prompt's samples together): the same log-probs, values "
-        "and gradients, with the prompt computed once instead of samples_per_prompt times. Padded micro batches "
-        "only (with a token budget the rows are packed whole), in one process (a learner group runs rows whole); off "
-        "with model.gradient_checkpointing, which turns the cache off."))
+        "and gradients, with the prompt computed once per micro batch instead of once per sample (a prompt's samples "
+        "split across minibatches run it once in each). Padded micro batches only (with a token budget the rows "
+        "are packed whole), in one process (a learner group runs rows whole); off with "
+        "model.gradient_checkpointing, which turns the cache off, and on models with sliding-window attention "
+        "layers."))
     use_idle_cores: bool = Field(True, description=(
         "Synchronous PPO (max_staleness 0) runs one role at a time: generation, then reference and reward side by "
         "side, then the learner. Each then uses the cores of its node that the others leave idle for its torch "

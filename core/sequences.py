@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.throughput import shared_prefix_work
+
 
 def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """-> ids (B, P), mask (B, P), left-padded to the longest sequence."""
@@ -101,6 +103,28 @@ def repeats_a_prompt(prompts: Tensor, prompt_mask: Tensor) -> bool:
     """Whether some prompt is in more than one row: only then does running each prompt once save work (a batch
     of distinct prompts would pay for two passes and the cache copies, about a tenth more on the recipe's shapes)."""
     return torch.unique(torch.cat([prompts, prompt_mask], 1), dim=0).shape[0] < prompts.shape[0]
+
+
+def prefix_runs_once_exactly(model: nn.Module) -> bool:
+    """Whether running a shared prefix once (`shared_prompt_outputs`, `pair_scores`) gives exactly each whole
+    row's outputs for this model: its KV cache keeps every prefix position (no sliding-window or chunked
+    attention layer, which would keep only the last positions), and no dropout is active (the prefix would draw
+    one mask for all its rows instead of one per row)."""
+    config = model.config
+    types = getattr(config, "layer_types", None)
+    full = (all(t == "full_attention" for t in types) if types is not None
+            else getattr(config, "sliding_window", None) is None and getattr(config, "attention_chunk_size", None) is None)
+    dropout = model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+    return full and not dropout
+
+
+def response_work(config, prompt_mask: Tensor, response_mask: Tensor, prompts: Tensor | None = None
+                  ) -> tuple[int, float]:
+    """(positions computed, attention forward FLOPs) of one forward over these rows: each prompt once when
+    `prompts` is given (the rows ran `shared_prompt_outputs`), every row whole otherwise."""
+    groups = prompt_ids(prompts, prompt_mask) if prompts is not None else None
+    return shared_prefix_work(config, (prompt_mask.sum(-1) + response_mask.sum(-1)).tolist(),
+                              prompt_mask.sum(-1).tolist(), groups)
 
 
 def trim_padding(prompts: Tensor, prompt_mask: Tensor, responses: Tensor | None = None,
@@ -218,8 +242,8 @@ def shared_prompt_outputs(forward, prompts: Tensor, prompt_mask: Tensor, respons
     first, cache = forward(distinct[:, :P], distinct[:, P:], position_ids(distinct[:, P:]), None, True)
     cache.batch_select_indices(inverse)
     start = prompt_mask.sum(-1, keepdim=True)  # positions go on from each prompt's end
-    # Response token t-1 predicts token t, so the last token's output is dropped (it still runs: every call
-    # makes the same two passes, even for one-token responses).
+    # Response token t-1 predicts token t, so the last token's output is dropped (it still runs: two passes
+    # whatever the responses' lengths, one-token responses too).
     rest, _ = forward(responses, torch.cat([prompt_mask, response_mask], 1),
                       start + torch.arange(R, device=start.device), cache, False)
     out = torch.cat([first[inverse], rest[:, :-1]], 1)
@@ -229,7 +253,7 @@ def shared_prompt_outputs(forward, prompts: Tensor, prompt_mask: Tensor, respons
 
 def _shared_prompt_logits(model: nn.Module, prompts: Tensor, prompt_mask: Tensor, responses: Tensor,
                           response_mask: Tensor) -> Tensor:
-    def forward(ids, mask, positions, cache, last_only):  # through the root: FSDP keeps tied embeddings there
+    def forward(ids, mask, positions, cache, last_only):
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True, logits_to_keep=1 if last_only else 0)
         return out.logits, out.past_key_values
@@ -322,6 +346,24 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def shared_starts(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]]) -> list[int] | None:
+    """Each pair's shared start, or None when some pair has none: then `pair_scores` runs whole sides."""
+    shared = [common_prefix(c, r) for c, r in zip(chosen, rejected)]
+    return shared if shared and min(shared) > 0 else None
+
+
+def pair_work(config, chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]], share: bool
+              ) -> tuple[int, float]:
+    """(positions computed, attention forward FLOPs) of scoring these pairs: `pair_scores` with `share` (each
+    pair's shared start once where every pair has one), both sides whole otherwise."""
+    shared = shared_starts(chosen, rejected) if share else None
+    lengths = [len(side) for pair in zip(chosen, rejected) for side in pair]
+    if shared is None:
+        return shared_prefix_work(config, lengths, [0] * len(lengths), None)
+    return shared_prefix_work(config, lengths, [n for n in shared for _ in range(2)],
+                              [i for i in range(len(shared)) for _ in range(2)])
+
+
 def pair_scores(model: nn.Module, chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]],
                 pad_id: int) -> tuple[Tensor, Tensor]:
     """Scores of both sides of comparisons -> (b,), (b,), as `sequence_scores` gives them, with each pair's shared
@@ -331,8 +373,8 @@ def pair_scores(model: nn.Module, chosen: Sequence[Sequence[int]], rejected: Seq
     posts and two summaries. Causal attention never lets the prefix see what follows it, so its keys and values
     are the ones each whole side would compute, and the gradient reaches them through the cache."""
     backbone, head = _scalar_model_parts(model)
-    shared = [common_prefix(c, r) for c, r in zip(chosen, rejected)]
-    if min(shared) == 0:  # nothing to share in some pair: one forward over whole sides
+    shared = shared_starts(chosen, rejected)
+    if shared is None:
         ids, mask = pad_right([*chosen, *rejected], pad_id)
         scores = sequence_scores(model, ids, mask)
         return scores[: len(chosen)], scores[len(chosen):]

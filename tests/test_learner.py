@@ -109,6 +109,31 @@ def test_rloo_learner_has_no_critic(make_tiny_cfg, tiny_checkpoints, experience)
     assert learner.version == 1
 
 
+def test_the_learner_turns_every_dropout_off_loras_too_and_counts_the_work_it_ran(make_tiny_cfg, tiny_checkpoints,
+                                                                                  experience):
+    """LoRA's dropout is added after the model's own: the learner turns it off too (detail 4), so a prompt's
+    samples may share its prompt's pass. MFU counts what ran: each of the 4 prompts once for its 2 samples when
+    the micro batch holds both, every row whole in micro batches of one."""
+    from core.throughput import shared_prefix_work
+
+    lengths = (experience.prompt_mask.sum(-1) + experience.response_mask.sum(-1)).tolist()
+    prompts = experience.prompt_mask.sum(-1).tolist()
+    lora = ["model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.1"]
+    for micro, groups in ((8, [i // 2 for i in range(8)]), (1, None)):
+        learner = _learner(make_tiny_cfg, tiny_checkpoints, *lora, f"ppo.micro_batch_size={micro}")
+        assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0
+                       for model in (learner.policy, learner.critic) for m in model.modules())
+        assert learner.share_prompts
+        assert experience.prompts[0::2].tolist() == experience.prompts[1::2].tolist()  # 2 samples a prompt
+        learner.train_step(copy.deepcopy(experience))
+        want = shared_prefix_work(learner.policy.config, lengths, prompts, groups)
+        assert tuple(learner._work["policy"]) == pytest.approx(want) == tuple(learner._work["critic"])
+        assert learner._work["head"][0] == int(experience.response_mask.sum())
+        # GAE's old values: a critic forward of its own unless the update reuses the value loss's
+        assert ("critic_forward" in learner._work) == (micro == 1)
+    assert groups is None and want[0] == sum(lengths)
+
+
 def test_packet_carries_the_version_and_checksum(make_tiny_cfg, tiny_checkpoints, experience):
     from core.weight_sync import checksum
 

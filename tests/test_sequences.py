@@ -183,6 +183,10 @@ def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts
     # packed under a token budget (micro batches of several sequences in one row): the same log-probs
     packed = ReferenceLogprobs(str(tiny_checkpoints.sft), temperature=0.7, max_tokens=200).logprobs(batch)
     assert (packed.logprobs - logprobs).abs().max().item() < 1e-5
+    # each prompt once for its two samples (micro batches of 4 keep them together): the same log-probs
+    shared = ReferenceLogprobs(str(tiny_checkpoints.sft), temperature=0.7, batch_size=4, share_prompts=True)
+    assert shared.share_prompts
+    assert (shared.logprobs(batch).logprobs - logprobs).abs().max().item() < 1e-5
 
     from actors.reward import RewardScorer
 
@@ -288,6 +292,41 @@ def test_common_prefix_leaves_each_side_a_token_of_its_own():
     assert common_prefix([7, 2], [1, 2]) == 0
 
 
+def test_the_work_of_a_shared_prefix_counts_it_once_only_where_it_ran_once():
+    """By hand, on a model of one layer, one head of dimension 1 (attention: 4 FLOPs per causal query-key pair)."""
+    from types import SimpleNamespace
+
+    from core.sequences import pair_work, response_work
+
+    one = SimpleNamespace(num_attention_heads=1, head_dim=1, hidden_size=1, num_hidden_layers=1)
+    # two samples of a 2-token prompt (responses of 1 and 3 tokens) and one of a 3-token prompt (2 tokens)
+    p, pm = pad_left([[4, 5], [4, 5], [6, 7, 8]], PAD)
+    r, rm = pad_right([[9], [9, 10, 11], [12, 13]], PAD)
+    # rows whole: 3 + 5 + 5 positions; 6 + 15 + 15 causal pairs
+    assert response_work(one, pm, rm) == (13, 4.0 * 36)
+    # the first prompt once (3 pairs), its samples' 3 and 3 + 4 + 5 pairs on its cache; the third row whole
+    assert response_work(one, pm, rm, p) == (11, 4.0 * (3 + 3 + 12 + 15))
+    # pairs sharing 2 tokens: the start once per pair; a pair sharing nothing makes the whole micro batch whole
+    assert pair_work(one, [[1, 2, 3]], [[1, 2, 4, 5]], share=True) == (5, 4.0 * (3 + 3 + 3 + 4))
+    assert pair_work(one, [[1, 2, 3], [7, 8]], [[1, 2, 4, 5], [9, 8]], share=True) == (11, 4.0 * (6 + 10 + 3 + 3))
+    assert pair_work(one, [[1, 2, 3]], [[1, 2, 4, 5]], share=False) == (7, 4.0 * (6 + 10))
+
+
+def test_a_prefix_runs_once_exactly_only_with_a_full_cache_and_no_active_dropout():
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    from core.sequences import prefix_runs_once_exactly
+
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=50)
+    llama = LlamaForCausalLM(LlamaConfig(**small))
+    assert prefix_runs_once_exactly(llama.train()) and prefix_runs_once_exactly(llama.eval())
+    # a sliding-window cache keeps only the last positions of a long prompt
+    assert not prefix_runs_once_exactly(MistralForCausalLM(MistralConfig(**small, sliding_window=8)))
+    assert prefix_runs_once_exactly(MistralForCausalLM(MistralConfig(**small, sliding_window=None)))
+    llama.model.layers[0].mlp.dropout = torch.nn.Dropout(0.1)  # as LoRA's lora_dropout adds one
+    assert not prefix_runs_once_exactly(llama.train()) and prefix_runs_once_exactly(llama.eval())
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_pair_scores_with_the_shared_prefix_run_once_equal_each_side_scored_whole(prompts, tiny_checkpoints, lora):
     """pair_scores runs each pair's shared start once and both continuations on its cached keys and values: the
@@ -362,7 +401,8 @@ def test_each_prompt_run_once_gives_the_logprobs_values_and_gradients_of_whole_r
     responses = [[5, 6, 7, EOS], [8, EOS], [9, 10, 11, 12, 13, EOS], [14], [15, 16, 17, 18, 19, 20], [EOS], [21, EOS]]
     p, pm = pad_left([prompts[i] for i in rows], tok.pad_token_id)
     r, rm = pad_right(responses, tok.pad_token_id)
-    assert prompt_ids(p, pm) == [prompt_ids(p, pm)[0]] * 2 + [prompt_ids(p, pm)[2]] * 2 + prompt_ids(p, pm)[4:]
+    ids = prompt_ids(p, pm)
+    assert ids[0] == ids[1] and ids[2] == ids[3] and ids[4] == ids[6] and len(set(ids)) == 4
 
     def run(share: bool):
         for m in models:

@@ -15,6 +15,7 @@ import torch
 
 from actors.rm import RMTrainer
 from actors.sft import SFTTrainer
+from core.sequences import pair_scores
 
 
 
@@ -159,12 +160,21 @@ def test_two_rm_ranks_make_the_one_process_steps_with_lora(make_tiny_cfg, tiny_c
 
 @pytest.mark.slow
 def test_rm_steps_with_each_pairs_shared_start_run_once_equal_both_sides_run_whole(make_tiny_cfg, tiny_checkpoints,
-                                                                                   tmp_path):
+                                                                                   tmp_path, monkeypatch):
     """rm.share_prefix (the post once, both summaries on its cached keys and values) makes the steps, validation
     and normalising bias of running both sides whole: six steps with LoRA, fp32."""
+    import actors.rm
+
     overrides = ["rm.micro_batch_size=4", "model.lora.r=4", "model.lora.alpha=8"]
+    calls = {True: 0, False: 0}
     for share in (True, False):
+        def counted(*args, _share=share, **kwargs):
+            calls[_share] += 1
+            return pair_scores(*args, **kwargs)
+
+        monkeypatch.setattr(actors.rm, "pair_scores", counted)
         RMTrainer(make_tiny_cfg(*overrides, f"rm.share_prefix={share}"), tmp_path / str(share), tiny_checkpoints.sft).run()
+    assert calls[True] > 0 and calls[False] == 0  # the shared path ran, and only where asked
     shared, whole = tmp_path / "True", tmp_path / "False"
     diff = _max_diff(_weights(shared / "checkpoint"), _weights(whole / "checkpoint"))
     print(f"\nRM shared prefix vs whole sides: checkpoint max |diff| {diff:.2e}")
