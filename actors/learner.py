@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,8 @@ class PPOLearner:
         self.share_prompts = (pc.share_prompts and not self.packed and not model.gradient_checkpointing
                               and not self.fsdp and prefix_runs_once_exactly(self.policy)
                               and (self.critic is None or prefix_runs_once_exactly(self.critic)))
-        self._work: dict[str, list[float]] = {}  # positions and attention FLOPs each model ran in this update
+        # positions and attention FLOPs each model ran in this update (`_count`)
+        self._work: defaultdict[str, list[float]] = defaultdict(lambda: [0, 0.0])
         self.version = 0
         updates = pc.steps * pc.ppo_epochs * (pc.rollout_batch_size // pc.minibatch_size)
         self.opt, self.sched = self._optimizer(self.policy, pc.lr, updates)
@@ -129,9 +131,8 @@ class PPOLearner:
                one_pass: bool) -> None:
         """Add one forward over these rows, as it ran, to the update's work (MFU counts what runs)."""
         positions, attention = response_work(model.config, pmask, rmask, prompts if one_pass else None)
-        work = self._work.setdefault(key, [0, 0.0])
-        work[0] += positions
-        work[1] += attention
+        self._work[key][0] += positions
+        self._work[key][1] += attention
 
     def _values(self, exp: Experience, sl: slice | torch.Tensor) -> torch.Tensor:
         """Critic's V(s_t) before each response token -> (b, R); differentiable when grad is enabled."""
@@ -198,7 +199,7 @@ class PPOLearner:
                 raise FloatingPointError(f"non-finite {name} in batch {exp.batch_id}")
         peak = peak_flops(self.device, "bfloat16" if self.model_cfg.mixed_precision == "bf16" else self.model_cfg.dtype)
         t0, cpu0 = time.perf_counter(), time.process_time()
-        self._work = {}
+        self._work.clear()
         mask = exp.response_mask.float()
         # With a single update the value loss's forward is the one GAE needs: run the critic once, not twice.
         values_graph = None
@@ -256,11 +257,11 @@ class PPOLearner:
         (and the critic) trained on every micro batch of every epoch, each distinct prompt once where it ran once;
         GAE's old values one more critic forward unless the update reused it."""
         pc, tokens, work = self.pc, int(exp.prompt_mask.sum() + exp.response_mask.sum()), self._work
-        checkpointing = self.model_cfg.gradient_checkpointing
+        checkpointing = self.model_cfg.gradient_checkpointing  # `work` read with get: what did not run adds no key
         positions, attention = work.get("policy", (0, 0.0))
         flops = (training_flops(*model_params(self.policy), positions, checkpointing, attention)
                  # the head runs on the positions that predict response tokens only, and is never recomputed
-                 + training_flops(*model_head_params(self.policy), int(work.get("head", (0,))[0])))
+                 + training_flops(*model_head_params(self.policy), work.get("head", (0,))[0]))
         if self.critic is not None:
             critic = model_params(self.critic)
             positions, attention = work.get("critic", (0, 0.0))
@@ -297,7 +298,7 @@ class PPOLearner:
             share = (mmask.sum() / n_tokens).item()
             one_pass = self._share(prompts, pmask)
             self._count("policy", self.policy, prompts, pmask, rmask, one_pass)
-            self._work.setdefault("head", [0, 0.0])[0] += int(rmask.sum())
+            self._work["head"][0] += int(rmask.sum())
             if self.critic is not None:  # on the same rows: here, or in the whole batch's `values_graph`
                 self._count("critic", self.critic, prompts, pmask, rmask, one_pass)
             logp, entropy = response_logprobs(self.policy, prompts, pmask, responses, rmask, self.temperature,

@@ -104,12 +104,13 @@ class RMTrainer:
             mine = group.share(lengths)  # this rank's pairs; each pair's loss weighs 1 / len(idx) on every rank
             my_lengths = [lengths[j] for j in mine]
             computed, attention = 0, 0.0  # this rank's work, as it ran
+            share = self._shares(model)
             for g in micro_batch_groups(my_lengths, rc.micro_batch_size, rc.max_tokens_per_micro_batch,
                                         group.passes(my_lengths, rc.max_tokens_per_micro_batch)):
                 mi = [idx[mine[j]] for j in g]
                 chosen, rejected = [train_c[i] for i in mi], [train_r[i] for i in mi]
-                rc_, rr = self._scores(model, chosen, rejected, tok.pad_token_id)
-                c, a = pair_work(model.config, chosen, rejected, self._shares(model))
+                rc_, rr = self._scores(model, chosen, rejected, tok.pad_token_id, share)
+                c, a = pair_work(model.config, chosen, rejected, share)
                 computed, attention = computed + c, attention + a
                 loss = pairwise_loss(rc_, rr) * len(mi) / len(idx)
                 loss.backward()
@@ -155,11 +156,11 @@ class RMTrainer:
         active in training (one mask for the post of both sides), not on a sliding-window cache."""
         return self.share_prefix and prefix_runs_once_exactly(model)
 
-    def _scores(self, model, chosen: list[list[int]], rejected: list[list[int]], pad_id: int
+    def _scores(self, model, chosen: list[list[int]], rejected: list[list[int]], pad_id: int, share: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both sides' scores of a micro batch of pairs: the shared start once, or both sides whole in one
         forward (2b rows, padded or packed)."""
-        if self._shares(model):
+        if share:  # `_shares(model)`, decided once per step or evaluation
             return pair_scores(model, chosen, rejected, pad_id)
         ids, mask = pad_right(chosen + rejected, pad_id)
         r = sequence_scores(model, ids, mask, self.cfg.rm.max_tokens_per_micro_batch is not None)
@@ -170,11 +171,11 @@ class RMTrainer:
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every pair's scores, in order, in micro batches of similar lengths."""
         model.eval()
-        rc = self.cfg.rm
+        rc, share = self.cfg.rm, self._shares(model)
         out_c, out_r = torch.zeros(len(chosen)), torch.zeros(len(chosen))
         lengths = [len(c) + len(r) for c, r in zip(chosen, rejected)]
         for g in micro_batch_groups(lengths, rc.micro_batch_size, rc.max_tokens_per_micro_batch):
-            sc, sr = self._scores(model, [chosen[i] for i in g], [rejected[i] for i in g], pad_id)
+            sc, sr = self._scores(model, [chosen[i] for i in g], [rejected[i] for i in g], pad_id, share)
             out_c[g], out_r[g] = sc.float().cpu(), sr.float().cpu()
         return out_c, out_r
 
