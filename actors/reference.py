@@ -8,10 +8,7 @@ import torch
 
 from core.experience import RefLogprobs, RolloutBatch
 from core.modeling import default_device, load_frozen
-from core.sequences import (
-    micro_batch_groups, prefix_runs_once_exactly, prompt_ids, repeats_a_prompt, response_logprobs, response_work,
-    trim_padding,
-)
+from core.sequences import prefix_runs_once_exactly, response_logprobs, rollout_micro_batches
 from core.throughput import forward_flops, head_params, mfu, model_params, peak_flops
 
 
@@ -35,19 +32,14 @@ class ReferenceLogprobs:
         peak = peak_flops(self.device, self.dtype)  # measured once, outside the timed work
         t0 = time.perf_counter()
         out = torch.zeros(batch.responses.shape, dtype=torch.float32)
-        lengths = (batch.prompt_mask.sum(-1) + batch.response_mask.sum(-1)).tolist()
-        groups = prompt_ids(batch.prompts, batch.prompt_mask) if self.share_prompts else None
         computed, attention = 0, 0.0  # as the micro batches ran
-        for group in micro_batch_groups(lengths, self.batch_size, self.max_tokens, prompts=groups):
-            rows = torch.tensor(group)
-            prompts, pmask, responses, rmask = (t.to(self.device) for t in trim_padding(
-                batch.prompts[rows], batch.prompt_mask[rows], batch.responses[rows], batch.response_mask[rows]))
-            one_pass = self.share_prompts and repeats_a_prompt(prompts, pmask)
-            lp, _ = response_logprobs(self.model, prompts, pmask, responses, rmask, self.temperature,
-                                      packed=self.max_tokens is not None, share_prompts=one_pass)
-            c, a = response_work(self.model.config, pmask, rmask, prompts if one_pass else None)
+        for mb in rollout_micro_batches(batch.prompts, batch.prompt_mask, batch.responses, batch.response_mask,
+                                        self.batch_size, self.max_tokens, self.share_prompts, self.device):
+            lp, _ = response_logprobs(self.model, mb.prompts, mb.prompt_mask, mb.responses, mb.response_mask,
+                                      self.temperature, packed=self.max_tokens is not None, share_prompts=mb.one_pass)
+            c, a = mb.work(self.model.config)
             computed, attention = computed + c, attention + a
-            out[rows, : lp.shape[1]] = lp.float().cpu()
+            out[mb.rows, : lp.shape[1]] = lp.float().cpu()
         seconds = time.perf_counter() - t0
         flops = (forward_flops(self.n_params, computed) + forward_flops(self.n_head, int(batch.response_mask.sum()))
                  + attention)

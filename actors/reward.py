@@ -11,8 +11,11 @@ from torch import Tensor
 
 from core.experience import RolloutBatch, Scores
 from core.modeling import default_device, load_frozen
-from core.sequences import eos_trick, has_eos, micro_batch_groups, pad_right, sequence_scores
-from core.throughput import attention_flops, forward_flops, mfu, model_params, peak_flops
+from core.sequences import (
+    eos_trick, has_eos, micro_batch_groups, pad_right, prefix_runs_once_exactly, response_scores, rollout_micro_batches,
+    sequence_scores,
+)
+from core.throughput import forward_flops, mfu, model_params, peak_flops
 
 
 @dataclass(frozen=True)
@@ -32,12 +35,15 @@ class RewardScorer:
     """
 
     def __init__(self, checkpoint: str, missing_eos_score: float | None = -1.0, batch_size: int = 64,
-                 dtype: str = "float32", device: str | None = None, max_tokens: int | None = None):
+                 dtype: str = "float32", device: str | None = None, max_tokens: int | None = None,
+                 share_prompts: bool = False):
         self.checkpoint = str(Path(checkpoint).resolve())
         self.device = device or default_device()
         self.model, self.tokenizer = load_frozen(checkpoint, "scalar", dtype, self.device)
         self.bias = float(getattr(self.model.config, "reward_bias", 0.0) or 0.0)
         self.missing_eos_score, self.batch_size, self.max_tokens = missing_eos_score, batch_size, max_tokens
+        # padded micro batches only, on a model whose cache keeps the whole prompt (as the reference)
+        self.share_prompts = share_prompts and max_tokens is None and prefix_runs_once_exactly(self.model)
         self.dtype, self.n_params = dtype, model_params(self.model)[0]
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
 
@@ -54,17 +60,31 @@ class RewardScorer:
 
     def score_tokens(self, prompts: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor) -> TokenScores:
         """Scores of left-padded prompts (B, P) followed by their responses (B, R), with the EOS trick."""
-        raw = self._raw(torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1))
+        return self._score_rollout_rows(prompts, prompt_mask, responses, response_mask)[0]
+
+    @torch.no_grad()
+    def _score_rollout_rows(self, prompts: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor
+                            ) -> tuple[TokenScores, int, float]:
+        """-> scores, and (positions computed, attention FLOPs) as the micro batches ran: `rollout_micro_batches`,
+        each distinct prompt once with `share_prompts`."""
+        raw, computed, attention = torch.zeros(prompts.shape[0]), 0, 0.0
+        for mb in rollout_micro_batches(prompts, prompt_mask, responses, response_mask, self.batch_size,
+                                        self.max_tokens, self.share_prompts, self.device):
+            raw[mb.rows] = response_scores(self.model, mb.prompts, mb.prompt_mask, mb.responses, mb.response_mask,
+                                           packed=self.max_tokens is not None, share_prompts=mb.one_pass).float().cpu()
+            c, a = mb.work(self.model.config)
+            computed, attention = computed + c, attention + a
+        raw = raw + self.bias
         eos = has_eos(responses, response_mask, self.tokenizer.eos_token_id)
-        return TokenScores(eos_trick(raw, eos, self.missing_eos_score), raw, eos)
+        return TokenScores(eos_trick(raw, eos, self.missing_eos_score), raw, eos), computed, attention
 
     def score_rollout(self, batch: RolloutBatch) -> Scores:
         peak = peak_flops(self.device, self.dtype)  # measured once, outside the timed work
         t0 = time.perf_counter()
-        s = self.score_tokens(batch.prompts, batch.prompt_mask, batch.responses, batch.response_mask)
+        s, computed, attention = self._score_rollout_rows(batch.prompts, batch.prompt_mask, batch.responses,
+                                                          batch.response_mask)
         seconds = time.perf_counter() - t0
-        lengths = (batch.prompt_mask.sum(-1) + batch.response_mask.sum(-1)).tolist()
-        flops = forward_flops(self.n_params, sum(lengths)) + attention_flops(self.model.config, lengths)
+        flops = forward_flops(self.n_params, computed) + attention
         return Scores(batch_id=batch.batch_id, shard=batch.shard, scores=s.scores, raw_scores=s.raw_scores,
                       has_eos=s.has_eos, score_s=seconds, mfu=mfu(flops, seconds, peak))
 

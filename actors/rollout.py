@@ -18,8 +18,8 @@ from transformers import AutoConfig
 from core.config import RolloutConfig
 from core.experience import RolloutBatch, RolloutRequest, VersionMismatch
 from core.modeling import default_device, load_frozen
-from core.sequences import pad_left, sample_with_logprobs
-from core.throughput import attention_flops, forward_flops, head_params, matmul_params, mfu, peak_flops
+from core.sequences import pad_left, prefills_prompts_once, prompt_ids, sample_with_logprobs
+from core.throughput import forward_flops, head_params, matmul_params, mfu, peak_flops, shared_prefix_work
 from core.weight_sync import VersionedChecksum, WeightsPacket, checksum, unpack
 
 
@@ -29,16 +29,27 @@ class RolloutBackend(Protocol):
 
     def load_weights(self, named: Iterable[tuple[str, Tensor]]) -> None: ...
 
+    def prefill_groups(self, prompts: Tensor, prompt_mask: Tensor) -> list[int] | None:
+        """A prompt id per row where `generate` runs each distinct prompt's prefill once, else None."""
+
     def named_weights(self) -> dict[str, Tensor]: ...
 
 
 class HFBackend:
     """transformers `generate`; the behaviour log-probs come off the logits it sampled from (no second pass)."""
 
-    def __init__(self, checkpoint: str, cfg: RolloutConfig, dtype: str = "float32", device: str | None = None):
+    def __init__(self, checkpoint: str, cfg: RolloutConfig, dtype: str = "float32", device: str | None = None,
+                 share_prompts: bool = False):
         self.device = device or default_device()
         self.model, self.tokenizer = load_frozen(checkpoint, "causal_lm", dtype, self.device)
-        self.cfg = cfg
+        self.cfg, self.share_prompts = cfg, share_prompts
+
+    def prefill_groups(self, prompts: Tensor, prompt_mask: Tensor) -> list[int] | None:
+        """A prompt id per row where `generate` prefills each distinct prompt once (`prefill_distinct_prompts`),
+        None where every row runs its own."""
+        if self.share_prompts and prefills_prompts_once(self.model, prompts, prompt_mask):
+            return prompt_ids(prompts, prompt_mask)
+        return None
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], seed: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -47,7 +58,8 @@ class HFBackend:
         torch.manual_seed(seed)
         responses, rmask, logprobs = sample_with_logprobs(
             self.model, ids, mask, max_new_tokens=self.cfg.max_new_tokens, eos_id=tok.eos_token_id,
-            pad_id=tok.pad_token_id, temperature=self.cfg.temperature, top_p=self.cfg.top_p)
+            pad_id=tok.pad_token_id, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+            share_prompts=self.share_prompts)
         return responses.cpu(), rmask.cpu(), logprobs.cpu()
 
     @torch.no_grad()
@@ -70,13 +82,14 @@ class HFBackend:
 class RolloutGenerator:
     """One rollout worker: n samples per prompt, truncated after EOS, tagged with the weight version."""
 
-    def __init__(self, checkpoint: str, cfg: RolloutConfig, worker_index: int = 0, dtype: str = "float32"):
+    def __init__(self, checkpoint: str, cfg: RolloutConfig, worker_index: int = 0, dtype: str = "float32",
+                 share_prompts: bool = False):
         if cfg.backend == "vllm":
             from actors.vllm_backend import VLLMBackend
 
             self.backend: RolloutBackend = VLLMBackend(checkpoint, cfg, dtype)
         else:
-            self.backend = HFBackend(checkpoint, cfg, dtype)
+            self.backend = HFBackend(checkpoint, cfg, dtype, share_prompts=share_prompts)
         self.worker_index = worker_index
         self.version = 0
         self.dtype = dtype
@@ -95,10 +108,13 @@ class RolloutGenerator:
         seconds = time.perf_counter() - t0
         pad_id = self.backend.tokenizer.pad_token_id
         prompts, pmask = pad_left(req.prompts, pad_id)
-        lengths = (pmask.sum(-1) + rmask.sum(-1)).tolist()  # prefill and decode: a forward pass of each token
-        # the head makes each sampled token's logits; decoding attends to the KV cache of the tokens before
-        flops = (forward_flops(self.n_params, sum(lengths)) + forward_flops(self.n_head, int(rmask.sum()))
-                 + attention_flops(self.model_config, lengths))
+        # prefill and decode: a forward pass of each token, a shared prefill's once per distinct prompt (all of the
+        # prompt but the last token, which each row runs); the head makes each sampled token's logits
+        plens, lengths = pmask.sum(-1), (pmask.sum(-1) + rmask.sum(-1)).tolist()
+        groups = self.backend.prefill_groups(prompts, pmask)
+        tokens, attention = shared_prefix_work(self.model_config, lengths, (plens - 1).tolist() if groups else
+                                               [0] * len(lengths), groups)
+        flops = forward_flops(self.n_params, tokens) + forward_flops(self.n_head, int(rmask.sum())) + attention
         return RolloutBatch(batch_id=req.batch_id, shard=req.shard, worker=self.worker_index,
                             policy_version=self.version, prompt_indices=list(req.prompt_indices), prompts=prompts,
                             prompt_mask=pmask, responses=responses, response_mask=rmask, logprobs=logprobs,

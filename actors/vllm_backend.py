@@ -164,6 +164,11 @@ class VLLMBackend:
         responses, rmask = truncate_after_eos(responses, eos, pad)
         return responses, rmask, logprobs * rmask
 
+    def prefill_groups(self, prompts: Tensor, prompt_mask: Tensor) -> None:
+        """Every row's prefill counted whole: what vLLM's prefix cache spares of a prompt's repeats it does not
+        report."""
+        return None
+
     @torch.no_grad()
     def load_weights(self, named: Iterable[tuple[str, Tensor]]) -> None:
         """Swap in a complete set of HF-named weights; unknown or missing names fail before the engine changes."""

@@ -407,13 +407,14 @@ class PPOConfig(_Section):
         "Ranks of the learner group: policy and critic sharded with FSDP2 over this many actors (gloo on CPU, "
         "NCCL on GPU), each with ppo.num_cpus and ppo.num_gpus; every rank takes an equal share of each minibatch."))
     share_prompts: bool = Field(True, description=(
-        "The learner and the reference run each distinct prompt of a micro batch once, its samples' responses on "
-        "its cached keys and values (micro batches keep a prompt's samples together): the same log-probs, values "
-        "and gradients, with the prompt computed once per micro batch instead of once per sample (a prompt's samples "
-        "split across minibatches run it once in each). Padded micro batches only (with a token budget the rows "
-        "are packed whole), in one process (a learner group runs rows whole); off with "
-        "model.gradient_checkpointing, which turns the cache off, and on models with sliding-window attention "
-        "layers."))
+        "The learner, the reference and the reward scorer run each distinct prompt of a micro batch once, its "
+        "samples' responses on its cached keys and values (micro batches keep a prompt's samples together): the "
+        "same log-probs, values, scores and gradients, with the prompt computed once per micro batch instead of "
+        "once per sample (a prompt's samples split across minibatches run it once in each). Padded micro batches "
+        "only (with a token budget the rows are packed whole), in one process (a learner group runs rows whole); "
+        "off with model.gradient_checkpointing, which turns the cache off, and on models with sliding-window "
+        "attention layers. The HF rollout backend likewise prefills each distinct prompt once and generates its "
+        "samples on copies of its cache (vLLM has its own prefix cache)."))
     use_idle_cores: bool = Field(True, description=(
         "Synchronous PPO (max_staleness 0) runs one role at a time: generation, then reference and reward side by "
         "side, then the learner. Each then uses the cores of its node that the others leave idle for its torch "

@@ -8,7 +8,8 @@ so the generator, the reference and the learner agree exactly for the same weigh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +143,35 @@ def trim_padding(prompts: Tensor, prompt_mask: Tensor, responses: Tensor | None 
         width = max(int(response_mask.sum(-1).max()), 1)
         out += (responses[:, :width], response_mask[:, :width])
     return out
+
+
+@dataclass(frozen=True)
+class RolloutMicroBatch:
+    """Rows of a rollout cut for one forward (`rollout_micro_batches`), trimmed of all-padding columns, on device."""
+
+    rows: Tensor  # positions in the rollout
+    prompts: Tensor
+    prompt_mask: Tensor
+    responses: Tensor
+    response_mask: Tensor
+    one_pass: bool  # share_prompts and a prompt repeats here: run each distinct prompt once
+
+    def work(self, config) -> tuple[int, float]:
+        """(positions computed, attention forward FLOPs) of the forward over these rows as it runs."""
+        return response_work(config, self.prompt_mask, self.response_mask, self.prompts if self.one_pass else None)
+
+
+def rollout_micro_batches(prompts: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor, size: int,
+                          max_tokens: int | None, share_prompts: bool, device) -> Iterator[RolloutMicroBatch]:
+    """How the scoring roles (reference, reward) cut a rollout: `micro_batch_groups` of similar lengths (packed
+    under a token budget), a prompt's samples together when `share_prompts`, each trimmed of padding."""
+    lengths = (prompt_mask.sum(-1) + response_mask.sum(-1)).tolist()
+    groups = prompt_ids(prompts, prompt_mask) if share_prompts else None
+    for group in micro_batch_groups(lengths, size, max_tokens, prompts=groups):
+        rows = torch.tensor(group)
+        p, pm, r, rm = (t.to(device) for t in trim_padding(prompts[rows], prompt_mask[rows], responses[rows],
+                                                           response_mask[rows]))
+        yield RolloutMicroBatch(rows, p, pm, r, rm, share_prompts and repeats_a_prompt(p, pm))
 
 
 def position_ids(mask: Tensor) -> Tensor:
@@ -338,6 +368,19 @@ def sequence_scores(model: nn.Module, ids: Tensor, mask: Tensor, packed: bool = 
     return values.gather(1, last_token_index(mask).unsqueeze(1)).squeeze(1)
 
 
+def response_scores(model: nn.Module, prompts: Tensor, prompt_mask: Tensor, responses: Tensor,
+                    response_mask: Tensor, packed: bool = False, share_prompts: bool = False) -> Tensor:
+    """`sequence_scores` of left-padded prompts followed by their responses -> (B,). `share_prompts` (padded only):
+    each distinct prompt runs once (`response_values` on one more, padding, column: the state before it is the last
+    response token's, or the prompt's last for an empty response)."""
+    if share_prompts and not packed:
+        values = response_values(model, prompts, prompt_mask, F.pad(responses, (0, 1)), F.pad(response_mask, (0, 1)),
+                                 share_prompts=True)  # (B, R + 1)
+        return values.gather(1, response_mask.sum(-1, keepdim=True).long()).squeeze(1)
+    return sequence_scores(model, torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1),
+                           packed)
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Tokens two sequences share at their start, leaving each at least one token of its own."""
     n, limit = 0, min(len(a), len(b)) - 1
@@ -409,21 +452,50 @@ def sample(
 
 def sample_with_logprobs(
     model: nn.Module, prompts: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_id: int, pad_id: int,
-    temperature: float, top_p: float,
+    temperature: float, top_p: float, share_prompts: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`sample`, and the behaviour log-probs log softmax(logits / T) of each sampled token read off the logits
     generate computed to sample it -> responses, mask, log-probs (B, max_new_tokens), 0 after EOS.
 
     No second forward pass over prompt and response: generate's KV-cached logits equal a full forward's
     (`response_logprobs`, what the learner and the reference compute) up to float error (tests/test_sequences.py).
+    `share_prompts`: each distinct prompt's prefill runs once (`prefill_distinct_prompts`) where it may
+    (`prefills_prompts_once`).
     """
     return _generate(model, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, False,
-                     with_logprobs=True)
+                     with_logprobs=True, share_prompts=share_prompts)
+
+
+def prefills_prompts_once(model: nn.Module, prompts: Tensor, prompt_mask: Tensor) -> bool:
+    """Whether `_generate` with `share_prompts` runs each distinct prompt once here: a prompt repeats (the n samples
+    of one), the cache keeps every prompt position (`prefix_runs_once_exactly`), and there is a column to cache
+    before the last one, which generate runs itself."""
+    return prompts.shape[1] > 1 and repeats_a_prompt(prompts, prompt_mask) and prefix_runs_once_exactly(model)
+
+
+def prefill_distinct_prompts(model: nn.Module, prompts: Tensor, prompt_mask: Tensor):
+    """The KV cache of every row's prompt but its last column, each distinct prompt run once through the decoder
+    (no head) and its cache copied to its samples' rows.
+
+    Given to generate as `past_key_values`, generate runs only the last prompt column and the response: with n
+    samples per prompt the prefill, most of a short response's generation, costs one prompt instead of n. The
+    positions are generate's own (`position_ids`); causal attention keeps a prompt's keys and values the same
+    however many rows follow it, so the logits are those of generate's own prefill up to float rounding."""
+    P = prompts.shape[1]
+    distinct, inverse = torch.unique(torch.cat([prompts, prompt_mask], 1), dim=0, return_inverse=True)
+    ids, mask = distinct[:, : P - 1], distinct[:, P : 2 * P - 1]
+    cache = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                             use_cache=True).past_key_values
+    cache.batch_select_indices(inverse)
+    return cache
 
 
 def _generate(model: nn.Module, prompts: Tensor, prompt_mask: Tensor, max_new_tokens: int, eos_id: int, pad_id: int,
-              temperature: float, top_p: float, greedy: bool, with_logprobs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+              temperature: float, top_p: float, greedy: bool, with_logprobs: bool, share_prompts: bool = False
+              ) -> tuple[Tensor, Tensor, Tensor | None]:
     kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    if share_prompts and prefills_prompts_once(model, prompts, prompt_mask):
+        kwargs["past_key_values"] = prefill_distinct_prompts(model, prompts, prompt_mask)
     out = model.generate(
         input_ids=prompts, attention_mask=prompt_mask, max_new_tokens=max_new_tokens, min_new_tokens=0,
         eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True, return_dict_in_generate=True,

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from core.sequences import (
-    flush_right, has_eos, length_grouped, pad_left, pad_right, position_ids, response_logprobs, sample, token_budget_groups,
-    trim_padding, truncate_after_eos,
+    flush_right, has_eos, length_grouped, pad_left, pad_right, position_ids, prompt_ids, response_logprobs, sample,
+    token_budget_groups, trim_padding, truncate_after_eos,
 )
+from core.throughput import shared_prefix_work
 
 EOS, PAD = 2, 0
 
@@ -190,9 +191,31 @@ def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts
 
     from actors.reward import RewardScorer
 
-    padded_scores = RewardScorer(str(tiny_checkpoints.rm), batch_size=3).score_rollout(batch).raw_scores
+    padded = RewardScorer(str(tiny_checkpoints.rm), batch_size=3).score_rollout(batch)
     packed_scores = RewardScorer(str(tiny_checkpoints.rm), max_tokens=200).score_rollout(batch).raw_scores
-    assert (packed_scores - padded_scores).abs().max().item() < 1e-5
+    assert (packed_scores - padded.raw_scores).abs().max().item() < 1e-5
+    # each prompt once for its two samples: the same scores, from less work (MFU counts the work as it ran)
+    shared_rm = RewardScorer(str(tiny_checkpoints.rm), batch_size=4, share_prompts=True)
+    assert shared_rm.share_prompts
+    s = shared_rm.score_rollout(batch)
+    assert (s.raw_scores - padded.raw_scores).abs().max().item() < 1e-5 and torch.equal(s.scores.isnan(), padded.scores.isnan())
+    lengths, plens = (pm.sum(-1) + rmask.sum(-1)).tolist(), pm.sum(-1).tolist()
+    whole_work, _ = shared_prefix_work(shared_rm.model.config, lengths, plens, None)
+    once_work, _ = shared_prefix_work(shared_rm.model.config, lengths, plens, prompt_ids(p, pm))
+    assert once_work < whole_work
+    _, computed, _ = shared_rm._score_rollout_rows(p, pm, responses, rmask)
+    assert computed == once_work
+    assert RewardScorer(str(tiny_checkpoints.rm), max_tokens=200, share_prompts=True).share_prompts is False
+
+    # the generator prefills each prompt once for its two samples and counts that work
+    from actors.rollout import RolloutGenerator
+    from core.experience import RolloutRequest
+
+    req = RolloutRequest(batch_id=0, shard=0, prompt_indices=list(range(8)), prompts=rep, seed=3)
+    gens = [RolloutGenerator(str(tiny_checkpoints.sft), cfg, share_prompts=share) for share in (False, True)]
+    (a, b) = (g.generate(req) for g in gens)
+    assert torch.equal(a.responses, b.responses) and (a.logprobs - b.logprobs).abs().max().item() < 1e-5
+    assert gens[0].backend.prefill_groups(p, pm) is None and gens[1].backend.prefill_groups(p, pm) == prompt_ids(p, pm)
 
 
 @pytest.mark.slow
@@ -419,3 +442,65 @@ def test_each_prompt_run_once_gives_the_logprobs_values_and_gradients_of_whole_r
     for got, want in zip(shared[3], whole[3]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert all(g.abs().sum() > 0 for g in shared[3][-2:])  # the critic's head (and its last adapter) learned
+
+
+@pytest.mark.slow
+def test_generate_with_each_prompt_prefilled_once_samples_what_generate_samples(policy, prompts, monkeypatch):
+    """share_prompts prefills each distinct prompt once and generates its samples on copies of its cache: the
+    same tokens (greedy, and sampled with the same seed) and the same behaviour log-probs as generate's own
+    prefill of every row, fp32; only where a prompt repeats."""
+    import core.sequences as seq
+
+    model, tok = policy
+    calls = []
+    prefill = seq.prefill_distinct_prompts
+    monkeypatch.setattr(seq, "prefill_distinct_prompts", lambda *a: calls.append(a[1].shape[0]) or prefill(*a))
+    rows = [0, 0, 1, 2, 1, 3, 3, 3]  # prompts of different lengths, repeated 1 to 3 times, not adjacent
+    p, pm = pad_left([prompts[i] for i in rows], tok.pad_token_id)
+    kw = dict(max_new_tokens=10, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, top_p=1.0)
+    assert seq.prefills_prompts_once(model, p, pm) and not seq.prefills_prompts_once(model, p[:4][[0, 2, 3]], pm[:4][[0, 2, 3]])
+    greedy = [sample(model, p, pm, temperature=1.0, greedy=True, **kw) for _ in range(2)]
+    assert calls == []  # sample (evaluation) runs every row
+    for share in (False, True):
+        torch.manual_seed(5)
+        greedy.append(seq._generate(model, p, pm, kw["max_new_tokens"], kw["eos_id"], kw["pad_id"], 1.0, 1.0, True,
+                                    with_logprobs=True, share_prompts=share)[:2])
+    assert calls == [8]
+    for got in greedy[1:]:
+        assert torch.equal(got[0], greedy[0][0]) and torch.equal(got[1], greedy[0][1])
+    sampled = []
+    for share in (False, True):
+        torch.manual_seed(7)
+        sampled.append(seq.sample_with_logprobs(model, p, pm, temperature=0.7, share_prompts=share, **kw))
+    assert calls == [8, 8]
+    (r0, m0, lp0), (r1, m1, lp1) = sampled
+    assert torch.equal(r0, r1) and torch.equal(m0, m1)
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
+    # distinct prompts: nothing to share, generate runs as it would
+    torch.manual_seed(7)
+    seq.sample_with_logprobs(model, p[[0, 2, 3]], pm[[0, 2, 3]], temperature=0.7, share_prompts=True, **kw)
+    assert calls == [8, 8]
+
+
+def test_response_scores_with_each_prompt_run_once_equal_the_whole_rows(policy, prompts, tiny_checkpoints):
+    """The reward at each row's last token, each distinct prompt run once: the whole rows' scores, fp32, for
+    responses that fill the width, stop early or are empty (the score is then read at the prompt's last token)."""
+    from core.modeling import load_scalar_model
+    from core.sequences import response_scores, sequence_scores
+
+    _, tok = policy
+    rm = load_scalar_model(str(tiny_checkpoints.rm), tok).eval()
+    rows = [0, 0, 1, 1, 2, 3, 2]
+    responses = [[5, 6, 7, EOS], [8, EOS], [9, 10, 11, 12, 13, EOS], [], [15, 16, 17, 18, 19, 20], [EOS], [21, EOS]]
+    p, pm = pad_left([prompts[i] for i in rows], tok.pad_token_id)
+    r, rm_ = pad_right(responses, tok.pad_token_id)
+    with torch.no_grad():
+        whole = sequence_scores(rm, torch.cat([p, r], 1), torch.cat([pm, rm_], 1))
+        one_by_one = torch.stack([sequence_scores(rm, torch.tensor([prompts[i] + resp]), torch.ones(1, len(prompts[i]) + len(resp),
+                                                                                        dtype=torch.long))[0]
+                                  for i, resp in zip(rows, responses)])
+        shared = response_scores(rm, p, pm, r, rm_, share_prompts=True)
+        plain = response_scores(rm, p, pm, r, rm_)
+    torch.testing.assert_close(whole, one_by_one, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
+    assert torch.equal(plain, whole)

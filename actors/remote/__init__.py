@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 class RolloutWorker:
     def __init__(self, cfg: Config, checkpoint: str, worker_index: int):
         init_worker_process(role_threads(cfg, "rollout", node_cores()), cfg.rollout.nice)
-        self.gen = RolloutGenerator(checkpoint, cfg.rollout, worker_index, cfg.model.dtype)
+        self.gen = RolloutGenerator(checkpoint, cfg.rollout, worker_index, cfg.model.dtype,
+                                    share_prompts=cfg.ppo.share_prompts)
         self.group: CollectiveGroup | None = None
 
     def generate(self, req: RolloutRequest) -> RolloutBatch:
@@ -96,7 +97,7 @@ class RewardWorker:
     def __init__(self, cfg: Config, checkpoint: str):
         init_worker_process(role_threads(cfg, "reward", node_cores()), cfg.reward.nice)
         self.scorer = RewardScorer(checkpoint, cfg.reward.missing_eos_score, cfg.reward.batch_size, cfg.model.dtype,
-                                   max_tokens=cfg.reward.max_tokens_per_micro_batch)
+                                   max_tokens=cfg.reward.max_tokens_per_micro_batch, share_prompts=cfg.ppo.share_prompts)
 
     def score(self, batch: RolloutBatch) -> Scores:
         return self.scorer.score_rollout(batch)
