@@ -13,7 +13,8 @@ runs in its own virtual environment (it pins a newer transformers than rayrlhf's
 Order: rayrlhf synchronous, TRL, rayrlhf synchronous with every role on its num_cpus threads only (as before
 `ppo.use_idle_cores`), rayrlhf one step off policy, rayrlhf GAE (the default estimator, with a critic:
 TRL has no PPO with a critic, so it is compared with TRL's RLOO and said so) one step off policy and synchronous. Both sides get the machine's cores
-(TRL: torch threads = cores; rayrlhf: its roles as configured, `ppo.use_idle_cores` on). Figures only: the
+(TRL: torch threads = cores, with rayrlhf's Ray cluster shut down meanwhile; rayrlhf: its roles as configured,
+`ppo.use_idle_cores` on). Figures only: the
 machine is shared, so the ratios are of one run and the script says what the load was.
 """
 
@@ -82,6 +83,7 @@ def main() -> None:
                             ("rayrlhf gae async", ["ppo.max_staleness=1", "ppo.advantage_estimator=gae"]),
                             ("rayrlhf gae sync", ["ppo.max_staleness=0", "ppo.advantage_estimator=gae"])):
             if extra is None:
+                workflow.shutdown()  # TRL runs alone: the idle Ray cluster's processes take nothing from its threads
                 results[name] = _trl(args, run, prompts, cfg, cores)
                 continue
             c = load_config(None, [*common, *extra])

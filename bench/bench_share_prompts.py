@@ -1,0 +1,96 @@
+"""The rollout side with each prompt run once for its samples, measured: the Hugging Face rollout backend's
+`generate` and the reward scorer on one PPO batch of a finished run (its SFT and reward-model checkpoints, its
+config's prompts, response length and temperature), `ppo.share_prompts` off then on, on this machine's CPU threads:
+
+1. generate: every row prefills its own prompt, or each distinct prompt is prefilled once and its samples are
+   sampled on copies of its cache (`sequences.prefill_distinct_prompts`);
+2. reward: every row scored whole, or each distinct prompt once and its samples' responses on its cache
+   (`sequences.response_scores`).
+
+Both settings sample the same tokens for the same seed and give the same scores up to float rounding; the script
+checks it and prints seconds per call (median of `--repeats`, the settings alternating) and the ratio.
+
+    python bench/bench_share_prompts.py --run-dir RUN [--prompts 16] [--k 2] [--repeats 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run-dir", required=True, help="a run whose sft and rm stages finished")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--k", type=int, default=2, help="samples per prompt")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    run = Path(args.run_dir)
+    for stage in ("sft", "rm"):
+        if not (run / stage / "checkpoint" / "config.json").is_file():
+            ap.error(f"--run-dir {run}: no finished {stage} stage ({stage}/checkpoint)")
+    if not (run / "config.yaml").is_file():
+        ap.error(f"--run-dir {run}: no config.yaml")
+    for name in ("prompts", "k", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    import torch
+
+    from actors.reward import RewardScorer
+    from actors.rollout import RolloutGenerator
+    from core.config import load_config
+    from core.data import load_tldr
+    from core.experience import RolloutRequest
+    from core.process import quiet_transformers
+    from core.text import encode_queries, with_encodable_queries
+
+    quiet_transformers()
+    torch.set_num_threads(args.threads)
+    cfg = load_config(str(run / "config.yaml"), ["rollout.backend=hf"])
+    sft, rm = str(run / "sft" / "checkpoint"), str(run / "rm" / "checkpoint")
+    gens = {s: RolloutGenerator(sft, cfg.rollout, dtype=cfg.model.dtype, share_prompts=s) for s in (False, True)}
+    scorers = {s: RewardScorer(rm, cfg.reward.missing_eos_score, cfg.reward.batch_size, cfg.model.dtype,
+                               share_prompts=s) for s in (False, True)}
+    tok = gens[False].backend.tokenizer
+    data = with_encodable_queries(tok, load_tldr(cfg.data), cfg.data)
+    prompts = encode_queries(tok, [e.query for e in data.sft_train[: args.prompts]], cfg.data.max_prompt_tokens)
+    rows = [i for i in range(len(prompts)) for _ in range(args.k)]
+    req = RolloutRequest(batch_id=0, shard=0, prompt_indices=rows, prompts=[prompts[i] for i in rows], seed=0)
+
+    seconds: dict[str, dict[bool, list[float]]] = {"generate": {False: [], True: []}, "reward": {False: [], True: []}}
+    for r in range(args.repeats):
+        order = (False, True) if r % 2 == 0 else (True, False)  # alternate, so a drift weighs on both
+        batches, scores = {}, {}
+        for share in order:
+            t0 = time.perf_counter()
+            batches[share] = gens[share].generate(req)
+            seconds["generate"][share].append(time.perf_counter() - t0)
+        for share in order:
+            t0 = time.perf_counter()
+            scores[share] = scorers[share].score_rollout(batches[False])
+            seconds["reward"][share].append(time.perf_counter() - t0)
+        if not torch.equal(batches[False].responses, batches[True].responses):
+            raise SystemExit("the shared prefill sampled other tokens than the whole one")
+        lp = (batches[False].logprobs - batches[True].logprobs).abs().max().item()
+        sc = (scores[False].raw_scores - scores[True].raw_scores).abs().max().item()
+        print(f"repeat {r}: generate {seconds['generate'][False][-1]:.2f} -> {seconds['generate'][True][-1]:.2f} s, "
+              f"reward {seconds['reward'][False][-1]:.2f} -> {seconds['reward'][True][-1]:.2f} s; "
+              f"max |diff| log-probs {lp:.1e}, scores {sc:.1e}")
+    lengths = batches[False].prompt_mask.sum(-1).float(), batches[False].response_mask.sum(-1).float()
+    print(f"\n=== {len(prompts)} prompts x {args.k} samples of {run} ({cfg.model.name_or_path}), prompts "
+          f"{lengths[0].mean():.0f} tokens, responses {lengths[1].mean():.0f} of {cfg.rollout.max_new_tokens}, "
+          f"{args.threads} threads ===")
+    for what, s in seconds.items():
+        whole, shared = statistics.median(s[False]), statistics.median(s[True])
+        print(f"{what:9s} every row whole {whole:7.2f} s   each prompt once {shared:7.2f} s   {whole / shared:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
