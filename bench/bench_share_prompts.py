@@ -7,8 +7,9 @@ config's prompts, response length and temperature), `ppo.share_prompts` off then
 2. reward: every row scored whole, or each distinct prompt once and its samples' responses on its cache
    (`sequences.response_scores`).
 
-Both settings sample the same tokens for the same seed and give the same scores up to float rounding; the script
-checks it and prints seconds per call (median of `--repeats`, the settings alternating) and the ratio.
+Both settings give the same log-probs and scores up to float rounding, so they sample the same tokens for the
+same seed (rounding could flip a rare sample; the script stops if one does); it prints seconds per call (after
+one untimed call of each, the median of `--repeats`, the settings alternating) and the ratio.
 
     python bench/bench_share_prompts.py --run-dir RUN [--prompts 16] [--k 2] [--repeats 3] [--threads 2]
 """
@@ -64,6 +65,8 @@ def main() -> None:
     rows = [i for i in range(len(prompts)) for _ in range(args.k)]
     req = RolloutRequest(batch_id=0, shard=0, prompt_indices=rows, prompts=[prompts[i] for i in rows], seed=0)
 
+    for share in (False, True):  # untimed: the peak probe and first-call costs of each role
+        scorers[share].score_rollout(gens[share].generate(req))
     seconds: dict[str, dict[bool, list[float]]] = {"generate": {False: [], True: []}, "reward": {False: [], True: []}}
     for r in range(args.repeats):
         order = (False, True) if r % 2 == 0 else (True, False)  # alternate, so a drift weighs on both

@@ -164,7 +164,8 @@ class RolloutMicroBatch:
 def rollout_micro_batches(prompts: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor, size: int,
                           max_tokens: int | None, share_prompts: bool, device) -> Iterator[RolloutMicroBatch]:
     """How the scoring roles (reference, reward) cut a rollout: `micro_batch_groups` of similar lengths (packed
-    under a token budget), a prompt's samples together when `share_prompts`, each trimmed of padding."""
+    under a token budget, rows whole), a prompt's samples together when `share_prompts`, each trimmed of padding."""
+    share_prompts = share_prompts and max_tokens is None  # packed rows run whole
     lengths = (prompt_mask.sum(-1) + response_mask.sum(-1)).tolist()
     groups = prompt_ids(prompts, prompt_mask) if share_prompts else None
     for group in micro_batch_groups(lengths, size, max_tokens, prompts=groups):
@@ -468,9 +469,16 @@ def sample_with_logprobs(
 
 def prefills_prompts_once(model: nn.Module, prompts: Tensor, prompt_mask: Tensor) -> bool:
     """Whether `_generate` with `share_prompts` runs each distinct prompt once here: a prompt repeats (the n samples
-    of one), the cache keeps every prompt position (`prefix_runs_once_exactly`), and there is a column to cache
-    before the last one, which generate runs itself."""
-    return prompts.shape[1] > 1 and repeats_a_prompt(prompts, prompt_mask) and prefix_runs_once_exactly(model)
+    of one), there is a column to cache before the last one (which generate runs itself), the cache keeps every
+    prompt position (`prefix_runs_once_exactly`), and generate would use the plain dynamic cache we hand it: not
+    with a cache implementation of its own (static, offloaded: it refuses a given cache), nor with a chunked
+    prefill (which would run the whole prompt again over ours), nor on models without a KV cache (Mamba-like)."""
+    gen = getattr(model, "generation_config", None)
+    plain_cache = (gen is not None and getattr(gen, "cache_implementation", None) is None
+                   and getattr(gen, "prefill_chunk_size", None) is None
+                   and "mamba" not in type(model).__name__.lower() and model._supports_default_dynamic_cache())
+    return (prompts.shape[1] > 1 and plain_cache and repeats_a_prompt(prompts, prompt_mask)
+            and prefix_runs_once_exactly(model))
 
 
 def prefill_distinct_prompts(model: nn.Module, prompts: Tensor, prompt_mask: Tensor):
@@ -486,6 +494,11 @@ def prefill_distinct_prompts(model: nn.Module, prompts: Tensor, prompt_mask: Ten
     ids, mask = distinct[:, : P - 1], distinct[:, P : 2 * P - 1]
     cache = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                              use_cache=True).past_key_values
+    from transformers import DynamicCache
+
+    if not isinstance(cache, DynamicCache):
+        raise TypeError(f"{type(model).__name__} returned a {type(cache).__name__} where a prompt's cache was expected; "
+                        "set ppo.share_prompts false")
     cache.batch_select_indices(inverse)
     return cache
 

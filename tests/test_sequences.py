@@ -160,7 +160,7 @@ def test_logprobs_are_padding_invariant(policy, prompts):
 
 
 @pytest.mark.slow
-def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts):
+def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts, monkeypatch):
     from actors.reference import ReferenceLogprobs
     from actors.rollout import HFBackend
     from core.config import RolloutConfig
@@ -198,7 +198,8 @@ def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts
     shared_rm = RewardScorer(str(tiny_checkpoints.rm), batch_size=4, share_prompts=True)
     assert shared_rm.share_prompts
     s = shared_rm.score_rollout(batch)
-    assert (s.raw_scores - padded.raw_scores).abs().max().item() < 1e-5 and torch.equal(s.scores.isnan(), padded.scores.isnan())
+    assert (s.raw_scores - padded.raw_scores).abs().max().item() < 1e-5 and torch.equal(s.has_eos, padded.has_eos)
+    assert (s.scores - padded.scores).abs().max().item() < 1e-5
     lengths, plens = (pm.sum(-1) + rmask.sum(-1)).tolist(), pm.sum(-1).tolist()
     whole_work, _ = shared_prefix_work(shared_rm.model.config, lengths, plens, None)
     once_work, _ = shared_prefix_work(shared_rm.model.config, lengths, plens, prompt_ids(p, pm))
@@ -211,11 +212,23 @@ def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts
     from actors.rollout import RolloutGenerator
     from core.experience import RolloutRequest
 
+    import actors.rollout as rollout_module
+
+    flops = []  # the FLOPs each generate call counted
+    monkeypatch.setattr(rollout_module, "mfu", lambda f, seconds, peak: flops.append(f) or 0.0)
     req = RolloutRequest(batch_id=0, shard=0, prompt_indices=list(range(8)), prompts=rep, seed=3)
     gens = [RolloutGenerator(str(tiny_checkpoints.sft), cfg, share_prompts=share) for share in (False, True)]
     (a, b) = (g.generate(req) for g in gens)
     assert torch.equal(a.responses, b.responses) and (a.logprobs - b.logprobs).abs().max().item() < 1e-5
     assert gens[0].backend.prefill_groups(p, pm) is None and gens[1].backend.prefill_groups(p, pm) == prompt_ids(p, pm)
+    # each row's prefill and response whole, or each prompt's tokens but its last once (the rows run the last)
+    config, n_params, n_head = gens[0].model_config, gens[0].n_params, gens[0].n_head
+    lengths, plens = (pm.sum(-1) + a.response_mask.sum(-1)).tolist(), pm.sum(-1)
+    head = 2.0 * n_head * int(a.response_mask.sum())
+    for got, prefixes, groups in ((flops[0], [0] * 8, None), (flops[1], (plens - 1).tolist(), prompt_ids(p, pm))):
+        tokens, attention = shared_prefix_work(config, lengths, prefixes, groups)
+        assert got == pytest.approx(2.0 * n_params * tokens + head + attention)
+    assert flops[1] < flops[0]
 
 
 @pytest.mark.slow
@@ -480,6 +493,23 @@ def test_generate_with_each_prompt_prefilled_once_samples_what_generate_samples(
     torch.manual_seed(7)
     seq.sample_with_logprobs(model, p[[0, 2, 3]], pm[[0, 2, 3]], temperature=0.7, share_prompts=True, **kw)
     assert calls == [8, 8]
+    # prompts all of one length (generate drops the all-ones mask) and a one-token prompt (its cached columns are
+    # all padding): the same tokens and log-probs again
+    for batch in ([prompts[1]] * 3, [prompts[2], [prompts[2][0]], prompts[2], [prompts[2][0]]]):
+        bp, bpm = pad_left(batch, tok.pad_token_id)
+        got = []
+        for share in (False, True):
+            torch.manual_seed(3)
+            got.append(seq.sample_with_logprobs(model, bp, bpm, temperature=0.7, share_prompts=share, **kw))
+        assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+        torch.testing.assert_close(got[1][2], got[0][2], atol=1e-5, rtol=0)
+    assert calls == [8, 8, 3, 4]
+    # generate with a cache of its own (here static) refuses a given one: then every row runs its own prefill
+    model.generation_config.cache_implementation = "static"
+    try:
+        assert not seq.prefills_prompts_once(model, p, pm)
+    finally:
+        model.generation_config.cache_implementation = None
 
 
 def test_response_scores_with_each_prompt_run_once_equal_the_whole_rows(policy, prompts, tiny_checkpoints):
