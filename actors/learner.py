@@ -134,12 +134,16 @@ class PPOLearner:
         self._work[key][0] += positions
         self._work[key][1] += attention
 
-    def _values(self, exp: Experience, sl: slice | torch.Tensor) -> torch.Tensor:
-        """Critic's V(s_t) before each response token -> (b, R); differentiable when grad is enabled."""
+    def _values(self, exp: Experience, sl: slice | torch.Tensor, count: str | None = None) -> torch.Tensor:
+        """Critic's V(s_t) before each response token -> (b, R); differentiable when grad is enabled. `count`: the
+        work key this forward adds to (`_count`)."""
         prompts, pmask = trim_padding(exp.prompts[sl], exp.prompt_mask[sl])
+        one_pass = self._share(prompts, pmask)
+        if count is not None:
+            self._count(count, self.critic, prompts, pmask, exp.response_mask[sl], one_pass)
         tensors = (prompts, pmask, exp.responses[sl], exp.response_mask[sl])
         return response_values(self.critic, *(t.to(self.device) for t in tensors), packed=self.packed,
-                               share_prompts=self._share(prompts, pmask))
+                               share_prompts=one_pass)
 
     def _single_update(self, exp: Experience) -> bool:
         """One epoch, one minibatch, one micro batch: the step's only critic forward is on the old weights."""
@@ -174,14 +178,8 @@ class PPOLearner:
             n = exp.size // self.rank.world
             rows = range(self.rank.rank * n, (self.rank.rank + 1) * n)
         mb = self.pc.micro_batch_size
-        mine = []
-        for i in range(rows.start, rows.stop, mb):
-            sl = slice(i, min(i + mb, rows.stop))
-            mine.append(self._values(exp, sl).cpu())
-            prompts, pmask = exp.prompts[sl], exp.prompt_mask[sl]
-            one_pass = self._share(prompts, pmask)
-            self._count("critic_forward", self.critic, prompts, pmask, exp.response_mask[sl], one_pass)
-        mine = torch.cat(mine)
+        mine = torch.cat([self._values(exp, slice(i, min(i + mb, rows.stop)), count="critic_forward").cpu()
+                          for i in range(rows.start, rows.stop, mb)])
         return torch.cat(all_gather_rows(mine, self.rank.world)) if self.fsdp else mine
 
     # --- update -----------------------------------------------------------------------------------
