@@ -24,7 +24,7 @@ import ray
 import torch
 from ray import ObjectRef
 from ray.actor import ActorHandle
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import RayActorError
 from tqdm import tqdm
 
 from core.checkpoints import CheckpointDir, atomic_write_text, read_json, write_json
@@ -358,15 +358,25 @@ class PPODriver:
         return [PendingLoad(w, w.load_weights.remote(packet)) for w in self.pool.handles()]
 
     def await_sync(self, pending: list[PendingLoad]) -> list[float]:
-        """Wait for a sync's loads. A worker that died meanwhile is restarted by Ray with the SFT weights:
-        it gets the current version again (a batch of an older version reloads that one, see `collect`)."""
+        """Wait for a sync's loads: one wait and one `ray.get` for all workers. A worker that died meanwhile is
+        restarted by Ray with the SFT weights: it gets the current version again (a batch of an older version
+        reloads that one, see `collect`); only then are the loads read one by one, to find it."""
+        if not pending:
+            return []
+        refs = [load.seconds for load in pending]
+        _, late = ray.wait(refs, num_returns=len(refs), timeout=self.pc.sync_timeout_s)
+        if late:
+            names = ", ".join(str(self.pool.index_of(load.worker)) for load in pending if load.seconds in late)
+            raise RoleTimeout(f"weight sync to rollout worker(s) {names}", self.pc.sync_timeout_s)
+        try:
+            return ray.get(refs)
+        except RayActorError:
+            pass
         times = []
         for load in pending:
             w, index = load.worker, self.pool.index_of(load.worker)
             try:
-                times.append(ray.get(load.seconds, timeout=self.pc.sync_timeout_s))
-            except GetTimeoutError as e:
-                raise RoleTimeout(f"weight sync to rollout worker {index}", self.pc.sync_timeout_s) from e
+                times.append(ray.get(load.seconds))
             except RayActorError:
                 if self.pc.weight_sync == "collective":  # such workers are not restarted
                     raise RuntimeError(f"rollout worker {index} died during a collective weight sync"

@@ -191,3 +191,34 @@ def test_nan_reward_stops_the_step_and_keeps_the_last_good_checkpoint(ray_local,
     assert latest.read_text() == "step-000002"
     state = json.loads((run / "ppo" / "checkpoints" / "step-000002" / "driver_state.json").read_text())
     assert state["version"] == 2 and not (run / "ppo" / "checkpoint").exists()
+
+
+def test_weight_sync_waits_once_for_every_worker_and_names_the_ones_that_hang(ray_local):
+    """`await_sync` on loads of fake workers: the load times of all, in worker order; past ppo.sync_timeout_s
+    a timeout naming only the workers whose load did not finish."""
+    import ray
+    from types import SimpleNamespace
+
+    from pipeline.driver import PendingLoad
+
+    @ray.remote(num_cpus=0)
+    class Loader:
+        def load(self, seconds: float) -> float:
+            time.sleep(seconds)
+            return seconds
+
+    workers = [Loader.remote() for _ in range(3)]
+    ray.get([w.__ray_ready__.remote() for w in workers])  # started: the timeouts below time loads only
+    driver = SimpleNamespace(pc=SimpleNamespace(sync_timeout_s=5.0, weight_sync="object_store"),
+                             pool=SimpleNamespace(index_of=workers.index))
+    loads = [PendingLoad(w, w.load.remote(s)) for w, s in zip(workers, (0.2, 0.0, 0.1))]
+    assert PPODriver.await_sync(driver, loads) == [0.2, 0.0, 0.1]
+    assert PPODriver.await_sync(driver, []) == []
+
+    driver.pc.sync_timeout_s = 1.0
+    loads = [PendingLoad(w, w.load.remote(s)) for w, s in zip(workers, (0.0, 30.0, 30.0))]
+    with pytest.raises(TimeoutError, match=r"^weight sync to rollout worker\(s\) 1, 2 did not finish within "
+                                           r"ppo.sync_timeout_s=1.0s$"):
+        PPODriver.await_sync(driver, loads)
+    for w in workers:
+        ray.kill(w)
