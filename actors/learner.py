@@ -31,7 +31,7 @@ from core.modeling import (
     unwrap,
 )
 from core.sequences import (
-    micro_batch_groups, prefix_runs_once_exactly, prompt_ids, repeats_a_prompt, response_logprobs, response_values,
+    check_packing, micro_batch_groups, prefix_runs_once_exactly, prompt_ids, repeats_a_prompt, response_logprobs, response_values,
     response_work, token_budget_groups, trim_padding,
 )
 from core.sharding import (
@@ -41,7 +41,7 @@ from core.sharding import (
 from core.throughput import (
     forward_flops, mfu, model_head_params, model_params, peak_flops, training_flops,
 )
-from core.weight_sync import WeightsPacket, make_packet, stream_packet
+from core.weight_sync import WeightsPacket, stream_packet
 
 
 class StalenessError(RuntimeError):
@@ -89,10 +89,13 @@ class PPOLearner:
             critic = load_scalar_model(rm_checkpoint, self.tokenizer, model.dtype)  # detail 8
             self.critic = trainable(critic, model, "SEQ_CLS").to(self.device)
             disable_dropout(self.critic)
+        self.packed = pc.max_tokens_per_micro_batch is not None  # micro batches packed, not padded
+        for m in (self.policy, self.critic) if self.packed else ():
+            if m is not None:
+                check_packing(m, "ppo.max_tokens_per_micro_batch")
         if self.fsdp:  # before the optimizers: they hold the shards
             self.policy = shard_model(self.policy, model.mixed_precision)
             self.critic = shard_model(self.critic, model.mixed_precision) if self.critic is not None else None
-        self.packed = pc.max_tokens_per_micro_batch is not None  # micro batches packed, not padded
         # A prompt's samples run its prompt once: padded micro batches (the KV cache it needs is off under gradient
         # checkpointing), in one process (a group's ranks must make the same passes, and under FSDP2 a fully
         # trained model called twice before one backward fails, seen with the reward model), on models whose
@@ -146,9 +149,10 @@ class PPOLearner:
                                share_prompts=one_pass)
 
     def _single_update(self, exp: Experience) -> bool:
-        """One epoch, one minibatch, one micro batch: the step's only critic forward is on the old weights."""
+        """One epoch, one minibatch, one padded micro batch: the step's only critic forward is on the old weights
+        (under a token budget the minibatch may be cut in several packed micro batches, each with its backward)."""
         pc = self.pc
-        return (self.critic is not None and not self.fsdp and pc.ppo_epochs == 1
+        return (self.critic is not None and not self.fsdp and not self.packed and pc.ppo_epochs == 1
                 and min(pc.minibatch_size, pc.micro_batch_size) >= exp.size)
 
     def advantages(self, exp: Experience, values_graph: torch.Tensor | None = None) -> Advantages:
@@ -173,13 +177,18 @@ class PPOLearner:
         """V(s_t) of the whole batch before the update -> (B, R); in a group each rank computes an equal
         contiguous share and the shares are gathered."""
         self.critic.eval()
-        rows = range(exp.size)
+        rows = torch.arange(exp.size)
         if self.fsdp:
             n = exp.size // self.rank.world
-            rows = range(self.rank.rank * n, (self.rank.rank + 1) * n)
-        mb = self.pc.micro_batch_size
-        mine = torch.cat([self._values(exp, slice(i, min(i + mb, rows.stop)), count="critic_forward").cpu()
-                          for i in range(rows.start, rows.stop, mb)])
+            rows = rows[self.rank.rank * n : (self.rank.rank + 1) * n]
+        # cut as the update cuts: micro batches of micro_batch_size rows, or packed under the token budget
+        budget, n_groups = self.pc.max_tokens_per_micro_batch, None
+        lengths = (exp.prompt_mask[rows].sum(-1) + exp.response_mask[rows].sum(-1)).tolist()
+        if budget is not None and self.fsdp:  # every rank runs as many forwards as the busiest
+            n_groups = int(all_reduce_max(float(len(token_budget_groups(lengths, budget)))))
+        mine = torch.zeros(len(rows), exp.responses.shape[1])
+        for group in micro_batch_groups(lengths, self.pc.micro_batch_size, budget, n_groups):
+            mine[group] = self._values(exp, rows[group], count="critic_forward").float().cpu()
         return torch.cat(all_gather_rows(mine, self.rank.world)) if self.fsdp else mine
 
     # --- update -----------------------------------------------------------------------------------
@@ -195,7 +204,7 @@ class PPOLearner:
                         ("reward scores", exp.scores)):
             if not torch.isfinite(t).all():
                 raise FloatingPointError(f"non-finite {name} in batch {exp.batch_id}")
-        peak = peak_flops(self.device, "bfloat16" if self.model_cfg.mixed_precision == "bf16" else self.model_cfg.dtype)
+        peak = peak_flops(self.device, self.model_cfg.train_compute_dtype)
         t0, cpu0 = time.perf_counter(), time.process_time()
         self._work.clear()
         mask = exp.response_mask.float()
@@ -360,7 +369,7 @@ class PPOLearner:
         and one tensor. The other ranks return None."""
         bucket_bytes = int(self.pc.bucket_mb * 2**20)
         if not self.fsdp:
-            return make_packet(self.policy_weights(), self.version, bucket_bytes)
+            return stream_packet(self.policy_weights().items(), self.version, bucket_bytes, store)
         gathered = ((name, t.cpu()) for name, t in full_weights(self.policy))
         if self.rank.rank != 0:
             for _ in gathered:  # take part in every gather, keep nothing

@@ -8,7 +8,7 @@ import torch
 
 from core.experience import RefLogprobs, RolloutBatch
 from core.modeling import default_device, load_frozen
-from core.sequences import prefix_runs_once_exactly, response_logprobs, rollout_micro_batches
+from core.sequences import check_packing, prefix_runs_once_exactly, response_logprobs, rollout_micro_batches
 from core.throughput import forward_flops, head_params, mfu, model_params, peak_flops
 
 
@@ -20,6 +20,8 @@ class ReferenceLogprobs:
         self.device = device or default_device()
         self.model, self.tokenizer = load_frozen(checkpoint, "causal_lm", dtype, self.device)
         self.temperature, self.batch_size, self.max_tokens = temperature, batch_size, max_tokens
+        if max_tokens is not None:
+            check_packing(self.model, "reference.max_tokens_per_micro_batch")
         # padded micro batches only, on a model whose cache keeps the whole prompt
         self.share_prompts = share_prompts and max_tokens is None and prefix_runs_once_exactly(self.model)
         self.dtype, self.n_params = dtype, model_params(self.model)[0]

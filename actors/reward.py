@@ -12,7 +12,7 @@ from torch import Tensor
 from core.experience import RolloutBatch, Scores
 from core.modeling import default_device, load_frozen
 from core.sequences import (
-    eos_trick, has_eos, micro_batch_groups, pad_right, prefix_runs_once_exactly, response_scores, rollout_micro_batches,
+    check_packing, eos_trick, has_eos, micro_batch_groups, pad_right, prefix_runs_once_exactly, response_scores, rollout_micro_batches,
     sequence_scores,
 )
 from core.throughput import forward_flops, mfu, model_params, peak_flops
@@ -42,6 +42,8 @@ class RewardScorer:
         self.model, self.tokenizer = load_frozen(checkpoint, "scalar", dtype, self.device)
         self.bias = float(getattr(self.model.config, "reward_bias", 0.0) or 0.0)
         self.missing_eos_score, self.batch_size, self.max_tokens = missing_eos_score, batch_size, max_tokens
+        if max_tokens is not None:
+            check_packing(self.model, "reward.max_tokens_per_micro_batch")
         # padded micro batches only, on a model whose cache keeps the whole prompt (as the reference)
         self.share_prompts = share_prompts and max_tokens is None and prefix_runs_once_exactly(self.model)
         self.dtype, self.n_params = dtype, model_params(self.model)[0]

@@ -21,8 +21,9 @@ from core.config import Config
 from core.data import ComparisonExample, SummaryExample, load_tldr
 from core.metrics import MetricsLogger, NoMetrics
 from core.modeling import count_params, load_scalar_model, load_tokenizer, save_checkpoint, trainable
-from core.sequences import (micro_batch_groups, pad_right, pair_scores, pair_work, prefix_runs_once_exactly,
-                            sequence_scores)
+from core.sequences import (
+    check_packing, micro_batch_groups, pad_right, pair_scores, pair_work, prefix_runs_once_exactly, sequence_scores,
+)
 from core.sharding import TrainGroup, shard_model
 from core.text import encode_responses, with_encodable_queries
 from core.throughput import mfu, model_params, peak_flops, training_flops
@@ -75,6 +76,8 @@ class RMTrainer:
         data = with_encodable_queries(tok, load_tldr(cfg.data), cfg.data)
         model = load_scalar_model(self.sft_checkpoint, tok, cfg.model.dtype, init_head=True)
         model = trainable(model, cfg.model, "SEQ_CLS")
+        if rc.max_tokens_per_micro_batch is not None:
+            check_packing(model, "rm.max_tokens_per_micro_batch")
         if group.fsdp:  # before the optimizer: it holds the shards
             model = shard_model(model, cfg.model.mixed_precision)
         train_pairs, valid_pairs = data.pairs(self.role)
@@ -89,7 +92,7 @@ class RMTrainer:
         step, best = training.step, training.best
         packed = rc.max_tokens_per_micro_batch is not None
         n_params = model_params(model)
-        peak = peak_flops(next(model.parameters()).device, cfg.model.dtype)
+        peak = peak_flops(next(model.parameters()).device, cfg.model.train_compute_dtype)
         metrics = MetricsLogger(self.out_dir, cfg=cfg) if group.leader else NoMetrics()
         bar = tqdm(total=training.total_steps, initial=step, desc=self.role, mininterval=2, ascii=True,
                    disable=not group.leader)

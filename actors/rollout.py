@@ -93,6 +93,8 @@ class RolloutGenerator:
         self.worker_index = worker_index
         self.version = 0
         self.dtype = dtype
+        # vLLM with tensor parallelism splits each forward over this many GPUs: MFU is against all their peaks
+        self.devices = cfg.tensor_parallel_size if cfg.backend == "vllm" else 1
         named = self.backend.named_weights().items()
         self.n_params, self.n_head = matmul_params(named), head_params(named)
         self.model_config = AutoConfig.from_pretrained(checkpoint)
@@ -102,7 +104,8 @@ class RolloutGenerator:
         if req.version is not None and req.version != self.version:
             raise VersionMismatch(f"rollout worker {self.worker_index} holds policy v{self.version}, batch {req.batch_id} "
                                   f"needs v{req.version}")
-        peak = peak_flops("cuda" if torch.cuda.is_available() else "cpu", self.dtype)  # cached after the first
+        # cached after the first; the GPUs a forward is split over (vLLM's tensor parallelism) have a peak each
+        peak = peak_flops("cuda" if torch.cuda.is_available() else "cpu", self.dtype) * self.devices
         t0 = time.perf_counter()
         responses, rmask, logprobs = self.backend.generate(req.prompts, req.seed)
         seconds = time.perf_counter() - t0

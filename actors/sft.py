@@ -21,7 +21,7 @@ from core.metrics import MetricsLogger, NoMetrics
 from core.modeling import (
     build_tiny_llama, convert_gguf, count_params, load_causal_lm, load_tokenizer, train_tokenizer, trainable,
 )
-from core.sequences import micro_batch_groups, pad_left, pad_right, response_logits, sample
+from core.sequences import check_packing, micro_batch_groups, pad_left, pad_right, response_logits, sample
 from core.sharding import TrainGroup, shard_model
 from core.synthetic import judge
 from core.text import (
@@ -114,6 +114,8 @@ class SFTTrainer:
         model, tok = init_policy(cfg, data, self.out_dir.parent, group)
         data = with_encodable_queries(tok, data, cfg.data)
         model = trainable(model, cfg.model, "CAUSAL_LM")
+        if sc.max_tokens_per_micro_batch is not None:
+            check_packing(model, "sft.max_tokens_per_micro_batch")
         if group.fsdp:  # before the optimizer: it holds the shards
             model = shard_model(model, cfg.model.mixed_precision)
         log.info("SFT: %d parameters, %d train / %d valid examples%s", count_params(model), len(data.sft_train),
@@ -131,7 +133,7 @@ class SFTTrainer:
         step, best = training.step, training.best
         packed = sc.max_tokens_per_micro_batch is not None
         n_params, n_head = model_params(model), model_head_params(model)
-        peak = peak_flops(next(model.parameters()).device, cfg.model.dtype)
+        peak = peak_flops(next(model.parameters()).device, cfg.model.train_compute_dtype)
         metrics = MetricsLogger(self.out_dir, cfg=cfg) if group.leader else NoMetrics()
         bar = tqdm(total=training.total_steps, initial=step, desc="sft", mininterval=2, ascii=True,
                    disable=not group.leader)

@@ -169,6 +169,12 @@ class ModelConfig(_Section):
     def is_builtin(self) -> bool:
         return self.name_or_path.startswith("builtin:")
 
+    @property
+    def train_compute_dtype(self) -> str:
+        """The dtype the trainers' matmuls run in (the peak their MFU is measured against): bf16 under mixed
+        precision, else the weights' dtype."""
+        return "bfloat16" if self.mixed_precision == "bf16" else self.dtype
+
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.mixed_precision != "no" and self.dtype != "float32":

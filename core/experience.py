@@ -61,7 +61,7 @@ class Scores:
     raw_scores: Tensor
     has_eos: Tensor
     score_s: float = 0.0
-    mfu: float = 0.0
+    mfu: float | None = None  # None: not measured (the reward service over HTTP runs its model elsewhere)
 
 
 @dataclass
@@ -124,6 +124,8 @@ class Experience:
                 "score_s": max(s.score_s for s in scores),
                 "generate_mfu": sum(r.mfu for r in rollouts) / len(rollouts),
                 "ref_mfu": sum(lp.mfu for lp in refs) / len(refs),
-                "score_mfu": sum(s.mfu for s in scores) / len(scores),
+                # a reward scored over HTTP has no MFU here: the key is left out, not logged as 0
+                **({"score_mfu": sum(s.mfu for s in scores) / len(scores)}
+                   if all(s.mfu is not None for s in scores) else {}),
             },
         )

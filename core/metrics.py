@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import uuid
 from pathlib import Path
@@ -14,6 +15,19 @@ from core.checkpoints import atomic_write_text
 
 if TYPE_CHECKING:
     from core.config import Config
+
+
+# What W&B reads from the environment to reach (or not reach) its server: each stage's W&B run is made in the
+# process that runs the stage, an actor on any node of a cluster, which does not inherit this process's environment.
+WANDB_ENV = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL")
+
+
+def wandb_env(cfg: Config, environ=os.environ) -> dict[str, str]:
+    """The W&B variables set here, to hand to the cluster's processes (a job's or a connection's runtime env)
+    when the run logs to W&B; nothing otherwise."""
+    if "wandb" not in cfg.run.loggers:
+        return {}
+    return {k: environ[k] for k in WANDB_ENV if k in environ}
 
 
 def wandb_run(cfg: Config, run_dir: Path, stage: str):

@@ -233,6 +233,42 @@ def pack(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return ids[keep].unsqueeze(0), position_ids(mask)[keep].unsqueeze(0), index
 
 
+@torch.no_grad()
+def check_packing(model: nn.Module, key: str) -> None:
+    """Fail, naming `key` (the config key that asked for packing), if this model's outputs on a packed row are not
+    each sequence's own: `pack` relies on the model reading position restarts as sequence boundaries, and some
+    transformers models (OPT) build their causal mask without the positions and attend across sequences.
+
+    A probe of two short sequences, once at start: the second sequence's last hidden states, packed after two
+    different first sequences, must be equal (no attention crosses the boundary) and equal to it run alone."""
+    device = next(model.parameters()).device
+    vocab = int(model.config.vocab_size)
+    first_a, first_b, second = ([t % vocab for t in ts] for ts in ((3, 4, 5), (6, 7, 8), (9, 10, 11, 12)))
+
+    def last_hidden(ids: list[int], positions: list[int]) -> Tensor:
+        out = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
+                    use_cache=False, output_hidden_states=True)
+        return out.hidden_states[-1][0, -len(second):].float()
+
+    was_training = model.training
+    model.eval()  # no dropout in the probe
+    try:
+        restart = [0, 1, 2, 0, 1, 2, 3]
+        after_a, after_b = last_hidden(first_a + second, restart), last_hidden(first_b + second, restart)
+        alone = last_hidden(second, [0, 1, 2, 3])
+    finally:
+        model.train(was_training)
+    scale = float(alone.abs().max()) + 1e-6
+    tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2  # half precision rounds more
+    leak = float((after_a - after_b).abs().max()) / scale
+    error = float((after_a - alone).abs().max()) / scale
+    if leak > tol or error > tol:
+        raise ValueError(f"{key}: {model.config.model_type} models attend across the sequences of a packed micro "
+                         f"batch (transformers builds their causal mask without the position restarts; probe: "
+                         f"relative difference {max(leak, error):.2g}), so packing would change every output; "
+                         f"unset {key} to pad micro batches instead")
+
+
 def response_logits(model: nn.Module, ids: Tensor, mask: Tensor, R: int, packed: bool = False) -> Tensor:
     """Logits at the R positions that predict the response tokens -> (B, R, V).
 

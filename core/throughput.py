@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,13 +29,25 @@ import torch
 from torch import nn
 
 # Dense (no sparsity) peak FLOP/s per GPU from the vendors' datasheets (SXM parts).
-GPU_PEAK_FLOPS = {
+GPU_PEAK_FLOPS = {  # dense, from NVIDIA's datasheets; the first name that `torch.cuda.get_device_name()` holds as words
     "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
-    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 51e12},
+    "H100 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12},
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},  # SXM
     "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
     "L40S": {"bfloat16": 362e12, "float16": 362e12, "float32": 91.6e12},
+    "L40": {"bfloat16": 181e12, "float16": 181e12, "float32": 90.5e12},
     "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12},
 }
+
+
+def gpu_peak(device_name: str, dtype_name: str) -> float | None:
+    """The table's peak for a GPU named `device_name` in `dtype_name`, None when the table lacks it. Names match
+    as whole words, most specific first: "NVIDIA L40" is not an L4, "NVIDIA H100 PCIe" not an SXM H100."""
+    for key, peaks in GPU_PEAK_FLOPS.items():
+        if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", device_name):
+            return peaks.get(dtype_name)
+    return None
 
 
 def _embedding_or_head(name: str) -> bool:
@@ -117,10 +130,9 @@ def _probe(device: torch.device, dtype: torch.dtype, seconds: float = 0.3, n: in
 def _peak(device_type: str, dtype_name: str, threads: int) -> float:
     dtype = getattr(torch, dtype_name)
     if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        for key, peaks in GPU_PEAK_FLOPS.items():
-            if key in name and dtype_name in peaks:
-                return peaks[dtype_name]
+        known = gpu_peak(torch.cuda.get_device_name(), dtype_name)
+        if known is not None:
+            return known
     return node_peak(f"{_device_name(device_type)}|{dtype_name}|{threads} threads",
                      lambda: _probe(torch.device(device_type), dtype))
 

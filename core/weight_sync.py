@@ -7,6 +7,10 @@ parameter), tags them with the policy version and a checksum, and ships them by 
 - `collective`: a `torch.distributed` group (gloo on CPU, NCCL on GPU) in which the learner (rank 0)
   broadcasts each bucket to the workers (ranks 1..N).
 
+Through the object store the buckets travel as NumPy byte arrays (`to_wire`): Ray hands every reader on the node
+a read-only view of the one shared-memory copy, which the worker copies straight into its parameters (a torch
+tensor would be unpickled into a fresh copy in each reader first).
+
 Either way a worker swaps weights only between generate calls, so every rollout records the single version
 that produced it. A sync that does not finish within its timeout raises `WeightSyncError` naming the peer.
 """
@@ -14,10 +18,12 @@ that produced it. A sync that does not finish within its timeout raises `WeightS
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,12 +53,13 @@ class BucketLayout:
 
 @dataclass(frozen=True)
 class WeightsPacket:
-    """A complete set of policy weights at one version. `buckets[i]` is flat, laid out by `layouts[i]`; from a
-    sharded learner it is the bucket's Ray ObjectRef (`stream_packet`), which the receiving worker resolves."""
+    """A complete set of policy weights at one version. `buckets[i]` is flat, laid out by `layouts[i]`: a tensor,
+    or its bytes as Ray ships them (`to_wire`); from a sharded learner the bucket's Ray ObjectRef
+    (`stream_packet`), which the receiving worker resolves."""
 
     version: int
     layouts: tuple[BucketLayout, ...]
-    buckets: tuple[Tensor, ...]
+    buckets: tuple[Any, ...]
     checksum: str
 
 
@@ -92,9 +99,26 @@ def pack(named: dict[str, Tensor], layouts: tuple[BucketLayout, ...]) -> tuple[T
     return tuple(out)
 
 
-def unpack(layouts: tuple[BucketLayout, ...], buckets: Iterable[Tensor]) -> Iterator[tuple[str, Tensor]]:
-    """(name, tensor view) pairs from flat buckets: what `load_state_dict` or vLLM's reload take."""
+def to_wire(bucket: Tensor) -> np.ndarray:
+    """A bucket's bytes as a NumPy array: Ray stores it out of band and every reader on the node gets a view of
+    the one shared-memory copy (zero-copy), where a pickled tensor is copied into each reader."""
+    return bucket.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def from_wire(bucket: Tensor | np.ndarray, dtype: torch.dtype) -> Tensor:
+    """The flat tensor of a bucket as shipped (`to_wire`), without a copy; a tensor is returned as it is."""
+    if isinstance(bucket, Tensor):
+        return bucket
+    with warnings.catch_warnings():  # read-only shared memory: the receivers only read it (copy_ into their weights)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(bucket).view(dtype)
+
+
+def unpack(layouts: tuple[BucketLayout, ...], buckets: Iterable[Tensor | np.ndarray]) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor view) pairs from flat buckets (tensors, or as shipped by `to_wire`): what `load_state_dict`
+    or vLLM's reload take."""
     for lay, flat in zip(layouts, buckets):
+        flat = from_wire(flat, lay.dtype)
         for name, shape, off in zip(lay.names, lay.shapes, lay.offsets):
             n = 1
             for d in shape:

@@ -10,6 +10,7 @@ import math
 import os
 
 from core.config import Config, role_cpus
+from core.metrics import wandb_env
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,10 @@ def connect(cfg: Config) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        # The stages' actors run on the cluster's nodes: hand them the W&B variables set here. Inside a job
+        # (`rayrlhf submit`) the job's runtime env already carries them, and Ray refuses a key given twice.
+        env = {} if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else wandb_env(cfg)
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
         return
     from pipeline.reaper import guard_local_ray
 

@@ -214,6 +214,7 @@ class PPODriver:
             if self.pc.max_staleness == 0:  # nothing else can run meanwhile; wait so the time is attributed
                 sync_times, pending = self.await_sync(pending), []
         tokens = int(exp.response_mask.sum())
+        scored = tokens + int(exp.prompt_mask.sum())  # the scoring roles run prompt and response
         state.totals["sequences"] += exp.size
         state.totals["tokens"] += tokens
         done.sequences += exp.size
@@ -222,8 +223,10 @@ class PPODriver:
                 "timing/generate_s": exp.timings["generate_s"], "timing/reference_s": exp.timings["ref_s"],
                 "timing/reward_s": exp.timings["score_s"], "timing/worker_load_s": max(sync_times, default=0.0),
                 "perf/rollout_mfu": exp.timings["generate_mfu"], "perf/reference_mfu": exp.timings["ref_mfu"],
-                "perf/reward_mfu": exp.timings["score_mfu"],
-                "perf/rollout_tokens_per_s": tokens / exp.timings["generate_s"] if exp.timings["generate_s"] > 0 else 0.0,
+                **({"perf/reward_mfu": exp.timings["score_mfu"]} if "score_mfu" in exp.timings else {}),
+                "perf/rollout_tokens_per_s": _per_s(tokens, exp.timings["generate_s"]),
+                "perf/reference_tokens_per_s": _per_s(scored, exp.timings["ref_s"]),
+                "perf/reward_tokens_per_s": _per_s(scored, exp.timings["score_s"]),
                 "rollout/policy_version": float(exp.policy_version), "rollout/num_workers": float(num_workers),
                 "rollout/sequences": float(exp.size),
                 "rollout/sequences_per_s": done.sequences / (time.perf_counter() - done.start)}, pending
@@ -409,6 +412,10 @@ class PPODriver:
             close_roles(self.roles, self.pool.all_handles() if self.pool is not None else [])
         if self.events is not None:
             self.events.close()
+
+
+def _per_s(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else 0.0
 
 
 def _resumable_config(cfg: Config) -> dict:

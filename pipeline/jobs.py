@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.config import Config, config_to_yaml
+from core.metrics import wandb_env
 
 if TYPE_CHECKING:
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -147,8 +148,11 @@ def job_entrypoint(command: str, overrides: list[str], run_dir: str | None, resu
     return shlex.join(argv)
 
 
-def job_runtime_env(working_dir: Path) -> dict:
-    env_vars = {"TOKENIZERS_PARALLELISM": "false"}
+def job_runtime_env(working_dir: Path, cfg: Config) -> dict:
+    """The job's runtime env: its config folder, and the environment its processes need from here. With W&B
+    logging, the W&B credentials and mode travel with it (the stages log from actors on the cluster's nodes); like
+    every runtime env they are shown to users of the cluster's dashboard, which takes the cluster's token."""
+    env_vars = {"TOKENIZERS_PARALLELISM": "false", **wandb_env(cfg)}
     if "HF_HUB_OFFLINE" in os.environ:
         env_vars["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
     return {"working_dir": str(working_dir), "env_vars": env_vars}
@@ -169,7 +173,7 @@ def submit_main(args: argparse.Namespace, cfg: Config) -> int:
             # submit_job uploads the directory to the cluster before it returns, so `tmp` may go afterwards.
             entrypoint = job_entrypoint(args.job_command, args.overrides, args.run_dir, getattr(args, "resume", None))
             job_id = client.submit_job(entrypoint=entrypoint,
-                                       runtime_env=job_runtime_env(Path(tmp)))
+                                       runtime_env=job_runtime_env(Path(tmp), cfg))
     except _dashboard_errors() as e:
         return _fail("submit", args.address, e)
     print(job_id, flush=True)

@@ -65,9 +65,11 @@ def throughput_lines(run: RunDir) -> list[str]:
         for what in ("tokens_per_s", "mfu"):
             values = [r[f"{prefix}{what}"] for r in series if f"{prefix}{what}" in r]
             figures[what] = sum(values) / len(values) if values else None
-        if figures["mfu"] is not None:
+        if figures["mfu"] is not None or figures["tokens_per_s"] is not None:
             tps = f"{figures['tokens_per_s']:.1f}" if figures["tokens_per_s"] is not None else "-"
-            rows.append(f"| {role} | {tps} | {100 * figures['mfu']:.1f} % |")
+            # no MFU where the role's model runs elsewhere (the reward service over HTTP)
+            mfu = f"{100 * figures['mfu']:.1f} %" if figures["mfu"] is not None else "-"
+            rows.append(f"| {role} | {tps} | {mfu} |")
     if not rows:
         return []
     return ["## Throughput", "", "Mean over steps; model FLOPs with PaLM's formula (2 per matmul parameter per token "

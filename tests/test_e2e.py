@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,10 @@ def _check_ppo_and_eval(run: Path, max_staleness: int) -> None:
         assert r["rollout/policy_version"] == r["step"] - 1 - staleness
         assert all(math.isfinite(v) for v in r.values())
         for role in ("learner", "rollout", "reference", "reward"):  # each role's model FLOPs against its peak
-            assert 0 < r[f"perf/{role}_mfu"] < 1, role
+            assert 0 < r[f"perf/{role}_mfu"] < 1 and r[f"perf/{role}_tokens_per_s"] > 0, role
+        # the scoring roles run prompt and response tokens: the same tokens, each at its own rate
+        rate = {role: r[f"perf/{role}_tokens_per_s"] * r[f"timing/{role}_s"] for role in ("reference", "reward")}
+        assert rate["reference"] == pytest.approx(rate["reward"]) and rate["reference"] > r["rollout/sequences"]
     if max_staleness == 1:
         assert rows[1]["ppo/staleness"] == 1.0  # batch 1 was generated while the learner trained on batch 0
 
@@ -86,6 +90,8 @@ def _check_ppo_and_eval(run: Path, max_staleness: int) -> None:
     assert len(results["samples"]) == 2
     report = (run / "report.md").read_text()
     assert "## Evaluation on held-out prompts" in report and "Gold-judge win rate, PPO vs SFT" in report
+    for role in ("PPO learner", "rollout", "reference", "reward scorer"):  # tokens/s and MFU of each
+        assert re.search(rf"^\| {role} \| [0-9.]+ \| [0-9.]+ % \|$", report, re.M), role
     assert (run / "ppo_curves.png").is_file()
     assert {"sft", "rm", "ppo", "eval"} <= set(json.loads((run / "stages.json").read_text()))
 

@@ -27,7 +27,7 @@ import pytest
 import requests
 
 from pipeline.cli import main
-from pipeline.jobs import DashboardError, auth_token, job_entrypoint
+from pipeline.jobs import DashboardError, auth_token, job_entrypoint, job_runtime_env
 
 # One worker runs the module: its Ray head (a module fixture) would otherwise start on both.
 pytestmark = pytest.mark.xdist_group("jobs")
@@ -303,3 +303,18 @@ def test_entrypoint_quotes_overrides_for_the_shell() -> None:
         "rayrlhf sft --config job_config.yaml --set 'run.name=a b' --set sft.lr=1e-4"
     assert job_entrypoint("train", ["ignored=1"], None, resume="/mnt/runs/my run") == \
         "rayrlhf train --resume '/mnt/runs/my run'"
+
+
+def test_a_run_logging_to_wandb_hands_its_wandb_variables_to_the_job(monkeypatch, tmp_path: Path) -> None:
+    """The stages log to W&B from actors on the cluster's nodes, which do not inherit the submitting shell's
+    environment: the job's runtime env carries the W&B variables set here, and only when the run logs to W&B."""
+    from core.config import load_config
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    env = job_runtime_env(tmp_path, load_config(None, ["run.loggers=[tensorboard,wandb]"]))
+    assert env == {"working_dir": str(tmp_path), "env_vars": {"TOKENIZERS_PARALLELISM": "false",
+                                                              "WANDB_API_KEY": "k" * 40, "WANDB_MODE": "offline"}}
+    assert job_runtime_env(tmp_path, load_config(None, []))["env_vars"] == {"TOKENIZERS_PARALLELISM": "false"}

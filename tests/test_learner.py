@@ -181,6 +181,22 @@ def test_packed_update_equals_the_padded_update(make_tiny_cfg, tiny_checkpoints,
         assert m_pack[k] == pytest.approx(m_pad[k], rel=1e-4, abs=1e-6), k
 
 
+def test_packed_single_update_equals_the_padded_one(make_tiny_cfg, tiny_checkpoints, experience):
+    """The default shape (one epoch, the minibatch in one micro batch, GAE) under a token budget that cuts it in
+    several packed micro batches: each has its own backward, so the value loss cannot reuse one whole-batch critic
+    forward (GAE's old values run first, packed under the same budget); the update is the padded one's."""
+    padded = _learner(make_tiny_cfg, tiny_checkpoints, "ppo.micro_batch_size=8")
+    packed = _learner(make_tiny_cfg, tiny_checkpoints, "ppo.micro_batch_size=8", "ppo.max_tokens_per_micro_batch=256")
+    lengths = (experience.prompt_mask.sum(-1) + experience.response_mask.sum(-1)).tolist()
+    assert len(token_budget_groups(lengths, 256)) > 1
+    assert padded._single_update(experience) and not packed._single_update(experience)
+    m_pad, m_pack = padded.train_step(copy.deepcopy(experience)), packed.train_step(copy.deepcopy(experience))
+    assert _max_diff(_params(padded.policy), _params(packed.policy)) < 1e-5
+    assert _max_diff(_params(padded.critic), _params(packed.critic)) < 1e-5
+    for k in ("ppo/policy_loss", "ppo/value_loss", "ppo/value_mean", "ppo/advantage_mean", "ppo/critic_grad_norm"):
+        assert m_pack[k] == pytest.approx(m_pad[k], rel=1e-4, abs=1e-6), k
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_gradient_checkpointing_changes_memory_not_the_update(make_tiny_cfg, tiny_checkpoints, experience, lora):
     """model.gradient_checkpointing recomputes activations in the backward pass: same policy and critic update

@@ -319,6 +319,33 @@ def test_packed_forward_equals_the_padded_one(policy, prompts, tiny_checkpoints)
     assert (v_pack - v_pad).abs().max() < 1e-5
 
 
+def test_packing_is_refused_on_a_model_that_attends_across_packed_sequences():
+    """OPT (transformers builds its causal mask without the position restarts) leaks attention across a packed
+    row: the probe refuses it, naming the config key; Llama, GPT-NeoX and a Llama scorer pass, in bf16 too."""
+    from transformers import (
+        GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, OPTConfig,
+        OPTForCausalLM,
+    )
+
+    from core.sequences import check_packing
+
+    torch.manual_seed(0)
+    llama = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+                        num_key_value_heads=4, num_labels=1, pad_token_id=0)
+    for model in (LlamaForCausalLM(llama), LlamaForSequenceClassification(llama).train(),
+                  LlamaForCausalLM(llama).to(torch.bfloat16),
+                  GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                   intermediate_size=64, num_attention_heads=4))):
+        was_training = model.training
+        check_packing(model, "ppo.max_tokens_per_micro_batch")
+        assert model.training == was_training  # the probe runs in eval mode and restores the caller's
+    opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                                   max_position_embeddings=64, word_embed_proj_dim=32))
+    with pytest.raises(ValueError, match=r"^reward.max_tokens_per_micro_batch: opt models attend across the sequences "
+                                         r"of a packed micro batch .* unset reward.max_tokens_per_micro_batch to pad"):
+        check_packing(opt, "reward.max_tokens_per_micro_batch")
+
+
 def test_common_prefix_leaves_each_side_a_token_of_its_own():
     from core.sequences import common_prefix
 

@@ -447,3 +447,8 @@ def test_ppo_end_to_end_with_http_reward(service: str, make_tiny_cfg, checkpoint
     assert result["ppo/steps"] == 2
     assert math.isfinite(result["ppo/final_score_mean"]) and math.isfinite(result["ppo/final_kl"])
     assert (tmp_path / "ppo" / "checkpoint" / "config.json").is_file()
+    from core.metrics import read_metrics
+
+    # the service's model runs elsewhere: the reward role's tokens/s is measured here, its MFU is not (not a 0)
+    rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
+    assert all(r["perf/reward_tokens_per_s"] > 0 and "perf/reward_mfu" not in r for r in rows)

@@ -72,6 +72,16 @@ def test_peak_is_a_probe_on_cpu_and_the_datasheet_on_a_known_gpu(monkeypatch):
     assert tp._peak.__wrapped__("cuda", "bfloat16", 0) == pytest.approx(989e12)
 
 
+def test_gpu_names_match_the_table_as_whole_words_most_specific_first():
+    assert tp.gpu_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12  # SXM
+    assert tp.gpu_peak("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert tp.gpu_peak("NVIDIA H100 NVL", "float32") == 60e12
+    assert tp.gpu_peak("NVIDIA A100-SXM4-80GB", "bfloat16") == 312e12
+    assert tp.gpu_peak("NVIDIA L40", "bfloat16") == 181e12  # not an L4, nor an L40S
+    assert tp.gpu_peak("NVIDIA L40S", "bfloat16") == 362e12 and tp.gpu_peak("NVIDIA L4", "bfloat16") == 121e12
+    assert tp.gpu_peak("NVIDIA GeForce RTX 4090", "bfloat16") is None  # not in the table: probed
+
+
 def test_a_node_keeps_the_highest_peak_a_probe_reached(tmp_path):
     """Probes take turns under a file lock; one slowed by other work (here: half) never lowers the node's peak."""
     path = tmp_path / "peak_flops.json"

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from core.weight_sync import (
-    CollectiveGroup, WeightSyncError, checksum, make_packet, pack, plan_buckets, stream_packet, unpack,
+    CollectiveGroup, WeightSyncError, checksum, from_wire, make_packet, pack, plan_buckets, stream_packet, to_wire,
+    unpack,
 )
 
 # --- plain functions --------------------------------------------------------------------------------
@@ -52,10 +53,15 @@ def test_pack_unpack_round_trip(bucket_bytes):
     assert [b.dtype for b in buckets] == [lay.dtype for lay in layouts]
     assert all(b.dim() == 1 for b in buckets)
     out = dict(unpack(layouts, buckets))
-    assert out.keys() == named.keys()
+    # as shipped through the object store: each bucket's bytes (bf16 and int64 too), read back without a copy
+    wire = [to_wire(b) for b in buckets]
+    assert all(w.dtype.name == "uint8" and w.nbytes == b.numel() * b.element_size() for w, b in zip(wire, buckets))
+    assert all(from_wire(w, lay.dtype).data_ptr() == w.ctypes.data for w, lay in zip(wire, layouts))
+    shipped = dict(unpack(layouts, wire))
+    assert out.keys() == shipped.keys() == named.keys()
     for k, v in named.items():
-        assert out[k].dtype == v.dtype and out[k].shape == v.shape
-        assert torch.equal(out[k], v), k
+        assert out[k].dtype == shipped[k].dtype == v.dtype and out[k].shape == shipped[k].shape == v.shape
+        assert torch.equal(out[k], v) and torch.equal(shipped[k], v), k
 
 
 def test_checksum_equal_iff_bit_identical():
@@ -185,8 +191,11 @@ def test_object_store_sync(actors):
     version = _train_step(cfg, learner, worker)
     (lv, lsum), (wv, wsum) = _get([learner.weights_checksum.remote(), worker.weights_checksum.remote()])
     assert lv == version and wv < version and lsum != wsum  # the update changed the learner's weights
-    # as the driver does it: one packet in the object store, read by every worker
+    # as the driver does it: one packet in the object store, read by every worker; its buckets are NumPy bytes,
+    # which a reader gets as a read-only view of the object store's shared memory, not a copy
     packet = learner.make_packet.remote()
+    buckets = _get(packet).buckets
+    assert all(b.dtype.name == "uint8" and not b.flags.writeable for b in buckets)
     _get(worker.load_weights.remote(packet, verify=True))
     (lv, lsum), (wv, wsum) = _get([learner.weights_checksum.remote(), worker.weights_checksum.remote()])
     assert (wv, wsum) == (lv, lsum) == (version, lsum)

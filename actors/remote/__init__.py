@@ -32,7 +32,7 @@ from core.process import init_worker_process, node_cores
 from core.scaling import ScaleControl, ScaleStatus
 from core.sharding import free_port, join_group
 from core.weight_sync import (
-    BucketLayout, CollectiveGroup, VersionedChecksum, WeightsPacket, WeightSyncError, checksum, pack,
+    BucketLayout, CollectiveGroup, VersionedChecksum, WeightsPacket, WeightSyncError, checksum, pack, to_wire,
 )
 from serving.client import RemoteRewardScorer, RewardClient
 
@@ -156,8 +156,9 @@ class LearnerWorker(_GroupRank):
         return self.learner.train_step(exp)
 
     def make_packet(self) -> WeightsPacket | None:
-        # a group's rank 0 puts each bucket in the object store as it fills: it never holds the whole model
-        return self.learner.make_packet(store=ray.put if self.world > 1 else None)
+        # Buckets as NumPy bytes, which every worker on the node reads from shared memory without a copy; a group's
+        # rank 0 puts each bucket in the object store as it fills: it never holds the whole model.
+        return self.learner.make_packet(store=(lambda b: ray.put(to_wire(b))) if self.world > 1 else to_wire)
 
     def weights_checksum(self) -> VersionedChecksum:
         return VersionedChecksum(self.learner.version, checksum(self.learner.policy_weights().items()))

@@ -1,0 +1,111 @@
+"""Weight sync through Ray's object store: buckets shipped as torch tensors against NumPy bytes (`to_wire`).
+
+The learner puts one packet in the object store and every rollout worker on the node reads it. A pickled torch
+tensor is copied out of shared memory into each reader before the worker copies it into its weights; NumPy bytes
+are handed to each reader as a view of the one shared copy (zero-copy), so the worker copies them once, straight
+into its weights. This measures a sync end to end as the driver sees it (`ray.get` of every worker's load, the
+arguments' deserialisation included) on random weights of a real model's shapes (default: SmolLM2-135M, fp32,
+the recipe's policy), for `--workers` receivers, the two forms alternating, the median of `--repeats`:
+
+    python bench/bench_weight_sync.py [--model smollm2-135m|tiny] [--workers 2] [--repeats 5] [--bucket-mb 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# (hidden, layers, heads, kv heads, intermediate, vocab): HuggingFaceTB/SmolLM2-135M-Instruct's config.json
+MODELS = {"smollm2-135m": (576, 30, 9, 3, 1536, 49152), "tiny": (128, 2, 4, 4, 512, 1024)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2-135m")
+    ap.add_argument("--workers", type=int, default=2, help="rollout workers reading each packet")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--bucket-mb", type=float, default=64.0, help="as ppo.bucket_mb")
+    args = ap.parse_args()
+    for name in ("workers", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.bucket_mb <= 0:
+        ap.error(f"--bucket-mb must be positive, got {args.bucket_mb}")
+
+    from core.process import enable_token_auth
+
+    enable_token_auth()
+    import ray
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from core.weight_sync import stream_packet, to_wire, unpack
+
+    hidden, layers, heads, kv, inter, vocab = MODELS[args.model]
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=True)
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in LlamaForCausalLM(config).named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(shape, generator=gen) for name, shape in shapes.items()}
+    n_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+
+    @ray.remote(num_cpus=0)
+    class Receiver:
+        """A rollout worker's side of a sync: its weights, and a load that copies a packet into them."""
+
+        def __init__(self, shapes):
+            self.params = {name: torch.empty(shape) for name, shape in shapes.items()}
+
+        def load(self, packet) -> float:
+            t0 = time.perf_counter()
+            for name, t in unpack(packet.layouts, packet.buckets):
+                self.params[name].copy_(t)
+            return time.perf_counter() - t0
+
+        def checksum(self) -> float:
+            return float(sum(p.double().sum() for p in self.params.values()))
+
+    ray.init(num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False)
+    try:
+        receivers = [Receiver.remote(shapes) for _ in range(args.workers)]
+        ray.get([r.__ray_ready__.remote() for r in receivers])
+        bucket_bytes = int(args.bucket_mb * 2**20)
+        forms = {"torch tensors": None, "NumPy bytes (to_wire)": to_wire}
+        packets = {form: ray.put(stream_packet(weights.items(), 1, bucket_bytes, store))
+                   for form, store in forms.items()}
+        expected = float(sum(t.double().sum() for t in weights.values()))
+        seconds: dict[str, list[float]] = {form: [] for form in forms}
+        copy_s: dict[str, list[float]] = {form: [] for form in forms}
+        for i in range(args.repeats + 1):  # the first round untimed: the workers' first touch of their weights
+            for form in (forms if i % 2 == 0 else reversed(list(forms))):
+                t0 = time.perf_counter()
+                inside = ray.get([r.load.remote(packets[form]) for r in receivers])
+                if i > 0:
+                    seconds[form].append(time.perf_counter() - t0)
+                    copy_s[form].append(max(inside))
+                got = ray.get([r.checksum.remote() for r in receivers])
+                if any(abs(g - expected) > 1e-6 * max(1.0, abs(expected)) for g in got):
+                    raise SystemExit(f"{form}: a receiver's weights differ from the packet's ({got} vs {expected})")
+    finally:
+        ray.shutdown()
+
+    print(f"\n=== weight sync, {args.model} ({sum(t.numel() for t in weights.values()) / 1e6:.1f}M parameters, "
+          f"{n_bytes / 2**20:.0f} MiB fp32), {args.workers} workers, buckets of {args.bucket_mb:g} MiB, "
+          f"median of {args.repeats} ===")
+    print(f"{'buckets shipped as':24s} {'sync s':>8s} {'copy in worker s':>17s} {'GiB/s':>7s}")
+    med = {form: statistics.median(s) for form, s in seconds.items()}
+    for form in forms:
+        print(f"{form:24s} {med[form]:8.3f} {statistics.median(copy_s[form]):17.3f} "
+              f"{n_bytes * args.workers / med[form] / 2**30:7.2f}")
+    tensor_form, wire_form = forms
+    print(f"sync time ratio torch / NumPy bytes: {med[tensor_form] / med[wire_form]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
