@@ -6,6 +6,7 @@ Messages of more than four fields are built by keyword only (`kw_only`): a call 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,11 @@ class RolloutBatch:
     generate_s: float = 0.0
     mfu: float = 0.0  # model FLOPs utilisation of the generation (core.throughput)
 
+    def info(self) -> RolloutInfo:
+        return RolloutInfo(batch_id=self.batch_id, shard=self.shard, seconds=self.generate_s, mfu=self.mfu,
+                           worker=self.worker, policy_version=self.policy_version, sequences=self.responses.shape[0],
+                           prompt_tokens=int(self.prompt_mask.sum()), response_tokens=int(self.response_mask.sum()))
+
 
 @dataclass(kw_only=True)
 class Scores:
@@ -63,6 +69,9 @@ class Scores:
     score_s: float = 0.0
     mfu: float | None = None  # None: not measured (the reward service over HTTP runs its model elsewhere)
 
+    def info(self) -> CallInfo:
+        return CallInfo(batch_id=self.batch_id, shard=self.shard, seconds=self.score_s, mfu=self.mfu)
+
 
 @dataclass
 class RefLogprobs:
@@ -71,6 +80,80 @@ class RefLogprobs:
     logprobs: Tensor  # (B, R), 0 on padding
     ref_s: float = 0.0
     mfu: float = 0.0
+
+    def info(self) -> CallInfo:
+        return CallInfo(batch_id=self.batch_id, shard=self.shard, seconds=self.ref_s, mfu=self.mfu)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallInfo:
+    """What the driver reads of one role's call on one shard: which shard, its seconds and MFU (None: not measured
+    here). The tensors stay in the object store for the roles that read them: the reference and the reward scorer
+    read the rollout, the learner all three (`ShardRefs`)."""
+
+    batch_id: int
+    shard: int
+    seconds: float
+    mfu: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutInfo(CallInfo):
+    """A rollout call's `CallInfo`, with the worker, the policy version and the real tokens it generated from."""
+
+    worker: int
+    policy_version: int
+    sequences: int
+    prompt_tokens: int
+    response_tokens: int
+
+
+def batch_timings(rollouts: list[CallInfo], refs: list[CallInfo], scores: list[CallInfo]) -> dict[str, float]:
+    """Seconds (the slowest shard's) and mean MFU of each role on one batch; a role without MFU has no key."""
+    timings = {}
+    for role, calls in (("generate", rollouts), ("ref", refs), ("score", scores)):
+        timings[f"{role}_s"] = max(c.seconds for c in calls)
+        if all(c.mfu is not None for c in calls):  # a reward scored over HTTP is not logged as MFU 0
+            timings[f"{role}_mfu"] = sum(c.mfu for c in calls) / len(calls)
+    return timings
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchInfo:
+    """A collected batch as the driver records it (sizes, version, timings), without its tensors."""
+
+    batch_id: int
+    policy_version: int
+    sequences: int
+    prompt_tokens: int
+    response_tokens: int
+    timings: dict[str, float]
+
+    @classmethod
+    def of_calls(cls, rollouts: list[RolloutInfo], refs: list[CallInfo], scores: list[CallInfo]) -> BatchInfo:
+        return cls(batch_id=rollouts[0].batch_id, policy_version=rollouts[0].policy_version,
+                   sequences=sum(r.sequences for r in rollouts), prompt_tokens=sum(r.prompt_tokens for r in rollouts),
+                   response_tokens=sum(r.response_tokens for r in rollouts), timings=batch_timings(rollouts, refs, scores))
+
+    @classmethod
+    def of_experience(cls, exp: Experience) -> BatchInfo:
+        """A batch restored from a checkpoint, joined before it was saved."""
+        return cls(batch_id=exp.batch_id, policy_version=exp.policy_version, sequences=exp.size,
+                   prompt_tokens=int(exp.prompt_mask.sum()), response_tokens=int(exp.response_mask.sum()),
+                   timings=dict(exp.timings))
+
+
+@dataclass(frozen=True)
+class ShardRefs:
+    """A collected batch's results, each shard's rollout, reference log-probs and scores, left where the roles put
+    them (Ray ObjectRefs, in shard order): the learner reads them once and joins them (`Experience.join`), so
+    they travel from the object store to the learner only, not through the driver."""
+
+    batch_id: int
+    rollouts: list[Any]
+    references: list[Any]
+    rewards: list[Any]
+    pad_id: int
 
 
 @dataclass(kw_only=True)
@@ -118,14 +201,5 @@ class Experience:
             ref_logprobs=torch.cat([lp.logprobs for lp in refs]),
             scores=torch.cat([s.scores for s in scores]),
             has_eos=torch.cat([s.has_eos for s in scores]),
-            timings={
-                "generate_s": max(r.generate_s for r in rollouts),
-                "ref_s": max(lp.ref_s for lp in refs),
-                "score_s": max(s.score_s for s in scores),
-                "generate_mfu": sum(r.mfu for r in rollouts) / len(rollouts),
-                "ref_mfu": sum(lp.mfu for lp in refs) / len(refs),
-                # a reward scored over HTTP has no MFU here: the key is left out, not logged as 0
-                **({"score_mfu": sum(s.mfu for s in scores) / len(scores)}
-                   if all(s.mfu is not None for s in scores) else {}),
-            },
+            timings=batch_timings([r.info() for r in rollouts], [lp.info() for lp in refs], [s.info() for s in scores]),
         )

@@ -5,8 +5,10 @@ Each step k reads as numbered, timed stages:
   1. dispatch — every batch the staleness gate admits goes to the rollout workers (one shard each); its
      reference log-probs and scores are chained on the rollout's ObjectRefs, so scoring of batch k
      overlaps generation of batch k+1 without the driver waiting;
-  2. collect — wait for batch k's shards and join them into one `Experience`;
-  3. learn — the learner runs PPO on it and becomes version k+1;
+  2. collect — wait for batch k's shards, reading only each call's small info (sizes, timings; the tensors stay
+     in the object store);
+  3. learn — the learner reads the shards, joins them into one `Experience`, runs PPO on it and becomes
+     version k+1;
   4. sync — version k+1 is published to every worker (queued behind any generate in flight);
   5. record — metrics, and a checkpoint every `ppo.checkpoint_every` steps.
 """
@@ -27,16 +29,17 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 from tqdm import tqdm
 
+from actors.remote import read_batch
 from core.checkpoints import CheckpointDir, atomic_write_text, read_json, write_json
 from core.config import Config
 from core.data import load_tldr
-from core.experience import Experience, RolloutRequest
+from core.experience import BatchInfo, Experience, RolloutRequest, ShardRefs
 from core.ledger import ExperienceLedger
 from core.metrics import MetricsLogger
 from core.modeling import load_tokenizer
 from core.text import encode_queries, with_encodable_queries
 from pipeline.calls import RoleTimeout, StageTimer, await_restart, first_line, ray_get
-from pipeline.inflight import InFlight, ShardCalls, ShardFailure, await_batch, gather
+from pipeline.inflight import ROLES, InFlight, ShardCalls, ShardFailure, await_batch, gather
 from pipeline.launch import (
     RoleHandles, await_started, close_roles, join_weight_sync_group, launch_roles, launch_rollout_worker,
 )
@@ -148,7 +151,8 @@ class PPODriver:
         self.events.write(state["step"], "resumed", -1, checkpoint=str(ckpt), version=version, buffered=sorted(buffered))
         log.info("resumed PPO from %s: step %d, version %d, buffered batches %s", ckpt, state["step"], version,
                  sorted(buffered))
-        in_flight = {b: InFlight(b, exp.policy_version, [], experience=exp) for b, exp in buffered.items()}
+        in_flight = {b: InFlight(b, exp.policy_version, [], experience=exp, info=BatchInfo.of_experience(exp))
+                     for b, exp in buffered.items()}
         return LoopState(state["step"], state["next_batch"], in_flight, state["totals"])
 
     # --- loop -------------------------------------------------------------------------------------
@@ -204,31 +208,32 @@ class PPODriver:
                 state.in_flight[state.next_batch] = self.dispatch(state.next_batch, self.gate.version)
                 state.next_batch += 1
         with timer.stage("wait_rollout"):  # 2. collect: the learner idles meanwhile
-            exp = self.collect(state.in_flight.pop(step))
+            flight = state.in_flight.pop(step)
+            info = self.collect(flight)
             sync_times = self.await_sync(pending)
         with timer.stage("learn"):  # 3. learn
-            metrics = self.learn(exp)
+            metrics = self.learn(flight)
         with timer.stage("sync"):  # 4. sync
             pending = self.sync(step + 1)
             self.gate.publish(step + 1)
             if self.pc.max_staleness == 0:  # nothing else can run meanwhile; wait so the time is attributed
                 sync_times, pending = self.await_sync(pending), []
-        tokens = int(exp.response_mask.sum())
-        scored = tokens + int(exp.prompt_mask.sum())  # the scoring roles run prompt and response
-        state.totals["sequences"] += exp.size
+        tokens, t = info.response_tokens, info.timings
+        scored = tokens + info.prompt_tokens  # the scoring roles run prompt and response
+        state.totals["sequences"] += info.sequences
         state.totals["tokens"] += tokens
-        done.sequences += exp.size
+        done.sequences += info.sequences
         done.tokens += tokens
         return {**metrics, **timer.metrics(),
-                "timing/generate_s": exp.timings["generate_s"], "timing/reference_s": exp.timings["ref_s"],
-                "timing/reward_s": exp.timings["score_s"], "timing/worker_load_s": max(sync_times, default=0.0),
-                "perf/rollout_mfu": exp.timings["generate_mfu"], "perf/reference_mfu": exp.timings["ref_mfu"],
-                **({"perf/reward_mfu": exp.timings["score_mfu"]} if "score_mfu" in exp.timings else {}),
-                "perf/rollout_tokens_per_s": _per_s(tokens, exp.timings["generate_s"]),
-                "perf/reference_tokens_per_s": _per_s(scored, exp.timings["ref_s"]),
-                "perf/reward_tokens_per_s": _per_s(scored, exp.timings["score_s"]),
-                "rollout/policy_version": float(exp.policy_version), "rollout/num_workers": float(num_workers),
-                "rollout/sequences": float(exp.size),
+                "timing/generate_s": t["generate_s"], "timing/reference_s": t["ref_s"],
+                "timing/reward_s": t["score_s"], "timing/worker_load_s": max(sync_times, default=0.0),
+                "perf/rollout_mfu": t["generate_mfu"], "perf/reference_mfu": t["ref_mfu"],
+                **({"perf/reward_mfu": t["score_mfu"]} if "score_mfu" in t else {}),
+                "perf/rollout_tokens_per_s": _per_s(tokens, t["generate_s"]),
+                "perf/reference_tokens_per_s": _per_s(scored, t["ref_s"]),
+                "perf/reward_tokens_per_s": _per_s(scored, t["score_s"]),
+                "rollout/policy_version": float(info.policy_version), "rollout/num_workers": float(num_workers),
+                "rollout/sequences": float(info.sequences),
                 "rollout/sequences_per_s": done.sequences / (time.perf_counter() - done.start)}, pending
 
     def finish(self, pending: list[PendingLoad], done: Throughput) -> dict[str, float]:
@@ -273,25 +278,27 @@ class PPODriver:
             rep = [i for i in indices[w :: len(workers)] for _ in range(n)]  # the n samples of a prompt stay adjacent
             req = RolloutRequest(batch_id=batch_id, shard=w, prompt_indices=rep, prompts=[self.prompts[i] for i in rep],
                                  seed=self.cfg.run.seed * 1_000_003 + batch_id * 1009 + w, version=version)
-            rollout = worker.generate.remote(req)
             # Round robin over the shards of all batches: a batch's shards go to different replicas, and with
             # a single rollout worker successive batches (in flight together when asynchronous) do.
             turn = batch_id * len(workers) + w
-            ref, reward = refs[turn % len(refs)], rewards[turn % len(rewards)]
-            flight.shards.append(ShardCalls(req, worker, ref, reward, rollout, ref.logprobs.remote(rollout),
-                                            reward.score.remote(rollout)))
+            shard = ShardCalls(request=req, worker=worker, reference_actor=refs[turn % len(refs)],
+                               reward_actor=rewards[turn % len(rewards)])
+            for role in ROLES:  # in chain order: scoring reads the rollout's result
+                shard.dispatch(role)
+            flight.shards.append(shard)
         self.ledger.dispatched(batch_id, indices, version, [self.pool.index_of(h) for h in workers])
         return flight
 
-    def collect(self, flight: InFlight) -> Experience:
-        """Stage 2: wait for every shard of the batch, dispatching again the work of actors that died, then join.
+    def collect(self, flight: InFlight) -> BatchInfo:
+        """Stage 2: wait for every shard of the batch, dispatching again the work of actors that died; read the
+        calls' infos (the tensors stay in the object store for the learner).
 
         Exactly once: a shard is dispatched again only when its call failed because its actor died (or came back
         restarted without the batch's weights), to the restarted actor, with the same request and seed and the
         weights of the batch's version; the ledger records every attempt. Other failures end the run.
         """
-        if flight.experience is not None:  # collected at a checkpoint, or restored from one
-            return flight.experience
+        if flight.info is not None:  # collected already (at a checkpoint), or restored from one
+            return flight.info
         for _ in range(4 * (self.pc.max_actor_restarts + 1)):  # every retry needs a restart; restarts are bounded
             await_batch(flight, self.pc.sync_timeout_s, self.pool.index_of)
             results, failed = gather(flight)
@@ -302,8 +309,8 @@ class PPODriver:
             raise RuntimeError(f"batch {flight.batch_id} kept failing after {self.pc.max_actor_restarts} restarts")
         self.pool.note_collected(results.rollouts)
         self.ledger.collected(flight.batch_id, len(flight.shards))
-        flight.experience = Experience.join(results.rollouts, results.references, results.rewards, self.pad_id)
-        return flight.experience
+        flight.info = BatchInfo.of_calls(results.rollouts, results.references, results.rewards)
+        return flight.info
 
     def _redispatch(self, flight: InFlight, failed: dict[int, ShardFailure]) -> None:
         """Dispatch again the failed calls of `flight`, once each, after their actor has restarted."""
@@ -316,7 +323,7 @@ class PPODriver:
                 attempt = self.ledger.redispatched(flight.batch_id, s, index, f.error)
                 # The restarted actor holds the SFT weights: the batch's version first, then the current one.
                 shard.worker.load_weights.remote(self.packets[flight.version])
-                shard.rollout = shard.worker.generate.remote(shard.request)
+                shard.dispatch("rollout")
                 restarted.add(shard.worker)
                 self.events.write(self.step, "shard_redispatched", index, batch=flight.batch_id, shard=s,
                                   attempt=attempt, version=flight.version, error=f.error)
@@ -326,23 +333,26 @@ class PPODriver:
                 self.ledger.recalled(flight.batch_id, s, f.role, f.error)
                 self.events.write(self.step, f"{f.role}_redispatched", -1, batch=flight.batch_id, shard=s, error=f.error)
             if f.role in ("rollout", "reference"):
-                shard.reference = shard.reference_actor.logprobs.remote(shard.rollout)
+                shard.dispatch("reference")
             if f.role in ("rollout", "reward"):
-                shard.reward = shard.reward_actor.score.remote(shard.rollout)
+                shard.dispatch("reward")
         for handle in restarted:
             handle.load_weights.remote(self.packets[self.gate.version])
 
     def _await_restart(self, actor: ActorHandle, what: str) -> None:
         await_restart(actor, what, self.pc.sync_timeout_s, self.pc.max_actor_restarts, self._resume_hint())
 
-    def learn(self, exp: Experience) -> dict[str, float]:
-        """Stage 3: one PPO update on the learner. A NaN/inf stops the run before anything is saved."""
+    def learn(self, flight: InFlight) -> dict[str, float]:
+        """Stage 3: one PPO update on the learner, which reads the batch's shards from the object store (a batch
+        restored from a checkpoint goes joined). A NaN/inf stops the run before anything is saved."""
+        batch: Experience | ShardRefs = (flight.experience if flight.experience is not None
+                                         else flight.results(self.pad_id))
         try:
-            metrics = self._get(self.roles.learner.call("train_step", exp), f"learner update on batch {exp.batch_id}")[0]
+            metrics = self._get(self.roles.learner.call("train_step", batch), f"learner update on batch {flight.batch_id}")[0]
         except FloatingPointError as e:  # raised in the learner; Ray's error is also an instance of it
-            raise RuntimeError(f"PPO step {exp.batch_id + 1} stopped: {getattr(e, 'cause', e)}"
+            raise RuntimeError(f"PPO step {flight.batch_id + 1} stopped: {getattr(e, 'cause', e)}"
                                f"{self._resume_hint()}") from e
-        self.ledger.consumed(exp.batch_id, learner_version=self.gate.version)
+        self.ledger.consumed(flight.batch_id, learner_version=self.gate.version)
         return metrics
 
     def sync(self, version: int) -> list[PendingLoad]:
@@ -394,7 +404,12 @@ class PPODriver:
         """Stage 5: a resumable checkpoint after `step` steps. Batches already dispatched are collected first and
         saved with it: a resumed run trains on exactly the experience this one would have (nothing dropped,
         nothing generated twice)."""
-        buffered = {b: self.collect(fl) for b, fl in sorted(state.in_flight.items())}
+        buffered = {}
+        for b, fl in sorted(state.in_flight.items()):
+            self.collect(fl)
+            if fl.experience is None:  # read here once: a checkpoint saves the batch itself
+                fl.experience = read_batch(fl.results(self.pad_id))
+            buffered[b] = fl.experience
 
         def write(tmp: Path) -> None:
             self._get(self.roles.learner.call("save", str(tmp)), "learner checkpoint")

@@ -1,5 +1,9 @@
 """Batches in flight: per shard, the request and the ObjectRefs of its three chained calls; how a batch's
-failures are classified into work to dispatch again and errors that end the run."""
+failures are classified into work to dispatch again and errors that end the run.
+
+Each call returns two objects (`num_returns=2`): its result, whose tensors the next roles read from the object
+store (the reference and the reward scorer the rollout's, the learner all three), and a small `CallInfo`, all the
+driver reads. A call that failed fails both, so the driver finds every failure on the infos alone."""
 
 from __future__ import annotations
 
@@ -11,41 +15,62 @@ from ray import ObjectRef
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
 
-from core.experience import Experience, RolloutRequest, VersionMismatch
+from core.experience import BatchInfo, CallInfo, Experience, RolloutInfo, RolloutRequest, ShardRefs, VersionMismatch
 from pipeline.calls import RoleTimeout, first_line
 
 # The calls of one shard, in chain order: reference and reward both read the rollout's result.
 ROLES = ("rollout", "reference", "reward")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ShardCalls:
     """One shard of a dispatched batch: its request, its rollout worker, the reference and reward replicas
-    that score it, and its three calls."""
+    that score it, and its three calls (each a result and its info, `dispatch`)."""
 
     request: RolloutRequest
     worker: ActorHandle
     reference_actor: ActorHandle
     reward_actor: ActorHandle
-    rollout: ObjectRef  # -> RolloutBatch
-    reference: ObjectRef  # -> RefLogprobs
-    reward: ObjectRef  # -> Scores
+    # each set by `dispatch`
+    rollout: ObjectRef | None = None  # -> RolloutBatch
+    reference: ObjectRef | None = None  # -> RefLogprobs
+    reward: ObjectRef | None = None  # -> Scores
+    rollout_info: ObjectRef | None = None  # -> RolloutInfo
+    reference_info: ObjectRef | None = None  # -> CallInfo
+    reward_info: ObjectRef | None = None  # -> CallInfo
+
+    def dispatch(self, role: str) -> None:
+        """(Re)issue the call of `role`: generate the request, or score the shard's current rollout."""
+        if role == "rollout":
+            self.rollout, self.rollout_info = self.worker.generate.remote(self.request)
+        elif role == "reference":
+            self.reference, self.reference_info = self.reference_actor.logprobs.remote(self.rollout)
+        else:
+            self.reward, self.reward_info = self.reward_actor.score.remote(self.rollout)
 
     def call(self, role: str) -> ObjectRef:
-        return {"rollout": self.rollout, "reference": self.reference, "reward": self.reward}[role]
+        """The info of the call of `role`: what the driver waits for and reads."""
+        return {"rollout": self.rollout_info, "reference": self.reference_info, "reward": self.reward_info}[role]
 
 
 @dataclass
 class InFlight:
-    """One dispatched batch; `experience` once collected (a batch buffered at a checkpoint is saved with it)."""
+    """One dispatched batch; `info` once collected; `experience` once joined (a batch buffered at a checkpoint is
+    saved joined, and comes back so from it)."""
 
     batch_id: int
     version: int  # the policy version every shard is generated with
     shards: list[ShardCalls]
     experience: Experience | None = None
+    info: BatchInfo | None = None
 
     def refs(self) -> list[ObjectRef]:
         return [s.call(role) for role in ROLES for s in self.shards]
+
+    def results(self, pad_id: int) -> ShardRefs:
+        """Where the collected batch's tensors are: what the learner reads (`read_batch`)."""
+        return ShardRefs(self.batch_id, [s.rollout for s in self.shards], [s.reference for s in self.shards],
+                         [s.reward for s in self.shards], pad_id)
 
 
 @dataclass(frozen=True)
@@ -59,9 +84,12 @@ class ShardFailure:
 
 @dataclass
 class BatchResults:
-    rollouts: list
-    references: list
-    rewards: list
+    """The infos of a batch's calls, per role in shard order."""
+
+    rollouts: list[RolloutInfo]
+    references: list[CallInfo]
+    rewards: list[CallInfo]
+
 
 
 def classify_failures(batch_id: int, errors: list[tuple[str, int, BaseException]]) -> dict[int, ShardFailure]:
@@ -90,8 +118,8 @@ def await_batch(flight: InFlight, timeout_s: float, worker_index: Callable[[Acto
 
 
 def gather(flight: InFlight) -> tuple[BatchResults, dict[int, ShardFailure]]:
-    """The results of every call of a batch that has finished, and the failures among them: one `ray.get` of
-    the whole batch; only when a call failed are they read one by one, to name which."""
+    """The infos of every call of a batch that has finished, and the failures among them: one `ray.get` of
+    the whole batch's infos; only when a call failed are they read one by one, to name which."""
     refs, n = flight.refs(), len(flight.shards)
     try:
         values = ray.get(refs)

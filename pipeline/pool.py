@@ -20,7 +20,7 @@ from ray import ObjectRef
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
-from core.experience import RolloutBatch
+from core.experience import RolloutInfo
 from pipeline.calls import done, first_line
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class RolloutPool:
         """After the last step: every batch is collected; remove the retiring workers once their calls end."""
         self._remove_drained(collected_before=steps, event_step=steps, wait=True)
 
-    def note_collected(self, rollouts: list[RolloutBatch]) -> None:
+    def note_collected(self, rollouts: list[RolloutInfo]) -> None:
         """Record the first collected batch of each worker that joined while the run was going."""
         for r in rollouts:
             joined = self.awaiting_first_batch.pop(r.worker, None)

@@ -151,6 +151,7 @@ def test_a_hanging_reward_scorer_times_out_naming_it(ray_local, make_tiny_cfg, t
 
     @ray.remote(num_cpus=0)
     class HangingReward:
+        @ray.method(num_returns=2)
         def score(self, batch):
             time.sleep(3600)
 
@@ -175,11 +176,12 @@ def test_nan_reward_stops_the_step_and_keeps_the_last_good_checkpoint(ray_local,
         def __init__(self, cfg, checkpoint: str):
             self.scorer = RewardScorer(checkpoint, cfg.reward.missing_eos_score)
 
+        @ray.method(num_returns=2)  # as the reward role's: the scores, and the info the driver reads
         def score(self, batch):
             out = self.scorer.score_rollout(batch)
             if batch.batch_id >= 3:
                 out.scores[0] = float("nan")
-            return out
+            return out, out.info()
 
     launcher = _with_reward(lambda cfg, rm: NaNAfter.remote(cfg, rm))
     cfg = make_tiny_cfg(*OVERRIDES, "ppo.checkpoint_every=2", "rollout.num_workers=1")

@@ -173,7 +173,8 @@ def _train_step(cfg, learner, worker) -> int:
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16], [17, 18]]
     rep = [p for p in prompts for _ in range(2)]
     req = RolloutRequest(batch_id=version, shard=0, prompt_indices=[i // 2 for i in range(8)], prompts=rep, seed=version)
-    rollout = _get(worker.generate.remote(req))
+    rollout, info = _get(list(worker.generate.remote(req)))
+    assert (info.batch_id, info.sequences, info.response_tokens) == (version, 8, int(rollout.response_mask.sum()))
     exp = Experience(
         batch_id=version, policy_version=version, prompt_indices=rollout.prompt_indices, prompts=rollout.prompts,
         prompt_mask=rollout.prompt_mask, responses=rollout.responses, response_mask=rollout.response_mask,

@@ -26,7 +26,9 @@ from actors.rm import RMTrainer
 from actors.rollout import RolloutGenerator
 from actors.sft import SFTTrainer
 from core.config import Config, role_threads
-from core.experience import Experience, RefLogprobs, RolloutBatch, RolloutRequest, Scores
+from core.experience import (
+    CallInfo, Experience, RefLogprobs, RolloutBatch, RolloutInfo, RolloutRequest, Scores, ShardRefs,
+)
 from core.modeling import load_tokenizer
 from core.process import init_worker_process, node_cores
 from core.scaling import ScaleControl, ScaleStatus
@@ -41,6 +43,12 @@ log = logging.getLogger(__name__)
 # --- PPO roles --------------------------------------------------------------------------------------
 
 
+def read_batch(refs: ShardRefs) -> Experience:
+    """A collected batch read from the object store and joined: in the learner; in the driver only for a
+    checkpoint, which saves the batches in flight."""
+    return Experience.join(ray.get(refs.rollouts), ray.get(refs.references), ray.get(refs.rewards), refs.pad_id)
+
+
 @ray.remote
 class RolloutWorker:
     def __init__(self, cfg: Config, checkpoint: str, worker_index: int):
@@ -49,8 +57,11 @@ class RolloutWorker:
                                     share_prompts=cfg.ppo.share_prompts)
         self.group: CollectiveGroup | None = None
 
-    def generate(self, req: RolloutRequest) -> RolloutBatch:
-        return self.gen.generate(req)
+    @ray.method(num_returns=2)
+    def generate(self, req: RolloutRequest) -> tuple[RolloutBatch, RolloutInfo]:
+        """The batch, read from the object store by the scorers and the learner; its info, read by the driver."""
+        batch = self.gen.generate(req)
+        return batch, batch.info()
 
     def load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
         if packet.buckets and isinstance(packet.buckets[0], ray.ObjectRef):  # from a learner group's rank 0
@@ -88,8 +99,10 @@ class ReferenceWorker:
                                      max_tokens=cfg.reference.max_tokens_per_micro_batch,
                                      share_prompts=cfg.ppo.share_prompts)
 
-    def logprobs(self, batch: RolloutBatch) -> RefLogprobs:
-        return self.ref.logprobs(batch)
+    @ray.method(num_returns=2)
+    def logprobs(self, batch: RolloutBatch) -> tuple[RefLogprobs, CallInfo]:
+        out = self.ref.logprobs(batch)
+        return out, out.info()
 
 
 @ray.remote
@@ -99,8 +112,10 @@ class RewardWorker:
         self.scorer = RewardScorer(checkpoint, cfg.reward.missing_eos_score, cfg.reward.batch_size, cfg.model.dtype,
                                    max_tokens=cfg.reward.max_tokens_per_micro_batch, share_prompts=cfg.ppo.share_prompts)
 
-    def score(self, batch: RolloutBatch) -> Scores:
-        return self.scorer.score_rollout(batch)
+    @ray.method(num_returns=2)
+    def score(self, batch: RolloutBatch) -> tuple[Scores, CallInfo]:
+        out = self.scorer.score_rollout(batch)
+        return out, out.info()
 
 
 @ray.remote
@@ -115,8 +130,10 @@ class RemoteRewardWorker:
         log.info("reward service %s: model %s (%s)", rc.url, info.model.version, info.model.checkpoint)
         self.scorer = RemoteRewardScorer(client, load_tokenizer(tokenizer_checkpoint), rc.missing_eos_score)
 
-    def score(self, batch: RolloutBatch) -> Scores:
-        return self.scorer.score_rollout(batch)
+    @ray.method(num_returns=2)
+    def score(self, batch: RolloutBatch) -> tuple[Scores, CallInfo]:
+        out = self.scorer.score_rollout(batch)
+        return out, out.info()
 
 
 class _GroupRank:
@@ -152,8 +169,9 @@ class LearnerWorker(_GroupRank):
         super().join(addr, port, timeout_s)
         self.learner = PPOLearner.from_config(*self.args)
 
-    def train_step(self, exp: Experience) -> dict[str, float]:
-        return self.learner.train_step(exp)
+    def train_step(self, batch: Experience | ShardRefs) -> dict[str, float]:
+        """A batch's shards are read here from the object store and joined (a restored batch comes joined)."""
+        return self.learner.train_step(read_batch(batch) if isinstance(batch, ShardRefs) else batch)
 
     def make_packet(self) -> WeightsPacket | None:
         # Buckets as NumPy bytes, which every worker on the node reads from shared memory without a copy; a group's
