@@ -31,8 +31,8 @@ from core.modeling import (
     unwrap,
 )
 from core.sequences import (
-    check_packing, micro_batch_groups, prefix_runs_once_exactly, prompt_ids, repeats_a_prompt, response_logprobs, response_values,
-    response_work, token_budget_groups, trim_padding,
+    check_packing, micro_batch_groups, prefix_runs_once_exactly, prompt_ids, repeats_a_prompt, response_logprobs,
+    response_values, response_work, token_budget_groups, trim_padding,
 )
 from core.sharding import (
     Rank, all_gather_rows, all_reduce_max, all_reduce_sum, clip_grad_norm, full_weights, one_rank_group, rank_share,
@@ -186,8 +186,10 @@ class PPOLearner:
         lengths = (exp.prompt_mask[rows].sum(-1) + exp.response_mask[rows].sum(-1)).tolist()
         if budget is not None and self.fsdp:  # every rank runs as many forwards as the busiest
             n_groups = int(all_reduce_max(float(len(token_budget_groups(lengths, budget)))))
+        # a prompt's samples in one micro batch, so that the critic runs the prompt once (`_values`)
+        prompts_of = prompt_ids(exp.prompts[rows], exp.prompt_mask[rows]) if self.share_prompts else None
         mine = torch.zeros(len(rows), exp.responses.shape[1])
-        for group in micro_batch_groups(lengths, self.pc.micro_batch_size, budget, n_groups):
+        for group in micro_batch_groups(lengths, self.pc.micro_batch_size, budget, n_groups, prompts_of):
             mine[group] = self._values(exp, rows[group], count="critic_forward").float().cpu()
         return torch.cat(all_gather_rows(mine, self.rank.world)) if self.fsdp else mine
 

@@ -12,8 +12,8 @@ from torch import Tensor
 from core.experience import RolloutBatch, Scores
 from core.modeling import default_device, load_frozen
 from core.sequences import (
-    check_packing, eos_trick, has_eos, micro_batch_groups, pad_right, prefix_runs_once_exactly, response_scores, rollout_micro_batches,
-    sequence_scores,
+    check_packing, eos_trick, has_eos, micro_batch_groups, pad_right, prefix_runs_once_exactly, response_scores,
+    rollout_micro_batches, sequence_scores,
 )
 from core.throughput import forward_flops, mfu, model_params, peak_flops
 

@@ -53,7 +53,8 @@ class RolloutBatch:
 
     def info(self) -> RolloutInfo:
         return RolloutInfo(batch_id=self.batch_id, shard=self.shard, seconds=self.generate_s, mfu=self.mfu,
-                           worker=self.worker, policy_version=self.policy_version, sequences=self.responses.shape[0],
+                           worker=self.worker, policy_version=self.policy_version,
+                           prompt_indices=tuple(self.prompt_indices), sequences=self.responses.shape[0],
                            prompt_tokens=int(self.prompt_mask.sum()), response_tokens=int(self.response_mask.sum()))
 
 
@@ -99,10 +100,12 @@ class CallInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutInfo(CallInfo):
-    """A rollout call's `CallInfo`, with the worker, the policy version and the real tokens it generated from."""
+    """A rollout call's `CallInfo`, with the worker, the policy version, the prompts (indices into the PPO prompt
+    set, one per sequence) and the real tokens of its sequences."""
 
     worker: int
     policy_version: int
+    prompt_indices: tuple[int, ...]
     sequences: int
     prompt_tokens: int
     response_tokens: int
@@ -120,10 +123,11 @@ def batch_timings(rollouts: list[CallInfo], refs: list[CallInfo], scores: list[C
 
 @dataclass(frozen=True, kw_only=True)
 class BatchInfo:
-    """A collected batch as the driver records it (sizes, version, timings), without its tensors."""
+    """A collected batch as the driver records it (version, prompts, sizes, timings), without its tensors."""
 
     batch_id: int
     policy_version: int
+    prompt_indices: list[int]  # one per sequence, in the order the learner joins the shards
     sequences: int
     prompt_tokens: int
     response_tokens: int
@@ -132,13 +136,15 @@ class BatchInfo:
     @classmethod
     def of_calls(cls, rollouts: list[RolloutInfo], refs: list[CallInfo], scores: list[CallInfo]) -> BatchInfo:
         return cls(batch_id=rollouts[0].batch_id, policy_version=rollouts[0].policy_version,
+                   prompt_indices=[i for r in rollouts for i in r.prompt_indices],
                    sequences=sum(r.sequences for r in rollouts), prompt_tokens=sum(r.prompt_tokens for r in rollouts),
                    response_tokens=sum(r.response_tokens for r in rollouts), timings=batch_timings(rollouts, refs, scores))
 
     @classmethod
     def of_experience(cls, exp: Experience) -> BatchInfo:
         """A batch restored from a checkpoint, joined before it was saved."""
-        return cls(batch_id=exp.batch_id, policy_version=exp.policy_version, sequences=exp.size,
+        return cls(batch_id=exp.batch_id, policy_version=exp.policy_version,
+                   prompt_indices=list(exp.prompt_indices), sequences=exp.size,
                    prompt_tokens=int(exp.prompt_mask.sum()), response_tokens=int(exp.response_mask.sum()),
                    timings=dict(exp.timings))
 

@@ -30,6 +30,8 @@ from torch import nn
 
 # Dense (no sparsity) peak FLOP/s per GPU from the vendors' datasheets (SXM parts).
 GPU_PEAK_FLOPS = {  # dense, from NVIDIA's datasheets; the first name that `torch.cuda.get_device_name()` holds as words
+    "GH200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "H200 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12},
     "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
     "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 51e12},
     "H100 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12},

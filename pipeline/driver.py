@@ -348,7 +348,8 @@ class PPODriver:
         batch: Experience | ShardRefs = (flight.experience if flight.experience is not None
                                          else flight.results(self.pad_id))
         try:
-            metrics = self._get(self.roles.learner.call("train_step", batch), f"learner update on batch {flight.batch_id}")[0]
+            metrics = self._get(self.roles.learner.call("train_step", batch),
+                                f"learner update on batch {flight.batch_id}")[0]
         except FloatingPointError as e:  # raised in the learner; Ray's error is also an instance of it
             raise RuntimeError(f"PPO step {flight.batch_id + 1} stopped: {getattr(e, 'cause', e)}"
                                f"{self._resume_hint()}") from e

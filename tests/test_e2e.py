@@ -74,9 +74,10 @@ def _check_ppo_and_eval(run: Path, max_staleness: int) -> None:
         assert all(math.isfinite(v) for v in r.values())
         for role in ("learner", "rollout", "reference", "reward"):  # each role's model FLOPs against its peak
             assert 0 < r[f"perf/{role}_mfu"] < 1 and r[f"perf/{role}_tokens_per_s"] > 0, role
-        # the scoring roles run prompt and response tokens: the same tokens, each at its own rate
-        rate = {role: r[f"perf/{role}_tokens_per_s"] * r[f"timing/{role}_s"] for role in ("reference", "reward")}
-        assert rate["reference"] == pytest.approx(rate["reward"]) and rate["reference"] > r["rollout/sequences"]
+        # the scoring roles count prompt and response tokens, the rollout the tokens it generated
+        generated = r["perf/rollout_tokens_per_s"] * r["timing/generate_s"]
+        assert generated == pytest.approx(r["rollout/response_length"] * r["rollout/sequences"])
+        assert r["perf/reference_tokens_per_s"] * r["timing/reference_s"] > generated + r["rollout/sequences"]
     if max_staleness == 1:
         assert rows[1]["ppo/staleness"] == 1.0  # batch 1 was generated while the learner trained on batch 0
 

@@ -19,7 +19,7 @@ from pipeline.cli import main
 from actors.remote import RolloutScaler
 from core.scaling import SCALER_NAMESPACE, scaler_name
 from pipeline.driver import PPODriver
-from core.experience import Experience
+from core.experience import BatchInfo
 from core.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -48,10 +48,10 @@ class SteppedDriver(PPODriver):
             ray.wait([w.ready for w in self.pool.starting], num_returns=len(self.pool.starting), timeout=60)
         super().scale(step, version, next_batch)
 
-    def collect(self, flight) -> Experience:
-        exp = super().collect(flight)
-        self.batch_prompts[exp.batch_id] = list(exp.prompt_indices)
-        return exp
+    def collect(self, flight) -> BatchInfo:
+        info = super().collect(flight)
+        self.batch_prompts[info.batch_id] = list(info.prompt_indices)
+        return info
 
     def run_until(self, step: int, thread: threading.Thread) -> None:
         """Let steps < `step` run; return when the driver waits to begin `step`."""

@@ -339,8 +339,8 @@ def test_packing_is_refused_on_a_model_that_attends_across_packed_sequences():
         was_training = model.training
         check_packing(model, "ppo.max_tokens_per_micro_batch")
         assert model.training == was_training  # the probe runs in eval mode and restores the caller's
-    opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                                   max_position_embeddings=64, word_embed_proj_dim=32))
+    opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                   num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32))
     with pytest.raises(ValueError, match=r"^reward.max_tokens_per_micro_batch: opt models attend across the sequences "
                                          r"of a packed micro batch .* unset reward.max_tokens_per_micro_batch to pad"):
         check_packing(opt, "reward.max_tokens_per_micro_batch")

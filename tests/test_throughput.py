@@ -76,6 +76,8 @@ def test_gpu_names_match_the_table_as_whole_words_most_specific_first():
     assert tp.gpu_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12  # SXM
     assert tp.gpu_peak("NVIDIA H100 PCIe", "bfloat16") == 756e12
     assert tp.gpu_peak("NVIDIA H100 NVL", "float32") == 60e12
+    assert tp.gpu_peak("NVIDIA H200 NVL", "bfloat16") == 835e12 and tp.gpu_peak("NVIDIA H200", "bfloat16") == 989e12
+    assert tp.gpu_peak("NVIDIA GH200 480GB", "bfloat16") == 989e12
     assert tp.gpu_peak("NVIDIA A100-SXM4-80GB", "bfloat16") == 312e12
     assert tp.gpu_peak("NVIDIA L40", "bfloat16") == 181e12  # not an L4, nor an L40S
     assert tp.gpu_peak("NVIDIA L40S", "bfloat16") == 362e12 and tp.gpu_peak("NVIDIA L4", "bfloat16") == 121e12
