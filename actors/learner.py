@@ -90,9 +90,10 @@ class PPOLearner:
             self.critic = trainable(critic, model, "SEQ_CLS").to(self.device)
             disable_dropout(self.critic)
         self.packed = pc.max_tokens_per_micro_batch is not None  # micro batches packed, not padded
-        for m in (self.policy, self.critic) if self.packed else ():
-            if m is not None:
-                check_packing(m, "ppo.max_tokens_per_micro_batch")
+        if self.packed:
+            for m in (self.policy, self.critic):
+                if m is not None:  # the critic: GAE only
+                    check_packing(m, "ppo.max_tokens_per_micro_batch")
         if self.fsdp:  # before the optimizers: they hold the shards
             self.policy = shard_model(self.policy, model.mixed_precision)
             self.critic = shard_model(self.critic, model.mixed_precision) if self.critic is not None else None

@@ -155,7 +155,6 @@ class ShardRefs:
     them (Ray ObjectRefs, in shard order): the learner reads them once and joins them (`Experience.join`), so
     they travel from the object store to the learner only, not through the driver."""
 
-    batch_id: int
     rollouts: list[Any]
     references: list[Any]
     rewards: list[Any]

@@ -22,12 +22,12 @@ if TYPE_CHECKING:
 WANDB_ENV = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL")
 
 
-def wandb_env(cfg: Config, environ=os.environ) -> dict[str, str]:
+def wandb_env(cfg: Config) -> dict[str, str]:
     """The W&B variables set here, to hand to the cluster's processes (a job's or a connection's runtime env)
     when the run logs to W&B; nothing otherwise."""
     if "wandb" not in cfg.run.loggers:
         return {}
-    return {k: environ[k] for k in WANDB_ENV if k in environ}
+    return {k: os.environ[k] for k in WANDB_ENV if k in os.environ}
 
 
 def wandb_run(cfg: Config, run_dir: Path, stage: str):

@@ -241,8 +241,8 @@ def check_packing(model: nn.Module, key: str) -> None:
 
     A probe of two short sequences, once at start: the second sequence's last hidden states, packed after two
     different first sequences, must be equal (no attention crosses the boundary) and equal to it run alone."""
-    device = next(model.parameters()).device
-    vocab = int(model.config.vocab_size)
+    param = next(model.parameters())
+    device, vocab = param.device, int(model.config.vocab_size)
     first_a, first_b, second = ([t % vocab for t in ts] for ts in ((3, 4, 5), (6, 7, 8), (9, 10, 11, 12)))
 
     def last_hidden(ids: list[int], positions: list[int]) -> Tensor:
@@ -259,7 +259,7 @@ def check_packing(model: nn.Module, key: str) -> None:
     finally:
         model.train(was_training)
     scale = float(alone.abs().max()) + 1e-6
-    tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2  # half precision rounds more
+    tol = 1e-4 if param.dtype == torch.float32 else 2e-2  # half precision rounds more
     leak = float((after_a - after_b).abs().max()) / scale
     error = float((after_a - alone).abs().max()) / scale
     if leak > tol or error > tol:

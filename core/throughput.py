@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# Dense (no sparsity) peak FLOP/s per GPU from the vendors' datasheets (SXM parts).
-GPU_PEAK_FLOPS = {  # dense, from NVIDIA's datasheets; the first name that `torch.cuda.get_device_name()` holds as words
+# Dense (no sparsity) peak FLOP/s per GPU from NVIDIA's datasheets, most specific name first (`gpu_peak`).
+GPU_PEAK_FLOPS = {
     "GH200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
     "H200 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12},
     "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},

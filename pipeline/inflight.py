@@ -69,7 +69,7 @@ class InFlight:
 
     def results(self, pad_id: int) -> ShardRefs:
         """Where the collected batch's tensors are: what the learner reads (`read_batch`)."""
-        return ShardRefs(self.batch_id, [s.rollout for s in self.shards], [s.reference for s in self.shards],
+        return ShardRefs([s.rollout for s in self.shards], [s.reference for s in self.shards],
                          [s.reward for s in self.shards], pad_id)
 
 
@@ -89,7 +89,6 @@ class BatchResults:
     rollouts: list[RolloutInfo]
     references: list[CallInfo]
     rewards: list[CallInfo]
-
 
 
 def classify_failures(batch_id: int, errors: list[tuple[str, int, BaseException]]) -> dict[int, ShardFailure]:
