@@ -27,7 +27,8 @@ from core.checkpoints import load_trainable_state, trainable_state
 from core.config import Config, ModelConfig, PPOConfig
 from core.experience import Experience
 from core.modeling import (
-    default_device, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer, save_checkpoint, trainable,
+    DTYPES, default_device, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer, save_checkpoint,
+    trainable,
     unwrap,
 )
 from core.sequences import (
@@ -358,12 +359,16 @@ class PPOLearner:
     # --- weights and checkpoints --------------------------------------------------------------------
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
-        """The plain (LoRA-merged) policy parameters, named as the rollout models name them. In a group this
-        is a collective that gathers the shards one parameter at a time; rank 0 keeps them (on the CPU)."""
+        """The plain (LoRA-merged) policy parameters, named as the rollout models name them, in the rollout's
+        dtype (`model.inference_dtype`: the fp32 master weights cast, e.g. to bf16 for vLLM). In a group this is
+        a collective that gathers the shards one parameter at a time; rank 0 keeps them (on the CPU)."""
         if not self.fsdp:
-            return dict(unwrap(self.policy).named_parameters())
+            return {name: self._for_rollout(t) for name, t in unwrap(self.policy).named_parameters()}
         keep = self.rank.rank == 0
-        return {name: t.cpu() for name, t in full_weights(self.policy) if keep}
+        return {name: self._for_rollout(t.cpu()) for name, t in full_weights(self.policy) if keep}
+
+    def _for_rollout(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(DTYPES[self.model_cfg.frozen_dtype])
 
     def make_packet(self, store: Callable[[torch.Tensor], Any] | None = None) -> WeightsPacket | None:
         """The policy's weights as a versioned, checksummed packet of flat buckets. Sharded, every rank gathers
@@ -373,7 +378,7 @@ class PPOLearner:
         bucket_bytes = int(self.pc.bucket_mb * 2**20)
         if not self.fsdp:
             return stream_packet(self.policy_weights().items(), self.version, bucket_bytes, store)
-        gathered = ((name, t.cpu()) for name, t in full_weights(self.policy))
+        gathered = ((name, self._for_rollout(t.cpu())) for name, t in full_weights(self.policy))
         if self.rank.rank != 0:
             for _ in gathered:  # take part in every gather, keep nothing
                 pass

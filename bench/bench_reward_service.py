@@ -141,7 +141,7 @@ def in_process_items_per_s(checkpoint: Path, cfg: Config, prompts: list[str], re
                            seconds: float) -> float:
     """Texts -> scores in this process: same tokenization, batch size and thread count as one replica."""
     torch.set_num_threads(max(1, int(cfg.serve.num_cpus)))
-    model = TextRewardModel(checkpoint, cfg.data, cfg.serve.max_batch_size, cfg.model.dtype)
+    model = TextRewardModel(checkpoint, cfg.data, cfg.serve.max_batch_size, cfg.model.frozen_dtype)
     bs = cfg.serve.max_batch_size
     model.score_texts(prompts[:bs], responses[:bs], truncate_responses=True)  # warm-up
     done, i = 0, 0

@@ -56,8 +56,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config(str(run / "config.yaml"), ["rollout.backend=hf"])
     sft, rm = str(run / "sft" / "checkpoint"), str(run / "rm" / "checkpoint")
-    gens = {s: RolloutGenerator(sft, cfg.rollout, dtype=cfg.model.dtype, share_prompts=s) for s in (False, True)}
-    scorers = {s: RewardScorer(rm, cfg.reward.missing_eos_score, cfg.reward.batch_size, cfg.model.dtype,
+    gens = {s: RolloutGenerator(sft, cfg.rollout, dtype=cfg.model.frozen_dtype, share_prompts=s) for s in (False, True)}
+    scorers = {s: RewardScorer(rm, cfg.reward.missing_eos_score, cfg.reward.batch_size, cfg.model.frozen_dtype,
                                share_prompts=s) for s in (False, True)}
     tok = gens[False].backend.tokenizer
     data = with_encodable_queries(tok, load_tldr(cfg.data), cfg.data)

@@ -136,7 +136,14 @@ class ModelConfig(_Section):
         "converted once into a Hugging Face folder that every role loads, kept by content hash in "
         "$RAYRLHF_CACHE/gguf (default ~/.cache/rayrlhf/gguf) and linked into <run>/base_model."))
     tokenizer: str | None = Field(None, description="Tokenizer id/path if it differs from the model's.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype of every model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description=(
+        "Weights dtype of the models the trainers (SFT, RM, judge, PPO learner) load and update. Full-weight "
+        "training needs float32: AdamW's steps (about lr per element) fall below half a bf16 ulp of most weights, "
+        "so bf16 weights barely move; compute in bf16 with mixed_precision bf16 instead (fp32 master weights). "
+        "With LoRA the frozen base may be bf16/fp16: the adapters and a scalar head are trained in float32."))
+    inference_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description=(
+        "Dtype of the models that only infer: the rollout (HF or vLLM), the reference, the reward scorer and "
+        "service, evaluation. null: model.dtype. The learner's weights are cast to it when they are synced."))
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) instead of all weights.")
     gradient_checkpointing: bool = Field(False, description=(
         "Recompute each transformer block's activations in the backward pass (SFT, RM, PPO policy and critic): "
@@ -170,6 +177,11 @@ class ModelConfig(_Section):
         return self.name_or_path.startswith("builtin:")
 
     @property
+    def frozen_dtype(self) -> str:
+        """The dtype of every inference-only model (`inference_dtype`, default the weights' dtype)."""
+        return self.inference_dtype or self.dtype
+
+    @property
     def train_compute_dtype(self) -> str:
         """The dtype the trainers' matmuls run in (the peak their MFU is measured against): bf16 under mixed
         precision, else the weights' dtype."""
@@ -180,6 +192,11 @@ class ModelConfig(_Section):
         if self.mixed_precision != "no" and self.dtype != "float32":
             raise ValueError(f"model.mixed_precision {self.mixed_precision} keeps fp32 master weights: it needs "
                              f"model.dtype float32 (got {self.dtype})")
+        if self.lora is None and self.dtype != "float32":
+            raise ValueError(f"model.dtype {self.dtype} with model.lora null trains the {self.dtype} weights "
+                             "themselves (AdamW's steps fall below half an ulp: most weights never move); set "
+                             "model.dtype float32 with model.mixed_precision bf16 (fp32 master weights, bf16 "
+                             f"compute) and model.inference_dtype {self.dtype} for rollout, reference and reward")
         if self.is_builtin:
             if self.name_or_path != "builtin:tiny-llama":
                 raise ValueError(f"model.name_or_path: unknown builtin {self.name_or_path!r} (known: builtin:tiny-llama)")

@@ -211,7 +211,18 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig | None, task_type: str) -
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
         task_type=task_type, modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
     )
-    return get_peft_model(model, peft_cfg)
+    # peft keeps the adapters in fp32 over a bf16/fp16 base (autocast_adapter_dtype); the trained copy of the
+    # scalar head would stay in the base's dtype, where AdamW's small steps are lost: it trains in fp32 too.
+    model = get_peft_model(model, peft_cfg, autocast_adapter_dtype=True)
+    from peft.utils import ModulesToSaveWrapper
+
+    for wrapper in model.modules():
+        if isinstance(wrapper, ModulesToSaveWrapper):
+            for head in wrapper.modules_to_save.values():
+                if next(head.parameters()).dtype != torch.float32:
+                    head.float()
+                    head.register_forward_pre_hook(lambda _, args: tuple(a.float() for a in args))
+    return model
 
 
 def unwrap(model: nn.Module) -> PreTrainedModel:

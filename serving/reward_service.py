@@ -209,7 +209,7 @@ class RewardService:
                              "(serve.allow_insecure_non_loopback=true runs it without one)")
         self.auth = BearerAuth(token)
         self.metrics = ServiceMetrics()
-        self.model = TextRewardModel(checkpoint, cfg.data, s.max_batch_size, cfg.model.dtype)
+        self.model = TextRewardModel(checkpoint, cfg.data, s.max_batch_size, cfg.model.frozen_dtype)
         self.model_ref = ModelRef(version=self.model.version, checkpoint=self.model.checkpoint)
         self.max_request_items = s.max_request_items
         self.info = ModelInfo(

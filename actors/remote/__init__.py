@@ -53,7 +53,7 @@ def read_batch(refs: ShardRefs) -> Experience:
 class RolloutWorker:
     def __init__(self, cfg: Config, checkpoint: str, worker_index: int):
         init_worker_process(role_threads(cfg, "rollout", node_cores()), cfg.rollout.nice)
-        self.gen = RolloutGenerator(checkpoint, cfg.rollout, worker_index, cfg.model.dtype,
+        self.gen = RolloutGenerator(checkpoint, cfg.rollout, worker_index, cfg.model.frozen_dtype,
                                     share_prompts=cfg.ppo.share_prompts)
         self.group: CollectiveGroup | None = None
 
@@ -95,8 +95,8 @@ class RolloutWorker:
 class ReferenceWorker:
     def __init__(self, cfg: Config, checkpoint: str):
         init_worker_process(role_threads(cfg, "reference", node_cores()), cfg.reference.nice)
-        self.ref = ReferenceLogprobs(checkpoint, cfg.rollout.temperature, cfg.reference.batch_size, cfg.model.dtype,
-                                     max_tokens=cfg.reference.max_tokens_per_micro_batch,
+        self.ref = ReferenceLogprobs(checkpoint, cfg.rollout.temperature, cfg.reference.batch_size,
+                                     cfg.model.frozen_dtype, max_tokens=cfg.reference.max_tokens_per_micro_batch,
                                      share_prompts=cfg.ppo.share_prompts)
 
     @ray.method(num_returns=2)
@@ -109,8 +109,9 @@ class ReferenceWorker:
 class RewardWorker:
     def __init__(self, cfg: Config, checkpoint: str):
         init_worker_process(role_threads(cfg, "reward", node_cores()), cfg.reward.nice)
-        self.scorer = RewardScorer(checkpoint, cfg.reward.missing_eos_score, cfg.reward.batch_size, cfg.model.dtype,
-                                   max_tokens=cfg.reward.max_tokens_per_micro_batch, share_prompts=cfg.ppo.share_prompts)
+        self.scorer = RewardScorer(checkpoint, cfg.reward.missing_eos_score, cfg.reward.batch_size,
+                                   cfg.model.frozen_dtype, max_tokens=cfg.reward.max_tokens_per_micro_batch,
+                                   share_prompts=cfg.ppo.share_prompts)
 
     @ray.method(num_returns=2)
     def score(self, batch: RolloutBatch) -> tuple[Scores, CallInfo]:
