@@ -6,6 +6,9 @@ Three sources give the same typed examples:
   (`prompt`, `chosen`, `rejected`) through `datasets.load_dataset`;
 - `local`: jsonl/json/parquet files with those fields, or with `prompt`/`reference` as in the shared
   TL;DR dev files.
+
+Whatever the source, comparisons are kept together by post (`post_key`): those on the SFT test posts (the
+evaluation prompts) only validate, and the judge's posts are never the training reward model's.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import random
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from itertools import accumulate
 from pathlib import Path
 from typing import Literal
 
@@ -265,6 +269,32 @@ def _cut(items: list, fraction: float) -> tuple[list, list]:
     return items[:k], items[k:]
 
 
+def post_key(query: str) -> str:
+    """What identifies a post across splits and sources: its query with whitespace runs collapsed and a final
+    'TL;DR:' dropped, so that the CarperAI form (single newlines) matches OpenAI's (blank lines) and a comparison
+    prompt without 'TL;DR:' matches the SFT prompt with it. Rows carry no post id (a synthetic pair's id names
+    the pair's own generated post, never the SFT post of the same text), so the text is the identity."""
+    text = " ".join(query.split())
+    return text[: -len("TL;DR:")].rstrip() if text.endswith("TL;DR:") else text
+
+
+def _by_post(pairs: list[ComparisonExample]) -> dict[str, list[ComparisonExample]]:
+    """The pairs of each post (by `post_key`), posts in order of first appearance, pairs in their given order."""
+    groups: dict[str, list[ComparisonExample]] = {}
+    for p in pairs:
+        groups.setdefault(post_key(p.query), []).append(p)
+    return groups
+
+
+def _nearest_prefix(sizes: list[int], target: float, at_least: int = 1) -> int:
+    """How many leading groups hold nearest `target` items together (the fewer on a tie): at least
+    `at_least` and one group on each side when there are two or more groups, as `_cut` does for items."""
+    if len(sizes) < 2:
+        return 0
+    total = [0, *accumulate(sizes)]  # total[k]: items in the first k groups
+    return min(range(max(at_least, 1), len(sizes)), key=lambda k: abs(total[k] - target))
+
+
 def split_posts(posts: list[SummaryExample], valid_fraction: float, test_fraction: float,
                 seed: int) -> tuple[list[SummaryExample], list[SummaryExample], list[SummaryExample]]:
     """(train, valid, test) of one posts file, drawn by a seeded permutation."""
@@ -273,50 +303,100 @@ def split_posts(posts: list[SummaryExample], valid_fraction: float, test_fractio
     return train, valid, test
 
 
-def split_pairs(pairs: list[ComparisonExample], valid_fraction: float, held_out: set[str],
+def split_pairs(pairs: list[ComparisonExample], valid_fraction: float, held_out: Iterable[str],
                 seed: int) -> tuple[list[ComparisonExample], list[ComparisonExample]]:
-    """(train, valid) of one comparisons file. Pairs on held-out posts (`held_out` queries: the evaluation
-    prompts) go to validation first, so no reward model or judge is trained on a post it is evaluated on."""
-    order = _shuffled(pairs, seed, "pairs")
-    order.sort(key=lambda p: p.query not in held_out)  # stable: held-out posts first, each group still shuffled
-    n_valid = max(round(valid_fraction * len(order)), sum(p.query in held_out for p in order))
-    if n_valid >= len(order):
-        raise DataError(f"data.pairs_file: all {len(order)} pairs are validation pairs (pairs_valid_fraction or pairs "
-                        f"on held-out posts); none is left to train on")
-    return order[n_valid:], order[:n_valid]
+    """(train, valid) of one comparisons file, by post: all pairs of a post train or all validate, about
+    `valid_fraction` of the pairs validating. Posts held out for evaluation (`held_out`: their queries, the SFT
+    test prompts) validate first, so no reward model or judge is trained on a post it is evaluated on."""
+    held = {post_key(q) for q in held_out}
+    groups = _shuffled(list(_by_post(pairs).items()), seed, "pairs")
+    groups.sort(key=lambda g: g[0] not in held)  # stable: held-out posts first, each part still shuffled
+    n_held = sum(key in held for key, _ in groups)
+    if n_held == len(groups):
+        raise DataError(f"data.pairs_file: all {len(pairs)} pairs are on posts held out for evaluation; none is "
+                        "left to train on")
+    k = _nearest_prefix([len(g) for _, g in groups], valid_fraction * len(pairs), at_least=n_held)
+    valid = [p for _, g in groups[:k] for p in g]
+    if n_held:
+        log.info("data.pairs_file: %d pairs on %d posts held out for evaluation only validate", sum(
+            len(g) for key, g in groups if key in held), n_held)
+    return [p for _, g in groups[k:] for p in g], valid
+
+
+def hold_out_pairs(train: list[ComparisonExample], valid: list[ComparisonExample], held_out: Iterable[str],
+                   key: str) -> tuple[list[ComparisonExample], list[ComparisonExample]]:
+    """(train, valid) with the training pairs on posts held out for evaluation (`held_out`: their queries, the
+    SFT test prompts) moved to validation, as `split_pairs` does: no reward model or judge is trained on a post
+    it is evaluated on. For sources that come with their own train and valid pairs; `key` names the setting
+    of the training pairs in errors."""
+    held = {post_key(q) for q in held_out}
+    moved = [p for p in train if post_key(p.query) in held]
+    if not moved:
+        return train, valid
+    if len(moved) == len(train):
+        raise DataError(f"{key}: all {len(train)} training pairs are on posts held out for evaluation (the SFT test "
+                        "prompts); none is left to train on")
+    log.info("%s: %d of %d training pairs are on posts held out for evaluation: moved to validation", key,
+             len(moved), len(train))
+    return [p for p in train if post_key(p.query) not in held], valid + moved
 
 
 def judge_split(data: TLDRData, fraction: float, seed: int) -> TLDRData:
-    """Move `fraction` of the training and of the validation pairs to the judge: two disjoint sets of comparisons."""
-    judge_train, rm_train = _cut(_shuffled(data.pairs_train, seed, "judge-train"), fraction)
-    judge_valid, rm_valid = _cut(_shuffled(data.pairs_valid, seed, "judge-valid"), fraction)
-    if not judge_train or not judge_valid:
-        raise DataError(f"data.judge_fraction {fraction}: too few pairs ({len(data.pairs_train)} train, "
-                        f"{len(data.pairs_valid)} valid) to give both the reward model and the judge some of each")
+    """Give the judge the pairs, train and valid alike, of a seeded `fraction` of the posts and the training reward
+    model those of the others: no post is compared for both, so the judge is independent of the reward model
+    even where a post has many pairs (the hub comparisons), and each gets about `fraction` of the pairs.
+
+    The posts of the training pairs are drawn first (nearest `fraction` of the training pairs), then the posts
+    that only validate (nearest `fraction` of the validation pairs, counting those the first posts brought). Each
+    side keeps its pairs in the order their posts were drawn: with one pair per post (the shared TL;DR files, the
+    synthetic task) this is the same split, order included, as the draw by pair that it replaced."""
+    train, valid = _by_post(data.pairs_train), _by_post(data.pairs_valid)
+    train_posts = _shuffled(list(train), seed, "judge-train")
+    judge = set(train_posts[: _nearest_prefix([len(train[k]) for k in train_posts], fraction * len(data.pairs_train))])
+    brought = sum(len(valid.get(k, ())) for k in judge)
+    valid_posts = _shuffled([k for k in valid if k not in train], seed, "judge-valid")
+    target = fraction * len(data.pairs_valid) - brought
+    judge |= set(valid_posts[: _nearest_prefix([len(valid[k]) for k in valid_posts], target)])
+
+    def pairs_of(groups: dict[str, list[ComparisonExample]], order: list[str], judged: bool) -> list[ComparisonExample]:
+        """The pairs of the judge's (or the others') posts, in the order the posts were drawn."""
+        return [p for k in order if (k in judge) == judged for p in groups.get(k, ())]
+
+    valid_order = valid_posts + [k for k in train_posts if k in valid]
+    judge_train, rm_train = pairs_of(train, train_posts, True), pairs_of(train, train_posts, False)
+    judge_valid, rm_valid = pairs_of(valid, valid_order, True), pairs_of(valid, valid_order, False)
+    if not all((judge_train, rm_train, judge_valid, rm_valid)):
+        raise DataError(f"data.judge_fraction {fraction}: too few pairs on distinct posts ({len(data.pairs_train)} "
+                        f"train on {len(train)} posts, {len(data.pairs_valid)} valid on {len(valid)} posts) to give "
+                        "both the reward model and the judge some of each")
+    log.info("judge: %d train / %d valid pairs on %d posts; reward model: %d / %d on the other %d posts",
+             len(judge_train), len(judge_valid), len(judge), len(rm_train), len(rm_valid),
+             len(train.keys() | valid.keys()) - len(judge))
     return replace(data, pairs_train=rm_train, pairs_valid=rm_valid, judge_train=judge_train, judge_valid=judge_valid)
 
 
 def load_tldr(cfg: DataConfig) -> TLDRData:
-    """All splits of the configured source, as typed examples (queries not yet truncated)."""
+    """All splits of the configured source, as typed examples (queries not yet truncated). For every source,
+    comparisons on the SFT test posts only validate, and the judge's posts are disjoint from the reward model's."""
     if cfg.source == "synthetic":
-        data = TLDRData(
-            _synthetic_summaries(cfg, "train", cfg.num_train_posts),
-            _synthetic_summaries(cfg, "valid", cfg.num_valid_posts),
-            _synthetic_summaries(cfg, "test", cfg.num_test_posts),
-            _synthetic_pairs(cfg, "train", cfg.num_train_pairs),
-            _synthetic_pairs(cfg, "valid", cfg.num_valid_pairs),
-        )
+        posts = tuple(_synthetic_summaries(cfg, split, n) for split, n in (
+            ("train", cfg.num_train_posts), ("valid", cfg.num_valid_posts), ("test", cfg.num_test_posts)))
+        pairs = _synthetic_pairs(cfg, "train", cfg.num_train_pairs), _synthetic_pairs(cfg, "valid", cfg.num_valid_pairs)
+        pairs = hold_out_pairs(*pairs, (e.query for e in posts[2]), "data.num_train_pairs")
     else:
         if cfg.posts_file:
             posts = split_posts(read_summaries(cfg, cfg.posts_file), cfg.valid_fraction, cfg.test_fraction, cfg.seed)
         else:
             posts = tuple(read_summaries(cfg, path) for path in (cfg.sft_train, cfg.sft_valid, cfg.sft_test))
+        held_out = [e.query for e in posts[2]]
         if cfg.pairs_file:
-            held_out = {e.query for e in posts[2]}
             pairs = split_pairs(read_comparisons(cfg, cfg.pairs_file), cfg.pairs_valid_fraction, held_out, cfg.seed)
         else:
-            pairs = read_comparisons(cfg, cfg.pairs_train), read_comparisons(cfg, cfg.pairs_valid)
-        data = TLDRData(*posts, *pairs)
+            key = (f"data.pairs_train ({cfg.comparisons_dataset}[{cfg.pairs_train}])" if cfg.source == "hub"
+                   else f"data.pairs_train ({cfg.pairs_train})")
+            pairs = hold_out_pairs(read_comparisons(cfg, cfg.pairs_train), read_comparisons(cfg, cfg.pairs_valid),
+                                   held_out, key)
+    data = TLDRData(*posts, *pairs)
     return judge_split(data, cfg.judge_fraction, cfg.seed) if cfg.judge_fraction > 0 else data
 
 

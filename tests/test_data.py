@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import re
 from dataclasses import replace
 
 import pytest
 
 from core.config import DataConfig
 from core.data import (
-    ComparisonExample, DataError, SummaryExample, TLDRData, clean_summary, format_query, judge_split, lead_baseline,
-    load_tldr, read_comparisons, read_summaries, split_pairs, split_posts, split_query, truncate_query,
+    ComparisonExample, DataError, RowChecker, SummaryExample, TLDRData, clean_summary, format_query, judge_split,
+    lead_baseline, load_tldr, post_key, read_comparisons, read_summaries, split_pairs, split_posts, split_query,
+    truncate_query,
 )
 from core.synthetic import Post, judge, make_pairs, make_posts, prefer
 
@@ -294,10 +297,14 @@ def test_max_rows_caps_each_split(tmp_path):
 
 # --- the shared real TL;DR files ----------------------------------------------------------------
 
-def test_shared_tldr_files_load(shared_data):
+def test_shared_tldr_files_load(shared_data, tmp_path):
     posts = str(shared_data / "tldr" / "tldr_posts_dev.jsonl")
     pairs = str(shared_data / "tldr" / "tldr_pairs_dev.jsonl")
-    cfg = _local(sft_train=posts, sft_valid=posts, sft_test=posts, pairs_train=pairs, pairs_valid=pairs,
+    # The first pairs are on the first posts: evaluation prompts from further down the file, or no pair could train.
+    lines = (shared_data / "tldr" / "tldr_posts_dev.jsonl").read_text().splitlines(keepends=True)
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(lines[-20:]))
+    cfg = _local(sft_train=posts, sft_valid=posts, sft_test=str(test), pairs_train=pairs, pairs_valid=pairs,
                  max_rows=20, strict=True)
     data = load_tldr(cfg)
     assert len(data.sft_train) == 20 and len(data.pairs_train) == 20
@@ -308,6 +315,9 @@ def test_shared_tldr_files_load(shared_data):
     for p in data.pairs_train:
         assert split_query(p.query) is not None
         assert p.chosen.strip() and p.rejected.strip() and p.chosen != p.rejected
+    named = re.escape(f"data.pairs_train ({pairs}): all 20 training pairs are on posts held out for evaluation")
+    with pytest.raises(DataError, match=named):
+        load_tldr(cfg.model_copy(update={"sft_test": posts}))  # evaluation prompts that are the pairs' posts
 
 
 def test_gpt2_tokenizer_gets_a_dedicated_pad_token(shared_data):
@@ -427,3 +437,154 @@ def test_a_recipe_reads_one_posts_file_and_one_pairs_file(shared_data):
     assert not any(p.query in test for p in trained_on)  # no reward model or judge sees an evaluation post
     assert len(trained_on) + len(data.pairs_valid) + len(data.judge_valid) == 1000
     assert abs(len(data.pairs_train) - len(data.judge_train)) <= 1
+    assert not _post_keys(data.pairs_train + data.pairs_valid) & _post_keys(data.judge_train + data.judge_valid)
+
+
+# --- comparisons are split by post: the judge's posts, the evaluation posts ---------------------------
+
+def _many_pairs(posts: list[SummaryExample], seed: int = 0) -> list[ComparisonExample]:
+    """3 to 5 comparisons of each post, as in the hub comparisons (several summaries of one post compared)."""
+    rng = random.Random(seed)
+    return [ComparisonExample(f"c{i}.{j}", e.query, f" good {j}", f" bad {j}")
+            for i, e in enumerate(posts) for j in range(rng.randint(3, 5))]
+
+
+def _post_keys(pairs: list[ComparisonExample]) -> set[str]:
+    return {post_key(p.query) for p in pairs}
+
+
+def _carper(query: str, tldr: bool) -> str:
+    """A query in the CarperAI form: single newlines; its comparison prompts end before 'TL;DR:' (the summaries
+    carry it), its SFT prompts with it."""
+    query = query.replace("\n\n", "\n")
+    return query if tldr else query.removesuffix("\nTL;DR:")
+
+
+def _ids(pairs: list[ComparisonExample]) -> list[str]:
+    return sorted(p.id for p in pairs)
+
+
+def test_post_key_matches_one_post_in_any_of_its_forms():
+    openai = format_query("tifu", "a title", "one two\nthree")
+    assert post_key(openai) == post_key(_carper(openai, True)) == post_key(_carper(openai, False))
+    assert post_key(openai) == post_key(f"  {openai}\n")
+    assert post_key(openai) != post_key(format_query("tifu", "a title", "one two\nfour"))
+    assert post_key(openai) != post_key(format_query("tifu", "another title", "one two\nthree"))
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.5])
+def test_the_judge_and_the_reward_model_share_no_post_when_posts_have_many_pairs(fraction):
+    posts = _posts(80)
+    train, valid = _many_pairs(posts[:60]), _many_pairs(posts[60:], seed=1)
+    valid += _many_pairs(posts[:4], seed=2)  # a few posts compared in both splits
+    data = TLDRData(posts, posts, posts, train, valid)
+    split = judge_split(data, fraction, seed=3)
+    (rm_train, rm_valid), (judge_train, judge_valid) = split.pairs("rm"), split.pairs("judge")
+    assert not _post_keys(rm_train + rm_valid) & _post_keys(judge_train + judge_valid)
+    assert _ids(rm_train + judge_train) == _ids(train) and _ids(rm_valid + judge_valid) == _ids(valid)
+    # The fraction of the pairs, to within the nearest cut between whole posts (at most 5 pairs each).
+    assert abs(len(judge_train) - fraction * len(train)) <= 2.5
+    assert abs(len(judge_valid) - fraction * len(valid)) <= 2.5
+    assert judge_split(data, fraction, seed=3) == split  # deterministic for a seed
+    assert _post_keys(judge_split(data, fraction, seed=4).judge_train) != _post_keys(judge_train)
+
+
+def test_synthetic_pairs_split_by_post_and_never_train_on_an_evaluation_post(tiny_cfg):
+    data = load_tldr(tiny_cfg.data.model_copy(update={"judge_fraction": 0.5}))
+    whole = load_tldr(tiny_cfg.data)
+    assert not _post_keys(data.pairs_train + data.pairs_valid) & _post_keys(data.judge_train + data.judge_valid)
+    assert not _post_keys(data.pairs_train + data.judge_train) & {post_key(e.query) for e in data.sft_test}
+    assert abs(len(data.judge_train) - len(whole.pairs_train) / 2) <= 1  # one pair per synthetic post
+    assert load_tldr(tiny_cfg.data.model_copy(update={"judge_fraction": 0.5})) == data
+
+
+def test_pairs_on_evaluation_posts_never_train_from_five_files(tmp_path, caplog):
+    posts = _posts(40)  # 0-9 evaluation posts, 10-14 validation, 15-39 training
+    train, valid = _many_pairs(posts[:30]), _many_pairs(posts[30:], seed=1)
+
+    def summaries(name: str, chunk: list[SummaryExample]):
+        return str(_write_jsonl(tmp_path / name, [{"prompt": e.query, "reference": e.reference} for e in chunk]))
+
+    def comparisons(name: str, pairs: list[ComparisonExample]):  # in the CarperAI form: the same posts must match
+        return str(_write_jsonl(tmp_path / name, [{"prompt": _carper(p.query, False), "chosen": "TL;DR:" + p.chosen,
+                                                   "rejected": "TL;DR:" + p.rejected} for p in pairs]))
+
+    cfg = _local(sft_train=summaries("train.jsonl", posts[15:]), sft_valid=summaries("valid.jsonl", posts[10:15]),
+                 sft_test=summaries("test.jsonl", posts[:10]), pairs_train=comparisons("pt.jsonl", train),
+                 pairs_valid=comparisons("pv.jsonl", valid), judge_fraction=0.5)
+    with caplog.at_level(logging.INFO, logger="core.data"):
+        data = load_tldr(cfg)
+    evaluated = {post_key(e.query) for e in posts[:10]}
+    on_evaluated = [p for p in train if post_key(p.query) in evaluated]
+    assert not _post_keys(data.pairs_train + data.judge_train) & evaluated
+    assert len(data.pairs_train + data.judge_train) == len(train) - len(on_evaluated)
+    assert len(data.pairs_valid + data.judge_valid) == len(valid) + len(on_evaluated)  # moved to validation
+    assert (f"data.pairs_train ({cfg.pairs_train}): {len(on_evaluated)} of {len(train)} training pairs are on posts "
+            "held out for evaluation: moved to validation") in caplog.text
+    assert not _post_keys(data.pairs_train + data.pairs_valid) & _post_keys(data.judge_train + data.judge_valid)
+
+
+def test_one_pairs_file_with_many_pairs_per_post_splits_by_post(tmp_path, caplog):
+    posts, pairs = _posts(100), _many_pairs(_posts(100))
+    cfg = _local(posts_file=str(_write_jsonl(tmp_path / "posts.jsonl", [
+                     {"prompt": e.query, "reference": e.reference} for e in posts])),
+                 pairs_file=str(_write_jsonl(tmp_path / "pairs.jsonl", [
+                     {"prompt": p.query, "chosen": p.chosen, "rejected": p.rejected} for p in pairs])),
+                 valid_fraction=0.1, test_fraction=0.1, pairs_valid_fraction=0.15, judge_fraction=0.5)
+    with caplog.at_level(logging.INFO, logger="core.data"):
+        data = load_tldr(cfg)
+    evaluated = {post_key(e.query) for e in data.sft_test}
+    assert not _post_keys(data.pairs_train + data.judge_train) & evaluated
+    assert len(data.pairs_train + data.pairs_valid + data.judge_train + data.judge_valid) == len(pairs)
+    on_evaluated = sum(post_key(p.query) in evaluated for p in pairs)
+    assert f"data.pairs_file: {on_evaluated} pairs on 10 posts held out for evaluation only validate" in caplog.text
+    # train and valid by post too, and the judge's posts apart from the reward model's
+    assert not _post_keys(data.pairs_train + data.judge_train) & _post_keys(data.pairs_valid + data.judge_valid)
+    assert not _post_keys(data.pairs_train + data.pairs_valid) & _post_keys(data.judge_train + data.judge_valid)
+    assert abs(len(data.judge_train) - len(data.pairs_train + data.judge_train) / 2) <= 2.5
+    assert load_tldr(cfg) == data
+
+
+def test_many_pairs_per_post_on_held_out_posts_validate_first():
+    posts = _posts(50)
+    pairs = _many_pairs(posts)
+    held_out = [e.query for e in posts[:5]]
+    train, valid = split_pairs(pairs, 0.2, held_out, seed=0)
+    assert _ids(train + valid) == _ids(pairs)
+    assert not _post_keys(train) & _post_keys(valid)
+    assert {post_key(q) for q in held_out} <= _post_keys(valid)
+    assert abs(len(valid) - 0.2 * len(pairs)) <= 2.5
+    assert split_pairs(pairs, 0.2, held_out, seed=0) == (train, valid)
+    with pytest.raises(DataError, match="data.pairs_file: all .* pairs are on posts held out for evaluation"):
+        split_pairs(pairs, 0.2, [e.query for e in posts], seed=0)
+
+
+def test_hub_rows_go_through_the_same_held_out_and_judge_splits(monkeypatch, caplog):
+    """The hub cannot be reached offline: its rows come from memory, in the CarperAI forms (which differ between
+    the SFT prompts and the comparison prompts of one post)."""
+    import core.data
+
+    cfg = DataConfig(source="hub", judge_fraction=0.5)
+    posts = _posts(60)  # 0-9 the test split, 10-19 valid, 20-59 train
+    train, valid = _many_pairs(posts[:45]), _many_pairs(posts[45:], seed=1)
+    sft = {split: [{"prompt": _carper(e.query, True), "label": e.reference} for e in chunk]
+           for split, chunk in (("train", posts[20:]), ("valid", posts[10:20]), ("test", posts[:10]))}
+    comparisons = {split: [{"prompt": _carper(p.query, False), "chosen": "TL;DR:" + p.chosen,
+                            "rejected": "TL;DR:" + p.rejected} for p in chunk]
+                   for split, chunk in (("train", train), ("valid1", valid))}
+    rows = {cfg.sft_dataset: sft, cfg.comparisons_dataset: comparisons}
+
+    def read_rows(cfg: DataConfig, dataset: str, split: str, strict: bool) -> tuple[RowChecker, list]:
+        return RowChecker(f"{dataset}[{split}]", strict), list(enumerate(rows[dataset][split]))
+
+    monkeypatch.setattr(core.data, "_read_rows", read_rows)
+    with caplog.at_level(logging.INFO, logger="core.data"):
+        data = load_tldr(cfg)
+    evaluated = {post_key(e.query) for e in data.sft_test}
+    on_evaluated = sum(post_key(p.query) in evaluated for p in train)
+    assert len(evaluated) == 10 and on_evaluated > 0
+    assert not _post_keys(data.pairs_train + data.judge_train) & evaluated
+    assert len(data.pairs_train + data.judge_train) == len(train) - on_evaluated
+    assert (f"data.pairs_train (CarperAI/openai_summarize_comparisons[train]): {on_evaluated} of {len(train)} training "
+            "pairs are on posts held out for evaluation: moved to validation") in caplog.text
+    assert not _post_keys(data.pairs_train + data.pairs_valid) & _post_keys(data.judge_train + data.judge_valid)

@@ -169,8 +169,10 @@ def test_cli_train_one_step_off_policy_collective(cli, tiny_overrides, tmp_path)
 def test_cli_sft_rm_on_real_tldr_files(cli, tiny_overrides, shared_data, gpt2_tokenizer_dir, tmp_path):
     posts = shared_data / "tldr" / "tldr_posts_dev.jsonl"
     pairs = shared_data / "tldr" / "tldr_pairs_dev.jsonl"
+    test = tmp_path / "test_posts.jsonl"  # posts of their own: pairs on evaluation posts never train the RM
+    test.write_text("".join(posts.read_text().splitlines(keepends=True)[-48:]))
     real = [*tiny_overrides, "data.source=local", f"data.sft_train={posts}", f"data.sft_valid={posts}",
-            f"data.sft_test={posts}", f"data.pairs_train={pairs}", f"data.pairs_valid={pairs}", "data.max_rows=48",
+            f"data.sft_test={test}", f"data.pairs_train={pairs}", f"data.pairs_valid={pairs}", "data.max_rows=48",
             f"model.tokenizer={gpt2_tokenizer_dir}"]
     run = tmp_path / "run"
     cli("sft", run, real)

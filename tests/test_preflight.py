@@ -64,8 +64,10 @@ def _local_files(tmp_path: Path, rows: int = 8) -> dict[str, Path]:
     posts = [{"prompt": f"SUBREDDIT: r/test\nTITLE: t{i}\nPOST: body {i}\nTL;DR:", "reference": f" s{i}"}
              for i in range(rows)]
     pairs = [{"prompt": p["prompt"], "chosen": " good", "rejected": " bad"} for p in posts]
+    # held-out posts of their own: comparisons on evaluation posts never train a reward model
+    test = [{**p, "prompt": p["prompt"].replace("TITLE: t", "TITLE: held-out ")} for p in posts]
     files = {}
-    for key, content in (("sft_train", posts), ("sft_valid", posts), ("sft_test", posts), ("pairs_train", pairs),
+    for key, content in (("sft_train", posts), ("sft_valid", posts), ("sft_test", test), ("pairs_train", pairs),
                          ("pairs_valid", pairs)):
         files[key] = tmp_path / f"{key}.jsonl"
         files[key].write_text("".join(json.dumps(r) + "\n" for r in content))
