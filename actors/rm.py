@@ -188,7 +188,8 @@ class RMTrainer:
         rc_, rr = self._pair_scores(model, c, r, tok.pad_token_id)
         agree = rc_ > rr
         out = {f"{self.role}/valid_accuracy": agree.float().mean().item(),
-               f"{self.role}/valid_loss": pairwise_loss(rc_, rr).item()}
+               f"{self.role}/valid_loss": pairwise_loss(rc_, rr).item(),
+               f"{self.role}/valid_pairs": float(len(c))}  # the accuracy's sample size (its interval, its test)
         if pairs[0].gold_agrees is not None:
             gold = torch.tensor([p.gold_agrees for p in pairs])
             # A pair's gold label is the dataset label unless noise flipped it.

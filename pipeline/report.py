@@ -1,10 +1,20 @@
-"""report.md for a run: stage summaries, evaluation table, sample summaries and PNG training curves."""
+"""report.md for a run: stage summaries, evaluation with intervals and verdicts, sample summaries and PNG
+training curves.
+
+Every win rate and mean difference is shown with its 95 % paired bootstrap interval and n (computed by
+`actors.evaluate`, keys in its docstring); every held-out accuracy of the reward model and the judge with an
+exact binomial test against chance and its Clopper-Pearson interval (`core.stats.accuracy_vs_chance`). A
+verdict sentence says when a win rate is not distinguishable from a tie (its interval includes 0.5) and
+when an evaluator is not better than chance (p >= 0.05).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from core import stats
 from core.metrics import read_metrics
 from core.text import budget_warnings
 from pipeline.run_dir import RunDir
@@ -78,36 +88,163 @@ def throughput_lines(run: RunDir) -> list[str]:
             *rows, ""]
 
 
+# (evaluator in result keys, its PPO-vs-SFT win rate in the report, its name, the stage whose accuracy it has)
+WIN_RATES = (("reward", "Training-reward-model win rate", "training reward model", "rm"),
+             ("judge", "Judge win rate", "judge", "judge"), ("gold", "Gold-judge win rate", "gold judge", None))
+# (stage, accuracy key, what the report calls it)
+ACCURACIES = (("rm", "rm/valid_accuracy", "Training reward model"),
+              ("rm", "rm/valid_gold_accuracy", "Training reward model, against the noiseless gold labels"),
+              ("judge", "judge/valid_accuracy", "Judge"),
+              ("judge", "judge/valid_gold_accuracy", "Judge, against the noiseless gold labels"))
+
+
+def _ci(m: dict, key: str) -> str:
+    """'[0.551, 0.690], n = 200' for a key written with its interval and count (`actors.evaluate.put_estimate`)."""
+    n = int(m.get(f"{key}_n", 0))
+    if f"{key}_ci_low" not in m:
+        return f"(n = {n}, too few for an interval)"
+    return f"[{m[f'{key}_ci_low']:.3f}, {m[f'{key}_ci_high']:.3f}], n = {n}"
+
+
+def _interval(m: dict, key: str) -> str:
+    """'0.620 [0.551, 0.690], n = 200'."""
+    return f"{m[key]:.3f} {_ci(m, key)}" if key in m else f"- {_ci(m, key)}"
+
+
+def _win_verdict(m: dict, key: str) -> str:
+    """A plain sentence on a PPO-vs-SFT win rate."""
+    if key not in m or f"{key}_ci_low" not in m:
+        return "too few prompts to tell"
+    e = stats.Estimate(m[key], m[f"{key}_ci_low"], m[f"{key}_ci_high"], int(m[f"{key}_n"]))
+    if e.includes(0.5):
+        return "not distinguishable from a tie (the interval includes 0.5)"
+    return "PPO wins more often than SFT" if e.ci_low > 0.5 else "SFT wins more often than PPO"
+
+
+def _difference_verdict(m: dict, key: str) -> str:
+    if f"{key}_ci_low" not in m:
+        return "-"
+    low, high = m[f"{key}_ci_low"], m[f"{key}_ci_high"]
+    return "no clear difference" if low <= 0 <= high else "PPO higher" if low > 0 else "PPO lower"
+
+
+def _length_range(low: float | None, high: float | None) -> str:
+    if low is None:
+        return f"<= {high:g}"
+    return f">= {low:g}" if high is None else f"{low:g} to {high:g}"
+
+
+@dataclass(frozen=True)
+class AccuracyLine:
+    stage: str  # rm or judge
+    key: str  # e.g. rm/valid_accuracy
+    what: str
+    test: stats.AccuracyTest | None  # None where the number of pairs is unknown
+
+
+def accuracy_tests(stages: dict, m: dict) -> list[AccuracyLine]:
+    """Each held-out accuracy the rm and judge stages logged, tested against chance. n: the stage's
+    `<role>/valid_pairs` where it logged one, else the count the evaluation derived from the same data
+    (`eval/<role>_valid_pairs`)."""
+    out = []
+    for stage, key, what in ACCURACIES:
+        summary = stages.get(stage, {})
+        if key not in summary:
+            continue
+        n = int(summary.get(f"{stage}/valid_pairs", m.get(f"eval/{stage}_valid_pairs", 0)))
+        out.append(AccuracyLine(stage, key, what, stats.accuracy_vs_chance(round(summary[key] * n), n) if n else None))
+    return out
+
+
+def accuracy_lines(tests: list[AccuracyLine]) -> list[str]:
+    if not tests:
+        return []
+    lines = ["## Evaluators: held-out pair accuracy", "",
+             "Share of held-out comparisons the model ranks as labelled, at the checkpoint these same pairs chose "
+             "(so slightly optimistic); exact (Clopper-Pearson) 95 % interval; one-sided binomial test against "
+             "chance (0.5).", ""]
+    for a in tests:
+        t = a.test
+        if t is None:
+            lines.append(f"- {a.what}: number of held-out pairs unknown, so no test")
+            continue
+        verdict = ("better than chance" if t.better_than_chance else
+                   "**not better than chance** (p >= 0.05): what it prefers says nothing about quality")
+        lines.append(f"- {a.what}: {t.accuracy:.3f} [{t.ci_low:.3f}, {t.ci_high:.3f}], n = {t.n} pairs; "
+                     f"p = {t.p_value:.2g}: {verdict}")
+    if any(a.stage == "judge" for a in tests):
+        lines.append("- The judge is a reward model trained on comparisons disjoint from the training reward "
+                     "model's.")
+    return lines + [""]
+
+
+def evaluation_lines(m: dict, length_bins: dict[str, list[dict]], tests: list[AccuracyLine]) -> list[str]:
+    """The evaluation section: per-policy figures and PPO - SFT differences, then each evaluator's win rate
+    (its scores, raw scores, both-EOS prompts, at equal length, by length difference) with a verdict."""
+    lines = ["## Evaluation on held-out prompts", "",
+             f"{int(m.get('eval/num_prompts', 0))} prompts; responses sampled at the rollout temperature "
+             "with the same seed for both policies. Intervals: 95 %, paired bootstrap over prompts (percentile, "
+             "seeded). Ties count half in win rates.", "",
+             "| metric | SFT | PPO | PPO - SFT | verdict |", "|---|---|---|---|---|"]
+    for key in ("reward", "reward_raw", "judge_score", "judge_score_raw", "kl", "length", "eos_rate", "rouge1",
+                "rouge2", "rougeL", "gold_score", "gold_win_vs_reference"):
+        s, p = f"eval/sft_{key}", f"eval/ppo_{key}"
+        if s not in m and p not in m:
+            continue
+        cells = [_interval(m, k) if f"{k}_n" in m else _fmt(m[k]) if k in m else "-" for k in (s, p)]
+        diff = f"eval/ppo_minus_sft_{key}"
+        d = _interval(m, diff) if f"{diff}_n" in m else "-"
+        lines.append(f"| {key} | {cells[0]} | {cells[1]} | {d} | {_difference_verdict(m, diff)} |")
+    lines += ["", "reward and judge_score: with the EOS trick (a response without EOS scores "
+              "reward.missing_eos_score); `_raw`: the model's own score. eos_rate: share of responses that "
+              "ended with EOS.", ""]
+    lengths = f"mean length PPO {m.get('eval/ppo_length', float('nan')):.1f} vs SFT " \
+              f"{m.get('eval/sft_length', float('nan')):.1f} tokens"
+    chance = {a.stage: a.test for a in tests if a.key == f"{a.stage}/valid_accuracy" and a.test is not None}
+    bins_rows = []
+    for evaluator, what, name, stage in WIN_RATES:
+        key = f"eval/ppo_{evaluator}_win_vs_sft"
+        if key not in m:
+            continue
+        lines.append(f"- **{what}, PPO vs SFT: {m[key]:.3f}** {_ci(m, key)} "
+                     f"(ties count half; {lengths}): {_win_verdict(m, key)}.")
+        if stage in chance and not chance[stage].better_than_chance:
+            lines.append("  - This evaluator is not better than chance on held-out pairs: its verdict says nothing "
+                         "about quality.")
+        slope = m.get(f"{key}_length_slope")
+        slope_text = f"; log-odds of a PPO win {slope:+.3f} per token PPO is longer" if slope is not None else ""
+        for view, suffix in (("raw scores (no EOS trick)", "_raw"),
+                             ("prompts where both responses ended with EOS", "_both_eos"),
+                             (f"at equal length (logistic regression of the win on the length difference{slope_text})",
+                              "_equal_length")):
+            if f"{key}{suffix}_n" in m:
+                lines.append(f"  - {view}: {_interval(m, key + suffix)}: {_win_verdict(m, key + suffix)}")
+        for b in length_bins.get(f"ppo_{evaluator}_win_vs_sft", []):
+            ci = f"[{b['ci_low']:.3f}, {b['ci_high']:.3f}]" if b["ci_low"] is not None else "(no interval)"
+            bins_rows.append(f"| {name} | {_length_range(b['low'], b['high'])} | {b['win']:.3f} {ci} | {b['n']} |")
+    if "eval/ppo_eos_rate" in m and "eval/sft_eos_rate" in m:
+        lines.append(f"- Ended with EOS: SFT {_interval(m, 'eval/sft_eos_rate')}; PPO "
+                     f"{_interval(m, 'eval/ppo_eos_rate')}. Where these differ, a win rate with the EOS trick "
+                     f"partly measures ending with EOS: compare the raw-score and both-EOS rows.")
+    if "eval/reference_gold_score" in m:
+        lines.append(f"- Reference summaries' mean gold score: {m['eval/reference_gold_score']:.3f}")
+    lines.append("")
+    if bins_rows:
+        lines += ["Win rate of PPO by length difference (PPO minus SFT, tokens):", "",
+                  "| evaluator | length difference | win rate [95 % CI] | n |", "|---|---|---|---|", *bins_rows, ""]
+    return lines
+
+
 def write_report(run: RunDir) -> Path:
     stages = run.stages()
     lines = [f"# rayrlhf run report: `{run.path.name}`", ""]
     ev_path = run.path / "eval" / "results.json"
     ev = json.loads(ev_path.read_text()) if ev_path.exists() else {"metrics": {}, "samples": []}
     m = ev["metrics"]
+    tests = accuracy_tests(stages, m)
     if m:
-        lines += ["## Evaluation on held-out prompts", "",
-                  f"{int(m.get('eval/num_prompts', 0))} prompts; responses sampled at the rollout temperature "
-                  "with the same seed for both policies.", "", "| metric | SFT | PPO |", "|---|---|---|"]
-        for key in ("reward", "judge_score", "kl", "length", "rouge1", "rouge2", "rougeL", "gold_score",
-                    "gold_win_vs_reference"):
-            s, p = m.get(f"eval/sft_{key}"), m.get(f"eval/ppo_{key}")
-            if s is not None or p is not None:
-                lines.append(f"| {key} | {_fmt(s) if s is not None else '-'} | {_fmt(p) if p is not None else '-'} |")
-        # Reward models prefer longer summaries: every win rate is shown with the two mean lengths beside it.
-        lengths = f"mean length PPO {m.get('eval/ppo_length', float('nan')):.1f} vs SFT " \
-                  f"{m.get('eval/sft_length', float('nan')):.1f} tokens"
-        lines.append("")
-        for key, what in (("ppo_reward_win_vs_sft", "Training-reward-model win rate"),
-                          ("ppo_judge_win_vs_sft", "Judge win rate"), ("ppo_gold_win_vs_sft", "Gold-judge win rate")):
-            if f"eval/{key}" in m:
-                lines.append(f"- **{what}, PPO vs SFT: {m[f'eval/{key}']:.3f}** (ties count half; {lengths})")
-        if "eval/reference_gold_score" in m:
-            lines.append(f"- Reference summaries' mean gold score: {m['eval/reference_gold_score']:.3f}")
-        if "eval/ppo_judge_win_vs_sft" in m and "judge" in stages:
-            accuracy = stages["judge"].get("judge/valid_accuracy", float("nan"))
-            lines.append(f"- The judge is a reward model trained on comparisons disjoint from the training reward "
-                         f"model's; its held-out pair accuracy: {accuracy:.3f}")
-        lines.append("")
+        lines += evaluation_lines(m, ev.get("length_bins", {}), tests)
+    lines += accuracy_lines(tests)
     lines += throughput_lines(run)
     warnings = budget_warnings({k: v for summary in stages.values() for k, v in summary.items()})
     if warnings:
@@ -139,6 +276,7 @@ def write_report(run: RunDir) -> Path:
                 if name in s:
                     extra = "".join(f", {what} {s[f'{name}_{what}']:.2f}" for what in ("judge", "gold")
                                     if f"{name}_{what}" in s)
+                    extra += ", no EOS" if s.get(f"{name}_eos") is False else ""
                     lines.append(f"- **{name}** (reward {s[f'{name}_reward']:.2f}{extra}): {s[name]}")
             lines.append("")
     path = run.path / "report.md"
