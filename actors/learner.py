@@ -65,12 +65,13 @@ class PPOLearner:
     """The policy and the critic of one PPO run, their optimizers, and the policy version they hold.
 
     Built from the PPO config and what else it reads: the model config (dtype, LoRA), the sampling
-    temperature (log-probs are of logits / T, as the rollout sampled them) and the run's seed.
+    temperature (log-probs are of logits / T, as the rollout sampled them), the response budget and the run's seed.
     """
 
     def __init__(self, pc: PPOConfig, model: ModelConfig, sft_checkpoint: str, rm_checkpoint: str, *,
-                 temperature: float, seed: int, device: str | None = None):
+                 temperature: float, seed: int, max_new_tokens: int, device: str | None = None):
         self.pc, self.model_cfg, self.temperature = pc, model, temperature
+        self.max_new_tokens = max_new_tokens  # the constant of ppo.loss_aggregation seq_sum_norm
         self.checkpoints = {"policy": sft_checkpoint, "critic": rm_checkpoint}  # what a sharded export starts from
         self.device = device or default_device()
         if model.mixed_precision != "no" and not torch.distributed.is_initialized():
@@ -85,9 +86,14 @@ class PPOLearner:
         self.policy = trainable(load_causal_lm(sft_checkpoint, self.tokenizer, model.dtype), model, "CAUSAL_LM")
         self.policy = self.policy.to(self.device)
         disable_dropout(self.policy)
-        self.critic = None
+        self.critic, self.value_bias = None, 0.0
         if pc.advantage_estimator == "gae":
             critic = load_scalar_model(rm_checkpoint, self.tokenizer, model.dtype)  # detail 8
+            # The reward model's normalising bias is part of its score (`RewardScorer`): the critic starts as the
+            # same function, V = head(h) + bias, as Huang et al.'s critic (their ScalarModel's forward applies
+            # it). Without it V starts `bias` off the returns, which shifts GAE's advantages by
+            # -bias (gamma lam)^(T-1-t), largest at EOS: a push on when to stop that whitening keeps.
+            self.value_bias = float(getattr(critic.config, "reward_bias", 0.0) or 0.0)
             self.critic = trainable(critic, model, "SEQ_CLS").to(self.device)
             disable_dropout(self.critic)
         self.packed = pc.max_tokens_per_micro_batch is not None  # micro batches packed, not padded
@@ -107,6 +113,8 @@ class PPOLearner:
                               and (self.critic is None or prefix_runs_once_exactly(self.critic)))
         # positions and attention FLOPs each model ran in this update (`_count`)
         self._work: defaultdict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+        # the update's behaviour-vs-proximal sums (`_tally_offpolicy`)
+        self._offpolicy: defaultdict[str, float] = defaultdict(float)
         self.version = 0
         updates = pc.steps * pc.ppo_epochs * (pc.rollout_batch_size // pc.minibatch_size)
         self.opt, self.sched = self._optimizer(self.policy, pc.lr, updates)
@@ -117,7 +125,7 @@ class PPOLearner:
     @classmethod
     def from_config(cls, cfg: Config, sft_checkpoint: str, rm_checkpoint: str, device: str | None = None) -> PPOLearner:
         return cls(cfg.ppo, cfg.model, sft_checkpoint, rm_checkpoint, temperature=cfg.rollout.temperature,
-                   seed=cfg.run.seed, device=device)
+                   seed=cfg.run.seed, max_new_tokens=cfg.rollout.max_new_tokens, device=device)
 
     def _optimizer(self, model, lr: float, updates: int):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, eps=self.pc.adam_eps,
@@ -147,8 +155,14 @@ class PPOLearner:
         if count is not None:
             self._count(count, self.critic, prompts, pmask, exp.response_mask[sl], one_pass)
         tensors = (prompts, pmask, exp.responses[sl], exp.response_mask[sl])
-        return response_values(self.critic, *(t.to(self.device) for t in tensors), packed=self.packed,
-                               share_prompts=one_pass)
+        return self._critic(*(t.to(self.device) for t in tensors), one_pass)
+
+    def _critic(self, prompts: torch.Tensor, pmask: torch.Tensor, responses: torch.Tensor, rmask: torch.Tensor,
+                one_pass: bool) -> torch.Tensor:
+        """V(s_t) before each response token -> (b, R): the critic's head plus the reward model's bias."""
+        values = response_values(self.critic, prompts, pmask, responses, rmask, packed=self.packed,
+                                 share_prompts=one_pass)
+        return values + self.value_bias
 
     def _single_update(self, exp: Experience) -> bool:
         """One epoch, one minibatch, one padded micro batch: the step's only critic forward is on the old weights
@@ -156,6 +170,26 @@ class PPOLearner:
         pc = self.pc
         return (self.critic is not None and not self.fsdp and not self.packed and pc.ppo_epochs == 1
                 and min(pc.minibatch_size, pc.micro_batch_size) >= exp.size)
+
+    def _one_optimizer_step(self, exp: Experience) -> bool:
+        """One epoch of one minibatch: the policy that starts the update is the one every micro batch runs, so
+        its log-probs are the proximal policy's (`_minibatch`) and need no forward of their own."""
+        return self.pc.ppo_epochs == 1 and self.pc.minibatch_size >= exp.size
+
+    @torch.no_grad()
+    def _proximal_logprobs(self, exp: Experience) -> torch.Tensor:
+        """log pi_prox: the policy's log-probs of the batch's tokens before this update -> (B, R), no grad."""
+        def forward(rows: torch.Tensor) -> torch.Tensor:
+            prompts, pmask, responses, rmask = trim_padding(exp.prompts[rows], exp.prompt_mask[rows],
+                                                            exp.responses[rows], exp.response_mask[rows])
+            one_pass = self._share(prompts, pmask)
+            self._count("policy_forward", self.policy, prompts, pmask, rmask, one_pass)
+            self._work["head_forward"][0] += int(rmask.sum())
+            logp, _ = response_logprobs(self.policy, *(t.to(self.device) for t in (prompts, pmask, responses, rmask)),
+                                        self.temperature, packed=self.packed, share_prompts=one_pass)
+            return logp
+
+        return self._batch_forward(exp, self.policy, forward)
 
     def advantages(self, exp: Experience, values_graph: torch.Tensor | None = None) -> Advantages:
         """KL, advantages (and values, returns for GAE). `values_graph`: the critic's V on the whole batch,
@@ -176,9 +210,13 @@ class PPOLearner:
 
     @torch.no_grad()
     def _old_values(self, exp: Experience) -> torch.Tensor:
-        """V(s_t) of the whole batch before the update -> (B, R); in a group each rank computes an equal
-        contiguous share and the shares are gathered."""
-        self.critic.eval()
+        """V(s_t) of the whole batch before the update -> (B, R)."""
+        return self._batch_forward(exp, self.critic, lambda rows: self._values(exp, rows, count="critic_forward"))
+
+    def _batch_forward(self, exp: Experience, model, forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`forward(rows) -> (b, R')` over the whole batch, in micro batches cut as the update cuts them -> (B, R);
+        in a group each rank computes an equal contiguous share and the shares are gathered."""
+        model.eval()
         rows = torch.arange(exp.size)
         if self.fsdp:
             n = exp.size // self.rank.world
@@ -192,7 +230,8 @@ class PPOLearner:
         prompts_of = prompt_ids(exp.prompts[rows], exp.prompt_mask[rows]) if self.share_prompts else None
         mine = torch.zeros(len(rows), exp.responses.shape[1])
         for group in micro_batch_groups(lengths, self.pc.micro_batch_size, budget, n_groups, prompts_of):
-            mine[group] = self._values(exp, rows[group], count="critic_forward").float().cpu()
+            out = forward(rows[group]).float().cpu()
+            mine[group, : out.shape[1]] = out
         return torch.cat(all_gather_rows(mine, self.rank.world)) if self.fsdp else mine
 
     # --- update -----------------------------------------------------------------------------------
@@ -218,6 +257,13 @@ class PPOLearner:
             self.critic.train()
             values_graph = self._values(exp, slice(None))
         adv = self.advantages(exp, values_graph)
+        # The proximal policy: the learner's log-probs before this update (`ppo.proximal_policy`). With one optimizer
+        # step they are the step's own log-probs, detached (`_minibatch`); otherwise one forward over the batch.
+        prox = None
+        if pc.proximal_policy and not self._one_optimizer_step(exp):
+            prox = self._proximal_logprobs(exp)
+            self.policy.train()
+        self._offpolicy.clear()
         sums: dict[str, float] = {}
         n_updates = 0
         self.policy.train()
@@ -230,7 +276,7 @@ class PPOLearner:
                 # Before the first update of an on-policy batch the learner holds the weights that sampled it:
                 # its log-probs must equal the rollout backend's (HF or vLLM), up to float error.
                 check = staleness == 0 and epoch == 0 and start == 0
-                stats = self._minibatch(exp, adv, mask, idx, values_graph, check)
+                stats = self._minibatch(exp, adv, mask, idx, values_graph, check, prox, first_epoch=epoch == 0)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
@@ -254,6 +300,7 @@ class PPOLearner:
             # below learner_s when the learner waits for a core it shares with other roles
             "timing/learner_cpu_s": time.process_time() - cpu0,
         })
+        metrics.update(self._offpolicy_metrics())
         metrics.update(self._throughput(exp, metrics["timing/learner_s"], peak))
         if adv.values is not None:
             metrics["ppo/value_mean"] = pm.masked_mean(adv.values, mask).item()
@@ -266,13 +313,17 @@ class PPOLearner:
     def _throughput(self, exp: Experience, seconds: float, peak: float) -> dict[str, float]:
         """Tokens/s and MFU of this update (`core.throughput`) from the work this rank ran (`_count`): the policy
         (and the critic) trained on every micro batch of every epoch, each distinct prompt once where it ran once;
-        GAE's old values one more critic forward unless the update reused it."""
+        GAE's old values one more critic forward unless the update reused it; the proximal log-probs one more
+        policy forward where the update takes several optimizer steps."""
         pc, tokens, work = self.pc, int(exp.prompt_mask.sum() + exp.response_mask.sum()), self._work
         checkpointing = self.model_cfg.gradient_checkpointing  # `work` read with get: what did not run adds no key
         positions, attention = work.get("policy", (0, 0.0))
         flops = (training_flops(*model_params(self.policy), positions, checkpointing, attention)
                  # the head runs on the positions that predict response tokens only, and is never recomputed
                  + training_flops(*model_head_params(self.policy), work.get("head", (0,))[0]))
+        positions, attention = work.get("policy_forward", (0, 0.0))  # the proximal log-probs, where they ran
+        flops += (forward_flops(model_params(self.policy)[0], positions) + attention
+                  + forward_flops(model_head_params(self.policy)[0], work.get("head_forward", (0,))[0]))
         if self.critic is not None:
             critic = model_params(self.critic)
             positions, attention = work.get("critic", (0, 0.0))
@@ -282,11 +333,48 @@ class PPOLearner:
         return {"perf/learner_tokens_per_s": tokens * pc.ppo_epochs / seconds if seconds > 0 else 0.0,
                 "perf/learner_mfu": mfu(flops, seconds, peak)}
 
+    def _offpolicy_metrics(self) -> dict[str, float]:
+        """The update's behaviour-vs-proximal mismatch and importance weights, over every response token of the
+        batch (each counted once, in the first epoch; a group's ranks summed): `ppo/mismatch_*`, `ppo/is_*`."""
+        if not self._offpolicy:
+            return {}
+        sums = dict(self._offpolicy)
+        top = sums.pop("abs_diff_max")
+        if self.fsdp:
+            sums, top = all_reduce_sum(sums), all_reduce_max(top)
+        n, units = max(sums["tokens"], 1.0), max(sums["units"], 1.0)
+        out = {"ppo/mismatch_abs_diff_mean": sums["abs_diff"] / n, "ppo/mismatch_abs_diff_max": top,
+               "ppo/mismatch_kl_k1": sums["k1"] / n, "ppo/mismatch_kl_k3": sums["k3"] / n}
+        if self.pc.behaviour_is != "none":
+            out.update({"ppo/is_weight_mean": sums["w"] / units,
+                        "ppo/is_ess": sums["w"] ** 2 / max(units * sums["w2"], 1e-12),
+                        "ppo/is_bounded_fraction": sums["bounded"] / units})
+        return out
+
+    def _tally_offpolicy(self, prox: torch.Tensor, behav: torch.Tensor, mmask: torch.Tensor,
+                         weights: pm.BehaviourWeights | None) -> None:
+        d = pm.mismatch(prox, behav, mmask)
+        n = mmask.sum().item()
+        t = self._offpolicy
+        t["tokens"] += n
+        t["abs_diff"] += d.abs_diff_mean.item() * n
+        t["k1"] += d.kl_k1.item() * n
+        t["k3"] += d.kl_k3.item() * n
+        t["abs_diff_max"] = max(t["abs_diff_max"], d.abs_diff_max.item())
+        if weights is not None:
+            t["units"] += weights.units.sum().item()
+            t["w"] += pm.masked_sum(weights.unit_weights, weights.units).item()
+            t["w2"] += pm.masked_sum(weights.unit_weights**2, weights.units).item()
+            t["bounded"] += pm.masked_sum(weights.bounded.float(), weights.units).item()
+
     def _minibatch(self, exp: Experience, adv: Advantages, mask: torch.Tensor,
                    idx: torch.Tensor, values_graph: torch.Tensor | None = None,
-                   check_behaviour: bool = False) -> dict[str, float]:
+                   check_behaviour: bool = False, prox: torch.Tensor | None = None,
+                   first_epoch: bool = True) -> dict[str, float]:
         pc, dev = self.pc, self.device
         n_tokens = mask[idx].sum().clamp(min=1.0).to(dev)  # of the whole minibatch, on every rank
+        if pc.loss_aggregation == "seq_sum_norm":  # Dr. GRPO: sequences of the whole minibatch, on every rank
+            n_tokens = torch.tensor(float(len(idx)), device=dev)
         lengths = (exp.prompt_mask[idx].sum(-1) + exp.response_mask[idx].sum(-1)).tolist()
         if self.fsdp:
             mine = rank_share(lengths, self.rank.rank, self.rank.world)
@@ -314,22 +402,37 @@ class PPOLearner:
                 self._count("critic", self.critic, prompts, pmask, rmask, one_pass)
             logp, entropy = response_logprobs(self.policy, prompts, pmask, responses, rmask, self.temperature,
                                               with_entropy=True, packed=self.packed, share_prompts=one_pass)
-            old_logp = exp.logprobs[mi, :R].to(dev)
+            behav = exp.logprobs[mi, :R].to(dev)
             if check_behaviour:
-                diff = ((logp.detach() - old_logp) * mmask).abs().max().item()
+                diff = ((logp.detach() - behav) * mmask).abs().max().item()
                 stats["ppo/behaviour_logprob_max_diff"] = max(stats.get("ppo/behaviour_logprob_max_diff", 0.0), diff)
-            pl = pm.clipped_policy_loss(logp, old_logp, adv.advantages[mi, :R].to(dev), mmask, pc.clip_range, n_tokens)
+            # the policy the ratio is clipped against: the proximal one (decoupled PPO) or the behaviour one
+            old_logp, weights = behav, None
+            if pc.proximal_policy:
+                old_logp = prox[mi, :R].to(dev) if prox is not None else logp.detach()
+                if pc.behaviour_is != "none":
+                    weights = pm.behaviour_weights(old_logp, behav, mmask, pc.behaviour_is, pc.behaviour_is_mode,
+                                                   pc.behaviour_is_cap, pc.behaviour_is_floor)
+                if first_epoch:
+                    self._tally_offpolicy(old_logp, behav, mmask, weights)
+            pl = pm.clipped_policy_loss(
+                logp, old_logp, adv.advantages[mi, :R].to(dev), mmask, pc.clip_range, n_tokens,
+                weights=None if weights is None else weights.weights, dual_clip=pc.dual_clip,
+                seq_norm=float(self.max_new_tokens) if pc.loss_aggregation == "seq_sum_norm" else None)
             ent = pm.entropy_bonus(entropy, mmask, n_tokens)
             loss = pl.loss - pc.ent_coef * ent
             stats["ppo/policy_loss"] += pl.loss.item()
             stats["ppo/entropy"] += ent.item()
             stats["ppo/clip_fraction"] += pl.clip_fraction.item() * share
             stats["ppo/approx_kl"] += pl.approx_kl.item() * share
+            if pc.dual_clip is not None:
+                stats["ppo/dual_clip_fraction"] = stats.get("ppo/dual_clip_fraction", 0.0) + \
+                    pl.dual_clip_fraction.item() * share
             if self.critic is not None:
                 if values_graph is not None:  # the whole batch, in batch order
                     values = values_graph[mi.to(values_graph.device), :R]
                 else:
-                    values = response_values(self.critic, prompts, pmask, responses, rmask, self.packed, one_pass)
+                    values = self._critic(prompts, pmask, responses, rmask, one_pass)
                 vl = pm.clipped_value_loss(values, adv.values[mi, :R].to(dev), adv.returns[mi, :R].to(dev), mmask,
                                            pc.value_clip_range, n_tokens)
                 loss = loss + pc.vf_coef * vl.loss

@@ -238,7 +238,8 @@ class DataConfig(_Section):
     pairs_valid_fraction: float = Field(0.15, gt=0, lt=1, description="pairs_file: share of the pairs for validation.")
     judge_fraction: float = Field(0.0, ge=0, lt=1, description=(
         "Share of the comparison pairs (train and valid alike) kept from the reward model to train an "
-        "independent judge reward model (stage `judge`) that scores SFT and PPO in evaluation; 0: no judge."))
+        "independent judge reward model (stage `judge`) that scores SFT and PPO in evaluation; drawn by post: "
+        "the judge and the reward model never see the same post. 0: no judge."))
     max_rows: int | None = Field(None, ge=1, description="Cap on rows read per split (quick runs).")
     strict: bool = Field(False, description="Reject the dataset at the first bad row instead of skipping it.")
     max_prompt_tokens: int = Field(512, ge=16, description="Queries are cut at a newline of the post to fit this.")
@@ -337,13 +338,19 @@ class RolloutConfig(_Section):
         "vLLM tensor parallelism: GPUs each rollout worker's engine splits the model over (rollout.num_gpus must "
         "equal it, so the worker's placement bundle holds them)."))
     temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probs everywhere use logits / temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; 1 keeps sampling and log-probs on the full softmax(logits / T).")
+    top_p: float = Field(1.0, gt=0, le=1, description=(
+        "Nucleus sampling. Must be 1: the learner and the reference compute log-probs over the full "
+        "softmax(logits / T), while a nucleus changes the distribution tokens are drawn from (HF records the "
+        "full-softmax probability of a nucleus token, vLLM the renormalised one): PPO's ratios would be wrong."))
     max_new_tokens: int = Field(24, ge=1, description="Fixed response budget; responses are cut after the first EOS.")
     vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM on GPU: share of GPU memory for weights and KV cache.")
     vllm_kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
 
     @model_validator(mode="after")
     def _check(self) -> RolloutConfig:
+        if self.top_p != 1.0:
+            raise ValueError(f"rollout.top_p {self.top_p}: PPO's learner and reference compute log-probs of the full "
+                             "softmax(logits / T), not of the nucleus the rollout would sample from; keep 1")
         tp = self.tensor_parallel_size
         if tp > 1 and self.backend != "vllm":
             raise ValueError(f"rollout.tensor_parallel_size {tp} needs rollout.backend vllm (got {self.backend})")
@@ -408,12 +415,43 @@ class PPOConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm (policy and critic each).")
     clip_range: float = Field(0.2, gt=0, description="Policy ratio clip epsilon.")
     value_clip_range: float = Field(0.2, gt=0, description="Value clip epsilon.")
-    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    vf_coef: float = Field(0.1, ge=0, description=(
+        "Weight of the value loss in the summed loss. The critic is a separate model with its own AdamW "
+        "(ppo.critic_lr), so this only scales the critic's gradient before clipping (ppo.max_grad_norm) and "
+        "Adam, which is invariant to a constant factor: it matters only while the critic's norm is clipped "
+        "(10x vf_coef changed one update by 8.9 %). Kept for parity with configs of Huang et al. (0.1); tune "
+        "ppo.critic_lr instead."))
     ent_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty coefficient beta (fixed).")
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator in the penalty: k1 = log ratio, k3 = (r - 1) - log r.")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description=(
+        "KL estimator in the per-token penalty: k1 = log ratio, k3 = (r - 1) - log r. Both estimate KL's value "
+        "without bias, but as a reward that PPO differentiates through the policy's samples only k1 gives the "
+        "gradient of KL; k3 as a reward gives a biased gradient (Tang & Munos 2025; Zhang et al. 2025)."))
+    loss_aggregation: Literal["token_mean", "seq_sum_norm"] = Field("token_mean", description=(
+        "How the policy loss sums over tokens. token_mean: the minibatch's token sum over its token count (Huang "
+        "et al.). seq_sum_norm: each sequence's token sum over a constant (rollout.max_new_tokens), averaged over "
+        "sequences (Dr. GRPO, Liu et al. 2025): with sequence-level advantages (rloo, grpo) token_mean weighs "
+        "every token of a short response more than one of a long response, a length bias this removes."))
+    proximal_policy: bool = Field(True, description=(
+        "Decoupled PPO (Hilton et al. 2022; AReaL): clip the ratio against the proximal policy, the learner's "
+        "own log-probs at the start of this update (no grad), instead of the rollout's behaviour log-probs, "
+        "which differ by staleness (ppo.max_staleness) and engine-vs-learner numerics (bf16 vLLM on GPUs). "
+        "The behaviour/proximal mismatch is corrected by ppo.behaviour_is. false: today's PPO, the ratio "
+        "against the behaviour log-probs (no correction). Costs one forward of the policy per update when "
+        "the update takes more than one optimizer step (ppo_epochs > 1 or several minibatches), else none."))
+    behaviour_is: Literal["none", "token", "sequence"] = Field("token", description=(
+        "Importance weight w = pi_prox / pi_behav (detached) on each token's clipped loss, per token or per "
+        "sequence (product over its tokens), bounded by ppo.behaviour_is_mode. Needs proximal_policy."))
+    behaviour_is_mode: Literal["truncate", "mask"] = Field("truncate", description=(
+        "truncate: min(w, cap) (TIS, Yao et al. 2025); mask: tokens (or sequences) with w outside "
+        "[behaviour_is_floor, cap] get weight 0, the others w (MIS / IcePop)."))
+    behaviour_is_cap: float = Field(2.0, ge=1, description="Upper bound C of the importance weight (TIS: 2).")
+    behaviour_is_floor: float = Field(0.0, ge=0, lt=1, description="mask mode: weights below this are masked too.")
+    dual_clip: float | None = Field(None, gt=1, description=(
+        "Dual clip c (Ye et al. 2020): for A < 0 the loss is at most -c A, so a token whose ratio ran far above "
+        "1 + eps cannot dominate the update. null: off (the proximal policy already starts every ratio at 1)."))
     advantage_estimator: Literal["gae", "rloo", "grpo"] = Field("gae", description="gae (with critic), rloo or grpo (critic-free, n samples per prompt).")
     whiten_advantages: bool = Field(True, description="Normalise advantages over the batch (detail 10).")
     max_staleness: int = Field(1, ge=0, description="0: synchronous on-policy PPO; k: a batch may come from version >= step - k.")
@@ -451,6 +489,9 @@ class PPOConfig(_Section):
         _divides("ppo", "rollout_batch_size", self.rollout_batch_size, "minibatch_size", self.minibatch_size)
         _divides("ppo", "minibatch_size", self.minibatch_size, "micro_batch_size", self.micro_batch_size)
         _divides("ppo", "minibatch_size", self.minibatch_size, "learner_workers", self.learner_workers)
+        if self.behaviour_is != "none" and not self.proximal_policy:
+            raise ValueError(f"ppo.behaviour_is {self.behaviour_is} weighs by pi_prox / pi_behav: it needs "
+                             "ppo.proximal_policy true (or set ppo.behaviour_is none)")
         if self.advantage_estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
             raise ValueError(f"ppo.advantage_estimator {self.advantage_estimator} needs ppo.samples_per_prompt >= 2")
         return self

@@ -11,6 +11,7 @@ divergence" (k1, k3), Ahmadian et al. 2024 (RLOO), Shao et al. 2024 (GRPO).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -83,22 +84,105 @@ class PolicyLoss:
     loss: Tensor  # scalar, differentiable
     clip_fraction: Tensor  # share of tokens where the clipped term was used
     approx_kl: Tensor  # 0.5 E[(log pi - log pi_old)^2], how far the update moved the policy
+    dual_clip_fraction: Tensor  # share of tokens where the dual clip bound the loss (0 without dual clip)
 
 
 def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_range: float,
-                        n_tokens: float | Tensor | None = None) -> PolicyLoss:
+                        n_tokens: float | Tensor | None = None, weights: Tensor | None = None,
+                        dual_clip: float | None = None, seq_norm: float | None = None) -> PolicyLoss:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated for minimisation:
-    L = E_t[ max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)) ],  rho_t = pi(a_t|s_t) / pi_old(a_t|s_t).
+    L = E_t[ w_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)) ],  rho_t = pi(a_t|s_t) / pi_old(a_t|s_t).
+
+    `old_logp` is the policy the ratio is clipped against: the behaviour policy (plain PPO) or the proximal policy
+    (decoupled PPO, Hilton et al. 2022 eq. 3), whose `weights` w_t = pi_prox / pi_behav (detached, bounded:
+    `behaviour_weights`) correct for sampling from the behaviour policy; None: w_t = 1.
+    `dual_clip` c > 1 (Ye et al. 2020 eq. 5): where A_t < 0 the per-token loss is at most -c A_t.
+    `seq_norm`: each sequence's token sum divided by this constant, then the mean over sequences (`n_tokens` then
+    counts sequences: Dr. GRPO, Liu et al. 2025); None: the token mean.
     """
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask, n_tokens)
+    per_token = torch.maximum(unclipped, clipped)
+    dual = torch.zeros_like(per_token, dtype=torch.bool)
+    if dual_clip is not None:
+        bound = -dual_clip * advantages
+        dual = (advantages < 0) & (per_token > bound)
+        per_token = torch.where(dual, bound, per_token)
+    if weights is not None:
+        per_token = weights * per_token
+    if seq_norm is None:
+        loss = masked_mean(per_token, mask, n_tokens)
+    else:
+        loss = masked_sum(per_token, mask) / seq_norm / (mask.shape[0] if n_tokens is None else n_tokens)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(0.5 * log_ratio**2, mask)
-    return PolicyLoss(loss, clip_fraction, approx_kl)
+        dual_clip_fraction = masked_mean(dual.float(), mask)
+    return PolicyLoss(loss, clip_fraction, approx_kl, dual_clip_fraction)
+
+
+@dataclass(frozen=True)
+class BehaviourWeights:
+    """Importance weights pi_prox / pi_behav of a batch's tokens, and the units they were computed on."""
+
+    weights: Tensor  # (B, R) detached, bounded, per token; 0 on padding and on masked tokens
+    unit_weights: Tensor  # (B, R) per token, or (B, 1) per sequence: the bounded weight of each unit
+    units: Tensor  # 1 where a unit (a response token, or a non-empty sequence) was weighed, like unit_weights
+    bounded: Tensor  # bool, like unit_weights: truncated at the cap, or masked
+
+    @property
+    def ess(self) -> Tensor:
+        """Effective sample size over the N units, (sum w)^2 / (N sum w^2), in (0, 1]; 1 when all w are equal."""
+        return masked_sum(self.unit_weights, self.units) ** 2 / (
+            self.units.sum() * masked_sum(self.unit_weights**2, self.units)).clamp(min=1e-12)
+
+    @property
+    def bounded_fraction(self) -> Tensor:
+        return masked_mean(self.bounded.float(), self.units)
+
+
+def behaviour_weights(prox_logp: Tensor, behav_logp: Tensor, mask: Tensor,
+                      level: Literal["token", "sequence"], mode: Literal["truncate", "mask"], cap: float,
+                      floor: float = 0.0) -> BehaviourWeights:
+    """w = pi_prox / pi_behav per token, or per sequence (the product over its tokens, broadcast to them).
+
+    truncate: min(w, cap) (truncated importance sampling, Yao et al. 2025; Espeholt et al. 2018);
+    mask: w where floor <= w <= cap, else 0 (masked importance sampling; IcePop). (B, R) tensors.
+    """
+    with torch.no_grad():
+        log_w = (prox_logp - behav_logp).float() * mask
+        units = mask.float()
+        if level == "sequence":
+            log_w, units = log_w.sum(-1, keepdim=True), (mask.sum(-1, keepdim=True) > 0).float()  # (B, 1)
+        w = torch.exp(log_w.clamp(max=math.log(cap) + 1.0))  # past the cap it is cut or masked anyway
+        if mode == "truncate":
+            bounded = w > cap
+            w = w.clamp(max=cap)
+        else:
+            bounded = (w > cap) | (w < floor)
+            w = w.masked_fill(bounded, 0.0)
+        w = w * units
+        return BehaviourWeights(w.expand_as(mask) * mask, w, units, bounded & (units > 0))
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """How far the learner's log-probs at the start of an update are from the rollout's behaviour log-probs, on
+    the behaviour policy's samples: staleness plus engine-vs-learner numerics."""
+
+    abs_diff_mean: Tensor
+    abs_diff_max: Tensor
+    kl_k1: Tensor  # KL(pi_behav || pi_prox) estimated with k1 = log pi_behav - log pi_prox
+    kl_k3: Tensor  # ... and with k3 = (r - 1) - log r, r = pi_prox / pi_behav
+
+
+def mismatch(prox_logp: Tensor, behav_logp: Tensor, mask: Tensor) -> Mismatch:
+    with torch.no_grad():
+        diff = (behav_logp - prox_logp).float()
+        return Mismatch(masked_mean(diff.abs(), mask), (diff.abs() * mask).max(), masked_mean(diff, mask),
+                        masked_mean(kl_estimate(behav_logp.float(), prox_logp.float(), "k3"), mask))
 
 
 @dataclass(frozen=True)

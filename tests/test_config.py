@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 from pathlib import Path
 
 import pydantic
@@ -273,3 +274,16 @@ def test_roles_take_the_idle_cores_only_when_they_run_alone():
     assert role_threads(fixed, "learner", 8) == 3
     overlapping = load_config(None, ["ppo.max_staleness=1", "ppo.num_cpus=2"])
     assert role_threads(overlapping, "learner", 8) == 2 and role_threads(overlapping, "rollout", 8) == 1
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["rollout.top_p=0.9"], "rollout.top_p 0.9: PPO's learner and reference compute log-probs of the full"),
+    (["ppo.proximal_policy=false"], "ppo.behaviour_is token weighs by pi_prox / pi_behav: it needs ppo.proximal_policy"),
+    (["ppo.dual_clip=1.0"], "ppo.dual_clip"),
+    (["ppo.behaviour_is_cap=0.5"], "ppo.behaviour_is_cap"),
+])
+def test_sampling_and_off_policy_settings_that_would_be_wrong_are_refused(overrides, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(None, overrides)
+    # plain PPO without a correction is a choice, not an error
+    assert not load_config(None, ["ppo.proximal_policy=false", "ppo.behaviour_is=none"]).ppo.proximal_policy

@@ -218,3 +218,80 @@ def unwrap_is_checkpointing(model) -> bool:
     from core.modeling import unwrap
 
     return unwrap(model).is_gradient_checkpointing
+
+
+def test_critic_starts_as_the_reward_model(make_tiny_cfg, tiny_checkpoints, experience):
+    """Step 0: the critic's value at each response's last token equals the reward scorer's score of the same
+    sequence (bias included, no EOS trick, no KL term): the critic is the reward model, as Huang et al.'s is."""
+    import torch.nn.functional as F
+
+    from actors.reward import RewardScorer
+
+    learner = _learner(make_tiny_cfg, tiny_checkpoints)
+    scorer = RewardScorer(str(tiny_checkpoints.rm), missing_eos_score=None, device="cpu")
+    assert learner.value_bias == scorer.bias != 0.0  # the tiny reward model carries a normalising bias
+    exp = experience
+    # V(s_t) is read before token t: one more (padding) column puts the state after the last token in reach
+    responses = F.pad(exp.responses, (0, 1), value=learner.tokenizer.pad_token_id)
+    with torch.no_grad():
+        values = learner._critic(exp.prompts, exp.prompt_mask, responses, F.pad(exp.response_mask, (0, 1)), False)
+    at_last = values.gather(1, exp.response_mask.sum(-1, keepdim=True).long())[:, 0]
+    raw = scorer.score_tokens(exp.prompts, exp.prompt_mask, exp.responses, exp.response_mask).raw_scores
+    assert (at_last - raw).abs().max().item() < 1e-6
+
+
+def _own_logprobs(learner, exp):
+    """The batch with the learner's own log-probs as the behaviour ones: staleness 0, no numeric mismatch."""
+    from core.sequences import response_logprobs
+
+    with torch.no_grad():
+        logp, _ = response_logprobs(learner.policy, exp.prompts, exp.prompt_mask, exp.responses, exp.response_mask,
+                                    learner.temperature)
+    return replace(exp, logprobs=(logp * exp.response_mask).detach())
+
+
+@pytest.mark.parametrize("epochs", [1, 2])  # one optimizer step (no extra forward), and the proximal forward
+def test_decoupled_objective_equals_plain_ppo_on_policy(make_tiny_cfg, tiny_checkpoints, experience, epochs):
+    """Staleness 0 and identical log-probs: pi_prox = pi_behav, every weight is 1, the update is today's."""
+    plain = _learner(make_tiny_cfg, tiny_checkpoints, f"ppo.ppo_epochs={epochs}", "ppo.proximal_policy=false",
+                     "ppo.behaviour_is=none")
+    decoupled = _learner(make_tiny_cfg, tiny_checkpoints, f"ppo.ppo_epochs={epochs}")
+    exp = _own_logprobs(plain, experience)
+    m_plain, m_dec = plain.train_step(copy.deepcopy(exp)), decoupled.train_step(copy.deepcopy(exp))
+    assert _max_diff(_params(plain.policy), _params(decoupled.policy)) < 1e-6
+    assert m_plain["ppo/policy_loss"] == pytest.approx(m_dec["ppo/policy_loss"], abs=1e-6)
+    assert m_dec["ppo/mismatch_abs_diff_max"] < 1e-5 and abs(m_dec["ppo/mismatch_kl_k3"]) < 1e-9
+    assert m_dec["ppo/is_ess"] == pytest.approx(1.0, abs=1e-6) and m_dec["ppo/is_bounded_fraction"] == 0.0
+    assert "ppo/mismatch_abs_diff_max" not in m_plain  # nothing to compare without a proximal policy
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_injected_mismatch_is_measured_and_bounded(make_tiny_cfg, tiny_checkpoints, experience, epochs):
+    """Behaviour log-probs off by up to 3 nats (a badly mismatched engine): the learner measures the mismatch,
+    truncates the weights at the cap, and its update stays near the on-policy one."""
+    ref = _learner(make_tiny_cfg, tiny_checkpoints, f"ppo.ppo_epochs={epochs}")
+    exp = _own_logprobs(ref, experience)
+    noise = (torch.rand(exp.logprobs.shape, generator=torch.Generator().manual_seed(3)) * 6 - 3) * exp.response_mask
+    bad = replace(exp, logprobs=exp.logprobs + noise)
+    learners = {k: _learner(make_tiny_cfg, tiny_checkpoints, f"ppo.ppo_epochs={epochs}", *extra) for k, extra in (
+        ("tis", ()), ("plain", ("ppo.proximal_policy=false", "ppo.behaviour_is=none")))}
+    m = learners["tis"].train_step(copy.deepcopy(bad))
+    learners["plain"].train_step(copy.deepcopy(bad))
+    ref.train_step(copy.deepcopy(exp))
+    n = exp.response_mask.sum()
+    assert m["ppo/mismatch_abs_diff_mean"] == pytest.approx((noise.abs().sum() / n).item(), rel=1e-3)
+    assert m["ppo/mismatch_abs_diff_max"] == pytest.approx(noise.abs().max().item(), rel=1e-3)
+    assert 0.1 < m["ppo/is_bounded_fraction"] < 0.9 and m["ppo/is_ess"] < 0.9
+    assert m["ppo/is_weight_mean"] <= 2.0  # the cap
+    # clipped against the proximal policy, the update moves the policy like the on-policy one; clipped
+    # against the corrupted behaviour log-probs, plain PPO's update is another
+    on_policy = _params(ref.policy)
+    assert _max_diff(_params(learners["tis"].policy), on_policy) < _max_diff(_params(learners["plain"].policy),
+                                                                              on_policy)
+
+
+def test_dual_clip_and_seq_norm_run_in_the_learner(make_tiny_cfg, tiny_checkpoints, experience):
+    learner = _learner(make_tiny_cfg, tiny_checkpoints, "ppo.dual_clip=3.0", "ppo.loss_aggregation=seq_sum_norm")
+    m = learner.train_step(copy.deepcopy(experience))
+    assert m["ppo/dual_clip_fraction"] == 0.0  # every ratio starts at 1
+    assert math.isfinite(m["ppo/policy_loss"])

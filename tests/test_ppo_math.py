@@ -211,3 +211,90 @@ def test_sequence_advantages():
     grpo = pm.sequence_advantages(scores, kl, mask, kl_coef=0.5, n=2, estimator="grpo")
     close(grpo, [[-0.7071061, -0.7071061, 0.0], [0.7071061, 0.7071061, 0.7071061]], atol=1e-5)
     assert math.isclose(grpo[1, 0].item(), 1 / math.sqrt(2), abs_tol=1e-5)
+
+
+# --- off-policy correction: decoupled PPO, importance weights, dual clip, Dr. GRPO aggregation -------------
+
+def test_decoupled_loss_weighs_each_token_by_its_importance_weight():
+    # rho = [1.5, 0.5] against the proximal policy, A = [1, -1], eps 0.2:
+    #   token 1: max(-1.5, -1.2) = -1.2;  token 2: max(0.5, 0.8) = 0.8
+    # weights [2, 0.5]: (2 * -1.2 + 0.5 * 0.8) / 2 tokens = -1.0 (without weights: (-1.2 + 0.8) / 2 = -0.2)
+    logp, prox, adv, mask = t([[math.log(1.5), math.log(0.5)]]), t([[0.0, 0.0]]), t([[1.0, -1.0]]), t([[1, 1]])
+    assert pm.clipped_policy_loss(logp, prox, adv, mask, 0.2).loss.item() == pytest.approx(-0.2, abs=1e-6)
+    out = pm.clipped_policy_loss(logp, prox, adv, mask, 0.2, weights=t([[2.0, 0.5]]))
+    assert out.loss.item() == pytest.approx(-1.0, abs=1e-6)
+    assert out.clip_fraction.item() == 1.0  # both tokens took the clipped term
+
+
+def test_unit_weights_give_todays_objective():
+    g = torch.Generator().manual_seed(0)
+    logp, old = torch.randn(4, 6, generator=g) * 0.3, torch.randn(4, 6, generator=g) * 0.3
+    adv, mask = torch.randn(4, 6, generator=g), (torch.rand(4, 6, generator=g) > 0.3).float()
+    plain = pm.clipped_policy_loss(logp, old, adv, mask, 0.2).loss
+    w = pm.behaviour_weights(old, old, mask, "token", "truncate", 2.0)  # pi_prox == pi_behav: w = 1
+    weighted = pm.clipped_policy_loss(logp, old, adv, mask, 0.2, weights=w.weights).loss
+    assert abs(plain.item() - weighted.item()) < 1e-6
+    assert w.ess.item() == pytest.approx(1.0) and w.bounded_fraction.item() == 0.0
+
+
+def test_dual_clip_bounds_negative_advantages():
+    # A = -1, rho = 4: max(-A rho, -A clip(rho)) = max(4, 1.2) = 4; dual clip c = 3 bounds it at -c A = 3.
+    # A = +1, rho = 4: max(-4, -1.2) = -1.2, untouched (the dual clip acts on A < 0 only). Mean (3 - 1.2) / 2.
+    logp, old, adv, mask = t([[math.log(4.0), math.log(4.0)]]), t([[0.0, 0.0]]), t([[-1.0, 1.0]]), t([[1, 1]])
+    assert pm.clipped_policy_loss(logp, old, adv, mask, 0.2).loss.item() == pytest.approx((4 - 1.2) / 2, abs=1e-6)
+    out = pm.clipped_policy_loss(logp, old, adv, mask, 0.2, dual_clip=3.0)
+    assert out.loss.item() == pytest.approx((3 - 1.2) / 2, abs=1e-6)
+    assert out.dual_clip_fraction.item() == 0.5
+
+
+def test_seq_sum_norm_divides_each_sequence_by_a_constant():
+    # per-token losses -A (ratio 1): row 1 [-1, -1, -1], row 2 [-2, pad, pad]; token mean (-3 - 2) / 4 = -1.25;
+    # Dr. GRPO with constant 4: (-3 / 4 + -2 / 4) / 2 sequences = -0.625
+    logp = torch.zeros(2, 3)
+    adv, mask = t([[1.0, 1.0, 1.0], [2.0, 0.0, 0.0]]), t([[1, 1, 1], [1, 0, 0]])
+    assert pm.clipped_policy_loss(logp, logp, adv, mask, 0.2).loss.item() == pytest.approx(-1.25)
+    assert pm.clipped_policy_loss(logp, logp, adv, mask, 0.2, seq_norm=4.0).loss.item() == pytest.approx(-0.625)
+    # a micro batch of one sequence out of a minibatch of 2: its share of the minibatch loss
+    assert pm.clipped_policy_loss(logp[:1], logp[:1], adv[:1], mask[:1], 0.2, n_tokens=2,
+                                  seq_norm=4.0).loss.item() == pytest.approx(-3 / 4 / 2)
+
+
+def test_behaviour_weights_by_hand():
+    # pi_prox / pi_behav = [3, 0.25] on two tokens (a third is padding)
+    prox, behav, mask = t([[math.log(3.0), math.log(0.25), 5.0]]), t([[0.0, 0.0, 0.0]]), t([[1, 1, 0]])
+    w = pm.behaviour_weights(prox, behav, mask, "token", "truncate", cap=2.0)
+    close(w.weights, [[2.0, 0.25, 0.0]])  # min(w, 2)
+    assert w.bounded_fraction.item() == 0.5
+    assert w.ess.item() == pytest.approx(2.25**2 / (2 * (4 + 0.0625)))  # (sum w)^2 / (N sum w^2) = 0.6231
+    m = pm.behaviour_weights(prox, behav, mask, "token", "mask", cap=2.0, floor=0.5)
+    close(m.weights, [[0.0, 0.0, 0.0]])  # 3 > cap and 0.25 < floor: both masked
+    assert m.bounded_fraction.item() == 1.0
+    m = pm.behaviour_weights(prox, behav, mask, "token", "mask", cap=4.0, floor=0.5)
+    close(m.weights, [[3.0, 0.0, 0.0]])  # kept tokens keep their weight
+    s = pm.behaviour_weights(prox, behav, mask, "sequence", "truncate", cap=2.0)
+    close(s.weights, [[0.75, 0.75, 0.0]])  # the product 3 x 0.25, on every token of the sequence
+    assert s.ess.item() == pytest.approx(1.0) and s.bounded_fraction.item() == 0.0
+    s = pm.behaviour_weights(t([[1.0, 1.0]]), t([[0.0, 0.0]]), t([[1, 1]]), "sequence", "mask", cap=2.0)
+    close(s.weights, [[0.0, 0.0]])  # e^2 > 2: the whole sequence masked
+
+
+def test_truncation_bounds_weights_under_an_injected_mismatch():
+    g = torch.Generator().manual_seed(1)
+    behav = torch.randn(16, 10, generator=g)
+    prox = behav + torch.randn(16, 10, generator=g) * 3.0  # a large engine-vs-learner mismatch
+    mask = torch.ones(16, 10)
+    for level in ("token", "sequence"):
+        w = pm.behaviour_weights(prox, behav, mask, level, "truncate", cap=2.0)
+        assert w.weights.max().item() <= 2.0 and w.bounded_fraction.item() > 0.1
+        assert torch.isfinite(w.weights).all() and 0 < w.ess.item() <= 1.0
+    raw = torch.exp(prox - behav)
+    assert raw.max().item() > 100  # what the loss would have been weighted by
+
+
+def test_mismatch_by_hand():
+    # behav - prox = [0.1, -0.3]: mean |d| 0.2, max 0.3, k1 mean(d) = -0.1,
+    # k3 = mean(e^{-d} - 1 + d) = ((e^-0.1 - 0.9) + (e^0.3 - 1.3)) / 2
+    m = pm.mismatch(t([[0.0, 0.0, 9.0]]), t([[0.1, -0.3, 0.0]]), t([[1, 1, 0]]))
+    assert m.abs_diff_mean.item() == pytest.approx(0.2) and m.abs_diff_max.item() == pytest.approx(0.3)
+    assert m.kl_k1.item() == pytest.approx(-0.1)
+    assert m.kl_k3.item() == pytest.approx(((math.exp(-0.1) - 0.9) + (math.exp(0.3) - 1.3)) / 2, abs=1e-6)
