@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from peft.utils.other import transpose
 from torch import Tensor, nn
 
 from core.sequences import longest_first, token_budget_groups
@@ -254,6 +255,7 @@ def full_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
         elif module.endswith(".base_layer"):
             owner = module.removesuffix(".base_layer")
             if leaf == "weight" and _is_lora(hf, owner):
+                _check_plain_lora(hf.get_submodule(owner), owner)
                 lora[owner] = [full, None]
                 continue
             yield f"{owner}.{leaf}", full
@@ -262,8 +264,9 @@ def full_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
         elif ".lora_B." in name:
             owner, adapter = name.split(".lora_B.")[0], name.split(".lora_B.")[1].split(".")[0]
             base, a = lora.pop(owner)
-            scaling = hf.get_submodule(owner).scaling[adapter]
-            yield f"{owner}.weight", base + (full @ a) * scaling
+            layer = hf.get_submodule(owner)
+            # peft's LoraLayer.get_delta_weight on the gathered tensors: B A, transposed for Conv1D-style weights
+            yield f"{owner}.weight", base + transpose(full @ a, layer.fan_in_fan_out) * layer.scaling[adapter]
         else:
             yield name, full
     if lora:
@@ -272,6 +275,14 @@ def full_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
 
 def _is_lora(hf: nn.Module, module_name: str) -> bool:
     return hasattr(hf.get_submodule(module_name), "lora_A")
+
+
+def _check_plain_lora(layer: nn.Module, name: str) -> None:
+    """The gathered merge is W + B A (scaled): DoRA (a magnitude vector) and a LoRA bias merge otherwise."""
+    for variant in ("use_dora", "lora_bias"):
+        if any(getattr(layer, variant, {}).values()):
+            raise ValueError(f"{name}: LoRA with {variant} cannot be merged from gathered shards; a sharded learner "
+                             "supports plain LoRA only")
 
 
 def plain_copy(model: nn.Module, weights: dict[str, Tensor]) -> nn.Module:
