@@ -31,6 +31,7 @@ for an evaluator e in {reward, judge, gold} (judge with a judge, gold on the syn
                                               trick changes no score: the same for raw scores)
     eval/ppo_{e}_win_vs_sft_equal_length *    win probability at equal length: logistic regression of the win on
                                               the per-prompt length difference (PPO minus SFT, tokens)
+    eval/ppo_{e}_win_vs_sft_equal_length_both_eos *  the same fit on the prompts where both ended with EOS
     eval/ppo_{e}_win_vs_sft_length_slope      its slope: log-odds of a PPO win per token PPO is longer
 and paired mean differences PPO minus SFT:
     eval/ppo_minus_sft_{x} *   x in reward, reward_raw, judge_score, judge_score_raw, gold_score, kl, length, eos_rate
@@ -221,6 +222,10 @@ def compare_policies(ppo: PolicySamples, sft: PolicySamples, seed: int
         put_estimate(results, f"eval/{key}_both_eos", stats.mean_interval(w[both_eos], seed))
         controlled = stats.equal_length_win_rate(w, length_diff, seed)
         put_estimate(results, f"eval/{key}_equal_length", controlled.equal_length)
+        # without EOS a response has the whole budget's length and the missing-EOS score: fitted where both ended,
+        # the length effect is not confounded with ending
+        put_estimate(results, f"eval/{key}_equal_length_both_eos",
+                     stats.equal_length_win_rate(w[both_eos], length_diff[both_eos], seed).equal_length)
         if math.isfinite(controlled.slope_per_token):
             results[f"eval/{key}_length_slope"] = controlled.slope_per_token
         bins[key] = [{"low": _finite(low), "high": _finite(high), "win": e.value, "ci_low": _finite(e.ci_low),

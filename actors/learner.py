@@ -338,9 +338,9 @@ class PPOLearner:
         batch (each counted once, in the first epoch; a group's ranks summed): `ppo/mismatch_*`, `ppo/is_*`."""
         if not self._offpolicy:
             return {}
-        sums = dict(self._offpolicy)
-        top = sums.pop("abs_diff_max")
-        if self.fsdp:
+        sums = {k: self._offpolicy[k] for k in ("tokens", "abs_diff", "k1", "k3", "units", "w", "w2", "bounded")}
+        top = self._offpolicy["abs_diff_max"]
+        if self.fsdp:  # every rank has every key: the same collectives on each
             sums, top = all_reduce_sum(sums), all_reduce_max(top)
         n, units = max(sums["tokens"], 1.0), max(sums["units"], 1.0)
         out = {"ppo/mismatch_abs_diff_mean": sums["abs_diff"] / n, "ppo/mismatch_abs_diff_max": top,
@@ -373,8 +373,11 @@ class PPOLearner:
                    first_epoch: bool = True) -> dict[str, float]:
         pc, dev = self.pc, self.device
         n_tokens = mask[idx].sum().clamp(min=1.0).to(dev)  # of the whole minibatch, on every rank
-        if pc.loss_aggregation == "seq_sum_norm":  # Dr. GRPO: sequences of the whole minibatch, on every rank
-            n_tokens = torch.tensor(float(len(idx)), device=dev)
+        # what the policy loss divides by: the token count, or with Dr. GRPO's aggregation the minibatch's sequences
+        # (each sequence's sum already over the constant max_new_tokens); entropy and value loss stay token means
+        seq_norm, n_policy = None, n_tokens
+        if pc.loss_aggregation == "seq_sum_norm":
+            seq_norm, n_policy = float(self.max_new_tokens), torch.tensor(float(len(idx)), device=dev)
         lengths = (exp.prompt_mask[idx].sum(-1) + exp.response_mask[idx].sum(-1)).tolist()
         if self.fsdp:
             mine = rank_share(lengths, self.rank.rank, self.rank.world)
@@ -416,9 +419,8 @@ class PPOLearner:
                 if first_epoch:
                     self._tally_offpolicy(old_logp, behav, mmask, weights)
             pl = pm.clipped_policy_loss(
-                logp, old_logp, adv.advantages[mi, :R].to(dev), mmask, pc.clip_range, n_tokens,
-                weights=None if weights is None else weights.weights, dual_clip=pc.dual_clip,
-                seq_norm=float(self.max_new_tokens) if pc.loss_aggregation == "seq_sum_norm" else None)
+                logp, old_logp, adv.advantages[mi, :R].to(dev), mmask, pc.clip_range, n_policy,
+                weights=None if weights is None else weights.weights, dual_clip=pc.dual_clip, seq_norm=seq_norm)
             ent = pm.entropy_bonus(entropy, mmask, n_tokens)
             loss = pl.loss - pc.ent_coef * ent
             stats["ppo/policy_loss"] += pl.loss.item()

@@ -83,10 +83,21 @@ def build_tiny_llama(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Ll
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Dropout off in every model during RL (detail 4): PPO ratios must be 1 for unchanged weights."""
+    """Dropout off in every model during RL (detail 4): PPO ratios must be 1 for unchanged weights.
+
+    Besides `nn.Dropout` modules, some models call `F.dropout` with a float they keep on the module or read from
+    the config (OPT: `self.dropout = config.dropout`, 0.1 for facebook/opt-350m; layerdrop skips whole layers):
+    those are zeroed too."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        for name, value in list(vars(m).items()):
+            if isinstance(value, float) and ("dropout" in name or name == "layerdrop"):
+                setattr(m, name, 0.0)
+        config = getattr(m, "config", None)
+        for name, value in (list(vars(config).items()) if config is not None else []):
+            if isinstance(value, float) and ("dropout" in name or name == "layerdrop") and not name.startswith("_"):
+                setattr(config, name, 0.0)
 
 
 def _fit_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

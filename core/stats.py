@@ -52,6 +52,7 @@ class AccuracyTest:
     ci_high: float
     n: int
     p_value: float  # P(at least `correct` of n right | chance, p = 0.5)
+    lower_bound: float  # one-sided 95 % (exact) lower bound: above 0.5 exactly when p_value < 0.05
 
     @property
     def better_than_chance(self) -> bool:
@@ -106,7 +107,8 @@ def accuracy_vs_chance(correct: int, n: int) -> AccuracyTest:
     one_sided = stats.binomtest(correct, n, 0.5, alternative="greater")
     # the interval of a one-sided test is one-sided: the two-sided test gives the usual exact interval
     ci = stats.binomtest(correct, n, 0.5).proportion_ci(CONFIDENCE, method="exact")
-    return AccuracyTest(correct / n, float(ci.low), float(ci.high), n, float(one_sided.pvalue))
+    lower = one_sided.proportion_ci(CONFIDENCE, method="exact").low  # the test's own bound: its verdict's
+    return AccuracyTest(correct / n, float(ci.low), float(ci.high), n, float(one_sided.pvalue), float(lower))
 
 
 def logistic_fit(y: np.ndarray, x: np.ndarray, iterations: int = 50) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,9 @@ from core.text import budget_warnings
 from pipeline.run_dir import RunDir
 
 PPO_CURVES = ("reward/score_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/clip_fraction",
-              "ppo/entropy", "rollout/response_length", "timing/step_s")
+              "ppo/entropy", "rollout/response_length", "timing/step_s",
+              # off-policy: how far the rollout's log-probs are from the learner's, and how hard the weights bite
+              "ppo/mismatch_abs_diff_mean", "ppo/mismatch_kl_k3", "ppo/is_ess", "ppo/is_bounded_fraction")
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -161,8 +163,8 @@ def accuracy_lines(tests: list[AccuracyLine]) -> list[str]:
         return []
     lines = ["## Evaluators: held-out pair accuracy", "",
              "Share of held-out comparisons the model ranks as labelled, at the checkpoint these same pairs chose "
-             "(so slightly optimistic); exact (Clopper-Pearson) 95 % interval; one-sided binomial test against "
-             "chance (0.5).", ""]
+             "(so slightly optimistic); exact (Clopper-Pearson) two-sided 95 % interval; one-sided binomial test "
+             "against chance (0.5) and its 95 % lower bound, which is above 0.5 exactly when p < 0.05.", ""]
     for a in tests:
         t = a.test
         if t is None:
@@ -171,7 +173,7 @@ def accuracy_lines(tests: list[AccuracyLine]) -> list[str]:
         verdict = ("better than chance" if t.better_than_chance else
                    "**not better than chance** (p >= 0.05): what it prefers says nothing about quality")
         lines.append(f"- {a.what}: {t.accuracy:.3f} [{t.ci_low:.3f}, {t.ci_high:.3f}], n = {t.n} pairs; "
-                     f"p = {t.p_value:.2g}: {verdict}")
+                     f"one-sided lower bound {t.lower_bound:.3f}, p = {t.p_value:.2g}: {verdict}")
     if any(a.stage == "judge" for a in tests):
         lines.append("- The judge is a reward model trained on comparisons disjoint from the training reward "
                      "model's.")
@@ -216,7 +218,10 @@ def evaluation_lines(m: dict, length_bins: dict[str, list[dict]], tests: list[Ac
         for view, suffix in (("raw scores (no EOS trick)", "_raw"),
                              ("prompts where both responses ended with EOS", "_both_eos"),
                              (f"at equal length (logistic regression of the win on the length difference{slope_text})",
-                              "_equal_length")):
+                              "_equal_length"),
+                             # a response without EOS has the full budget's length and the missing-EOS score:
+                             # length and ending are confounded unless both responses ended
+                             ("at equal length, on prompts where both ended with EOS", "_equal_length_both_eos")):
             if f"{key}{suffix}_n" in m:
                 lines.append(f"  - {view}: {_interval(m, key + suffix)}: {_win_verdict(m, key + suffix)}")
         for b in length_bins.get(f"ppo_{evaluator}_win_vs_sft", []):

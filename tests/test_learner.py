@@ -290,8 +290,50 @@ def test_injected_mismatch_is_measured_and_bounded(make_tiny_cfg, tiny_checkpoin
                                                                               on_policy)
 
 
-def test_dual_clip_and_seq_norm_run_in_the_learner(make_tiny_cfg, tiny_checkpoints, experience):
-    learner = _learner(make_tiny_cfg, tiny_checkpoints, "ppo.dual_clip=3.0", "ppo.loss_aggregation=seq_sum_norm")
+@pytest.mark.parametrize("shift, weight, bounded", [(-1.0, 2.0, 1.0), (1.0, math.exp(-1.0), 0.0)])
+def test_importance_weight_is_proximal_over_behaviour(make_tiny_cfg, tiny_checkpoints, experience, shift, weight,
+                                                      bounded):
+    """Behaviour log-probs one nat below the learner's: w = pi_prox / pi_behav = e, truncated at the cap 2, and
+    KL(behav || prox) k1 = -1; one nat above: w = 1/e, nothing truncated."""
+    learner = _learner(make_tiny_cfg, tiny_checkpoints)
+    exp = _own_logprobs(learner, experience)
+    m = learner.train_step(replace(exp, logprobs=exp.logprobs + shift * exp.response_mask))
+    assert m["ppo/is_weight_mean"] == pytest.approx(weight, rel=1e-4)
+    assert m["ppo/is_bounded_fraction"] == bounded
+    assert m["ppo/mismatch_kl_k1"] == pytest.approx(shift, abs=1e-4)
+    assert m["ppo/mismatch_abs_diff_max"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_proximal_policy_without_importance_weights(make_tiny_cfg, tiny_checkpoints, experience):
+    learner = _learner(make_tiny_cfg, tiny_checkpoints, "ppo.behaviour_is=none", "ppo.ppo_epochs=2")
     m = learner.train_step(copy.deepcopy(experience))
-    assert m["ppo/dual_clip_fraction"] == 0.0  # every ratio starts at 1
-    assert math.isfinite(m["ppo/policy_loss"])
+    assert m["ppo/mismatch_abs_diff_max"] < 1e-5 and "ppo/is_ess" not in m
+
+
+def test_seq_sum_norm_changes_the_policy_loss_only(make_tiny_cfg, tiny_checkpoints, experience):
+    """Dr. GRPO's aggregation divides each sequence's policy-loss sum by a constant; the entropy, the value loss
+    and the token shares (clip fraction) stay token means."""
+    token = _learner(make_tiny_cfg, tiny_checkpoints, "ppo.dual_clip=3.0").train_step(copy.deepcopy(experience))
+    seq = _learner(make_tiny_cfg, tiny_checkpoints, "ppo.dual_clip=3.0", "ppo.loss_aggregation=seq_sum_norm"
+                   ).train_step(copy.deepcopy(experience))
+    for key in ("ppo/entropy", "ppo/value_loss", "ppo/clip_fraction", "ppo/approx_kl", "ppo/dual_clip_fraction"):
+        assert seq[key] == pytest.approx(token[key], rel=1e-5, abs=1e-7), key
+    assert seq["ppo/policy_grad_norm"] != pytest.approx(token["ppo/policy_grad_norm"], rel=1e-3)
+
+
+def test_dropout_is_off_in_models_that_call_functional_dropout():
+    """OPT applies dropout with F.dropout(p=config.dropout): `disable_dropout` zeroes it too (detail 4)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from core.modeling import disable_dropout
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                     num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=32,
+                                     dropout=0.1, attention_dropout=0.1, activation_dropout=0.1))
+    ids = torch.randint(0, 64, (2, 10))
+    model.train()
+    assert (model(ids).logits - model(ids).logits).abs().max() > 1e-3  # dropout is on
+    disable_dropout(model)
+    train = model(ids).logits
+    assert torch.equal(train, model(ids).logits) and torch.equal(train, model.eval()(ids).logits)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,10 @@ def test_two_ranks_make_the_one_process_update(make_tiny_cfg, tiny_checkpoints, 
     overrides = [*GROUP_STEP, f"ppo.advantage_estimator={estimator}", *variant]
     cfg = make_tiny_cfg(*overrides)
     exp = make_experience(cfg)
+    # behaviour log-probs off the learner's (an engine mismatch): importance weights that differ by row and token,
+    # so the group's off-policy sums must be reduced over ranks to match
+    noise = torch.rand(exp.logprobs.shape, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    exp = replace(exp, logprobs=exp.logprobs + noise * exp.response_mask)
     exp_path = tmp_path / "exp.pt"
     torch.save(exp, exp_path)
     sft, rm = str(tiny_checkpoints.sft), str(tiny_checkpoints.rm)
@@ -164,7 +169,8 @@ def test_two_ranks_make_the_one_process_update(make_tiny_cfg, tiny_checkpoints, 
     assert policy_diff <= 1e-5 and critic_diff <= 1e-5
     # Adam hides a constant factor in a gradient (a sum-vs-mean reduction bug): the norms and losses must agree too
     keys = ["ppo/policy_loss", "ppo/entropy", "ppo/approx_kl", "ppo/policy_grad_norm", "ppo/kl",
-            "ppo/mismatch_abs_diff_mean", "ppo/is_ess"]
+            "ppo/mismatch_abs_diff_mean", "ppo/mismatch_abs_diff_max", "ppo/mismatch_kl_k1", "ppo/is_ess",
+            "ppo/is_weight_mean", "ppo/is_bounded_fraction"]
     if one.critic is not None:
         keys += ["ppo/critic_grad_norm", "ppo/value_loss", "ppo/value_clip_fraction", "ppo/value_mean"]
     for key in keys:

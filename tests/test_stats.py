@@ -253,3 +253,13 @@ def test_report_prefers_the_pair_count_the_stage_logged(tmp_path):
     assert [(a.stage, a.test.n, a.test.accuracy) for a in tests] == [("rm", 200, 0.6)]
     unknown = accuracy_tests({"judge": {"judge/valid_accuracy": 0.6}}, {})
     assert unknown[0].test is None
+
+
+def test_accuracy_verdict_agrees_with_its_bound():
+    """59 of 100: one-sided p = 0.044 (better than chance) while the two-sided interval reaches below 0.5; the
+    one-sided lower bound, which the report prints with the verdict, is above 0.5."""
+    t = stats.accuracy_vs_chance(59, 100)
+    assert t.better_than_chance and t.ci_low < 0.5 < t.lower_bound
+    for correct in range(40, 70):
+        t = stats.accuracy_vs_chance(correct, 100)
+        assert t.better_than_chance == (t.lower_bound > 0.5), correct
