@@ -16,6 +16,7 @@ from typing import Any
 
 from core.config import Config, ConfigError, load_config, package_path
 from core.data import DATA_FILE_KINDS, DataError, load_tldr
+from pipeline.run_dir import RunDir
 
 # What a run's identity does not include: where Ray runs and where run directories live.
 NOT_IN_RUN = ("ray", "run.output_dir")
@@ -192,9 +193,10 @@ def check_inputs(cfg: Config, command: str, run_dir: Path | None, sft_checkpoint
     if command == "ppo":
         check_checkpoint(Path(rm_checkpoint) if rm_checkpoint else run / "rm" / "checkpoint", "reward model",
                          "run `rayrlhf rm` on this run directory first, or pass --rm-checkpoint")
-    if command == "eval":
-        check_checkpoint(run / "sft" / "checkpoint", "SFT", "evaluate a run directory whose SFT stage finished")
-        check_checkpoint(run / "rm" / "checkpoint", "reward model", "evaluate a run whose reward-model stage finished")
+    if command == "eval":  # the checkpoints PPO started from, where they came from outside the run
+        sft, rm = RunDir(run).evaluated_checkpoints()
+        check_checkpoint(sft, "SFT", "evaluate a run directory whose SFT stage finished")
+        check_checkpoint(rm, "reward model", "evaluate a run whose reward-model stage finished")
     if cfg.eval.judge_checkpoint is not None and command in ("train", "eval"):
         check_checkpoint(Path(cfg.eval.judge_checkpoint), "eval.judge_checkpoint judge", "train one with `rayrlhf "
                          "judge` or leave it unset")

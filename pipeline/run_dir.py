@@ -70,6 +70,12 @@ class RunDir:
         recorded = json.loads(path.read_text()).get(stage, {}) if path.exists() else {}
         return {k: Path(v) for k, v in recorded.items()}
 
+    def evaluated_checkpoints(self) -> tuple[Path, Path]:
+        """(SFT, reward model) that evaluation compares against: those the PPO stage started from when they came
+        from outside the run (`inputs.json`), else the run's own."""
+        given = self.inputs("ppo")
+        return given.get("sft_checkpoint", self.checkpoint("sft")), given.get("rm_checkpoint", self.checkpoint("rm"))
+
     def stages(self) -> dict:
         path = self.path / "stages.json"
         return json.loads(path.read_text()) if path.exists() else {}

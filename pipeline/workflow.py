@@ -78,7 +78,8 @@ def evaluate_run(cfg: Config, run: RunDir) -> dict[str, float]:
     ppo = run.checkpoint("ppo")
     judge = judge_checkpoint(cfg, run)
     task = evaluate_task.options(num_cpus=cfg.sft.num_cpus, num_gpus=cfg.sft.num_gpus)
-    return ray.get(task.remote(cfg, str(run.checkpoint("sft")), str(run.checkpoint("rm")),
+    sft, rm = run.evaluated_checkpoints()
+    return ray.get(task.remote(cfg, str(sft), str(rm),
                                str(ppo) if (ppo / "config.json").exists() else None, str(run.path / "eval"),
                                str(judge) if judge is not None else None))
 

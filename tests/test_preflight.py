@@ -154,3 +154,23 @@ def test_a_judge_without_its_comparisons_exits_2(tmp_path, capsys):
     assert main(["train", "--run-dir", str(tmp_path / "run"), "--set", f"eval.judge_checkpoint={tmp_path}/nope"]) == 2
     assert f"eval.judge_checkpoint judge checkpoint not found at {tmp_path}/nope" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_reads_the_checkpoints_ppo_started_from(tmp_path):
+    """A run whose PPO started from outside checkpoints (`ppo --sft-checkpoint ... --rm-checkpoint ...`) is
+    evaluated against them: they are what its reference and reward were."""
+    from core.config import load_config
+    from pipeline.preflight import check_inputs
+    from pipeline.run_dir import RunDir
+
+    outside = {name: tmp_path / "other" / name / "checkpoint" for name in ("sft", "rm")}
+    for path in outside.values():
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    with pytest.raises(Exception, match="SFT checkpoint not found"):
+        check_inputs(load_config(None), "eval", run.path, None, None)
+    run.record_inputs("ppo", sft_checkpoint=outside["sft"], rm_checkpoint=outside["rm"])
+    assert run.evaluated_checkpoints() == (outside["sft"].resolve(), outside["rm"].resolve())
+    check_inputs(load_config(None), "eval", run.path, None, None)
