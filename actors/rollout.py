@@ -3,6 +3,11 @@
 `RolloutGenerator` holds a backend (`HFBackend` here; `actors.vllm_backend.VLLMBackend` with vLLM) and
 the policy version it holds. A weight swap and a generate call never interleave (one call at a time per
 worker), so each `RolloutBatch` is produced by exactly the version it records.
+
+A weight load is checked where the weights are used. `HFBackend` samples with the model it copies the weights
+into, so the checksum of its parameters after the copy (`load_weights(verify=True)`) reads back what generates.
+`VLLMBackend` samples with an engine whose weights it cannot read back: every load runs a probe through the
+engine and through the HF copy of the weights, and fails unless their log-probs agree (`last_verify_diff`).
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from core.experience import RolloutBatch, RolloutRequest, VersionMismatch
 from core.modeling import default_device, load_frozen
 from core.sequences import pad_left, prefills_prompts_once, prompt_ids, sample_with_logprobs
 from core.throughput import forward_flops, head_params, matmul_params, mfu, peak_flops, shared_prefix_work
-from core.weight_sync import VersionedChecksum, WeightsPacket, checksum, unpack
+from core.weight_sync import VersionedChecksum, WeightsPacket, WeightSyncError, checksum, unpack
 
 
 class RolloutBackend(Protocol):
+    last_probe_diff: float | None  # max |engine - weights| log-prob of the last load's probe; None: no probe
+
     def generate(self, prompts: list[list[int]], seed: int) -> tuple[Tensor, Tensor, Tensor]:
         """-> responses (B, R), response_mask (B, R) cut after EOS, behaviour log-probs (B, R)."""
 
@@ -43,6 +50,7 @@ class HFBackend:
         self.device = device or default_device()
         self.model, self.tokenizer = load_frozen(checkpoint, "causal_lm", dtype, self.device)
         self.cfg, self.share_prompts = cfg, share_prompts
+        self.last_probe_diff = None  # the model that generates is the one loaded: nothing to probe
 
     def prefill_groups(self, prompts: Tensor, prompt_mask: Tensor) -> list[int] | None:
         """A prompt id per row where `generate` prefills each distinct prompt once (`prefill_distinct_prompts`),
@@ -64,6 +72,7 @@ class HFBackend:
 
     @torch.no_grad()
     def load_weights(self, named: Iterable[tuple[str, Tensor]]) -> None:
+        """Copy into the model that generates: no probe, its parameters are the engine's (checksum them)."""
         params = dict(self.model.named_parameters())
         seen = set()
         for name, t in named:
@@ -87,7 +96,10 @@ class RolloutGenerator:
         if cfg.backend == "vllm":
             from actors.vllm_backend import VLLMBackend
 
-            self.backend: RolloutBackend = VLLMBackend(checkpoint, cfg, dtype)
+            try:  # the engine is probed against the checkpoint once it starts
+                self.backend: RolloutBackend = VLLMBackend(checkpoint, cfg, dtype)
+            except WeightSyncError as e:
+                raise WeightSyncError(f"rollout worker {worker_index}, weights v0: {e}") from e
         else:
             self.backend = HFBackend(checkpoint, cfg, dtype, share_prompts=share_prompts)
         self.worker_index = worker_index
@@ -124,9 +136,14 @@ class RolloutGenerator:
                             generate_s=seconds, mfu=mfu(flops, seconds, peak))
 
     def load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
-        """Swap in `packet`'s weights; with `verify`, compare the checksum. Returns seconds taken."""
+        """Swap in `packet`'s weights; with `verify`, compare the checksum of the weights held (the generating
+        model's for HF, the engine's HF copy for vLLM, whose engine is probed on every load whatever `verify`).
+        Returns seconds taken."""
         t0 = time.perf_counter()
-        self.backend.load_weights(unpack(packet.layouts, packet.buckets))
+        try:
+            self.backend.load_weights(unpack(packet.layouts, packet.buckets))
+        except WeightSyncError as e:
+            raise WeightSyncError(f"rollout worker {self.worker_index}, weights v{packet.version}: {e}") from e
         self.version = packet.version
         if verify:
             got = self.weights_checksum().checksum
@@ -135,6 +152,11 @@ class RolloutGenerator:
                                    f"have checksum {got[:12]}, learner sent {packet.checksum[:12]}")
         self.last_sync_s = time.perf_counter() - t0
         return self.last_sync_s
+
+    @property
+    def last_verify_diff(self) -> float | None:
+        """The last load's engine probe (VLLMBackend): max |engine - HF copy of the weights| log-prob; None (HF)."""
+        return self.backend.last_probe_diff
 
     def weights_checksum(self) -> VersionedChecksum:
         return VersionedChecksum(self.version, checksum(self.backend.named_weights().items()))

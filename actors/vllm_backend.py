@@ -18,6 +18,24 @@ vLLM also has a native NCCL transfer (`LLM(weight_transfer_config={"backend": "n
 `init_weight_transfer_engine` / `update_weights` with the learner as rank 0; vllm/distributed/weight_transfer/)
 that skips the object store; it is not wired here, the project's weight sync ships flat buckets instead.
 
+Every load is checked against the engine itself, not the transport: vLLM only logs a warning for a weight it did
+not load, and none for a part of its fused q/k/v; a lost tensor can leave uninitialised memory in the engine. The
+backend keeps the weights it was given as a Hugging Face model on CPU (`self.model`, in the rollout dtype; every
+load copies into its parameters in place, and `named_weights`, hence the checksum, reads them), and after each
+load runs a fixed probe through both (`verify_engine`): `PROBE_SEQUENCES` sequences of `PROBE_LENGTH` tokens drawn
+once from the vocabulary. vLLM's `prompt_logprobs` are log softmax(logits) in every `logprobs_mode` (prompt
+positions skip temperature and the other sampling processors; vllm v1/worker/gpu_model_runner.py
+`_get_prompt_logprobs_dict`), as is the HF forward. At each position after the first, the prompt token's log-prob
+and the engine's top `PROBE_TOP` must agree within `PROBE_TOLERANCE` of the dtype, or the load raises
+`WeightSyncError` (`RolloutGenerator.load_weights` adds the worker and the version); nothing falls back. The
+engine is probed once at start too (checkpoint against checkpoint). A probe is a 32-token prefill on each side
+(~10 ms on the test policy on CPU). A tensor the engine kept from an earlier version shows once its change moves
+the probe past the tolerance: in fp32 any that matters (five tensors of SmolLM2-135M, each dropped after the weights
+moved by 1% of their spread: 0.017 to 3.2), in half precision only large ones (see `PROBE_TOLERANCE`).
+
+On CPU, a head tied to the token embeddings needs one more step after a reload (`_repack_lm_heads`); the probe
+found it (tests/test_vllm_backend.py).
+
 The engine runs in the calling process (VLLM_ENABLE_V1_MULTIPROCESSING=0, executor "uni"). On CPU its
 worker replaces `torch.set_num_threads` with a no-op for the whole process and seeds the global RNGs;
 construction undoes both, so a process that holds an engine keeps its own thread count and random state.
@@ -36,13 +54,24 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import Tensor
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from core.config import VLLM_CPU_HEAD_SIZES, RolloutConfig
 from core.modeling import DTYPES, load_tokenizer
 from core.sequences import truncate_after_eos
+from core.weight_sync import WeightSyncError
 
 log = logging.getLogger(__name__)
+
+PROBE_SEQUENCES, PROBE_LENGTH, PROBE_TOP = 2, 16, 5
+# The largest max |engine - HF| probe log-prob that passes, by rollout dtype, set well above what vLLM's and
+# transformers' kernels differ by on the same weights. Measured on CPU (max over the probe, at start and after a
+# sync): fp32 1e-6 on the test policy, 4e-5 on SmolLM2-135M; fp16 0.03 and bf16 0.57 on SmolLM2-135M (logits of
+# magnitude 16..32 are rounded to 1/64 or 1/8 before the softmax). Half precision thus catches a lost tensor that
+# left garbage or missed a large update (SmolLM2, one of five tensors missing a change of 10% of its spread: 1.04
+# to 3.5 in bf16, the low end at the edge), not a small drift: run the rollout in fp32 (model.inference_dtype) for
+# the exact check.
+PROBE_TOLERANCE = {"float32": 1e-3, "float16": 0.1, "bfloat16": 1.0}
 
 
 def check_cpu_head_dim(checkpoint: str, config: PretrainedConfig) -> None:
@@ -80,6 +109,21 @@ def read_checkpoint_weights(checkpoint: str, dtype: str) -> dict[str, Tensor]:
     return weights
 
 
+def _repack_lm_heads(worker) -> None:
+    """Run in the engine's worker (`collective_rpc`): pack each output head's weight again for the CPU matmul.
+
+    vLLM 0.32 on CPU packs a linear layer's weight once it is loaded (`dispatch_cpu_unquantized_gemm`: a oneDNN or
+    sgl-kernel copy that the forward uses instead of the weight). `reload_weights` packs the layers it loaded, but
+    a head tied to the token embeddings loads nothing of its own (its checkpoint name is skipped), so it kept
+    computing logits with the first checkpoint's embeddings: measured 0.6 log-prob off after one sync of the
+    test policy tied (and 0.2 on SmolLM2-135M), caught by the probe."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    for module in worker.get_model().modules():
+        if isinstance(module, ParallelLMHead):
+            module.quant_method.process_weights_after_loading(module)
+
+
 def engine_args(cfg: RolloutConfig, max_position_embeddings: int, on_gpu: bool) -> dict:
     """The device-dependent arguments of `vllm.LLM`: tensor parallelism over the worker's GPUs (its own
     processes: executor `mp`), or the in-process CPU engine."""
@@ -110,10 +154,18 @@ class VLLMBackend:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.vllm_kv_cache_gib)
         LLM, self._SamplingParams = _import_vllm(on_gpu)
 
-        self.cfg = cfg
+        self.cfg, self.dtype = cfg, dtype
         self.tokenizer = load_tokenizer(checkpoint)
-        # HF names -> CPU tensors of the weights the engine holds, for checksums (vLLM's own are fused).
-        self._weights = read_checkpoint_weights(checkpoint, dtype)
+        # The weights the engine holds, as an HF model on CPU (vLLM's own are fused): what the probe checks the
+        # engine against, and what `named_weights` (checksums, FLOP counts) reads; loads copy into it in place.
+        # The checkpoint's tensors as they are (load_causal_lm would fit the vocabulary to the tokenizer, not to
+        # the engine), in eval mode: nothing random in the probe.
+        self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype]).eval()
+        self.params = dict(self.model.named_parameters())  # tied weights once, under the name the learner sends
+        self.repack_tied_head = not on_gpu and bool(getattr(hf_config, "tie_word_embeddings", False))
+        vocab = min(len(self.tokenizer), hf_config.vocab_size)  # ids the engine's tokenizer accepts
+        self.probe = torch.randint(0, vocab, (PROBE_SEQUENCES, PROBE_LENGTH),
+                                   generator=torch.Generator().manual_seed(0))
         device_args = engine_args(cfg, hf_config.max_position_embeddings, on_gpu)
         set_num_threads = torch.set_num_threads
         rng_states = torch.get_rng_state(), random.getstate(), np.random.get_state()
@@ -133,6 +185,7 @@ class VLLMBackend:
             np.random.set_state(rng_states[2])
         log.info("vLLM engine for %s started in %.1f s (%s)", checkpoint, time.perf_counter() - t0,
                  "GPU" if on_gpu else f"CPU, KV cache {cfg.vllm_kv_cache_gib} GiB")
+        self.last_probe_diff = self.verify_engine(f"loading {checkpoint}")
 
     def generate(self, prompts: list[list[int]], seed: int, greedy: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """-> responses (B, R), response_mask (B, R), behaviour log-probs (B, R); R = max_new_tokens.
@@ -171,18 +224,53 @@ class VLLMBackend:
 
     @torch.no_grad()
     def load_weights(self, named: Iterable[tuple[str, Tensor]]) -> None:
-        """Swap in a complete set of HF-named weights; unknown or missing names fail before the engine changes."""
-        new = {name: t.detach().to("cpu", copy=True) for name, t in named}
-        unknown = set(new) - set(self._weights)
+        """Swap in a complete set of HF-named weights, then check the engine against them (`verify_engine`, its
+        max |engine - HF| log-prob kept in `last_probe_diff`). Unknown or missing names fail before the engine
+        changes."""
+        new = dict(named)  # the tensors as they came (views into the packet's buckets): no copy
+        unknown = set(new) - set(self.params)
         if unknown:
             raise KeyError(f"weights {sorted(unknown)[:3]} are not parameters of the rollout model")
-        missing = set(self._weights) - set(new)
+        missing = set(self.params) - set(new)
         if missing:
             raise KeyError(f"weight sync left {len(missing)} parameters unset, e.g. {sorted(missing)[:3]}")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(new.items())})
+        if self.repack_tied_head:
+            self.llm.collective_rpc(_repack_lm_heads)
         if not self.llm.reset_prefix_cache():  # cached KV blocks were computed by the old weights
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
-        self._weights = new
+        for name, t in new.items():
+            self.params[name].copy_(t)
+        self.last_probe_diff = self.verify_engine("a weight update")
+
+    @torch.no_grad()
+    def probe_differences(self) -> Tensor:
+        """|engine - HF model| of every log-prob the probe reads -> (n,): at each position after the first, the
+        prompt's token and the engine's top `PROBE_TOP`."""
+        params = self._SamplingParams(n=1, temperature=1.0, max_tokens=1, prompt_logprobs=PROBE_TOP, seed=0,
+                                      detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in self.probe.tolist()], params, use_tqdm=False)
+        hf = torch.log_softmax(self.model(input_ids=self.probe).logits.float(), -1)  # (S, L, V) at T = 1
+        engine, ours = [], []
+        for s, out in enumerate(outputs):
+            # out.prompt_logprobs: None for the first token, then {token id: Logprob} per position (the prompt's
+            # token and the engine's top PROBE_TOP): the log-prob of that token given the ones before it
+            for t, entries in enumerate(out.prompt_logprobs[1:], start=1):
+                for tid, lp in entries.items():
+                    engine.append(lp.logprob)
+                    ours.append(hf[s, t - 1, tid])
+        return (torch.tensor(engine) - torch.stack(ours)).abs()
+
+    def verify_engine(self, after: str) -> float:
+        """The probe's max |engine - HF| log-prob; raises `WeightSyncError` beyond `PROBE_TOLERANCE` (the module
+        docstring says why the two are comparable)."""
+        diff = float(self.probe_differences().max())
+        tolerance = PROBE_TOLERANCE[self.dtype]
+        if not diff <= tolerance:  # NaN fails too
+            raise WeightSyncError(f"the vLLM engine's log-probs on the probe differ from the weights it was given by "
+                                  f"{diff:.3g} (tolerance {tolerance:g}, {self.dtype}) after {after}: the engine "
+                                  "does not compute with those weights")
+        return diff
 
     def named_weights(self) -> dict[str, Tensor]:
-        return self._weights
+        return self.params

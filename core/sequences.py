@@ -9,13 +9,18 @@ so the generator, the reference and the learner agree exactly for the same weigh
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.throughput import shared_prefix_work
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 
 def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -479,8 +484,8 @@ def sample(
 ) -> tuple[Tensor, Tensor]:
     """Sample one response per prompt row with transformers' generate -> responses, mask (B, max_new_tokens).
 
-    top_k is off so the sampling distribution is exactly softmax(logits / T) (when top_p = 1), the one
-    the log-probs are computed under.
+    The sampling distribution is exactly softmax(logits / T) (when top_p = 1), the one the log-probs are computed
+    under: top_k is off, and the checkpoint's generation_config adds no logits processor (`sampling_only_config`).
     """
     responses, mask, _ = _generate(model, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p,
                                    greedy, with_logprobs=False)
@@ -539,17 +544,50 @@ def prefill_distinct_prompts(model: nn.Module, prompts: Tensor, prompt_mask: Ten
     return cache
 
 
+def sampling_only_config(max_new_tokens: int, eos_id: int, pad_id: int, temperature: float, top_p: float,
+                         greedy: bool, with_logits: bool) -> GenerationConfig:
+    """The `transformers.GenerationConfig` of every generate call: softmax(logits / T), cut to the nucleus when
+    top_p < 1 (top-k off), or the argmax, for `max_new_tokens` tokens or up to EOS; no other logits processor.
+
+    A checkpoint's own generation_config.json (repetition_penalty, no_repeat_ngram_size, suppress_tokens,
+    bad_words_ids, min_p, min_new_tokens, forced tokens, top_k 50 by default, ...) would otherwise shape what is
+    sampled, while the behaviour log-probs, the learner and the reference assume this distribution."""
+    from transformers import GenerationConfig
+
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=eos_id, pad_token_id=pad_id,
+                            use_cache=True, return_dict_in_generate=True, output_logits=with_logits, **sampling)
+
+
+@contextmanager
+def _only_this_generation_config(model: nn.Module, config: GenerationConfig) -> Iterator[None]:
+    """Generate with `config` alone. transformers (5.x `_prepare_generation_config`) fills every field a passed
+    config leaves unset (None) from `model.generation_config`, the checkpoint's file, and copies its custom entries;
+    only then from its library defaults, which are neutral but for top_k 50 (set 0 above). A processor such as
+    suppress_tokens is on whenever its field is not None, so no value set in `config` can turn the file's off:
+    for the call the model's generation_config is `config` itself, and the fields left unset take the library
+    defaults. Under peft, the transformers model underneath generates and is the one whose config is read."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "generate" in vars(hf):  # from_pretrained(trust_remote_code=True) of a repo with custom_generate/generate.py
+        raise ValueError(f"{type(hf).__name__} has a generate of its own (custom_generate): its sampling distribution "
+                         "is not softmax(logits / T), which the behaviour log-probs assume")
+    own = hf.generation_config
+    hf.generation_config = config
+    try:
+        yield
+    finally:
+        hf.generation_config = own
+
+
 def _generate(model: nn.Module, prompts: Tensor, prompt_mask: Tensor, max_new_tokens: int, eos_id: int, pad_id: int,
               temperature: float, top_p: float, greedy: bool, with_logprobs: bool, share_prompts: bool = False
               ) -> tuple[Tensor, Tensor, Tensor | None]:
-    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    kwargs = {}
     if share_prompts and prefills_prompts_once(model, prompts, prompt_mask):
         kwargs["past_key_values"] = prefill_distinct_prompts(model, prompts, prompt_mask)
-    out = model.generate(
-        input_ids=prompts, attention_mask=prompt_mask, max_new_tokens=max_new_tokens, min_new_tokens=0,
-        eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True, return_dict_in_generate=True,
-        output_logits=with_logprobs, **kwargs,
-    )
+    config = sampling_only_config(max_new_tokens, eos_id, pad_id, temperature, top_p, greedy, with_logprobs)
+    with _only_this_generation_config(model, config):
+        out = model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=config, **kwargs)
     responses = out.sequences[:, prompts.shape[1]:]
     logprobs = None
     if with_logprobs:  # out.logits: one (B, V) tensor per generated position, before temperature

@@ -12,7 +12,7 @@ from core.sequences import (
 )
 from core.throughput import shared_prefix_work
 
-EOS, PAD = 2, 0
+EOS, PAD = 2, 0  # ids for the tests without a model; those with the tiny tokenizer read its own (EOS 1)
 
 
 def test_truncate_after_eos():
@@ -308,8 +308,9 @@ def test_packed_forward_equals_the_padded_one(policy, prompts, tiny_checkpoints)
     from core.sequences import response_values
 
     model, tok = policy
-    responses, rmask = pad_right([[5, 6, 7, EOS], [8, EOS], [9, 10, 11, 12, 13, EOS], [14, 15, 16]], PAD)
-    p, pm = pad_left(prompts, PAD)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    responses, rmask = pad_right([[5, 6, 7, eos], [8, eos], [9, 10, 11, 12, 13, eos], [14, 15, 16]], pad)
+    p, pm = pad_left(prompts, pad)
     padded = response_logprobs(model, p, pm, responses, rmask, 0.7, with_entropy=True)
     packed = response_logprobs(model, p, pm, responses, rmask, 0.7, with_entropy=True, packed=True)
     assert (packed[0] - padded[0]).abs().max() < 1e-5 and (packed[1] - padded[1]).abs().max() < 1e-5
@@ -410,9 +411,10 @@ def test_pair_scores_with_the_shared_prefix_run_once_equal_each_side_scored_whol
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     # posts of different lengths; summaries of different lengths; one side the start of the other
-    chosen = [q + [5, 6, 7, EOS] for q in prompts] + [prompts[0] + [8, 9]]
-    rejected = [q + [9, EOS] for q in prompts[:2]] + [q + [10, 11, 12, 13, 14, EOS] for q in prompts[2:]]
-    rejected += [prompts[0] + [8, 9, 10, EOS]]
+    eos = tok.eos_token_id
+    chosen = [q + [5, 6, 7, eos] for q in prompts] + [prompts[0] + [8, 9]]
+    rejected = [q + [9, eos] for q in prompts[:2]] + [q + [10, 11, 12, 13, 14, eos] for q in prompts[2:]]
+    rejected += [prompts[0] + [8, 9, 10, eos]]
 
     def loss_and_grads(shared: bool):
         model.zero_grad()
@@ -461,7 +463,8 @@ def test_each_prompt_run_once_gives_the_logprobs_values_and_gradients_of_whole_r
     policy_model, critic = (m.train() for m in models)
     # two samples of three prompts and one of the fourth; responses of 1 to 6 tokens, one without EOS
     rows = [0, 0, 1, 1, 2, 3, 2]
-    responses = [[5, 6, 7, EOS], [8, EOS], [9, 10, 11, 12, 13, EOS], [14], [15, 16, 17, 18, 19, 20], [EOS], [21, EOS]]
+    eos = tok.eos_token_id
+    responses = [[5, 6, 7, eos], [8, eos], [9, 10, 11, 12, 13, eos], [14], [15, 16, 17, 18, 19, 20], [eos], [21, eos]]
     p, pm = pad_left([prompts[i] for i in rows], tok.pad_token_id)
     r, rm = pad_right(responses, tok.pad_token_id)
     ids = prompt_ids(p, pm)
@@ -548,7 +551,8 @@ def test_response_scores_with_each_prompt_run_once_equal_the_whole_rows(policy, 
     _, tok = policy
     rm = load_scalar_model(str(tiny_checkpoints.rm), tok).eval()
     rows = [0, 0, 1, 1, 2, 3, 2]
-    responses = [[5, 6, 7, EOS], [8, EOS], [9, 10, 11, 12, 13, EOS], [], [15, 16, 17, 18, 19, 20], [EOS], [21, EOS]]
+    eos = tok.eos_token_id
+    responses = [[5, 6, 7, eos], [8, eos], [9, 10, 11, 12, 13, eos], [], [15, 16, 17, 18, 19, 20], [eos], [21, eos]]
     p, pm = pad_left([prompts[i] for i in rows], tok.pad_token_id)
     r, rm_ = pad_right(responses, tok.pad_token_id)
     with torch.no_grad():
@@ -561,3 +565,60 @@ def test_response_scores_with_each_prompt_run_once_equal_the_whole_rows(policy, 
     torch.testing.assert_close(whole, one_by_one, atol=1e-5, rtol=0)
     torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
     assert torch.equal(plain, whole)
+
+
+def test_generate_samples_softmax_of_logits_over_t_whatever_the_checkpoints_generation_config():
+    """A checkpoint's generation_config (repetition penalty, suppressed and banned tokens, no-repeat n-grams, top-k,
+    min-p, a minimum length, ...) must not shape sampling: the behaviour log-probs, the learner and the reference
+    all assume softmax(logits / T). 4000 one-token draws of one prompt against that distribution (chi-square), the
+    recorded log-probs equal to it, and greedy picking its argmax, on a tiny Llama whose logits are peaked enough
+    that every processor above would show."""
+    from scipy.stats import chisquare
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from core.sequences import sample_with_logprobs
+
+    V, T, N = 32, 0.7, 4000
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.25)  # logits of std ~1 (the initialisation's are ~0.1: near uniform)
+    prompt = [5, 9, 5, 7, 3, 11, 5]
+    with torch.no_grad():
+        h = model.model(input_ids=torch.tensor([prompt])).last_hidden_state[0, -1]
+        model.lm_head.weight[[5, 9, 7]] += 2.0 * h / h.norm() ** 2  # prompt tokens likely next: repetition shows
+        logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    p = F.softmax(logits / T, -1)  # (V,) the distribution the log-probs are computed under
+    top = p.argsort(descending=True).tolist()
+    eos, pad = top[1], 0  # EOS likely: a minimum length would ban it
+    assert p[top[0]] > 0.2 and p[top[5:]].sum() > 0.1, "want a peaked distribution with a visible tail"
+    model.generation_config = GenerationConfig(
+        do_sample=True, temperature=1.5, top_k=5, top_p=0.8, min_p=0.2, repetition_penalty=1.3, no_repeat_ngram_size=2,
+        suppress_tokens=top[:1], begin_suppress_tokens=top[2:3], bad_words_ids=[[top[3]]], min_new_tokens=2,
+        sequence_bias={(top[-1],): 8.0}, eos_token_id=eos, pad_token_id=pad)
+
+    ids, mask = pad_left([prompt] * N, pad)
+    torch.manual_seed(1)
+    responses, rmask, logprobs = sample_with_logprobs(model, ids, mask, max_new_tokens=1, eos_id=eos, pad_id=pad,
+                                                      temperature=T, top_p=1.0)
+    first = responses[:, 0]
+    torch.testing.assert_close(logprobs[:, 0], p.log()[first], atol=1e-4, rtol=0)  # recorded = softmax(logits / T)
+    observed = torch.bincount(first, minlength=V).double()
+    expected = N * p.double()
+    common = expected >= 5  # chi-square wants at least 5 expected draws per cell: the rest pooled in one
+    obs = torch.cat([observed[common], observed[~common].sum(0, keepdim=True)])
+    exp = torch.cat([expected[common], expected[~common].sum(0, keepdim=True)])
+    stat, pvalue = chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item())
+    assert pvalue > 1e-3, f"sampled frequencies differ from softmax(logits / T): chi-square {stat:.1f}, p {pvalue:.2g}"
+
+    # greedy (evaluation, SFT's ROUGE samples), on the model and under peft (a LoRA SFT policy): the argmax, which the
+    # file's suppress_tokens bans
+    from core.config import LoraConfig
+    from core.modeling import apply_lora
+
+    for m in (model, apply_lora(model, LoraConfig(r=4, alpha=8), "CAUSAL_LM")):  # LoRA B starts at 0: same logits
+        greedy, _ = sample(m, ids[:2], mask[:2], max_new_tokens=1, eos_id=eos, pad_id=pad, temperature=T, top_p=1.0,
+                           greedy=True)
+        assert greedy[:, 0].tolist() == [top[0]] * 2
+    assert model.generation_config.suppress_tokens == top[:1]  # the checkpoint's own is left as it was

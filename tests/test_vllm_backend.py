@@ -5,6 +5,8 @@ process: vLLM's CPU worker replaces `torch.set_num_threads` process-wide. vLLM i
 installed, except in CI (`CI` set), where a missing vLLM fails.
 The test policy is a tiny Llama (head_dim 32) whose EOS is likely after a group of "closing" tokens, so the
 batches hold both responses cut at EOS and responses that use the whole budget.
+Every weight load probes the engine against the HF copy of the weights it was given (actors/vllm_backend.py): a
+load that loses a tensor on its way into the engine fails, naming the worker and the version.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from core.data import corpus_text, load_tldr
 from core.experience import RolloutBatch, RolloutRequest
 from core.modeling import build_tiny_llama, load_causal_lm, load_tokenizer, save_checkpoint, train_tokenizer
 from core.sequences import has_eos, pad_left, response_logprobs, sample, truncate_after_eos
-from core.weight_sync import make_packet
+from core.weight_sync import WeightSyncError, make_packet, unpack
 
 REPO = Path(__file__).resolve().parents[1]
 T = 0.7
@@ -38,14 +40,19 @@ def _data_cfg() -> DataConfig:
     return DataConfig(num_train_posts=64, num_valid_posts=4, num_test_posts=4, num_train_pairs=16, num_valid_pairs=4)
 
 
-def _build_policy(path: Path, hidden_size: int, num_heads: int) -> Path:
-    """A tiny Llama with weights N(0, 0.06) (not near-uniform) and EOS likely after the closing tokens."""
+def _build_policy(path: Path, hidden_size: int, num_heads: int, tied: bool = False) -> Path:
+    """A tiny Llama with weights N(0, 0.06) (not near-uniform) and EOS likely after the closing tokens; `tied`:
+    its output head is its token embeddings."""
     tok = train_tokenizer(corpus_text(load_tldr(_data_cfg())), 400)
     # model_construct: ModelConfig itself refuses head sizes vLLM's CPU kernels lack, and one test needs such a model.
     arch = ModelConfig.model_construct(hidden_size=hidden_size, num_layers=2, num_heads=num_heads,
                                        intermediate_size=128, vocab_size=400, max_position_embeddings=512)
     torch.manual_seed(0)
     model = build_tiny_llama(arch, tok)
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        assert model.lm_head.weight is model.model.embed_tokens.weight
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -96,8 +103,8 @@ def assert_rollout_conventions(responses, mask, logprobs, eos: int, pad: int) ->
 class VLLMRollout:
     """A RolloutGenerator with the vllm backend in its own process (where the engine's thread patch stays)."""
 
-    def __init__(self, checkpoint: str, cfg: RolloutConfig):
-        self.gen = RolloutGenerator(checkpoint, cfg)
+    def __init__(self, checkpoint: str, cfg: RolloutConfig, worker_index: int = 0):
+        self.gen = RolloutGenerator(checkpoint, cfg, worker_index)
 
     def generate(self, req: RolloutRequest) -> RolloutBatch:
         return self.gen.generate(req)
@@ -111,12 +118,36 @@ class VLLMRollout:
     def weights_checksum(self) -> tuple[int, str]:
         return self.gen.weights_checksum()
 
+    def last_verify_diff(self) -> float | None:
+        return self.gen.last_verify_diff
+
+    def load_weights_losing(self, packet, lost: str, direct: bool = False) -> float:
+        """`load_weights`, with the tensor `lost` dropped on its way into the engine (as a faulty transport would):
+        through the RolloutGenerator, or `direct`ly into the backend as evaluation's VLLMSampler loads."""
+        llm = self.gen.backend.llm
+        rpc = llm.collective_rpc
+
+        def lossy(method, timeout=None, args=(), kwargs=None):
+            if method == "reload_weights":
+                kwargs = {"weights_iterator": ((n, t) for n, t in kwargs["weights_iterator"] if n != lost)}
+            return rpc(method, timeout, args, kwargs)
+
+        llm.collective_rpc = lossy
+        try:
+            if direct:
+                self.gen.backend.load_weights(unpack(packet.layouts, packet.buckets))
+                return 0.0
+            return self.gen.load_weights(packet, verify=True)
+        finally:
+            del llm.collective_rpc  # the engine's own method again
+
 
 @pytest.fixture(scope="class")
 def engine(ray_local, policy_dir, vllm_required):
     """One engine for the tests of a class (it starts in ~10 s), stopped before the end-to-end run."""
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
-    actor = VLLMRollout.remote(str(policy_dir), RolloutConfig(backend="vllm", temperature=T, max_new_tokens=MAX_NEW))
+    actor = VLLMRollout.remote(str(policy_dir), RolloutConfig(backend="vllm", temperature=T, max_new_tokens=MAX_NEW),
+                               worker_index=1)
     yield actor
     ray.kill(actor)
 
@@ -233,6 +264,67 @@ class TestVLLMEngine:
             assert diff <= 1e-4
         finally:  # the engine is shared by the class: give it back its version-0 weights
             ray.get(engine.load_weights.remote(make_packet(base, version=4, bucket_bytes=1 << 16)))
+
+    def test_a_tensor_lost_on_its_way_into_the_engine_fails_the_sync(self, engine, policy_dir):
+        """The engine probe, not the checksum of what was sent: a q projection dropped from the weights handed to
+        vLLM (which only warns of weights it did not load, and not at all of a part of its fused q/k/v) fails
+        the sync, naming the worker and the version, through the generator and through a direct backend load."""
+        model = _hf_policy(policy_dir)
+        original = {k: v.clone() for k, v in model.named_parameters()}
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(6)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.03)
+        packet = make_packet(dict(model.named_parameters()), version=7, bucket_bytes=1 << 16)
+        lost = "model.layers.1.self_attn.q_proj.weight"
+        try:
+            with pytest.raises(WeightSyncError, match=r"rollout worker 1, weights v7: the vLLM engine's log-probs "
+                                                      r"on the probe differ .* does not compute with those weights"):
+                ray.get(engine.load_weights_losing.remote(packet, lost))
+            with pytest.raises(WeightSyncError, match=r"the vLLM engine's log-probs on the probe differ") as direct:
+                ray.get(engine.load_weights_losing.remote(packet, lost, direct=True))
+            assert "rollout worker" not in str(direct.value)  # the backend alone: no worker to name
+            ray.get(engine.load_weights.remote(packet))  # the whole packet: the engine matches again
+            diff = ray.get(engine.last_verify_diff.remote())
+            print(f"probe max |vLLM - HF| log-prob after a complete sync (fp32): {diff:.2e}")
+            assert diff <= 1e-4
+        finally:  # the engine is shared by the class: give it back its version-0 weights
+            ray.get(engine.load_weights.remote(make_packet(original, version=8, bucket_bytes=1 << 16)))
+
+
+@pytest.mark.vllm
+def test_syncs_reach_an_engine_whose_head_is_tied_to_its_embeddings(ray_local, tmp_path, queries, vllm_required):
+    """Two syncs of different weights into an engine whose output head is its token embeddings (SmolLM2's case):
+    the probe matches after each, and the behaviour log-probs of a batch are the HF model's at that version.
+
+    vLLM 0.32 on CPU computes the head with a packed copy of its weight that `reload_weights` does not repack when
+    the head loads nothing of its own: without `_repack_lm_heads` the engine kept the first embeddings and the
+    probe failed the first sync (0.6 off)."""
+    policy = _build_policy(tmp_path / "tied", hidden_size=64, num_heads=2, tied=True)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    actor = VLLMRollout.remote(str(policy), RolloutConfig(backend="vllm", temperature=T, max_new_tokens=MAX_NEW))
+    try:
+        model = _hf_policy(policy)
+        assert "lm_head.weight" not in dict(model.named_parameters())  # the learner sends the embeddings alone
+        gen = torch.Generator().manual_seed(8)
+        for version in (1, 2):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.03)
+            packet = make_packet(dict(model.named_parameters()), version=version, bucket_bytes=1 << 16)
+            ray.get(actor.load_weights.remote(packet))
+            diff = ray.get(actor.last_verify_diff.remote())
+            print(f"probe max |vLLM - HF| log-prob after sync v{version} (tied head, fp32): {diff:.2e}")
+            assert diff <= 1e-4
+        prompts = [q[: 30 + 4 * i] for i, q in enumerate(queries[:6])]
+        batch = ray.get(actor.generate.remote(RolloutRequest(
+            batch_id=0, shard=0, prompt_indices=[i for i in range(6) for _ in range(2)],
+            prompts=[p for p in prompts for _ in range(2)], seed=5, version=2)))
+        with torch.no_grad():
+            hf, _ = response_logprobs(model, batch.prompts, batch.prompt_mask, batch.responses, batch.response_mask, T)
+        assert (hf - batch.logprobs).abs().max().item() <= 1e-4
+    finally:
+        ray.kill(actor)
 
 
 def test_unsupported_head_dim_fails_at_startup(tmp_path):
