@@ -133,7 +133,8 @@ class RolloutGenerator:
         return RolloutBatch(batch_id=req.batch_id, shard=req.shard, worker=self.worker_index,
                             policy_version=self.version, prompt_indices=list(req.prompt_indices), prompts=prompts,
                             prompt_mask=pmask, responses=responses, response_mask=rmask, logprobs=logprobs,
-                            generate_s=seconds, mfu=mfu(flops, seconds, peak))
+                            generate_s=seconds, mfu=mfu(flops, seconds, peak),
+                            engine_probe_diff=self.last_verify_diff)
 
     def load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
         """Swap in `packet`'s weights; with `verify`, compare the checksum of the weights held (the generating

@@ -50,12 +50,16 @@ class RolloutBatch:
     logprobs: Tensor
     generate_s: float = 0.0
     mfu: float = 0.0  # model FLOPs utilisation of the generation (core.throughput)
+    # max |log-prob| difference between the engine and the weights it was sent, on the probe of the load of this
+    # version (vLLM); None where the model that generates is the one loaded (HF)
+    engine_probe_diff: float | None = None
 
     def info(self) -> RolloutInfo:
         return RolloutInfo(batch_id=self.batch_id, shard=self.shard, seconds=self.generate_s, mfu=self.mfu,
                            worker=self.worker, policy_version=self.policy_version,
                            prompt_indices=tuple(self.prompt_indices), sequences=self.responses.shape[0],
-                           prompt_tokens=int(self.prompt_mask.sum()), response_tokens=int(self.response_mask.sum()))
+                           prompt_tokens=int(self.prompt_mask.sum()), response_tokens=int(self.response_mask.sum()),
+                           engine_probe_diff=self.engine_probe_diff)
 
 
 @dataclass(kw_only=True)
@@ -109,15 +113,19 @@ class RolloutInfo(CallInfo):
     sequences: int
     prompt_tokens: int
     response_tokens: int
+    engine_probe_diff: float | None = None  # `RolloutBatch.engine_probe_diff`
 
 
-def batch_timings(rollouts: list[CallInfo], refs: list[CallInfo], scores: list[CallInfo]) -> dict[str, float]:
+def batch_timings(rollouts: list[RolloutInfo], refs: list[CallInfo], scores: list[CallInfo]) -> dict[str, float]:
     """Seconds (the slowest shard's) and mean MFU of each role on one batch; a role without MFU has no key."""
     timings = {}
     for role, calls in (("generate", rollouts), ("ref", refs), ("score", scores)):
         timings[f"{role}_s"] = max(c.seconds for c in calls)
         if all(c.mfu is not None for c in calls):  # a reward scored over HTTP is not logged as MFU 0
             timings[f"{role}_mfu"] = sum(c.mfu for c in calls) / len(calls)
+    probes = [r.engine_probe_diff for r in rollouts if r.engine_probe_diff is not None]
+    if probes:
+        timings["engine_probe_diff"] = max(probes)
     return timings
 
 

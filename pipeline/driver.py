@@ -229,6 +229,8 @@ class PPODriver:
                 "timing/reward_s": t["score_s"], "timing/worker_load_s": max(sync_times, default=0.0),
                 "perf/rollout_mfu": t["generate_mfu"], "perf/reference_mfu": t["ref_mfu"],
                 **({"perf/reward_mfu": t["score_mfu"]} if "score_mfu" in t else {}),
+                # the vLLM engine's log-probs against the weights it was sent, on the probe of this batch's load
+                **({"rollout/engine_probe_diff": t["engine_probe_diff"]} if "engine_probe_diff" in t else {}),
                 "perf/rollout_tokens_per_s": _per_s(tokens, t["generate_s"]),
                 "perf/reference_tokens_per_s": _per_s(scored, t["ref_s"]),
                 "perf/reward_tokens_per_s": _per_s(scored, t["score_s"]),
