@@ -263,6 +263,7 @@ def serve_main(args: argparse.Namespace, cfg: Config) -> int:
 
     from pipeline.cluster import connect
     from serving.auth import TokenError, is_loopback, resolve_token
+    from pipeline.preflight import PreflightError, check_checkpoint
     from serving.proxy import PROXY_CALLBACK
     from serving.reward_service import APP_NAME, start_service
 
@@ -272,8 +273,11 @@ def serve_main(args: argparse.Namespace, cfg: Config) -> int:
     if not 1 <= port <= 65535:
         print(f"rayrlhf serve: error: --port {port} is not a TCP port", file=sys.stderr)
         return 2
-    if not (checkpoint / "config.json").is_file():
-        print(f"rayrlhf serve: error: no reward-model checkpoint at {checkpoint} (no config.json)", file=sys.stderr)
+    try:
+        check_checkpoint(checkpoint, "reward-model", "pass a reward model's folder, e.g. <run>/rm/checkpoint", "reward",
+                         "--checkpoint")
+    except PreflightError as e:
+        print(f"rayrlhf serve: error: {e}", file=sys.stderr)
         return 2
     try:
         token = resolve_token(cfg.serve)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from core.config import Config, ConfigError, load_config, package_path
 from core.data import DATA_FILE_KINDS, DataError, load_tldr
@@ -99,9 +99,37 @@ def check_data(cfg: Config, needs_prompts: bool) -> None:
                              f"({cfg.data.posts_file or cfg.data.sft_train})")
 
 
-def check_checkpoint(path: Path, what: str, how: str) -> None:
-    if not (path / "config.json").is_file():
+def check_checkpoint(path: Path, what: str, how: str, kind: Literal["policy", "reward"] | None = None,
+                     flag: str | None = None) -> None:
+    """A Hugging Face checkpoint folder at `path`, of the kind the role loads it as: a `policy` is a causal LM; a
+    `reward` model is a sequence classifier with one label and the normalising `reward_bias` the rm stage writes.
+    A folder of the other kind would load with a randomly initialised head (a score head on a policy, an LM head
+    on a reward model) and run without an error: refused here, naming `flag` and what the folder holds."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
         raise PreflightError(f"{what} checkpoint not found at {path} (no config.json); {how}")
+    if kind is None:
+        return
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise PreflightError(f"{flag or what}: {config_file} is not a readable JSON config ({e})") from None
+    architectures = config.get("architectures") or []
+    holds = ", ".join(architectures) or "no architecture"
+    where = f"{flag} {path}" if flag else f"{what} checkpoint {path}"
+    if kind == "policy" and not any(a.endswith("ForCausalLM") for a in architectures):
+        raise PreflightError(f"{where} holds {holds}, not a policy (a ...ForCausalLM, e.g. <run>/sft/checkpoint)")
+    if kind == "reward":
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise PreflightError(f"{where} holds {holds}, not a reward model (a ...ForSequenceClassification with "
+                                 "one label, e.g. <run>/rm/checkpoint)")
+        labels = len(config.get("id2label") or {}) or config.get("num_labels", 1)
+        if labels != 1:
+            raise PreflightError(f"{where} is a classifier with {labels} labels, not a reward model (one score)")
+        if "reward_bias" not in config:
+            raise PreflightError(f"{where} has no reward_bias in its config.json: not a reward model trained by "
+                                 "`rayrlhf rm` (its scores would not be normalised); train one, or set "
+                                 "reward_bias (0.0 for none) in its config.json")
 
 
 def gguf_facts(path: Path) -> tuple[str, int | None]:
@@ -189,14 +217,16 @@ def check_inputs(cfg: Config, command: str, run_dir: Path | None, sft_checkpoint
                              "data.judge_fraction (e.g. 0.5)")
     if command in ("rm", "judge", "ppo"):
         check_checkpoint(Path(sft_checkpoint) if sft_checkpoint else run / "sft" / "checkpoint", "SFT",
-                         "run `rayrlhf sft` on this run directory first, or pass --sft-checkpoint")
+                         "run `rayrlhf sft` on this run directory first, or pass --sft-checkpoint", "policy",
+                         "--sft-checkpoint" if sft_checkpoint else None)
     if command == "ppo":
         check_checkpoint(Path(rm_checkpoint) if rm_checkpoint else run / "rm" / "checkpoint", "reward model",
-                         "run `rayrlhf rm` on this run directory first, or pass --rm-checkpoint")
+                         "run `rayrlhf rm` on this run directory first, or pass --rm-checkpoint", "reward",
+                         "--rm-checkpoint" if rm_checkpoint else None)
     if command == "eval":  # the checkpoints PPO started from, where they came from outside the run
         sft, rm = RunDir(run).evaluated_checkpoints()
-        check_checkpoint(sft, "SFT", "evaluate a run directory whose SFT stage finished")
-        check_checkpoint(rm, "reward model", "evaluate a run whose reward-model stage finished")
+        check_checkpoint(sft, "SFT", "evaluate a run directory whose SFT stage finished", "policy")
+        check_checkpoint(rm, "reward model", "evaluate a run whose reward-model stage finished", "reward")
     if cfg.eval.judge_checkpoint is not None and command in ("train", "eval"):
         check_checkpoint(Path(cfg.eval.judge_checkpoint), "eval.judge_checkpoint judge", "train one with `rayrlhf "
-                         "judge` or leave it unset")
+                         "judge` or leave it unset", "reward", "eval.judge_checkpoint")

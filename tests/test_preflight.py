@@ -164,9 +164,11 @@ def test_eval_reads_the_checkpoints_ppo_started_from(tmp_path):
     from pipeline.run_dir import RunDir
 
     outside = {name: tmp_path / "other" / name / "checkpoint" for name in ("sft", "rm")}
-    for path in outside.values():
+    configs = {"sft": {"architectures": ["LlamaForCausalLM"]},
+               "rm": {"architectures": ["LlamaForSequenceClassification"], "num_labels": 1, "reward_bias": 0.5}}
+    for name, path in outside.items():
         path.mkdir(parents=True)
-        (path / "config.json").write_text("{}")
+        (path / "config.json").write_text(json.dumps(configs[name]))
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
     with pytest.raises(Exception, match="SFT checkpoint not found"):
@@ -174,3 +176,33 @@ def test_eval_reads_the_checkpoints_ppo_started_from(tmp_path):
     run.record_inputs("ppo", sft_checkpoint=outside["sft"], rm_checkpoint=outside["rm"])
     assert run.evaluated_checkpoints() == (outside["sft"].resolve(), outside["rm"].resolve())
     check_inputs(load_config(None), "eval", run.path, None, None)
+
+
+@pytest.mark.slow  # the tiny checkpoints
+def test_a_checkpoint_of_the_wrong_kind_is_refused(tmp_path, capsys, tiny_checkpoints):
+    """A policy where a reward model belongs (or the reverse) loads with a random head and runs without an error:
+    refused before anything starts, naming the flag and what the folder holds; nothing written."""
+    import shutil
+
+    sft, rm = str(tiny_checkpoints.sft), str(tiny_checkpoints.rm)
+    run = tmp_path / "run"
+    cases = [
+        (["ppo", "--run-dir", str(run), "--sft-checkpoint", rm, "--rm-checkpoint", rm],
+         f"--sft-checkpoint {rm} holds LlamaForSequenceClassification, not a policy"),
+        (["ppo", "--run-dir", str(run), "--sft-checkpoint", sft, "--rm-checkpoint", sft],
+         f"--rm-checkpoint {sft} holds LlamaForCausalLM, not a reward model"),
+        (["rm", "--run-dir", str(run), "--sft-checkpoint", rm], "not a policy"),
+        (["serve", "--checkpoint", sft], "--checkpoint"),
+    ]
+    no_bias = tmp_path / "no_bias"
+    shutil.copytree(rm, no_bias)
+    config = json.loads((no_bias / "config.json").read_text())
+    del config["reward_bias"]
+    (no_bias / "config.json").write_text(json.dumps(config))
+    cases.append((["ppo", "--run-dir", str(run), "--sft-checkpoint", sft, "--rm-checkpoint", str(no_bias)],
+                  "has no reward_bias"))
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err, err
+    assert not run.exists()
