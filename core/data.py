@@ -13,6 +13,7 @@ evaluation prompts) only validate, and the judge's posts are never the training 
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import random
@@ -174,7 +175,9 @@ def _read_jsonl(path: Path, checker: RowChecker, max_rows: int | None) -> list[t
     rows = []
     with path.open("rb") as f:
         index = -1
-        for raw in f:
+        for line_no, raw in enumerate(f):
+            if line_no == 0:  # a BOM (Windows editors write one) would make the file's first row invalid JSON
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             if not raw.strip():
                 continue
             index += 1

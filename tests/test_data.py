@@ -588,3 +588,14 @@ def test_hub_rows_go_through_the_same_held_out_and_judge_splits(monkeypatch, cap
     assert (f"data.pairs_train (CarperAI/openai_summarize_comparisons[train]): {on_evaluated} of {len(train)} training "
             "pairs are on posts held out for evaluation: moved to validation") in caplog.text
     assert not _post_keys(data.pairs_train + data.pairs_valid) & _post_keys(data.judge_train + data.judge_valid)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_byte_order_mark_does_not_cost_a_lax_file_its_first_row(tmp_path, suffix):
+    """Windows editors start UTF-8 files with a BOM: the first row is read, not skipped as invalid JSON."""
+    rows = [{"prompt": Q, "reference": "first"}, {"prompt": Q, "reference": "second"}]
+    body = "".join(json.dumps(r) + "\n" for r in rows) if suffix == ".jsonl" else json.dumps(rows)
+    path = tmp_path / f"s{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert [e.reference for e in read_summaries(_local(strict=False), str(path))] == [" first", " second"]
+    assert len(read_summaries(_local(strict=True), str(path))) == 2

@@ -206,3 +206,95 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused(tmp_path, capsys, tiny_checkp
         err = capsys.readouterr().err
         assert words in err, err
     assert not run.exists()
+
+
+@pytest.mark.parametrize("value, words", [
+    ("{tmp}/nowhere", "model.name_or_path '{tmp}/nowhere': {tmp}/nowhere does not exist"),
+    ("{tmp}/empty", "model.name_or_path '{tmp}/empty': the folder {tmp}/empty has no config.json"),
+    ("{tmp}/empty/weights.bin", "{tmp}/empty/weights.bin is a file, not a Hugging Face model folder"),
+    ("package:configs", "model.name_or_path 'package:configs': the folder "),  # the package folder, not a file in it
+    ("package:PyYAML/model.gguf", "PyYAML is the name of the distribution; package: takes its import name: "
+                                  "package:yaml/model.gguf"),
+])
+def test_a_base_model_that_is_not_there_exits_2_before_anything_is_written(tmp_path, capsys, value, words):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "weights.bin").write_bytes(b"")
+    run = tmp_path / "run"
+    assert main(["sft", "--run-dir", str(run), "--set", f"model.name_or_path={value.format(tmp=tmp_path)}"]) == 2
+    err = capsys.readouterr().err
+    assert words.format(tmp=tmp_path) in err and "--resume" not in err, err
+    assert not run.exists()
+
+
+def test_a_missing_tokenizer_exits_2(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--set", f"model.tokenizer={tmp_path}/tok"]) == 2
+    assert f"model.tokenizer '{tmp_path}/tok': {tmp_path}/tok does not exist" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_a_hub_id_is_checked_and_the_error_says_what_was_tried(tmp_path, capsys, monkeypatch):
+    """Not a local path: the hub's local cache, then the hub; offline (or the hub unreachable) the error says so."""
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    argv = ["sft", "--run-dir", str(tmp_path / "run"), "--set", "model.name_or_path=no-such-org/no-such-model"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert ("model.name_or_path 'no-such-org/no-such-model': not a local path (no "
+            f"{tmp_path}/no-such-org/no-such-model), nor a Hugging Face hub id in the local cache") in err, err
+    assert "the hub is not asked offline (HF_HUB_OFFLINE=1)" in err
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("[Errno 111] Connection refused")
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "model_info", unreachable)
+    assert main(argv) == 2
+    assert "the hub could not be reached (ConnectionError: [Errno 111] Connection refused)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_strict_over_long_row_is_found_before_anything_is_written(tmp_path):
+    """A query that cannot be cut to data.max_prompt_tokens (not in the TL;DR format) fails data.strict in preflight,
+    naming its file and row, with the tokenizer the SFT stage would train; lax mode skips it in the stage."""
+    from pipeline.preflight import PreflightError, check_inputs
+
+    files = _local_files(tmp_path)
+    rows = files["sft_train"].read_text().splitlines()
+    rows[3] = json.dumps({"prompt": " ".join(f"word{i}" for i in range(200)), "reference": " s"})
+    files["sft_train"].write_text("\n".join(rows) + "\n")
+    overrides = [f"data.{k}={v}" for k, v in files.items()] + [
+        "data.source=local", "data.max_prompt_tokens=64", "ppo.prompts_per_step=4", "ppo.minibatch_size=8",
+        "ppo.micro_batch_size=8"]
+    check_inputs(load_config(None, overrides), "sft", None, None, None)  # lax: the stage skips the row
+    with pytest.raises(PreflightError, match=rf"^data.strict: {files['sft_train']}:3: query of \d+ tokens exceeds 64"):
+        check_inputs(load_config(None, [*overrides, "data.strict=true"]), "sft", None, None, None)
+
+
+def test_eval_without_a_run_directory_asks_for_one(capsys):
+    assert main(["eval"]) == 2
+    err = capsys.readouterr().err
+    assert "rayrlhf eval: error: --run-dir is required" in err and "checkpoint" not in err, err
+
+
+def test_ctrl_c_is_one_line_with_the_resume_command_and_exit_130(tmp_path, capsys, monkeypatch):
+    from pipeline import workflow
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflow, "sft", interrupted)
+    monkeypatch.setattr(workflow, "shutdown", lambda: None)
+    run = tmp_path / "run"
+    assert main(["sft", "--run-dir", str(run), *sum((["--set", o] for o in TINY), [])]) == 130
+    assert capsys.readouterr().err == f"rayrlhf sft: interrupted (continue with `rayrlhf sft --resume {run}`)\n"
+    # a new run directory, named when it is made
+    assert main(["sft", "--set", f"run.output_dir={tmp_path / 'runs'}", *sum((["--set", o] for o in TINY), [])]) == 130
+    made = next((tmp_path / "runs").iterdir())
+    assert capsys.readouterr().err == f"rayrlhf sft: interrupted (continue with `rayrlhf sft --resume {made}`)\n"
