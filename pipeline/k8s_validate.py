@@ -28,6 +28,11 @@ directories), `images`, `namespace`, and JSON6902 `patches` (add, remove, replac
 Anything else (strategic-merge patches, generators, ...) is reported as unsupported, never skipped.
 A rendered document identical to one already checked (e.g. the base rendered on its own) is not re-checked.
 
+YAML that would exhaust whoever expands it is refused before anything expands it, file by file (with the
+kustomizations that read it), as Kubernetes' decoder refuses it: a file over the 3 MiB the API server accepts,
+and a document whose alias expansion is out of proportion to its size (a "billion laughs"; see
+`excessive_aliasing`). The same holds for the YAML embedded in runtimeEnvYAML and serveConfigV2.
+
 Exit status: 0 all valid, 1 problems (all listed, one per line: file#document kind/name JSON-path: message),
 2 usage error (bad path, missing CRD directory).
 """
@@ -38,6 +43,7 @@ import argparse
 import copy
 import inspect
 import json
+import os
 import re
 import sys
 import typing
@@ -49,8 +55,9 @@ from typing import Any
 
 import yaml
 
+from pipeline import k8s_manifests
 from pipeline.k8s_manifests import (
-    Loader, Manifest, Problem, canonical, collect, containers, find_key, inner, json_path, mapping,
+    KUSTOMIZATION, Loader, Manifest, Problem, canonical, containers, find_key, inner, json_path, mapping,
 )
 
 # The validators come with the `k8s` extra (`pip install 'rayrlhf[k8s]'`); without it `main` says so and exits 2.
@@ -233,10 +240,136 @@ def _schema_problems(m: Manifest, validator: jsonschema.Validator, instance: dic
     return problems
 
 
+# ---------------------------------------------------------------------------------------------- YAML bombs
+
+# The API server refuses a request body over 3 MiB (k8s.io/apiserver ServerRunOptions.MaxRequestBodyBytes).
+MAX_FILE_BYTES = 3 * 1024 * 1024
+
+
+def _allowed_alias_ratio(decoded: int) -> float:
+    """go-yaml's allowedAliasRatio (gopkg.in/yaml.v2 decode.go): the share of decoded nodes that may come from
+    alias expansion: 99% up to 400,000 nodes, 10% from 4,000,000, linear in between."""
+    if decoded <= 400_000:
+        return 0.99
+    if decoded >= 4_000_000:
+        return 0.10
+    return 0.99 - 0.89 * (decoded - 400_000) / 3_600_000
+
+
+def excessive_aliasing(root: yaml.Node) -> bool:
+    """Whether go-yaml, which decodes every manifest for kubectl and the API server (through sigs.k8s.io/yaml),
+    refuses this document with "document contains excessive aliasing".
+
+    go-yaml counts the nodes it decodes, expanding each alias (the alias node and a copy of its target), and fails
+    once more than 100 of more than 1000 came from aliases and their share exceeds `_allowed_alias_ratio`. The
+    same count here walks the composed graph, where an alias is a second reference to a node, and builds nothing.
+    It stops at the refusal, so it visits at most about 100 nodes per node written (10 for millions of nodes):
+    a 1.7 kB "billion laughs" is refused after about 10,000 steps instead of expanding to gigabytes.
+    """
+    seen: set[int] = set()
+    alias_edges: set[tuple[int, int]] = set()  # (id of the parent, index of the child) written as an alias
+    decoded, aliased = 1, 0  # go-yaml counts the document node too
+    stack: list[tuple[yaml.Node, int, tuple[int, int] | None]] = [(root, 0, None)]  # node, alias depth, edge
+    while stack:
+        node, depth, edge = stack.pop()
+        if depth == 0:  # the walk through the document as written, in its order: a node met again is an alias
+            if id(node) in seen:
+                alias_edges.add(edge)
+            seen.add(id(node))
+        if edge in alias_edges:
+            decoded, aliased, depth = decoded + 1, aliased + (depth > 0), depth + 1  # the alias node itself
+        decoded, aliased = decoded + 1, aliased + (depth > 0)
+        if aliased > 100 and decoded > 1000 and aliased / decoded > _allowed_alias_ratio(decoded):
+            return True
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            continue
+        stack += [(child, depth, (id(node), i)) for i, child in reversed(list(enumerate(children)))]
+    return False
+
+
+def yaml_refusal(text: str) -> str | None:
+    """Why the YAML `text` is refused unexpanded (None: it is not, or it does not parse, which is reported where
+    it is loaded)."""
+    size = len(text.encode())
+    if size > MAX_FILE_BYTES:
+        return f"{size} bytes, over the {MAX_FILE_BYTES} the API server accepts"
+    try:
+        for i, root in enumerate(yaml.compose_all(text, Loader=Loader)):  # nodes only: aliases stay shared
+            if root is not None and excessive_aliasing(root):
+                return f"document {i} contains excessive aliasing (Kubernetes' YAML decoder refuses it)"
+    except yaml.YAMLError:
+        return None
+    return None
+
+
+def _file_refusal(path: Path) -> str | None:
+    try:
+        if (size := path.stat().st_size) > MAX_FILE_BYTES:  # refused unread
+            return f"{size} bytes, over the {MAX_FILE_BYTES} the API server accepts"
+        return yaml_refusal(path.read_text())
+    except (OSError, UnicodeDecodeError):
+        return None  # reported where it is loaded
+
+
+def _kustomization(directory: Path) -> dict:
+    """directory/kustomization.yaml, unless refused or unreadable ({}: reported when it is rendered)."""
+    path = directory / KUSTOMIZATION
+    if _file_refusal(path) is not None:
+        return {}
+    try:
+        return mapping(yaml.safe_load(path.read_text()))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+
+
+def _patch_files(directory: Path) -> set[Path]:
+    patches = _kustomization(directory).get("patches") or []
+    return {directory / p["path"] for p in patches if isinstance(p, dict) and isinstance(p.get("path"), str)}
+
+
+def _read_by_kustomization(directory: Path, visited: frozenset[Path] = frozenset()) -> set[Path]:
+    """The files `k8s_manifests.render(directory)` reads: its kustomization, resources (recursively), patches."""
+    files = {directory / KUSTOMIZATION} | _patch_files(directory)
+    if directory in visited:
+        return files
+    for entry in _kustomization(directory).get("resources") or []:
+        if isinstance(entry, str):
+            path = Path(os.path.normpath(directory / entry))  # as `render` resolves it
+            files |= _read_by_kustomization(path, visited | {directory}) if path.is_dir() else {path}
+    return files
+
+
+def collect(paths: list[Path]) -> tuple[list[Manifest], list[Problem]]:
+    """`k8s_manifests.collect`, less the files `yaml_refusal` refuses, which are reported and never loaded (its
+    `canonical` would expand their aliases), and less the kustomizations that read them."""
+    files = sorted({f for p in paths for f in ([p] if p.is_file() else [*p.rglob("*.yaml"), *p.rglob("*.yml")])})
+    reads = {f.parent: _read_by_kustomization(f.parent) for f in files if f.name == KUSTOMIZATION}
+    refusals = {f: why for f in sorted({*files, *(f for r in reads.values() for f in r)})
+                if (why := _file_refusal(f)) is not None}
+    if not refusals:
+        return k8s_manifests.collect(paths)
+    problems = [Problem(str(f), "?", "$", f"refused: {why}") for f, why in refusals.items()]
+    skipped = set(refusals)
+    for directory, read in reads.items():
+        if refused := sorted(read & refusals.keys()):
+            problems.append(Problem(str(directory / KUSTOMIZATION), "Kustomization", "$",
+                                    f"cannot render: it reads {', '.join(map(str, refused))}, refused"))
+            # Its patches are not manifests: not checked on their own either.
+            skipped |= {directory / KUSTOMIZATION, *_patch_files(directory)}
+    manifests, more = k8s_manifests.collect([f for f in files if f not in skipped])
+    return manifests, problems + more
+
+
 # ---------------------------------------------------------------------------------------------- Ray
 
 
 def _embedded_yaml(m: Manifest, where: str, text: str) -> tuple[dict | None, list[Problem]]:
+    if (why := yaml_refusal(text)) is not None:
+        return None, [Problem.of(m, where, f"refused: {why}")]
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -163,3 +163,71 @@ def test_renderer_matches_kubectl_kustomize(overlay: str) -> None:
     built = subprocess.run(["kubectl", "kustomize", str(K8S / overlay)], capture_output=True, text=True, check=True)
     theirs = {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(built.stdout) if d}
     assert {m.label: m.doc for m in km.render(K8S / overlay)} == theirs  # kustomize reorders; compare by kind/name
+
+
+# A "billion laughs": 9 levels of 9 aliases, 9**9 (387 million) "lol"s once expanded, from 420 bytes.
+BILLION_LAUGHS = """apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: lol
+data:
+  a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+  b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+  c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+  d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+  e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+  f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+  g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+  h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+  i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+def test_a_billion_laughs_is_refused_unexpanded_as_kubernetes_refuses_it(crds: Path, tmp_path: Path) -> None:
+    """The file is refused, naming it and the reason, and so is the kustomization that reads it; the rest is
+    checked. In a subprocess with a timeout: expanded, the document would take gigabytes and minutes."""
+    (tmp_path / "lol.yaml").write_text(BILLION_LAUGHS)
+    _overlay(tmp_path, "- op: test\n  path: /metadata/name\n  value: data\n")
+    (tmp_path / "base" / "kustomization.yaml").write_text("resources:\n  - pvc.yaml\n  - ../lol.yaml\n")
+    run = subprocess.run([sys.executable, "-m", "pipeline.k8s_validate", str(tmp_path), "--crds", str(crds)],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stderr
+    assert run.stdout.splitlines() == [
+        f"{tmp_path / 'lol.yaml'} ? $: refused: document 0 contains excessive aliasing (Kubernetes' YAML decoder "
+        "refuses it)",
+        f"{tmp_path / 'base' / km.KUSTOMIZATION} Kustomization $: cannot render: it reads {tmp_path / 'lol.yaml'}, "
+        "refused",
+        f"{tmp_path / 'overlay' / km.KUSTOMIZATION} Kustomization $: cannot render: it reads {tmp_path / 'lol.yaml'}, "
+        "refused",
+    ]
+    assert "1 documents checked" in run.stderr  # the PVC, on its own; the overlay's patch is not a manifest
+
+
+@pytest.mark.parametrize(("aliases", "refused"), [(110, False), (111, True)])
+def test_aliasing_is_refused_past_go_yaml_ratio(aliases: int, refused: bool) -> None:
+    """[&a [x * 999], *a * k]: go-yaml decodes 1 document + 1 list + 1 list + 999 scalars as written, then per alias
+    the alias node and 1000 nodes from it, so 1000k of 1002 + 1001k nodes come from aliases: over 99% from
+    k = 111 on (110,000 / 111,112 = 0.98999; 111,000 / 112,113 = 0.99007)."""
+    text = "[&a [" + ", ".join(["x"] * 999) + "]" + ", *a" * aliases + "]"
+    assert kv.excessive_aliasing(yaml.compose(text)) is refused
+    assert (kv.yaml_refusal(text) is not None) is refused
+
+
+def test_ordinary_anchors_and_embedded_yaml() -> None:
+    """Anchors as manifests use them pass; an embedded YAML string is refused the same way as a file."""
+    env = "[" + ", ".join(f"{{name: V{i}, value: '{i}'}}" for i in range(50)) + "]"
+    text = f"a: {{env: &env {env}}}\n" + "".join(f"c{i}: {{env: *env}}\n" for i in range(20))
+    assert kv.yaml_refusal(text) is None
+    m = km.Manifest("job.yaml#0", {"kind": "RayJob", "metadata": {"name": "job"}})
+    problems = kv._runtime_env_problems(m, BILLION_LAUGHS.split("\ndata:\n", 1)[1])
+    assert [p.message for p in problems] == [
+        "refused: document 0 contains excessive aliasing (Kubernetes' YAML decoder refuses it)"]
+
+
+def test_a_file_over_the_api_servers_limit_is_refused_unread(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    with big.open("wb") as f:
+        f.truncate(kv.MAX_FILE_BYTES + 1)  # sparse: nothing to parse, and nothing is
+    manifests, problems = kv.collect([tmp_path])
+    assert manifests == [] and [str(p) for p in problems] == [
+        f"{big} ? $: refused: {kv.MAX_FILE_BYTES + 1} bytes, over the {kv.MAX_FILE_BYTES} the API server accepts"]
