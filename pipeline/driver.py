@@ -80,11 +80,13 @@ class PendingLoad:
 
 
 class PPODriver:
-    """Runs one PPO stage. `launcher` starts the roles (tests pass one that replaces a role)."""
+    """Runs one PPO stage. `launcher` starts the roles (tests pass one that replaces a role); `command` is the
+    `rayrlhf` command that started the run ("ppo" or "train"), the one whose `--resume` continues it."""
 
     def __init__(self, cfg: Config, out_dir: Path, sft_checkpoint: Path, rm_checkpoint: Path,
-                 launcher: Launcher = launch_roles):
+                 launcher: Launcher = launch_roles, command: str = "ppo"):
         self.created = time.perf_counter()
+        self.command = command
         self.cfg, self.pc, self.out_dir, self.launcher = cfg, cfg.ppo, Path(out_dir), launcher
         self.sft_checkpoint, self.rm_checkpoint = str(sft_checkpoint), str(rm_checkpoint)
         self.run_name = self.out_dir.resolve().parent.name  # out_dir is <run>/ppo
@@ -106,9 +108,11 @@ class PPODriver:
         return ray_get(refs, what, self.pc.sync_timeout_s, self._resume_hint)
 
     def _resume_hint(self) -> str:
+        """Where a failed run stands and the command that continues this stage: `train --resume` would start a
+        run begun by `rayrlhf ppo` over from SFT."""
         latest = self.checkpoints.latest()
         where = f"the last checkpoint is {latest}" if latest else "no PPO checkpoint was written yet"
-        return f" ({where}; `rayrlhf train --resume {self.out_dir.parent}` continues from it)"
+        return f" ({where}; `rayrlhf {self.command} --resume {self.out_dir.parent}` continues the PPO stage)"
 
     # --- set-up -----------------------------------------------------------------------------------
 
@@ -135,8 +139,10 @@ class PPODriver:
         state = read_json(ckpt / "driver_state.json")
         diff = config_differences(state["config"], _resumable_config(self.cfg))
         if diff:
-            raise ValueError(f"{ckpt} was written with a different config ({', '.join(diff)}); resume with the "
-                             f"run's own config.yaml")
+            # Not a command to resume with: `--resume` is what failed. Only a run directory from before attempts
+            # recorded their config (`RunDir.start_attempt`), or one edited by hand, gets here.
+            raise ValueError(f"{ckpt} was written with a different config ({', '.join(diff)}), so `--resume` cannot "
+                             f"continue it; start PPO over with `rayrlhf ppo --run-dir {self.out_dir.parent}`")
         version = self._get(self.roles.learner.call("load", str(ckpt)), f"learner restoring {ckpt}")[0]
         if version != state["version"]:
             raise RuntimeError(f"{ckpt}: learner state holds v{version}, driver state v{state['version']}")

@@ -1,12 +1,14 @@
 """The run directory: one per run, holding the config, every stage's output and the report.
 
     <run>/config.yaml          the validated config the run was started with (never rewritten)
-    <run>/<stage>/config.yaml  a stage's own config, where it was run with another (e.g. other PPO settings)
+    <run>/<stage>/config.yaml  the config of the stage's latest attempt, where it differs from the run's (e.g. other
+                               PPO settings); `--resume` continues that attempt with it
     <run>/sft/checkpoint       best SFT policy (HF format + tokenizer); metrics.jsonl, tensorboard/
     <run>/rm/checkpoint        reward model (sequence classification, reward_bias in its config)
     <run>/ppo/checkpoint       final PPO policy; ppo/critic; ppo/state.pt; metrics.jsonl
     <run>/eval/                evaluation results; <run>/report.md and plots
-    <run>/stages.json          each finished stage's summary metrics
+    <run>/stages.json          each finished stage's summary metrics; a stage that starts again is taken out first
+                               (`start_attempt`), so a killed attempt is never taken for the finished one before it
     <run>/inputs.json          checkpoints from outside the run a stage was started from (`--sft-checkpoint`, ...),
                                so that `--resume` continues it from the same ones
 """
@@ -18,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.checkpoints import atomic_write_text
+from core.checkpoints import CheckpointDir, atomic_write_text
 from core.config import Config, config_to_yaml
 
 
@@ -52,11 +54,31 @@ class RunDir:
         stages[stage] = summary
         atomic_write_text(path, json.dumps(stages, indent=2))
 
+    def start_attempt(self, stage: str, own_config: Config | None) -> None:
+        """A new attempt at `stage`, before it writes anything else: first it is no longer finished in stages.json
+        (one atomic rewrite), then the previous attempt's resumable checkpoints go (a `--resume` must never continue
+        them), then its config is recorded: `own_config` where it differs from the run's, else none (a stale one
+        would be what `--resume` continues with)."""
+        path = self.path / "stages.json"
+        stages = self.stages()
+        if stages.pop(stage, None) is not None:
+            atomic_write_text(path, json.dumps(stages, indent=2))
+        CheckpointDir(self.path / stage / "checkpoints").clear()
+        config = self.path / stage / "config.yaml"
+        if own_config is None:
+            config.unlink(missing_ok=True)
+        else:
+            atomic_write_text(self.stage(stage) / "config.yaml", config_to_yaml(own_config))
+
     def keep_stage_config(self, stage: str, cfg: Config) -> Path:
-        """The config a stage ran with when it differs from the run's (which stays as it is)."""
-        path = self.stage(stage) / "config.yaml"
-        atomic_write_text(path, config_to_yaml(cfg))
-        return path
+        """The config a stage ran with when it differs from the run's (which stays as it is): a new attempt."""
+        self.start_attempt(stage, cfg)
+        return self.path / stage / "config.yaml"
+
+    def attempt_config(self, stage: str) -> Path | None:
+        """The config file of `stage`'s latest attempt where it ran with one of its own, else None (the run's)."""
+        path = self.path / stage / "config.yaml"
+        return path if path.is_file() else None
 
     def record_inputs(self, stage: str, **checkpoints: Path) -> None:
         """Remember the outside checkpoints `stage` starts from (absolute paths)."""

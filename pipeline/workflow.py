@@ -3,8 +3,11 @@
 The judge is a second reward model trained on comparisons disjoint from the first (data.judge_fraction): it
 scores the SFT and PPO policies in evaluation, so a policy that exploits the training reward model shows.
 
-With `resume`, a stage recorded as finished in stages.json is skipped and the stage that was running
-continues from its latest checkpoint (`<stage>/checkpoints/latest`), or starts over when it wrote none.
+A stage that starts (not resumed) is a new attempt: it takes itself out of stages.json before it writes anything
+else and records the config it runs with (`RunDir.start_attempt`), so a killed attempt is never mistaken for
+the finished one it replaces. With `resume`, a stage recorded as finished in stages.json is skipped and the
+stage that was running continues from its latest checkpoint (`<stage>/checkpoints/latest`), or starts over
+when it wrote none, with the config its attempt was started with.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import ray
 
 from actors.remote import RMStage, SFTStage, evaluate_task
 from core.checkpoints import CheckpointDir, read_json
-from core.config import Config
+from core.config import Config, load_config
 from core.metrics import read_metrics
 from core.text import budget_warnings
 from pipeline.cluster import connect
 from pipeline.driver import PPODriver
 from pipeline.launch import run_group
+from pipeline.preflight import config_differences
 from pipeline.report import write_report
 from pipeline.run_dir import RunDir, require_checkpoint
 
@@ -46,6 +50,20 @@ def _skip(run: RunDir, stage: str, resume: bool) -> bool:
         log.info("resume: %s already finished, skipped", stage)
         return True
     return False
+
+
+def _attempt(run: RunDir, stage: str, cfg: Config, resume: bool) -> Config:
+    """The config `stage` runs with. Resumed: the one its interrupted attempt was started with. Else a new attempt
+    starts, before the stage writes anything: `cfg` is recorded as the stage's own where it differs from the
+    run's config.yaml (ignoring where Ray runs), and a stale one of an earlier attempt is removed."""
+    if resume:
+        own = run.attempt_config(stage)
+        return load_config(own) if own is not None else cfg
+    saved = run.path / "config.yaml"
+    differs = saved.is_file() and config_differences(load_config(saved).model_dump(mode="json"),
+                                                     cfg.model_dump(mode="json"))
+    run.start_attempt(stage, cfg if differs else None)
+    return cfg
 
 
 def _run_on(actor) -> dict[str, float]:
@@ -94,6 +112,7 @@ def judge_checkpoint(cfg: Config, run: RunDir) -> Path | None:
 
 def sft(cfg: Config, run: RunDir, resume: bool = False) -> Path:
     if not _skip(run, "sft", resume):
+        cfg = _attempt(run, "sft", cfg, resume)
         connect(cfg)
         _done(run, "sft", run_sft(cfg, run.stage("sft"), resume))
     return run.checkpoint("sft")
@@ -113,6 +132,7 @@ def rm(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, resume: boo
        role: str = "rm") -> Path:
     """The reward model (role "rm") or the judge (role "judge": the same recipe on the judge's comparisons)."""
     if not _skip(run, role, resume):
+        cfg = _attempt(run, role, cfg, resume)
         sft_checkpoint = _inputs(run, role, resume, sft_checkpoint=sft_checkpoint).get("sft_checkpoint")
         sft_ckpt = require_checkpoint(sft_checkpoint or run.checkpoint("sft"), "SFT")
         connect(cfg)
@@ -121,9 +141,11 @@ def rm(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, resume: boo
 
 
 def ppo(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, rm_checkpoint: Path | None = None,
-        resume: bool = False) -> Path:
+        resume: bool = False, command: str = "ppo") -> Path:
+    """PPO; `command` ("ppo" or "train") started the run and is what the driver's hints say continues it."""
     if _skip(run, "ppo", resume):
         return run.checkpoint("ppo")
+    cfg = _attempt(run, "ppo", cfg, resume)
     inputs = _inputs(run, "ppo", resume, sft_checkpoint=sft_checkpoint, rm_checkpoint=rm_checkpoint)
     sft_checkpoint, rm_checkpoint = inputs.get("sft_checkpoint"), inputs.get("rm_checkpoint")
     latest = CheckpointDir(run.path / "ppo" / "checkpoints").latest() if resume else None
@@ -134,7 +156,7 @@ def ppo(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, rm_checkpo
     sft_ckpt = require_checkpoint(sft_checkpoint or run.checkpoint("sft"), "SFT")
     rm_ckpt = require_checkpoint(rm_checkpoint or run.checkpoint("rm"), "reward model")
     connect(cfg)
-    driver = PPODriver(cfg, run.stage("ppo"), sft_ckpt, rm_ckpt)
+    driver = PPODriver(cfg, run.stage("ppo"), sft_ckpt, rm_ckpt, command=command)
     try:
         summary = driver.run(resume=latest)
     finally:
@@ -149,6 +171,7 @@ def ppo(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, rm_checkpo
 
 
 def evaluate(cfg: Config, run: RunDir) -> Path:
+    cfg = _attempt(run, "eval", cfg, resume=False)  # evaluation is never resumed, always run again
     connect(cfg)
     _done(run, "eval", evaluate_run(cfg, run))
     report = write_report(run)
@@ -161,7 +184,7 @@ def train(cfg: Config, run: RunDir, resume: bool = False) -> Path:
     rm(cfg, run, resume=resume)
     if cfg.data.judge_fraction > 0 and cfg.eval.judge_checkpoint is None:
         rm(cfg, run, resume=resume, role="judge")
-    ppo(cfg, run, resume=resume)
+    ppo(cfg, run, resume=resume, command="train")
     return evaluate(cfg, run)
 
 
