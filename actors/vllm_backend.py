@@ -234,6 +234,14 @@ class VLLMBackend:
         missing = set(self.params) - set(new)
         if missing:
             raise KeyError(f"weight sync left {len(missing)} parameters unset, e.g. {sorted(missing)[:3]}")
+        # vLLM's loaders assert on a shape they do not expect (a bare AssertionError, e.g. a vocabulary resized for
+        # a pad token the engine's checkpoint lacks): name the tensor instead
+        wrong = [(n, tuple(t.shape), tuple(self.params[n].shape)) for n, t in new.items()
+                 if t.shape != self.params[n].shape]
+        if wrong:
+            name, got, want = wrong[0]
+            raise ValueError(f"weight {name} has shape {got}, the rollout model's is {want} ({len(wrong)} such); "
+                             "the rollout must start from the checkpoint the learner trains (same vocabulary)")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(new.items())})
         if self.repack_tied_head:
             self.llm.collective_rpc(_repack_lm_heads)

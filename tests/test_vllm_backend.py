@@ -291,6 +291,16 @@ class TestVLLMEngine:
         finally:  # the engine is shared by the class: give it back its version-0 weights
             ray.get(engine.load_weights.remote(make_packet(original, version=8, bucket_bytes=1 << 16)))
 
+    def test_a_tensor_of_another_shape_is_named_before_the_engine_changes(self, engine, policy_dir):
+        """A vocabulary resized for a pad token the engine's checkpoint lacks: vLLM's loader would assert without a
+        word; the sync names the tensor and both shapes, and the engine keeps its weights."""
+        weights = {k: v.detach().clone() for k, v in _hf_policy(policy_dir).named_parameters()}
+        name = "model.embed_tokens.weight"
+        weights[name] = torch.cat([weights[name], weights[name][:1]])  # one more row
+        with pytest.raises(ValueError, match=rf"weight {name} has shape \({weights[name].shape[0]}, "):
+            ray.get(engine.load_weights.remote(make_packet(weights, version=9, bucket_bytes=1 << 16)))
+        assert ray.get(engine.last_verify_diff.remote()) <= 1e-4  # untouched: the last load's probe stands
+
 
 @pytest.mark.vllm
 def test_syncs_reach_an_engine_whose_head_is_tied_to_its_embeddings(ray_local, tmp_path, queries, vllm_required):
