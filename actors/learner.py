@@ -338,8 +338,8 @@ class PPOLearner:
         batch (each counted once, in the first epoch; a group's ranks summed): `ppo/mismatch_*`, `ppo/is_*`."""
         if not self._offpolicy:
             return {}
-        sums = {k: self._offpolicy[k] for k in ("tokens", "abs_diff", "k1", "k3", "units", "w", "w2", "bounded")}
-        top = self._offpolicy["abs_diff_max"]
+        sums = {k: float(self._offpolicy[k]) for k in ("tokens", "abs_diff", "k1", "k3", "units", "w", "w2", "bounded")}
+        top = float(self._offpolicy["abs_diff_max"])
         if self.fsdp:  # every rank has every key: the same collectives on each
             sums, top = all_reduce_sum(sums), all_reduce_max(top)
         n, units = max(sums["tokens"], 1.0), max(sums["units"], 1.0)
@@ -353,19 +353,21 @@ class PPOLearner:
 
     def _tally_offpolicy(self, prox: torch.Tensor, behav: torch.Tensor, mmask: torch.Tensor,
                          weights: pm.BehaviourWeights | None) -> None:
+        """Add one micro batch to the update's sums, as tensors on the device: read once per update (a `.item()` per
+        micro batch would be a host sync each)."""
         d = pm.mismatch(prox, behav, mmask)
-        n = mmask.sum().item()
+        n = mmask.sum()
         t = self._offpolicy
-        t["tokens"] += n
-        t["abs_diff"] += d.abs_diff_mean.item() * n
-        t["k1"] += d.kl_k1.item() * n
-        t["k3"] += d.kl_k3.item() * n
-        t["abs_diff_max"] = max(t["abs_diff_max"], d.abs_diff_max.item())
+        for key, value in (("tokens", n), ("abs_diff", d.abs_diff_mean * n), ("k1", d.kl_k1 * n),
+                           ("k3", d.kl_k3 * n)):
+            t[key] = t[key] + value
+        t["abs_diff_max"] = torch.maximum(torch.as_tensor(t["abs_diff_max"], device=n.device), d.abs_diff_max)
         if weights is not None:
-            t["units"] += weights.units.sum().item()
-            t["w"] += pm.masked_sum(weights.unit_weights, weights.units).item()
-            t["w2"] += pm.masked_sum(weights.unit_weights**2, weights.units).item()
-            t["bounded"] += pm.masked_sum(weights.bounded.float(), weights.units).item()
+            for key, value in (("units", weights.units.sum()),
+                               ("w", pm.masked_sum(weights.unit_weights, weights.units)),
+                               ("w2", pm.masked_sum(weights.unit_weights**2, weights.units)),
+                               ("bounded", pm.masked_sum(weights.bounded.float(), weights.units))):
+                t[key] = t[key] + value
 
     def _minibatch(self, exp: Experience, adv: Advantages, mask: torch.Tensor,
                    idx: torch.Tensor, values_graph: torch.Tensor | None = None,
