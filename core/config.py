@@ -92,7 +92,9 @@ class RunConfig(_Section):
 
 class RayConfig(_Section):
     address: str | None = Field(None, description="Cluster address; None uses RAY_ADDRESS, else starts a local Ray.")
-    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local Ray (default: enough for all roles).")
+    num_cpus: int | None = Field(None, ge=1, description=(
+        "Logical CPUs of a local Ray (default: enough for all roles, at most 4 per core of the machine; a stage "
+        "that does not fit is refused before Ray starts)."))
     include_dashboard: bool = Field(False, description="Start the dashboard with a local Ray.")
     worker_niceness: int = Field(0, ge=0, le=19, description=(
         "OS niceness of a local Ray's worker processes (Ray's own default is 15; a given cluster keeps its own)."))

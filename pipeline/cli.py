@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run", dest="run_name", help="the name of the job's run directory")
     p.add_argument("--workers", type=_positive_int, required=True, help="rollout workers the job should have")
     p.add_argument("--address", help="Ray cluster address, e.g. HEAD:6379 or auto (default: RAY_ADDRESS)")
+    p.add_argument("--wait-for-nodes", action="store_true",
+                   help="accept more workers than the cluster has free resources for now (an autoscaler adds nodes)")
     return parser
 
 
@@ -134,15 +136,17 @@ def _main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"rayrlhf: {e}", file=sys.stderr)
         return 2
-    if args.command in STAGE_COMMANDS and not resume:
-        from pipeline.preflight import PreflightError, check_inputs, run_config
+    if args.command in (*STAGE_COMMANDS, "serve"):
+        from pipeline.preflight import PreflightError, check_inputs, check_resources, run_config
 
         try:
-            if args.run_dir:
-                cfg, args.config_differs = run_config(Path(args.run_dir), cfg, bool(args.config or args.overrides),
-                                                      args.command)
-            check_inputs(cfg, args.command, Path(args.run_dir) if args.run_dir else None,
-                         getattr(args, "sft_checkpoint", None), getattr(args, "rm_checkpoint", None))
+            if args.command != "serve" and not resume:
+                if args.run_dir:
+                    cfg, args.config_differs = run_config(Path(args.run_dir), cfg, bool(args.config or args.overrides),
+                                                          args.command)
+                check_inputs(cfg, args.command, Path(args.run_dir) if args.run_dir else None,
+                             getattr(args, "sft_checkpoint", None), getattr(args, "rm_checkpoint", None))
+            check_resources(cfg, args.command)
         except PreflightError as e:
             print(f"rayrlhf {args.command}: error: {e}", file=sys.stderr)
             return 2
@@ -189,34 +193,50 @@ def _resume_hint(args: argparse.Namespace) -> str:
 
 
 def scale_main(args: argparse.Namespace) -> int:
-    """Ask a running PPO job for `--workers` rollout workers through its `RolloutScaler` actor."""
+    """Ask a running PPO job for `--workers` rollout workers through its `RolloutScaler` actor. One line and
+    exit 2 for an address nothing answers at or a count the cluster cannot place; exit 1 when the job refuses."""
     import ray
     from ray.exceptions import GetTimeoutError, RayTaskError
 
-    from core.scaling import SCALER_NAMESPACE, scaler_name
+    from core.scaling import SCALER_NAMESPACE, placeable, scaler_name
+    from pipeline.cluster import AddressError, check_address
+
+    def error(message: str, code: int = 1) -> int:
+        print(f"rayrlhf scale: error: {message}", file=sys.stderr)
+        return code
 
     run_name = args.run_name or Path(args.run_dir).resolve().name
     if not ray.is_initialized():
         address = args.address or os.environ.get("RAY_ADDRESS")
         if not address:  # a fresh local Ray would hold no job to scale
-            print("rayrlhf scale: error: give --address (or set RAY_ADDRESS) of the job's Ray cluster", file=sys.stderr)
-            return 2
-        ray.init(address=address, log_to_driver=False)
+            return error("give --address (or set RAY_ADDRESS) of the job's Ray cluster", 2)
+        try:
+            check_address(address)
+        except AddressError as e:
+            return error(f"--address {e}", 2)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     name = scaler_name(run_name)
     try:
         scaler = ray.get_actor(name, namespace=SCALER_NAMESPACE)
     except ValueError:
-        print(f"rayrlhf scale: error: no running PPO job named {run_name!r} on this cluster ({name} not found)",
-              file=sys.stderr)
-        return 1
+        return error(f"no running PPO job named {run_name!r} on this cluster ({name} not found)")
     try:
+        status, per_worker = ray.get([scaler.get_status.remote(), scaler.per_worker.remote()], timeout=30)
+        more = args.workers - max(status.desired, status.active + status.starting)
+        if more > 0 and not args.wait_for_nodes:
+            free = ray.available_resources()
+            room = placeable(per_worker, free)
+            if more > room:
+                asks = ", ".join(f"{k} {v:g}" for k, v in per_worker.items())
+                have = ", ".join(f"{k} {free.get(k, 0.0):g}" for k in per_worker)
+                return error(f"the cluster can place {room} more rollout worker(s) now (each asks {asks}; free: "
+                             f"{have}): --workers at most {args.workers - more + room}, or --wait-for-nodes on an "
+                             "autoscaling cluster", 2)
         before = ray.get(scaler.set_desired.remote(args.workers), timeout=30)
     except RayTaskError as e:
-        print(f"rayrlhf scale: error: {e.cause}", file=sys.stderr)
-        return 1
+        return error(str(e.cause))
     except GetTimeoutError:
-        print(f"rayrlhf scale: error: {name} did not answer within 30s", file=sys.stderr)
-        return 1
+        return error(f"{name} did not answer within 30s")
     print(f"{run_name}: rollout workers {before.desired} -> {args.workers} requested (at step {before.step} the job "
           f"had {before.active} active, {before.starting} starting); applied at the start of its next step, "
           f"see <run>/ppo/events.jsonl")

@@ -6,13 +6,44 @@ The per-process set-up of every role (threads, priority, token auth) is `core.pr
 from __future__ import annotations
 
 import logging
-import math
 import os
+import socket
 
-from core.config import Config, role_cpus
+from core.config import Config
 from core.metrics import wandb_env
+from pipeline.resources import local_cpus
 
 log = logging.getLogger(__name__)
+
+
+class AddressError(ValueError):
+    """A Ray address that is malformed, of the wrong kind, or where nothing answers."""
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, in one line, on a Ray cluster address nothing can connect to: Ray itself retries a dead
+    address for minutes. Accepts HOST:PORT (the head's GCS), ray://HOST:PORT (Ray Client) and auto (the
+    cluster `ray start` last recorded on this machine)."""
+    given = address
+    if address.startswith(("http://", "https://")):
+        raise AddressError(f"{given} is a dashboard URL (what `rayrlhf submit` and `jobs` take); give the "
+                           "cluster's GCS address HOST:6379, or ray://HOST:10001")
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        address = canonicalize_bootstrap_address("auto")
+        if address is None:
+            raise AddressError("address auto: no running Ray cluster is recorded on this machine (`ray start "
+                               "--head` records one); give HOST:PORT")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise AddressError(f"{given!r} is not a Ray address: expected HOST:PORT (e.g. 10.0.0.5:6379), "
+                           "ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise AddressError(f"nothing answers at {address} ({e.strerror or e}): is the Ray cluster running? "
+                           f"(`ray status --address {address}`)") from None
 
 
 def connect(cfg: Config) -> None:
@@ -36,8 +67,7 @@ def connect(cfg: Config) -> None:
     from pipeline.reaper import guard_local_ray
 
     guard_local_ray()  # its processes end with this one, however it ends
-    # Logical CPUs may exceed the cores: roles take turns, and each actor runs torch on its own threads.
-    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(role_cpus(cfg)))
+    num_cpus = local_cpus(cfg)  # preflight checked that every stage fits in it
     # Ray's metrics endpoint is plain HTTP without auth on all interfaces: a local Ray serves it only with the
     # dashboard, which reads it (rayrlhf's own metrics go to metrics.jsonl and TensorBoard).
     ray.init(num_cpus=num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=True,

@@ -45,6 +45,7 @@ from pipeline.launch import (
 )
 from pipeline.pool import EventLog, PoolCalls, RolloutPool
 from pipeline.preflight import config_differences
+from pipeline.resources import bundle
 from pipeline.schedule import PromptSource, StalenessGate
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ class PPODriver:
         self.roles = self.launcher(self.cfg, self.sft_checkpoint, self.rm_checkpoint, self.run_name)
         self.events = EventLog(self.out_dir)
         self.pool = RolloutPool(list(self.roles.rollouts), lambda i: launch_rollout_worker(self.cfg, self.sft_checkpoint, i),
-                                PoolCalls(self._get), self.events, self.pc.sync_timeout_s)
+                                PoolCalls(self._get), self.events, self.pc.sync_timeout_s,
+                                bundle(self.cfg.rollout.num_cpus, self.cfg.rollout.num_gpus))
         await_started(self.roles.named(), self.pc.startup_timeout_s)
         self.roles.learner.rendezvous(self.pc.startup_timeout_s)
         if self.pc.weight_sync == "collective":
@@ -241,6 +243,7 @@ class PPODriver:
                 "perf/reference_tokens_per_s": _per_s(scored, t["ref_s"]),
                 "perf/reward_tokens_per_s": _per_s(scored, t["score_s"]),
                 "rollout/policy_version": float(info.policy_version), "rollout/num_workers": float(num_workers),
+                "rollout/workers_starting": float(len(self.pool.starting)),
                 "rollout/sequences": float(info.sequences),
                 "rollout/sequences_per_s": done.sequences / (time.perf_counter() - done.start)}, pending
 

@@ -16,6 +16,8 @@ the run, and a dead learner ends the run, to be resumed from its last checkpoint
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
@@ -32,20 +34,7 @@ from core.config import Config
 from core.scaling import SCALER_NAMESPACE, scaler_name
 from core.sharding import free_port
 from pipeline.calls import RoleTimeout, first_line, ray_get
-
-
-def _bundle(num_cpus: float, num_gpus: float) -> dict[str, float]:
-    return {k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus}.items() if v > 0} or {"CPU": 0.01}
-
-
-def role_bundles(cfg: Config) -> dict[str, list[dict[str, float]]]:
-    """The placement group's bundles per role, in placement order."""
-    return {
-        "learner": [_bundle(cfg.ppo.num_cpus, cfg.ppo.num_gpus)] * cfg.ppo.learner_workers,
-        "reference": [_bundle(cfg.reference.num_cpus, cfg.reference.num_gpus)] * cfg.reference.replicas,
-        "reward": [_bundle(cfg.reward.num_cpus, cfg.reward.num_gpus)] * cfg.reward.replicas,
-        "rollout": [_bundle(cfg.rollout.num_cpus, cfg.rollout.num_gpus)] * cfg.rollout.num_workers,
-    }
+from pipeline.resources import Bundles, bundle, role_bundles, shortfall
 
 
 @dataclass(frozen=True)
@@ -56,17 +45,48 @@ class Placement:
     first_bundle: dict[str, int]  # role -> index of its first bundle
 
     @classmethod
-    def create(cls, bundles: dict[str, list[dict[str, float]]], timeout_s: float) -> Placement:
+    def create(cls, bundles: Bundles, timeout_s: float) -> Placement:
+        """Reserve `bundles` (role -> one bundle per actor); a placement the cluster cannot give within
+        `timeout_s` (`ppo.startup_timeout_s`) is removed and raises, naming the roles and what they ask."""
         first, flat = {}, []
         for role, group in bundles.items():
             first[role] = len(flat)
             flat += group
         group = placement_group(flat, strategy="PACK")
-        ray.get(group.ready(), timeout=timeout_s)
+        try:
+            ray.get(group.ready(), timeout=timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(group)
+            raise RuntimeError(unplaced(bundles, timeout_s)) from None
         return cls(group, first)
 
     def on(self, role: str, i: int = 0) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=self.first_bundle[role] + i)
+
+
+def unplaced(bundles: Bundles, timeout_s: float) -> str:
+    """Why a placement was not ready in time: the resources short in the whole cluster, named per role and key;
+    else (enough in total) that others hold them or no single node has room."""
+    roles = ", ".join(bundles)
+    head = f"Ray could not place {roles} within ppo.startup_timeout_s={timeout_s:g}s"
+    total = ray.cluster_resources()
+    short = shortfall(bundles, total)
+    if short is not None:
+        return f"{head}: they ask for {short} in this cluster (lower those keys or add nodes that have them)"
+    free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+    asks = {role: group[0] for role, group in bundles.items()}
+    return (f"{head}: the cluster has enough in total but not free, or not on one node (asks per actor {asks}, "
+            f"free now {free}); see `ray status`")
+
+
+@contextmanager
+def placed(bundles: Bundles, timeout_s: float) -> Iterator[Placement]:
+    """A placement for the duration of a stage, removed however it ends."""
+    placement = Placement.create(bundles, timeout_s)
+    try:
+        yield placement
+    finally:
+        remove_placement_group(placement.group)
 
 
 class RankGroup:
@@ -153,15 +173,15 @@ def run_group(stage: type, role: str, workers: int, num_cpus: float, num_gpus: f
     """An offline stage (`SFTStage`, `RMStage`) run to its end by `workers` ranks: one bundle per rank in a PACK
     placement group (the ranks as close as the cluster allows), the process group formed, `run` on every rank;
     rank 0's result. The actors and the placement group are released however it ends."""
-    placement = Placement.create({role: [_bundle(num_cpus, num_gpus)] * workers}, timeout_s)
-    group = RankGroup([stage.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=placement.on(role, i))
-                       .remote(*args, rank=i, world=workers) for i in range(workers)], role)
-    try:
-        group.rendezvous(timeout_s)
-        return group.run_to_end()
-    finally:
-        group.kill()
-        remove_placement_group(placement.group)
+    with placed({role: [bundle(num_cpus, num_gpus)] * workers}, timeout_s) as placement:
+        group = RankGroup([stage.options(num_cpus=num_cpus, num_gpus=num_gpus,
+                                         scheduling_strategy=placement.on(role, i))
+                           .remote(*args, rank=i, world=workers) for i in range(workers)], role)
+        try:
+            group.rendezvous(timeout_s)
+            return group.run_to_end()
+        finally:
+            group.kill()
 
 
 @dataclass(frozen=True)
@@ -205,7 +225,7 @@ def launch_rollout_worker(cfg: Config, sft_checkpoint: str, index: int,
 
 def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name: str) -> RoleHandles:
     """Create the placement group and every PPO role; returns at once (see `await_started`)."""
-    placement = Placement.create(role_bundles(cfg), cfg.ppo.sync_timeout_s)
+    placement = Placement.create(role_bundles(cfg), cfg.ppo.startup_timeout_s)
     restarts = cfg.ppo.max_actor_restarts
 
     def on(role: str, num_cpus: float, num_gpus: float, i: int = 0) -> dict:
@@ -228,7 +248,7 @@ def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name:
     name = scaler_name(run_name)
     try:
         scaler = RolloutScaler.options(name=name, namespace=SCALER_NAMESPACE).remote(
-            cfg.rollout.num_workers, cfg.ppo.weight_sync)
+            cfg.rollout.num_workers, cfg.ppo.weight_sync, bundle(cfg.rollout.num_cpus, cfg.rollout.num_gpus))
     except ValueError as e:  # the name is taken
         learner.kill()
         for a in (*references, *rewards, *rollouts):

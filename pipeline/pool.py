@@ -21,6 +21,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
 from core.experience import RolloutInfo
+from core.scaling import placeable
 from pipeline.calls import done, first_line
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,17 @@ class PoolCalls:
     def kill(self, handle: ActorHandle) -> None:
         ray.kill(handle)
 
+    def free(self) -> dict[str, float]:
+        """The cluster's unreserved resources now."""
+        return ray.available_resources()
+
 
 class EventLog:
     """Timeline of rollout-pool changes: one JSON object per line in `<out_dir>/events.jsonl`.
 
     `{"time", "step", "event", "worker", ...}` where `step` is the metrics.jsonl step of the driver iteration
     it happened in, and event is worker_starting | worker_joined | worker_first_batch | worker_draining |
-    worker_removed | worker_failed.
+    worker_removed | worker_failed | worker_unplaced | worker_waiting.
     """
 
     def __init__(self, out_dir: Path):
@@ -98,12 +103,15 @@ class RolloutPool:
     - the loop never waits for a worker to start (a new actor may wait minutes for resources or an engine);
       it waits only to load the current weights into a started one, while the learner is idle.
     Workers started with the run sit in the driver's placement group; workers added later (`launch`) are placed
-    by Ray with the config's `rollout.num_cpus`/`num_gpus`, outside it.
+    by Ray with the config's `rollout.num_cpus`/`num_gpus` (`per_worker`), outside it. One that the cluster has
+    no free resources for is started all the same (an autoscaler may add a node) and reported at once
+    (`worker_unplaced`), and again if it is still waiting after `sync_timeout_s` (`worker_waiting`).
     """
 
     def __init__(self, workers: list, launch: Callable[[int], ActorHandle], calls: PoolCalls, events: EventLog,
-                 sync_timeout_s: float):
+                 sync_timeout_s: float, per_worker: dict[str, float] | None = None):
         self.launch, self.calls, self.events, self.sync_timeout_s = launch, calls, events, sync_timeout_s
+        self.per_worker = per_worker or {}
         self.active = [PoolWorker(i, h) for i, h in enumerate(workers)]
         self.starting: list[PoolWorker] = []
         self.retiring: list[PoolWorker] = []
@@ -128,8 +136,12 @@ class RolloutPool:
         before `next_batch` dispatched). Returns how many started workers failed to come up."""
         self._remove_drained(collected_before=step, event_step=step + 1)
         failed = self._join_started(step, version, learner)
-        while len(self.active) + len(self.starting) < desired:
-            self._start(step)
+        more = desired - len(self.active) - len(self.starting)
+        if more > 0:
+            free = self.calls.free()
+            room = placeable(self.per_worker, free) if self.per_worker else more
+            for i in range(more):
+                self._start(step, placeable_now=i < room, free=free)
         while len(self.active) + len(self.starting) > desired:
             if self.starting:  # never dispatched to: nothing to drain
                 w = self.starting.pop()
@@ -139,10 +151,16 @@ class RolloutPool:
                 self._retire(self.active[-1], step, next_batch)
         return failed
 
-    def _start(self, step: int) -> None:
+    def _start(self, step: int, placeable_now: bool = True, free: dict[str, float] | None = None) -> None:
         handle = self.launch(self.next_index)
         self.starting.append(PoolWorker(self.next_index, handle, ready=handle.version.remote()))
         self.events.write(step + 1, "worker_starting", self.next_index)
+        if not placeable_now:
+            log.warning("rollout worker %d cannot be placed now: it asks %s, the cluster has %s free; it starts when "
+                        "resources free up or a node joins (`rayrlhf scale` can lower the count)",
+                        self.next_index, self.per_worker, free)
+            self.events.write(step + 1, "worker_unplaced", self.next_index, asks=self.per_worker,
+                              free={k: (free or {}).get(k, 0.0) for k in self.per_worker})
         self.next_index += 1
 
     def _join_started(self, step: int, version: int, learner) -> int:
@@ -152,7 +170,9 @@ class RolloutPool:
             if not self.calls.ready(w.ready):
                 waited = time.monotonic() - w.started_at
                 if waited > self.sync_timeout_s and not w.warned:
-                    log.warning("rollout worker %d has waited %.0fs to start (resources?)", w.index, waited)
+                    log.warning("rollout worker %d has waited %.0fs to start (resources? see `ray status`)",
+                                w.index, waited)
+                    self.events.write(step + 1, "worker_waiting", w.index, waited_s=round(waited, 1))
                     w.warned = True
                 continue
             self.starting.remove(w)

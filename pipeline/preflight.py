@@ -6,7 +6,8 @@ naming the key, flag or file, and nothing on disk changes.
 - `check_inputs`: data files (read and parsed, as the stages will; with `data.strict`, every query cut to its
   budget by the tokenizer the stages use), the base model and tokenizer (a local folder with a config.json, a GGUF
   file, or a hub id the hub or its cache has), the checkpoints a stage starts from, and whether the prompt and
-  response budgets fit the model's positions.
+  response budgets fit the model's positions;
+- `check_resources`: on a local Ray (no `ray.address`), every stage's actors fit the CPUs and GPUs it will have.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any, Literal
 
 from core.config import PACKAGE_PREFIX, Config, ConfigError, load_config, package_path
 from core.data import DATA_FILE_KINDS, DataError, TLDRData, load_tldr, split_query
+from pipeline.cluster import AddressError, check_address
+from pipeline.resources import MAX_CPUS_PER_CORE, local_cpus, local_gpus, shortfall, stage_bundles
 from pipeline.run_dir import RunDir
 
 # What a run's identity does not include: where Ray runs and where run directories live.
@@ -393,3 +396,26 @@ def check_inputs(cfg: Config, command: str, run_dir: Path | None, sft_checkpoint
                          "judge` or leave it unset", "reward", "eval.judge_checkpoint")
     if cfg.data.strict and data is not None:
         check_query_budget(cfg, data, sft)
+
+
+def check_resources(cfg: Config, command: str) -> None:
+    """A local Ray's resources are known before it starts: a stage whose actors ask for more CPUs or GPUs than
+    it will have would wait forever for a placement, so it is refused here, naming the keys. On a cluster
+    (`ray.address` or RAY_ADDRESS) the placement is checked there, within `ppo.startup_timeout_s`."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            check_address(address)
+        except AddressError as e:
+            raise PreflightError(f"ray.address: {e}") from None
+        return
+    capacity = {"CPU": local_cpus(cfg), "GPU": local_gpus()}
+    for stage, bundles in stage_bundles(cfg, command).items():
+        short = shortfall(bundles, capacity)
+        if short is None:
+            continue
+        cores = os.cpu_count() or 1
+        sized = (f"; a local Ray gets at most {MAX_CPUS_PER_CORE} logical CPUs per core ({cores} cores here) "
+                 "unless ray.num_cpus sets its size" if cfg.ray.num_cpus is None and "CPU (" in short else "")
+        raise PreflightError(f"the {stage} stage asks this machine's local Ray for {short}{sized}: lower those "
+                             "keys, or give ray.address (or RAY_ADDRESS) of a cluster that has them")

@@ -25,9 +25,10 @@ from core.metrics import read_metrics
 from core.text import budget_warnings
 from pipeline.cluster import connect
 from pipeline.driver import PPODriver
-from pipeline.launch import run_group
+from pipeline.launch import placed, run_group
 from pipeline.preflight import config_differences
 from pipeline.report import write_report
+from pipeline.resources import bundle
 from pipeline.run_dir import RunDir, require_checkpoint
 
 log = logging.getLogger(__name__)
@@ -66,12 +67,15 @@ def _attempt(run: RunDir, stage: str, cfg: Config, resume: bool) -> Config:
     return cfg
 
 
-def _run_on(actor) -> dict[str, float]:
-    """Run an offline stage's actor to its end, then free its resources."""
-    try:
-        return ray.get(actor.run.remote())
-    finally:
-        ray.kill(actor)
+def _run_on(cfg: Config, role: str, stage: type, num_cpus: float, num_gpus: float, args: tuple) -> dict[str, float]:
+    """Run an offline stage's single actor to its end in a placement of its own (one the cluster cannot give
+    fails within `ppo.startup_timeout_s`, naming the role and resource), then free its resources."""
+    with placed({role: [bundle(num_cpus, num_gpus)]}, cfg.ppo.startup_timeout_s) as placement:
+        actor = stage.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=placement.on(role)).remote(*args)
+        try:
+            return ray.get(actor.run.remote())
+        finally:
+            ray.kill(actor)
 
 
 def run_sft(cfg: Config, out_dir: Path, resume: bool = False) -> dict[str, float]:
@@ -79,8 +83,7 @@ def run_sft(cfg: Config, out_dir: Path, resume: bool = False) -> dict[str, float
     if sc.workers > 1:
         return run_group(SFTStage, "sft", sc.workers, sc.num_cpus, sc.num_gpus, (cfg, str(out_dir), resume),
                          cfg.ppo.startup_timeout_s)
-    actor = SFTStage.options(num_cpus=sc.num_cpus, num_gpus=sc.num_gpus).remote(cfg, str(out_dir), resume)
-    return _run_on(actor)
+    return _run_on(cfg, "sft", SFTStage, sc.num_cpus, sc.num_gpus, (cfg, str(out_dir), resume))
 
 
 def run_rm(cfg: Config, out_dir: Path, sft_checkpoint: Path, resume: bool = False,
@@ -88,18 +91,20 @@ def run_rm(cfg: Config, out_dir: Path, sft_checkpoint: Path, resume: bool = Fals
     rc, args = cfg.rm, (cfg, str(out_dir), str(sft_checkpoint), resume, role)
     if rc.workers > 1:
         return run_group(RMStage, role, rc.workers, rc.num_cpus, rc.num_gpus, args, cfg.ppo.startup_timeout_s)
-    return _run_on(RMStage.options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus).remote(*args))
+    return _run_on(cfg, role, RMStage, rc.num_cpus, rc.num_gpus, args)
 
 
 def evaluate_run(cfg: Config, run: RunDir) -> dict[str, float]:
     """Evaluate a run directory's policies in a Ray task with the SFT stage's resources."""
     ppo = run.checkpoint("ppo")
     judge = judge_checkpoint(cfg, run)
-    task = evaluate_task.options(num_cpus=cfg.sft.num_cpus, num_gpus=cfg.sft.num_gpus)
     sft, rm = run.evaluated_checkpoints()
-    return ray.get(task.remote(cfg, str(sft), str(rm),
-                               str(ppo) if (ppo / "config.json").exists() else None, str(run.path / "eval"),
-                               str(judge) if judge is not None else None))
+    args = (cfg, str(sft), str(rm), str(ppo) if (ppo / "config.json").exists() else None, str(run.path / "eval"),
+            str(judge) if judge is not None else None)
+    with placed({"eval": [bundle(cfg.sft.num_cpus, cfg.sft.num_gpus)]}, cfg.ppo.startup_timeout_s) as placement:
+        task = evaluate_task.options(num_cpus=cfg.sft.num_cpus, num_gpus=cfg.sft.num_gpus,
+                                     scheduling_strategy=placement.on("eval"))
+        return ray.get(task.remote(*args))
 
 
 def judge_checkpoint(cfg: Config, run: RunDir) -> Path | None:

@@ -140,6 +140,9 @@ class FakeCalls:
     def kill(self, handle: FakeWorker) -> None:
         self.killed.append(handle)
 
+    def free(self) -> dict[str, float]:
+        return {}
+
 
 def _pool(tmp_path, launched: list, **worker_kwargs) -> tuple[RolloutPool, FakeCalls]:
     def launch(index: int) -> FakeWorker:
@@ -197,3 +200,20 @@ def test_pool_counts_a_worker_that_failed_to_start_and_cancels_one_never_joined(
     pool.reconcile(1, step=2, version=2, next_batch=3, learner=FakeLearner(2))
     assert not pool.starting and calls.killed == [launched[2], launched[1]]
     assert (2, "worker_failed", 1) in _events(tmp_path) and (3, "worker_removed", 3) in _events(tmp_path)
+
+
+def test_a_started_worker_without_room_is_reported_at_once(tmp_path):
+    launched: list = []
+
+    def launch(index: int) -> FakeWorker:
+        launched.append(FakeWorker(index, started=False))
+        return launched[-1]
+
+    calls = FakeCalls()
+    calls.free = lambda: {"CPU": 1.0}
+    pool = RolloutPool([FakeWorker(0)], launch, calls, EventLog(tmp_path), 60, per_worker={"CPU": 1.0})
+    pool.reconcile(3, step=2, version=2, next_batch=3, learner=FakeLearner(2))
+    rows = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["worker"]) for r in rows] == [
+        ("worker_starting", 1), ("worker_starting", 2), ("worker_unplaced", 2)]
+    assert rows[-1]["asks"] == {"CPU": 1.0} and rows[-1]["free"] == {"CPU": 1.0} and rows[-1]["step"] == 3

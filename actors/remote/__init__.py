@@ -234,8 +234,8 @@ class RolloutScaler:
     """Elastic rollout's control channel (`core.scaling.ScaleControl`), a named actor (`scaler_name(run)` in
     namespace `SCALER_NAMESPACE`), not detached: it lives and dies with the driver."""
 
-    def __init__(self, workers: int, weight_sync: str):
-        self.control = ScaleControl(workers, weight_sync)
+    def __init__(self, workers: int, weight_sync: str, per_worker: dict[str, float] | None = None):
+        self.control = ScaleControl(workers, weight_sync, per_worker)
 
     def set_desired(self, n: int) -> ScaleStatus:
         return self.control.set_desired(n)
@@ -248,6 +248,9 @@ class RolloutScaler:
 
     def get_status(self) -> ScaleStatus:
         return self.control.status
+
+    def per_worker(self) -> dict[str, float]:
+        return self.control.per_worker
 
 
 # --- offline stages ---------------------------------------------------------------------------------
