@@ -55,16 +55,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.reward import RewardScorer
-from core import stats
-from core.config import Config
-from core.data import SummaryExample, load_tldr
-from core.metrics import MetricsLogger
-from core.modeling import load_frozen
-from core.sequences import pad_left, response_logprobs, sample
-from core.synthetic import judge
-from core.text import encode_queries, rouge, with_encodable_queries
-from core.training import seed_everything
+from rayrlhf.actors.reward import RewardScorer
+from rayrlhf.core import stats
+from rayrlhf.core.config import Config
+from rayrlhf.core.data import SummaryExample, load_tldr
+from rayrlhf.core.metrics import MetricsLogger
+from rayrlhf.core.modeling import load_frozen
+from rayrlhf.core.sequences import pad_left, response_logprobs, sample
+from rayrlhf.core.synthetic import judge
+from rayrlhf.core.text import encode_queries, rouge, with_encodable_queries
+from rayrlhf.core.training import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +110,13 @@ class VLLMSampler:
     log-probs are the policy's (the learner checks them against its own every update)."""
 
     def __init__(self, cfg: Config, first_checkpoint: str):
-        from actors.vllm_backend import VLLMBackend
+        from rayrlhf.actors.vllm_backend import VLLMBackend
 
         self.backend, self.loaded = VLLMBackend(first_checkpoint, cfg.rollout, cfg.model.frozen_dtype), first_checkpoint
         self.dtype = cfg.model.frozen_dtype
 
     def load(self, checkpoint: str) -> None:
-        from actors.vllm_backend import read_checkpoint_weights
+        from rayrlhf.actors.vllm_backend import read_checkpoint_weights
 
         if checkpoint != self.loaded:
             self.backend.load_weights(read_checkpoint_weights(checkpoint, self.dtype).items())

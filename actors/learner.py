@@ -22,27 +22,27 @@ from typing import Any
 import torch
 from transformers import get_constant_schedule, get_cosine_schedule_with_warmup
 
-from core import ppo_math as pm
-from core.checkpoints import load_trainable_state, trainable_state
-from core.config import Config, ModelConfig, PPOConfig
-from core.experience import Experience
-from core.modeling import (
+from rayrlhf.core import ppo_math as pm
+from rayrlhf.core.checkpoints import load_trainable_state, trainable_state
+from rayrlhf.core.config import Config, ModelConfig, PPOConfig
+from rayrlhf.core.experience import Experience
+from rayrlhf.core.modeling import (
     DTYPES, default_device, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer, save_checkpoint,
     trainable,
     unwrap,
 )
-from core.sequences import (
+from rayrlhf.core.sequences import (
     check_packing, micro_batch_groups, prefix_runs_once_exactly, prompt_ids, repeats_a_prompt, response_logprobs,
     response_values, response_work, token_budget_groups, trim_padding,
 )
-from core.sharding import (
+from rayrlhf.core.sharding import (
     Rank, all_gather_rows, all_reduce_max, all_reduce_sum, clip_grad_norm, full_weights, one_rank_group, rank_share,
     shard_model,
 )
-from core.throughput import (
+from rayrlhf.core.throughput import (
     forward_flops, mfu, model_head_params, model_params, peak_flops, training_flops,
 )
-from core.weight_sync import WeightsPacket, stream_packet
+from rayrlhf.core.weight_sync import WeightsPacket, stream_packet
 
 
 class StalenessError(RuntimeError):

@@ -6,10 +6,10 @@ import time
 
 import torch
 
-from core.experience import RefLogprobs, RolloutBatch
-from core.modeling import default_device, load_frozen
-from core.sequences import check_packing, prefix_runs_once_exactly, response_logprobs, rollout_micro_batches
-from core.throughput import forward_flops, head_params, mfu, model_params, peak_flops
+from rayrlhf.core.experience import RefLogprobs, RolloutBatch
+from rayrlhf.core.modeling import default_device, load_frozen
+from rayrlhf.core.sequences import check_packing, prefix_runs_once_exactly, response_logprobs, rollout_micro_batches
+from rayrlhf.core.throughput import forward_flops, head_params, mfu, model_params, peak_flops
 
 
 class ReferenceLogprobs:

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from core.experience import RolloutBatch, Scores
-from core.modeling import default_device, load_frozen
-from core.sequences import (
+from rayrlhf.core.experience import RolloutBatch, Scores
+from rayrlhf.core.modeling import default_device, load_frozen
+from rayrlhf.core.sequences import (
     check_packing, eos_trick, has_eos, micro_batch_groups, pad_right, prefix_runs_once_exactly, response_scores,
     rollout_micro_batches, sequence_scores,
 )
-from core.throughput import forward_flops, mfu, model_params, peak_flops
+from rayrlhf.core.throughput import forward_flops, mfu, model_params, peak_flops
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from core.config import Config
-from core.data import ComparisonExample, SummaryExample, load_tldr
-from core.metrics import MetricsLogger, NoMetrics
-from core.modeling import count_params, load_scalar_model, load_tokenizer, save_checkpoint, trainable
-from core.sequences import (
+from rayrlhf.core.config import Config
+from rayrlhf.core.data import ComparisonExample, SummaryExample, load_tldr
+from rayrlhf.core.metrics import MetricsLogger, NoMetrics
+from rayrlhf.core.modeling import count_params, load_scalar_model, load_tokenizer, save_checkpoint, trainable
+from rayrlhf.core.sequences import (
     check_packing, micro_batch_groups, pad_right, pair_scores, pair_work, prefix_runs_once_exactly, sequence_scores,
 )
-from core.sharding import TrainGroup, shard_model
-from core.text import encode_responses, with_encodable_queries
-from core.throughput import mfu, model_params, peak_flops, training_flops
-from core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
+from rayrlhf.core.sharding import TrainGroup, shard_model
+from rayrlhf.core.text import encode_responses, with_encodable_queries
+from rayrlhf.core.throughput import mfu, model_params, peak_flops, training_flops
+from rayrlhf.core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
 
 log = logging.getLogger(__name__)
 

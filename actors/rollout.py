@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig
 
-from core.config import RolloutConfig
-from core.experience import RolloutBatch, RolloutRequest, VersionMismatch
-from core.modeling import default_device, load_frozen
-from core.sequences import pad_left, prefills_prompts_once, prompt_ids, sample_with_logprobs
-from core.throughput import forward_flops, head_params, matmul_params, mfu, peak_flops, shared_prefix_work
-from core.weight_sync import VersionedChecksum, WeightsPacket, WeightSyncError, checksum, unpack
+from rayrlhf.core.config import RolloutConfig
+from rayrlhf.core.experience import RolloutBatch, RolloutRequest, VersionMismatch
+from rayrlhf.core.modeling import default_device, load_frozen
+from rayrlhf.core.sequences import pad_left, prefills_prompts_once, prompt_ids, sample_with_logprobs
+from rayrlhf.core.throughput import forward_flops, head_params, matmul_params, mfu, peak_flops, shared_prefix_work
+from rayrlhf.core.weight_sync import VersionedChecksum, WeightsPacket, WeightSyncError, checksum, unpack
 
 
 class RolloutBackend(Protocol):
@@ -94,7 +94,7 @@ class RolloutGenerator:
     def __init__(self, checkpoint: str, cfg: RolloutConfig, worker_index: int = 0, dtype: str = "float32",
                  share_prompts: bool = False):
         if cfg.backend == "vllm":
-            from actors.vllm_backend import VLLMBackend
+            from rayrlhf.actors.vllm_backend import VLLMBackend
 
             try:  # the engine is probed against the checkpoint once it starts
                 self.backend: RolloutBackend = VLLMBackend(checkpoint, cfg, dtype)

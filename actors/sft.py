@@ -15,20 +15,20 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from core.config import Config, package_path
-from core.data import SummaryExample, TLDRData, corpus_text, lead_baseline, load_tldr
-from core.metrics import MetricsLogger, NoMetrics
-from core.modeling import (
+from rayrlhf.core.config import Config, package_path
+from rayrlhf.core.data import SummaryExample, TLDRData, corpus_text, lead_baseline, load_tldr
+from rayrlhf.core.metrics import MetricsLogger, NoMetrics
+from rayrlhf.core.modeling import (
     build_tiny_llama, convert_gguf, count_params, load_causal_lm, load_tokenizer, train_tokenizer, trainable,
 )
-from core.sequences import check_packing, micro_batch_groups, pad_left, pad_right, response_logits, sample
-from core.sharding import TrainGroup, shard_model
-from core.synthetic import judge
-from core.text import (
+from rayrlhf.core.sequences import check_packing, micro_batch_groups, pad_left, pad_right, response_logits, sample
+from rayrlhf.core.sharding import TrainGroup, shard_model
+from rayrlhf.core.synthetic import judge
+from rayrlhf.core.text import (
     EncodedSummary, budget_warnings, encode_summaries, reference_budget, rouge, with_encodable_queries,
 )
-from core.throughput import attention_flops, mfu, model_head_params, model_params, peak_flops, training_flops
-from core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
+from rayrlhf.core.throughput import attention_flops, mfu, model_head_params, model_params, peak_flops, training_flops
+from rayrlhf.core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
 
 log = logging.getLogger(__name__)
 IGNORE = -100

@@ -56,10 +56,10 @@ from safetensors.torch import load_file
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from core.config import VLLM_CPU_HEAD_SIZES, RolloutConfig
-from core.modeling import DTYPES, load_tokenizer
-from core.sequences import truncate_after_eos
-from core.weight_sync import WeightSyncError
+from rayrlhf.core.config import VLLM_CPU_HEAD_SIZES, RolloutConfig
+from rayrlhf.core.modeling import DTYPES, load_tokenizer
+from rayrlhf.core.sequences import truncate_after_eos
+from rayrlhf.core.weight_sync import WeightSyncError
 
 log = logging.getLogger(__name__)
 

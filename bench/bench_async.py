@@ -18,8 +18,8 @@ import json
 import statistics
 from pathlib import Path
 
-from core.process import enable_token_auth, quiet_transformers
-from core.metrics import read_metrics
+from rayrlhf.core.process import enable_token_auth, quiet_transformers
+from rayrlhf.core.metrics import read_metrics
 
 
 def main() -> None:
@@ -33,10 +33,10 @@ def main() -> None:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
     enable_token_auth()
     quiet_transformers()
-    from pipeline import workflow
-    from core.config import load_config
-    from actors.evaluate import evaluate_policies
-    from pipeline.run_dir import RunDir
+    from rayrlhf.pipeline import workflow
+    from rayrlhf.core.config import load_config
+    from rayrlhf.actors.evaluate import evaluate_policies
+    from rayrlhf.pipeline.run_dir import RunDir
 
     cfg = load_config(args.config, args.overrides)
     run = RunDir.create(cfg, args.run_dir)
@@ -97,7 +97,7 @@ def _step_times(sub) -> list[float]:
 
 
 def _ppo(workflow, cfg, run, sub) -> dict:
-    from pipeline.driver import PPODriver
+    from rayrlhf.pipeline.driver import PPODriver
 
     workflow.connect(cfg)
     driver = PPODriver(cfg, sub.path / "ppo", run.checkpoint("sft"), run.checkpoint("rm"))

@@ -39,8 +39,8 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from core.config import ConfigError, load_config, package_path
-    from core.process import quiet_transformers
+    from rayrlhf.core.config import ConfigError, load_config, package_path
+    from rayrlhf.core.process import quiet_transformers
 
     quiet_transformers()
     try:
@@ -52,11 +52,11 @@ def main() -> None:
         ap.error(f"model.name_or_path {cfg.model.name_or_path!r}: this bench needs the recipe's GGUF file ({source})")
     torch.set_num_threads(args.threads)
 
-    from actors.learner import PPOLearner
-    from core.experience import Experience
-    from core.modeling import convert_gguf, gguf_cache_root
-    from core.sequences import pad_left, pad_right, response_logprobs
-    from core.throughput import peak_flops
+    from rayrlhf.actors.learner import PPOLearner
+    from rayrlhf.core.experience import Experience
+    from rayrlhf.core.modeling import convert_gguf, gguf_cache_root
+    from rayrlhf.core.sequences import pad_left, pad_right, response_logprobs
+    from rayrlhf.core.throughput import peak_flops
 
     checkpoint = convert_gguf(str(source.parent), source.name, gguf_cache_root() / f"bench-{source.stem}")
     learner = PPOLearner.from_config(cfg, str(checkpoint), str(checkpoint), device="cpu")

@@ -39,9 +39,9 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     from bench_sharded_memory import smollm2_config
-    from core.config import LoraConfig
-    from core.modeling import apply_lora
-    from core.sequences import length_grouped, pad_left, pad_right, response_logits, token_budget_groups
+    from rayrlhf.core.config import LoraConfig
+    from rayrlhf.core.modeling import apply_lora
+    from rayrlhf.core.sequences import length_grouped, pad_left, pad_right, response_logits, token_budget_groups
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_reward_service import build_checkpoint, free_port, load_texts  # noqa: E402
 
-from core.config import load_config  # noqa: E402
-from core.process import enable_token_auth, quiet_transformers  # noqa: E402
+from rayrlhf.core.config import load_config  # noqa: E402
+from rayrlhf.core.process import enable_token_auth, quiet_transformers  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.replicas < 1 or args.clients < 1 or not 0 < args.kill_at < args.seconds:
         p.error("--replicas and --clients must be >= 1 and 0 < --kill-at < --seconds")
     enable_token_auth()
-    from serving.proxy import PROXY_CALLBACK
+    from rayrlhf.serving.proxy import PROXY_CALLBACK
 
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
     import ray
     from ray import serve
 
-    from serving.client import RewardClient, RewardServiceError
-    from serving.reward_service import APP_NAME, start_service
+    from rayrlhf.serving.client import RewardClient, RewardServiceError
+    from rayrlhf.serving.reward_service import APP_NAME, start_service
 
     quiet_transformers()
     cfg = load_config(None, [f"serve.num_replicas={args.replicas}", "serve.num_cpus=1"])
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             if "failed (" in message:
                 retried[message.split("failed (", 1)[1].split(":", 1)[0]] += 1
 
-    logging.getLogger("serving.client").addHandler(Attempts())
+    logging.getLogger("rayrlhf.serving.client").addHandler(Attempts())
     latencies: dict[str, list[float]] = {"before": [], "after": []}
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-kill-") as tmp:

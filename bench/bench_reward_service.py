@@ -29,17 +29,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.process import enable_token_auth, quiet_transformers
+from rayrlhf.core.process import enable_token_auth, quiet_transformers
 
 enable_token_auth()  # before Ray is imported, as the CLI does
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from core.config import Config, load_config  # noqa: E402
-from core.data import corpus_text, load_tldr  # noqa: E402
-from core.modeling import build_tiny_llama, load_scalar_model, save_checkpoint, train_tokenizer  # noqa: E402
-from serving.text_scoring import TextRewardModel  # noqa: E402
+from rayrlhf.core.config import Config, load_config  # noqa: E402
+from rayrlhf.core.data import corpus_text, load_tldr  # noqa: E402
+from rayrlhf.core.modeling import build_tiny_llama, load_scalar_model, save_checkpoint, train_tokenizer  # noqa: E402
+from rayrlhf.serving.text_scoring import TextRewardModel  # noqa: E402
 
 
 @dataclass
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from ray import serve
-    from serving.reward_service import start_service
+    from rayrlhf.serving.reward_service import start_service
 
     quiet_transformers()
     cfg = load_config(args.config, args.overrides)

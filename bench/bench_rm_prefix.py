@@ -34,11 +34,11 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import LlamaForSequenceClassification
 
-    from actors.rm import pairwise_loss
+    from rayrlhf.actors.rm import pairwise_loss
     from bench_sharded_memory import smollm2_config
-    from core.config import LoraConfig
-    from core.modeling import apply_lora
-    from core.sequences import length_grouped, pad_right, pair_scores, sequence_scores
+    from rayrlhf.core.config import LoraConfig
+    from rayrlhf.core.modeling import apply_lora
+    from rayrlhf.core.sequences import length_grouped, pad_right, pair_scores, sequence_scores
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

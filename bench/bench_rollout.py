@@ -36,9 +36,9 @@ def build_policy(out_dir: Path) -> tuple[Path, list[list[int]]]:
     """Writes the checkpoint and returns it with 64-token prompts (tokenizer trained on the synthetic corpus)."""
     import torch
 
-    from core.config import DataConfig, ModelConfig
-    from core.data import corpus_text, load_tldr
-    from core.modeling import build_tiny_llama, count_params, save_checkpoint, train_tokenizer
+    from rayrlhf.core.config import DataConfig, ModelConfig
+    from rayrlhf.core.data import corpus_text, load_tldr
+    from rayrlhf.core.modeling import build_tiny_llama, count_params, save_checkpoint, train_tokenizer
 
     data = load_tldr(DataConfig(num_train_posts=400, num_valid_posts=1, num_test_posts=1, num_train_pairs=1,
                                 num_valid_pairs=1))
@@ -55,10 +55,10 @@ def build_policy(out_dir: Path) -> tuple[Path, list[list[int]]]:
 
 def real_policy(out_dir: Path, checkpoint: str | None) -> tuple[Path, list[list[int]], int]:
     """SmolLM2 (converted from its GGUF file, or `checkpoint`) and the recipe's prompts and response budget."""
-    from core.config import load_config
-    from core.data import load_tldr
-    from core.modeling import convert_gguf, load_tokenizer
-    from core.text import encode_queries
+    from rayrlhf.core.config import load_config
+    from rayrlhf.core.data import load_tldr
+    from rayrlhf.core.modeling import convert_gguf, load_tokenizer
+    from rayrlhf.core.text import encode_queries
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2-tldr.yaml")
     path = Path(checkpoint) if checkpoint else convert_gguf(*cfg.model.gguf, out_dir / "smollm2")
@@ -79,9 +79,9 @@ def serve_backend(backend: str, checkpoint: str, prompts: list[list[int]], threa
     import torch
 
     torch.set_num_threads(threads)
-    from actors.rollout import RolloutGenerator
-    from core.config import RolloutConfig
-    from core.experience import RolloutRequest
+    from rayrlhf.actors.rollout import RolloutGenerator
+    from rayrlhf.core.config import RolloutConfig
+    from rayrlhf.core.experience import RolloutRequest
 
     def request(num_seqs: int, seed: int) -> RolloutRequest:
         first = seed * num_seqs // SAMPLES_PER_PROMPT  # other prompts on every call

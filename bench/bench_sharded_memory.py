@@ -50,7 +50,7 @@ def _rank(rank: int, world: int, port: int, seq: int, out: dict) -> None:
     import torch.distributed as dist
     from transformers import LlamaForCausalLM
 
-    from core.sharding import shard_model
+    from rayrlhf.core.sharding import shard_model
 
     torch.set_num_threads(1)
     if world > 1:
@@ -69,7 +69,7 @@ def _rank(rank: int, world: int, port: int, seq: int, out: dict) -> None:
 
 
 def per_rank(world: int, seq: int) -> dict[str, int]:
-    from core.sharding import free_port
+    from rayrlhf.core.sharding import free_port
 
     if world == 1:
         out: dict = {}

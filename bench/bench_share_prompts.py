@@ -44,13 +44,13 @@ def main() -> None:
             ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     import torch
 
-    from actors.reward import RewardScorer
-    from actors.rollout import RolloutGenerator
-    from core.config import load_config
-    from core.data import load_tldr
-    from core.experience import RolloutRequest
-    from core.process import quiet_transformers
-    from core.text import encode_queries, with_encodable_queries
+    from rayrlhf.actors.reward import RewardScorer
+    from rayrlhf.actors.rollout import RolloutGenerator
+    from rayrlhf.core.config import load_config
+    from rayrlhf.core.data import load_tldr
+    from rayrlhf.core.experience import RolloutRequest
+    from rayrlhf.core.process import quiet_transformers
+    from rayrlhf.core.text import encode_queries, with_encodable_queries
 
     quiet_transformers()
     torch.set_num_threads(args.threads)

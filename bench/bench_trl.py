@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from core.process import enable_token_auth, quiet_transformers  # noqa: E402
+from rayrlhf.core.process import enable_token_auth, quiet_transformers  # noqa: E402
 
 
 def main() -> None:
@@ -55,12 +55,12 @@ def main() -> None:
     enable_token_auth()
     quiet_transformers()
     from bench_async import _ppo
-    from core.config import load_config
-    from core.data import load_tldr
-    from core.modeling import load_tokenizer
-    from core.text import encode_queries, with_encodable_queries
-    from pipeline import workflow
-    from pipeline.run_dir import RunDir
+    from rayrlhf.core.config import load_config
+    from rayrlhf.core.data import load_tldr
+    from rayrlhf.core.modeling import load_tokenizer
+    from rayrlhf.core.text import encode_queries, with_encodable_queries
+    from rayrlhf.pipeline import workflow
+    from rayrlhf.pipeline.run_dir import RunDir
 
     run = RunDir(run_path)
     common = [*args.overrides, "ppo.advantage_estimator=rloo", f"ppo.prompts_per_step={args.prompts_per_step}",
@@ -108,7 +108,7 @@ def main() -> None:
 def _after_first_step(metrics: Path, batch: int) -> float:
     """Completions/s over the steps after the first, from the steps' wall-clock stamps: counted as the TRL side
     counts its own (its first step includes start-up; rayrlhf's waits for the first batch and the peak probes)."""
-    from core.metrics import read_metrics
+    from rayrlhf.core.metrics import read_metrics
 
     stamps = [row["time"] for row in read_metrics(metrics)]
     return (len(stamps) - 1) * batch / (stamps[-1] - stamps[0])

@@ -37,14 +37,14 @@ def main() -> None:
     if args.bucket_mb <= 0:
         ap.error(f"--bucket-mb must be positive, got {args.bucket_mb}")
 
-    from core.process import enable_token_auth
+    from rayrlhf.core.process import enable_token_auth
 
     enable_token_auth()
     import ray
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from core.weight_sync import stream_packet, to_wire, unpack
+    from rayrlhf.core.weight_sync import stream_packet, to_wire, unpack
 
     hidden, layers, heads, kv, inter, vocab = MODELS[args.model]
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,

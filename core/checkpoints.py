@@ -202,7 +202,7 @@ def resume_or_start(ckpts: CheckpointDir, resume: bool, log_dir: Path, model, op
     step = 0
     if latest is not None:
         step, best = load_training_state(latest, model, opt, sched, group)
-    from core.metrics import MetricsLogger
+    from rayrlhf.core.metrics import MetricsLogger
 
     if leader:
         MetricsLogger.truncate(log_dir, step)

@@ -629,7 +629,7 @@ DEFAULT_CONFIG = "default.yaml"
 
 
 def packaged_config_path(name: str = DEFAULT_CONFIG) -> Path:
-    return Path(str(importlib.resources.files("configs") / name))
+    return Path(str(importlib.resources.files("rayrlhf.configs") / name))
 
 
 class _Loader(yaml.SafeLoader):

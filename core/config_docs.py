@@ -1,11 +1,11 @@
-"""The README's config reference, generated from the config models: `python -m core.config_docs` prints it,
+"""The README's config reference, generated from the config models: `python -m rayrlhf.core.config_docs` prints it,
 `python scripts/update_readme_config.py` rewrites it in README.md, and a test keeps the two in step."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel
 
-from core.config import Config
+from rayrlhf.core.config import Config
 
 
 def reference_markdown() -> str:
@@ -16,7 +16,7 @@ def reference_markdown() -> str:
         lines += [f"### `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, f in model.model_fields.items():
             ann = f.annotation.__name__ if isinstance(f.annotation, type) else str(f.annotation)
-            for noise in ("typing.", "__main__.", "core.config."):
+            for noise in ("typing.", "__main__.", "rayrlhf.core.config."):
                 ann = ann.replace(noise, "")
             ann = ann.replace("|", "\\|")
             default = f.default if not isinstance(f.default, BaseModel) else "{...}"

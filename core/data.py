@@ -24,8 +24,8 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Literal
 
-from core.config import DataConfig
-from core.synthetic import Post, lead_sentence, make_pairs, make_posts
+from rayrlhf.core.config import DataConfig
+from rayrlhf.core.synthetic import Post, lead_sentence, make_pairs, make_posts
 
 log = logging.getLogger(__name__)
 

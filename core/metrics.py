@@ -11,10 +11,10 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.checkpoints import atomic_write_text
+from rayrlhf.core.checkpoints import atomic_write_text
 
 if TYPE_CHECKING:
-    from core.config import Config
+    from rayrlhf.core.config import Config
 
 
 # What W&B reads from the environment to reach (or not reach) its server: each stage's W&B run is made in the

@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from core.config import LoraConfig, ModelConfig, cache_root
+from rayrlhf.core.config import LoraConfig, ModelConfig, cache_root
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.throughput import shared_prefix_work
+from rayrlhf.core.throughput import shared_prefix_work
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig

@@ -17,7 +17,7 @@ import torch
 from peft.utils.other import transpose
 from torch import Tensor, nn
 
-from core.sequences import longest_first, token_budget_groups
+from rayrlhf.core.sequences import longest_first, token_budget_groups
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields, replace
 
 from transformers import PreTrainedTokenizerBase
 
-from core.config import DataConfig
-from core.data import DataError, SummaryExample, TLDRData, truncate_query
+from rayrlhf.core.config import DataConfig
+from rayrlhf.core.data import DataError, SummaryExample, TLDRData, truncate_query
 
 log = logging.getLogger(__name__)
 

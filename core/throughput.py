@@ -156,7 +156,7 @@ def node_peak(key: str, probe, path: Path | None = None) -> float:
     by other work never lowers the peak that MFU is measured against."""
     import fcntl
 
-    from core.config import cache_root
+    from rayrlhf.core.config import cache_root
 
     path = path or cache_root() / "peak_flops.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from core.checkpoints import CheckpointDir, resume_or_start, save_training_state
-from core.config import RMConfig, SFTConfig
-from core.modeling import save_checkpoint
-from core.sharding import TrainGroup, clip_grad_norm, full_weights, plain_copy
+from rayrlhf.core.checkpoints import CheckpointDir, resume_or_start, save_training_state
+from rayrlhf.core.config import RMConfig, SFTConfig
+from rayrlhf.core.modeling import save_checkpoint
+from rayrlhf.core.sharding import TrainGroup, clip_grad_norm, full_weights, plain_copy
 
 
 def seed_everything(seed: int) -> None:

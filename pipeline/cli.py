@@ -18,8 +18,8 @@ import sys
 import threading
 from pathlib import Path
 
-from core.config import Config, ConfigError, load_config
-from core.process import enable_token_auth, quiet_transformers
+from rayrlhf.core.config import Config, ConfigError, load_config
+from rayrlhf.core.process import enable_token_auth, quiet_transformers
 
 log = logging.getLogger("rayrlhf")
 
@@ -104,7 +104,7 @@ def _main(args: argparse.Namespace) -> int:
     quiet_transformers()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "jobs":
-        from pipeline.jobs import jobs_main
+        from rayrlhf.pipeline.jobs import jobs_main
 
         return jobs_main(args)
     if args.command == "scale":
@@ -137,7 +137,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"rayrlhf: {e}", file=sys.stderr)
         return 2
     if args.command in (*STAGE_COMMANDS, "serve"):
-        from pipeline.preflight import PreflightError, check_inputs, check_resources, run_config
+        from rayrlhf.pipeline.preflight import PreflightError, check_inputs, check_resources, run_config
 
         try:
             if args.command != "serve" and not resume:
@@ -198,8 +198,8 @@ def scale_main(args: argparse.Namespace) -> int:
     import ray
     from ray.exceptions import GetTimeoutError, RayTaskError
 
-    from core.scaling import SCALER_NAMESPACE, placeable, scaler_name
-    from pipeline.cluster import AddressError, check_address
+    from rayrlhf.core.scaling import SCALER_NAMESPACE, placeable, scaler_name
+    from rayrlhf.pipeline.cluster import AddressError, check_address
 
     def error(message: str, code: int = 1) -> int:
         print(f"rayrlhf scale: error: {message}", file=sys.stderr)
@@ -244,13 +244,13 @@ def scale_main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline import workflow as stages
-    from pipeline.run_dir import RunDir
+    from rayrlhf.pipeline import workflow as stages
+    from rayrlhf.pipeline.run_dir import RunDir
 
     if args.command == "serve":
         return serve_main(args, cfg)
     if args.command == "submit":
-        from pipeline.jobs import submit_main
+        from rayrlhf.pipeline.jobs import submit_main
 
         return submit_main(args, cfg)
     resume = bool(getattr(args, "resume", None))
@@ -291,11 +291,11 @@ def serve_main(args: argparse.Namespace, cfg: Config) -> int:
     import ray
     from ray import serve
 
-    from pipeline.cluster import connect
-    from serving.auth import TokenError, is_loopback, resolve_token
-    from pipeline.preflight import PreflightError, check_checkpoint
-    from serving.proxy import PROXY_CALLBACK
-    from serving.reward_service import APP_NAME, start_service
+    from rayrlhf.pipeline.cluster import connect
+    from rayrlhf.serving.auth import TokenError, is_loopback, resolve_token
+    from rayrlhf.pipeline.preflight import PreflightError, check_checkpoint
+    from rayrlhf.serving.proxy import PROXY_CALLBACK
+    from rayrlhf.serving.reward_service import APP_NAME, start_service
 
     host = args.host or cfg.serve.host
     port = cfg.serve.port if args.port is None else args.port

@@ -9,9 +9,9 @@ import logging
 import os
 import socket
 
-from core.config import Config
-from core.metrics import wandb_env
-from pipeline.resources import local_cpus
+from rayrlhf.core.config import Config
+from rayrlhf.core.metrics import wandb_env
+from rayrlhf.pipeline.resources import local_cpus
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def connect(cfg: Config) -> None:
         env = {} if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else wandb_env(cfg)
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
         return
-    from pipeline.reaper import guard_local_ray
+    from rayrlhf.pipeline.reaper import guard_local_ray
 
     guard_local_ray()  # its processes end with this one, however it ends
     num_cpus = local_cpus(cfg)  # preflight checked that every stage fits in it

@@ -29,24 +29,24 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 from tqdm import tqdm
 
-from actors.remote import read_batch
-from core.checkpoints import CheckpointDir, atomic_write_text, read_json, write_json
-from core.config import Config
-from core.data import load_tldr
-from core.experience import BatchInfo, Experience, RolloutRequest, ShardRefs
-from core.ledger import ExperienceLedger
-from core.metrics import MetricsLogger
-from core.modeling import load_tokenizer
-from core.text import encode_queries, with_encodable_queries
-from pipeline.calls import RoleTimeout, StageTimer, await_restart, first_line, ray_get
-from pipeline.inflight import ROLES, InFlight, ShardCalls, ShardFailure, await_batch, gather
-from pipeline.launch import (
+from rayrlhf.actors.remote import read_batch
+from rayrlhf.core.checkpoints import CheckpointDir, atomic_write_text, read_json, write_json
+from rayrlhf.core.config import Config
+from rayrlhf.core.data import load_tldr
+from rayrlhf.core.experience import BatchInfo, Experience, RolloutRequest, ShardRefs
+from rayrlhf.core.ledger import ExperienceLedger
+from rayrlhf.core.metrics import MetricsLogger
+from rayrlhf.core.modeling import load_tokenizer
+from rayrlhf.core.text import encode_queries, with_encodable_queries
+from rayrlhf.pipeline.calls import RoleTimeout, StageTimer, await_restart, first_line, ray_get
+from rayrlhf.pipeline.inflight import ROLES, InFlight, ShardCalls, ShardFailure, await_batch, gather
+from rayrlhf.pipeline.launch import (
     RoleHandles, await_started, close_roles, join_weight_sync_group, launch_roles, launch_rollout_worker,
 )
-from pipeline.pool import EventLog, PoolCalls, RolloutPool
-from pipeline.preflight import config_differences
-from pipeline.resources import bundle
-from pipeline.schedule import PromptSource, StalenessGate
+from rayrlhf.pipeline.pool import EventLog, PoolCalls, RolloutPool
+from rayrlhf.pipeline.preflight import config_differences
+from rayrlhf.pipeline.resources import bundle
+from rayrlhf.pipeline.schedule import PromptSource, StalenessGate
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from ray import ObjectRef
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
 
-from core.experience import BatchInfo, CallInfo, Experience, RolloutInfo, RolloutRequest, ShardRefs, VersionMismatch
-from pipeline.calls import RoleTimeout, first_line
+from rayrlhf.core.experience import BatchInfo, CallInfo, Experience, RolloutInfo, RolloutRequest, ShardRefs, VersionMismatch
+from rayrlhf.pipeline.calls import RoleTimeout, first_line
 
 # The calls of one shard, in chain order: reference and reward both read the rollout's result.
 ROLES = ("rollout", "reference", "reward")

@@ -38,8 +38,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.config import Config, config_to_yaml
-from core.metrics import wandb_env
+from rayrlhf.core.config import Config, config_to_yaml
+from rayrlhf.core.metrics import wandb_env
 
 if TYPE_CHECKING:
     from ray.job_submission import JobStatus, JobSubmissionClient

@@ -27,14 +27,14 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.remote import (
+from rayrlhf.actors.remote import (
     LearnerWorker, ReferenceWorker, RemoteRewardWorker, RewardWorker, RolloutScaler, RolloutWorker,
 )
-from core.config import Config
-from core.scaling import SCALER_NAMESPACE, scaler_name
-from core.sharding import free_port
-from pipeline.calls import RoleTimeout, first_line, ray_get
-from pipeline.resources import Bundles, bundle, role_bundles, shortfall
+from rayrlhf.core.config import Config
+from rayrlhf.core.scaling import SCALER_NAMESPACE, scaler_name
+from rayrlhf.core.sharding import free_port
+from rayrlhf.pipeline.calls import RoleTimeout, first_line, ray_get
+from rayrlhf.pipeline.resources import Bundles, bundle, role_bundles, shortfall
 
 
 @dataclass(frozen=True)

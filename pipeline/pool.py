@@ -20,9 +20,9 @@ from ray import ObjectRef
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
-from core.experience import RolloutInfo
-from core.scaling import placeable
-from pipeline.calls import done, first_line
+from rayrlhf.core.experience import RolloutInfo
+from rayrlhf.core.scaling import placeable
+from rayrlhf.pipeline.calls import done, first_line
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from core.config import PACKAGE_PREFIX, Config, ConfigError, load_config, package_path
-from core.data import DATA_FILE_KINDS, DataError, TLDRData, load_tldr, split_query
-from pipeline.cluster import AddressError, check_address
-from pipeline.resources import MAX_CPUS_PER_CORE, local_cpus, local_gpus, shortfall, stage_bundles
-from pipeline.run_dir import RunDir
+from rayrlhf.core.config import PACKAGE_PREFIX, Config, ConfigError, load_config, package_path
+from rayrlhf.core.data import DATA_FILE_KINDS, DataError, TLDRData, load_tldr, split_query
+from rayrlhf.pipeline.cluster import AddressError, check_address
+from rayrlhf.pipeline.resources import MAX_CPUS_PER_CORE, local_cpus, local_gpus, shortfall, stage_bundles
+from rayrlhf.pipeline.run_dir import RunDir
 
 # What a run's identity does not include: where Ray runs and where run directories live.
 NOT_IN_RUN = ("ray", "run.output_dir")
@@ -322,8 +322,8 @@ def _stage_tokenizer(cfg: Config, data: TLDRData, sft: Path | None):
     """The tokenizer the stages encode with: the SFT checkpoint's, or for SFT the base model's (the
     builtin one trained on the corpus, as `actors.sft.init_policy` does); None where the builtin tokenizer cannot
     fail `truncate_query` on any row (so it is not trained here)."""
-    from core.data import corpus_text
-    from core.modeling import load_tokenizer, prepare_tokenizer, train_tokenizer
+    from rayrlhf.core.data import corpus_text
+    from rayrlhf.core.modeling import load_tokenizer, prepare_tokenizer, train_tokenizer
 
     m = cfg.model
     where = f"the SFT checkpoint {sft}" if sft is not None else f"model.tokenizer {m.tokenizer}" if m.tokenizer \
@@ -351,7 +351,7 @@ def _stage_tokenizer(cfg: Config, data: TLDRData, sft: Path | None):
 def check_query_budget(cfg: Config, data: TLDRData, sft: Path | None) -> None:
     """With `data.strict`, a query that cannot be cut to data.max_prompt_tokens (too long and not in the TL;DR
     format, or its header alone too long) is an error naming its file and row, as the stages would raise it."""
-    from core.text import with_encodable_queries
+    from rayrlhf.core.text import with_encodable_queries
 
     tokenizer = _stage_tokenizer(cfg, data, sft)
     if tokenizer is None:

@@ -1,7 +1,7 @@
 """No process of a local Ray that rayrlhf started outlives the rayrlhf command, even one killed with SIGKILL.
 
 `connect` marks its environment (`MARK` = "<its pid>:<random>") before `ray.init`, so the processes of that
-Ray inherit the mark: GCS, raylet, the workers (the agents lose it, below). A watchdog (`python -m pipeline.reaper PID MARK`),
+Ray inherit the mark: GCS, raylet, the workers (the agents lose it, below). A watchdog (`python -m rayrlhf.pipeline.reaper PID MARK`),
 in a session of its own so that a kill of the command does not reach it, waits for the command to end and then
 ends every process of its Ray: SIGTERM, then SIGKILL for those that ignore it (Ray's agents do).
 
@@ -108,7 +108,7 @@ def guard_local_ray() -> str:
     end_stale()
     mark = f"{os.getpid()}:{secrets.token_hex(8)}"
     env = {k: v for k, v in os.environ.items() if k != MARK}  # the watchdog must not end itself
-    subprocess.Popen([sys.executable, "-m", "pipeline.reaper", str(os.getpid()), mark], env=env,
+    subprocess.Popen([sys.executable, "-m", "rayrlhf.pipeline.reaper", str(os.getpid()), mark], env=env,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True, close_fds=True)
     os.environ[MARK] = mark

@@ -14,10 +14,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from core import stats
-from core.metrics import read_metrics
-from core.text import budget_warnings
-from pipeline.run_dir import RunDir
+from rayrlhf.core import stats
+from rayrlhf.core.metrics import read_metrics
+from rayrlhf.core.text import budget_warnings
+from rayrlhf.pipeline.run_dir import RunDir
 
 PPO_CURVES = ("reward/score_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/clip_fraction",
               "ppo/entropy", "rollout/response_length", "timing/step_s",

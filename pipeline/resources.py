@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 
-from core.config import Config, role_cpus
+from rayrlhf.core.config import Config, role_cpus
 
 # A local Ray's logical CPUs may exceed the cores (the roles take turns, each runs torch on its own threads),
 # but not without bound: at most this many per core unless `ray.num_cpus` says otherwise.

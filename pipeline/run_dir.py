@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.checkpoints import CheckpointDir, atomic_write_text
-from core.config import Config, config_to_yaml
+from rayrlhf.core.checkpoints import CheckpointDir, atomic_write_text
+from rayrlhf.core.config import Config, config_to_yaml
 
 
 @dataclass(frozen=True)

@@ -18,18 +18,18 @@ from pathlib import Path
 
 import ray
 
-from actors.remote import RMStage, SFTStage, evaluate_task
-from core.checkpoints import CheckpointDir, read_json
-from core.config import Config, load_config
-from core.metrics import read_metrics
-from core.text import budget_warnings
-from pipeline.cluster import connect
-from pipeline.driver import PPODriver
-from pipeline.launch import placed, run_group
-from pipeline.preflight import config_differences
-from pipeline.report import write_report
-from pipeline.resources import bundle
-from pipeline.run_dir import RunDir, require_checkpoint
+from rayrlhf.actors.remote import RMStage, SFTStage, evaluate_task
+from rayrlhf.core.checkpoints import CheckpointDir, read_json
+from rayrlhf.core.config import Config, load_config
+from rayrlhf.core.metrics import read_metrics
+from rayrlhf.core.text import budget_warnings
+from rayrlhf.pipeline.cluster import connect
+from rayrlhf.pipeline.driver import PPODriver
+from rayrlhf.pipeline.launch import placed, run_group
+from rayrlhf.pipeline.preflight import config_differences
+from rayrlhf.pipeline.report import write_report
+from rayrlhf.pipeline.resources import bundle
+from rayrlhf.pipeline.run_dir import RunDir, require_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,10 @@
 """The package import graph of rayrlhf, read from the source with `ast` (nothing is imported).
 
-    python scripts/import_graph.py          # prints each layer's imports; exit 1 on a cycle or an upward import
+    python scripts/import_graph.py          # prints each layer's imports; exit 1 on a cycle, an upward import or
+                                            # an import of a folder by its bare name (`core.x`, not `rayrlhf.core.x`)
+
+Everything installs under the one import name `rayrlhf` (`rayrlhf.core`, ...: pyproject.toml maps the repository's
+top-level folders into it), so a bare `import core` works only from the repository root and would break an install.
 
 Layers, bottom to top; a package may import only from layers below it (and itself):
   core           the foundation: config, RL math, sequences, messages, data, models, checkpoints (no Ray, no vLLM)
@@ -18,7 +22,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("core", "actors", "serving", "actors.remote", "pipeline")
+PACKAGE = "rayrlhf"
+LAYERS = tuple(f"{PACKAGE}.{layer}" for layer in ("core", "actors", "serving", "actors.remote", "pipeline"))
+FOLDERS = ("core", "actors", "serving", "pipeline", "configs")  # the repository's folders inside the package
 
 
 def package_of(module: str) -> str | None:
@@ -32,7 +38,7 @@ def package_of(module: str) -> str | None:
 def modules() -> dict[str, Path]:
     out = {}
     for layer in LAYERS:
-        for path in sorted((ROOT / layer.replace(".", "/")).glob("*.py")):
+        for path in sorted((ROOT / layer.removeprefix(PACKAGE + ".").replace(".", "/")).glob("*.py")):
             name = layer if path.name == "__init__.py" else f"{layer}.{path.stem}"
             out[name] = path
     return out
@@ -59,6 +65,12 @@ def package_graph() -> dict[str, set[str]]:
             if dst is not None and dst != src:
                 graph[src].add(dst)
     return graph
+
+
+def bare_imports() -> list[tuple[str, str]]:
+    """(module, imported) for every import of one of our folders by its bare name."""
+    return sorted((name, imported) for name, path in modules().items() for imported in imports(path)
+                  if imported.split(".")[0] in FOLDERS)
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
@@ -92,13 +104,15 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def main() -> int:
     graph = package_graph()
     for layer in reversed(LAYERS):
-        print(f"{layer:14s} -> {', '.join(sorted(graph[layer], key=LAYERS.index)) or '(nothing of ours)'}")
-    cycle, upward = find_cycle(graph), upward_imports(graph)
+        print(f"{layer:22s} -> {', '.join(sorted(graph[layer], key=LAYERS.index)) or '(nothing of ours)'}")
+    cycle, upward, bare = find_cycle(graph), upward_imports(graph), bare_imports()
     if cycle:
         print(f"import cycle: {' -> '.join(cycle)}")
     for a, b in upward:
         print(f"upward import: {a} imports {b}")
-    return 1 if cycle or upward else 0
+    for a, b in bare:
+        print(f"bare import: {a} imports {b} (write {PACKAGE}.{b})")
+    return 1 if cycle or upward or bare else 0
 
 
 if __name__ == "__main__":

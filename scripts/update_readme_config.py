@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from core.config_docs import reference_markdown
+from rayrlhf.core.config_docs import reference_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"

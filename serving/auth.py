@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from core.config import ServeConfig
+from rayrlhf.core.config import ServeConfig
 
 
 class TokenError(ValueError):

@@ -25,9 +25,9 @@ import torch
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from core.experience import RolloutBatch, Scores
-from core.sequences import eos_trick, has_eos
-from serving.api import Health, ModelInfo, ScoreResponse
+from rayrlhf.core.experience import RolloutBatch, Scores
+from rayrlhf.core.sequences import eos_trick, has_eos
+from rayrlhf.serving.api import Health, ModelInfo, ScoreResponse
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import uuid
 from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
 
-from serving.api import ErrorResponse
+from rayrlhf.serving.api import ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class ProxyFailureAs503:
             await unavailable(given.decode("ascii", "replace") if given else uuid.uuid4().hex)
 
 
-PROXY_CALLBACK = "serving.proxy:proxy_middlewares"
+PROXY_CALLBACK = "rayrlhf.serving.proxy:proxy_middlewares"
 
 
 def proxy_middlewares() -> list[Middleware]:

@@ -18,7 +18,7 @@ Batching: items of all concurrent requests queue for `score_one` (`@serve.batch`
 `serve.max_batch_size` sequences per model call, waiting at most `serve.batch_wait_timeout_s` to fill one.
 Tokenizing and the model run on their own threads, never on the event loop.
 
-Entry points: `build_app` (import path `serving.reward_service:build_app` of a RayService `serveConfigV2`)
+Entry points: `build_app` (import path `rayrlhf.serving.reward_service:build_app` of a RayService `serveConfigV2`)
 and `start_service` (what `rayrlhf serve` runs, see `pipeline.cli`).
 """
 
@@ -40,9 +40,9 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.config import Config, load_config
-from core.process import init_worker_process
-from serving.api import (
+from rayrlhf.core.config import Config, load_config
+from rayrlhf.core.process import init_worker_process
+from rayrlhf.serving.api import (
     API_VERSION,
     MAX_PROMPT_CHARS,
     MAX_RESPONSE_CHARS,
@@ -56,9 +56,9 @@ from serving.api import (
     ScoreRequest,
     ScoreResponse,
 )
-from serving.auth import BearerAuth, TokenError, resolve_token
-from serving.proxy import REQUEST_ID_RULE, valid_request_id
-from serving.text_scoring import TextPolicyError, TextRewardModel
+from rayrlhf.serving.auth import BearerAuth, TokenError, resolve_token
+from rayrlhf.serving.proxy import REQUEST_ID_RULE, valid_request_id
+from rayrlhf.serving.text_scoring import TextPolicyError, TextRewardModel
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ class RewardAppArgs(BaseModel):
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Application builder for `serveConfigV2` (`import_path: serving.reward_service:build_app`).
+    """Application builder for `serveConfigV2` (`import_path: rayrlhf.serving.reward_service:build_app`).
 
     A RayService is reached through a Kubernetes Service, i.e. beyond loopback, so every replica must find a
     token unless the config sets `serve.allow_insecure_non_loopback`.

@@ -11,10 +11,10 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.reward import RewardScorer
-from core.config import DataConfig
-from core.data import DataError, truncate_query
-from core.text import token_counter
+from rayrlhf.actors.reward import RewardScorer
+from rayrlhf.core.config import DataConfig
+from rayrlhf.core.data import DataError, truncate_query
+from rayrlhf.core.text import token_counter
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 

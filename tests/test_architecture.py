@@ -14,8 +14,8 @@ spec.loader.exec_module(import_graph)
 
 
 def test_foundation_and_role_modules_import_neither_ray_nor_vllm():
-    mods = [m for m in import_graph.modules() if import_graph.package_of(m) in ("core", "actors")]
-    assert "actors.learner" in mods and "core.config" in mods and "actors.vllm_backend" in mods
+    mods = [m for m in import_graph.modules() if import_graph.package_of(m) in ("rayrlhf.core", "rayrlhf.actors")]
+    assert "rayrlhf.actors.learner" in mods and "rayrlhf.core.config" in mods and "rayrlhf.actors.vllm_backend" in mods
     code = ("import importlib, sys\n"
             f"for m in {mods!r}: importlib.import_module(m)\n"
             "print(sorted(m for m in ('ray', 'vllm') if m in sys.modules))")
@@ -28,13 +28,16 @@ def test_no_import_cycle_and_no_upward_import():
     graph = import_graph.package_graph()
     assert import_graph.find_cycle(graph) is None
     assert import_graph.upward_imports(graph) == []
-    assert "core" in graph["actors"] and "actors" in graph["actors.remote"]  # the graph is really read
+    assert "rayrlhf.core" in graph["rayrlhf.actors"] and "rayrlhf.actors" in graph["rayrlhf.actors.remote"]  # read
+    assert import_graph.bare_imports() == []
 
 
 def test_the_checker_finds_a_cycle_and_an_upward_import():
-    graph = {"core": {"pipeline"}, "actors": {"core"}, "serving": set(), "actors.remote": set(), "pipeline": {"actors"}}
-    assert import_graph.find_cycle(graph) == ["core", "pipeline", "actors", "core"]
-    assert import_graph.upward_imports(graph) == [("core", "pipeline")]
+    core, actors, pipeline = "rayrlhf.core", "rayrlhf.actors", "rayrlhf.pipeline"
+    graph = {core: {pipeline}, actors: {core}, "rayrlhf.serving": set(), "rayrlhf.actors.remote": set(),
+             pipeline: {actors}}
+    assert import_graph.find_cycle(graph) == [core, pipeline, actors, core]
+    assert import_graph.upward_imports(graph) == [(core, pipeline)]
 
 
 def test_every_ray_remote_lives_in_actors_remote():
@@ -45,7 +48,7 @@ def test_every_ray_remote_lives_in_actors_remote():
 
 def test_k8s_validator_without_its_extra_exits_2_naming_it():
     code = ("import sys; sys.modules['jsonschema'] = None\n"
-            "from pipeline.k8s_validate import main; sys.exit(main(['k8s']))")
+            "from rayrlhf.pipeline.k8s_validate import main; sys.exit(main(['k8s']))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "install rayrlhf[k8s]" in out.stderr and "Traceback" not in out.stderr

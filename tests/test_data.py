@@ -10,13 +10,13 @@ from dataclasses import replace
 
 import pytest
 
-from core.config import DataConfig
-from core.data import (
+from rayrlhf.core.config import DataConfig
+from rayrlhf.core.data import (
     ComparisonExample, DataError, RowChecker, SummaryExample, TLDRData, clean_summary, format_query, judge_split,
     lead_baseline, load_tldr, post_key, read_comparisons, read_summaries, split_pairs, split_posts, split_query,
     truncate_query,
 )
-from core.synthetic import Post, judge, make_pairs, make_posts, prefer
+from rayrlhf.core.synthetic import Post, judge, make_pairs, make_posts, prefer
 
 # --- synthetic task ---------------------------------------------------------------------------------
 
@@ -138,8 +138,8 @@ def test_truncate_query_errors():
 
 
 def test_truncate_query_with_the_builtin_tokenizer(tiny_cfg):
-    from core.data import corpus_text
-    from core.modeling import train_tokenizer
+    from rayrlhf.core.data import corpus_text
+    from rayrlhf.core.modeling import train_tokenizer
 
     data = load_tldr(tiny_cfg.data)
     tok = train_tokenizer(corpus_text(data), tiny_cfg.model.vocab_size)
@@ -196,7 +196,7 @@ SUMMARY_ROWS = [
 
 def test_bad_rows_are_counted_and_skipped(tmp_path, caplog):
     path = _write_jsonl(tmp_path / "s.jsonl", SUMMARY_ROWS)
-    with caplog.at_level(logging.WARNING, logger="core.data"):
+    with caplog.at_level(logging.WARNING, logger="rayrlhf.core.data"):
         out = read_summaries(_local(strict=False), str(path))
     assert [e.reference for e in out] == [" good one", " good two"]
     assert [e.id for e in out] == [f"{path}:0", f"{path}:4"]
@@ -231,7 +231,7 @@ UNREADABLE = [
 def test_unreadable_lines_are_skipped_when_lax_and_named_when_strict(tmp_path, caplog, line, problem):
     good = json.dumps({"prompt": Q, "reference": "ok"}).encode()
     path = _raw_lines(tmp_path / "s.jsonl", [good, line, good])
-    with caplog.at_level(logging.WARNING, logger="core.data"):
+    with caplog.at_level(logging.WARNING, logger="rayrlhf.core.data"):
         out = read_summaries(_local(strict=False), str(path))
     assert [e.id for e in out] == [f"{path}:0", f"{path}:2"]
     assert "skipped 1 of 3 bad rows" in caplog.text and problem in caplog.text
@@ -243,16 +243,16 @@ def test_unreadable_lines_are_skipped_when_lax_and_named_when_strict(tmp_path, c
 def test_an_overlong_query_outside_the_tldr_format_is_skipped_when_lax_and_named_when_strict(tmp_path, caplog):
     from transformers import PreTrainedTokenizerFast
 
-    from core.data import TLDRData
-    from core.modeling import train_tokenizer
-    from core.text import with_encodable_queries
+    from rayrlhf.core.data import TLDRData
+    from rayrlhf.core.modeling import train_tokenizer
+    from rayrlhf.core.text import with_encodable_queries
 
     tok: PreTrainedTokenizerFast = train_tokenizer([Q, "free text " * 50], 300)
     ok = SummaryExample("f.jsonl:0", Q, " ok")
     long = SummaryExample("f.jsonl:1", "free text " * 400, " too long, no POST: to cut")
     data = TLDRData([ok, long], [ok], [ok], [], [])
     cfg = _local(max_prompt_tokens=64)
-    with caplog.at_level(logging.WARNING, logger="core.text"):
+    with caplog.at_level(logging.WARNING, logger="rayrlhf.core.text"):
         kept = with_encodable_queries(tok, data, cfg)
     assert kept.sft_train == [ok] and kept.sft_valid == [ok]
     assert "sft_train: skipped 1 of 2 rows" in caplog.text and "f.jsonl:1: query of" in caplog.text
@@ -323,7 +323,7 @@ def test_shared_tldr_files_load(shared_data, tmp_path):
 def test_gpt2_tokenizer_gets_a_dedicated_pad_token(shared_data):
     from transformers import GPT2TokenizerFast
 
-    from core.modeling import PAD_TOKEN, prepare_tokenizer
+    from rayrlhf.core.modeling import PAD_TOKEN, prepare_tokenizer
 
     src = shared_data / "tokenizer_gpt2"
     if not (src / "vocab.json").is_file():
@@ -339,8 +339,8 @@ def test_gpt2_tokenizer_gets_a_dedicated_pad_token(shared_data):
 
 
 def test_real_queries_truncate_with_gpt2(shared_data, gpt2_tokenizer_dir):
-    from core.modeling import load_tokenizer
-    from core.text import encode_queries
+    from rayrlhf.core.modeling import load_tokenizer
+    from rayrlhf.core.text import encode_queries
 
     tok = load_tokenizer(str(gpt2_tokenizer_dir))
     rows = [json.loads(line) for line in (shared_data / "tldr" / "tldr_posts_dev.jsonl").open()][:24]
@@ -351,10 +351,10 @@ def test_real_queries_truncate_with_gpt2(shared_data, gpt2_tokenizer_dir):
 
 
 def test_budgets_that_do_not_fit_the_references_are_measured_and_warned_about(tmp_path):
-    from core.modeling import train_tokenizer
-    from core.text import budget_warnings, reference_budget
-    from pipeline.report import write_report
-    from pipeline.run_dir import RunDir
+    from rayrlhf.core.modeling import train_tokenizer
+    from rayrlhf.core.text import budget_warnings, reference_budget
+    from rayrlhf.pipeline.report import write_report
+    from rayrlhf.pipeline.run_dir import RunDir
 
     refs = [" one two three", " one two three four five six seven eight nine ten eleven twelve", " ok"]
     examples = [SummaryExample(f"f:{i}", Q, r) for i, r in enumerate(refs)]
@@ -512,7 +512,7 @@ def test_pairs_on_evaluation_posts_never_train_from_five_files(tmp_path, caplog)
     cfg = _local(sft_train=summaries("train.jsonl", posts[15:]), sft_valid=summaries("valid.jsonl", posts[10:15]),
                  sft_test=summaries("test.jsonl", posts[:10]), pairs_train=comparisons("pt.jsonl", train),
                  pairs_valid=comparisons("pv.jsonl", valid), judge_fraction=0.5)
-    with caplog.at_level(logging.INFO, logger="core.data"):
+    with caplog.at_level(logging.INFO, logger="rayrlhf.core.data"):
         data = load_tldr(cfg)
     evaluated = {post_key(e.query) for e in posts[:10]}
     on_evaluated = [p for p in train if post_key(p.query) in evaluated]
@@ -531,7 +531,7 @@ def test_one_pairs_file_with_many_pairs_per_post_splits_by_post(tmp_path, caplog
                  pairs_file=str(_write_jsonl(tmp_path / "pairs.jsonl", [
                      {"prompt": p.query, "chosen": p.chosen, "rejected": p.rejected} for p in pairs])),
                  valid_fraction=0.1, test_fraction=0.1, pairs_valid_fraction=0.15, judge_fraction=0.5)
-    with caplog.at_level(logging.INFO, logger="core.data"):
+    with caplog.at_level(logging.INFO, logger="rayrlhf.core.data"):
         data = load_tldr(cfg)
     evaluated = {post_key(e.query) for e in data.sft_test}
     assert not _post_keys(data.pairs_train + data.judge_train) & evaluated
@@ -562,7 +562,7 @@ def test_many_pairs_per_post_on_held_out_posts_validate_first():
 def test_hub_rows_go_through_the_same_held_out_and_judge_splits(monkeypatch, caplog):
     """The hub cannot be reached offline: its rows come from memory, in the CarperAI forms (which differ between
     the SFT prompts and the comparison prompts of one post)."""
-    import core.data
+    from rayrlhf.core import data as data_module
 
     cfg = DataConfig(source="hub", judge_fraction=0.5)
     posts = _posts(60)  # 0-9 the test split, 10-19 valid, 20-59 train
@@ -577,8 +577,8 @@ def test_hub_rows_go_through_the_same_held_out_and_judge_splits(monkeypatch, cap
     def read_rows(cfg: DataConfig, dataset: str, split: str, strict: bool) -> tuple[RowChecker, list]:
         return RowChecker(f"{dataset}[{split}]", strict), list(enumerate(rows[dataset][split]))
 
-    monkeypatch.setattr(core.data, "_read_rows", read_rows)
-    with caplog.at_level(logging.INFO, logger="core.data"):
+    monkeypatch.setattr(data_module, "_read_rows", read_rows)
+    with caplog.at_level(logging.INFO, logger="rayrlhf.core.data"):
         data = load_tldr(cfg)
     evaluated = {post_key(e.query) for e in data.sft_test}
     on_evaluated = sum(post_key(p.query) in evaluated for p in train)

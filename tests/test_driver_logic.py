@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import pytest
 from ray.exceptions import RayActorError, RayTaskError
 
-from core.experience import VersionMismatch
-from pipeline.inflight import ShardFailure, classify_failures
-from pipeline.pool import EventLog, RolloutPool
-from pipeline.schedule import PromptSource, StalenessGate
+from rayrlhf.core.experience import VersionMismatch
+from rayrlhf.pipeline.inflight import ShardFailure, classify_failures
+from rayrlhf.pipeline.pool import EventLog, RolloutPool
+from rayrlhf.pipeline.schedule import PromptSource, StalenessGate
 
 # --- staleness gate and prompt order ----------------------------------------------------------------
 

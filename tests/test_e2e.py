@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from core.metrics import read_metrics
+from rayrlhf.pipeline.cli import main
+from rayrlhf.core.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def cli(ray_local, monkeypatch):
 
     The CLI shuts Ray down when a command ends; that is kept from ending the cluster the other tests share.
     """
-    monkeypatch.setattr("pipeline.workflow.shutdown", lambda: None)
+    monkeypatch.setattr("rayrlhf.pipeline.workflow.shutdown", lambda: None)
 
     def run(command: str, run_dir: Path, overrides: list[str]) -> None:
         argv = [command, "--run-dir", str(run_dir), "--set", f"run.output_dir={run_dir.parent}"]
@@ -106,15 +106,15 @@ def test_cli_stage_by_stage_synchronous(cli, tiny_overrides, tiny_cfg, tmp_path)
     assert (run / "sft" / "checkpoint" / "config.json").is_file() and not (run / "rm").exists()
     cli("rm", run, groups)
     _check_sft_rm_run(run)
-    from core.checkpoints import CheckpointDir
+    from rayrlhf.core.checkpoints import CheckpointDir
 
     for stage in ("sft", "rm"):  # each rank wrote its shards of the resumable state
         assert (CheckpointDir(run / stage / "checkpoints").latest() / "sharded").is_dir(), stage
 
     # The normalising bias makes the training references score 0 on average (detail 7).
-    from actors.reward import RewardScorer
-    from core.data import load_tldr
-    from core.text import encode_responses
+    from rayrlhf.actors.reward import RewardScorer
+    from rayrlhf.core.data import load_tldr
+    from rayrlhf.core.text import encode_responses
 
     scorer = RewardScorer(str(run / "rm" / "checkpoint"))
     refs = load_tldr(tiny_cfg.data).sft_train
@@ -178,7 +178,7 @@ def test_cli_sft_rm_on_real_tldr_files(cli, tiny_overrides, shared_data, gpt2_to
     cli("sft", run, real)
     cli("rm", run, real)
     _check_sft_rm_run(run)
-    from core.modeling import load_tokenizer
+    from rayrlhf.core.modeling import load_tokenizer
 
     tok = load_tokenizer(str(run / "sft" / "checkpoint"))
     assert len(tok) == 50258 and tok.pad_token_id == 50257 and tok.eos_token_id == 50256

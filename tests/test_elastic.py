@@ -15,12 +15,12 @@ from collections import Counter
 
 import pytest
 
-from pipeline.cli import main
-from actors.remote import RolloutScaler
-from core.scaling import SCALER_NAMESPACE, scaler_name
-from pipeline.driver import PPODriver
-from core.experience import BatchInfo
-from core.metrics import read_metrics
+from rayrlhf.pipeline.cli import main
+from rayrlhf.actors.remote import RolloutScaler
+from rayrlhf.core.scaling import SCALER_NAMESPACE, scaler_name
+from rayrlhf.pipeline.driver import PPODriver
+from rayrlhf.core.experience import BatchInfo
+from rayrlhf.core.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 

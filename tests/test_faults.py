@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.driver import PPODriver
-from pipeline.launch import launch_roles
+from rayrlhf.pipeline.driver import PPODriver
+from rayrlhf.pipeline.launch import launch_roles
 
 pytestmark = pytest.mark.slow
 
@@ -169,7 +169,7 @@ def test_nan_reward_stops_the_step_and_keeps_the_last_good_checkpoint(ray_local,
     """A NaN score at step 4 ends the run before any update; the step-2 checkpoint stays the latest, intact."""
     import ray
 
-    from actors.reward import RewardScorer
+    from rayrlhf.actors.reward import RewardScorer
 
     @ray.remote(num_cpus=0)
     class NaNAfter:
@@ -201,7 +201,7 @@ def test_weight_sync_waits_once_for_every_worker_and_names_the_ones_that_hang(ra
     import ray
     from types import SimpleNamespace
 
-    from pipeline.driver import PendingLoad
+    from rayrlhf.pipeline.driver import PendingLoad
 
     @ray.remote(num_cpus=0)
     class Loader:

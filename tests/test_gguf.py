@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.config import load_config
-from pipeline.cli import main
+from rayrlhf.core.config import load_config
+from rayrlhf.pipeline.cli import main
 
 @pytest.fixture(scope="module")
 def converted(smollm2_gguf, tmp_path_factory) -> tuple[Path, Path]:
-    from core.modeling import convert_gguf
+    from rayrlhf.core.modeling import convert_gguf
 
     gguf = smollm2_gguf
     out = convert_gguf(str(gguf.parent), gguf.name, tmp_path_factory.mktemp("smollm2") / "base_model")
@@ -38,7 +38,7 @@ def test_gguf_converts_to_a_folder_with_the_same_logits(converted):
         diff = (original(ids).logits - saved(ids).logits).abs().max().item()
     print(f"\nSmolLM2 GGUF -> HF folder: max |logit diff| {diff} over {ids.shape[1]} tokens (fp32)")
     assert diff == 0.0
-    from core.modeling import convert_gguf
+    from rayrlhf.core.modeling import convert_gguf
 
     assert convert_gguf(str(gguf.parent), gguf.name, out) == out  # once: an existing folder is reused
     # a second run's folder links the converted files kept in the cache (by content hash): no second conversion
@@ -49,8 +49,8 @@ def test_gguf_converts_to_a_folder_with_the_same_logits(converted):
 @pytest.mark.slow
 @pytest.mark.xdist_group("gguf")  # on one worker: the conversion fixture runs once
 def test_the_pipeline_loads_a_gguf_base_model_through_its_converted_folder(converted, tmp_path):
-    from actors.sft import init_policy
-    from core.data import load_tldr
+    from rayrlhf.actors.sft import init_policy
+    from rayrlhf.core.data import load_tldr
 
     gguf, _ = converted
     cfg = load_config(None, [f"model.name_or_path={gguf}", "data.num_train_posts=64", "data.max_prompt_tokens=256"])

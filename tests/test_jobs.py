@@ -26,8 +26,8 @@ import psutil
 import pytest
 import requests
 
-from pipeline.cli import main
-from pipeline.jobs import DashboardError, auth_token, job_entrypoint, job_runtime_env
+from rayrlhf.pipeline.cli import main
+from rayrlhf.pipeline.jobs import DashboardError, auth_token, job_entrypoint, job_runtime_env
 
 # One worker runs the module: its Ray head (a module fixture) would otherwise start on both.
 pytestmark = pytest.mark.xdist_group("jobs")
@@ -308,7 +308,7 @@ def test_entrypoint_quotes_overrides_for_the_shell() -> None:
 def test_a_run_logging_to_wandb_hands_its_wandb_variables_to_the_job(monkeypatch, tmp_path: Path) -> None:
     """The stages log to W&B from actors on the cluster's nodes, which do not inherit the submitting shell's
     environment: the job's runtime env carries the W&B variables set here, and only when the run logs to W&B."""
-    from core.config import load_config
+    from rayrlhf.core.config import load_config
 
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from actors.learner import PPOLearner, StalenessError
-from core.sequences import token_budget_groups
+from rayrlhf.actors.learner import PPOLearner, StalenessError
+from rayrlhf.core.sequences import token_budget_groups
 
 pytestmark = pytest.mark.slow  # every test here uses the tiny checkpoints (trained once per session)
 
@@ -114,7 +114,7 @@ def test_the_learner_turns_every_dropout_off_loras_too_and_counts_the_work_it_ra
     """LoRA's dropout is added after the model's own: the learner turns it off too (detail 4), so a prompt's
     samples may share its prompt's pass. MFU counts what ran: each of the 4 prompts once for its 2 samples when
     the micro batch holds both, every row whole in micro batches of one."""
-    from core.throughput import shared_prefix_work
+    from rayrlhf.core.throughput import shared_prefix_work
 
     lengths = (experience.prompt_mask.sum(-1) + experience.response_mask.sum(-1)).tolist()
     prompts = experience.prompt_mask.sum(-1).tolist()
@@ -135,7 +135,7 @@ def test_the_learner_turns_every_dropout_off_loras_too_and_counts_the_work_it_ra
 
 
 def test_packet_carries_the_version_and_checksum(make_tiny_cfg, tiny_checkpoints, experience):
-    from core.weight_sync import checksum
+    from rayrlhf.core.weight_sync import checksum
 
     learner = _learner(make_tiny_cfg, tiny_checkpoints, "ppo.micro_batch_size=8")
     p0 = learner.make_packet()
@@ -215,7 +215,7 @@ def test_gradient_checkpointing_changes_memory_not_the_update(make_tiny_cfg, tin
 
 
 def unwrap_is_checkpointing(model) -> bool:
-    from core.modeling import unwrap
+    from rayrlhf.core.modeling import unwrap
 
     return unwrap(model).is_gradient_checkpointing
 
@@ -225,7 +225,7 @@ def test_critic_starts_as_the_reward_model(make_tiny_cfg, tiny_checkpoints, expe
     sequence (bias included, no EOS trick, no KL term): the critic is the reward model, as Huang et al.'s is."""
     import torch.nn.functional as F
 
-    from actors.reward import RewardScorer
+    from rayrlhf.actors.reward import RewardScorer
 
     learner = _learner(make_tiny_cfg, tiny_checkpoints)
     scorer = RewardScorer(str(tiny_checkpoints.rm), missing_eos_score=None, device="cpu")
@@ -242,7 +242,7 @@ def test_critic_starts_as_the_reward_model(make_tiny_cfg, tiny_checkpoints, expe
 
 def _own_logprobs(learner, exp):
     """The batch with the learner's own log-probs as the behaviour ones: staleness 0, no numeric mismatch."""
-    from core.sequences import response_logprobs
+    from rayrlhf.core.sequences import response_logprobs
 
     with torch.no_grad():
         logp, _ = response_logprobs(learner.policy, exp.prompts, exp.prompt_mask, exp.responses, exp.response_mask,
@@ -325,7 +325,7 @@ def test_dropout_is_off_in_models_that_call_functional_dropout():
     """OPT applies dropout with F.dropout(p=config.dropout): `disable_dropout` zeroes it too (detail 4)."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from core.modeling import disable_dropout
+    from rayrlhf.core.modeling import disable_dropout
 
     torch.manual_seed(0)
     model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,

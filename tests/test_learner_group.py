@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.config import load_config
-from pipeline.driver import PPODriver
-from pipeline.launch import RankGroup, role_bundles
+from rayrlhf.core.config import load_config
+from rayrlhf.pipeline.driver import PPODriver
+from rayrlhf.pipeline.launch import RankGroup, role_bundles
 
 # 5 actors of 1 CPU would not fit the tests' 4-CPU Ray: the scorers and the rollout share.
 OVERRIDES = ["ppo.steps=3", "ppo.max_staleness=1", "ppo.checkpoint_every=0", "ppo.sync_timeout_s=120",
@@ -90,8 +90,8 @@ def test_a_dead_learner_rank_ends_the_run_naming_it(ray_local, make_tiny_cfg, ti
 def test_a_rank_that_never_joins_is_a_timeout_naming_it(ray_local):
     import ray
 
-    from core.sharding import free_port, join_group
-    from pipeline.calls import RoleTimeout
+    from rayrlhf.core.sharding import free_port, join_group
+    from rayrlhf.pipeline.calls import RoleTimeout
 
     @ray.remote(num_cpus=0)
     class Rank:
@@ -131,7 +131,7 @@ def test_scorer_replicas_take_a_bundle_each():
 
 
 def test_vllm_tensor_parallel_sizes_the_bundle_and_the_engine():
-    from actors.vllm_backend import engine_args
+    from rayrlhf.actors.vllm_backend import engine_args
 
     cfg = load_config(None, ["rollout.backend=vllm", "rollout.tensor_parallel_size=2", "rollout.num_gpus=2",
                              "rollout.num_workers=2"])

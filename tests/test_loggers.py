@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import load_config
-from core.metrics import MetricsLogger
+from rayrlhf.core.config import load_config
+from rayrlhf.core.metrics import MetricsLogger
 
 
 def read_wandb_runs(run_dir: Path) -> dict[str, dict]:
@@ -68,7 +68,7 @@ def test_metrics_reach_wandb_with_the_config(tmp_path):
 
 
 def test_wandb_without_credentials_is_refused_before_anything_starts(monkeypatch, tmp_path):
-    from pipeline.preflight import PreflightError, check_loggers
+    from rayrlhf.pipeline.preflight import PreflightError, check_loggers
 
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from actors.rm import pairwise_loss
-from core.sequences import flush_right, last_token_index, pad_left, pad_right, sequence_scores
-from actors.sft import IGNORE, sft_batch, sft_loss
-from core.text import EncodedSummary
+from rayrlhf.actors.rm import pairwise_loss
+from rayrlhf.core.sequences import flush_right, last_token_index, pad_left, pad_right, sequence_scores
+from rayrlhf.actors.sft import IGNORE, sft_batch, sft_loss
+from rayrlhf.core.text import EncodedSummary
 
 # Vocabulary of 3 for the hand computations: pad 0, "word" 1, EOS 2.
 PAD, W, EOS = 0, 1, 2
@@ -140,7 +140,7 @@ def test_last_token_index():
 
 @pytest.mark.slow
 def test_reward_read_at_last_real_token_is_padding_invariant(tiny_checkpoints):
-    from core.modeling import load_scalar_model, load_tokenizer
+    from rayrlhf.core.modeling import load_scalar_model, load_tokenizer
 
     tok = load_tokenizer(str(tiny_checkpoints.rm))
     model = load_scalar_model(str(tiny_checkpoints.rm), tok).eval()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from core import ppo_math as pm
+from rayrlhf.core import ppo_math as pm
 
 
 def t(x) -> torch.Tensor:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from core.config import ConfigError, load_config, packaged_config_path
+from rayrlhf.core.config import ConfigError, load_config, packaged_config_path
 
 pytestmark = pytest.mark.slow  # the tiny checkpoints (trained once per session)
 
@@ -66,7 +66,7 @@ def test_inference_dtype_defaults_to_the_weights_dtype():
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
-    from core.sharding import full_weights
+    from rayrlhf.core.sharding import full_weights
 
     return {k: v.detach().float().clone() for k, v in full_weights(model)}
 
@@ -88,7 +88,7 @@ def _assert_every_reached_element_moved(before: dict, after: dict, what: str) ->
 
 @pytest.mark.parametrize("name", GPU_CONFIGS)
 def test_learner_step_moves_every_weight(name, make_tiny_cfg, tiny_checkpoints, make_experience, group_of_one):
-    from actors.learner import PPOLearner
+    from rayrlhf.actors.learner import PPOLearner
 
     overrides = ["ppo.prompts_per_step=4", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8",
                  "ppo.micro_batch_size=8", "ppo.ppo_epochs=1", f"ppo.lr={LR}", f"ppo.critic_lr={LR}",
@@ -106,8 +106,8 @@ def test_learner_step_moves_every_weight(name, make_tiny_cfg, tiny_checkpoints, 
 
 def _trainer_step(cfg, model, loss_fn) -> None:
     """One optimizer step as the SFT and RM trainers take it (`core.training`)."""
-    from core.sharding import TrainGroup, shard_model
-    from core.training import adamw_cosine, optimizer_step
+    from rayrlhf.core.sharding import TrainGroup, shard_model
+    from rayrlhf.core.training import adamw_cosine, optimizer_step
 
     group = TrainGroup.start(cfg.model.mixed_precision, 60)
     if group.fsdp:
@@ -121,12 +121,12 @@ def _trainer_step(cfg, model, loss_fn) -> None:
 
 @pytest.mark.parametrize("name", GPU_CONFIGS)
 def test_sft_and_rm_steps_move_every_weight(name, make_tiny_cfg, tiny_checkpoints, group_of_one):
-    from actors.rm import pairwise_loss
-    from actors.sft import sft_batch, sft_loss
-    from core.data import load_tldr
-    from core.modeling import load_causal_lm, load_scalar_model, load_tokenizer, trainable
-    from core.sequences import pad_right, sequence_scores
-    from core.text import encode_responses, encode_summaries
+    from rayrlhf.actors.rm import pairwise_loss
+    from rayrlhf.actors.sft import sft_batch, sft_loss
+    from rayrlhf.core.data import load_tldr
+    from rayrlhf.core.modeling import load_causal_lm, load_scalar_model, load_tokenizer, trainable
+    from rayrlhf.core.sequences import pad_right, sequence_scores
+    from rayrlhf.core.text import encode_responses, encode_summaries
 
     cfg = make_tiny_cfg(*_model_settings(name))
     tok = load_tokenizer(str(tiny_checkpoints.sft))
@@ -157,7 +157,7 @@ def test_sft_and_rm_steps_move_every_weight(name, make_tiny_cfg, tiny_checkpoint
 
 def test_lora_on_a_bf16_base_trains_fp32_adapters_and_head(make_tiny_cfg, tiny_checkpoints):
     """LoRA with a frozen bf16 base: what trains (adapters, the scalar head) is fp32 and moves at a small lr."""
-    from core.modeling import load_scalar_model, load_tokenizer, trainable
+    from rayrlhf.core.modeling import load_scalar_model, load_tokenizer, trainable
 
     cfg = make_tiny_cfg("model.dtype=bfloat16", "model.lora.r=4")
     tok = load_tokenizer(str(tiny_checkpoints.sft))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import config_to_yaml, load_config
-from pipeline.cli import main, error_line
+from rayrlhf.core.config import config_to_yaml, load_config
+from rayrlhf.pipeline.cli import main, error_line
 
 TINY = ["data.num_train_posts=96", "data.num_valid_posts=16", "data.num_test_posts=16", "data.num_train_pairs=64",
         "data.num_valid_pairs=16"]
@@ -49,7 +49,7 @@ def test_train_with_another_config_on_an_existing_run_is_refused_naming_the_keys
 
 
 def test_the_same_config_or_only_another_ray_section_is_accepted(tmp_path):
-    from pipeline.preflight import run_config
+    from rayrlhf.pipeline.preflight import run_config
 
     run = _run_dir(tmp_path, "ppo.steps=12")
     same = load_config(None, [*TINY, "ppo.steps=12", "ray.num_cpus=8", f"run.output_dir={tmp_path}"])
@@ -159,9 +159,9 @@ def test_a_judge_without_its_comparisons_exits_2(tmp_path, capsys):
 def test_eval_reads_the_checkpoints_ppo_started_from(tmp_path):
     """A run whose PPO started from outside checkpoints (`ppo --sft-checkpoint ... --rm-checkpoint ...`) is
     evaluated against them: they are what its reference and reward were."""
-    from core.config import load_config
-    from pipeline.preflight import check_inputs
-    from pipeline.run_dir import RunDir
+    from rayrlhf.core.config import load_config
+    from rayrlhf.pipeline.preflight import check_inputs
+    from rayrlhf.pipeline.run_dir import RunDir
 
     outside = {name: tmp_path / "other" / name / "checkpoint" for name in ("sft", "rm")}
     configs = {"sft": {"architectures": ["LlamaForCausalLM"]},
@@ -263,7 +263,7 @@ def test_a_hub_id_is_checked_and_the_error_says_what_was_tried(tmp_path, capsys,
 def test_a_strict_over_long_row_is_found_before_anything_is_written(tmp_path):
     """A query that cannot be cut to data.max_prompt_tokens (not in the TL;DR format) fails data.strict in preflight,
     naming its file and row, with the tokenizer the SFT stage would train; lax mode skips it in the stage."""
-    from pipeline.preflight import PreflightError, check_inputs
+    from rayrlhf.pipeline.preflight import PreflightError, check_inputs
 
     files = _local_files(tmp_path)
     rows = files["sft_train"].read_text().splitlines()
@@ -284,7 +284,7 @@ def test_eval_without_a_run_directory_asks_for_one(capsys):
 
 
 def test_ctrl_c_is_one_line_with_the_resume_command_and_exit_130(tmp_path, capsys, monkeypatch):
-    from pipeline import workflow
+    from rayrlhf.pipeline import workflow
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from core.config_docs import reference_markdown
+from rayrlhf.core.config_docs import reference_markdown
 
 
 def test_readme_config_reference_is_current():

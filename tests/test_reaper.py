@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from pipeline.reaper import MARK, SCAN_S, end, end_stale, marked, session_processes
+from rayrlhf.pipeline.reaper import MARK, SCAN_S, end, end_stale, marked, session_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEAF = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
@@ -25,7 +25,7 @@ DEAF = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time
 # A command that guards its "local Ray" (a SIGTERM-deaf process in a session of its own), then works forever.
 COMMAND = f"""
 import subprocess, sys, time
-from pipeline.reaper import guard_local_ray
+from rayrlhf.pipeline.reaper import guard_local_ray
 guard_local_ray()
 subprocess.Popen([sys.executable, "-c", {DEAF!r}], start_new_session=True)
 print("ready", flush=True)
@@ -59,7 +59,7 @@ def test_processes_of_an_earlier_run_whose_command_is_gone_are_ended_at_the_next
         deadline = time.monotonic() + 10
         while not marked(mark) and time.monotonic() < deadline:
             time.sleep(0.1)
-        with caplog.at_level("WARNING", logger="pipeline.reaper"):
+        with caplog.at_level("WARNING", logger="rayrlhf.pipeline.reaper"):
             assert end_stale() >= 1
         orphan.wait(timeout=10)  # (already reaped by the reaper's wait when it is this process's child)
         assert not psutil.pid_exists(orphan.pid)  # SIGTERM ignored, then killed
@@ -72,7 +72,7 @@ def test_processes_of_an_earlier_run_whose_command_is_gone_are_ended_at_the_next
 # A command that guards a real local Ray, as `pipeline.cluster.connect` does, and names its session directory.
 RAY_COMMAND = """
 import time, ray
-from pipeline.reaper import guard_local_ray
+from rayrlhf.pipeline.reaper import guard_local_ray
 guard_local_ray()
 ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024**2)
 print(ray._private.worker.global_worker.node.get_session_dir_path(), flush=True)

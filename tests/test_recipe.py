@@ -33,7 +33,7 @@ def test_the_smollm2_recipe_runs_end_to_end(smollm2_gguf, vllm_required, shared_
     run = tmp_path / "run"
     overrides = [f"data.posts_file={data / 'tldr_posts_dev.jsonl'}", f"data.pairs_file={data / 'tldr_pairs_dev.jsonl'}",
                  *SMOKE]
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", "configs/smollm2-tldr.yaml", "--run-dir", str(run)]
+    cmd = [sys.executable, "-m", "rayrlhf.pipeline.cli", "train", "--config", "configs/smollm2-tldr.yaml", "--run-dir", str(run)]
     cmd += [a for o in overrides for a in ("--set", o)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from core.config import load_config
-from core.scaling import placeable
-from pipeline.cli import main
-from pipeline.resources import MAX_CPUS_PER_CORE, local_cpus, role_bundles, shortfall, stage_bundles
+from rayrlhf.core.config import load_config
+from rayrlhf.core.scaling import placeable
+from rayrlhf.pipeline.cli import main
+from rayrlhf.pipeline.resources import MAX_CPUS_PER_CORE, local_cpus, role_bundles, shortfall, stage_bundles
 
 TINY = ["data.num_train_posts=96", "data.num_valid_posts=16", "data.num_test_posts=16", "data.num_train_pairs=64",
         "data.num_valid_pairs=16"]
@@ -21,7 +21,7 @@ TINY = ["data.num_train_posts=96", "data.num_valid_posts=16", "data.num_test_pos
 @pytest.fixture
 def no_cluster(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr("pipeline.preflight.local_gpus", lambda: 0)
+    monkeypatch.setattr("rayrlhf.pipeline.preflight.local_gpus", lambda: 0)
 
 
 def test_shortfall_names_each_roles_ask_and_key():
@@ -70,15 +70,15 @@ def test_resources_a_local_ray_will_not_have_exit_2_before_anything_is_written(
 
 
 def test_the_gpus_a_local_ray_has_are_enough(monkeypatch, no_cluster):
-    from pipeline.preflight import check_resources
+    from rayrlhf.pipeline.preflight import check_resources
 
-    monkeypatch.setattr("pipeline.preflight.local_gpus", lambda: 1)
+    monkeypatch.setattr("rayrlhf.pipeline.preflight.local_gpus", lambda: 1)
     check_resources(load_config(None, ["sft.num_gpus=1", "rm.num_gpus=1", "ppo.num_gpus=0.5",
                                        "reference.num_gpus=0.25", "reward.num_gpus=0.25"]), "train")
 
 
 def test_a_resumed_run_is_checked_too(tmp_path, capsys, no_cluster):
-    from core.config import config_to_yaml
+    from rayrlhf.core.config import config_to_yaml
 
     run = tmp_path / "run"
     run.mkdir()
@@ -129,7 +129,7 @@ def test_an_unplaceable_stage_fails_within_the_startup_timeout_naming_role_and_r
     the cluster has."""
     import ray
 
-    from pipeline.workflow import run_sft
+    from rayrlhf.pipeline.workflow import run_sft
 
     cfg = load_config(None, [*TINY, "sft.num_gpus=1", "ppo.startup_timeout_s=3"])
     start = time.monotonic()
@@ -145,8 +145,8 @@ def test_an_unplaceable_stage_fails_within_the_startup_timeout_naming_role_and_r
 def test_scale_is_bounded_by_what_the_cluster_can_place(ray_local, capsys):
     import ray
 
-    from actors.remote import RolloutScaler
-    from core.scaling import SCALER_NAMESPACE, scaler_name
+    from rayrlhf.actors.remote import RolloutScaler
+    from rayrlhf.core.scaling import SCALER_NAMESPACE, scaler_name
 
     scaler = RolloutScaler.options(name=scaler_name("bounded-run"), namespace=SCALER_NAMESPACE).remote(
         1, "object_store", {"CPU": 1.0})

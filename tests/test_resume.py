@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.checkpoints import CheckpointDir
-from core.ledger import ExperienceLedger, LedgerError
+from rayrlhf.core.checkpoints import CheckpointDir
+from rayrlhf.core.ledger import ExperienceLedger, LedgerError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_checkpoint_dir_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path)
 
 @pytest.mark.parametrize("start", [0, 3, 4, 5, 11])
 def test_epoch_batches_from_any_step_are_the_tail_of_the_whole_order(start):
-    from core.training import epoch_batches
+    from rayrlhf.core.training import epoch_batches
 
     whole = list(epoch_batches(10, 3, epochs=4, seed=7))  # 3 batches per epoch, the 10th example dropped
     assert len(whole) == 12 and all(len(b) == 3 for b in whole)
@@ -89,7 +89,7 @@ def test_epoch_batches_from_any_step_are_the_tail_of_the_whole_order(start):
 
 
 def test_resume_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys):
-    from pipeline.cli import main
+    from rayrlhf.pipeline.cli import main
 
     missing = tmp_path / "no-such-run"
     assert main(["train", "--resume", str(missing)]) == 2
@@ -112,12 +112,12 @@ def test_sft_and_rm_resume_from_their_last_checkpoint_equal_uninterrupted(make_t
                                                                           monkeypatch, lora):
     """Die right after the first training-state save, resume, and end with the same weights. With LoRA the
     training state holds the adapters (and the reward model's head), not the frozen base weights."""
-    import actors.rm as rm_mod
-    import actors.sft as sft_mod
-    import core.training as training
+    import rayrlhf.actors.rm as rm_mod
+    import rayrlhf.actors.sft as sft_mod
+    import rayrlhf.core.training as training
     from safetensors.torch import load_file
 
-    from core.checkpoints import CheckpointDir
+    from rayrlhf.core.checkpoints import CheckpointDir
 
     cfg = make_tiny_cfg("sft.epochs=2", "sft.eval_every=4", "rm.epochs=2", "rm.eval_every=4",
                         *(["model.lora.r=4", "model.lora.alpha=8"] if lora else []))
@@ -158,7 +158,7 @@ def test_sft_and_rm_resume_from_their_last_checkpoint_equal_uninterrupted(make_t
 @pytest.mark.slow
 def test_learner_save_load_continues_identically(make_tiny_cfg, tiny_checkpoints, make_experience, tmp_path):
     """Two updates in a row == one update, save, load into a fresh learner, second update."""
-    from actors.learner import PPOLearner
+    from rayrlhf.actors.learner import PPOLearner
 
     cfg = make_tiny_cfg("ppo.prompts_per_step=4", "ppo.samples_per_prompt=2", "ppo.ppo_epochs=2",
                         "ppo.minibatch_size=4", "ppo.micro_batch_size=2")
@@ -217,15 +217,15 @@ def _learning_metrics(run: Path) -> dict[int, dict]:
     (1, 2), pytest.param(0, 1, marks=pytest.mark.outside_ci)])
 def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch, tiny_checkpoints, tiny_overrides,
                                                          tmp_path, staleness, learners, capsys):
-    from pipeline.cli import main
+    from rayrlhf.pipeline.cli import main
 
-    monkeypatch.setattr("pipeline.workflow.shutdown", lambda: None)  # keep the session's Ray for other tests
+    monkeypatch.setattr("rayrlhf.pipeline.workflow.shutdown", lambda: None)  # keep the session's Ray for other tests
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert main(_ppo_args(whole, tiny_checkpoints, tiny_overrides, staleness, learners)) == 0
 
     # The driver in its own process, with its own local Ray; SIGKILL once its first checkpoint is complete.
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *_ppo_args(killed, tiny_checkpoints, tiny_overrides,
+    proc = subprocess.Popen([sys.executable, "-m", "rayrlhf.pipeline.cli", *_ppo_args(killed, tiny_checkpoints, tiny_overrides,
                                                                              staleness, learners)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     latest = killed / "ppo" / "checkpoints" / "latest"
@@ -269,9 +269,9 @@ def test_stages_started_from_outside_checkpoints_resume_from_them(ray_local, mon
                                                                    tiny_overrides, tmp_path):
     """`rm --sft-checkpoint P` and `ppo --sft-checkpoint P --rm-checkpoint Q` record P and Q in the run directory:
     `--resume` continues an interrupted one from them (not from the run's own, absent, SFT/RM outputs)."""
-    from pipeline.cli import main
+    from rayrlhf.pipeline.cli import main
 
-    monkeypatch.setattr("pipeline.workflow.shutdown", lambda: None)  # keep the session's Ray for other tests
+    monkeypatch.setattr("rayrlhf.pipeline.workflow.shutdown", lambda: None)  # keep the session's Ray for other tests
     sets = sum((["--set", o] for o in tiny_overrides), [])
     rm_run = tmp_path / "rm-run"
     assert main(["rm", "--run-dir", str(rm_run), "--sft-checkpoint", str(tiny_checkpoints.sft), *sets,
@@ -299,13 +299,13 @@ def test_stages_started_from_outside_checkpoints_resume_from_them(ray_local, mon
 @pytest.mark.slow
 def test_a_killed_command_leaves_no_process_of_its_local_ray(tiny_overrides, tmp_path):
     """SIGKILL of `rayrlhf sft` while its local Ray runs: within 30 s no process of that Ray is left."""
-    from pipeline.reaper import marked
+    from rayrlhf.pipeline.reaper import marked
 
     # As from a shell: the command starts its own Ray with its own token.
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYRLHF_LOCAL_RAY", "RAY_AUTH_TOKEN")}
     argv = ["sft", "--run-dir", str(tmp_path / "run"), *sum((["--set", o] for o in tiny_overrides), []),
             "--set", "sft.epochs=1000"]  # still training when it is killed
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "rayrlhf.pipeline.cli", *argv], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "run" / "sft" / "metrics.jsonl"
     deadline = time.monotonic() + 120

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import config_to_yaml, load_config
+from rayrlhf.core.config import config_to_yaml, load_config
 
 # Cheap PPO steps (as tests/test_resume.py's kill test); the run's own PPO: 2 steps, a checkpoint after step 1.
 PPO_SIZES = ["ppo.prompts_per_step=4", "ppo.minibatch_size=4", "ppo.micro_batch_size=4", "run.keep_checkpoints=0",
@@ -43,7 +43,7 @@ def _learner_dies_before(monkeypatch, batch: int) -> None:
     """The learner actor is killed just before its update on `batch` (and on no other)."""
     import ray
 
-    from pipeline.driver import PPODriver
+    from rayrlhf.pipeline.driver import PPODriver
 
     learn = PPODriver.learn
 
@@ -68,9 +68,9 @@ def _policy(path: Path):
 @pytest.mark.slow
 def test_a_ppo_attempt_killed_on_a_finished_run_is_resumed_not_skipped(ray_local, monkeypatch, tiny_checkpoints,
                                                                       tiny_overrides, tmp_path, capsys):
-    from pipeline.cli import main
+    from rayrlhf.pipeline.cli import main
 
-    monkeypatch.setattr("pipeline.workflow.shutdown", lambda: None)  # keep the session's Ray for other tests
+    monkeypatch.setattr("rayrlhf.pipeline.workflow.shutdown", lambda: None)  # keep the session's Ray for other tests
     run = _finished_run(tmp_path / "R", tiny_checkpoints, tiny_overrides)
     sets = sum((["--set", o] for o in [*tiny_overrides, *PPO_SIZES, "ppo.steps=4", "ppo.checkpoint_every=2"]), [])
 
@@ -83,7 +83,7 @@ def test_a_ppo_attempt_killed_on_a_finished_run_is_resumed_not_skipped(ray_local
     assert yaml.safe_load((run / "ppo" / "config.yaml").read_text())["ppo"]["steps"] == 4
     assert _steps_logged(run) == [1, 2, 3]
     monkeypatch.undo()
-    monkeypatch.setattr("pipeline.workflow.shutdown", lambda: None)
+    monkeypatch.setattr("rayrlhf.pipeline.workflow.shutdown", lambda: None)
 
     assert main(["ppo", "--resume", str(run)]) == 0
     assert "already finished" not in capsys.readouterr().err
@@ -99,9 +99,9 @@ def test_a_plain_rerun_drops_a_stale_stage_config_so_resume_continues_it(ray_loc
                                                                          tiny_overrides, tmp_path, capsys):
     """R/ppo/config.yaml of an earlier attempt with other settings (killed; PPO then started over with the run's
     own config, killed too): `ppo --resume` continues the latest attempt with its config, not the stale one."""
-    from pipeline.cli import main
+    from rayrlhf.pipeline.cli import main
 
-    monkeypatch.setattr("pipeline.workflow.shutdown", lambda: None)
+    monkeypatch.setattr("rayrlhf.pipeline.workflow.shutdown", lambda: None)
     run = _finished_run(tmp_path / "R", tiny_checkpoints, tiny_overrides, ppo_finished=False)
     stale = load_config(None, [*tiny_overrides, *PPO_SIZES, "ppo.steps=4", "ppo.checkpoint_every=2"])
     (run / "ppo").mkdir()
@@ -112,7 +112,7 @@ def test_a_plain_rerun_drops_a_stale_stage_config_so_resume_continues_it(ray_loc
     assert f"`rayrlhf ppo --resume {run}`" in capsys.readouterr().err
     assert not (run / "ppo" / "config.yaml").exists()
     monkeypatch.undo()
-    monkeypatch.setattr("pipeline.workflow.shutdown", lambda: None)
+    monkeypatch.setattr("rayrlhf.pipeline.workflow.shutdown", lambda: None)
 
     assert main(["ppo", "--resume", str(run)]) == 0, capsys.readouterr().err
     summary = json.loads((run / "stages.json").read_text())["ppo"]
@@ -120,7 +120,7 @@ def test_a_plain_rerun_drops_a_stale_stage_config_so_resume_continues_it(ray_loc
 
 
 def test_start_attempt_unfinishes_the_stage_drops_its_checkpoints_and_records_its_config(make_tiny_cfg, tmp_path):
-    from pipeline.run_dir import RunDir
+    from rayrlhf.pipeline.run_dir import RunDir
 
     cfg, other = make_tiny_cfg(), make_tiny_cfg("ppo.steps=4")
     run = RunDir.create(cfg, tmp_path / "R")
@@ -139,9 +139,9 @@ def test_the_resume_hint_names_the_command_that_started_the_run(monkeypatch, mak
                                                                tiny_overrides, tmp_path):
     """`train` hands its own name to the PPO driver, `ppo` its own: each hint continues the PPO stage that failed
     (`train --resume` on a run begun by `rayrlhf ppo` would start it over from SFT)."""
-    from pipeline import workflow
-    from pipeline.driver import PPODriver
-    from pipeline.run_dir import RunDir
+    from rayrlhf.pipeline import workflow
+    from rayrlhf.pipeline.driver import PPODriver
+    from rayrlhf.pipeline.run_dir import RunDir
 
     run = RunDir(_finished_run(tmp_path / "R", tiny_checkpoints, tiny_overrides, ppo_finished=False))
     cfg = load_config(run.path / "config.yaml")

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.sequences import (
+from rayrlhf.core.sequences import (
     flush_right, has_eos, length_grouped, pad_left, pad_right, position_ids, prompt_ids, response_logprobs, sample,
     token_budget_groups, trim_padding, truncate_after_eos,
 )
-from core.throughput import shared_prefix_work
+from rayrlhf.core.throughput import shared_prefix_work
 
 EOS, PAD = 2, 0  # ids for the tests without a model; those with the tiny tokenizer read its own (EOS 1)
 
@@ -84,8 +84,8 @@ def test_flush_right_moves_each_rows_real_tokens_to_the_right_end():
 def test_flushed_rows_give_the_logits_and_values_of_the_rows_padded_in_place(policy, prompts, tiny_checkpoints):
     """response_logits / token_values compute on rows flushed right: every real position's output equals the
     model's on `[pad.. prompt | response .. pad]` as laid out, padding positions are 0."""
-    from core.modeling import load_scalar_model
-    from core.sequences import response_logits, token_values
+    from rayrlhf.core.modeling import load_scalar_model
+    from rayrlhf.core.sequences import response_logits, token_values
 
     model, tok = policy
     responses = [q[: 2 + 3 * i] for i, q in enumerate(prompts)]  # 2..11 tokens
@@ -114,7 +114,7 @@ def test_flushed_rows_give_the_logits_and_values_of_the_rows_padded_in_place(pol
 
 @pytest.fixture(scope="module")
 def policy(tiny_checkpoints):
-    from core.modeling import load_causal_lm, load_tokenizer
+    from rayrlhf.core.modeling import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(str(tiny_checkpoints.sft))
     return load_causal_lm(str(tiny_checkpoints.sft), tok).eval(), tok
@@ -123,8 +123,8 @@ def policy(tiny_checkpoints):
 @pytest.fixture(scope="module")
 def prompts(tiny_cfg, policy) -> list[list[int]]:
     """Four truncated synthetic queries of different lengths."""
-    from core.data import load_tldr
-    from core.text import encode_queries
+    from rayrlhf.core.data import load_tldr
+    from rayrlhf.core.text import encode_queries
 
     _, tok = policy
     queries = [e.query for e in load_tldr(tiny_cfg.data).sft_test]
@@ -161,10 +161,10 @@ def test_logprobs_are_padding_invariant(policy, prompts):
 
 @pytest.mark.slow
 def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts, monkeypatch):
-    from actors.reference import ReferenceLogprobs
-    from actors.rollout import HFBackend
-    from core.config import RolloutConfig
-    from core.experience import RolloutBatch
+    from rayrlhf.actors.reference import ReferenceLogprobs
+    from rayrlhf.actors.rollout import HFBackend
+    from rayrlhf.core.config import RolloutConfig
+    from rayrlhf.core.experience import RolloutBatch
 
     cfg = RolloutConfig(temperature=0.7, max_new_tokens=12)
     backend = HFBackend(str(tiny_checkpoints.sft), cfg)
@@ -189,7 +189,7 @@ def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts
     assert shared.share_prompts
     assert (shared.logprobs(batch).logprobs - logprobs).abs().max().item() < 1e-5
 
-    from actors.reward import RewardScorer
+    from rayrlhf.actors.reward import RewardScorer
 
     padded = RewardScorer(str(tiny_checkpoints.rm), batch_size=3).score_rollout(batch)
     packed_scores = RewardScorer(str(tiny_checkpoints.rm), max_tokens=200).score_rollout(batch).raw_scores
@@ -209,10 +209,10 @@ def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts
     assert RewardScorer(str(tiny_checkpoints.rm), max_tokens=200, share_prompts=True).share_prompts is False
 
     # the generator prefills each prompt once for its two samples and counts that work
-    from actors.rollout import RolloutGenerator
-    from core.experience import RolloutRequest
+    from rayrlhf.actors.rollout import RolloutGenerator
+    from rayrlhf.core.experience import RolloutRequest
 
-    import actors.rollout as rollout_module
+    import rayrlhf.actors.rollout as rollout_module
 
     flops = []  # the FLOPs each generate call counted
     monkeypatch.setattr(rollout_module, "mfu", lambda f, seconds, peak: flops.append(f) or 0.0)
@@ -269,8 +269,8 @@ def test_sft_gradient_does_not_depend_on_how_the_batch_is_cut(policy, prompts):
     loss is a token sum divided by the whole batch's token count."""
     import copy
 
-    from actors.sft import sft_batch, sft_loss
-    from core.text import EncodedSummary
+    from rayrlhf.actors.sft import sft_batch, sft_loss
+    from rayrlhf.core.text import EncodedSummary
 
     model, tok = policy
     items = [EncodedSummary(q, q[: 3 + i] + [tok.eos_token_id]) for i, q in enumerate(prompts)]
@@ -304,8 +304,8 @@ def test_token_budget_groups_respect_the_budget_and_balance():
 def test_packed_forward_equals_the_padded_one(policy, prompts, tiny_checkpoints):
     """Packing (real tokens in one row, positions restarting, attention within each sequence) gives the padded
     batch's log-probs, entropies and values; fp32."""
-    from core.modeling import load_scalar_model
-    from core.sequences import response_values
+    from rayrlhf.core.modeling import load_scalar_model
+    from rayrlhf.core.sequences import response_values
 
     model, tok = policy
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -328,7 +328,7 @@ def test_packing_is_refused_on_a_model_that_attends_across_packed_sequences():
         OPTForCausalLM,
     )
 
-    from core.sequences import check_packing
+    from rayrlhf.core.sequences import check_packing
 
     torch.manual_seed(0)
     llama = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
@@ -348,7 +348,7 @@ def test_packing_is_refused_on_a_model_that_attends_across_packed_sequences():
 
 
 def test_common_prefix_leaves_each_side_a_token_of_its_own():
-    from core.sequences import common_prefix
+    from rayrlhf.core.sequences import common_prefix
 
     assert common_prefix([1, 2, 3, 4], [1, 2, 5]) == 2
     assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 2  # one side starts the other: it keeps its last token
@@ -360,7 +360,7 @@ def test_the_work_of_a_shared_prefix_counts_it_once_only_where_it_ran_once():
     """By hand, on a model of one layer, one head of dimension 1 (attention: 4 FLOPs per causal query-key pair)."""
     from types import SimpleNamespace
 
-    from core.sequences import pair_work, response_work
+    from rayrlhf.core.sequences import pair_work, response_work
 
     one = SimpleNamespace(num_attention_heads=1, head_dim=1, hidden_size=1, num_hidden_layers=1)
     # two samples of a 2-token prompt (responses of 1 and 3 tokens) and one of a 3-token prompt (2 tokens)
@@ -379,7 +379,7 @@ def test_the_work_of_a_shared_prefix_counts_it_once_only_where_it_ran_once():
 def test_a_prefix_runs_once_exactly_only_with_a_full_cache_and_no_active_dropout():
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-    from core.sequences import prefix_runs_once_exactly
+    from rayrlhf.core.sequences import prefix_runs_once_exactly
 
     small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=50)
     llama = LlamaForCausalLM(LlamaConfig(**small))
@@ -395,10 +395,10 @@ def test_a_prefix_runs_once_exactly_only_with_a_full_cache_and_no_active_dropout
 def test_pair_scores_with_the_shared_prefix_run_once_equal_each_side_scored_whole(prompts, tiny_checkpoints, lora):
     """pair_scores runs each pair's shared start once and both continuations on its cached keys and values: the
     scores and the gradient of the pairwise loss are those of scoring every side whole, fp32."""
-    from actors.rm import pairwise_loss
-    from core.config import LoraConfig
-    from core.modeling import apply_lora, load_scalar_model, load_tokenizer
-    from core.sequences import pair_scores, sequence_scores
+    from rayrlhf.actors.rm import pairwise_loss
+    from rayrlhf.core.config import LoraConfig
+    from rayrlhf.core.modeling import apply_lora, load_scalar_model, load_tokenizer
+    from rayrlhf.core.sequences import pair_scores, sequence_scores
 
     tok = load_tokenizer(str(tiny_checkpoints.rm))
     torch.manual_seed(0)
@@ -447,9 +447,9 @@ def test_each_prompt_run_once_gives_the_logprobs_values_and_gradients_of_whole_r
                                                                                   lora):
     """share_prompts runs each distinct prompt of a micro batch once and its samples' responses on its cached keys
     and values: log-probs, entropies, values and their gradients equal the whole rows', fp32."""
-    from core.config import LoraConfig
-    from core.modeling import apply_lora, load_causal_lm, load_scalar_model
-    from core.sequences import prompt_ids, response_values
+    from rayrlhf.core.config import LoraConfig
+    from rayrlhf.core.modeling import apply_lora, load_causal_lm, load_scalar_model
+    from rayrlhf.core.sequences import prompt_ids, response_values
 
     _, tok = policy
     torch.manual_seed(0)
@@ -492,7 +492,7 @@ def test_generate_with_each_prompt_prefilled_once_samples_what_generate_samples(
     """share_prompts prefills each distinct prompt once and generates its samples on copies of its cache: the
     same tokens (greedy, and sampled with the same seed) and the same behaviour log-probs as generate's own
     prefill of every row, fp32; only where a prompt repeats."""
-    import core.sequences as seq
+    import rayrlhf.core.sequences as seq
 
     model, tok = policy
     calls = []
@@ -545,8 +545,8 @@ def test_generate_with_each_prompt_prefilled_once_samples_what_generate_samples(
 def test_response_scores_with_each_prompt_run_once_equal_the_whole_rows(policy, prompts, tiny_checkpoints):
     """The reward at each row's last token, each distinct prompt run once: the whole rows' scores, fp32, for
     responses that fill the width, stop early or are empty (the score is then read at the prompt's last token)."""
-    from core.modeling import load_scalar_model
-    from core.sequences import response_scores, sequence_scores
+    from rayrlhf.core.modeling import load_scalar_model
+    from rayrlhf.core.sequences import response_scores, sequence_scores
 
     _, tok = policy
     rm = load_scalar_model(str(tiny_checkpoints.rm), tok).eval()
@@ -576,7 +576,7 @@ def test_generate_samples_softmax_of_logits_over_t_whatever_the_checkpoints_gene
     from scipy.stats import chisquare
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from core.sequences import sample_with_logprobs
+    from rayrlhf.core.sequences import sample_with_logprobs
 
     V, T, N = 32, 0.7, 4000
     torch.manual_seed(0)
@@ -614,8 +614,8 @@ def test_generate_samples_softmax_of_logits_over_t_whatever_the_checkpoints_gene
 
     # greedy (evaluation, SFT's ROUGE samples), on the model and under peft (a LoRA SFT policy): the argmax, which the
     # file's suppress_tokens bans
-    from core.config import LoraConfig
-    from core.modeling import apply_lora
+    from rayrlhf.core.config import LoraConfig
+    from rayrlhf.core.modeling import apply_lora
 
     for m in (model, apply_lora(model, LoraConfig(r=4, alpha=8), "CAUSAL_LM")):  # LoRA B starts at 0: same logits
         greedy, _ = sample(m, ids[:2], mask[:2], max_new_tokens=1, eos_id=eos, pad_id=pad, temperature=T, top_p=1.0,

@@ -20,7 +20,7 @@ TOKEN_ENV = "RAYRLHF_TEST_SERVE_TOKEN"
 TOKEN = os.environ.setdefault(TOKEN_ENV, secrets.token_hex(16))
 # Serve's proxy guard against malformed X-Request-IDs, as `rayrlhf serve` and the RayService manifest set it
 # (serving.proxy imports neither Ray nor torch).
-from serving.proxy import PROXY_CALLBACK  # noqa: E402
+from rayrlhf.serving.proxy import PROXY_CALLBACK  # noqa: E402
 
 os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
 
@@ -35,17 +35,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from actors.reward import RewardScorer  # noqa: E402
-from core.config import Config, ServeConfig  # noqa: E402
-from core.data import corpus_text, load_tldr  # noqa: E402
-from core.experience import RolloutBatch  # noqa: E402
-from core.modeling import build_tiny_llama, load_scalar_model, save_checkpoint, train_tokenizer  # noqa: E402
-from core.text import encode_responses  # noqa: E402
-from core.sequences import pad_left, pad_right  # noqa: E402
-from core.text import encode_queries  # noqa: E402
-from serving.auth import BearerAuth, TokenError, is_loopback, resolve_token  # noqa: E402
-from serving.client import RemoteRewardScorer, RewardClient, RewardServiceError  # noqa: E402
-from serving.reward_service import OPEN_PATHS, PROTECTED_PATHS  # noqa: E402
+from rayrlhf.actors.reward import RewardScorer  # noqa: E402
+from rayrlhf.core.config import Config, ServeConfig  # noqa: E402
+from rayrlhf.core.data import corpus_text, load_tldr  # noqa: E402
+from rayrlhf.core.experience import RolloutBatch  # noqa: E402
+from rayrlhf.core.modeling import build_tiny_llama, load_scalar_model, save_checkpoint, train_tokenizer  # noqa: E402
+from rayrlhf.core.text import encode_responses  # noqa: E402
+from rayrlhf.core.sequences import pad_left, pad_right  # noqa: E402
+from rayrlhf.core.text import encode_queries  # noqa: E402
+from rayrlhf.serving.auth import BearerAuth, TokenError, is_loopback, resolve_token  # noqa: E402
+from rayrlhf.serving.client import RemoteRewardScorer, RewardClient, RewardServiceError  # noqa: E402
+from rayrlhf.serving.reward_service import OPEN_PATHS, PROTECTED_PATHS  # noqa: E402
 
 # one xdist worker runs every Ray Serve test (pyproject.toml: --dist loadgroup): two Serve instances at once,
 # one on each worker's Ray cluster, refused connections
@@ -86,7 +86,7 @@ def checkpoints(cfg: Config, tmp_path_factory) -> tuple[Path, Path]:
 def service(ray_local, cfg: Config, checkpoints) -> str:
     from ray import serve
 
-    from serving.reward_service import start_service
+    from rayrlhf.serving.reward_service import start_service
 
     url = start_service(str(checkpoints[1]), cfg, "127.0.0.1", free_port(), require_token=True)
     yield url
@@ -365,7 +365,7 @@ def test_remote_scorer_matches_reward_scorer_on_a_rollout(service: str, cfg: Con
 
 
 def test_serve_refuses_non_loopback_without_token(checkpoints, capsys) -> None:
-    from pipeline.cli import main
+    from rayrlhf.pipeline.cli import main
 
     assert "RAYRLHF_TEST_NO_SUCH_TOKEN" not in os.environ
     rc = main(["serve", "--checkpoint", str(checkpoints[1]), "--host", "0.0.0.0",
@@ -376,7 +376,7 @@ def test_serve_refuses_non_loopback_without_token(checkpoints, capsys) -> None:
 
 @pytest.mark.parametrize("port", ["0", "65536", "-1"])
 def test_serve_rejects_a_port_out_of_range_instead_of_using_the_default(checkpoints, capsys, port) -> None:
-    from pipeline.cli import main
+    from rayrlhf.pipeline.cli import main
 
     assert main(["serve", "--checkpoint", str(checkpoints[1]), "--port", port]) == 2
     assert f"--port {port} is not a TCP port" in capsys.readouterr().err
@@ -414,7 +414,7 @@ def test_token_sources_and_loopback(tmp_path: Path) -> None:
 
 
 def test_build_app_takes_replicas_resources_and_token_rule_from_config(checkpoints, tmp_path: Path) -> None:
-    from serving.reward_service import build_app
+    from rayrlhf.serving.reward_service import build_app
 
     cfg_file = tmp_path / "serve.yaml"
     cfg_file.write_text("serve:\n  num_replicas: 3\n  num_cpus: 2\n  num_gpus: 0.5\n  max_batch_size: 16\n")
@@ -429,7 +429,7 @@ def test_build_app_takes_replicas_resources_and_token_rule_from_config(checkpoin
 
 
 def test_ppo_end_to_end_with_http_reward(service: str, make_tiny_cfg, checkpoints, tmp_path: Path) -> None:
-    from pipeline.driver import PPODriver
+    from rayrlhf.pipeline.driver import PPODriver
 
     cfg = make_tiny_cfg(*[
         "reward.backend=http", f"reward.url={service}", f"reward.token_env={TOKEN_ENV}", "reward.max_retries=1",
@@ -447,7 +447,7 @@ def test_ppo_end_to_end_with_http_reward(service: str, make_tiny_cfg, checkpoint
     assert result["ppo/steps"] == 2
     assert math.isfinite(result["ppo/final_score_mean"]) and math.isfinite(result["ppo/final_kl"])
     assert (tmp_path / "ppo" / "checkpoint" / "config.json").is_file()
-    from core.metrics import read_metrics
+    from rayrlhf.core.metrics import read_metrics
 
     # the service's model runs elsewhere: the reward role's tokens/s is measured here, its MFU is not (not a 0)
     rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")

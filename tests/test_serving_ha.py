@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from serving.proxy import PROXY_CALLBACK  # neither Ray nor torch: Ray is not imported yet
+from rayrlhf.serving.proxy import PROXY_CALLBACK  # neither Ray nor torch: Ray is not imported yet
 
 TOKEN_ENV = "RAYRLHF_TEST_HA_TOKEN"
 TOKEN = os.environ.setdefault(TOKEN_ENV, secrets.token_hex(16))  # before Ray starts, as in test_serving.py
@@ -49,10 +49,10 @@ def test_a_replica_killed_under_load_costs_a_client_with_retries_nothing(ray_loc
     import torch
     from ray import serve
 
-    from core.data import corpus_text, load_tldr
-    from core.modeling import build_tiny_llama, load_scalar_model, save_checkpoint, train_tokenizer
-    from serving.client import RewardClient, RewardServiceError
-    from serving.reward_service import APP_NAME, start_service
+    from rayrlhf.core.data import corpus_text, load_tldr
+    from rayrlhf.core.modeling import build_tiny_llama, load_scalar_model, save_checkpoint, train_tokenizer
+    from rayrlhf.serving.client import RewardClient, RewardServiceError
+    from rayrlhf.serving.reward_service import APP_NAME, start_service
 
     cfg = make_tiny_cfg("serve.num_replicas=2", "serve.num_cpus=0.5", f"serve.token_env={TOKEN_ENV}")
     tok = train_tokenizer(corpus_text(load_tldr(cfg.data)), cfg.model.vocab_size)
@@ -63,7 +63,7 @@ def test_a_replica_killed_under_load_costs_a_client_with_retries_nothing(ray_loc
     data = load_tldr(cfg.data)
     prompts, responses = [e.query for e in data.sft_valid[:4]], [" a short summary"] * 4
     attempts = Attempts()
-    logging.getLogger("serving.client").addHandler(attempts)
+    logging.getLogger("rayrlhf.serving.client").addHandler(attempts)
     calls: collections.Counter = collections.Counter()
     errors: list[str] = []
     stop = threading.Event()
@@ -93,7 +93,7 @@ def test_a_replica_killed_under_load_costs_a_client_with_retries_nothing(ray_loc
         stop.set()
         for t in users:
             t.join(timeout=60)
-        logging.getLogger("serving.client").removeHandler(attempts)
+        logging.getLogger("rayrlhf.serving.client").removeHandler(attempts)
         serve.shutdown()
     assert errors == []  # not one failed call
     assert calls["before_kill"] > 0 and calls["after_kill"] > 0

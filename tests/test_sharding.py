@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.learner import PPOLearner
-from core.sharding import full_weights, rank_share
-from core.weight_sync import checksum, unpack
+from rayrlhf.actors.learner import PPOLearner
+from rayrlhf.core.sharding import full_weights, rank_share
+from rayrlhf.core.weight_sync import checksum, unpack
 
 # 8 sequences; minibatches of 4 (2 per rank), micro batches of 1, two epochs: four optimizer steps.
 GROUP_STEP = ["ppo.prompts_per_step=4", "ppo.samples_per_prompt=2", "ppo.minibatch_size=4", "ppo.micro_batch_size=1",
@@ -36,7 +36,7 @@ def test_rank_share_by_hand():
 
 def test_full_weights_of_a_lora_model_are_its_merged_weights(make_tiny_cfg, tiny_checkpoints):
     """Unsharded, `full_weights` streams exactly what peft's merge_and_unload gives (names and values)."""
-    from core.modeling import unwrap
+    from rayrlhf.core.modeling import unwrap
 
     learner = PPOLearner.from_config(make_tiny_cfg(*GROUP_STEP, *LORA), str(tiny_checkpoints.sft),
                                      str(tiny_checkpoints.rm), device="cpu")
@@ -66,7 +66,7 @@ def _group_rank(rank: int, world: int, port: int, overrides: list[str], sft: str
     import torch.distributed as dist
 
     from conftest import TINY_OVERRIDES
-    from core.config import load_config
+    from rayrlhf.core.config import load_config
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -98,7 +98,7 @@ def _resume_rank(rank: int, world: int, port: int, overrides: list[str], sft: st
     import torch.distributed as dist
 
     from conftest import TINY_OVERRIDES
-    from core.config import load_config
+    from rayrlhf.core.config import load_config
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from core import stats
+from rayrlhf.core import stats
 
 
 def sigmoid(x):
@@ -139,7 +139,7 @@ def test_win_rate_by_length_bins():
 
 def _samples():
     """Four prompts worked by hand. SFT's first response has no EOS (its score the missing-EOS -1)."""
-    from actors.evaluate import PolicySamples
+    from rayrlhf.actors.evaluate import PolicySamples
 
     sft = PolicySamples(texts=["a b", "c", "d e", "f"], lengths=[16, 5, 6, 7], scores=[-1.0, 0.2, 0.1, 0.3],
                         raw_scores=[0.5, 0.2, 0.1, 0.3], has_eos=[False, True, True, True], kl=[0.0] * 4)
@@ -149,8 +149,8 @@ def _samples():
 
 
 def test_evaluation_reports_raw_both_eos_and_length_controlled_win_rates_with_intervals():
-    from actors.evaluate import compare_policies, summarise
-    from core.data import SummaryExample
+    from rayrlhf.actors.evaluate import compare_policies, summarise
+    from rayrlhf.core.data import SummaryExample
 
     ppo, sft = _samples()
     m, bins = compare_policies(ppo, sft, seed=0)
@@ -190,8 +190,8 @@ def test_evaluation_reports_raw_both_eos_and_length_controlled_win_rates_with_in
 def _fake_run(tmp_path, rm_accuracy: float, judge_accuracy: float, n_prompts: int = 40):
     """A run directory with stage summaries and an evaluation computed from synthetic samples: PPO's judge
     scores no better than SFT's, its training-reward scores clearly better."""
-    from actors.evaluate import PolicySamples, compare_policies
-    from pipeline.run_dir import RunDir
+    from rayrlhf.actors.evaluate import PolicySamples, compare_policies
+    from rayrlhf.pipeline.run_dir import RunDir
 
     rng = np.random.default_rng(5)
     policies = {}
@@ -218,7 +218,7 @@ def _fake_run(tmp_path, rm_accuracy: float, judge_accuracy: float, n_prompts: in
 
 
 def test_report_states_intervals_ties_and_evaluators_no_better_than_chance(tmp_path):
-    from pipeline.report import write_report
+    from rayrlhf.pipeline.report import write_report
 
     # rm: 26 of 50 right (p = 0.44): not better than chance; judge: 80 of 100 (p ~ 1e-9)
     run, m = _fake_run(tmp_path, rm_accuracy=0.52, judge_accuracy=0.8)
@@ -247,7 +247,7 @@ def test_report_states_intervals_ties_and_evaluators_no_better_than_chance(tmp_p
 
 
 def test_report_prefers_the_pair_count_the_stage_logged(tmp_path):
-    from pipeline.report import accuracy_tests
+    from rayrlhf.pipeline.report import accuracy_tests
 
     tests = accuracy_tests({"rm": {"rm/valid_accuracy": 0.6, "rm/valid_pairs": 200.0}}, {"eval/rm_valid_pairs": 7.0})
     assert [(a.stage, a.test.n, a.test.accuracy) for a in tests] == [("rm", 200, 0.6)]

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from core import throughput as tp
+from rayrlhf.core import throughput as tp
 
 
 def test_flops_by_hand():

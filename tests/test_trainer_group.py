@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.rm import RMTrainer
-from actors.sft import SFTTrainer
-from core.sequences import pair_scores
+from rayrlhf.actors.rm import RMTrainer
+from rayrlhf.actors.sft import SFTTrainer
+from rayrlhf.core.sequences import pair_scores
 
 
 
 def test_workers_must_split_every_batch_and_fit_the_cluster():
-    from core.config import load_config
+    from rayrlhf.core.config import load_config
 
     with pytest.raises(ValueError, match=r"sft.batch_size \(16\) must be a positive multiple of sft.workers \(3\)"):
         load_config(None, ["sft.batch_size=16", "sft.micro_batch_size=8", "sft.workers=3"])
@@ -45,8 +45,8 @@ def _stage_rank(rank: int, world: int, port: int, stage: str, overrides: list[st
     import torch.distributed as dist
 
     from conftest import TINY_OVERRIDES
-    from core.checkpoints import CheckpointDir
-    from core.config import load_config
+    from rayrlhf.core.checkpoints import CheckpointDir
+    from rayrlhf.core.config import load_config
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -103,7 +103,7 @@ def _lines(out_dir: Path) -> int:
 
 
 def _sharded_state(out_dir: Path) -> dict:
-    from core.checkpoints import CheckpointDir
+    from rayrlhf.core.checkpoints import CheckpointDir
 
     latest = CheckpointDir(out_dir / "checkpoints").latest()
     assert (latest / "sharded").is_dir()  # each rank wrote its shards (torch.distributed.checkpoint)
@@ -163,7 +163,7 @@ def test_rm_steps_with_each_pairs_shared_start_run_once_equal_both_sides_run_who
                                                                                    tmp_path, monkeypatch):
     """rm.share_prefix (the post once, both summaries on its cached keys and values) makes the steps, validation
     and normalising bias of running both sides whole: six steps with LoRA, fp32."""
-    import actors.rm
+    from rayrlhf.actors import rm as rm_module
 
     overrides = ["rm.micro_batch_size=4", "model.lora.r=4", "model.lora.alpha=8"]
     calls = {True: 0, False: 0}
@@ -172,7 +172,7 @@ def test_rm_steps_with_each_pairs_shared_start_run_once_equal_both_sides_run_who
             calls[_share] += 1
             return pair_scores(*args, **kwargs)
 
-        monkeypatch.setattr(actors.rm, "pair_scores", counted)
+        monkeypatch.setattr(rm_module, "pair_scores", counted)
         RMTrainer(make_tiny_cfg(*overrides, f"rm.share_prefix={share}"), tmp_path / str(share), tiny_checkpoints.sft).run()
     assert calls[True] > 0 and calls[False] == 0  # the shared path ran, and only where asked
     shared, whole = tmp_path / "True", tmp_path / "False"

@@ -21,14 +21,14 @@ import pytest
 import ray
 import torch
 
-from actors.rollout import RolloutGenerator
-from actors.vllm_backend import VLLMBackend
-from core.config import DataConfig, ModelConfig, RolloutConfig
-from core.data import corpus_text, load_tldr
-from core.experience import RolloutBatch, RolloutRequest
-from core.modeling import build_tiny_llama, load_causal_lm, load_tokenizer, save_checkpoint, train_tokenizer
-from core.sequences import has_eos, pad_left, response_logprobs, sample, truncate_after_eos
-from core.weight_sync import WeightSyncError, make_packet, unpack
+from rayrlhf.actors.rollout import RolloutGenerator
+from rayrlhf.actors.vllm_backend import VLLMBackend
+from rayrlhf.core.config import DataConfig, ModelConfig, RolloutConfig
+from rayrlhf.core.data import corpus_text, load_tldr
+from rayrlhf.core.experience import RolloutBatch, RolloutRequest
+from rayrlhf.core.modeling import build_tiny_llama, load_causal_lm, load_tokenizer, save_checkpoint, train_tokenizer
+from rayrlhf.core.sequences import has_eos, pad_left, response_logprobs, sample, truncate_after_eos
+from rayrlhf.core.weight_sync import WeightSyncError, make_packet, unpack
 
 REPO = Path(__file__).resolve().parents[1]
 T = 0.7
@@ -233,8 +233,8 @@ class TestVLLMEngine:
     def test_lora_policy_synced_as_merged_weights_samples_with_its_own_logprobs(self, engine, policy_dir, queries):
         """model.lora with vLLM rollout: the learner syncs its LoRA-merged weights (named as the base model's), and
         the engine's behaviour log-probs are the LoRA policy's own, recomputed through peft, for the same tokens."""
-        from core.config import LoraConfig
-        from core.modeling import apply_lora, unwrap
+        from rayrlhf.core.config import LoraConfig
+        from rayrlhf.core.modeling import apply_lora, unwrap
 
         policy = apply_lora(_hf_policy(policy_dir), LoraConfig(r=4, alpha=8), "CAUSAL_LM")
         with torch.no_grad():  # B starts at zero: give the adapters a visible effect
@@ -364,7 +364,7 @@ def test_train_end_to_end_with_vllm_rollouts(tiny_overrides, tmp_path, vllm_requ
     """
     overrides = [*tiny_overrides, f"run.output_dir={tmp_path}", "rollout.backend=vllm", "ppo.max_staleness=0"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--run-dir", str(tmp_path / "run")]
+    cmd = [sys.executable, "-m", "rayrlhf.pipeline.cli", "train", "--run-dir", str(tmp_path / "run")]
     cmd += [a for o in overrides for a in ("--set", o)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
     out = proc.stdout + proc.stderr

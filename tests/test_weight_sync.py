@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from core.weight_sync import (
+from rayrlhf.core.weight_sync import (
     CollectiveGroup, WeightSyncError, checksum, from_wire, make_packet, pack, plan_buckets, stream_packet, to_wire,
     unpack,
 )
@@ -148,7 +148,7 @@ SYNC_TIMEOUT_S = 10.0
 @pytest.fixture(scope="module")
 def actors(ray_local, make_tiny_cfg, tiny_checkpoints):
     """One learner and one rollout worker at tiny size, shared by the tests below (actor start-up is slow)."""
-    from actors.remote import LearnerWorker, RolloutWorker
+    from rayrlhf.actors.remote import LearnerWorker, RolloutWorker
 
     cfg = make_tiny_cfg("ppo.prompts_per_step=4", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8",
                         "ppo.micro_batch_size=8", f"ppo.sync_timeout_s={SYNC_TIMEOUT_S}", "ppo.max_staleness=1")
@@ -167,7 +167,7 @@ def _get(refs):
 
 def _train_step(cfg, learner, worker) -> int:
     """Generate on the worker, score by hand (reference = behaviour, seeded random scores), one learner update."""
-    from core.experience import Experience, RolloutRequest
+    from rayrlhf.core.experience import Experience, RolloutRequest
 
     version = _get(learner.weights_checksum.remote())[0]
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16], [17, 18]]

@@ -18,25 +18,25 @@ from pathlib import Path
 import ray
 import torch
 
-from actors.evaluate import evaluate_policies
-from actors.learner import PPOLearner
-from actors.reference import ReferenceLogprobs
-from actors.reward import RewardScorer
-from actors.rm import RMTrainer
-from actors.rollout import RolloutGenerator
-from actors.sft import SFTTrainer
-from core.config import Config, role_threads
-from core.experience import (
+from rayrlhf.actors.evaluate import evaluate_policies
+from rayrlhf.actors.learner import PPOLearner
+from rayrlhf.actors.reference import ReferenceLogprobs
+from rayrlhf.actors.reward import RewardScorer
+from rayrlhf.actors.rm import RMTrainer
+from rayrlhf.actors.rollout import RolloutGenerator
+from rayrlhf.actors.sft import SFTTrainer
+from rayrlhf.core.config import Config, role_threads
+from rayrlhf.core.experience import (
     CallInfo, Experience, RefLogprobs, RolloutBatch, RolloutInfo, RolloutRequest, Scores, ShardRefs,
 )
-from core.modeling import load_tokenizer
-from core.process import init_worker_process, node_cores
-from core.scaling import ScaleControl, ScaleStatus
-from core.sharding import free_port, join_group
-from core.weight_sync import (
+from rayrlhf.core.modeling import load_tokenizer
+from rayrlhf.core.process import init_worker_process, node_cores
+from rayrlhf.core.scaling import ScaleControl, ScaleStatus
+from rayrlhf.core.sharding import free_port, join_group
+from rayrlhf.core.weight_sync import (
     BucketLayout, CollectiveGroup, VersionedChecksum, WeightsPacket, WeightSyncError, checksum, pack, to_wire,
 )
-from serving.client import RemoteRewardScorer, RewardClient
+from rayrlhf.serving.client import RemoteRewardScorer, RewardClient
 
 log = logging.getLogger(__name__)
 
