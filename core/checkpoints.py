@@ -10,11 +10,13 @@ named by `latest`. Leftover `.tmp` directories are never read and are removed by
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+from rayrlhf.core.files import atomic_write_text
+from rayrlhf.core.metrics import MetricsLogger
 
 
 def _fsync_tree(path: Path) -> None:
@@ -22,15 +24,6 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with p.open("rb") as f:
                 os.fsync(f.fileno())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class CheckpointDir:
@@ -93,14 +86,6 @@ class CheckpointDir:
 
 def step_of(path: Path) -> int:
     return int(path.name.split("-")[1])
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1))
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text())
 
 
 def trainable_state(model) -> dict | None:
@@ -202,8 +187,6 @@ def resume_or_start(ckpts: CheckpointDir, resume: bool, log_dir: Path, model, op
     step = 0
     if latest is not None:
         step, best = load_training_state(latest, model, opt, sched, group)
-    from rayrlhf.core.metrics import MetricsLogger
-
     if leader:
         MetricsLogger.truncate(log_dir, step)
     return step, best

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rayrlhf.core.checkpoints import atomic_write_text
+from rayrlhf.core.files import atomic_write_text
 
 if TYPE_CHECKING:
     from rayrlhf.core.config import Config

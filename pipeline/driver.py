@@ -30,7 +30,8 @@ from ray.exceptions import RayActorError
 from tqdm import tqdm
 
 from rayrlhf.actors.remote import read_batch
-from rayrlhf.core.checkpoints import CheckpointDir, atomic_write_text, read_json, write_json
+from rayrlhf.core.checkpoints import CheckpointDir
+from rayrlhf.core.files import atomic_write_text, read_json, write_json
 from rayrlhf.core.config import Config
 from rayrlhf.core.data import load_tldr
 from rayrlhf.core.experience import BatchInfo, Experience, RolloutRequest, ShardRefs

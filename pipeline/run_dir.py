@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rayrlhf.core.checkpoints import CheckpointDir, atomic_write_text
+from rayrlhf.core.checkpoints import CheckpointDir
+from rayrlhf.core.files import atomic_write_text
 from rayrlhf.core.config import Config, config_to_yaml
 
 

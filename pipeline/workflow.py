@@ -19,7 +19,8 @@ from pathlib import Path
 import ray
 
 from rayrlhf.actors.remote import RMStage, SFTStage, evaluate_task
-from rayrlhf.core.checkpoints import CheckpointDir, read_json
+from rayrlhf.core.checkpoints import CheckpointDir
+from rayrlhf.core.files import read_json
 from rayrlhf.core.config import Config, load_config
 from rayrlhf.core.metrics import read_metrics
 from rayrlhf.core.text import budget_warnings

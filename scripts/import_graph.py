@@ -2,6 +2,7 @@
 
     python scripts/import_graph.py          # prints each layer's imports; exit 1 on a cycle, an upward import or
                                             # an import of a folder by its bare name (`core.x`, not `rayrlhf.core.x`)
+                                            # or a circle between two modules
 
 Everything installs under the one import name `rayrlhf` (`rayrlhf.core`, ...: pyproject.toml maps the repository's
 top-level folders into it), so a bare `import core` works only from the repository root and would break an install.
@@ -67,6 +68,12 @@ def package_graph() -> dict[str, set[str]]:
     return graph
 
 
+def module_graph() -> dict[str, set[str]]:
+    """module -> the other modules of ours it imports (a circle between two modules of one layer counts too)."""
+    mods = modules()
+    return {name: {m for m in imports(path) if m in mods and m != name} for name, path in mods.items()}
+
+
 def bare_imports() -> list[tuple[str, str]]:
     """(module, imported) for every import of one of our folders by its bare name."""
     return sorted((name, imported) for name, path in modules().items() for imported in imports(path)
@@ -106,13 +113,17 @@ def main() -> int:
     for layer in reversed(LAYERS):
         print(f"{layer:22s} -> {', '.join(sorted(graph[layer], key=LAYERS.index)) or '(nothing of ours)'}")
     cycle, upward, bare = find_cycle(graph), upward_imports(graph), bare_imports()
+    circle = find_cycle(module_graph())
     if cycle:
         print(f"import cycle: {' -> '.join(cycle)}")
+    if circle:
+        print(f"module circle: {' -> '.join(circle)}")
     for a, b in upward:
         print(f"upward import: {a} imports {b}")
     for a, b in bare:
         print(f"bare import: {a} imports {b} (write {PACKAGE}.{b})")
-    return 1 if cycle or upward or bare else 0
+    print(f"{len(modules())} modules: {'no circle' if not circle else 'a circle'}, {len(bare)} bare imports")
+    return 1 if cycle or circle or upward or bare else 0
 
 
 if __name__ == "__main__":
