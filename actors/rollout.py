@@ -110,7 +110,6 @@ class RolloutGenerator:
         named = self.backend.named_weights().items()
         self.n_params, self.n_head = matmul_params(named), head_params(named)
         self.model_config = AutoConfig.from_pretrained(checkpoint)
-        self.last_sync_s = 0.0
 
     def generate(self, req: RolloutRequest) -> RolloutBatch:
         if req.version is not None and req.version != self.version:
@@ -151,8 +150,7 @@ class RolloutGenerator:
             if got != packet.checksum:
                 raise RuntimeError(f"rollout worker {self.worker_index}: weights after sync v{packet.version} "
                                    f"have checksum {got[:12]}, learner sent {packet.checksum[:12]}")
-        self.last_sync_s = time.perf_counter() - t0
-        return self.last_sync_s
+        return time.perf_counter() - t0
 
     @property
     def last_verify_diff(self) -> float | None:

@@ -84,10 +84,6 @@ class CheckpointDir:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def step_of(path: Path) -> int:
-    return int(path.name.split("-")[1])
-
-
 def trainable_state(model) -> dict | None:
     """The trainable parameters of `model` (copies, on the CPU); None for no model. With LoRA these are the
     adapters (and fully trained heads): a resumable checkpoint needs them, not the frozen base weights."""

@@ -318,10 +318,6 @@ class _TrainerConfig(_Section):
         _divides(self.section, "batch_size", self.batch_size, "workers", self.workers)
         return self
 
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.batch_size // self.micro_batch_size
-
 
 class SFTConfig(_TrainerConfig):
     section: ClassVar[str] = "sft"
@@ -513,10 +509,6 @@ class PPOConfig(_Section):
     def rollout_batch_size(self) -> int:
         """Sequences per policy version: prompts_per_step x samples_per_prompt."""
         return self.prompts_per_step * self.samples_per_prompt
-
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.minibatch_size // self.micro_batch_size
 
 
 class EvalConfig(_Section):

@@ -41,7 +41,7 @@ def test_micro_batch_1_x8_equals_micro_batch_8_x1(make_tiny_cfg, tiny_checkpoint
     """Invariance: accumulating 8 micro-batches of 1 gives the same update as one micro-batch of 8."""
     small = _learner(make_tiny_cfg, tiny_checkpoints, "ppo.micro_batch_size=1")
     big = _learner(make_tiny_cfg, tiny_checkpoints, "ppo.micro_batch_size=8")
-    assert small.pc.grad_accum_steps == 8 and big.pc.grad_accum_steps == 1
+    assert small.pc.minibatch_size // small.pc.micro_batch_size == 8 and big.pc.micro_batch_size == big.pc.minibatch_size
     # also the two critic paths: micro batch 8 reuses the value loss's forward for GAE, micro batch 1 runs two
     assert big._single_update(experience) and not small._single_update(experience)
     before = _params(small.policy)
