@@ -3,7 +3,7 @@
     python bench/peak_memory.py --json mem.json -- .venv/bin/rayrlhf train --config configs/smollm2-tldr.yaml
     python bench/recipe_targets.py RUN_DIR [--memory mem.json]
 
-Prints each stage's wall time, then every target of the recipe (README, "Real model on real TL;DR") with the
+Prints each stage's wall time, then every target of the recipe (docs/recipe.md) with the
 measured figure and whether it is met. The comparisons are GPT-4-judged, not human: the reward model's and the
 judge's accuracies are agreement with GPT-4. Exit 0 either way: this reports, it does not gate.
 """

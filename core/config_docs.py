@@ -1,5 +1,5 @@
-"""The README's config reference, generated from the config models: `python -m rayrlhf.core.config_docs` prints it,
-`python scripts/update_readme_config.py` rewrites it in README.md, and a test keeps the two in step."""
+"""The config reference (docs/config.md), generated from the config models: `python -m rayrlhf.core.config_docs` prints it,
+`python scripts/update_readme_config.py` rewrites it in docs/config.md, and a test keeps the two in step."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from rayrlhf.core.config import Config
 
 
 def reference_markdown() -> str:
-    """The README's config reference, generated from the models so the two never drift apart."""
+    """The config reference, generated from the models so the two never drift apart."""
     lines = []
     for section, field in Config.model_fields.items():
         model = field.annotation

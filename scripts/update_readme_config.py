@@ -1,13 +1,15 @@
-"""Regenerate README.md's config reference from the config models (between its config-reference markers)."""
+"""Regenerate the config reference in docs/config.md from the config models (between its config-reference markers).
+
+The reference once lived in README.md, hence this script's name; README.md now links to docs/config.md."""
 
 from pathlib import Path
 
 from rayrlhf.core.config_docs import reference_markdown
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CONFIG_DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 START, END = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
 
-text = README.read_text()
+text = CONFIG_DOC.read_text()
 head, rest = text.split(START)
-README.write_text(head + START + reference_markdown() + END + rest.split(END, 1)[1])
-print(f"updated {README}")
+CONFIG_DOC.write_text(head + START + reference_markdown() + END + rest.split(END, 1)[1])
+print(f"updated {CONFIG_DOC}")

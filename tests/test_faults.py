@@ -2,7 +2,7 @@
 
 A killed rollout worker, reference or reward actor is restarted by Ray; the driver dispatches its lost work
 again, once, with the same request, seed and weight version, so the run ends with exactly the weights of an
-uninterrupted run. Printed figures feed the fault-scenario table in README.md.
+uninterrupted run. Printed figures feed the fault-scenario table in docs/fault-tolerance.md.
 """
 
 from __future__ import annotations
