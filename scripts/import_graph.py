@@ -13,6 +13,7 @@ Layers, bottom to top; a package may import only from layers below it (and itsel
   serving        the HTTP reward service and its client
   actors.remote  every @ray.remote: the thin actors around the role classes
   pipeline       orchestration: driver, rollout pool, launch, workflow, CLI, jobs
+Outside the layers, `tools` (k8s validator, config reference generator) may import them; nothing imports it.
 Function-level imports count like module-level ones.
 """
 
@@ -25,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "rayrlhf"
 LAYERS = tuple(f"{PACKAGE}.{layer}" for layer in ("core", "actors", "serving", "actors.remote", "pipeline"))
-FOLDERS = ("core", "actors", "serving", "pipeline", "configs")  # the repository's folders inside the package
+FOLDERS = ("core", "actors", "serving", "pipeline", "configs", "tools")  # the repository's folders in the package
+TOOLS = f"{PACKAGE}.tools"  # outside the layers: it may import them, none of them may import it
 
 
 def package_of(module: str) -> str | None:
@@ -80,6 +82,12 @@ def bare_imports() -> list[tuple[str, str]]:
                   if imported.split(".")[0] in FOLDERS)
 
 
+def tool_imports() -> list[tuple[str, str]]:
+    """(module, imported) for every runtime module that imports the tools."""
+    return sorted((name, imported) for name, path in modules().items() for imported in imports(path)
+                  if imported == TOOLS or imported.startswith(TOOLS + "."))
+
+
 def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
     rank = {layer: i for i, layer in enumerate(LAYERS)}
     return sorted((a, b) for a, deps in graph.items() for b in deps if rank[b] > rank[a])
@@ -122,8 +130,11 @@ def main() -> int:
         print(f"upward import: {a} imports {b}")
     for a, b in bare:
         print(f"bare import: {a} imports {b} (write {PACKAGE}.{b})")
+    tools = tool_imports()
+    for a, b in tools:
+        print(f"runtime imports a tool: {a} imports {b}")
     print(f"{len(modules())} modules: {'no circle' if not circle else 'a circle'}, {len(bare)} bare imports")
-    return 1 if cycle or circle or upward or bare else 0
+    return 1 if cycle or circle or upward or bare or tools else 0
 
 
 if __name__ == "__main__":

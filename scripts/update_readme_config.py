@@ -4,7 +4,7 @@ The reference once lived in README.md, hence this script's name; README.md now l
 
 from pathlib import Path
 
-from rayrlhf.core.config_docs import reference_markdown
+from rayrlhf.tools.config_docs import reference_markdown
 
 CONFIG_DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 START, END = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"

@@ -29,7 +29,7 @@ def test_no_import_cycle_and_no_upward_import():
     assert import_graph.find_cycle(graph) is None
     assert import_graph.upward_imports(graph) == []
     assert "rayrlhf.core" in graph["rayrlhf.actors"] and "rayrlhf.actors" in graph["rayrlhf.actors.remote"]  # read
-    assert import_graph.bare_imports() == []
+    assert import_graph.bare_imports() == [] and import_graph.tool_imports() == []
     modules = import_graph.module_graph()
     assert import_graph.find_cycle(modules) is None  # checkpoints <-> metrics was one (core.files broke it)
     assert "rayrlhf.core.files" in modules["rayrlhf.core.metrics"]
@@ -51,7 +51,7 @@ def test_every_ray_remote_lives_in_actors_remote():
 
 def test_k8s_validator_without_its_extra_exits_2_naming_it():
     code = ("import sys; sys.modules['jsonschema'] = None\n"
-            "from rayrlhf.pipeline.k8s_validate import main; sys.exit(main(['k8s']))")
+            "from rayrlhf.tools.k8s_validate import main; sys.exit(main(['k8s']))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "install rayrlhf[k8s]" in out.stderr and "Traceback" not in out.stderr

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayrlhf.pipeline import k8s_manifests as km
-from rayrlhf.pipeline import k8s_validate as kv
+from rayrlhf.tools import k8s_manifests as km
+from rayrlhf.tools import k8s_validate as kv
 
 REPO = Path(__file__).resolve().parents[1]
 CRDS = REPO.parent / "shared" / "k8s-crds"
@@ -42,7 +42,7 @@ def test_k8s_manifests_are_valid(crds: Path) -> None:
 
 def test_validation_does_not_start_ray(crds: Path) -> None:
     # In a fresh interpreter: other tests of the session share an initialised Ray.
-    code = ("import sys, ray; from pathlib import Path; import rayrlhf.pipeline.k8s_validate as kv; "
+    code = ("import sys, ray; from pathlib import Path; import rayrlhf.tools.k8s_validate as kv; "
             "kv.validate(kv.collect([Path(sys.argv[1])])[0], Path(sys.argv[2])); assert not ray.is_initialized()")
     subprocess.run([sys.executable, "-c", code, str(K8S / "base"), str(crds)], check=True)
 
@@ -189,7 +189,7 @@ def test_a_billion_laughs_is_refused_unexpanded_as_kubernetes_refuses_it(crds: P
     (tmp_path / "lol.yaml").write_text(BILLION_LAUGHS)
     _overlay(tmp_path, "- op: test\n  path: /metadata/name\n  value: data\n")
     (tmp_path / "base" / "kustomization.yaml").write_text("resources:\n  - pvc.yaml\n  - ../lol.yaml\n")
-    run = subprocess.run([sys.executable, "-m", "rayrlhf.pipeline.k8s_validate", str(tmp_path), "--crds", str(crds)],
+    run = subprocess.run([sys.executable, "-m", "rayrlhf.tools.k8s_validate", str(tmp_path), "--crds", str(crds)],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 1, run.stderr
     assert run.stdout.splitlines() == [

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rayrlhf.core.config_docs import reference_markdown
+from rayrlhf.tools.config_docs import reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 

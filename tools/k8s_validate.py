@@ -1,6 +1,6 @@
 """Offline validation of the Kubernetes manifests under k8s/: no cluster, no network, no Ray started.
 
-    python -m rayrlhf.pipeline.k8s_validate k8s/ [more paths] [--crds DIR]
+    python -m rayrlhf.tools.k8s_validate k8s/ [more paths] [--crds DIR]
 
 Every YAML document under the paths is checked; `kustomization.yaml` files are rendered, not validated:
 - RayJob / RayService / RayCluster against the openAPIV3Schema of the served CRD version in --crds, enforced
@@ -55,8 +55,8 @@ from typing import Any
 
 import yaml
 
-from rayrlhf.pipeline import k8s_manifests
-from rayrlhf.pipeline.k8s_manifests import (
+from rayrlhf.tools import k8s_manifests
+from rayrlhf.tools.k8s_manifests import (
     KUSTOMIZATION, Loader, Manifest, Problem, canonical, containers, find_key, inner, json_path, mapping,
 )
 
@@ -555,7 +555,7 @@ def _validate_one(m: Manifest, crd_dir: Path) -> list[Problem]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rayrlhf.pipeline.k8s_validate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rayrlhf.tools.k8s_validate", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="YAML files or directories (searched recursively)")
     parser.add_argument(
         "--crds", type=Path, default=DEFAULT_CRDS, help=f"KubeRay CRD directory (default: {DEFAULT_CRDS})"

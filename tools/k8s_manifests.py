@@ -1,4 +1,4 @@
-"""Kubernetes manifests as `pipeline.k8s_validate` reads them: YAML documents, and kustomizations rendered in pure
+"""Kubernetes manifests as `rayrlhf.tools.k8s_validate` reads them: YAML documents, and kustomizations rendered in pure
 Python for the subset of kustomize the manifests under k8s/ use (`resources`, `images`, `namespace`, JSON6902
 `patches` with a `target`); anything else is a `RenderError`, never skipped. Needs only PyYAML.
 """

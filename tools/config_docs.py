@@ -1,4 +1,4 @@
-"""The config reference (docs/config.md), generated from the config models: `python -m rayrlhf.core.config_docs`
+"""The config reference (docs/config.md), generated from the config models: `python -m rayrlhf.tools.config_docs`
 prints it, `python scripts/update_readme_config.py` rewrites it in docs/config.md, and a test keeps the two in step."""
 
 from __future__ import annotations
