@@ -69,13 +69,14 @@ class PPOLearner:
     """
 
     def __init__(self, pc: PPOConfig, model: ModelConfig, sft_checkpoint: str, rm_checkpoint: str, *,
-                 temperature: float, seed: int, max_new_tokens: int, device: str | None = None):
+                 temperature: float, seed: int, max_new_tokens: int, device: str | None = None,
+                 startup_timeout_s: float = 900.0):
         self.pc, self.model_cfg, self.temperature = pc, model, temperature
         self.max_new_tokens = max_new_tokens  # the constant of ppo.loss_aggregation seq_sum_norm
         self.checkpoints = {"policy": sft_checkpoint, "critic": rm_checkpoint}  # what a sharded export starts from
         self.device = device or default_device()
         if model.mixed_precision != "no" and not torch.distributed.is_initialized():
-            one_rank_group(pc.startup_timeout_s)  # MixedPrecisionPolicy is FSDP2's: a group of one
+            one_rank_group(startup_timeout_s)  # MixedPrecisionPolicy is FSDP2's: a group of one
         self.rank = Rank.current()
         # FSDP2-wrapped: a group of N > 1 ranks, or one rank in mixed precision. Every path below that a group
         # takes (sharded checkpoints, gathered weights, summed figures) is also right for a group of one.
@@ -125,7 +126,8 @@ class PPOLearner:
     @classmethod
     def from_config(cls, cfg: Config, sft_checkpoint: str, rm_checkpoint: str, device: str | None = None) -> PPOLearner:
         return cls(cfg.ppo, cfg.model, sft_checkpoint, rm_checkpoint, temperature=cfg.rollout.temperature,
-                   seed=cfg.run.seed, max_new_tokens=cfg.rollout.max_new_tokens, device=device)
+                   seed=cfg.run.seed, max_new_tokens=cfg.rollout.max_new_tokens, device=device,
+                   startup_timeout_s=cfg.ray.startup_timeout_s)
 
     def _optimizer(self, model, lr: float, updates: int):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, eps=self.pc.adam_eps,

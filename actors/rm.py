@@ -70,7 +70,7 @@ class RMTrainer:
         cfg, rc = self.cfg, self.cfg.rm
         seed_everything(cfg.run.seed)
         t0 = time.time()
-        group = TrainGroup.start(cfg.model.mixed_precision, cfg.ppo.startup_timeout_s)
+        group = TrainGroup.start(cfg.model.mixed_precision, cfg.ray.startup_timeout_s)
         self.sharded = group.fsdp
         tok = load_tokenizer(self.sft_checkpoint)
         data = with_encodable_queries(tok, load_tldr(cfg.data), cfg.data)

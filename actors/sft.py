@@ -109,7 +109,7 @@ class SFTTrainer:
         cfg, sc = self.cfg, self.cfg.sft
         seed_everything(cfg.run.seed)
         t0 = time.time()
-        group = TrainGroup.start(cfg.model.mixed_precision, cfg.ppo.startup_timeout_s)
+        group = TrainGroup.start(cfg.model.mixed_precision, cfg.ray.startup_timeout_s)
         data = load_tldr(cfg.data)
         model, tok = init_policy(cfg, data, self.out_dir.parent, group)
         data = with_encodable_queries(tok, data, cfg.data)

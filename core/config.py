@@ -98,6 +98,10 @@ class RayConfig(_Section):
     include_dashboard: bool = Field(False, description="Start the dashboard with a local Ray.")
     worker_niceness: int = Field(0, ge=0, le=19, description=(
         "OS niceness of a local Ray's worker processes (Ray's own default is 15; a given cluster keeps its own)."))
+    startup_timeout_s: float = Field(900.0, gt=0, description=(
+        "Time every stage's actors get to be placed and start (load models, engines) before the run fails naming the one that did "
+        "not; it also bounds the rendezvous of every trainer group (learner, sft.workers, rm.workers) and each "
+        "of its collectives."))
 
 
 class LoraConfig(_Section):
@@ -466,10 +470,6 @@ class PPOConfig(_Section):
     max_staleness: int = Field(1, ge=0, description="0: synchronous on-policy PPO; k: a batch may come from version >= step - k.")
     weight_sync: Literal["object_store", "collective"] = Field("object_store", description="Transport of new weights to rollout workers.")
     sync_timeout_s: float = Field(120.0, gt=0, description="A weight sync or remote call slower than this is an error naming the component.")
-    startup_timeout_s: float = Field(900.0, gt=0, description=(
-        "Time the PPO actors get to start (load models, engines) before the run fails naming the one that did "
-        "not; it also bounds the rendezvous of every trainer group (learner, sft.workers, rm.workers) and each "
-        "of its collectives."))
     bucket_mb: float = Field(64.0, ge=1, description="Size of the flat buckets weights are sent in (MiB, at least 1).")
     checkpoint_every: int = Field(10, ge=0, description="PPO steps between resumable checkpoints in ppo/checkpoints (0: only the final one).")
     max_actor_restarts: int = Field(3, ge=0, description="Restarts Ray gives a dead rollout, reference or reward actor; its in-flight work is dispatched again.")
@@ -660,13 +660,17 @@ def _apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+# Keys that moved to the section of what they control: the old spelling is refused, naming the new one.
+MOVED_KEYS = {"ppo.startup_timeout_s": "ray.startup_timeout_s"}
+
+
 def _format_error(e: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<top level>"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = f"moved to {MOVED_KEYS[key]}" if key in MOVED_KEYS else "unknown key"
         lines.append(f"  {key}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and not isinstance(err["input"], dict) else ""))
     return "\n".join(lines)
 

@@ -125,8 +125,8 @@ class PPODriver:
         self.pool = RolloutPool(list(self.roles.rollouts), lambda i: launch_rollout_worker(self.cfg, self.sft_checkpoint, i),
                                 PoolCalls(self._get), self.events, self.pc.sync_timeout_s,
                                 bundle(self.cfg.rollout.num_cpus, self.cfg.rollout.num_gpus))
-        await_started(self.roles.named(), self.pc.startup_timeout_s)
-        self.roles.learner.rendezvous(self.pc.startup_timeout_s)
+        await_started(self.roles.named(), self.cfg.ray.startup_timeout_s)
+        self.roles.learner.rendezvous(self.cfg.ray.startup_timeout_s)
         if self.pc.weight_sync == "collective":
             join_weight_sync_group(self.roles, self.pc.sync_timeout_s)
 

@@ -47,7 +47,7 @@ class Placement:
     @classmethod
     def create(cls, bundles: Bundles, timeout_s: float) -> Placement:
         """Reserve `bundles` (role -> one bundle per actor); a placement the cluster cannot give within
-        `timeout_s` (`ppo.startup_timeout_s`) is removed and raises, naming the roles and what they ask."""
+        `timeout_s` (`ray.startup_timeout_s`) is removed and raises, naming the roles and what they ask."""
         first, flat = {}, []
         for role, group in bundles.items():
             first[role] = len(flat)
@@ -68,7 +68,7 @@ def unplaced(bundles: Bundles, timeout_s: float) -> str:
     """Why a placement was not ready in time: the resources short in the whole cluster, named per role and key;
     else (enough in total) that others hold them or no single node has room."""
     roles = ", ".join(bundles)
-    head = f"Ray could not place {roles} within ppo.startup_timeout_s={timeout_s:g}s"
+    head = f"Ray could not place {roles} within ray.startup_timeout_s={timeout_s:g}s"
     total = ray.cluster_resources()
     short = shortfall(bundles, total)
     if short is not None:
@@ -121,13 +121,13 @@ class RankGroup:
         try:
             addr, port = ray.get(self.ranks[0].address.remote(), timeout=timeout_s)
         except GetTimeoutError as e:
-            raise RoleTimeout(f"{self.role} rank 0", timeout_s, key="ppo.startup_timeout_s",
+            raise RoleTimeout(f"{self.role} rank 0", timeout_s, key="ray.startup_timeout_s",
                               did="give an address") from e
         refs = [r.join.remote(addr, port, timeout_s) for r in self.ranks]
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s + 5)
         if pending:
             late = [f"{self.role} rank {i}" for i, r in enumerate(refs) if r in pending]
-            raise RoleTimeout(", ".join(late), timeout_s, key="ppo.startup_timeout_s",
+            raise RoleTimeout(", ".join(late), timeout_s, key="ray.startup_timeout_s",
                               did=f"join the {self.role} group at {addr}:{port}")
         for i, r in enumerate(refs):
             try:
@@ -225,7 +225,7 @@ def launch_rollout_worker(cfg: Config, sft_checkpoint: str, index: int,
 
 def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name: str) -> RoleHandles:
     """Create the placement group and every PPO role; returns at once (see `await_started`)."""
-    placement = Placement.create(role_bundles(cfg), cfg.ppo.startup_timeout_s)
+    placement = Placement.create(role_bundles(cfg), cfg.ray.startup_timeout_s)
     restarts = cfg.ppo.max_actor_restarts
 
     def on(role: str, num_cpus: float, num_gpus: float, i: int = 0) -> dict:
@@ -260,13 +260,13 @@ def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name:
 
 
 def await_started(actors: dict[str, ActorHandle], timeout_s: float) -> None:
-    """Wait for every actor's constructor (model loading may take minutes) under `ppo.startup_timeout_s`, so
+    """Wait for every actor's constructor (model loading may take minutes) under `ray.startup_timeout_s`, so
     `ppo.sync_timeout_s` bounds only the calls of the loop."""
     refs = {name: a.__ray_ready__.remote() for name, a in actors.items()}
     _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
     if pending:
         late = [name for name, r in refs.items() if r in pending]
-        raise RoleTimeout(", ".join(late), timeout_s, key="ppo.startup_timeout_s", did="start",
+        raise RoleTimeout(", ".join(late), timeout_s, key="ray.startup_timeout_s", did="start",
                           hint=" (resources? see `ray status`)")
     for name, r in refs.items():
         try:

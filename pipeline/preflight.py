@@ -401,7 +401,7 @@ def check_inputs(cfg: Config, command: str, run_dir: Path | None, sft_checkpoint
 def check_resources(cfg: Config, command: str) -> None:
     """A local Ray's resources are known before it starts: a stage whose actors ask for more CPUs or GPUs than
     it will have would wait forever for a placement, so it is refused here, naming the keys. On a cluster
-    (`ray.address` or RAY_ADDRESS) the placement is checked there, within `ppo.startup_timeout_s`."""
+    (`ray.address` or RAY_ADDRESS) the placement is checked there, within `ray.startup_timeout_s`."""
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         try:

@@ -70,8 +70,8 @@ def _attempt(run: RunDir, stage: str, cfg: Config, resume: bool) -> Config:
 
 def _run_on(cfg: Config, role: str, stage: type, num_cpus: float, num_gpus: float, args: tuple) -> dict[str, float]:
     """Run an offline stage's single actor to its end in a placement of its own (one the cluster cannot give
-    fails within `ppo.startup_timeout_s`, naming the role and resource), then free its resources."""
-    with placed({role: [bundle(num_cpus, num_gpus)]}, cfg.ppo.startup_timeout_s) as placement:
+    fails within `ray.startup_timeout_s`, naming the role and resource), then free its resources."""
+    with placed({role: [bundle(num_cpus, num_gpus)]}, cfg.ray.startup_timeout_s) as placement:
         actor = stage.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=placement.on(role)).remote(*args)
         try:
             return ray.get(actor.run.remote())
@@ -83,7 +83,7 @@ def run_sft(cfg: Config, out_dir: Path, resume: bool = False) -> dict[str, float
     sc = cfg.sft
     if sc.workers > 1:
         return run_group(SFTStage, "sft", sc.workers, sc.num_cpus, sc.num_gpus, (cfg, str(out_dir), resume),
-                         cfg.ppo.startup_timeout_s)
+                         cfg.ray.startup_timeout_s)
     return _run_on(cfg, "sft", SFTStage, sc.num_cpus, sc.num_gpus, (cfg, str(out_dir), resume))
 
 
@@ -91,7 +91,7 @@ def run_rm(cfg: Config, out_dir: Path, sft_checkpoint: Path, resume: bool = Fals
            role: str = "rm") -> dict[str, float]:
     rc, args = cfg.rm, (cfg, str(out_dir), str(sft_checkpoint), resume, role)
     if rc.workers > 1:
-        return run_group(RMStage, role, rc.workers, rc.num_cpus, rc.num_gpus, args, cfg.ppo.startup_timeout_s)
+        return run_group(RMStage, role, rc.workers, rc.num_cpus, rc.num_gpus, args, cfg.ray.startup_timeout_s)
     return _run_on(cfg, role, RMStage, rc.num_cpus, rc.num_gpus, args)
 
 
@@ -102,7 +102,7 @@ def evaluate_run(cfg: Config, run: RunDir) -> dict[str, float]:
     sft, rm = run.evaluated_checkpoints()
     args = (cfg, str(sft), str(rm), str(ppo) if (ppo / "config.json").exists() else None, str(run.path / "eval"),
             str(judge) if judge is not None else None)
-    with placed({"eval": [bundle(cfg.sft.num_cpus, cfg.sft.num_gpus)]}, cfg.ppo.startup_timeout_s) as placement:
+    with placed({"eval": [bundle(cfg.sft.num_cpus, cfg.sft.num_gpus)]}, cfg.ray.startup_timeout_s) as placement:
         task = evaluate_task.options(num_cpus=cfg.sft.num_cpus, num_gpus=cfg.sft.num_gpus,
                                      scheduling_strategy=placement.on("eval"))
         return ray.get(task.remote(*args))

@@ -40,6 +40,7 @@ def test_tiny_config_derived_sizes(tiny_cfg):
     [
         (["sft.bogus=1"], "sft.bogus", "unknown key"),
         (["bogus.x=1"], "bogus", "unknown key"),
+        (["ppo.startup_timeout_s=60"], "ppo.startup_timeout_s", "moved to ray.startup_timeout_s"),
         (["sft.lr=abc"], "sft.lr", "valid number"),
         (["ppo.steps=two"], "ppo.steps", "valid integer"),
         (["rollout.backend=tensorrt"], "rollout.backend", "'hf' or 'vllm'"),

@@ -111,7 +111,7 @@ def test_a_rank_that_never_joins_is_a_timeout_naming_it(ray_local):
     t0 = time.monotonic()
     try:
         with pytest.raises(RoleTimeout, match=r"^learner rank 1 did not join the learner group at 127.0.0.1:\d+ "
-                                              r"within ppo.startup_timeout_s=3"):
+                                              r"within ray.startup_timeout_s=3"):
             group.rendezvous(3)
     finally:
         group.kill()

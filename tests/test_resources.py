@@ -1,5 +1,5 @@
 """Resources that cannot exist: a local Ray's are known before it starts (exit 2 naming the key, nothing on
-disk); a cluster that cannot place a stage fails within `ppo.startup_timeout_s` naming the role and resource;
+disk); a cluster that cannot place a stage fails within `ray.startup_timeout_s` naming the role and resource;
 `rayrlhf scale` fails fast on an address nothing answers at and is bounded by what the cluster can place."""
 
 from __future__ import annotations
@@ -125,18 +125,18 @@ def test_placeable_counts_whole_workers():
 
 def test_an_unplaceable_stage_fails_within_the_startup_timeout_naming_role_and_resource(ray_local, tmp_path):
     """On a cluster (here the tests' 4-CPU, 0-GPU Ray) nothing is known before connecting: the stage's
-    placement is given `ppo.startup_timeout_s`, then removed, and the error names the role, the key and what
+    placement is given `ray.startup_timeout_s`, then removed, and the error names the role, the key and what
     the cluster has."""
     import ray
 
     from rayrlhf.pipeline.workflow import run_sft
 
-    cfg = load_config(None, [*TINY, "sft.num_gpus=1", "ppo.startup_timeout_s=3"])
+    cfg = load_config(None, [*TINY, "sft.num_gpus=1", "ray.startup_timeout_s=3"])
     start = time.monotonic()
     with pytest.raises(RuntimeError) as e:
         run_sft(cfg, tmp_path / "sft")
     assert time.monotonic() - start < 30
-    assert str(e.value) == ("Ray could not place sft within ppo.startup_timeout_s=3s: they ask for 1 GPU "
+    assert str(e.value) == ("Ray could not place sft within ray.startup_timeout_s=3s: they ask for 1 GPU "
                             "(sft sft.num_gpus=1 x sft.workers=1) but 0 exist in this cluster (lower those keys or add nodes "
                             "that have them)")
     assert not [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
