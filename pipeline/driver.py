@@ -146,7 +146,7 @@ class PPODriver:
             # recorded their config (`RunDir.start_attempt`), or one edited by hand, gets here.
             raise ValueError(f"{ckpt} was written with a different config ({', '.join(diff)}), so `--resume` cannot "
                              f"continue it; start PPO over with `rayrlhf ppo --run-dir {self.out_dir.parent}`")
-        version = self._get(self.roles.learner.call("load", str(ckpt)), f"learner restoring {ckpt}")[0]
+        version = self._get(self.roles.learner.load(str(ckpt)), f"learner restoring {ckpt}")[0]
         if version != state["version"]:
             raise RuntimeError(f"{ckpt}: learner state holds v{version}, driver state v{state['version']}")
         self.ledger = ExperienceLedger.from_json(state["ledger"])
@@ -253,7 +253,7 @@ class PPODriver:
         self.await_sync(pending)
         self.pool.finish(self.pc.steps)
         loop_s = time.perf_counter() - done.start
-        self._get(self.roles.learner.call("save", str(self.out_dir)), "learner checkpoint")
+        self._get(self.roles.learner.save(str(self.out_dir)), "learner checkpoint")
         audit = self.ledger.audit(self.pc.steps, self.prompt_source.batch)
         atomic_write_text(self.out_dir / "ledger.json", json.dumps(
             {"audit": {**asdict(audit), "ok": audit.ok}, "batches": self.ledger.to_json()}, indent=1))
@@ -360,7 +360,7 @@ class PPODriver:
         batch: Experience | ShardRefs = (flight.experience if flight.experience is not None
                                          else flight.results(self.pad_id))
         try:
-            metrics = self._get(self.roles.learner.call("train_step", batch),
+            metrics = self._get(self.roles.learner.train_step(batch),
                                 f"learner update on batch {flight.batch_id}")[0]
         except FloatingPointError as e:  # raised in the learner; Ray's error is also an instance of it
             raise RuntimeError(f"PPO step {flight.batch_id + 1} stopped: {getattr(e, 'cause', e)}"
@@ -372,7 +372,7 @@ class PPODriver:
         """Stage 4: publish `version` to all workers; returns the loads queued on them."""
         learner = self.roles.learner
         if self.pc.weight_sync == "collective":
-            sent = learner.call("broadcast_weights")  # every rank of a group gathers; rank 0 broadcasts
+            sent = learner.broadcast_weights()  # every rank of a group gathers; rank 0 broadcasts
             loads = [PendingLoad(w, w.receive_weights.remote(version)) for w in self.pool.handles()]
             got = self._get(sent, "learner weight broadcast")[0]
             if got != version:
@@ -425,7 +425,7 @@ class PPODriver:
             buffered[b] = fl.experience
 
         def write(tmp: Path) -> None:
-            self._get(self.roles.learner.call("save", str(tmp)), "learner checkpoint")
+            self._get(self.roles.learner.save(str(tmp)), "learner checkpoint")
             torch.save(buffered, tmp / "buffer.pt")
             write_json(tmp / "driver_state.json", {
                 "step": step, "version": self.gate.version, "next_batch": state.next_batch, "totals": state.totals,

@@ -5,7 +5,7 @@ index is computed by hand. Strategy PACK: the roles land on as few nodes as poss
 when there are GPUs. The learner group's bundles come first, so its ranks are packed together before the other
 roles fill in (its collectives are the run's heaviest traffic).
 
-A learner group (`ppo.learner_workers` > 1) is N `LearnerWorker` ranks behind one `RankGroup`: every call
+A learner group (`ppo.learner_workers` > 1) is N `LearnerWorker` ranks behind one `LearnerGroup`: every call
 goes to every rank (FSDP2's collectives join them), the driver reads rank 0's result. The SFT and reward-model
 stages' groups (`sft.workers`, `rm.workers`) are the same: `run_group`.
 
@@ -16,7 +16,7 @@ the run, and a dead learner ends the run, to be resumed from its last checkpoint
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -31,6 +31,7 @@ from rayrlhf.actors.remote import (
     LearnerWorker, ReferenceWorker, RemoteRewardWorker, RewardWorker, RolloutScaler, RolloutWorker,
 )
 from rayrlhf.core.config import Config
+from rayrlhf.core.experience import Experience, ShardRefs
 from rayrlhf.core.scaling import SCALER_NAMESPACE, scaler_name
 from rayrlhf.core.sharding import free_port
 from rayrlhf.pipeline.calls import RoleTimeout, first_line, ray_get
@@ -90,9 +91,9 @@ def placed(bundles: Bundles, timeout_s: float) -> Iterator[Placement]:
 
 
 class RankGroup:
-    """The ranks of a trainer group (the PPO learner, or an SFT / reward-model stage) behind one handle. `call`
-    sends a method to every rank (each runs its share; FSDP's collectives join them) and returns every rank's
-    ref; rank 0's result is the group's."""
+    """The ranks of a trainer group (the PPO learner, or an SFT / reward-model stage) behind one handle. Each
+    call goes to every rank (each runs its share; FSDP's collectives join them) and returns every rank's ref;
+    rank 0's result is the group's."""
 
     def __init__(self, ranks: list[ActorHandle], role: str = "learner"):
         self.ranks, self.role = tuple(ranks), role
@@ -104,14 +105,11 @@ class RankGroup:
     def names(self) -> list[str]:
         return [self.role] if self.world == 1 else [f"{self.role} rank {i}" for i in range(self.world)]
 
-    def call(self, method: str, *args) -> list[ObjectRef]:
+    def _each(self, remote: Callable[..., ObjectRef], *args) -> list[ObjectRef]:
+        """`remote(rank, *args)` on every rank; its refs."""
         if self.world > 1:  # one copy in the object store that every rank reads, not one per call
             args = tuple(a if isinstance(a, (str, int, float)) else ray.put(a) for a in args)
-        return [getattr(r, method).remote(*args) for r in self.ranks]
-
-    def packet(self) -> ObjectRef:
-        """Rank 0's weights packet (every rank takes part in gathering it; the others return None)."""
-        return self.call("make_packet")[0]
+        return [remote(r, *args) for r in self.ranks]
 
     def rendezvous(self, timeout_s: float) -> None:
         """Form the group's torch.distributed process group at an address rank 0 chooses on its own node (each
@@ -136,10 +134,10 @@ class RankGroup:
                 raise RuntimeError(f"{self.role} rank {i} failed to join the {self.role} group: "
                                    f"{first_line(e, 500)}") from e
 
-    def run_to_end(self, method: str = "run"):
-        """Call `method` on every rank and wait for all; rank 0's result. The first rank to fail ends the wait
-        naming itself (its peers would otherwise block in a collective until their timeout)."""
-        refs = self.call(method)
+    def run_to_end(self):
+        """An offline stage's `run` on every rank, waited for; rank 0's result. The first rank to fail ends the
+        wait naming itself (its peers would otherwise block in a collective until their timeout)."""
+        refs = self._each(lambda r: r.run.remote())
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -168,6 +166,29 @@ class RankGroup:
             ray.kill(r)
 
 
+class LearnerGroup(RankGroup):
+    """The PPO learner's ranks (`LearnerWorker`): each method runs on every rank, returns every rank's ref."""
+
+    def train_step(self, batch: Experience | ShardRefs) -> list[ObjectRef]:
+        return self._each(lambda r, b: r.train_step.remote(b), batch)
+
+    def save(self, out_dir: str) -> list[ObjectRef]:
+        return self._each(lambda r, d: r.save.remote(d), out_dir)
+
+    def load(self, ckpt_dir: str) -> list[ObjectRef]:
+        return self._each(lambda r, d: r.load.remote(d), ckpt_dir)
+
+    def broadcast_weights(self) -> list[ObjectRef]:
+        return self._each(lambda r: r.broadcast_weights.remote())
+
+    def bucket_layouts(self) -> list[ObjectRef]:
+        return self._each(lambda r: r.bucket_layouts.remote())
+
+    def packet(self) -> ObjectRef:
+        """Rank 0's weights packet (every rank takes part in gathering it; the others return None)."""
+        return self._each(lambda r: r.make_packet.remote())[0]
+
+
 def run_group(stage: type, role: str, workers: int, num_cpus: float, num_gpus: float, args: tuple,
               timeout_s: float):
     """An offline stage (`SFTStage`, `RMStage`) run to its end by `workers` ranks: one bundle per rank in a PACK
@@ -188,7 +209,7 @@ def run_group(stage: type, role: str, workers: int, num_cpus: float, num_gpus: f
 class RoleHandles:
     """The actors of one PPO run. Tests may replace a role (`dataclasses.replace`) before the driver uses it."""
 
-    learner: RankGroup
+    learner: LearnerGroup
     references: tuple[ActorHandle, ...]  # reference replicas
     rewards: tuple[ActorHandle, ...]  # reward scorer replicas
     rollouts: tuple[ActorHandle, ...]  # the workers started with the run; the pool adds and removes others
@@ -232,7 +253,7 @@ def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name:
         return {"num_cpus": num_cpus, "num_gpus": num_gpus, "scheduling_strategy": placement.on(role, i)}
 
     world = cfg.ppo.learner_workers
-    learner = RankGroup([LearnerWorker.options(**on("learner", cfg.ppo.num_cpus, cfg.ppo.num_gpus, i)).remote(
+    learner = LearnerGroup([LearnerWorker.options(**on("learner", cfg.ppo.num_cpus, cfg.ppo.num_gpus, i)).remote(
         cfg, sft_checkpoint, rm_checkpoint, i, world) for i in range(world)])
     references = tuple(ReferenceWorker.options(**on("reference", cfg.reference.num_cpus, cfg.reference.num_gpus, i),
                                                max_restarts=restarts).remote(cfg, sft_checkpoint)
@@ -283,7 +304,7 @@ def join_weight_sync_group(roles: RoleHandles, timeout_s: float) -> None:
     addr, port = ray_get(learner.ranks[0].address.remote(), "learner address", timeout_s)
     # The layout first: the learner's join returns only once all workers joined, so a worker's join that
     # waited on its result would deadlock until the timeout. Every rank of a group gathers; rank 0 answers.
-    layouts = ray_get(learner.call("bucket_layouts"), "weight-sync bucket layout", timeout_s)[0]
+    layouts = ray_get(learner.bucket_layouts(), "weight-sync bucket layout", timeout_s)[0]
     learner_join = learner.ranks[0].join_group.remote(addr, port, world, timeout_s, layouts)
     joins = [w.join_group.remote(addr, port, i + 1, world, timeout_s, layouts) for i, w in enumerate(roles.rollouts)]
     ray_get([learner_join, *joins], "weight-sync group set-up", timeout_s)
