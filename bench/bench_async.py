@@ -35,7 +35,7 @@ def main() -> None:
     quiet_transformers()
     from rayrlhf.pipeline import workflow
     from rayrlhf.core.config import load_config
-    from rayrlhf.actors.evaluate import evaluate_policies
+    from rayrlhf.roles.evaluate import evaluate_policies
     from rayrlhf.pipeline.run_dir import RunDir
 
     cfg = load_config(args.config, args.overrides)

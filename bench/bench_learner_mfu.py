@@ -52,7 +52,7 @@ def main() -> None:
         ap.error(f"model.name_or_path {cfg.model.name_or_path!r}: this bench needs the recipe's GGUF file ({source})")
     torch.set_num_threads(args.threads)
 
-    from rayrlhf.actors.learner import PPOLearner
+    from rayrlhf.roles.learner import PPOLearner
     from rayrlhf.core.experience import Experience
     from rayrlhf.core.modeling import convert_gguf, gguf_cache_root
     from rayrlhf.core.sequences import pad_left, pad_right, response_logprobs

@@ -34,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import LlamaForSequenceClassification
 
-    from rayrlhf.actors.rm import pairwise_loss
+    from rayrlhf.roles.rm import pairwise_loss
     from bench_sharded_memory import smollm2_config
     from rayrlhf.core.config import LoraConfig
     from rayrlhf.core.modeling import apply_lora

@@ -79,7 +79,7 @@ def serve_backend(backend: str, checkpoint: str, prompts: list[list[int]], threa
     import torch
 
     torch.set_num_threads(threads)
-    from rayrlhf.actors.rollout import RolloutGenerator
+    from rayrlhf.roles.rollout import RolloutGenerator
     from rayrlhf.core.config import RolloutConfig
     from rayrlhf.core.experience import RolloutRequest
 

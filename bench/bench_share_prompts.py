@@ -44,8 +44,8 @@ def main() -> None:
             ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     import torch
 
-    from rayrlhf.actors.reward import RewardScorer
-    from rayrlhf.actors.rollout import RolloutGenerator
+    from rayrlhf.roles.reward import RewardScorer
+    from rayrlhf.roles.rollout import RolloutGenerator
     from rayrlhf.core.config import load_config
     from rayrlhf.core.data import load_tldr
     from rayrlhf.core.experience import RolloutRequest

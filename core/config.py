@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Head sizes of vLLM's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py): the builtin model keeps to
-# them so that `rollout.backend: vllm` works on CPU; `actors.vllm_backend` checks a loaded checkpoint against them.
+# them so that `rollout.backend: vllm` works on CPU; `roles.vllm_backend` checks a loaded checkpoint against them.
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 

@@ -1,6 +1,6 @@
 """The control channel of elastic rollout: how many rollout workers a running PPO job should have.
 
-`ScaleControl` is the plain state behind the named `actors.remote.RolloutScaler` actor: `rayrlhf scale` sets the
+`ScaleControl` is the plain state behind the named `actors.RolloutScaler` actor: `rayrlhf scale` sets the
 count from any process connected to the cluster; the driver reads it at the start of each step and reports
 back what it has. It holds the request only; `pipeline.pool.RolloutPool` keeps the guarantees.
 """

@@ -29,7 +29,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 from tqdm import tqdm
 
-from rayrlhf.actors.remote import read_batch
+from rayrlhf.actors import read_batch
 from rayrlhf.core.checkpoints import CheckpointDir
 from rayrlhf.core.files import atomic_write_text, read_json, write_json
 from rayrlhf.core.config import Config

@@ -320,7 +320,7 @@ def _may_not_fit(query: str, max_tokens: int) -> bool:
 
 def _stage_tokenizer(cfg: Config, data: TLDRData, sft: Path | None):
     """The tokenizer the stages encode with: the SFT checkpoint's, or for SFT the base model's (the
-    builtin one trained on the corpus, as `actors.sft.init_policy` does); None where the builtin tokenizer cannot
+    builtin one trained on the corpus, as `roles.sft.init_policy` does); None where the builtin tokenizer cannot
     fail `truncate_query` on any row (so it is not trained here)."""
     from rayrlhf.core.data import corpus_text
     from rayrlhf.core.modeling import load_tokenizer, prepare_tokenizer, train_tokenizer

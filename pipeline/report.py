@@ -2,7 +2,7 @@
 training curves.
 
 Every win rate and mean difference is shown with its 95 % paired bootstrap interval and n (computed by
-`actors.evaluate`, keys in its docstring); every held-out accuracy of the reward model and the judge with an
+`roles.evaluate`, keys in its docstring); every held-out accuracy of the reward model and the judge with an
 exact binomial test against chance and its Clopper-Pearson interval (`core.stats.accuracy_vs_chance`). A
 verdict sentence says when a win rate is not distinguishable from a tie (its interval includes 0.5) and
 when an evaluator is not better than chance (p >= 0.05).
@@ -101,7 +101,7 @@ ACCURACIES = (("rm", "rm/valid_accuracy", "Training reward model"),
 
 
 def _ci(m: dict, key: str) -> str:
-    """'[0.551, 0.690], n = 200' for a key written with its interval and count (`actors.evaluate.put_estimate`)."""
+    """'[0.551, 0.690], n = 200' for a key written with its interval and count (`roles.evaluate.put_estimate`)."""
     n = int(m.get(f"{key}_n", 0))
     if f"{key}_ci_low" not in m:
         return f"(n = {n}, too few for an interval)"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import ray
 
-from rayrlhf.actors.remote import RMStage, SFTStage, evaluate_task
+from rayrlhf.actors import RMStage, SFTStage, evaluate_task
 from rayrlhf.core.checkpoints import CheckpointDir
 from rayrlhf.core.files import read_json
 from rayrlhf.core.config import Config, load_config

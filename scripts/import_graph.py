@@ -9,9 +9,9 @@ top-level folders into it), so a bare `import core` works only from the reposito
 
 Layers, bottom to top; a package may import only from layers below it (and itself):
   core           the foundation: config, RL math, sequences, messages, data, models, checkpoints (no Ray, no vLLM)
-  actors         the role classes: rollout (+ vLLM backend), reference, reward, PPO learner, SFT, RM, evaluation
+  roles          the plain role classes: rollout (+ vLLM backend), reference, reward, PPO learner, SFT, RM, eval
   serving        the HTTP reward service and its client
-  actors.remote  every @ray.remote: the thin actors around the role classes
+  actors         every @ray.remote: the thin actors around the role classes
   pipeline       orchestration: driver, rollout pool, launch, workflow, CLI, jobs
 Outside the layers, `tools` (k8s validator, config reference generator) may import them; nothing imports it.
 Function-level imports count like module-level ones.
@@ -25,8 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "rayrlhf"
-LAYERS = tuple(f"{PACKAGE}.{layer}" for layer in ("core", "actors", "serving", "actors.remote", "pipeline"))
-FOLDERS = ("core", "actors", "serving", "pipeline", "configs", "tools")  # the repository's folders in the package
+LAYERS = tuple(f"{PACKAGE}.{layer}" for layer in ("core", "roles", "serving", "actors", "pipeline"))
+FOLDERS = ("core", "roles", "actors", "serving", "pipeline", "configs", "tools")  # the repository's folders in the package
 TOOLS = f"{PACKAGE}.tools"  # outside the layers: it may import them, none of them may import it
 
 

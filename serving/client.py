@@ -1,5 +1,5 @@
 """Client of the reward service, and the PPO reward role that uses it (`reward.backend: http`; its Ray actor is
-`actors.remote.RemoteRewardWorker`).
+`actors.RemoteRewardWorker`).
 
 `RewardClient` never turns a failure into a score: connection errors, timeouts, 429 and 5xx are retried
 within a budget (`max_retries`, exponential backoff), then raise `RewardServiceError`; any other 4xx raises at
@@ -177,7 +177,7 @@ def rollout_texts(batch: RolloutBatch, tokenizer: PreTrainedTokenizerBase) -> tu
 
 
 class RemoteRewardScorer:
-    """The PPO reward role over HTTP: same input and output as `actors.reward.RewardScorer.score_rollout`."""
+    """The PPO reward role over HTTP: same input and output as `roles.reward.RewardScorer.score_rollout`."""
 
     def __init__(self, client: RewardClient, tokenizer: PreTrainedTokenizerBase, missing_eos_score: float | None):
         self.client, self.tokenizer, self.missing_eos_score = client, tokenizer, missing_eos_score

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from rayrlhf.actors.reward import RewardScorer
+from rayrlhf.roles.reward import RewardScorer
 from rayrlhf.core.config import DataConfig
 from rayrlhf.core.data import DataError, truncate_query
 from rayrlhf.core.text import token_counter

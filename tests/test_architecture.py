@@ -14,8 +14,8 @@ spec.loader.exec_module(import_graph)
 
 
 def test_foundation_and_role_modules_import_neither_ray_nor_vllm():
-    mods = [m for m in import_graph.modules() if import_graph.package_of(m) in ("rayrlhf.core", "rayrlhf.actors")]
-    assert "rayrlhf.actors.learner" in mods and "rayrlhf.core.config" in mods and "rayrlhf.actors.vllm_backend" in mods
+    mods = [m for m in import_graph.modules() if import_graph.package_of(m) in ("rayrlhf.core", "rayrlhf.roles")]
+    assert "rayrlhf.roles.learner" in mods and "rayrlhf.core.config" in mods and "rayrlhf.roles.vllm_backend" in mods
     code = ("import importlib, sys\n"
             f"for m in {mods!r}: importlib.import_module(m)\n"
             "print(sorted(m for m in ('ray', 'vllm') if m in sys.modules))")
@@ -28,7 +28,7 @@ def test_no_import_cycle_and_no_upward_import():
     graph = import_graph.package_graph()
     assert import_graph.find_cycle(graph) is None
     assert import_graph.upward_imports(graph) == []
-    assert "rayrlhf.core" in graph["rayrlhf.actors"] and "rayrlhf.actors" in graph["rayrlhf.actors.remote"]  # read
+    assert "rayrlhf.core" in graph["rayrlhf.roles"] and "rayrlhf.roles" in graph["rayrlhf.actors"]  # read
     assert import_graph.bare_imports() == [] and import_graph.tool_imports() == []
     modules = import_graph.module_graph()
     assert import_graph.find_cycle(modules) is None  # checkpoints <-> metrics was one (core.files broke it)
@@ -36,17 +36,17 @@ def test_no_import_cycle_and_no_upward_import():
 
 
 def test_the_checker_finds_a_cycle_and_an_upward_import():
-    core, actors, pipeline = "rayrlhf.core", "rayrlhf.actors", "rayrlhf.pipeline"
-    graph = {core: {pipeline}, actors: {core}, "rayrlhf.serving": set(), "rayrlhf.actors.remote": set(),
-             pipeline: {actors}}
-    assert import_graph.find_cycle(graph) == [core, pipeline, actors, core]
+    core, roles, pipeline = "rayrlhf.core", "rayrlhf.roles", "rayrlhf.pipeline"
+    graph = {core: {pipeline}, roles: {core}, "rayrlhf.serving": set(), "rayrlhf.actors": set(),
+             pipeline: {roles}}
+    assert import_graph.find_cycle(graph) == [core, pipeline, roles, core]
     assert import_graph.upward_imports(graph) == [(core, pipeline)]
 
 
-def test_every_ray_remote_lives_in_actors_remote():
-    found = [p.relative_to(ROOT).as_posix() for pkg in ("core", "actors", "serving", "pipeline")
+def test_every_ray_remote_lives_in_actors():
+    found = [p.relative_to(ROOT).as_posix() for pkg in ("core", "roles", "actors", "serving", "pipeline", "tools")
              for p in (ROOT / pkg).rglob("*.py") if "@ray.remote" in p.read_text()]
-    assert found == ["actors/remote/__init__.py"]
+    assert found == ["actors/__init__.py"]
 
 
 def test_k8s_validator_without_its_extra_exits_2_naming_it():

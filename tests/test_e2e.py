@@ -112,7 +112,7 @@ def test_cli_stage_by_stage_synchronous(cli, tiny_overrides, tiny_cfg, tmp_path)
         assert (CheckpointDir(run / stage / "checkpoints").latest() / "sharded").is_dir(), stage
 
     # The normalising bias makes the training references score 0 on average (detail 7).
-    from rayrlhf.actors.reward import RewardScorer
+    from rayrlhf.roles.reward import RewardScorer
     from rayrlhf.core.data import load_tldr
     from rayrlhf.core.text import encode_responses
 

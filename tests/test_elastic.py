@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 
 from rayrlhf.pipeline.cli import main
-from rayrlhf.actors.remote import RolloutScaler
+from rayrlhf.actors import RolloutScaler
 from rayrlhf.core.scaling import SCALER_NAMESPACE, scaler_name
 from rayrlhf.pipeline.driver import PPODriver
 from rayrlhf.core.experience import BatchInfo

@@ -169,7 +169,7 @@ def test_nan_reward_stops_the_step_and_keeps_the_last_good_checkpoint(ray_local,
     """A NaN score at step 4 ends the run before any update; the step-2 checkpoint stays the latest, intact."""
     import ray
 
-    from rayrlhf.actors.reward import RewardScorer
+    from rayrlhf.roles.reward import RewardScorer
 
     @ray.remote(num_cpus=0)
     class NaNAfter:

@@ -49,7 +49,7 @@ def test_gguf_converts_to_a_folder_with_the_same_logits(converted):
 @pytest.mark.slow
 @pytest.mark.xdist_group("gguf")  # on one worker: the conversion fixture runs once
 def test_the_pipeline_loads_a_gguf_base_model_through_its_converted_folder(converted, tmp_path):
-    from rayrlhf.actors.sft import init_policy
+    from rayrlhf.roles.sft import init_policy
     from rayrlhf.core.data import load_tldr
 
     gguf, _ = converted

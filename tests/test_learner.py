@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rayrlhf.actors.learner import PPOLearner, StalenessError
+from rayrlhf.roles.learner import PPOLearner, StalenessError
 from rayrlhf.core.sequences import token_budget_groups
 
 pytestmark = pytest.mark.slow  # every test here uses the tiny checkpoints (trained once per session)
@@ -225,7 +225,7 @@ def test_critic_starts_as_the_reward_model(make_tiny_cfg, tiny_checkpoints, expe
     sequence (bias included, no EOS trick, no KL term): the critic is the reward model, as Huang et al.'s is."""
     import torch.nn.functional as F
 
-    from rayrlhf.actors.reward import RewardScorer
+    from rayrlhf.roles.reward import RewardScorer
 
     learner = _learner(make_tiny_cfg, tiny_checkpoints)
     scorer = RewardScorer(str(tiny_checkpoints.rm), missing_eos_score=None, device="cpu")

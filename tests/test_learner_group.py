@@ -131,7 +131,7 @@ def test_scorer_replicas_take_a_bundle_each():
 
 
 def test_vllm_tensor_parallel_sizes_the_bundle_and_the_engine():
-    from rayrlhf.actors.vllm_backend import engine_args
+    from rayrlhf.roles.vllm_backend import engine_args
 
     cfg = load_config(None, ["rollout.backend=vllm", "rollout.tensor_parallel_size=2", "rollout.num_gpus=2",
                              "rollout.num_workers=2"])

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from rayrlhf.actors.rm import pairwise_loss
+from rayrlhf.roles.rm import pairwise_loss
 from rayrlhf.core.sequences import flush_right, last_token_index, pad_left, pad_right, sequence_scores
-from rayrlhf.actors.sft import IGNORE, sft_batch, sft_loss
+from rayrlhf.roles.sft import IGNORE, sft_batch, sft_loss
 from rayrlhf.core.text import EncodedSummary
 
 # Vocabulary of 3 for the hand computations: pad 0, "word" 1, EOS 2.

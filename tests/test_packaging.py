@@ -1,5 +1,5 @@
 """One import name: a plain (non-editable) wheel installs only `rayrlhf` (the repository's folders become
-`rayrlhf.core`, `rayrlhf.actors`, ...), and `rayrlhf train` runs from that install alone."""
+`rayrlhf.core`, `rayrlhf.roles`, ...), and `rayrlhf train` runs from that install alone."""
 
 from __future__ import annotations
 

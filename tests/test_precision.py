@@ -88,7 +88,7 @@ def _assert_every_reached_element_moved(before: dict, after: dict, what: str) ->
 
 @pytest.mark.parametrize("name", GPU_CONFIGS)
 def test_learner_step_moves_every_weight(name, make_tiny_cfg, tiny_checkpoints, make_experience, group_of_one):
-    from rayrlhf.actors.learner import PPOLearner
+    from rayrlhf.roles.learner import PPOLearner
 
     overrides = ["ppo.prompts_per_step=4", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8",
                  "ppo.micro_batch_size=8", "ppo.ppo_epochs=1", f"ppo.lr={LR}", f"ppo.critic_lr={LR}",
@@ -121,8 +121,8 @@ def _trainer_step(cfg, model, loss_fn) -> None:
 
 @pytest.mark.parametrize("name", GPU_CONFIGS)
 def test_sft_and_rm_steps_move_every_weight(name, make_tiny_cfg, tiny_checkpoints, group_of_one):
-    from rayrlhf.actors.rm import pairwise_loss
-    from rayrlhf.actors.sft import sft_batch, sft_loss
+    from rayrlhf.roles.rm import pairwise_loss
+    from rayrlhf.roles.sft import sft_batch, sft_loss
     from rayrlhf.core.data import load_tldr
     from rayrlhf.core.modeling import load_causal_lm, load_scalar_model, load_tokenizer, trainable
     from rayrlhf.core.sequences import pad_right, sequence_scores

@@ -145,7 +145,7 @@ def test_an_unplaceable_stage_fails_within_the_startup_timeout_naming_role_and_r
 def test_scale_is_bounded_by_what_the_cluster_can_place(ray_local, capsys):
     import ray
 
-    from rayrlhf.actors.remote import RolloutScaler
+    from rayrlhf.actors import RolloutScaler
     from rayrlhf.core.scaling import SCALER_NAMESPACE, scaler_name
 
     scaler = RolloutScaler.options(name=scaler_name("bounded-run"), namespace=SCALER_NAMESPACE).remote(

@@ -112,8 +112,8 @@ def test_sft_and_rm_resume_from_their_last_checkpoint_equal_uninterrupted(make_t
                                                                           monkeypatch, lora):
     """Die right after the first training-state save, resume, and end with the same weights. With LoRA the
     training state holds the adapters (and the reward model's head), not the frozen base weights."""
-    import rayrlhf.actors.rm as rm_mod
-    import rayrlhf.actors.sft as sft_mod
+    import rayrlhf.roles.rm as rm_mod
+    import rayrlhf.roles.sft as sft_mod
     import rayrlhf.core.training as training
     from safetensors.torch import load_file
 
@@ -158,7 +158,7 @@ def test_sft_and_rm_resume_from_their_last_checkpoint_equal_uninterrupted(make_t
 @pytest.mark.slow
 def test_learner_save_load_continues_identically(make_tiny_cfg, tiny_checkpoints, make_experience, tmp_path):
     """Two updates in a row == one update, save, load into a fresh learner, second update."""
-    from rayrlhf.actors.learner import PPOLearner
+    from rayrlhf.roles.learner import PPOLearner
 
     cfg = make_tiny_cfg("ppo.prompts_per_step=4", "ppo.samples_per_prompt=2", "ppo.ppo_epochs=2",
                         "ppo.minibatch_size=4", "ppo.micro_batch_size=2")

@@ -161,8 +161,8 @@ def test_logprobs_are_padding_invariant(policy, prompts):
 
 @pytest.mark.slow
 def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts, monkeypatch):
-    from rayrlhf.actors.reference import ReferenceLogprobs
-    from rayrlhf.actors.rollout import HFBackend
+    from rayrlhf.roles.reference import ReferenceLogprobs
+    from rayrlhf.roles.rollout import HFBackend
     from rayrlhf.core.config import RolloutConfig
     from rayrlhf.core.experience import RolloutBatch
 
@@ -189,7 +189,7 @@ def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts
     assert shared.share_prompts
     assert (shared.logprobs(batch).logprobs - logprobs).abs().max().item() < 1e-5
 
-    from rayrlhf.actors.reward import RewardScorer
+    from rayrlhf.roles.reward import RewardScorer
 
     padded = RewardScorer(str(tiny_checkpoints.rm), batch_size=3).score_rollout(batch)
     packed_scores = RewardScorer(str(tiny_checkpoints.rm), max_tokens=200).score_rollout(batch).raw_scores
@@ -209,10 +209,10 @@ def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts
     assert RewardScorer(str(tiny_checkpoints.rm), max_tokens=200, share_prompts=True).share_prompts is False
 
     # the generator prefills each prompt once for its two samples and counts that work
-    from rayrlhf.actors.rollout import RolloutGenerator
+    from rayrlhf.roles.rollout import RolloutGenerator
     from rayrlhf.core.experience import RolloutRequest
 
-    import rayrlhf.actors.rollout as rollout_module
+    import rayrlhf.roles.rollout as rollout_module
 
     flops = []  # the FLOPs each generate call counted
     monkeypatch.setattr(rollout_module, "mfu", lambda f, seconds, peak: flops.append(f) or 0.0)
@@ -269,7 +269,7 @@ def test_sft_gradient_does_not_depend_on_how_the_batch_is_cut(policy, prompts):
     loss is a token sum divided by the whole batch's token count."""
     import copy
 
-    from rayrlhf.actors.sft import sft_batch, sft_loss
+    from rayrlhf.roles.sft import sft_batch, sft_loss
     from rayrlhf.core.text import EncodedSummary
 
     model, tok = policy
@@ -395,7 +395,7 @@ def test_a_prefix_runs_once_exactly_only_with_a_full_cache_and_no_active_dropout
 def test_pair_scores_with_the_shared_prefix_run_once_equal_each_side_scored_whole(prompts, tiny_checkpoints, lora):
     """pair_scores runs each pair's shared start once and both continuations on its cached keys and values: the
     scores and the gradient of the pairwise loss are those of scoring every side whole, fp32."""
-    from rayrlhf.actors.rm import pairwise_loss
+    from rayrlhf.roles.rm import pairwise_loss
     from rayrlhf.core.config import LoraConfig
     from rayrlhf.core.modeling import apply_lora, load_scalar_model, load_tokenizer
     from rayrlhf.core.sequences import pair_scores, sequence_scores

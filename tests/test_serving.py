@@ -35,7 +35,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from rayrlhf.actors.reward import RewardScorer  # noqa: E402
+from rayrlhf.roles.reward import RewardScorer  # noqa: E402
 from rayrlhf.core.config import Config, ServeConfig  # noqa: E402
 from rayrlhf.core.data import corpus_text, load_tldr  # noqa: E402
 from rayrlhf.core.experience import RolloutBatch  # noqa: E402

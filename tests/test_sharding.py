@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rayrlhf.actors.learner import PPOLearner
+from rayrlhf.roles.learner import PPOLearner
 from rayrlhf.core.sharding import full_weights, rank_share
 from rayrlhf.core.weight_sync import checksum, unpack
 

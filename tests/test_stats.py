@@ -139,7 +139,7 @@ def test_win_rate_by_length_bins():
 
 def _samples():
     """Four prompts worked by hand. SFT's first response has no EOS (its score the missing-EOS -1)."""
-    from rayrlhf.actors.evaluate import PolicySamples
+    from rayrlhf.roles.evaluate import PolicySamples
 
     sft = PolicySamples(texts=["a b", "c", "d e", "f"], lengths=[16, 5, 6, 7], scores=[-1.0, 0.2, 0.1, 0.3],
                         raw_scores=[0.5, 0.2, 0.1, 0.3], has_eos=[False, True, True, True], kl=[0.0] * 4)
@@ -149,7 +149,7 @@ def _samples():
 
 
 def test_evaluation_reports_raw_both_eos_and_length_controlled_win_rates_with_intervals():
-    from rayrlhf.actors.evaluate import compare_policies, summarise
+    from rayrlhf.roles.evaluate import compare_policies, summarise
     from rayrlhf.core.data import SummaryExample
 
     ppo, sft = _samples()
@@ -190,7 +190,7 @@ def test_evaluation_reports_raw_both_eos_and_length_controlled_win_rates_with_in
 def _fake_run(tmp_path, rm_accuracy: float, judge_accuracy: float, n_prompts: int = 40):
     """A run directory with stage summaries and an evaluation computed from synthetic samples: PPO's judge
     scores no better than SFT's, its training-reward scores clearly better."""
-    from rayrlhf.actors.evaluate import PolicySamples, compare_policies
+    from rayrlhf.roles.evaluate import PolicySamples, compare_policies
     from rayrlhf.pipeline.run_dir import RunDir
 
     rng = np.random.default_rng(5)

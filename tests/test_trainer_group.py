@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rayrlhf.actors.rm import RMTrainer
-from rayrlhf.actors.sft import SFTTrainer
+from rayrlhf.roles.rm import RMTrainer
+from rayrlhf.roles.sft import SFTTrainer
 from rayrlhf.core.sequences import pair_scores
 
 
@@ -163,7 +163,7 @@ def test_rm_steps_with_each_pairs_shared_start_run_once_equal_both_sides_run_who
                                                                                    tmp_path, monkeypatch):
     """rm.share_prefix (the post once, both summaries on its cached keys and values) makes the steps, validation
     and normalising bias of running both sides whole: six steps with LoRA, fp32."""
-    from rayrlhf.actors import rm as rm_module
+    from rayrlhf.roles import rm as rm_module
 
     overrides = ["rm.micro_batch_size=4", "model.lora.r=4", "model.lora.alpha=8"]
     calls = {True: 0, False: 0}

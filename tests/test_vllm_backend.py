@@ -5,7 +5,7 @@ process: vLLM's CPU worker replaces `torch.set_num_threads` process-wide. vLLM i
 installed, except in CI (`CI` set), where a missing vLLM fails.
 The test policy is a tiny Llama (head_dim 32) whose EOS is likely after a group of "closing" tokens, so the
 batches hold both responses cut at EOS and responses that use the whole budget.
-Every weight load probes the engine against the HF copy of the weights it was given (actors/vllm_backend.py): a
+Every weight load probes the engine against the HF copy of the weights it was given (roles/vllm_backend.py): a
 load that loses a tensor on its way into the engine fails, naming the worker and the version.
 """
 
@@ -21,8 +21,8 @@ import pytest
 import ray
 import torch
 
-from rayrlhf.actors.rollout import RolloutGenerator
-from rayrlhf.actors.vllm_backend import VLLMBackend
+from rayrlhf.roles.rollout import RolloutGenerator
+from rayrlhf.roles.vllm_backend import VLLMBackend
 from rayrlhf.core.config import DataConfig, ModelConfig, RolloutConfig
 from rayrlhf.core.data import corpus_text, load_tldr
 from rayrlhf.core.experience import RolloutBatch, RolloutRequest

@@ -148,7 +148,7 @@ SYNC_TIMEOUT_S = 10.0
 @pytest.fixture(scope="module")
 def actors(ray_local, make_tiny_cfg, tiny_checkpoints):
     """One learner and one rollout worker at tiny size, shared by the tests below (actor start-up is slow)."""
-    from rayrlhf.actors.remote import LearnerWorker, RolloutWorker
+    from rayrlhf.actors import LearnerWorker, RolloutWorker
 
     cfg = make_tiny_cfg("ppo.prompts_per_step=4", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8",
                         "ppo.micro_batch_size=8", f"ppo.sync_timeout_s={SYNC_TIMEOUT_S}", "ppo.max_staleness=1")

@@ -1,6 +1,6 @@
 """The rollout generator: samples responses with the behaviour policy and records their log-probs.
 
-`RolloutGenerator` holds a backend (`HFBackend` here; `actors.vllm_backend.VLLMBackend` with vLLM) and
+`RolloutGenerator` holds a backend (`HFBackend` here; `roles.vllm_backend.VLLMBackend` with vLLM) and
 the policy version it holds. A weight swap and a generate call never interleave (one call at a time per
 worker), so each `RolloutBatch` is produced by exactly the version it records.
 
@@ -94,7 +94,7 @@ class RolloutGenerator:
     def __init__(self, checkpoint: str, cfg: RolloutConfig, worker_index: int = 0, dtype: str = "float32",
                  share_prompts: bool = False):
         if cfg.backend == "vllm":
-            from rayrlhf.actors.vllm_backend import VLLMBackend
+            from rayrlhf.roles.vllm_backend import VLLMBackend
 
             try:  # the engine is probed against the checkpoint once it starts
                 self.backend: RolloutBackend = VLLMBackend(checkpoint, cfg, dtype)

@@ -1,6 +1,6 @@
 """The vLLM rollout backend: one in-process engine per rollout worker, weights swapped in place per version.
 
-`VLLMBackend` implements `actors.rollout.RolloutBackend` with the conventions of `HFBackend`, so
+`VLLMBackend` implements `roles.rollout.RolloutBackend` with the conventions of `HFBackend`, so
 `RolloutGenerator`, the reference, the reward scorer and the learner cannot tell the two apart:
 
 - responses (B, R = max_new_tokens), right-padded with the pad id after the first EOS, which is kept;

@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rayrlhf.actors.reward import RewardScorer
+from rayrlhf.roles.reward import RewardScorer
 from rayrlhf.core import stats
 from rayrlhf.core.config import Config
 from rayrlhf.core.data import SummaryExample, load_tldr
@@ -110,13 +110,13 @@ class VLLMSampler:
     log-probs are the policy's (the learner checks them against its own every update)."""
 
     def __init__(self, cfg: Config, first_checkpoint: str):
-        from rayrlhf.actors.vllm_backend import VLLMBackend
+        from rayrlhf.roles.vllm_backend import VLLMBackend
 
         self.backend, self.loaded = VLLMBackend(first_checkpoint, cfg.rollout, cfg.model.frozen_dtype), first_checkpoint
         self.dtype = cfg.model.frozen_dtype
 
     def load(self, checkpoint: str) -> None:
-        from rayrlhf.actors.vllm_backend import read_checkpoint_weights
+        from rayrlhf.roles.vllm_backend import read_checkpoint_weights
 
         if checkpoint != self.loaded:
             self.backend.load_weights(read_checkpoint_weights(checkpoint, self.dtype).items())

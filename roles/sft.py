@@ -1,6 +1,6 @@
 """Supervised fine-tuning: cross-entropy on the summary tokens only, the query masked out.
 
-`SFTTrainer` is a plain class (the Ray actor `actors.remote.SFTStage` only hosts it). It keeps the checkpoint
+`SFTTrainer` is a plain class (the Ray actor `actors.SFTStage` only hosts it). It keeps the checkpoint
 with the best validation loss and reports ROUGE-1/2/L of greedy summaries next to the lead-sentence baseline.
 """
 
