@@ -64,6 +64,30 @@ class LoopState:
     totals: dict[str, int] = field(default_factory=lambda: {"sequences": 0, "tokens": 0})  # the whole run's
 
 
+@dataclass(frozen=True)
+class DriverState:
+    """`driver_state.json` of a PPO checkpoint: what the driver needs beside the learner's state to continue,
+    and the checkpoints the run started from (which `workflow.ppo` reads on resume). One writer, one reader."""
+
+    step: int
+    version: int
+    next_batch: int
+    totals: dict[str, int]
+    sft_checkpoint: str
+    rm_checkpoint: str
+    config: dict  # `_resumable_config` of the run that wrote it
+    ledger: dict
+
+    FILE = "driver_state.json"
+
+    @classmethod
+    def read(cls, ckpt: Path) -> DriverState:
+        return cls(**read_json(Path(ckpt) / cls.FILE))
+
+    def write(self, ckpt: Path) -> None:
+        write_json(Path(ckpt) / self.FILE, asdict(self))
+
+
 @dataclass
 class Throughput:
     """This process's share of the loop, for its throughput (a resumed run counts from its restart)."""
@@ -139,30 +163,30 @@ class PPODriver:
 
     def restore(self, ckpt: Path) -> LoopState:
         """Restore the learner, the ledger and the buffered batches from `ckpt`; give the workers its weights."""
-        state = read_json(ckpt / "driver_state.json")
-        diff = config_differences(state["config"], _resumable_config(self.cfg))
+        state = DriverState.read(ckpt)
+        diff = config_differences(state.config, _resumable_config(self.cfg))
         if diff:
             # Not a command to resume with: `--resume` is what failed. Only a run directory from before attempts
             # recorded their config (`RunDir.start_attempt`), or one edited by hand, gets here.
             raise ValueError(f"{ckpt} was written with a different config ({', '.join(diff)}), so `--resume` cannot "
                              f"continue it; start PPO over with `rayrlhf ppo --run-dir {self.out_dir.parent}`")
         version = self._get(self.roles.learner.load(str(ckpt)), f"learner restoring {ckpt}")[0]
-        if version != state["version"]:
-            raise RuntimeError(f"{ckpt}: learner state holds v{version}, driver state v{state['version']}")
-        self.ledger = ExperienceLedger.from_json(state["ledger"])
+        if version != state.version:
+            raise RuntimeError(f"{ckpt}: learner state holds v{version}, driver state v{state.version}")
+        self.ledger = ExperienceLedger.from_json(state.ledger)
         buffered: dict[int, Experience] = torch.load(ckpt / "buffer.pt", weights_only=False)
         for b in buffered:
             self.ledger.mark_restored(b)
         self.packets[version] = self.roles.learner.packet()
         self.pool.load_verified(self.pool.active, self.packets[version], version, f"the weights of {ckpt}")
-        MetricsLogger.truncate(self.out_dir, state["step"])
-        self.gate.publish(state["step"])
-        self.events.write(state["step"], "resumed", -1, checkpoint=str(ckpt), version=version, buffered=sorted(buffered))
-        log.info("resumed PPO from %s: step %d, version %d, buffered batches %s", ckpt, state["step"], version,
+        MetricsLogger.truncate(self.out_dir, state.step)
+        self.gate.publish(state.step)
+        self.events.write(state.step, "resumed", -1, checkpoint=str(ckpt), version=version, buffered=sorted(buffered))
+        log.info("resumed PPO from %s: step %d, version %d, buffered batches %s", ckpt, state.step, version,
                  sorted(buffered))
         in_flight = {b: InFlight(b, exp.policy_version, [], experience=exp, info=BatchInfo.of_experience(exp))
                      for b, exp in buffered.items()}
-        return LoopState(state["step"], state["next_batch"], in_flight, state["totals"])
+        return LoopState(state.step, state.next_batch, in_flight, state.totals)
 
     # --- loop -------------------------------------------------------------------------------------
 
@@ -225,7 +249,7 @@ class PPODriver:
         with timer.stage("sync"):  # 4. sync
             pending = self.sync(step + 1)
             self.gate.publish(step + 1)
-            if self.pc.max_staleness == 0:  # nothing else can run meanwhile; wait so the time is attributed
+            if self.gate.synchronous:  # nothing else can run meanwhile; wait so the time is attributed
                 sync_times, pending = self.await_sync(pending), []
         tokens, t = info.response_tokens, info.timings
         scored = tokens + info.prompt_tokens  # the scoring roles run prompt and response
@@ -379,7 +403,7 @@ class PPODriver:
                 raise RuntimeError(f"learner broadcast version {got}, driver expected {version}")
             return loads
         self.packets[version] = packet = learner.packet()  # one object, read by every worker
-        for old in [v for v in self.packets if v < version - self.pc.max_staleness]:
+        for old in [v for v in self.packets if v < self.gate.oldest_usable(version)]:
             del self.packets[old]  # no batch can need it any more
         return [PendingLoad(w, w.load_weights.remote(packet)) for w in self.pool.handles()]
 
@@ -427,11 +451,9 @@ class PPODriver:
         def write(tmp: Path) -> None:
             self._get(self.roles.learner.save(str(tmp)), "learner checkpoint")
             torch.save(buffered, tmp / "buffer.pt")
-            write_json(tmp / "driver_state.json", {
-                "step": step, "version": self.gate.version, "next_batch": state.next_batch, "totals": state.totals,
-                "sft_checkpoint": self.sft_checkpoint, "rm_checkpoint": self.rm_checkpoint,
-                "config": _resumable_config(self.cfg), "ledger": self.ledger.to_json(),
-            })
+            DriverState(step=step, version=self.gate.version, next_batch=state.next_batch, totals=state.totals,
+                        sft_checkpoint=self.sft_checkpoint, rm_checkpoint=self.rm_checkpoint,
+                        config=_resumable_config(self.cfg), ledger=self.ledger.to_json()).write(tmp)
 
         return self.checkpoints.save(step, write)
 

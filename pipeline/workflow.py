@@ -20,12 +20,11 @@ import ray
 
 from rayrlhf.actors import RMStage, SFTStage, evaluate_task
 from rayrlhf.core.checkpoints import CheckpointDir
-from rayrlhf.core.files import read_json
 from rayrlhf.core.config import Config, load_config
 from rayrlhf.core.metrics import read_metrics
 from rayrlhf.core.text import budget_warnings
 from rayrlhf.pipeline.cluster import connect
-from rayrlhf.pipeline.driver import PPODriver
+from rayrlhf.pipeline.driver import DriverState, PPODriver
 from rayrlhf.pipeline.launch import placed, run_group
 from rayrlhf.pipeline.preflight import config_differences
 from rayrlhf.pipeline.report import write_report
@@ -156,8 +155,8 @@ def ppo(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, rm_checkpo
     sft_checkpoint, rm_checkpoint = inputs.get("sft_checkpoint"), inputs.get("rm_checkpoint")
     latest = CheckpointDir(run.path / "ppo" / "checkpoints").latest() if resume else None
     if latest is not None:  # the checkpoints the interrupted run was started with
-        state = read_json(latest / "driver_state.json")
-        sft_checkpoint, rm_checkpoint = Path(state["sft_checkpoint"]), Path(state["rm_checkpoint"])
+        state = DriverState.read(latest)
+        sft_checkpoint, rm_checkpoint = Path(state.sft_checkpoint), Path(state.rm_checkpoint)
         log.info("resume: PPO from %s", latest)
     sft_ckpt = require_checkpoint(sft_checkpoint or run.checkpoint("sft"), "SFT")
     rm_ckpt = require_checkpoint(rm_checkpoint or run.checkpoint("rm"), "reward model")
