@@ -220,6 +220,34 @@ def smollm2_gguf() -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class WheelInstall:
+    site: Path  # pip install --target: the package and its console script (site/bin/rayrlhf), nothing else
+    env: dict[str, str]  # PYTHONPATH=site first, so that neither the checkout nor its editable install is imported
+
+    @property
+    def rayrlhf(self) -> str:
+        return str(self.site / "bin" / "rayrlhf")
+
+
+@pytest.fixture(scope="session")
+def wheel_install(tmp_path_factory) -> WheelInstall:
+    """rayrlhf as a user installs it: a plain wheel built from the checkout, installed without its dependencies
+    (this environment has them) into a folder of its own."""
+    import subprocess
+
+    root, tmp = Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("wheel")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp / "dist"), str(root)], capture_output=True, text=True, timeout=300, cwd=tmp)
+    assert build.returncode == 0, build.stderr
+    wheel = next((tmp / "dist").glob("rayrlhf-*.whl"))
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                              str(tmp / "site"), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return WheelInstall(tmp / "site", {**env, "PYTHONPATH": str(tmp / "site"), "HF_HUB_OFFLINE": "1"})
+
+
 # Modules by how long they take (seconds in one process, from CI's --durations), longest first: the two xdist
 # workers (pyproject.toml) take tests in this order as they free up, so the long tests start early and the short
 # ones fill in at the end. Modules not named keep their order after these.

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,16 +25,16 @@ SMOKE = [
 ]
 
 
-def test_the_smollm2_recipe_runs_end_to_end(smollm2_gguf, vllm_required, shared_data, tmp_path):
-    """`rayrlhf train --config configs/smollm2-tldr.yaml` in a subprocess with its own local Ray, as a user runs it."""
+def test_the_smollm2_recipe_runs_end_to_end(smollm2_gguf, vllm_required, shared_data, wheel_install, tmp_path):
+    """`rayrlhf train --config configs/smollm2-tldr.yaml` in a subprocess with its own local Ray, as a user runs it:
+    the console script of a plain wheel install (`wheel_install`), so the run imports nothing from the checkout."""
     data = shared_data / "tldr"
     run = tmp_path / "run"
     overrides = [f"data.posts_file={data / 'tldr_posts_dev.jsonl'}", f"data.pairs_file={data / 'tldr_pairs_dev.jsonl'}",
                  *SMOKE]
-    cmd = [sys.executable, "-m", "rayrlhf.pipeline.cli", "train", "--config", "configs/smollm2-tldr.yaml", "--run-dir", str(run)]
+    cmd = [wheel_install.rayrlhf, "train", "--config", str(REPO / "configs" / "smollm2-tldr.yaml"), "--run-dir", str(run)]
     cmd += [a for o in overrides for a in ("--set", o)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=wheel_install.env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
