@@ -28,7 +28,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rayrlhf.core.process import enable_token_auth, quiet_transformers  # noqa: E402

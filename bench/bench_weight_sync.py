@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # (hidden, layers, heads, kv heads, intermediate, vocab): HuggingFaceTB/SmolLM2-135M-Instruct's config.json
 MODELS = {"smollm2-135m": (576, 30, 9, 3, 1536, 49152), "tiny": (128, 2, 4, 4, 512, 1024)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 import ipaddress
+import logging
 import os
 import re
 from pathlib import Path
@@ -19,6 +20,8 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+log = logging.getLogger(__name__)
 
 # Head sizes of vLLM's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py): the builtin model keeps to
 # them so that `rollout.backend: vllm` works on CPU; `roles.vllm_backend` checks a loaded checkpoint against them.
@@ -675,8 +678,11 @@ def _format_error(e: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read YAML (default: the packaged CPU config), apply `--set` overrides, validate once."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                written_by_a_run: bool = False) -> Config:
+    """Read YAML (default: the packaged CPU config), apply `--set` overrides, validate once. A run directory's own
+    config (`written_by_a_run`) may predate a key's move: it is read with the key in its new place (a config a
+    user writes is refused instead, naming the new key)."""
     source = Path(path) if path is not None else packaged_config_path()
     if not source.is_file():
         raise ConfigError(f"config file not found: {source}")
@@ -690,9 +696,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"config {source} is not valid YAML: {e}") from e
     if not isinstance(tree, dict):
         raise ConfigError(f"config {source}: top level must be a mapping of sections, got {type(tree).__name__}")
+    if written_by_a_run:
+        _move_keys(tree, str(source))
     for item in overrides:
         _apply_override(tree, *parse_override(item))
     return config_from_dict(tree, str(source))
+
+
+def _move_keys(tree: dict[str, Any], source: str) -> None:
+    for old, new in MOVED_KEYS.items():
+        (section, key), (new_section, new_key) = old.split("."), new.split(".")
+        if isinstance(tree.get(section), dict) and key in tree[section]:
+            value = tree[section].pop(key)
+            if isinstance(tree.setdefault(new_section, {}), dict):
+                tree[new_section].setdefault(new_key, value)
+            log.info("%s: %s is read as %s (the key moved)", source, old, new)
 
 
 def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:

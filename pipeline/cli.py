@@ -132,7 +132,7 @@ def _main(args: argparse.Namespace) -> int:
             args.config = str(own if own.is_file() and args.command != "train" else Path(resume) / "config.yaml")
             args.run_dir = resume
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, written_by_a_run=bool(resume))
     except ConfigError as e:
         print(f"rayrlhf: {e}", file=sys.stderr)
         return 2

@@ -174,7 +174,11 @@ class PPODriver:
         if version != state.version:
             raise RuntimeError(f"{ckpt}: learner state holds v{version}, driver state v{state.version}")
         self.ledger = ExperienceLedger.from_json(state.ledger)
-        buffered: dict[int, Experience] = torch.load(ckpt / "buffer.pt", weights_only=False)
+        try:
+            buffered: dict[int, Experience] = torch.load(ckpt / "buffer.pt", weights_only=False)
+        except ModuleNotFoundError as e:  # pickled by rayrlhf before its modules moved under `rayrlhf.`
+            raise RuntimeError(f"{ckpt / 'buffer.pt'} was written by an older rayrlhf ({e}); this checkpoint cannot "
+                               f"be resumed: start PPO over with `rayrlhf ppo --run-dir {self.out_dir.parent}`") from e
         for b in buffered:
             self.ledger.mark_restored(b)
         self.packets[version] = self.roles.learner.packet()

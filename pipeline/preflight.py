@@ -62,7 +62,7 @@ def run_config(run_dir: Path, given: Config, given_explicitly: bool, command: st
     if not saved_path.is_file():
         return given, []
     try:
-        saved = load_config(saved_path)
+        saved = load_config(saved_path, written_by_a_run=True)
     except ConfigError as e:
         raise PreflightError(f"--run-dir {run_dir}: its config.yaml does not load: {e}") from None
     if not given_explicitly:

