@@ -8,6 +8,7 @@ back what it has. It holds the request only; `pipeline.pool.RolloutPool` keeps t
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, replace
 
 SCALER_NAMESPACE = "rayrlhf"
@@ -29,16 +30,17 @@ class ScaleStatus:
 
 
 def placeable(per_worker: dict[str, float], free: dict[str, float]) -> int:
-    """How many more workers, each asking `per_worker` (resource -> amount), fit in the `free` resources."""
+    """How many more workers, each asking `per_worker` (resource -> amount), fit in the `free` resources; a
+    worker that asks for nothing (num_cpus 0) always fits (sys.maxsize)."""
     fits = [math.floor(free.get(res, 0.0) / amount + 1e-9) for res, amount in per_worker.items() if amount > 0]
-    return max(0, min(fits)) if fits else 0
+    return max(0, min(fits)) if fits else sys.maxsize
 
 
 class ScaleControl:
     def __init__(self, workers: int, weight_sync: str, per_worker: dict[str, float] | None = None):
         self.status = ScaleStatus(desired=workers, active=workers, starting=0, step=0)
         self.weight_sync = weight_sync
-        self.per_worker = dict(per_worker or {"CPU": 1.0})  # the Ray resources one rollout worker asks for
+        self.per_worker = dict(per_worker if per_worker is not None else {"CPU": 1.0})  # one rollout worker's ask
 
     def set_desired(self, n: int) -> ScaleStatus:
         """Ask for `n` rollout workers; returns the status before the request. ValueError if it cannot be met."""

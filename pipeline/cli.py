@@ -213,7 +213,7 @@ def scale_main(args: argparse.Namespace) -> int:
         try:
             check_address(address)
         except AddressError as e:
-            return error(f"--address {e}", 2)
+            return error(f"{'--address' if args.address else 'RAY_ADDRESS'} {e}", 2)
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     name = scaler_name(run_name)
     try:
@@ -225,7 +225,8 @@ def scale_main(args: argparse.Namespace) -> int:
         more = args.workers - max(status.desired, status.active + status.starting)
         if more > 0 and not args.wait_for_nodes:
             free = ray.available_resources()
-            room = placeable(per_worker, free)
+            # workers asked for but not started yet (the driver starts them at its next step) will take room too
+            room = max(0, placeable(per_worker, free) - max(0, status.desired - status.active - status.starting))
             if more > room:
                 asks = ", ".join(f"{k} {v:g}" for k, v in per_worker.items())
                 have = ", ".join(f"{k} {free.get(k, 0.0):g}" for k in per_worker)

@@ -31,12 +31,15 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
     if address == "auto":
         from ray._private.services import canonicalize_bootstrap_address
 
-        address = canonicalize_bootstrap_address("auto")
+        try:
+            address = canonicalize_bootstrap_address("auto")
+        except (ConnectionError, ValueError):  # nothing recorded, or a recorded address that is not one
+            address = None
         if address is None:
             raise AddressError("address auto: no running Ray cluster is recorded on this machine (`ray start "
                                "--head` records one); give HOST:PORT")
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not host or not (port.isascii() and port.isdecimal()) or not 1 <= int(port) <= 65535:
         raise AddressError(f"{given!r} is not a Ray address: expected HOST:PORT (e.g. 10.0.0.5:6379), "
                            "ray://HOST:PORT or auto")
     try:
@@ -70,7 +73,8 @@ def connect(cfg: Config) -> None:
     num_cpus = local_cpus(cfg)  # preflight checked that every stage fits in it
     # Ray's metrics endpoint is plain HTTP without auth on all interfaces: a local Ray serves it only with the
     # dashboard, which reads it (rayrlhf's own metrics go to metrics.jsonl and TensorBoard).
-    ray.init(num_cpus=num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=True,
+    # address="local": a new Ray sized as preflight checked, not a `ray start` cluster Ray would otherwise join
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=True,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
              _system_config={"worker_niceness": cfg.ray.worker_niceness,
                              "enable_metrics_collection": cfg.ray.include_dashboard})

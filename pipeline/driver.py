@@ -46,7 +46,7 @@ from rayrlhf.pipeline.launch import (
 )
 from rayrlhf.pipeline.pool import EventLog, PoolCalls, RolloutPool
 from rayrlhf.pipeline.preflight import config_differences
-from rayrlhf.pipeline.resources import bundle
+from rayrlhf.pipeline.resources import asks
 from rayrlhf.pipeline.schedule import PromptSource, StalenessGate
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class PPODriver:
         self.events = EventLog(self.out_dir)
         self.pool = RolloutPool(list(self.roles.rollouts), lambda i: launch_rollout_worker(self.cfg, self.sft_checkpoint, i),
                                 PoolCalls(self._get), self.events, self.pc.sync_timeout_s,
-                                bundle(self.cfg.rollout.num_cpus, self.cfg.rollout.num_gpus))
+                                asks(self.cfg.rollout.num_cpus, self.cfg.rollout.num_gpus))
         await_started(self.roles.named(), self.cfg.ray.startup_timeout_s)
         self.roles.learner.rendezvous(self.cfg.ray.startup_timeout_s)
         if self.pc.weight_sync == "collective":

@@ -35,7 +35,7 @@ from rayrlhf.core.experience import Experience, ShardRefs
 from rayrlhf.core.scaling import SCALER_NAMESPACE, scaler_name
 from rayrlhf.core.sharding import free_port
 from rayrlhf.pipeline.calls import RoleTimeout, first_line, ray_get
-from rayrlhf.pipeline.resources import Bundles, bundle, role_bundles, shortfall
+from rayrlhf.pipeline.resources import Bundles, asks, bundle, role_bundles, shortfall
 
 
 @dataclass(frozen=True)
@@ -269,7 +269,7 @@ def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name:
     name = scaler_name(run_name)
     try:
         scaler = RolloutScaler.options(name=name, namespace=SCALER_NAMESPACE).remote(
-            cfg.rollout.num_workers, cfg.ppo.weight_sync, bundle(cfg.rollout.num_cpus, cfg.rollout.num_gpus))
+            cfg.rollout.num_workers, cfg.ppo.weight_sync, asks(cfg.rollout.num_cpus, cfg.rollout.num_gpus))
     except ValueError as e:  # the name is taken
         learner.kill()
         for a in (*references, *rewards, *rollouts):

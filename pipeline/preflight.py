@@ -407,7 +407,7 @@ def check_resources(cfg: Config, command: str) -> None:
         try:
             check_address(address)
         except AddressError as e:
-            raise PreflightError(f"ray.address: {e}") from None
+            raise PreflightError(f"{'ray.address' if cfg.ray.address else 'RAY_ADDRESS'}: {e}") from None
         return
     capacity = {"CPU": local_cpus(cfg), "GPU": local_gpus()}
     for stage, bundles in stage_bundles(cfg, command).items():

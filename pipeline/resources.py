@@ -33,8 +33,14 @@ ROLE_KEYS: dict[str, tuple[str, str | None]] = {
 Bundles = dict[str, list[dict[str, float]]]  # role -> one bundle per actor, in placement order
 
 
+def asks(num_cpus: float, num_gpus: float) -> dict[str, float]:
+    """What an actor with these options asks Ray for (nothing for num_cpus 0)."""
+    return {k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus}.items() if v > 0}
+
+
 def bundle(num_cpus: float, num_gpus: float) -> dict[str, float]:
-    return {k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus}.items() if v > 0} or {"CPU": 0.01}
+    """A placement bundle for such an actor (Ray refuses an empty bundle: a token CPU then)."""
+    return asks(num_cpus, num_gpus) or {"CPU": 0.01}
 
 
 def role_bundles(cfg: Config) -> Bundles:
@@ -76,6 +82,22 @@ def local_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def gpus_needed(bundles: Bundles) -> int:
+    """Whole GPUs the bundles take together: an ask of one or more GPUs takes that many; fractions share a GPU
+    only as far as they fit in it (Ray places each fractional ask on one GPU), packed first fit, largest first."""
+    whole, free_in_shared = 0, []
+    for ask in sorted((b.get("GPU", 0.0) for group in bundles.values() for b in group), reverse=True):
+        if ask >= 1:
+            whole += math.ceil(ask - 1e-9)
+        elif ask > 0:
+            i = next((i for i, room in enumerate(free_in_shared) if room >= ask - 1e-9), None)
+            if i is None:
+                free_in_shared.append(1.0 - ask)
+            else:
+                free_in_shared[i] -= ask
+    return whole + len(free_in_shared)
+
+
 def shortfall(bundles: Bundles, capacity: dict[str, float]) -> str | None:
     """None if `bundles` fit together in `capacity` (resource -> amount); else what is short, naming each
     role's ask and the keys that set it."""
@@ -84,6 +106,8 @@ def shortfall(bundles: Bundles, capacity: dict[str, float]) -> str | None:
         for b in group:
             for res, amount in b.items():
                 need[res] = need.get(res, 0.0) + amount
+    if "GPU" in need:
+        need["GPU"] = max(need["GPU"], gpus_needed(bundles))
     short = [res for res, amount in need.items() if amount > capacity.get(res, 0.0) + 1e-9]
     if not short:
         return None

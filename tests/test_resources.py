@@ -5,7 +5,6 @@ disk); a cluster that cannot place a stage fails within `ray.startup_timeout_s` 
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 
@@ -27,11 +26,25 @@ def no_cluster(monkeypatch):
 def test_shortfall_names_each_roles_ask_and_key():
     bundles = {"learner": [{"CPU": 2, "GPU": 1}] * 2, "rollout": [{"CPU": 1, "GPU": 0.5}] * 3,
                "reward": [{"CPU": 1}]}
-    assert shortfall(bundles, {"CPU": 8, "GPU": 3.5}) is None  # 8 CPUs, 2 + 1.5 GPUs: fits exactly
-    short = shortfall(bundles, {"CPU": 8, "GPU": 2})
-    assert short == ("3.5 GPU (learner ppo.num_gpus=1 x ppo.learner_workers=2, rollout rollout.num_gpus=0.5 x "
-                     "rollout.num_workers=3) but 2 exist")
+    # 8 CPUs; GPUs: 2 whole, and three halves take two GPUs (two share one, the third has one of its own)
+    assert shortfall(bundles, {"CPU": 8, "GPU": 4}) is None
+    short = shortfall(bundles, {"CPU": 8, "GPU": 3})
+    assert short == ("4 GPU (learner ppo.num_gpus=1 x ppo.learner_workers=2, rollout rollout.num_gpus=0.5 x "
+                     "rollout.num_workers=3) but 3 exist")
     assert shortfall({"eval": [{"CPU": 1}]}, {"CPU": 0.5}) == "1 CPU (eval sft.num_cpus=1) but 0.5 exist"
+
+
+def test_fractional_gpus_share_a_gpu_only_where_they_fit_in_it():
+    """Ray places each fractional ask on one GPU: three 0.6 asks and a 0.2 sum to 2.0 but need 3 GPUs."""
+    from rayrlhf.pipeline.resources import gpus_needed
+
+    def of(*gpus: float) -> dict:
+        return {"rollout": [{"CPU": 1, "GPU": g} for g in gpus]}
+
+    assert gpus_needed(of(0.6, 0.6, 0.6, 0.2)) == 3  # 0.6+0.2 | 0.6 | 0.6
+    assert gpus_needed(of(0.5, 0.5, 0.25, 0.25)) == 2 and gpus_needed(of(*(0.25,) * 4)) == 1
+    assert gpus_needed(of(2, 1, 0.5)) == 4 and gpus_needed(of()) == 0
+    assert shortfall(of(0.6, 0.6, 0.6, 0.2), {"CPU": 8, "GPU": 2}).startswith("3 GPU (")
 
 
 def test_each_stage_of_a_command_is_its_own_placement():
@@ -61,12 +74,12 @@ def test_a_local_ray_is_bounded_by_the_machine(monkeypatch):
 def test_resources_a_local_ray_will_not_have_exit_2_before_anything_is_written(
         tmp_path, capsys, monkeypatch, no_cluster, override, key):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("ray.init", _no_ray)
     run = tmp_path / "run"
-    start = time.monotonic()
     code = main(["train", "--run-dir", str(run), *sum((["--set", o] for o in [*TINY, override]), [])])
     err = capsys.readouterr().err
     assert code == 2 and key in err and len(err.strip().splitlines()) == 1, err
-    assert not run.exists() and time.monotonic() - start < 30  # before Ray, before the run directory
+    assert not run.exists()  # found before Ray (ray.init would raise) and before the run directory
 
 
 def test_the_gpus_a_local_ray_has_are_enough(monkeypatch, no_cluster):
@@ -87,6 +100,10 @@ def test_a_resumed_run_is_checked_too(tmp_path, capsys, no_cluster):
     assert "ppo.num_gpus=1" in capsys.readouterr().err
 
 
+def _no_ray(*args, **kwargs):
+    raise AssertionError("ray.init was called: the check must come before Ray starts")
+
+
 def _dead_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -97,26 +114,30 @@ def _dead_port() -> int:
     ("http://127.0.0.1:8265", "is a dashboard URL"),
     ("127.0.0.1:", "is not a Ray address"),
     ("127.0.0.1:99999", "is not a Ray address"),
+    ("127.0.0.1:6379\u00b2", "is not a Ray address"),  # a digit to str.isdigit, not to int()
     (None, "nothing answers at 127.0.0.1:"),
 ])
 def test_scale_fails_fast_on_an_address_nothing_can_connect_to(capsys, monkeypatch, address, words):
     monkeypatch.setattr("ray.is_initialized", lambda: False)
+    monkeypatch.setattr("ray.init", _no_ray)  # refused before Ray's minutes of retries begin
     address = address or f"127.0.0.1:{_dead_port()}"
-    start = time.monotonic()
     assert main(["scale", "--run", "x", "--workers", "2", "--address", address]) == 2
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1, err
-    assert time.monotonic() - start < 15
 
 
 def test_a_stage_command_fails_fast_on_a_dead_cluster_address(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_dead_port()}")
+    monkeypatch.setattr("ray.init", _no_ray)
     run = tmp_path / "run"
     assert main(["sft", "--run-dir", str(run), *sum((["--set", o] for o in TINY), [])]) == 2
-    assert "ray.address: nothing answers at" in capsys.readouterr().err and not run.exists()
+    assert "RAY_ADDRESS: nothing answers at" in capsys.readouterr().err and not run.exists()
 
 
 def test_placeable_counts_whole_workers():
+    import sys
+
+    assert placeable({}, {"CPU": 0}) == sys.maxsize  # rollout.num_cpus 0: a worker asks for nothing
     assert placeable({"CPU": 1}, {"CPU": 3.5}) == 3
     assert placeable({"CPU": 1, "GPU": 1}, {"CPU": 8, "GPU": 2}) == 2
     assert placeable({"CPU": 1, "GPU": 1}, {"CPU": 8}) == 0
@@ -132,10 +153,8 @@ def test_an_unplaceable_stage_fails_within_the_startup_timeout_naming_role_and_r
     from rayrlhf.pipeline.workflow import run_sft
 
     cfg = load_config(None, [*TINY, "sft.num_gpus=1", "ray.startup_timeout_s=3"])
-    start = time.monotonic()
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(RuntimeError) as e:  # after the 3 s it was given, not never
         run_sft(cfg, tmp_path / "sft")
-    assert time.monotonic() - start < 30
     assert str(e.value) == ("Ray could not place sft within ray.startup_timeout_s=3s: they ask for 1 GPU "
                             "(sft sft.num_gpus=1 x sft.workers=1) but 0 exist in this cluster (lower those keys or add nodes "
                             "that have them)")
@@ -162,3 +181,17 @@ def test_scale_is_bounded_by_what_the_cluster_can_place(ray_local, capsys):
         assert ray.get(scaler.get_desired.remote()) == 50
     finally:
         ray.kill(scaler)
+
+
+def test_address_auto_without_a_recorded_cluster_is_one_line(monkeypatch):
+    """Ray's own lookup raises ConnectionError when `ray start` recorded no cluster: that is one line too."""
+    import ray._private.services as services
+
+    from rayrlhf.pipeline.cluster import AddressError, check_address
+
+    def nothing_recorded(address, temp_dir=None):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address", nothing_recorded)
+    with pytest.raises(AddressError, match="address auto: no running Ray cluster is recorded"):
+        check_address("auto")
