@@ -54,7 +54,7 @@ class RolloutWorker:
     def __init__(self, cfg: Config, checkpoint: str, worker_index: int):
         init_worker_process(role_threads(cfg, "rollout", node_cores()), cfg.rollout.nice)
         self.gen = RolloutGenerator(checkpoint, cfg.rollout, worker_index, cfg.model.frozen_dtype,
-                                    share_prompts=cfg.ppo.share_prompts)
+                                    share_prompts=cfg.rollout.share_prompts)
         self.group: CollectiveGroup | None = None
 
     @ray.method(num_returns=2)
@@ -97,7 +97,7 @@ class ReferenceWorker:
         init_worker_process(role_threads(cfg, "reference", node_cores()), cfg.reference.nice)
         self.ref = ReferenceLogprobs(checkpoint, cfg.rollout.temperature, cfg.reference.batch_size,
                                      cfg.model.frozen_dtype, max_tokens=cfg.reference.max_tokens_per_micro_batch,
-                                     share_prompts=cfg.ppo.share_prompts)
+                                     share_prompts=cfg.rollout.share_prompts)
 
     @ray.method(num_returns=2)
     def logprobs(self, batch: RolloutBatch) -> tuple[RefLogprobs, CallInfo]:
@@ -111,7 +111,7 @@ class RewardWorker:
         init_worker_process(role_threads(cfg, "reward", node_cores()), cfg.reward.nice)
         self.scorer = RewardScorer(checkpoint, cfg.reward.missing_eos_score, cfg.reward.batch_size,
                                    cfg.model.frozen_dtype, max_tokens=cfg.reward.max_tokens_per_micro_batch,
-                                   share_prompts=cfg.ppo.share_prompts)
+                                   share_prompts=cfg.rollout.share_prompts)
 
     @ray.method(num_returns=2)
     def score(self, batch: RolloutBatch) -> tuple[Scores, CallInfo]:
@@ -283,5 +283,5 @@ class RMStage(_GroupRank):
 @ray.remote
 def evaluate_task(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, ppo_checkpoint: str | None,
                   out_dir: str, judge_checkpoint: str | None = None) -> dict[str, float]:
-    init_worker_process(cfg.sft.num_cpus)
+    init_worker_process(cfg.eval.num_cpus)
     return evaluate_policies(cfg, sft_checkpoint, rm_checkpoint, ppo_checkpoint, Path(out_dir), judge_checkpoint)

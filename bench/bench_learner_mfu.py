@@ -53,7 +53,8 @@ def main() -> None:
     from rayrlhf.roles.learner import PPOLearner
     from rayrlhf.core.experience import Experience
     from rayrlhf.core.modeling import convert_gguf, gguf_cache_root
-    from rayrlhf.core.sequences import pad_left, pad_right, response_logprobs
+    from rayrlhf.core.forward import response_logprobs
+    from rayrlhf.core.padding import pad_left, pad_right
     from rayrlhf.core.throughput import peak_flops
 
     checkpoint = convert_gguf(str(source.parent), source.name, gguf_cache_root() / f"bench-{source.stem}")

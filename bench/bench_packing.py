@@ -4,9 +4,9 @@ this machine's CPU threads. One minibatch of sequences whose lengths are drawn l
 newline to <= 160 tokens, responses of up to 53), cut four ways:
 
 1. `unsorted`: micro batches of `--micro` sequences in arrival order, padded to their longest (rayrlhf before);
-2. `length-grouped`: the same count, longest first (`sequences.length_grouped`: rayrlhf's default);
+2. `length-grouped`: the same count, longest first (`plan.length_grouped`: rayrlhf's default);
 3. `packed B`: token budgets of B real tokens, one row per micro batch, positions restarting per sequence and
-   attention kept within it (`sequences.token_budget_groups` + `pack`).
+   attention kept within it (`plan.token_budget_groups` + `pack`).
 
 Every cut computes the same update (tests/test_learner.py, test_sequences.py); only the time differs. Real
 tokens / s counts the sequences' own tokens, never padding, so the figures compare directly.
@@ -40,7 +40,9 @@ def main() -> None:
     from bench_sharded_memory import smollm2_config
     from rayrlhf.core.config import LoraConfig
     from rayrlhf.core.modeling import apply_lora
-    from rayrlhf.core.sequences import length_grouped, pad_left, pad_right, response_logits, token_budget_groups
+    from rayrlhf.core.forward import response_logits
+    from rayrlhf.core.padding import pad_left, pad_right
+    from rayrlhf.core.plan import length_grouped, token_budget_groups
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

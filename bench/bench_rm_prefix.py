@@ -4,7 +4,7 @@ config, fp32, on this machine's CPU threads, over comparisons shaped like the re
 tokens, two summaries of up to 53 each), in micro batches of `--micro` pairs of similar lengths:
 
 1. `whole`: both sides padded and run whole in one forward (rayrlhf before `rm.share_prefix`);
-2. `shared prefix`: the post once, both summaries on its cached keys and values (`sequences.pair_scores`).
+2. `shared prefix`: the post once, both summaries on its cached keys and values (`pairs.pair_scores`).
 
 Both compute the same scores and gradients (tests/test_sequences.py); only the time differs.
 
@@ -37,7 +37,10 @@ def main() -> None:
     from bench_sharded_memory import smollm2_config
     from rayrlhf.core.config import LoraConfig
     from rayrlhf.core.modeling import apply_lora
-    from rayrlhf.core.sequences import length_grouped, pad_right, pair_scores, sequence_scores
+    from rayrlhf.core.forward import sequence_scores
+    from rayrlhf.core.padding import pad_right
+    from rayrlhf.core.pairs import pair_scores
+    from rayrlhf.core.plan import length_grouped
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -97,7 +97,7 @@ def serve_backend(backend: str, checkpoint: str, prompts: list[list[int]], threa
     for line in sys.stdin:
         ask = json.loads(line)
         batch = gen.generate(request(ask["num_seqs"], ask["seed"]))
-        print("RESULT " + json.dumps({"seconds": batch.generate_s, "tokens": int(batch.response_mask.sum())}), flush=True)
+        print("RESULT " + json.dumps({"seconds": batch.seconds, "tokens": int(batch.response_mask.sum())}), flush=True)
 
 
 class BackendProcess:

@@ -1,11 +1,11 @@
 """The rollout side with each prompt run once for its samples, measured: the Hugging Face rollout backend's
 `generate` and the reward scorer on one PPO batch of a finished run (its SFT and reward-model checkpoints, its
-config's prompts, response length and temperature), `ppo.share_prompts` off then on, on this machine's CPU threads:
+config's prompts, response length and temperature), `rollout.share_prompts` off then on, on this machine's CPU threads:
 
 1. generate: every row prefills its own prompt, or each distinct prompt is prefilled once and its samples are
-   sampled on copies of its cache (`sequences.prefill_distinct_prompts`);
+   sampled on copies of its cache (`sampling.prefill_distinct_prompts`);
 2. reward: every row scored whole, or each distinct prompt once and its samples' responses on its cache
-   (`sequences.response_scores`).
+   (`forward.response_scores`).
 
 Both settings give the same log-probs and scores up to float rounding, so they sample the same tokens for the
 same seed (rounding could flip a rare sample; the script stops if one does); it prints seconds per call (after

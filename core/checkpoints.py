@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rayrlhf.core.files import atomic_write_text
 from rayrlhf.core.metrics import MetricsLogger
@@ -87,7 +89,6 @@ class CheckpointDir:
 def trainable_state(model) -> dict | None:
     """The trainable parameters of `model` (copies, on the CPU); None for no model. With LoRA these are the
     adapters (and fully trained heads): a resumable checkpoint needs them, not the frozen base weights."""
-    import torch
 
     if model is None:
         return None
@@ -107,40 +108,59 @@ def load_trainable_state(model, saved: dict, what: str) -> None:
             p.copy_(saved[n])
 
 
-def save_training_state(ckpts: CheckpointDir, step: int, model, opt, sched, best: dict, group=None) -> Path:
-    """A resumable SFT/RM checkpoint: the model's current (not best) weights (with LoRA only the trainable ones),
-    optimizer, scheduler, torch RNG and the best result so far. The data order is a function of (seed, epoch), so `step` is the data cursor.
+@dataclass(frozen=True)
+class Trained:
+    """A model that trains, with its optimizer and schedule: one part of a resumable checkpoint (`write_state`).
+    `hf_folder`: where the caller saved the model's full weights in Hugging Face format, read back from there
+    instead of being stored twice."""
 
-    In a FSDP group (`group`, a `sharding.TrainGroup`) each rank writes its shards of the model and optimizer
-    with torch.distributed.checkpoint (`sharded/`) and rank 0 the rest, with the group's size."""
+    name: str
+    model: Any
+    opt: Any
+    sched: Any
+    hf_folder: Path | None = None
+
+
+def write_state(path: Path, parts: Sequence[Trained], small: dict, group=None) -> None:
+    """Everything a trainer needs to go on exactly as if never stopped, into checkpoint directory `path`: each
+    part's weights (with LoRA only the trainable ones; none where `hf_folder` holds them), optimizer and
+    schedule, with `small` (the step or version, RNG states, the best result) in `trainer_state.pt`.
+
+    In a FSDP group (`group`, a `sharding.TrainGroup` or one with `fsdp`, `leader`, `rank`) each rank writes its
+    shards of the models and optimizers with torch.distributed.checkpoint (`sharded/`) and rank 0 the rest,
+    with the group's size. The caller makes the directory appear atomically (`CheckpointDir.save`)."""
     import torch
 
     sharded = group is not None and group.fsdp
-
-    def write(tmp: Path) -> None:
-        small = {"step": step, "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(), "best": best}
-        if sharded:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
-
-            model_state, opt_state = get_state_dict(model, opt)
-            dcp.save({"model": model_state, "optimizer": opt_state}, checkpoint_id=str(tmp / "sharded"))
-            small["world"] = group.rank.world
-        elif any(not p.requires_grad for p in model.parameters()):  # LoRA: the frozen base comes from its checkpoint
-            small.update(trainable=trainable_state(model), optimizer=opt.state_dict())
-        else:
-            small.update(model=model.state_dict(), optimizer=opt.state_dict())
-        if not sharded or group.leader:
-            torch.save(small, tmp / "trainer_state.pt")
-
+    state = dict(small)
     if sharded:
-        return ckpts.save(step, write, group.leader, group.barrier)
-    return ckpts.save(step, write)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        shards = {}
+        for part in parts:
+            shards[part.name], shards[f"{part.name}_optimizer"] = get_state_dict(part.model, part.opt)
+        dcp.save(shards, checkpoint_id=str(path / "sharded"))
+        state["world"] = group.rank.world
+    for part in parts:
+        entry = {"scheduler": part.sched.state_dict()}
+        if not sharded:
+            entry["optimizer"] = part.opt.state_dict()
+            if any(not p.requires_grad for p in part.model.parameters()):  # LoRA: the frozen base is a checkpoint's
+                entry["trainable"] = trainable_state(part.model)
+            elif part.hf_folder is None:
+                entry["weights"] = part.model.state_dict()
+        state[part.name] = entry
+    if not sharded or group.leader:
+        torch.save(state, path / "trainer_state.pt")
 
 
-def load_training_state(path: Path, model, opt, sched, group=None) -> tuple[int, dict]:
-    """Restore what `save_training_state` wrote; returns (step, best). A sharded checkpoint loads into a group
-    of the size that wrote it (and only there): the error names both sizes."""
+def read_state(path: Path, parts: Sequence[Trained], group=None, hint: str = "",
+               load_hf: Callable[[Trained], dict] | None = None) -> dict:
+    """Restore what `write_state` wrote into `parts` (built as when it was written) and the RNG; returns the
+    state's small entries. A sharded checkpoint loads into a group of the size that wrote it (and only there):
+    the error names both sizes and `hint`, the keys that set them. `load_hf(part)`: the state dict of a part's
+    `hf_folder`."""
     import torch
 
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
@@ -148,24 +168,52 @@ def load_training_state(path: Path, model, opt, sched, group=None) -> tuple[int,
     if state.get("world") != world:
         wrote = f"a group of {state['world']} ranks" if "world" in state else "one unsharded process"
         this = f"a group of {world} ranks" if world is not None else "one unsharded process"
-        raise ValueError(f"{path} was written by {wrote}; this is {this} (set the stage's workers and "
-                         "model.mixed_precision as when it was written)")
+        raise ValueError(f"{path} was written by {wrote}; this is {this} ({hint})")
     if world is not None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_state, opt_state = get_state_dict(model, opt)
-        sharded = {"model": model_state, "optimizer": opt_state}
-        dcp.load(sharded, checkpoint_id=str(path / "sharded"))
-        set_state_dict(model, opt, model_state_dict=sharded["model"], optim_state_dict=sharded["optimizer"])
-    else:
-        if "trainable" in state:
-            load_trainable_state(model, state["trainable"], str(path))
-        else:
-            model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
+        shards = {}
+        for part in parts:
+            shards[part.name], shards[f"{part.name}_optimizer"] = get_state_dict(part.model, part.opt)
+        dcp.load(shards, checkpoint_id=str(path / "sharded"))
+        for part in parts:
+            set_state_dict(part.model, part.opt, model_state_dict=shards[part.name],
+                           optim_state_dict=shards[f"{part.name}_optimizer"])
+    for part in parts:
+        entry = state[part.name]
+        if world is None:
+            if "trainable" in entry:
+                load_trainable_state(part.model, entry["trainable"], f"{path} ({part.name})")
+            else:
+                part.model.load_state_dict(entry["weights"] if "weights" in entry else load_hf(part))
+            part.opt.load_state_dict(entry["optimizer"])
+        part.sched.load_state_dict(entry["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    return state
+
+
+_STAGE_HINT = "set the stage's workers and model.mixed_precision as when it was written"
+
+
+def save_training_state(ckpts: CheckpointDir, step: int, model, opt, sched, best: dict, group=None) -> Path:
+    """A resumable SFT/RM checkpoint (`write_state`): the model's current (not best) weights, optimizer,
+    scheduler, torch RNG and the best result so far. The data order is a function of (seed, epoch), so `step` is
+    the data cursor."""
+    import torch
+
+    def write(tmp: Path) -> None:
+        write_state(tmp, [Trained("model", model, opt, sched)],
+                    {"step": step, "torch_rng": torch.get_rng_state(), "best": best}, group)
+
+    if group is not None and group.fsdp:
+        return ckpts.save(step, write, group.leader, group.barrier)
+    return ckpts.save(step, write)
+
+
+def load_training_state(path: Path, model, opt, sched, group=None) -> tuple[int, dict]:
+    """Restore what `save_training_state` wrote; returns (step, best)."""
+    state = read_state(path, [Trained("model", model, opt, sched)], group, _STAGE_HINT)
     return state["step"], state["best"]
 
 

@@ -345,6 +345,16 @@ class RMConfig(_TrainerConfig):
 
 class RolloutConfig(_Section):
     backend: Literal["hf", "vllm"] = Field("hf", description="`hf`: transformers generate; `vllm`: a vLLM engine per worker.")
+    share_prompts: bool = Field(True, description=(
+        "A prompt's samples run the prompt once in every role that runs them: the learner, the reference and "
+        "the reward scorer run each distinct prompt of a micro batch once, its "
+        "samples' responses on its cached keys and values (micro batches keep a prompt's samples together): the "
+        "same log-probs, values, scores and gradients, with the prompt computed once per micro batch instead of "
+        "once per sample (a prompt's samples split across minibatches run it once in each). Padded micro batches "
+        "only (with a token budget the rows are packed whole), in one process (a learner group runs rows whole); "
+        "off with model.gradient_checkpointing, which turns the cache off, and on models with sliding-window "
+        "attention layers. The HF rollout backend likewise prefills each distinct prompt once and generates its "
+        "samples on copies of its cache (vLLM has its own prefix cache)."))
     num_workers: int = Field(1, ge=1, description="Rollout workers, scaled independently of the learner.")
     num_cpus: float = Field(1, ge=0, description="CPUs per rollout worker.")
     nice: int = Field(0, ge=0, le=19, description=(
@@ -479,15 +489,6 @@ class PPOConfig(_Section):
     learner_workers: int = Field(1, ge=1, description=(
         "Ranks of the learner group: policy and critic sharded with FSDP2 over this many actors (gloo on CPU, "
         "NCCL on GPU), each with ppo.num_cpus and ppo.num_gpus; every rank takes an equal share of each minibatch."))
-    share_prompts: bool = Field(True, description=(
-        "The learner, the reference and the reward scorer run each distinct prompt of a micro batch once, its "
-        "samples' responses on its cached keys and values (micro batches keep a prompt's samples together): the "
-        "same log-probs, values, scores and gradients, with the prompt computed once per micro batch instead of "
-        "once per sample (a prompt's samples split across minibatches run it once in each). Padded micro batches "
-        "only (with a token budget the rows are packed whole), in one process (a learner group runs rows whole); "
-        "off with model.gradient_checkpointing, which turns the cache off, and on models with sliding-window "
-        "attention layers. The HF rollout backend likewise prefills each distinct prompt once and generates its "
-        "samples on copies of its cache (vLLM has its own prefix cache)."))
     use_idle_cores: bool = Field(True, description=(
         "Synchronous PPO (max_staleness 0) runs one role at a time: generation, then reference and reward side by "
         "side, then the learner. Each then uses the cores of its node that the others leave idle for its torch "
@@ -522,6 +523,8 @@ class EvalConfig(_Section):
         "A judge reward model, trained on comparisons disjoint from the training reward model's, that scores both "
         "policies (judge score, judge win rate PPO vs SFT); default: the run's `judge` stage when "
         "data.judge_fraction > 0."))
+    num_cpus: float = Field(1, ge=0, description="CPUs of the evaluation task (also its torch threads).")
+    num_gpus: float = Field(0, ge=0, description="GPUs of the evaluation task.")
 
 
 class ServeConfig(_Section):
@@ -664,7 +667,7 @@ def _apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
 
 
 # Keys that moved to the section of what they control: the old spelling is refused, naming the new one.
-MOVED_KEYS = {"ppo.startup_timeout_s": "ray.startup_timeout_s"}
+MOVED_KEYS = {"ppo.startup_timeout_s": "ray.startup_timeout_s", "ppo.share_prompts": "rollout.share_prompts"}
 
 
 def _format_error(e: ValidationError, source: str) -> str:

@@ -6,11 +6,25 @@ Messages of more than four fields are built by keyword only (`kw_only`): a call 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class Role(StrEnum):
+    """The PPO roles, one name each: in the driver's calls, the ledger, timings (`timing/<role>_s`) and metrics
+    (`perf/<role>_mfu`, `perf/<role>_tokens_per_s`)."""
+
+    ROLLOUT = "rollout"
+    REFERENCE = "reference"
+    REWARD = "reward"
+    LEARNER = "learner"
+
+
+SCORING = (Role.ROLLOUT, Role.REFERENCE, Role.REWARD)  # the roles that make a batch's experience, in that order
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,14 +62,14 @@ class RolloutBatch:
     responses: Tensor
     response_mask: Tensor
     logprobs: Tensor
-    generate_s: float = 0.0
-    mfu: float = 0.0  # model FLOPs utilisation of the generation (core.throughput)
+    seconds: float = 0.0  # of the generation
+    mfu: float = 0.0  # model FLOPs utilisation of the generation (core.work)
     # max |log-prob| difference between the engine and the weights it was sent, on the probe of the load of this
     # version (vLLM); None where the model that generates is the one loaded (HF)
     engine_probe_diff: float | None = None
 
     def info(self) -> RolloutInfo:
-        return RolloutInfo(batch_id=self.batch_id, shard=self.shard, seconds=self.generate_s, mfu=self.mfu,
+        return RolloutInfo(batch_id=self.batch_id, shard=self.shard, seconds=self.seconds, mfu=self.mfu,
                            worker=self.worker, policy_version=self.policy_version,
                            prompt_indices=tuple(self.prompt_indices), sequences=self.responses.shape[0],
                            prompt_tokens=int(self.prompt_mask.sum()), response_tokens=int(self.response_mask.sum()),
@@ -71,11 +85,11 @@ class Scores:
     scores: Tensor
     raw_scores: Tensor
     has_eos: Tensor
-    score_s: float = 0.0
+    seconds: float = 0.0
     mfu: float | None = None  # None: not measured (the reward service over HTTP runs its model elsewhere)
 
     def info(self) -> CallInfo:
-        return CallInfo(batch_id=self.batch_id, shard=self.shard, seconds=self.score_s, mfu=self.mfu)
+        return CallInfo(batch_id=self.batch_id, shard=self.shard, seconds=self.seconds, mfu=self.mfu)
 
 
 @dataclass
@@ -83,11 +97,11 @@ class RefLogprobs:
     batch_id: int
     shard: int
     logprobs: Tensor  # (B, R), 0 on padding
-    ref_s: float = 0.0
+    seconds: float = 0.0
     mfu: float = 0.0
 
     def info(self) -> CallInfo:
-        return CallInfo(batch_id=self.batch_id, shard=self.shard, seconds=self.ref_s, mfu=self.mfu)
+        return CallInfo(batch_id=self.batch_id, shard=self.shard, seconds=self.seconds, mfu=self.mfu)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,10 +130,11 @@ class RolloutInfo(CallInfo):
     engine_probe_diff: float | None = None  # `RolloutBatch.engine_probe_diff`
 
 
-def batch_timings(rollouts: list[RolloutInfo], refs: list[CallInfo], scores: list[CallInfo]) -> dict[str, float]:
-    """Seconds (the slowest shard's) and mean MFU of each role on one batch; a role without MFU has no key."""
+def batch_timings(rollouts: list[RolloutInfo], references: list[CallInfo], scores: list[CallInfo]) -> dict[str, float]:
+    """Seconds (the slowest shard's) and mean MFU of each role on one batch (`<role>_s`, `<role>_mfu`); a role
+    without MFU has no key."""
     timings = {}
-    for role, calls in (("generate", rollouts), ("ref", refs), ("score", scores)):
+    for role, calls in zip(SCORING, (rollouts, references, scores)):
         timings[f"{role}_s"] = max(c.seconds for c in calls)
         if all(c.mfu is not None for c in calls):  # a reward scored over HTTP is not logged as MFU 0
             timings[f"{role}_mfu"] = sum(c.mfu for c in calls) / len(calls)
@@ -142,11 +157,11 @@ class BatchInfo:
     timings: dict[str, float]
 
     @classmethod
-    def of_calls(cls, rollouts: list[RolloutInfo], refs: list[CallInfo], scores: list[CallInfo]) -> BatchInfo:
+    def of_calls(cls, rollouts: list[RolloutInfo], references: list[CallInfo], scores: list[CallInfo]) -> BatchInfo:
         return cls(batch_id=rollouts[0].batch_id, policy_version=rollouts[0].policy_version,
                    prompt_indices=[i for r in rollouts for i in r.prompt_indices],
                    sequences=sum(r.sequences for r in rollouts), prompt_tokens=sum(r.prompt_tokens for r in rollouts),
-                   response_tokens=sum(r.response_tokens for r in rollouts), timings=batch_timings(rollouts, refs, scores))
+                   response_tokens=sum(r.response_tokens for r in rollouts), timings=batch_timings(rollouts, references, scores))
 
     @classmethod
     def of_experience(cls, exp: Experience) -> BatchInfo:
@@ -191,12 +206,13 @@ class Experience:
         return self.responses.shape[0]
 
     @classmethod
-    def join(cls, rollouts: list[RolloutBatch], refs: list[RefLogprobs], scores: list[Scores], pad_id: int) -> Experience:
+    def join(cls, rollouts: list[RolloutBatch], references: list[RefLogprobs], scores: list[Scores], pad_id: int
+             ) -> Experience:
         """Concatenate the shards of one batch (left-padding prompts to a common width)."""
         versions = {r.policy_version for r in rollouts}
         if len(versions) != 1 or len({r.batch_id for r in rollouts}) != 1:
             raise ValueError(f"shards of one batch disagree: versions {versions}, batches {[r.batch_id for r in rollouts]}")
-        for r, lp, s in zip(rollouts, refs, scores):
+        for r, lp, s in zip(rollouts, references, scores):
             if (r.batch_id, r.shard) != (lp.batch_id, lp.shard) or (r.batch_id, r.shard) != (s.batch_id, s.shard):
                 raise ValueError("reference/reward results do not match their rollout shard")
         P = max(r.prompts.shape[1] for r in rollouts)
@@ -211,8 +227,8 @@ class Experience:
             responses=torch.cat([r.responses for r in rollouts]),
             response_mask=torch.cat([r.response_mask for r in rollouts]),
             logprobs=torch.cat([r.logprobs for r in rollouts]),
-            ref_logprobs=torch.cat([lp.logprobs for lp in refs]),
+            ref_logprobs=torch.cat([lp.logprobs for lp in references]),
             scores=torch.cat([s.scores for s in scores]),
             has_eos=torch.cat([s.has_eos for s in scores]),
-            timings=batch_timings([r.info() for r in rollouts], [lp.info() for lp in refs], [s.info() for s in scores]),
+            timings=batch_timings([r.info() for r in rollouts], [lp.info() for lp in references], [s.info() for s in scores]),
         )

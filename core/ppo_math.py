@@ -229,3 +229,11 @@ def sequence_advantages(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float
     rewards = scores - kl_coef * (kl * mask).sum(-1)
     adv = rloo_advantages(rewards, n) if estimator == "rloo" else grpo_advantages(rewards, n)
     return adv.unsqueeze(1) * mask
+
+
+def eos_trick(raw_scores: Tensor, has_eos: Tensor, missing_eos_score: float | None) -> Tensor:
+    """(B,) scores: a response that used its whole budget without emitting EOS gets `missing_eos_score` instead
+    of the reward model's score (detail 6, Huang et al. 2024); None keeps the model's score."""
+    if missing_eos_score is None:
+        return raw_scores
+    return torch.where(has_eos, raw_scores, torch.full_like(raw_scores, missing_eos_score))

@@ -17,7 +17,7 @@ import torch
 from peft.utils.other import transpose
 from torch import Tensor, nn
 
-from rayrlhf.core.sequences import longest_first, token_budget_groups
+from rayrlhf.core.plan import longest_first, token_budget_groups
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def shard_model(model: nn.Module, mixed_precision: str = "no") -> nn.Module:
     `mixed_precision` ("no", "bf16"): `mixed_precision_policy`.
 
     A scalar (reward/value) model's backbone and score head are units of their own: the critic calls them
-    directly for per-token values (`sequences.token_values`), and a unit gathers its parameters only when its
+    directly for per-token values (`forward.token_values`), and a unit gathers its parameters only when its
     own forward runs. A causal LM is called through its root, which keeps tied embeddings in one unit."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -300,3 +300,33 @@ def plain_copy(model: nn.Module, weights: dict[str, Tensor]) -> nn.Module:
                          f"unexpected {sorted(unexpected)[:3]})")
     plain.tie_weights()
     return plain
+
+
+def rollout_weights(model: nn.Module, group: TrainGroup, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The plain (LoRA-merged) parameters of a trained policy, named as the rollout models name them, in the
+    rollout's dtype (`model.inference_dtype`: the fp32 master weights cast, e.g. to bf16 for vLLM). In a group
+    this is a collective that gathers the shards one parameter at a time; rank 0 keeps them (on the CPU)."""
+    if not group.fsdp:
+        from rayrlhf.core.modeling import unwrap
+
+        return {name: t.detach().to(dtype) for name, t in unwrap(model).named_parameters()}
+    keep = group.leader
+    return {name: t.cpu().detach().to(dtype) for name, t in full_weights(model) if keep}
+
+
+def rollout_packet(model: nn.Module, group: TrainGroup, dtype: torch.dtype, version: int, bucket_bytes: int,
+                   store=None):
+    """`rollout_weights` as a versioned, checksummed packet of flat buckets (`weight_sync.stream_packet`). Sharded,
+    every rank gathers the full tensors one at a time (a collective) and rank 0 fills one bucket at a time, handing
+    each to `store` before the next: no rank holds more than its shard plus one bucket and one tensor. The other
+    ranks return None."""
+    from rayrlhf.core.weight_sync import stream_packet
+
+    if not group.fsdp:
+        return stream_packet(rollout_weights(model, group, dtype).items(), version, bucket_bytes, store)
+    gathered = ((name, t.cpu().detach().to(dtype)) for name, t in full_weights(model))
+    if not group.leader:
+        for _ in gathered:  # take part in every gather, keep nothing
+            pass
+        return None
+    return stream_packet(gathered, version, bucket_bytes, store)

@@ -86,7 +86,7 @@ def shared_prefix_work(config, lengths: Sequence[int], prefixes: Sequence[int], 
                        ) -> tuple[int, float]:
     """(tokens run through the model, attention forward FLOPs) for sequences of `lengths` whose first
     `prefixes[i]` tokens are run once per `groups[i]` (the n samples of a prompt, the two sides of a comparison:
-    `sequences.shared_prompt_outputs`, `pair_scores`). `groups` None: every sequence runs whole."""
+    `forward.shared_prompt_outputs`, `pair_scores`). `groups` None: every sequence runs whole."""
     if groups is None:
         return sum(lengths), attention_flops(config, lengths)
     once = list({g: n for g, n in zip(groups, prefixes)}.values())

@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from rayrlhf.core.config import Config, ConfigError, load_config
@@ -90,16 +91,52 @@ def _positive_int(text: str) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class StageRequest:
+    """What a stage command (or `serve`) asked for, resolved once from its arguments: the config to load (a resumed
+    run's own), the run directory to create (`run_dir`) or to go on with (`resume_from`), and given checkpoints."""
+
+    command: str
+    config: str | None
+    overrides: list[str]
+    run_dir: Path | None = None
+    resume_from: Path | None = None  # the run directory to go on with
+    sft_checkpoint: Path | None = None
+    rm_checkpoint: Path | None = None
+
+
+class UsageError(Exception):
+    """Arguments that cannot run: one line, exit 2."""
+
+
+@dataclass
+class ResumeHint:
+    """How to continue a run that stopped: set once its directory exists (a new run's is named only then)."""
+
+    command: str
+    run_dir: Path | None = None
+
+    def __str__(self) -> str:
+        if self.command in RESUMABLE and self.run_dir is not None and (self.run_dir / "config.yaml").is_file():
+            return f" (continue with `rayrlhf {self.command} --resume {self.run_dir}`)"
+        return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    hint = ResumeHint(args.command, _path(getattr(args, "resume", None) or getattr(args, "run_dir", None)))
     try:
-        return _main(args)
+        return _main(args, hint)
     except KeyboardInterrupt:  # Ctrl-C: one line and how to continue, never a traceback
-        print(f"rayrlhf {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        print(f"rayrlhf {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 
-def _main(args: argparse.Namespace) -> int:
+def _path(text: str | None) -> Path | None:
+    return Path(text) if text else None
+
+
+def _main(args: argparse.Namespace, hint: ResumeHint) -> int:
     enable_token_auth()
     quiet_transformers()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -109,58 +146,75 @@ def _main(args: argparse.Namespace) -> int:
         return jobs_main(args)
     if args.command == "scale":
         return scale_main(args)
-    if args.command == "eval" and not args.run_dir:
-        print("rayrlhf eval: error: --run-dir is required: eval evaluates the SFT and PPO policies of a run directory "
-              "(e.g. --run-dir runs/rayrlhf-20250101-120000)", file=sys.stderr)
-        return 2
-    resume = getattr(args, "resume", None)
-    if resume:
-        clash = [flag for flag, given in (("--config", args.config), ("--set", args.overrides), ("--run-dir", args.run_dir),
-                                          ("--sft-checkpoint", getattr(args, "sft_checkpoint", None)),
-                                          ("--rm-checkpoint", getattr(args, "rm_checkpoint", None))) if given]
-        if clash:
-            print(f"rayrlhf {args.command}: error: --resume continues a run with its own config and checkpoints; "
-                  f"it cannot be combined with {', '.join(clash)}", file=sys.stderr)
-            return 2
-        if args.command != "submit":  # a submitted job reads the run directory on the cluster's storage
-            if not (Path(resume) / "config.yaml").is_file():
-                print(f"rayrlhf {args.command}: error: --resume {resume}: not a run directory (no config.yaml)",
-                      file=sys.stderr)
-                return 2
-            # A stage run with a config of its own (see `preflight.run_config`) resumes with it.
-            own = Path(resume) / args.command / "config.yaml"
-            args.config = str(own if own.is_file() and args.command != "train" else Path(resume) / "config.yaml")
-            args.run_dir = resume
     try:
-        cfg = load_config(args.config, args.overrides, written_by_a_run=bool(resume))
-    except ConfigError as e:
-        print(f"rayrlhf: {e}", file=sys.stderr)
+        request = stage_request(args)
+        cfg = load_config(request.config, request.overrides, written_by_a_run=request.resume_from is not None)
+        cfg, differs = _preflight(request, cfg)
+    except (UsageError, ConfigError) as e:
+        print(f"rayrlhf: {e}" if isinstance(e, ConfigError) else f"rayrlhf {args.command}: error: {e}", file=sys.stderr)
         return 2
-    if args.command in (*STAGE_COMMANDS, "serve"):
-        from rayrlhf.pipeline.preflight import PreflightError, check_inputs, check_resources, run_config
+    try:
+        if args.command == "serve":
+            return serve_main(args, cfg)
+        if args.command == "submit":
+            from rayrlhf.pipeline.jobs import submit_main
 
-        try:
-            if args.command != "serve" and not resume:
-                if args.run_dir:
-                    cfg, args.config_differs = run_config(Path(args.run_dir), cfg, bool(args.config or args.overrides),
-                                                          args.command)
-                check_inputs(cfg, args.command, Path(args.run_dir) if args.run_dir else None,
-                             getattr(args, "sft_checkpoint", None), getattr(args, "rm_checkpoint", None))
-            check_resources(cfg, args.command)
-        except PreflightError as e:
-            print(f"rayrlhf {args.command}: error: {e}", file=sys.stderr)
-            return 2
-    try:
-        return _run(args, cfg)
+            return submit_main(args, cfg)
+        return _run(request, cfg, differs, hint)
     except Exception as e:  # noqa: BLE001 - every failure of a run is one line, never a traceback
         line = error_line(e)
-        print(f"rayrlhf {args.command}: error: {line}{'' if '--resume' in line else _resume_hint(args)}",
-              file=sys.stderr)
+        print(f"rayrlhf {args.command}: error: {line}{'' if '--resume' in line else hint}", file=sys.stderr)
         log.debug("traceback", exc_info=True)
         return 1
 
 
+def stage_request(args: argparse.Namespace) -> StageRequest:
+    """The request a command's arguments make; UsageError for arguments that cannot go together."""
+    command, resume_from = args.command, _path(getattr(args, "resume", None))
+    if command == "eval" and not args.run_dir:
+        raise UsageError("--run-dir is required: eval evaluates the SFT and PPO policies of a run directory "
+                         "(e.g. --run-dir runs/rayrlhf-20250101-120000)")
+    given = {"sft_checkpoint": _path(getattr(args, "sft_checkpoint", None)),
+             "rm_checkpoint": _path(getattr(args, "rm_checkpoint", None))}
+    if resume_from is None:
+        return StageRequest(command, args.config, args.overrides, _path(getattr(args, "run_dir", None)), **given)
+    clash = [flag for flag, value in (("--config", args.config), ("--set", args.overrides), ("--run-dir", args.run_dir),
+                                      ("--sft-checkpoint", given["sft_checkpoint"]),
+                                      ("--rm-checkpoint", given["rm_checkpoint"])) if value]
+    if clash:
+        raise UsageError("--resume continues a run with its own config and checkpoints; it cannot be combined with "
+                         + ", ".join(clash))
+    if command == "submit":  # a submitted job reads the run directory on the cluster's storage
+        return StageRequest(command, args.config, args.overrides, resume_from=resume_from)
+    if not (resume_from / "config.yaml").is_file():
+        raise UsageError(f"--resume {resume_from}: not a run directory (no config.yaml)")
+    own = resume_from / command / "config.yaml"  # a stage run with a config of its own (`preflight.run_config`)
+    config = own if own.is_file() and command != "train" else resume_from / "config.yaml"
+    return StageRequest(command, str(config), [], resume_from, resume_from)
+
+
+def _preflight(request: StageRequest, cfg: Config) -> tuple[Config, list[str] | None]:
+    """A stage's inputs and resources checked before anything starts (UsageError otherwise) -> the config to run
+    with (a run directory's own, `preflight.run_config`) and the keys where the given one differs from it."""
+    if request.command not in (*STAGE_COMMANDS, "serve"):
+        return cfg, None
+    from rayrlhf.pipeline.preflight import PreflightError, check_inputs, check_resources, run_config
+
+    differs = None
+    try:
+        if request.command != "serve" and request.resume_from is None:
+            if request.run_dir is not None:
+                cfg, differs = run_config(request.run_dir, cfg, bool(request.config or request.overrides),
+                                          request.command)
+            check_inputs(cfg, request.command, request.run_dir, request.sft_checkpoint, request.rm_checkpoint)
+        check_resources(cfg, request.command)
+    except PreflightError as e:
+        raise UsageError(str(e)) from e
+    return cfg, differs
+
+
 STAGE_COMMANDS = ("train", "sft", "rm", "judge", "ppo", "eval")
+RESUMABLE = ("train", "sft", "rm", "judge", "ppo")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -183,13 +237,6 @@ def error_line(e: BaseException) -> str:
     first = lines[0] if lines else type(e).__name__
     prefix = "" if isinstance(e, (ValueError, FileNotFoundError, RuntimeError)) else f"{type(e).__name__}: "
     return f"{prefix}{first}{where}"
-
-
-def _resume_hint(args: argparse.Namespace) -> str:
-    run_dir = getattr(args, "resume", None) or getattr(args, "run_dir", None)
-    if args.command in ("train", "sft", "rm", "judge", "ppo") and run_dir and (Path(run_dir) / "config.yaml").is_file():
-        return f" (continue with `rayrlhf {args.command} --resume {run_dir}`)"
-    return ""
 
 
 def scale_main(args: argparse.Namespace) -> int:
@@ -244,34 +291,27 @@ def scale_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, cfg: Config) -> int:
+def _run(request: StageRequest, cfg: Config, differs: list[str] | None, hint: ResumeHint) -> int:
     from rayrlhf.pipeline import workflow as stages
     from rayrlhf.pipeline.run_dir import RunDir
 
-    if args.command == "serve":
-        return serve_main(args, cfg)
-    if args.command == "submit":
-        from rayrlhf.pipeline.jobs import submit_main
-
-        return submit_main(args, cfg)
-    resume = bool(getattr(args, "resume", None))
-    run = RunDir(Path(args.run_dir)) if resume else stages.open_run(cfg, args.run_dir)
-    args.run_dir = str(run.path)  # a new run's directory, for the resume hint of a failure or Ctrl-C
-    if getattr(args, "config_differs", None):
-        kept = run.keep_stage_config(args.command, cfg)
+    resume = request.resume_from is not None
+    run = RunDir(request.resume_from) if resume else stages.open_run(cfg, str(request.run_dir) if request.run_dir else None)
+    hint.run_dir = run.path  # a new run's directory, for the resume hint of a failure or Ctrl-C
+    if differs:
+        kept = run.keep_stage_config(request.command, cfg)
         log.warning("%s runs with a config that differs from the run's config.yaml in %s; kept in %s",
-                    args.command, ", ".join(args.config_differs), kept)
+                    request.command, ", ".join(differs), kept)
     try:
-        if args.command == "train":
+        if request.command == "train":
             stages.train(cfg, run, resume)
-        elif args.command == "sft":
+        elif request.command == "sft":
             stages.sft(cfg, run, resume)
-        elif args.command in ("rm", "judge"):
-            stages.rm(cfg, run, Path(args.sft_checkpoint) if args.sft_checkpoint else None, resume, args.command)
-        elif args.command == "ppo":
-            stages.ppo(cfg, run, Path(args.sft_checkpoint) if args.sft_checkpoint else None,
-                       Path(args.rm_checkpoint) if args.rm_checkpoint else None, resume)
-        elif args.command == "eval":
+        elif request.command in ("rm", "judge"):
+            stages.rm(cfg, run, request.sft_checkpoint, resume, request.command)
+        elif request.command == "ppo":
+            stages.ppo(cfg, run, request.sft_checkpoint, request.rm_checkpoint, resume)
+        elif request.command == "eval":
             stages.evaluate(cfg, run)
     finally:
         stages.shutdown()
@@ -287,42 +327,45 @@ def _wait_until_interrupted() -> None:
         pass
 
 
+def _serve_request(args: argparse.Namespace, cfg: Config) -> tuple[str, int, Path, str | None]:
+    """(host, port, checkpoint, bearer token or None) of `rayrlhf serve`; UsageError for what cannot serve."""
+    from rayrlhf.pipeline.preflight import PreflightError, check_checkpoint
+    from rayrlhf.serving.auth import TokenError, is_loopback, resolve_token
+
+    host = args.host or cfg.serve.host
+    port = cfg.serve.port if args.port is None else args.port
+    checkpoint = Path(args.checkpoint).resolve()
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port {port} is not a TCP port")
+    try:
+        check_checkpoint(checkpoint, "reward-model", "pass a reward model's folder, e.g. <run>/rm/checkpoint", "reward",
+                         "--checkpoint")
+        token = resolve_token(cfg.serve)
+    except (PreflightError, TokenError) as e:
+        raise UsageError(str(e)) from e
+    if token is None and not is_loopback(host):
+        if not cfg.serve.allow_insecure_non_loopback:
+            raise UsageError(f"refusing to listen on {host} without a bearer token: set {cfg.serve.token_env} "
+                             "(serve.token_env) or serve.token_file, listen on 127.0.0.1, or set "
+                             "serve.allow_insecure_non_loopback=true to accept unauthenticated requests from the network")
+        log.warning("serving on %s WITHOUT authentication (serve.allow_insecure_non_loopback=true)", host)
+    return host, port, checkpoint, token
+
+
 def serve_main(args: argparse.Namespace, cfg: Config) -> int:
     """`rayrlhf serve --checkpoint DIR [--host H] [--port N]`: serve until interrupted. Exit 2 on bad arguments."""
     import ray
     from ray import serve
 
     from rayrlhf.pipeline.cluster import connect
-    from rayrlhf.serving.auth import TokenError, is_loopback, resolve_token
-    from rayrlhf.pipeline.preflight import PreflightError, check_checkpoint
     from rayrlhf.serving.proxy import PROXY_CALLBACK
     from rayrlhf.serving.reward_service import APP_NAME, start_service
 
-    host = args.host or cfg.serve.host
-    port = cfg.serve.port if args.port is None else args.port
-    checkpoint = Path(args.checkpoint).resolve()
-    if not 1 <= port <= 65535:
-        print(f"rayrlhf serve: error: --port {port} is not a TCP port", file=sys.stderr)
-        return 2
     try:
-        check_checkpoint(checkpoint, "reward-model", "pass a reward model's folder, e.g. <run>/rm/checkpoint", "reward",
-                         "--checkpoint")
-    except PreflightError as e:
+        host, port, checkpoint, token = _serve_request(args, cfg)
+    except UsageError as e:
         print(f"rayrlhf serve: error: {e}", file=sys.stderr)
         return 2
-    try:
-        token = resolve_token(cfg.serve)
-    except TokenError as e:
-        print(f"rayrlhf serve: error: {e}", file=sys.stderr)
-        return 2
-    if token is None and not is_loopback(host):
-        if not cfg.serve.allow_insecure_non_loopback:
-            print(f"rayrlhf serve: error: refusing to listen on {host} without a bearer token: set "
-                  f"{cfg.serve.token_env} (serve.token_env) or serve.token_file, listen on 127.0.0.1, or set "
-                  "serve.allow_insecure_non_loopback=true to accept unauthenticated requests from the network",
-                  file=sys.stderr)
-            return 2
-        log.warning("serving on %s WITHOUT authentication (serve.allow_insecure_non_loopback=true)", host)
     own_cluster = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     if own_cluster:  # the proxy of a Ray started here inherits this process's environment
         os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)

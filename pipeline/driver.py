@@ -34,7 +34,7 @@ from rayrlhf.core.checkpoints import CheckpointDir
 from rayrlhf.core.files import atomic_write_text, read_json, write_json
 from rayrlhf.core.config import Config
 from rayrlhf.core.data import load_tldr
-from rayrlhf.core.experience import BatchInfo, Experience, RolloutRequest, ShardRefs
+from rayrlhf.core.experience import SCORING, BatchInfo, Experience, Role, RolloutRequest, ShardRefs
 from rayrlhf.core.ledger import ExperienceLedger
 from rayrlhf.core.metrics import MetricsLogger
 from rayrlhf.core.modeling import load_tokenizer
@@ -194,10 +194,10 @@ class PPODriver:
 
     # --- loop -------------------------------------------------------------------------------------
 
-    def run(self, resume: Path | None = None) -> dict[str, float]:
+    def run(self, resume_from: Path | None = None) -> dict[str, float]:
         """The PPO loop; with `resume` (a checkpoint directory), from where that checkpoint left off."""
         try:
-            return self._run(resume)
+            return self._run(resume_from)
         except Exception as e:
             # A dead rank of a learner group fails its peers' collectives: name the rank that died.
             group = self.roles.learner if self.roles is not None else None
@@ -208,9 +208,9 @@ class PPODriver:
                                    f"{self._resume_hint()}") from e
             raise
 
-    def _run(self, resume: Path | None) -> dict[str, float]:
+    def _run(self, resume_from: Path | None) -> dict[str, float]:
         self.start()
-        state = self.restore(resume) if resume is not None else self.fresh()
+        state = self.restore(resume_from) if resume_from is not None else self.fresh()
         setup_s = time.perf_counter() - self.created
         metrics_log = MetricsLogger(self.out_dir, cfg=self.cfg)
         bar = tqdm(total=self.pc.steps, initial=state.step, desc="ppo", mininterval=2, ascii=True)
@@ -256,21 +256,19 @@ class PPODriver:
             if self.gate.synchronous:  # nothing else can run meanwhile; wait so the time is attributed
                 sync_times, pending = self.await_sync(pending), []
         tokens, t = info.response_tokens, info.timings
-        scored = tokens + info.prompt_tokens  # the scoring roles run prompt and response
+        scored = tokens + info.prompt_tokens
         state.totals["sequences"] += info.sequences
         state.totals["tokens"] += tokens
         done.sequences += info.sequences
         done.tokens += tokens
-        return {**metrics, **timer.metrics(),
-                "timing/generate_s": t["generate_s"], "timing/reference_s": t["ref_s"],
-                "timing/reward_s": t["score_s"], "timing/worker_load_s": max(sync_times, default=0.0),
-                "perf/rollout_mfu": t["generate_mfu"], "perf/reference_mfu": t["ref_mfu"],
-                **({"perf/reward_mfu": t["score_mfu"]} if "score_mfu" in t else {}),
+        roles = {f"timing/{role}_s": t[f"{role}_s"] for role in SCORING}
+        roles.update({f"perf/{role}_mfu": t[f"{role}_mfu"] for role in SCORING if f"{role}_mfu" in t})
+        # the generator's tokens are the responses; the scoring roles run prompt and response
+        roles.update({f"perf/{role}_tokens_per_s": _per_s(tokens if role == Role.ROLLOUT else scored, t[f"{role}_s"])
+                      for role in SCORING})
+        return {**metrics, **timer.metrics(), **roles, "timing/worker_load_s": max(sync_times, default=0.0),
                 # the vLLM engine's log-probs against the weights it was sent, on the probe of this batch's load
                 **({"rollout/engine_probe_diff": t["engine_probe_diff"]} if "engine_probe_diff" in t else {}),
-                "perf/rollout_tokens_per_s": _per_s(tokens, t["generate_s"]),
-                "perf/reference_tokens_per_s": _per_s(scored, t["ref_s"]),
-                "perf/reward_tokens_per_s": _per_s(scored, t["score_s"]),
                 "rollout/policy_version": float(info.policy_version), "rollout/num_workers": float(num_workers),
                 "rollout/workers_starting": float(len(self.pool.starting)),
                 "rollout/sequences": float(info.sequences),
@@ -313,7 +311,7 @@ class PPODriver:
         indices = self.prompt_source.batch(batch_id)
         workers = self.pool.handles()
         flight = InFlight(batch_id, version, [])
-        refs, rewards = self.roles.references, self.roles.rewards
+        references, rewards = self.roles.references, self.roles.rewards
         for w, worker in enumerate(workers):
             rep = [i for i in indices[w :: len(workers)] for _ in range(n)]  # the n samples of a prompt stay adjacent
             req = RolloutRequest(batch_id=batch_id, shard=w, prompt_indices=rep, prompts=[self.prompts[i] for i in rep],
@@ -321,7 +319,7 @@ class PPODriver:
             # Round robin over the shards of all batches: a batch's shards go to different replicas, and with
             # a single rollout worker successive batches (in flight together when asynchronous) do.
             turn = batch_id * len(workers) + w
-            shard = ShardCalls(request=req, worker=worker, reference_actor=refs[turn % len(refs)],
+            shard = ShardCalls(request=req, worker=worker, reference_actor=references[turn % len(references)],
                                reward_actor=rewards[turn % len(rewards)])
             for role in ROLES:  # in chain order: scoring reads the rollout's result
                 shard.dispatch(role)
@@ -357,25 +355,25 @@ class PPODriver:
         restarted = set()
         for s, f in sorted(failed.items()):
             shard = flight.shards[s]
-            if f.role == "rollout":
+            if f.role == Role.ROLLOUT:
                 index = self.pool.index_of(shard.worker)
                 self._await_restart(shard.worker, f"rollout worker {index}")
                 attempt = self.ledger.redispatched(flight.batch_id, s, index, f.error)
                 # The restarted actor holds the SFT weights: the batch's version first, then the current one.
                 shard.worker.load_weights.remote(self.packets[flight.version])
-                shard.dispatch("rollout")
+                shard.dispatch(Role.ROLLOUT)
                 restarted.add(shard.worker)
                 self.events.write(self.step, "shard_redispatched", index, batch=flight.batch_id, shard=s,
                                   attempt=attempt, version=flight.version, error=f.error)
             else:
-                actor = shard.reference_actor if f.role == "reference" else shard.reward_actor
+                actor = shard.reference_actor if f.role == Role.REFERENCE else shard.reward_actor
                 self._await_restart(actor, self.roles.name_of(actor))
                 self.ledger.recalled(flight.batch_id, s, f.role, f.error)
                 self.events.write(self.step, f"{f.role}_redispatched", -1, batch=flight.batch_id, shard=s, error=f.error)
-            if f.role in ("rollout", "reference"):
-                shard.dispatch("reference")
-            if f.role in ("rollout", "reward"):
-                shard.dispatch("reward")
+            if f.role in (Role.ROLLOUT, Role.REFERENCE):
+                shard.dispatch(Role.REFERENCE)
+            if f.role in (Role.ROLLOUT, Role.REWARD):
+                shard.dispatch(Role.REWARD)
         for handle in restarted:
             handle.load_weights.remote(self.packets[self.gate.version])
 
@@ -417,13 +415,13 @@ class PPODriver:
         reloads that one, see `collect`); only then are the loads read one by one, to find it."""
         if not pending:
             return []
-        refs = [load.seconds for load in pending]
-        _, late = ray.wait(refs, num_returns=len(refs), timeout=self.pc.sync_timeout_s)
+        seconds = [load.seconds for load in pending]  # each load's result: its seconds
+        _, late = ray.wait(seconds, num_returns=len(seconds), timeout=self.pc.sync_timeout_s)
         if late:
             names = ", ".join(str(self.pool.index_of(load.worker)) for load in pending if load.seconds in late)
             raise RoleTimeout(f"weight sync to rollout worker(s) {names}", self.pc.sync_timeout_s)
         try:
-            return ray.get(refs)
+            return ray.get(seconds)
         except RayActorError:
             pass
         times = []

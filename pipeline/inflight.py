@@ -15,11 +15,13 @@ from ray import ObjectRef
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
 
-from rayrlhf.core.experience import BatchInfo, CallInfo, Experience, RolloutInfo, RolloutRequest, ShardRefs, VersionMismatch
+from rayrlhf.core.experience import (
+    SCORING, BatchInfo, CallInfo, Experience, Role, RolloutInfo, RolloutRequest, ShardRefs, VersionMismatch,
+)
 from rayrlhf.pipeline.calls import RoleTimeout, first_line
 
 # The calls of one shard, in chain order: reference and reward both read the rollout's result.
-ROLES = ("rollout", "reference", "reward")
+ROLES = SCORING
 
 
 @dataclass(kw_only=True)
@@ -39,18 +41,18 @@ class ShardCalls:
     reference_info: ObjectRef | None = None  # -> CallInfo
     reward_info: ObjectRef | None = None  # -> CallInfo
 
-    def dispatch(self, role: str) -> None:
+    def dispatch(self, role: Role) -> None:
         """(Re)issue the call of `role`: generate the request, or score the shard's current rollout."""
-        if role == "rollout":
+        if role == Role.ROLLOUT:
             self.rollout, self.rollout_info = self.worker.generate.remote(self.request)
-        elif role == "reference":
+        elif role == Role.REFERENCE:
             self.reference, self.reference_info = self.reference_actor.logprobs.remote(self.rollout)
         else:
             self.reward, self.reward_info = self.reward_actor.score.remote(self.rollout)
 
-    def call(self, role: str) -> ObjectRef:
+    def call(self, role: Role) -> ObjectRef:
         """The info of the call of `role`: what the driver waits for and reads."""
-        return {"rollout": self.rollout_info, "reference": self.reference_info, "reward": self.reward_info}[role]
+        return {Role.ROLLOUT: self.rollout_info, Role.REFERENCE: self.reference_info, Role.REWARD: self.reward_info}[role]
 
 
 @dataclass
@@ -64,7 +66,7 @@ class InFlight:
     experience: Experience | None = None
     info: BatchInfo | None = None
 
-    def refs(self) -> list[ObjectRef]:
+    def infos(self) -> list[ObjectRef]:
         return [s.call(role) for role in ROLES for s in self.shards]
 
     def results(self, pad_id: int) -> ShardRefs:
@@ -78,7 +80,7 @@ class ShardFailure:
     """A shard's first failed call in chain order, failed because its actor died (or came back restarted
     without the batch's weights): the work to dispatch again."""
 
-    role: str
+    role: Role
     error: str
 
 
@@ -108,10 +110,10 @@ def classify_failures(batch_id: int, errors: list[tuple[str, int, BaseException]
 
 def await_batch(flight: InFlight, timeout_s: float, worker_index: Callable[[ActorHandle], int]) -> None:
     """Wait until every call of the batch has finished; a RoleTimeout naming the calls that did not."""
-    refs = flight.refs()
-    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    infos = flight.infos()
+    _, pending = ray.wait(infos, num_returns=len(infos), timeout=timeout_s)
     if pending:
-        late = [f"{role} of shard {s}" + (f" (rollout worker {worker_index(shard.worker)})" if role == "rollout" else "")
+        late = [f"{role} of shard {s}" + (f" (rollout worker {worker_index(shard.worker)})" if role == Role.ROLLOUT else "")
                 for role in ROLES for s, shard in enumerate(flight.shards) if shard.call(role) in pending]
         raise RoleTimeout(f"batch {flight.batch_id}: {', '.join(late)}", timeout_s)
 
@@ -119,14 +121,14 @@ def await_batch(flight: InFlight, timeout_s: float, worker_index: Callable[[Acto
 def gather(flight: InFlight) -> tuple[BatchResults, dict[int, ShardFailure]]:
     """The infos of every call of a batch that has finished, and the failures among them: one `ray.get` of
     the whole batch's infos; only when a call failed are they read one by one, to name which."""
-    refs, n = flight.refs(), len(flight.shards)
+    infos, n = flight.infos(), len(flight.shards)
     try:
-        values = ray.get(refs)
+        values = ray.get(infos)
     except (RayActorError, VersionMismatch, RayTaskError):
         pass  # read them one by one below
     else:
-        return BatchResults(*(values[i * n : (i + 1) * n] for i in range(len(ROLES)))), {}  # refs() is in role order
-    results: dict[str, list] = {role: [None] * n for role in ROLES}
+        return BatchResults(*(values[i * n : (i + 1) * n] for i in range(len(ROLES)))), {}  # infos() is in role order
+    results: dict[Role, list] = {role: [None] * n for role in ROLES}
     errors = []
     for role in ROLES:
         for s, shard in enumerate(flight.shards):
@@ -135,4 +137,4 @@ def gather(flight: InFlight) -> tuple[BatchResults, dict[int, ShardFailure]]:
             except (RayActorError, VersionMismatch, RayTaskError) as e:
                 errors.append((role, s, e))
     failed = classify_failures(flight.batch_id, errors)
-    return BatchResults(results["rollout"], results["reference"], results["reward"]), failed
+    return BatchResults(results[Role.ROLLOUT], results[Role.REFERENCE], results[Role.REWARD]), failed

@@ -137,9 +137,9 @@ def connect_dashboard(address: str) -> JobSubmissionClient:
                              "RAY_AUTH_MODE is token: set RAY_AUTH_MODE=disabled for this command") from None
 
 
-def job_entrypoint(command: str, overrides: list[str], run_dir: str | None, resume: str | None = None) -> str:
-    if resume:  # the run's own config.yaml, on the cluster's shared storage
-        return shlex.join(["rayrlhf", command, "--resume", resume])
+def job_entrypoint(command: str, overrides: list[str], run_dir: str | None, resume_from: str | None = None) -> str:
+    if resume_from:  # the run's own config.yaml, on the cluster's shared storage
+        return shlex.join(["rayrlhf", command, "--resume", resume_from])
     argv = ["rayrlhf", command, "--config", JOB_CONFIG_NAME]
     for item in overrides:
         argv += ["--set", item]

@@ -33,7 +33,6 @@ from rayrlhf.actors import (
 from rayrlhf.core.config import Config
 from rayrlhf.core.experience import Experience, ShardRefs
 from rayrlhf.core.scaling import SCALER_NAMESPACE, scaler_name
-from rayrlhf.core.sharding import free_port
 from rayrlhf.pipeline.calls import RoleTimeout, first_line, ray_get
 from rayrlhf.pipeline.resources import Bundles, asks, bundle, role_bundles, shortfall
 
@@ -121,13 +120,13 @@ class RankGroup:
         except GetTimeoutError as e:
             raise RoleTimeout(f"{self.role} rank 0", timeout_s, key="ray.startup_timeout_s",
                               did="give an address") from e
-        refs = [r.join.remote(addr, port, timeout_s) for r in self.ranks]
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s + 5)
+        joins = [r.join.remote(addr, port, timeout_s) for r in self.ranks]
+        _, pending = ray.wait(joins, num_returns=len(joins), timeout=timeout_s + 5)
         if pending:
-            late = [f"{self.role} rank {i}" for i, r in enumerate(refs) if r in pending]
+            late = [f"{self.role} rank {i}" for i, r in enumerate(joins) if r in pending]
             raise RoleTimeout(", ".join(late), timeout_s, key="ray.startup_timeout_s",
                               did=f"join the {self.role} group at {addr}:{port}")
-        for i, r in enumerate(refs):
+        for i, r in enumerate(joins):
             try:
                 ray.get(r)
             except (RayActorError, RayTaskError) as e:
@@ -137,17 +136,17 @@ class RankGroup:
     def run_to_end(self):
         """An offline stage's `run` on every rank, waited for; rank 0's result. The first rank to fail ends the
         wait naming itself (its peers would otherwise block in a collective until their timeout)."""
-        refs = self._each(lambda r: r.run.remote())
-        pending = list(refs)
+        results = self._each(lambda r: r.run.remote())
+        pending = list(results)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            i = refs.index(done[0])
+            i = results.index(done[0])
             try:
                 ray.get(done[0])
             except (RayActorError, RayTaskError) as e:
                 who = self.role if self.world == 1 else f"{self.role} rank {i}"
                 raise RuntimeError(f"{who} failed: {first_line(e, 500)}") from e
-        return ray.get(refs[0])
+        return ray.get(results[0])
 
     def dead_ranks(self, timeout_s: float = 10.0) -> list[int]:
         """The ranks whose actor has died (asked after a failure, to name them)."""
@@ -237,8 +236,8 @@ def rollout_restarts(cfg: Config) -> int:
 def launch_rollout_worker(cfg: Config, sft_checkpoint: str, index: int,
                           strategy: PlacementGroupSchedulingStrategy | None = None) -> ActorHandle:
     """A rollout worker; outside the placement group (a worker added while the run goes) without `strategy`."""
-    rc = cfg.rollout
-    opts = {"num_cpus": rc.num_cpus, "num_gpus": rc.num_gpus, "max_restarts": rollout_restarts(cfg)}
+    rollout_cfg = cfg.rollout
+    opts = {"num_cpus": rollout_cfg.num_cpus, "num_gpus": rollout_cfg.num_gpus, "max_restarts": rollout_restarts(cfg)}
     if strategy is not None:
         opts["scheduling_strategy"] = strategy
     return RolloutWorker.options(**opts).remote(cfg, sft_checkpoint, index)
@@ -283,13 +282,13 @@ def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name:
 def await_started(actors: dict[str, ActorHandle], timeout_s: float) -> None:
     """Wait for every actor's constructor (model loading may take minutes) under `ray.startup_timeout_s`, so
     `ppo.sync_timeout_s` bounds only the calls of the loop."""
-    refs = {name: a.__ray_ready__.remote() for name, a in actors.items()}
-    _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    ready = {name: a.__ray_ready__.remote() for name, a in actors.items()}
+    _, pending = ray.wait(list(ready.values()), num_returns=len(ready), timeout=timeout_s)
     if pending:
-        late = [name for name, r in refs.items() if r in pending]
+        late = [name for name, r in ready.items() if r in pending]
         raise RoleTimeout(", ".join(late), timeout_s, key="ray.startup_timeout_s", did="start",
                           hint=" (resources? see `ray status`)")
-    for name, r in refs.items():
+    for name, r in ready.items():
         try:
             ray.get(r)
         except RayActorError as e:

@@ -180,14 +180,9 @@ def accuracy_lines(tests: list[AccuracyLine]) -> list[str]:
     return lines + [""]
 
 
-def evaluation_lines(m: dict, length_bins: dict[str, list[dict]], tests: list[AccuracyLine]) -> list[str]:
-    """The evaluation section: per-policy figures and PPO - SFT differences, then each evaluator's win rate
-    (its scores, raw scores, both-EOS prompts, at equal length, by length difference) with a verdict."""
-    lines = ["## Evaluation on held-out prompts", "",
-             f"{int(m.get('eval/num_prompts', 0))} prompts; responses sampled at the rollout temperature "
-             "with the same seed for both policies. Intervals: 95 %, paired bootstrap over prompts (percentile, "
-             "seeded). Ties count half in win rates.", "",
-             "| metric | SFT | PPO | PPO - SFT | verdict |", "|---|---|---|---|---|"]
+def _policy_rows(m: dict) -> list[str]:
+    """A table row per metric the evaluation measured: SFT, PPO, their difference with its interval, a verdict."""
+    lines = []
     for key in ("reward", "reward_raw", "judge_score", "judge_score_raw", "kl", "length", "eos_rate", "rouge1",
                 "rouge2", "rougeL", "gold_score", "gold_win_vs_reference"):
         s, p = f"eval/sft_{key}", f"eval/ppo_{key}"
@@ -197,6 +192,41 @@ def evaluation_lines(m: dict, length_bins: dict[str, list[dict]], tests: list[Ac
         diff = f"eval/ppo_minus_sft_{key}"
         d = _interval(m, diff) if f"{diff}_n" in m else "-"
         lines.append(f"| {key} | {cells[0]} | {cells[1]} | {d} | {_difference_verdict(m, diff)} |")
+    return lines
+
+
+def _win_lines(m: dict, evaluator: str, what: str, stage: str, lengths: str, chance: dict) -> list[str]:
+    """One evaluator's PPO-vs-SFT win rate with its verdict, then the same comparison seen without the EOS trick,
+    on prompts where both ended, and at equal length."""
+    key = f"eval/ppo_{evaluator}_win_vs_sft"
+    lines = [f"- **{what}, PPO vs SFT: {m[key]:.3f}** {_ci(m, key)} (ties count half; {lengths}): "
+             f"{_win_verdict(m, key)}."]
+    if stage in chance and not chance[stage].better_than_chance:
+        lines.append("  - This evaluator is not better than chance on held-out pairs: its verdict says nothing "
+                     "about quality.")
+    slope = m.get(f"{key}_length_slope")
+    slope_text = f"; log-odds of a PPO win {slope:+.3f} per token PPO is longer" if slope is not None else ""
+    for view, suffix in (("raw scores (no EOS trick)", "_raw"),
+                         ("prompts where both responses ended with EOS", "_both_eos"),
+                         (f"at equal length (logistic regression of the win on the length difference{slope_text})",
+                          "_equal_length"),
+                         # a response without EOS has the full budget's length and the missing-EOS score:
+                         # length and ending are confounded unless both responses ended
+                         ("at equal length, on prompts where both ended with EOS", "_equal_length_both_eos")):
+        if f"{key}{suffix}_n" in m:
+            lines.append(f"  - {view}: {_interval(m, key + suffix)}: {_win_verdict(m, key + suffix)}")
+    return lines
+
+
+def evaluation_lines(m: dict, length_bins: dict[str, list[dict]], tests: list[AccuracyLine]) -> list[str]:
+    """The evaluation section: per-policy figures and PPO - SFT differences, then each evaluator's win rate
+    (its scores, raw scores, both-EOS prompts, at equal length, by length difference) with a verdict."""
+    lines = ["## Evaluation on held-out prompts", "",
+             f"{int(m.get('eval/num_prompts', 0))} prompts; responses sampled at the rollout temperature "
+             "with the same seed for both policies. Intervals: 95 %, paired bootstrap over prompts (percentile, "
+             "seeded). Ties count half in win rates.", "",
+             "| metric | SFT | PPO | PPO - SFT | verdict |", "|---|---|---|---|---|"]
+    lines += _policy_rows(m)
     lines += ["", "reward and judge_score: with the EOS trick (a response without EOS scores "
               "reward.missing_eos_score); `_raw`: the model's own score. eos_rate: share of responses that "
               "ended with EOS.", ""]
@@ -205,25 +235,9 @@ def evaluation_lines(m: dict, length_bins: dict[str, list[dict]], tests: list[Ac
     chance = {a.stage: a.test for a in tests if a.key == f"{a.stage}/valid_accuracy" and a.test is not None}
     bins_rows = []
     for evaluator, what, name, stage in WIN_RATES:
-        key = f"eval/ppo_{evaluator}_win_vs_sft"
-        if key not in m:
+        if f"eval/ppo_{evaluator}_win_vs_sft" not in m:
             continue
-        lines.append(f"- **{what}, PPO vs SFT: {m[key]:.3f}** {_ci(m, key)} "
-                     f"(ties count half; {lengths}): {_win_verdict(m, key)}.")
-        if stage in chance and not chance[stage].better_than_chance:
-            lines.append("  - This evaluator is not better than chance on held-out pairs: its verdict says nothing "
-                         "about quality.")
-        slope = m.get(f"{key}_length_slope")
-        slope_text = f"; log-odds of a PPO win {slope:+.3f} per token PPO is longer" if slope is not None else ""
-        for view, suffix in (("raw scores (no EOS trick)", "_raw"),
-                             ("prompts where both responses ended with EOS", "_both_eos"),
-                             (f"at equal length (logistic regression of the win on the length difference{slope_text})",
-                              "_equal_length"),
-                             # a response without EOS has the full budget's length and the missing-EOS score:
-                             # length and ending are confounded unless both responses ended
-                             ("at equal length, on prompts where both ended with EOS", "_equal_length_both_eos")):
-            if f"{key}{suffix}_n" in m:
-                lines.append(f"  - {view}: {_interval(m, key + suffix)}: {_win_verdict(m, key + suffix)}")
+        lines += _win_lines(m, evaluator, what, stage, lengths, chance)
         for b in length_bins.get(f"ppo_{evaluator}_win_vs_sft", []):
             ci = f"[{b['ci_low']:.3f}, {b['ci_high']:.3f}]" if b["ci_low"] is not None else "(no interval)"
             bins_rows.append(f"| {name} | {_length_range(b['low'], b['high'])} | {b['win']:.3f} {ci} | {b['n']} |")

@@ -26,7 +26,7 @@ ROLE_KEYS: dict[str, tuple[str, str | None]] = {
     "sft": ("sft", "sft.workers"),
     "rm": ("rm", "rm.workers"),
     "judge": ("rm", "rm.workers"),
-    "eval": ("sft", None),
+    "eval": ("eval", None),
     "serve": ("serve", "serve.num_replicas"),
 }
 

@@ -88,10 +88,10 @@ def run_sft(cfg: Config, out_dir: Path, resume: bool = False) -> dict[str, float
 
 def run_rm(cfg: Config, out_dir: Path, sft_checkpoint: Path, resume: bool = False,
            role: str = "rm") -> dict[str, float]:
-    rc, args = cfg.rm, (cfg, str(out_dir), str(sft_checkpoint), resume, role)
-    if rc.workers > 1:
-        return run_group(RMStage, role, rc.workers, rc.num_cpus, rc.num_gpus, args, cfg.ray.startup_timeout_s)
-    return _run_on(cfg, role, RMStage, rc.num_cpus, rc.num_gpus, args)
+    rm_cfg, args = cfg.rm, (cfg, str(out_dir), str(sft_checkpoint), resume, role)
+    if rm_cfg.workers > 1:
+        return run_group(RMStage, role, rm_cfg.workers, rm_cfg.num_cpus, rm_cfg.num_gpus, args, cfg.ray.startup_timeout_s)
+    return _run_on(cfg, role, RMStage, rm_cfg.num_cpus, rm_cfg.num_gpus, args)
 
 
 def evaluate_run(cfg: Config, run: RunDir) -> dict[str, float]:
@@ -101,8 +101,8 @@ def evaluate_run(cfg: Config, run: RunDir) -> dict[str, float]:
     sft, rm = run.evaluated_checkpoints()
     args = (cfg, str(sft), str(rm), str(ppo) if (ppo / "config.json").exists() else None, str(run.path / "eval"),
             str(judge) if judge is not None else None)
-    with placed({"eval": [bundle(cfg.sft.num_cpus, cfg.sft.num_gpus)]}, cfg.ray.startup_timeout_s) as placement:
-        task = evaluate_task.options(num_cpus=cfg.sft.num_cpus, num_gpus=cfg.sft.num_gpus,
+    with placed({"eval": [bundle(cfg.eval.num_cpus, cfg.eval.num_gpus)]}, cfg.ray.startup_timeout_s) as placement:
+        task = evaluate_task.options(num_cpus=cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus,
                                      scheduling_strategy=placement.on("eval"))
         return ray.get(task.remote(*args))
 
@@ -163,7 +163,7 @@ def ppo(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, rm_checkpo
     connect(cfg)
     driver = PPODriver(cfg, run.stage("ppo"), sft_ckpt, rm_ckpt, command=command)
     try:
-        summary = driver.run(resume=latest)
+        summary = driver.run(resume_from=latest)
     finally:
         driver.close()
     rows = read_metrics(run.path / "ppo" / "metrics.jsonl")

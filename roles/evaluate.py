@@ -61,7 +61,9 @@ from rayrlhf.core.config import Config
 from rayrlhf.core.data import SummaryExample, load_tldr
 from rayrlhf.core.metrics import MetricsLogger
 from rayrlhf.core.modeling import load_frozen
-from rayrlhf.core.sequences import pad_left, response_logprobs, sample
+from rayrlhf.core.forward import response_logprobs
+from rayrlhf.core.padding import pad_left
+from rayrlhf.core.sampling import sample
 from rayrlhf.core.synthetic import judge
 from rayrlhf.core.text import encode_queries, rouge, with_encodable_queries
 from rayrlhf.core.training import seed_everything
@@ -86,7 +88,7 @@ class PolicySamples:
 
 
 class HFSampler:
-    """Samples a checkpoint with `core.sequences.sample`; log-probs recomputed by the same model."""
+    """Samples a checkpoint with `core.sampling.sample`; log-probs recomputed by the same model."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -95,12 +97,12 @@ class HFSampler:
         self.model, self.tok = load_frozen(checkpoint, "causal_lm", self.cfg.model.frozen_dtype, device="cpu")
 
     def generate(self, prompts: torch.Tensor, pmask: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
-        rc, tok = self.cfg.rollout, self.tok
+        rollout_cfg, tok = self.cfg.rollout, self.tok
         torch.manual_seed(seed)
-        responses, rmask = sample(self.model, prompts, pmask, max_new_tokens=rc.max_new_tokens,
-                                  eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=rc.temperature,
-                                  top_p=rc.top_p)
-        logp, _ = response_logprobs(self.model, prompts, pmask, responses, rmask, rc.temperature)
+        responses, rmask = sample(self.model, prompts, pmask, max_new_tokens=rollout_cfg.max_new_tokens,
+                                  eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=rollout_cfg.temperature,
+                                  top_p=rollout_cfg.top_p)
+        logp, _ = response_logprobs(self.model, prompts, pmask, responses, rmask, rollout_cfg.temperature)
         return responses, rmask, logp
 
 
@@ -236,6 +238,23 @@ def compare_policies(ppo: PolicySamples, sft: PolicySamples, seed: int
     return results, bins
 
 
+def _shown_samples(examples: list, policies: dict, gold: bool) -> list[dict]:
+    """The first prompts' responses of each policy with their scores, as the report shows them."""
+    samples = []
+    for i, e in enumerate(examples):
+        row = {"query": e.query, "reference": e.reference.strip()}
+        for name, s in policies.items():
+            row[name] = s.texts[i].strip()
+            row[f"{name}_reward"] = s.scores[i]
+            row[f"{name}_eos"] = bool(s.has_eos[i])
+            if s.judge_scores:
+                row[f"{name}_judge"] = s.judge_scores[i]
+            if gold:
+                row[f"{name}_gold"] = s.gold_scores[i]
+        samples.append(row)
+    return samples
+
+
 def evaluate_policies(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, ppo_checkpoint: str | None,
                       out_dir: Path, judge_checkpoint: str | None = None) -> dict[str, float]:
     seed_everything(cfg.run.seed)
@@ -273,18 +292,7 @@ def evaluate_policies(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, ppo_
         for name, s in policies.items():
             put_estimate(results, f"eval/{name}_gold_win_vs_reference", stats.win_rate(s.gold_scores, ref_gold,
                                                                                       stats_seed))
-    samples = []
-    for i, e in enumerate(examples[: max(cfg.eval.num_samples_shown, 0)]):
-        row = {"query": e.query, "reference": e.reference.strip()}
-        for name, s in policies.items():
-            row[name] = s.texts[i].strip()
-            row[f"{name}_reward"] = s.scores[i]
-            row[f"{name}_eos"] = bool(s.has_eos[i])
-            if s.judge_scores:
-                row[f"{name}_judge"] = s.judge_scores[i]
-            if gold:
-                row[f"{name}_gold"] = s.gold_scores[i]
-        samples.append(row)
+    samples = _shown_samples(examples[: max(cfg.eval.num_samples_shown, 0)], policies, gold)
     out_dir.mkdir(parents=True, exist_ok=True)
     ev = {"metrics": results, "length_bins": length_bins, "samples": samples}
     (out_dir / "results.json").write_text(json.dumps(ev, indent=2))

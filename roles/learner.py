@@ -12,8 +12,6 @@ minibatch and the gradients are summed over ranks, so N ranks make the one-proce
 from __future__ import annotations
 
 import math
-import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,26 +21,22 @@ import torch
 from transformers import get_constant_schedule, get_cosine_schedule_with_warmup
 
 from rayrlhf.core import ppo_math as pm
-from rayrlhf.core.checkpoints import load_trainable_state, trainable_state
+from rayrlhf.core.checkpoints import Trained, read_state, write_state
 from rayrlhf.core.config import Config, ModelConfig, PPOConfig
 from rayrlhf.core.experience import Experience
+from rayrlhf.core.forward import check_packing, response_logprobs, response_values
 from rayrlhf.core.modeling import (
-    DTYPES, default_device, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer, save_checkpoint,
-    trainable,
-    unwrap,
+    DTYPES, default_device, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer, trainable,
 )
-from rayrlhf.core.sequences import (
-    check_packing, micro_batch_groups, prefix_runs_once_exactly, prompt_ids, repeats_a_prompt, response_logprobs,
-    response_values, response_work, token_budget_groups, trim_padding,
-)
+from rayrlhf.core.offpolicy import OffPolicyTally
+from rayrlhf.core.plan import ForwardPlan, MicroBatch
 from rayrlhf.core.sharding import (
-    Rank, all_gather_rows, all_reduce_max, all_reduce_sum, clip_grad_norm, full_weights, one_rank_group, rank_share,
-    shard_model,
+    Rank, TrainGroup, all_gather_rows, all_reduce_max, all_reduce_sum, clip_grad_norm, one_rank_group, rank_share,
+    rollout_packet, rollout_weights, shard_model,
 )
-from rayrlhf.core.throughput import (
-    forward_flops, mfu, model_head_params, model_params, peak_flops, training_flops,
-)
-from rayrlhf.core.weight_sync import WeightsPacket, stream_packet
+from rayrlhf.core.training import save_model
+from rayrlhf.core.weight_sync import WeightsPacket
+from rayrlhf.core.work import ModelCost, Work, WorkMeter
 
 
 class StalenessError(RuntimeError):
@@ -61,19 +55,46 @@ class Advantages:
     rewards: torch.Tensor | None = None
 
 
+@dataclass
+class Minibatch:
+    """What every micro batch of one minibatch reads: its rows, its token count (the losses' divisor, of the whole
+    minibatch on every rank), the policy loss's divisor, and the update's batch-wide tensors."""
+
+    idx: torch.Tensor
+    n_tokens: torch.Tensor
+    n_policy: torch.Tensor
+    seq_norm: float | None
+    adv: Advantages
+    values_graph: torch.Tensor | None
+    prox: torch.Tensor | None
+    check_behaviour: bool
+    first_epoch: bool
+
+    @classmethod
+    def of(cls, pc: PPOConfig, idx: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, device, adv: Advantages,
+           values_graph: torch.Tensor | None, prox: torch.Tensor | None, check_behaviour: bool,
+           first_epoch: bool) -> Minibatch:
+        n_tokens = mask[idx].sum().clamp(min=1.0).to(device)
+        # what the policy loss divides by: the token count, or with Dr. GRPO's aggregation the minibatch's
+        # sequences (each sequence's sum already over the constant max_new_tokens)
+        seq_norm, n_policy = None, n_tokens
+        if pc.loss_aggregation == "seq_sum_norm":
+            seq_norm, n_policy = float(max_new_tokens), torch.tensor(float(len(idx)), device=device)
+        return cls(idx, n_tokens, n_policy, seq_norm, adv, values_graph, prox, check_behaviour, first_epoch)
+
 class PPOLearner:
     """The policy and the critic of one PPO run, their optimizers, and the policy version they hold.
 
     Built from the PPO config and what else it reads: the model config (dtype, LoRA), the sampling
-    temperature (log-probs are of logits / T, as the rollout sampled them), the response budget and the run's seed.
+    temperature (log-probs are of logits / T, as the rollout sampled them), the response budget, the run's seed, and
+    whether a prompt's samples run it once (`rollout.share_prompts`).
     """
 
     def __init__(self, pc: PPOConfig, model: ModelConfig, sft_checkpoint: str, rm_checkpoint: str, *,
-                 temperature: float, seed: int, max_new_tokens: int, device: str | None = None,
-                 startup_timeout_s: float = 900.0):
+                 temperature: float, seed: int, max_new_tokens: int, share_prompts: bool = True,
+                 device: str | None = None, startup_timeout_s: float = 900.0):
         self.pc, self.model_cfg, self.temperature = pc, model, temperature
         self.max_new_tokens = max_new_tokens  # the constant of ppo.loss_aggregation seq_sum_norm
-        self.checkpoints = {"policy": sft_checkpoint, "critic": rm_checkpoint}  # what a sharded export starts from
         self.device = device or default_device()
         if model.mixed_precision != "no" and not torch.distributed.is_initialized():
             one_rank_group(startup_timeout_s)  # MixedPrecisionPolicy is FSDP2's: a group of one
@@ -81,96 +102,58 @@ class PPOLearner:
         # FSDP2-wrapped: a group of N > 1 ranks, or one rank in mixed precision. Every path below that a group
         # takes (sharded checkpoints, gathered weights, summed figures) is also right for a group of one.
         self.fsdp = self.rank.sharded or model.mixed_precision != "no"
+        self.group = TrainGroup(self.rank, self.fsdp)
         torch.manual_seed(seed)
         self.tokenizer = load_tokenizer(sft_checkpoint)
-        # dropout off after LoRA is applied: its adapters' dropout too (detail 4)
-        self.policy = trainable(load_causal_lm(sft_checkpoint, self.tokenizer, model.dtype), model, "CAUSAL_LM")
-        self.policy = self.policy.to(self.device)
-        disable_dropout(self.policy)
-        self.critic, self.value_bias = None, 0.0
-        if pc.advantage_estimator == "gae":
-            critic = load_scalar_model(rm_checkpoint, self.tokenizer, model.dtype)  # detail 8
-            # The reward model's normalising bias is part of its score (`RewardScorer`): the critic starts as the
-            # same function, V = head(h) + bias, as Huang et al.'s critic (their ScalarModel's forward applies
-            # it). Without it V starts `bias` off the returns, which shifts GAE's advantages by
-            # -bias (gamma lam)^(T-1-t), largest at EOS: a push on when to stop that whitening keeps.
-            self.value_bias = float(getattr(critic.config, "reward_bias", 0.0) or 0.0)
-            self.critic = trainable(critic, model, "SEQ_CLS").to(self.device)
-            disable_dropout(self.critic)
-        self.packed = pc.max_tokens_per_micro_batch is not None  # micro batches packed, not padded
-        if self.packed:
-            for m in (self.policy, self.critic):
-                if m is not None:  # the critic: GAE only
-                    check_packing(m, "ppo.max_tokens_per_micro_batch")
-        if self.fsdp:  # before the optimizers: they hold the shards
-            self.policy = shard_model(self.policy, model.mixed_precision)
-            self.critic = shard_model(self.critic, model.mixed_precision) if self.critic is not None else None
-        # A prompt's samples run its prompt once: padded micro batches (the KV cache it needs is off under gradient
-        # checkpointing), in one process (a group's ranks must make the same passes, and under FSDP2 a fully
-        # trained model called twice before one backward fails, seen with the reward model), on models whose
-        # cache keeps the whole prompt.
-        self.share_prompts = (pc.share_prompts and not self.packed and not model.gradient_checkpointing
-                              and not self.fsdp and prefix_runs_once_exactly(self.policy)
-                              and (self.critic is None or prefix_runs_once_exactly(self.critic)))
-        # positions and attention FLOPs each model ran in this update (`_count`)
-        self._work: defaultdict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-        # the update's behaviour-vs-proximal sums (`_tally_offpolicy`)
-        self._offpolicy: defaultdict[str, float] = defaultdict(float)
+        self.policy, self.critic, self.value_bias = _load_models(pc, model, self.tokenizer, sft_checkpoint,
+                                                                 rm_checkpoint, self.device, self.fsdp)
+        # A prompt's samples run its prompt once where `may_share_prefix` allows it for both models.
+        self.plan = ForwardPlan.build(pc.micro_batch_size, pc.max_tokens_per_micro_batch, share_prompts,
+                                      [self.policy, self.critic], device=self.device,
+                                      gradient_checkpointing=model.gradient_checkpointing, group=self.group)
+        self.costs = {"policy": ModelCost.of(self.policy)}
+        if self.critic is not None:
+            self.costs["critic"] = ModelCost.of(self.critic, causal_lm=False)
+        self.offpolicy = OffPolicyTally()  # the update's behaviour-vs-proximal sums
+        self.meter: WorkMeter | None = None  # the last update's work
         self.version = 0
         updates = pc.steps * pc.ppo_epochs * (pc.rollout_batch_size // pc.minibatch_size)
-        self.opt, self.sched = self._optimizer(self.policy, pc.lr, updates)
-        self.critic_opt, self.critic_sched = (self._optimizer(self.critic, pc.critic_lr, updates)
+        self.opt, self.sched = _adamw(pc, self.policy, pc.lr, updates)
+        self.critic_opt, self.critic_sched = (_adamw(pc, self.critic, pc.critic_lr, updates)
                                               if self.critic is not None else (None, None))
         self.generator = torch.Generator().manual_seed(seed)
 
     @classmethod
     def from_config(cls, cfg: Config, sft_checkpoint: str, rm_checkpoint: str, device: str | None = None) -> PPOLearner:
         return cls(cfg.ppo, cfg.model, sft_checkpoint, rm_checkpoint, temperature=cfg.rollout.temperature,
-                   seed=cfg.run.seed, max_new_tokens=cfg.rollout.max_new_tokens, device=device,
+                   seed=cfg.run.seed, max_new_tokens=cfg.rollout.max_new_tokens,
+                   share_prompts=cfg.rollout.share_prompts, device=device,
                    startup_timeout_s=cfg.ray.startup_timeout_s)
 
-    def _optimizer(self, model, lr: float, updates: int):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, eps=self.pc.adam_eps,
-                                weight_decay=self.pc.weight_decay)
-        sched = (get_cosine_schedule_with_warmup(opt, 0, updates) if self.pc.lr_schedule == "cosine"
-                 else get_constant_schedule(opt))
-        return opt, sched
+    # --- forwards -----------------------------------------------------------------------------------
 
-    # --- advantages -------------------------------------------------------------------------------
-
-    def _share(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> bool:
-        """Run each prompt of a micro batch once where one repeats (`self.share_prompts` says where it may)."""
-        return self.share_prompts and repeats_a_prompt(prompts, prompt_mask)
-
-    def _count(self, key: str, model, prompts: torch.Tensor, pmask: torch.Tensor, rmask: torch.Tensor,
-               one_pass: bool) -> None:
-        """Add one forward over these rows, as it ran, to the update's work (MFU counts what runs)."""
-        positions, attention = response_work(model.config, pmask, rmask, prompts if one_pass else None)
-        self._work[key][0] += positions
-        self._work[key][1] += attention
-
-    def _values(self, exp: Experience, sl: slice | torch.Tensor, count: str | None = None) -> torch.Tensor:
-        """Critic's V(s_t) before each response token -> (b, R); differentiable when grad is enabled. `count`: the
-        work key this forward adds to (`_count`)."""
-        prompts, pmask = trim_padding(exp.prompts[sl], exp.prompt_mask[sl])
-        one_pass = self._share(prompts, pmask)
-        if count is not None:
-            self._count(count, self.critic, prompts, pmask, exp.response_mask[sl], one_pass)
-        tensors = (prompts, pmask, exp.responses[sl], exp.response_mask[sl])
-        return self._critic(*(t.to(self.device) for t in tensors), one_pass)
-
-    def _critic(self, prompts: torch.Tensor, pmask: torch.Tensor, responses: torch.Tensor, rmask: torch.Tensor,
-                one_pass: bool) -> torch.Tensor:
-        """V(s_t) before each response token -> (b, R): the critic's head plus the reward model's bias."""
-        values = response_values(self.critic, prompts, pmask, responses, rmask, packed=self.packed,
-                                 share_prompts=one_pass)
+    def _values(self, mb: MicroBatch) -> torch.Tensor:
+        """V(s_t) before each response token -> (b, R): the critic's head plus the reward model's bias;
+        differentiable when grad is enabled."""
+        values = response_values(self.critic, mb.prompts, mb.prompt_mask, mb.responses, mb.response_mask,
+                                 packed=self.plan.packed, share_prompts=mb.one_pass)
         return values + self.value_bias
+
+    def _logprobs(self, mb: MicroBatch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return response_logprobs(self.policy, mb.prompts, mb.prompt_mask, mb.responses, mb.response_mask,
+                                 self.temperature, with_entropy=with_entropy, packed=self.plan.packed,
+                                 share_prompts=mb.one_pass)
+
+    def _whole(self, exp: Experience) -> MicroBatch:
+        """The whole batch as one micro batch, in batch order (the single update's critic forward)."""
+        return self.plan.micro_batch(exp.prompts, exp.prompt_mask, exp.responses, exp.response_mask,
+                                     torch.arange(exp.size), list(range(exp.size)), trim_responses=False)
 
     def _single_update(self, exp: Experience) -> bool:
         """One epoch, one minibatch, one padded micro batch: the step's only critic forward is on the old weights
         (under a token budget the minibatch may be cut in several packed micro batches, each with its backward)."""
         pc = self.pc
-        return (self.critic is not None and not self.fsdp and not self.packed and pc.ppo_epochs == 1
+        return (self.critic is not None and not self.fsdp and not self.plan.packed and pc.ppo_epochs == 1
                 and min(pc.minibatch_size, pc.micro_batch_size) >= exp.size)
 
     def _one_optimizer_step(self, exp: Experience) -> bool:
@@ -179,93 +162,63 @@ class PPOLearner:
         return self.pc.ppo_epochs == 1 and self.pc.minibatch_size >= exp.size
 
     @torch.no_grad()
-    def _proximal_logprobs(self, exp: Experience) -> torch.Tensor:
-        """log pi_prox: the policy's log-probs of the batch's tokens before this update -> (B, R), no grad."""
-        def forward(rows: torch.Tensor) -> torch.Tensor:
-            prompts, pmask, responses, rmask = trim_padding(exp.prompts[rows], exp.prompt_mask[rows],
-                                                            exp.responses[rows], exp.response_mask[rows])
-            one_pass = self._share(prompts, pmask)
-            self._count("policy_forward", self.policy, prompts, pmask, rmask, one_pass)
-            self._work["head_forward"][0] += int(rmask.sum())
-            logp, _ = response_logprobs(self.policy, *(t.to(self.device) for t in (prompts, pmask, responses, rmask)),
-                                        self.temperature, packed=self.packed, share_prompts=one_pass)
-            return logp
-
-        return self._batch_forward(exp, self.policy, forward)
-
-    def advantages(self, exp: Experience, values_graph: torch.Tensor | None = None) -> Advantages:
-        """KL, advantages (and values, returns for GAE). `values_graph`: the critic's V on the whole batch,
-        computed with grad for the value loss, which GAE then reads instead of a second forward."""
-        pc, mask = self.pc, exp.response_mask.float()
-        kl = pm.kl_estimate(exp.logprobs, exp.ref_logprobs, pc.kl_estimator) * mask
-        values = returns = rewards = None
-        if pc.advantage_estimator == "gae":
-            if values_graph is None:
-                values_graph = self._old_values(exp)
-            values = values_graph.detach().cpu() * mask
-            rewards = pm.token_rewards(exp.scores, kl, mask, pc.kl_coef)
-            adv, returns = pm.gae(rewards, values, mask, pc.gamma, pc.lam)
-        else:
-            adv = pm.sequence_advantages(exp.scores, kl, mask, pc.kl_coef, pc.samples_per_prompt, pc.advantage_estimator)
-        return Advantages(kl=kl, advantages=pm.whiten(adv, mask) if pc.whiten_advantages else adv, values=values,
-                          returns=returns, rewards=rewards)
-
-    @torch.no_grad()
-    def _old_values(self, exp: Experience) -> torch.Tensor:
-        """V(s_t) of the whole batch before the update -> (B, R)."""
-        return self._batch_forward(exp, self.critic, lambda rows: self._values(exp, rows, count="critic_forward"))
-
-    def _batch_forward(self, exp: Experience, model, forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """`forward(rows) -> (b, R')` over the whole batch, in micro batches cut as the update cuts them -> (B, R);
-        in a group each rank computes an equal contiguous share and the shares are gathered."""
-        model.eval()
+    def _batch_forward(self, exp: Experience, name: str, forward: Callable[[MicroBatch], torch.Tensor],
+                       trim_responses: bool = True) -> torch.Tensor:
+        """`forward(micro batch) -> (b, R')` of model `name` on the weights before the update, over the whole batch
+        in micro batches cut as the update cuts them -> (B, R); in a group each rank computes an equal contiguous
+        share and the shares are gathered."""
+        (self.policy if name == "policy" else self.critic).eval()
         rows = torch.arange(exp.size)
         if self.fsdp:
             n = exp.size // self.rank.world
             rows = rows[self.rank.rank * n : (self.rank.rank + 1) * n]
-        # cut as the update cuts: micro batches of micro_batch_size rows, or packed under the token budget
-        budget, n_groups = self.pc.max_tokens_per_micro_batch, None
-        lengths = (exp.prompt_mask[rows].sum(-1) + exp.response_mask[rows].sum(-1)).tolist()
-        if budget is not None and self.fsdp:  # every rank runs as many forwards as the busiest
-            n_groups = int(all_reduce_max(float(len(token_budget_groups(lengths, budget)))))
-        # a prompt's samples in one micro batch, so that the critic runs the prompt once (`_values`)
-        prompts_of = prompt_ids(exp.prompts[rows], exp.prompt_mask[rows]) if self.share_prompts else None
         mine = torch.zeros(len(rows), exp.responses.shape[1])
-        for group in micro_batch_groups(lengths, self.pc.micro_batch_size, budget, n_groups, prompts_of):
-            out = forward(rows[group]).float().cpu()
-            mine[group, : out.shape[1]] = out
+        for mb in self.plan.cut(exp.prompts, exp.prompt_mask, exp.responses, exp.response_mask, rows, trim_responses):
+            out = forward(mb).float().cpu()
+            self.meter.ran(self.costs[name], mb)
+            mine[mb.positions, : out.shape[1]] = out
         return torch.cat(all_gather_rows(mine, self.rank.world)) if self.fsdp else mine
+
+    def advantages(self, exp: Experience, values_graph: torch.Tensor | None = None) -> Advantages:
+        """`compute_advantages`, on the critic's V(s_t) of the whole batch before the update where GAE needs it.
+        `values_graph`: those values computed with grad for the value loss (`_single_update`), read instead."""
+        if self.critic is not None and values_graph is None:
+            values_graph = self._batch_forward(exp, "critic", self._values, trim_responses=False)
+        return compute_advantages(self.pc, exp, values_graph)
 
     # --- update -----------------------------------------------------------------------------------
 
     def train_step(self, exp: Experience) -> dict[str, float]:
         """One policy version: advantages, then PPO epochs over minibatches. Returns `ppo/...` metrics."""
-        pc = self.pc
-        staleness = self.version - exp.policy_version
-        if not 0 <= staleness <= pc.max_staleness:
-            raise StalenessError(f"learner at version {self.version} got batch {exp.batch_id} generated by "
-                                 f"version {exp.policy_version}; ppo.max_staleness is {pc.max_staleness}")
-        for name, t in (("behaviour log-probs", exp.logprobs), ("reference log-probs", exp.ref_logprobs),
-                        ("reward scores", exp.scores)):
-            if not torch.isfinite(t).all():
-                raise FloatingPointError(f"non-finite {name} in batch {exp.batch_id}")
-        peak = peak_flops(self.device, self.model_cfg.train_compute_dtype)
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        self._work.clear()
-        mask = exp.response_mask.float()
+        staleness = _staleness(exp, self.version, self.pc.max_staleness)
+        self.meter = WorkMeter(self.device, self.model_cfg.train_compute_dtype)
         # With a single update the value loss's forward is the one GAE needs: run the critic once, not twice.
         values_graph = None
         if self._single_update(exp):
             self.critic.train()
-            values_graph = self._values(exp, slice(None))
+            values_graph = self._values(self._whole(exp))
         adv = self.advantages(exp, values_graph)
         # The proximal policy: the learner's log-probs before this update (`ppo.proximal_policy`). With one optimizer
-        # step they are the step's own log-probs, detached (`_minibatch`); otherwise one forward over the batch.
+        # step they are the step's own log-probs, detached (`_micro_batch`); otherwise one forward over the batch.
         prox = None
-        if pc.proximal_policy and not self._one_optimizer_step(exp):
-            prox = self._proximal_logprobs(exp)
-            self.policy.train()
-        self._offpolicy.clear()
+        if self.pc.proximal_policy and not self._one_optimizer_step(exp):
+            prox = self._batch_forward(exp, "policy", lambda mb: self._logprobs(mb)[0])
+        self.offpolicy.clear()
+        sums, n_updates = self._epochs(exp, adv, values_graph, prox, staleness)
+        self.version += 1
+        metrics = _update_metrics(self.pc, exp, adv, sums, n_updates, staleness, self.sched.get_last_lr()[0],
+                                  self.meter.stop(int(exp.prompt_mask.sum() + exp.response_mask.sum()) * self.pc.ppo_epochs))
+        metrics.update(self.offpolicy.metrics(self.pc.behaviour_is != "none",
+                                              *((all_reduce_sum, all_reduce_max) if self.fsdp else ())))
+        for k, v in metrics.items():
+            if not math.isfinite(v):
+                raise FloatingPointError(f"{k} is {v} after update to version {self.version}")
+        return metrics
+
+    def _epochs(self, exp: Experience, adv: Advantages, values_graph: torch.Tensor | None,
+                prox: torch.Tensor | None, staleness: int) -> tuple[dict[str, float], int]:
+        """`ppo_epochs` passes over shuffled minibatches, one optimizer step each -> summed stats, step count."""
+        pc, mask = self.pc, exp.response_mask.float()
         sums: dict[str, float] = {}
         n_updates = 0
         self.policy.train()
@@ -278,338 +231,105 @@ class PPOLearner:
                 # Before the first update of an on-policy batch the learner holds the weights that sampled it:
                 # its log-probs must equal the rollout backend's (HF or vLLM), up to float error.
                 check = staleness == 0 and epoch == 0 and start == 0
-                stats = self._minibatch(exp, adv, mask, idx, values_graph, check, prox, first_epoch=epoch == 0)
-                for k, v in stats.items():
+                mini = Minibatch.of(pc, idx, mask, self.max_new_tokens, self.device, adv, values_graph, prox, check,
+                                    epoch == 0)
+                for k, v in self._minibatch(exp, mini).items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
-        self.version += 1
-        seq_kl = adv.kl.sum(-1)
-        behaviour = sums.pop("ppo/behaviour_logprob_max_diff", None)  # one minibatch's maximum, not a mean
-        metrics = {k: v / n_updates for k, v in sums.items()}
-        if behaviour is not None:
-            metrics["ppo/behaviour_logprob_max_diff"] = behaviour
-        metrics.update({
-            "ppo/kl": seq_kl.mean().item(),
-            "ppo/staleness": float(staleness),
-            "ppo/lr": self.sched.get_last_lr()[0],
-            "ppo/advantage_mean": pm.masked_mean(adv.advantages, mask).item(),
-            "reward/score_mean": exp.scores.mean().item(),
-            "reward/score_std": exp.scores.std().item(),
-            "reward/non_score_mean": (-pc.kl_coef * seq_kl).mean().item(),
-            "rollout/response_length": exp.response_mask.sum(-1).float().mean().item(),
-            "rollout/eos_fraction": exp.has_eos.float().mean().item(),
-            "timing/learner_s": time.perf_counter() - t0,
-            # below learner_s when the learner waits for a core it shares with other roles
-            "timing/learner_cpu_s": time.process_time() - cpu0,
-        })
-        metrics.update(self._offpolicy_metrics())
-        metrics.update(self._throughput(exp, metrics["timing/learner_s"], peak))
-        if adv.values is not None:
-            metrics["ppo/value_mean"] = pm.masked_mean(adv.values, mask).item()
-            metrics["ppo/return_mean"] = pm.masked_mean(adv.returns, mask).item()
-        for k, v in metrics.items():
-            if not math.isfinite(v):
-                raise FloatingPointError(f"{k} is {v} after update to version {self.version}")
-        return metrics
+        return sums, n_updates
 
-    def _throughput(self, exp: Experience, seconds: float, peak: float) -> dict[str, float]:
-        """Tokens/s and MFU of this update (`core.throughput`) from the work this rank ran (`_count`): the policy
-        (and the critic) trained on every micro batch of every epoch, each distinct prompt once where it ran once;
-        GAE's old values one more critic forward unless the update reused it; the proximal log-probs one more
-        policy forward where the update takes several optimizer steps."""
-        pc, tokens, work = self.pc, int(exp.prompt_mask.sum() + exp.response_mask.sum()), self._work
-        checkpointing = self.model_cfg.gradient_checkpointing  # `work` read with get: what did not run adds no key
-        positions, attention = work.get("policy", (0, 0.0))
-        flops = (training_flops(*model_params(self.policy), positions, checkpointing, attention)
-                 # the head runs on the positions that predict response tokens only, and is never recomputed
-                 + training_flops(*model_head_params(self.policy), work.get("head", (0,))[0]))
-        positions, attention = work.get("policy_forward", (0, 0.0))  # the proximal log-probs, where they ran
-        flops += (forward_flops(model_params(self.policy)[0], positions) + attention
-                  + forward_flops(model_head_params(self.policy)[0], work.get("head_forward", (0,))[0]))
-        if self.critic is not None:
-            critic = model_params(self.critic)
-            positions, attention = work.get("critic", (0, 0.0))
-            flops += training_flops(*critic, positions, checkpointing, attention)
-            positions, attention = work.get("critic_forward", (0, 0.0))
-            flops += forward_flops(critic[0], positions) + attention
-        return {"perf/learner_tokens_per_s": tokens * pc.ppo_epochs / seconds if seconds > 0 else 0.0,
-                "perf/learner_mfu": mfu(flops, seconds, peak)}
-
-    def _offpolicy_metrics(self) -> dict[str, float]:
-        """The update's behaviour-vs-proximal mismatch and importance weights, over every response token of the
-        batch (each counted once, in the first epoch; a group's ranks summed): `ppo/mismatch_*`, `ppo/is_*`."""
-        if not self._offpolicy:
-            return {}
-        sums = {k: float(self._offpolicy[k]) for k in ("tokens", "abs_diff", "k1", "k3", "units", "w", "w2", "bounded")}
-        top = float(self._offpolicy["abs_diff_max"])
-        if self.fsdp:  # every rank has every key: the same collectives on each
-            sums, top = all_reduce_sum(sums), all_reduce_max(top)
-        n, units = max(sums["tokens"], 1.0), max(sums["units"], 1.0)
-        out = {"ppo/mismatch_abs_diff_mean": sums["abs_diff"] / n, "ppo/mismatch_abs_diff_max": top,
-               "ppo/mismatch_kl_k1": sums["k1"] / n, "ppo/mismatch_kl_k3": sums["k3"] / n}
-        if self.pc.behaviour_is != "none":
-            out.update({"ppo/is_weight_mean": sums["w"] / units,
-                        "ppo/is_ess": sums["w"] ** 2 / max(units * sums["w2"], 1e-12),
-                        "ppo/is_bounded_fraction": sums["bounded"] / units})
-        return out
-
-    def _tally_offpolicy(self, prox: torch.Tensor, behav: torch.Tensor, mmask: torch.Tensor,
-                         weights: pm.BehaviourWeights | None) -> None:
-        """Add one micro batch to the update's sums, as tensors on the device: read once per update (a `.item()` per
-        micro batch would be a host sync each)."""
-        d = pm.mismatch(prox, behav, mmask)
-        n = mmask.sum()
-        t = self._offpolicy
-        for key, value in (("tokens", n), ("abs_diff", d.abs_diff_mean * n), ("k1", d.kl_k1 * n),
-                           ("k3", d.kl_k3 * n)):
-            t[key] = t[key] + value
-        t["abs_diff_max"] = torch.maximum(torch.as_tensor(t["abs_diff_max"], device=n.device), d.abs_diff_max)
-        if weights is not None:
-            for key, value in (("units", weights.units.sum()),
-                               ("w", pm.masked_sum(weights.unit_weights, weights.units)),
-                               ("w2", pm.masked_sum(weights.unit_weights**2, weights.units)),
-                               ("bounded", pm.masked_sum(weights.bounded.float(), weights.units))):
-                t[key] = t[key] + value
-
-    def _minibatch(self, exp: Experience, adv: Advantages, mask: torch.Tensor,
-                   idx: torch.Tensor, values_graph: torch.Tensor | None = None,
-                   check_behaviour: bool = False, prox: torch.Tensor | None = None,
-                   first_epoch: bool = True) -> dict[str, float]:
-        pc, dev = self.pc, self.device
-        n_tokens = mask[idx].sum().clamp(min=1.0).to(dev)  # of the whole minibatch, on every rank
-        # what the policy loss divides by: the token count, or with Dr. GRPO's aggregation the minibatch's sequences
-        # (each sequence's sum already over the constant max_new_tokens); entropy and value loss stay token means
-        seq_norm, n_policy = None, n_tokens
-        if pc.loss_aggregation == "seq_sum_norm":
-            seq_norm, n_policy = float(self.max_new_tokens), torch.tensor(float(len(idx)), device=dev)
-        lengths = (exp.prompt_mask[idx].sum(-1) + exp.response_mask[idx].sum(-1)).tolist()
+    def _minibatch(self, exp: Experience, mini: Minibatch) -> dict[str, float]:
+        """One optimizer step: this rank's share of the minibatch in micro batches, each with its backward."""
+        idx = mini.idx
         if self.fsdp:
-            mine = rank_share(lengths, self.rank.rank, self.rank.world)
-            idx, lengths = idx[mine], [lengths[i] for i in mine]
+            lengths = (exp.prompt_mask[idx].sum(-1) + exp.response_mask[idx].sum(-1)).tolist()
+            idx = idx[rank_share(lengths, self.rank.rank, self.rank.world)]
         stats = {"ppo/policy_loss": 0.0, "ppo/clip_fraction": 0.0, "ppo/approx_kl": 0.0, "ppo/entropy": 0.0}
         if self.critic is not None:
             stats.update({"ppo/value_loss": 0.0, "ppo/value_clip_fraction": 0.0})
-        budget, n_groups = pc.max_tokens_per_micro_batch, None
-        if budget is not None and self.fsdp:  # FSDP's collectives: every rank runs as many passes as the busiest
-            n_groups = int(all_reduce_max(float(len(token_budget_groups(lengths, budget)))))
-        prompts_of = prompt_ids(exp.prompts[idx], exp.prompt_mask[idx]) if self.share_prompts else None
-        for group in micro_batch_groups(lengths, pc.micro_batch_size, budget, n_groups, prompts_of):
-            mi = idx[group]
-            # The learner makes ppo_epochs passes of two models over the batch: padding it skips is time saved.
-            prompts, pmask, responses, rmask = (t.to(dev) for t in trim_padding(
-                exp.prompts[mi], exp.prompt_mask[mi], exp.responses[mi], exp.response_mask[mi]))
-            R = responses.shape[1]
-            mmask = rmask.float()
-            # token share of the minibatch: the diagnostics below are token means, like the losses
-            share = (mmask.sum() / n_tokens).item()
-            one_pass = self._share(prompts, pmask)
-            self._count("policy", self.policy, prompts, pmask, rmask, one_pass)
-            self._work["head"][0] += int(rmask.sum())
-            if self.critic is not None:  # on the same rows: here, or in the whole batch's `values_graph`
-                self._count("critic", self.critic, prompts, pmask, rmask, one_pass)
-            logp, entropy = response_logprobs(self.policy, prompts, pmask, responses, rmask, self.temperature,
-                                              with_entropy=True, packed=self.packed, share_prompts=one_pass)
-            behav = exp.logprobs[mi, :R].to(dev)
-            if check_behaviour:
-                diff = ((logp.detach() - behav) * mmask).abs().max().item()
-                stats["ppo/behaviour_logprob_max_diff"] = max(stats.get("ppo/behaviour_logprob_max_diff", 0.0), diff)
-            # the policy the ratio is clipped against: the proximal one (decoupled PPO) or the behaviour one
-            old_logp, weights = behav, None
-            if pc.proximal_policy:
-                old_logp = prox[mi, :R].to(dev) if prox is not None else logp.detach()
-                if pc.behaviour_is != "none":
-                    weights = pm.behaviour_weights(old_logp, behav, mmask, pc.behaviour_is, pc.behaviour_is_mode,
-                                                   pc.behaviour_is_cap, pc.behaviour_is_floor)
-                if first_epoch:
-                    self._tally_offpolicy(old_logp, behav, mmask, weights)
-            pl = pm.clipped_policy_loss(
-                logp, old_logp, adv.advantages[mi, :R].to(dev), mmask, pc.clip_range, n_policy,
-                weights=None if weights is None else weights.weights, dual_clip=pc.dual_clip, seq_norm=seq_norm)
-            ent = pm.entropy_bonus(entropy, mmask, n_tokens)
-            loss = pl.loss - pc.ent_coef * ent
-            stats["ppo/policy_loss"] += pl.loss.item()
-            stats["ppo/entropy"] += ent.item()
-            stats["ppo/clip_fraction"] += pl.clip_fraction.item() * share
-            stats["ppo/approx_kl"] += pl.approx_kl.item() * share
-            if pc.dual_clip is not None:
-                stats["ppo/dual_clip_fraction"] = stats.get("ppo/dual_clip_fraction", 0.0) + \
-                    pl.dual_clip_fraction.item() * share
-            if self.critic is not None:
-                if values_graph is not None:  # the whole batch, in batch order
-                    values = values_graph[mi.to(values_graph.device), :R]
-                else:
-                    values = self._critic(prompts, pmask, responses, rmask, one_pass)
-                vl = pm.clipped_value_loss(values, adv.values[mi, :R].to(dev), adv.returns[mi, :R].to(dev), mmask,
-                                           pc.value_clip_range, n_tokens)
-                loss = loss + pc.vf_coef * vl.loss
-                stats["ppo/value_loss"] += vl.loss.item()
-                stats["ppo/value_clip_fraction"] += vl.clip_fraction.item() * share
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite PPO loss in batch {exp.batch_id}")
-            loss.backward()
+        for mb in self.plan.cut(exp.prompts, exp.prompt_mask, exp.responses, exp.response_mask, idx):
+            self._micro_batch(exp, mini, mb, stats)
         if self.fsdp:  # token sums and token-weighted shares: the group's figures are the ranks' sums
             behaviour = stats.pop("ppo/behaviour_logprob_max_diff", None)
             stats = all_reduce_sum(stats)
             if behaviour is not None:
                 stats["ppo/behaviour_logprob_max_diff"] = all_reduce_max(behaviour)
         # Both norms are checked before either optimizer steps: a NaN/inf gradient leaves every weight untouched.
-        stats["ppo/policy_grad_norm"] = _clip_finite(self.policy, pc.max_grad_norm, f"policy, batch {exp.batch_id}")
+        stats["ppo/policy_grad_norm"] = _clip_finite(self.policy, self.pc.max_grad_norm, f"policy, batch {exp.batch_id}")
         if self.critic is not None:
-            stats["ppo/critic_grad_norm"] = _clip_finite(self.critic, pc.max_grad_norm, f"critic, batch {exp.batch_id}")
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        if self.critic is not None:
-            self.critic_opt.step()
-            self.critic_sched.step()
-            self.critic_opt.zero_grad(set_to_none=True)
+            stats["ppo/critic_grad_norm"] = _clip_finite(self.critic, self.pc.max_grad_norm,
+                                                         f"critic, batch {exp.batch_id}")
+        for opt, sched in ((self.opt, self.sched), (self.critic_opt, self.critic_sched)):
+            if opt is not None:
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
         return stats
+
+    def _micro_batch(self, exp: Experience, mini: Minibatch, mb: MicroBatch, stats: dict[str, float]) -> None:
+        """Forward and backward of one micro batch: the clipped policy loss (against the proximal or the behaviour
+        policy, importance-weighted where configured), the entropy bonus and the clipped value loss."""
+        pc, dev, mi = self.pc, self.device, mb.rows
+        R, mmask = mb.responses.shape[1], mb.response_mask.float()
+        checkpointing = self.model_cfg.gradient_checkpointing
+        self.meter.ran(self.costs["policy"], mb, train=True, checkpointing=checkpointing)
+        if self.critic is not None:  # on the same rows: here, or in the whole batch's `values_graph`
+            self.meter.ran(self.costs["critic"], mb, train=True, checkpointing=checkpointing)
+        logp, entropy = self._logprobs(mb, with_entropy=True)
+        behav = exp.logprobs[mi, :R].to(dev)
+        if mini.check_behaviour:
+            diff = ((logp.detach() - behav) * mmask).abs().max().item()
+            stats["ppo/behaviour_logprob_max_diff"] = max(stats.get("ppo/behaviour_logprob_max_diff", 0.0), diff)
+        old_logp, weights = _old_logprobs(pc, mini, mi, R, logp, behav, mmask, self.offpolicy)
+        values = None
+        if self.critic is not None:  # the whole batch's, in batch order, or this micro batch's own
+            values = (mini.values_graph[mi.to(mini.values_graph.device), :R] if mini.values_graph is not None
+                      else self._values(mb))
+        loss = _loss(pc, mini, mi, mmask, logp, entropy, old_logp, weights, values, stats)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite PPO loss in batch {exp.batch_id}")
+        loss.backward()
 
     # --- weights and checkpoints --------------------------------------------------------------------
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
-        """The plain (LoRA-merged) policy parameters, named as the rollout models name them, in the rollout's
-        dtype (`model.inference_dtype`: the fp32 master weights cast, e.g. to bf16 for vLLM). In a group this is
-        a collective that gathers the shards one parameter at a time; rank 0 keeps them (on the CPU)."""
-        if not self.fsdp:
-            return {name: self._for_rollout(t) for name, t in unwrap(self.policy).named_parameters()}
-        keep = self.rank.rank == 0
-        return {name: self._for_rollout(t.cpu()) for name, t in full_weights(self.policy) if keep}
-
-    def _for_rollout(self, t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(DTYPES[self.model_cfg.frozen_dtype])
+        """The policy's weights as the rollout models take them (`sharding.rollout_weights`); a collective in a group."""
+        return rollout_weights(self.policy, self.group, DTYPES[self.model_cfg.frozen_dtype])
 
     def make_packet(self, store: Callable[[torch.Tensor], Any] | None = None) -> WeightsPacket | None:
-        """The policy's weights as a versioned, checksummed packet of flat buckets. Sharded, every rank gathers
-        the full tensors one at a time (a collective) and rank 0 fills one bucket at a time, handing each to
-        `store` (the actor passes `ray.put`) before the next: no rank holds more than its shard plus one bucket
-        and one tensor. The other ranks return None."""
-        bucket_bytes = int(self.pc.bucket_mb * 2**20)
-        if not self.fsdp:
-            return stream_packet(self.policy_weights().items(), self.version, bucket_bytes, store)
-        gathered = ((name, self._for_rollout(t.cpu())) for name, t in full_weights(self.policy))
-        if self.rank.rank != 0:
-            for _ in gathered:  # take part in every gather, keep nothing
-                pass
-            return None
-        return stream_packet(gathered, self.version, bucket_bytes, store)
+        """The policy's weights as a versioned, checksummed packet (`sharding.rollout_packet`): rank 0's; None on
+        the other ranks of a group. `store`: where each bucket goes once full (the actor passes `ray.put`)."""
+        return rollout_packet(self.policy, self.group, DTYPES[self.model_cfg.frozen_dtype], self.version,
+                              int(self.pc.bucket_mb * 2**20), store)
+
+    def _trained(self, out_dir: Path) -> list[Trained]:
+        parts = [Trained("policy", self.policy, self.opt, self.sched, out_dir / "checkpoint")]
+        if self.critic is not None:
+            parts.append(Trained("critic", self.critic, self.critic_opt, self.critic_sched, out_dir / "critic"))
+        return parts
 
     def save(self, out_dir: str | Path) -> None:
-        """Policy and critic in Hugging Face format, plus `learner_state.pt`: everything `load` needs to go on
-        exactly as if never stopped (optimizer and scheduler states, RNG states, version; LoRA adapters)."""
-        out_dir = Path(out_dir)
-        if self.fsdp:
-            return self._save_sharded(out_dir)
-        save_checkpoint(self.policy, self.tokenizer, out_dir / "checkpoint")
-        if self.critic is not None:
-            save_checkpoint(self.critic, self.tokenizer, out_dir / "critic")
-        state = {
-            "version": self.version,
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "critic_optimizer": self.critic_opt.state_dict() if self.critic_opt else None,
-            "critic_scheduler": self.critic_sched.state_dict() if self.critic_sched else None,
-            "torch_rng": torch.get_rng_state(),
-            "generator": self.generator.get_state(),
-            # The HF checkpoints hold LoRA merged in; resuming needs the adapters themselves.
-            "trainable": ({"policy": trainable_state(self.policy), "critic": trainable_state(self.critic)}
-                          if self.model_cfg.lora is not None else None),
-        }
-        tmp = out_dir / "learner_state.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(out_dir / "learner_state.pt")
+        """Policy and critic in Hugging Face format (`checkpoint/`, `critic/`: LoRA merged, gathered from the
+        shards in a group, as SFT and RM save theirs) plus the state `load` needs to go on exactly as if never
+        stopped (`checkpoints.write_state`: optimizer and scheduler states, RNG states, version; LoRA adapters)."""
+        parts = self._trained(Path(out_dir))
+        for part in parts:
+            save_model(part.model, self.tokenizer, part.hf_folder, self.group)
+        small = {"version": self.version, "torch_rng": torch.get_rng_state(), "generator": self.generator.get_state()}
+        write_state(Path(out_dir), parts, small, self.group)
+        self.group.barrier()
 
     def load(self, ckpt_dir: str | Path) -> int:
         """Restore what `save` wrote into this learner (built from the same SFT and RM checkpoints and config).
         Returns the restored policy version."""
-        ckpt_dir = Path(ckpt_dir)
-        if self.fsdp:
-            return self._load_sharded(ckpt_dir)
-        state = torch.load(ckpt_dir / "learner_state.pt", map_location="cpu", weights_only=False)
-        if state["trainable"] is not None:
-            load_trainable_state(self.policy, state["trainable"]["policy"], "policy")
-            if self.critic is not None:
-                load_trainable_state(self.critic, state["trainable"]["critic"], "critic")
-        else:
-            dtype = self.model_cfg.dtype
-            self.policy.load_state_dict(load_causal_lm(str(ckpt_dir / "checkpoint"), self.tokenizer, dtype).state_dict())
-            if self.critic is not None:
-                self.critic.load_state_dict(load_scalar_model(str(ckpt_dir / "critic"), self.tokenizer, dtype).state_dict())
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        if self.critic_opt is not None:
-            self.critic_opt.load_state_dict(state["critic_optimizer"])
-            self.critic_sched.load_state_dict(state["critic_scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        def load_hf(part: Trained) -> dict:
+            load = load_causal_lm if part.name == "policy" else load_scalar_model
+            return load(str(part.hf_folder), self.tokenizer, self.model_cfg.dtype).state_dict()
+
+        state = read_state(Path(ckpt_dir), self._trained(Path(ckpt_dir)), self.group,
+                           "set ppo.learner_workers and model.mixed_precision as when it was written", load_hf)
         self.generator.set_state(state["generator"])
         self.version = state["version"]
-        return self.version
-
-    # --- a sharded learner's checkpoints ------------------------------------------------------------
-
-    def _trained(self) -> list[tuple[str, torch.nn.Module, torch.optim.Optimizer]]:
-        out = [("policy", self.policy, self.opt)]
-        return out + [("critic", self.critic, self.critic_opt)] if self.critic is not None else out
-
-    def _sharded_state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        state = {}
-        for name, model, opt in self._trained():
-            state[name], state[f"{name}_optimizer"] = get_state_dict(model, opt)
-        return state
-
-    def _save_sharded(self, out_dir: Path) -> None:
-        """Each rank writes its shards of the models and optimizer states (torch.distributed.checkpoint, in
-        `sharded/`); the Hugging Face folders get the full, LoRA-merged weights, gathered one parameter at a
-        time and written by rank 0, so `from_pretrained` and vLLM load them as from one process."""
-        import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save(self._sharded_state(), checkpoint_id=str(out_dir / "sharded"))
-        for name, model, _ in self._trained():
-            self._export(name, model, out_dir / ("checkpoint" if name == "policy" else "critic"))
-        if self.rank.rank == 0:
-            state = {"version": self.version, "scheduler": self.sched.state_dict(),
-                     "critic_scheduler": self.critic_sched.state_dict() if self.critic_sched else None,
-                     "torch_rng": torch.get_rng_state(), "generator": self.generator.get_state(),
-                     "world": self.rank.world}
-            tmp = out_dir / "learner_state.pt.tmp"
-            torch.save(state, tmp)
-            tmp.replace(out_dir / "learner_state.pt")
-        dist.barrier()
-
-    def _export(self, name: str, model: torch.nn.Module, path: Path) -> None:
-        weights = {n: t.cpu() for n, t in full_weights(model)}  # a collective: every rank iterates
-        if self.rank.rank != 0:
-            return
-        load = load_causal_lm if name == "policy" else load_scalar_model
-        plain = load(self.checkpoints[name], self.tokenizer, self.model_cfg.dtype)  # config, bias, tied weights
-        missing, unexpected = plain.load_state_dict(weights, strict=False)
-        tied = set(getattr(plain, "_tied_weights_keys", None) or ())
-        if unexpected or set(missing) - tied:
-            raise ValueError(f"{name} export: gathered weights do not match the model (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
-        save_checkpoint(plain, self.tokenizer, path)
-
-    def _load_sharded(self, ckpt_dir: Path) -> int:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        small = torch.load(ckpt_dir / "learner_state.pt", map_location="cpu", weights_only=False)
-        if small.get("world") != self.rank.world:
-            raise ValueError(f"{ckpt_dir} was written by {small.get('world', 1)} learner ranks; this group has "
-                             f"{self.rank.world} (set ppo.learner_workers to match)")
-        state = self._sharded_state()
-        dcp.load(state, checkpoint_id=str(ckpt_dir / "sharded"))
-        for name, model, opt in self._trained():
-            set_state_dict(model, opt, model_state_dict=state[name], optim_state_dict=state[f"{name}_optimizer"])
-        self.sched.load_state_dict(small["scheduler"])
-        if self.critic_sched is not None:
-            self.critic_sched.load_state_dict(small["critic_scheduler"])
-        torch.set_rng_state(small["torch_rng"])
-        self.generator.set_state(small["generator"])
-        self.version = small["version"]
         return self.version
 
 
@@ -620,3 +340,139 @@ def _clip_finite(model, max_norm: float, what: str) -> float:
     return float(norm)
 
 
+def _load_models(pc: PPOConfig, model: ModelConfig, tokenizer, sft_checkpoint: str, rm_checkpoint: str, device: str,
+             fsdp: bool):
+    """(policy, critic or None, the critic's value bias), trainable, dropout off, sharded in a group."""
+    # dropout off after LoRA is applied: its adapters' dropout too (detail 4)
+    policy = trainable(load_causal_lm(sft_checkpoint, tokenizer, model.dtype), model, "CAUSAL_LM")
+    policy = policy.to(device)
+    disable_dropout(policy)
+    critic, value_bias = None, 0.0
+    if pc.advantage_estimator == "gae":
+        critic = load_scalar_model(rm_checkpoint, tokenizer, model.dtype)  # detail 8
+        # The reward model's normalising bias is part of its score (`RewardScorer`): the critic starts as the
+        # same function, V = head(h) + bias, as Huang et al.'s critic (their ScalarModel's forward applies
+        # it). Without it V starts `bias` off the returns, which shifts GAE's advantages by
+        # -bias (gamma lam)^(T-1-t), largest at EOS: a push on when to stop that whitening keeps.
+        value_bias = float(getattr(critic.config, "reward_bias", 0.0) or 0.0)
+        critic = trainable(critic, model, "SEQ_CLS").to(device)
+        disable_dropout(critic)
+    if pc.max_tokens_per_micro_batch is not None:  # micro batches packed, not padded
+        for m in (policy, critic):
+            if m is not None:
+                check_packing(m, "ppo.max_tokens_per_micro_batch")
+    if fsdp:  # before the optimizers: they hold the shards
+        policy = shard_model(policy, model.mixed_precision)
+        critic = shard_model(critic, model.mixed_precision) if critic is not None else None
+    return policy, critic, value_bias
+
+
+def _update_metrics(pc: PPOConfig, exp: Experience, adv: Advantages, sums: dict[str, float], n_updates: int,
+                    staleness: int, lr: float, work: Work) -> dict[str, float]:
+    """One update's `ppo/`, `reward/`, `rollout/`, `timing/` and `perf/` metrics: the minibatches' mean stats and
+    the batch's figures."""
+    mask = exp.response_mask.float()
+    seq_kl = adv.kl.sum(-1)
+    behaviour = sums.pop("ppo/behaviour_logprob_max_diff", None)  # one minibatch's maximum, not a mean
+    metrics = {k: v / n_updates for k, v in sums.items()}
+    if behaviour is not None:
+        metrics["ppo/behaviour_logprob_max_diff"] = behaviour
+    metrics.update({
+        "ppo/kl": seq_kl.mean().item(),
+        "ppo/staleness": float(staleness),
+        "ppo/lr": lr,
+        "ppo/advantage_mean": pm.masked_mean(adv.advantages, mask).item(),
+        "reward/score_mean": exp.scores.mean().item(),
+        "reward/score_std": exp.scores.std().item(),
+        "reward/non_score_mean": (-pc.kl_coef * seq_kl).mean().item(),
+        "rollout/response_length": exp.response_mask.sum(-1).float().mean().item(),
+        "rollout/eos_fraction": exp.has_eos.float().mean().item(),
+        "timing/learner_s": work.seconds,
+        # below learner_s when the learner waits for a core it shares with other roles
+        "timing/learner_cpu_s": work.cpu_seconds,
+        "perf/learner_tokens_per_s": work.tokens_per_s,
+        "perf/learner_mfu": work.mfu,
+    })
+    if adv.values is not None:
+        metrics["ppo/value_mean"] = pm.masked_mean(adv.values, mask).item()
+        metrics["ppo/return_mean"] = pm.masked_mean(adv.returns, mask).item()
+    return metrics
+
+
+def _loss(pc: PPOConfig, mini: Minibatch, mi: torch.Tensor, mmask: torch.Tensor, logp: torch.Tensor,
+          entropy: torch.Tensor, old_logp: torch.Tensor, weights: pm.BehaviourWeights | None,
+          values: torch.Tensor | None, stats: dict[str, float]) -> torch.Tensor:
+    """One micro batch's share of the minibatch's loss: the clipped policy loss, minus the entropy bonus, plus the
+    clipped value loss (GAE); its diagnostics are added to `stats`, weighted by the micro batch's token share."""
+    R, dev = mmask.shape[1], logp.device
+    share = (mmask.sum() / mini.n_tokens).item()  # token share of the minibatch: diagnostics are token means
+    pl = pm.clipped_policy_loss(
+        logp, old_logp, mini.adv.advantages[mi, :R].to(dev), mmask, pc.clip_range, mini.n_policy,
+        weights=None if weights is None else weights.weights, dual_clip=pc.dual_clip, seq_norm=mini.seq_norm)
+    ent = pm.entropy_bonus(entropy, mmask, mini.n_tokens)
+    loss = pl.loss - pc.ent_coef * ent
+    stats["ppo/policy_loss"] += pl.loss.item()
+    stats["ppo/entropy"] += ent.item()
+    stats["ppo/clip_fraction"] += pl.clip_fraction.item() * share
+    stats["ppo/approx_kl"] += pl.approx_kl.item() * share
+    if pc.dual_clip is not None:
+        stats["ppo/dual_clip_fraction"] = stats.get("ppo/dual_clip_fraction", 0.0) + pl.dual_clip_fraction.item() * share
+    if values is not None:
+        vl = pm.clipped_value_loss(values, mini.adv.values[mi, :R].to(dev), mini.adv.returns[mi, :R].to(dev), mmask,
+                                   pc.value_clip_range, mini.n_tokens)
+        loss = loss + pc.vf_coef * vl.loss
+        stats["ppo/value_loss"] += vl.loss.item()
+        stats["ppo/value_clip_fraction"] += vl.clip_fraction.item() * share
+    return loss
+
+
+def _staleness(exp: Experience, version: int, max_staleness: int) -> int:
+    """The batch's staleness, after refusing one too stale or with non-finite inputs."""
+    staleness = version - exp.policy_version
+    if not 0 <= staleness <= max_staleness:
+        raise StalenessError(f"learner at version {version} got batch {exp.batch_id} generated by "
+                             f"version {exp.policy_version}; ppo.max_staleness is {max_staleness}")
+    for name, t in (("behaviour log-probs", exp.logprobs), ("reference log-probs", exp.ref_logprobs),
+                    ("reward scores", exp.scores)):
+        if not torch.isfinite(t).all():
+            raise FloatingPointError(f"non-finite {name} in batch {exp.batch_id}")
+    return staleness
+
+
+def compute_advantages(pc: PPOConfig, exp: Experience, values: torch.Tensor | None) -> Advantages:
+    """KL, advantages (and values, returns for GAE, whose `values` are the critic's V(s_t) (B, R))."""
+    mask = exp.response_mask.float()
+    kl = pm.kl_estimate(exp.logprobs, exp.ref_logprobs, pc.kl_estimator) * mask
+    returns = rewards = None
+    if pc.advantage_estimator == "gae":
+        values = values.detach().cpu() * mask
+        rewards = pm.token_rewards(exp.scores, kl, mask, pc.kl_coef)
+        adv, returns = pm.gae(rewards, values, mask, pc.gamma, pc.lam)
+    else:
+        adv = pm.sequence_advantages(exp.scores, kl, mask, pc.kl_coef, pc.samples_per_prompt, pc.advantage_estimator)
+    return Advantages(kl=kl, advantages=pm.whiten(adv, mask) if pc.whiten_advantages else adv,
+                      values=values if pc.advantage_estimator == "gae" else None, returns=returns, rewards=rewards)
+
+
+def _old_logprobs(pc: PPOConfig, mini: Minibatch, mi: torch.Tensor, R: int, logp: torch.Tensor, behav: torch.Tensor,
+                  mmask: torch.Tensor, offpolicy: OffPolicyTally) -> tuple[torch.Tensor, pm.BehaviourWeights | None]:
+    """The policy the ratio is clipped against: the proximal one (decoupled PPO; this step's own log-probs,
+    detached, when it is the update's only step) or the behaviour one; and the importance weights."""
+    if not pc.proximal_policy:
+        return behav, None
+    old_logp = mini.prox[mi, :R].to(logp.device) if mini.prox is not None else logp.detach()
+    weights = None
+    if pc.behaviour_is != "none":
+        weights = pm.behaviour_weights(old_logp, behav, mmask, pc.behaviour_is, pc.behaviour_is_mode,
+                                       pc.behaviour_is_cap, pc.behaviour_is_floor)
+    if mini.first_epoch:
+        offpolicy.add(old_logp, behav, mmask, weights)
+    return old_logp, weights
+
+
+def _adamw(pc: PPOConfig, model, lr: float, updates: int):
+    """AdamW over the trainable parameters, constant or cosine-decayed over the run's `updates` optimizer steps."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, eps=pc.adam_eps,
+                            weight_decay=pc.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, 0, updates) if pc.lr_schedule == "cosine" else get_constant_schedule(opt)
+    return opt, sched

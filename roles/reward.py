@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,12 +9,12 @@ import torch
 from torch import Tensor
 
 from rayrlhf.core.experience import RolloutBatch, Scores
+from rayrlhf.core.forward import check_packing, response_scores, sequence_scores
 from rayrlhf.core.modeling import default_device, load_frozen
-from rayrlhf.core.sequences import (
-    check_packing, eos_trick, has_eos, micro_batch_groups, pad_right, prefix_runs_once_exactly, response_scores,
-    rollout_micro_batches, sequence_scores,
-)
-from rayrlhf.core.throughput import forward_flops, mfu, model_params, peak_flops
+from rayrlhf.core.padding import has_eos, pad_right
+from rayrlhf.core.plan import ForwardPlan
+from rayrlhf.core.ppo_math import eos_trick
+from rayrlhf.core.work import ModelCost, WorkMeter
 
 
 @dataclass(frozen=True)
@@ -41,54 +40,49 @@ class RewardScorer:
         self.device = device or default_device()
         self.model, self.tokenizer = load_frozen(checkpoint, "scalar", dtype, self.device)
         self.bias = float(getattr(self.model.config, "reward_bias", 0.0) or 0.0)
-        self.missing_eos_score, self.batch_size, self.max_tokens = missing_eos_score, batch_size, max_tokens
+        self.missing_eos_score, self.dtype = missing_eos_score, dtype
         if max_tokens is not None:
             check_packing(self.model, "reward.max_tokens_per_micro_batch")
-        # padded micro batches only, on a model whose cache keeps the whole prompt (as the reference)
-        self.share_prompts = share_prompts and max_tokens is None and prefix_runs_once_exactly(self.model)
-        self.dtype, self.n_params = dtype, model_params(self.model)[0]
+        self.plan = ForwardPlan.build(batch_size, max_tokens, share_prompts, [self.model], device=self.device)
+        self.cost = ModelCost.of(self.model, causal_lm=False)
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
 
     @torch.no_grad()
     def _raw(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Scores in row order, computed in micro batches of similar lengths (packed under a token budget)."""
         out = torch.zeros(ids.shape[0])
-        for group in micro_batch_groups(mask.sum(-1).tolist(), self.batch_size, self.max_tokens):
+        for group in self.plan.groups(mask.sum(-1).tolist()):
             rows = torch.tensor(group)
             keep = mask[rows].any(0)  # columns that are padding in every row of the group cost nothing
             out[rows] = sequence_scores(self.model, ids[rows][:, keep].to(self.device), mask[rows][:, keep].to(self.device),
-                                        self.max_tokens is not None).float().cpu()
+                                        self.plan.packed).float().cpu()
         return out + self.bias
 
     def score_tokens(self, prompts: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor) -> TokenScores:
         """Scores of left-padded prompts (B, P) followed by their responses (B, R), with the EOS trick."""
-        return self._score_rollout_rows(prompts, prompt_mask, responses, response_mask)[0]
+        return self._score_rollout_rows(prompts, prompt_mask, responses, response_mask)
 
     @torch.no_grad()
-    def _score_rollout_rows(self, prompts: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor
-                            ) -> tuple[TokenScores, int, float]:
-        """-> scores, and (positions computed, attention FLOPs) as the micro batches ran: `rollout_micro_batches`,
-        each distinct prompt once with `share_prompts`."""
-        raw, computed, attention = torch.zeros(prompts.shape[0]), 0, 0.0
-        for mb in rollout_micro_batches(prompts, prompt_mask, responses, response_mask, self.batch_size,
-                                        self.max_tokens, self.share_prompts, self.device):
+    def _score_rollout_rows(self, prompts: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor,
+                            meter: WorkMeter | None = None) -> TokenScores:
+        """Scores in the plan's micro batches (each distinct prompt once where prompts are shared); `meter` counts
+        their work as it ran."""
+        raw = torch.zeros(prompts.shape[0])
+        for mb in self.plan.cut(prompts, prompt_mask, responses, response_mask):
             raw[mb.rows] = response_scores(self.model, mb.prompts, mb.prompt_mask, mb.responses, mb.response_mask,
-                                           packed=self.max_tokens is not None, share_prompts=mb.one_pass).float().cpu()
-            c, a = mb.work(self.model.config)
-            computed, attention = computed + c, attention + a
+                                           packed=self.plan.packed, share_prompts=mb.one_pass).float().cpu()
+            if meter is not None:
+                meter.ran(self.cost, mb)
         raw = raw + self.bias
         eos = has_eos(responses, response_mask, self.tokenizer.eos_token_id)
-        return TokenScores(eos_trick(raw, eos, self.missing_eos_score), raw, eos), computed, attention
+        return TokenScores(eos_trick(raw, eos, self.missing_eos_score), raw, eos)
 
     def score_rollout(self, batch: RolloutBatch) -> Scores:
-        peak = peak_flops(self.device, self.dtype)  # measured once, outside the timed work
-        t0 = time.perf_counter()
-        s, computed, attention = self._score_rollout_rows(batch.prompts, batch.prompt_mask, batch.responses,
-                                                          batch.response_mask)
-        seconds = time.perf_counter() - t0
-        flops = forward_flops(self.n_params, computed) + attention
+        meter = WorkMeter(self.device, self.dtype)
+        s = self._score_rollout_rows(batch.prompts, batch.prompt_mask, batch.responses, batch.response_mask, meter)
+        work = meter.stop()
         return Scores(batch_id=batch.batch_id, shard=batch.shard, scores=s.scores, raw_scores=s.raw_scores,
-                      has_eos=s.has_eos, score_s=seconds, mfu=mfu(flops, seconds, peak))
+                      has_eos=s.has_eos, seconds=work.seconds, mfu=work.mfu)
 
     def score_token_ids(self, sequences: list[list[int]]) -> list[float]:
         """Scores of whole tokenized sequences (query + response + EOS), no EOS trick."""

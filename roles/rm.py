@@ -21,13 +21,16 @@ from rayrlhf.core.config import Config
 from rayrlhf.core.data import ComparisonExample, SummaryExample, load_tldr
 from rayrlhf.core.metrics import MetricsLogger, NoMetrics
 from rayrlhf.core.modeling import count_params, load_scalar_model, load_tokenizer, save_checkpoint, trainable
-from rayrlhf.core.sequences import (
-    check_packing, micro_batch_groups, pad_right, pair_scores, pair_work, prefix_runs_once_exactly, sequence_scores,
-)
+from rayrlhf.core.forward import check_packing, sequence_scores
+from rayrlhf.core.padding import pad_right
+from rayrlhf.core.pairs import pair_scores, pair_work
+from rayrlhf.core.plan import ForwardPlan, may_share_prefix, micro_batch_groups
 from rayrlhf.core.sharding import TrainGroup, shard_model
 from rayrlhf.core.text import encode_responses, with_encodable_queries
-from rayrlhf.core.throughput import mfu, model_params, peak_flops, training_flops
-from rayrlhf.core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
+from rayrlhf.core.training import (
+    TrainingStart, epoch_batches, keep_best, optimizer_step, seed_everything, start_training,
+)
+from rayrlhf.core.work import ModelCost, WorkMeter
 
 log = logging.getLogger(__name__)
 
@@ -67,69 +70,32 @@ class RMTrainer:
                 encode_responses(tok, queries, [p.rejected for p in pairs], d.max_prompt_tokens, d.max_summary_tokens))
 
     def run(self) -> dict[str, float]:
-        cfg, rc = self.cfg, self.cfg.rm
+        cfg, rm_cfg = self.cfg, self.cfg.rm
         seed_everything(cfg.run.seed)
         t0 = time.time()
         group = TrainGroup.start(cfg.model.mixed_precision, cfg.ray.startup_timeout_s)
-        self.sharded = group.fsdp
         tok = load_tokenizer(self.sft_checkpoint)
         data = with_encodable_queries(tok, load_tldr(cfg.data), cfg.data)
-        model = load_scalar_model(self.sft_checkpoint, tok, cfg.model.dtype, init_head=True)
-        model = trainable(model, cfg.model, "SEQ_CLS")
-        if rc.max_tokens_per_micro_batch is not None:
-            check_packing(model, "rm.max_tokens_per_micro_batch")
-        if group.fsdp:  # before the optimizer: it holds the shards
-            model = shard_model(model, cfg.model.mixed_precision)
+        model = self._model(tok, group)
         train_pairs, valid_pairs = data.pairs(self.role)
         if not train_pairs:
             raise ValueError(f"{self.role}: no training comparisons (a judge needs data.judge_fraction > 0)")
         log.info("%s: %d parameters, %d train / %d valid pairs%s", self.role, count_params(model), len(train_pairs),
                  len(valid_pairs), f", rank {group.rank.rank} of {group.rank.world}" if group.fsdp else "")
-        train_c, train_r = self._encode_pairs(tok, train_pairs)
+        train = self._encode_pairs(tok, train_pairs)
         valid = self._encode_pairs(tok, valid_pairs)  # once, not at every validation
-        training = start_training(model, rc, len(train_c), "pairs", self.out_dir, cfg.run.keep_checkpoints,
+        training = start_training(model, rm_cfg, len(train[0]), "pairs", self.out_dir, cfg.run.keep_checkpoints,
                                   self.resume, {f"{self.role}/valid_accuracy": -1.0}, group)
         step, best = training.step, training.best
-        packed = rc.max_tokens_per_micro_batch is not None
-        n_params = model_params(model)
-        peak = peak_flops(next(model.parameters()).device, cfg.model.train_compute_dtype)
         metrics = MetricsLogger(self.out_dir, cfg=cfg) if group.leader else NoMetrics()
         bar = tqdm(total=training.total_steps, initial=step, desc=self.role, mininterval=2, ascii=True,
                    disable=not group.leader)
-        for idx in epoch_batches(len(train_c), rc.batch_size, rc.epochs, cfg.run.seed, step):
-            model.train()
-            t_step = time.perf_counter()
-            loss_sum, correct = 0.0, 0
-            # chosen and rejected share one forward: a pair takes the longer side's length twice when padded,
-            # both sides' tokens when packed
-            lengths = [len(train_c[i]) + len(train_r[i]) if packed else max(len(train_c[i]), len(train_r[i]))
-                       for i in idx]
-            mine = group.share(lengths)  # this rank's pairs; each pair's loss weighs 1 / len(idx) on every rank
-            my_lengths = [lengths[j] for j in mine]
-            computed, attention = 0, 0.0  # this rank's work, as it ran
-            share = self._shares(model)
-            for g in micro_batch_groups(my_lengths, rc.micro_batch_size, rc.max_tokens_per_micro_batch,
-                                        group.passes(my_lengths, rc.max_tokens_per_micro_batch)):
-                mi = [idx[mine[j]] for j in g]
-                chosen, rejected = [train_c[i] for i in mi], [train_r[i] for i in mi]
-                rc_, rr = self._scores(model, chosen, rejected, tok.pad_token_id, share)
-                c, a = pair_work(model.config, chosen, rejected, share)
-                computed, attention = computed + c, attention + a
-                loss = pairwise_loss(rc_, rr) * len(mi) / len(idx)
-                loss.backward()
-                loss_sum += loss.item()
-                correct += int((rc_ > rr).sum())
-            grad_norm = optimizer_step(model, training.opt, training.sched, rc.max_grad_norm)
-            summed = group.sum({"loss": loss_sum, "correct": float(correct)})
-            step_s, tokens = time.perf_counter() - t_step, sum(len(train_c[i]) + len(train_r[i]) for i in idx)
+        for idx in epoch_batches(len(train[0]), rm_cfg.batch_size, rm_cfg.epochs, cfg.run.seed, step):
+            row = self._train_step(model, training, train, idx, tok.pad_token_id, group)
             step += 1
             bar.update(1)
-            flops = training_flops(*n_params, computed, cfg.model.gradient_checkpointing, attention)
-            row = {f"{self.role}/loss": summed["loss"], f"{self.role}/train_accuracy": summed["correct"] / len(idx),
-                   f"{self.role}/grad_norm": grad_norm, f"{self.role}/lr": training.sched.get_last_lr()[0],
-                   f"{self.role}/tokens_per_s": tokens / step_s, f"{self.role}/mfu": mfu(flops, step_s, peak)}
             metrics.log(step, row)
-            if step % rc.eval_every == 0 or step == training.total_steps:
+            if step % rm_cfg.eval_every == 0 or step == training.total_steps:
                 result = self.evaluate(model, tok, valid_pairs, valid)
                 metrics.log(step, result)
                 bar.set_postfix(valid_acc=f"{result[f'{self.role}/valid_accuracy']:.3f}")
@@ -144,20 +110,61 @@ class RMTrainer:
         group.barrier()  # the other ranks end once the checkpoint is final
         return best
 
+    def _model(self, tok, group: TrainGroup):
+        """The SFT checkpoint with a fresh scalar head, trainable as the config says, sharded in a group; the plan
+        its pairs are cut by."""
+        cfg, rm_cfg = self.cfg, self.cfg.rm
+        self.sharded = group.fsdp
+        model = load_scalar_model(self.sft_checkpoint, tok, cfg.model.dtype, init_head=True)
+        model = trainable(model, cfg.model, "SEQ_CLS")
+        if rm_cfg.max_tokens_per_micro_batch is not None:
+            check_packing(model, "rm.max_tokens_per_micro_batch")
+        if group.fsdp:  # before the optimizer: it holds the shards
+            model = shard_model(model, cfg.model.mixed_precision)
+        self.plan = ForwardPlan(rm_cfg.micro_batch_size, rm_cfg.max_tokens_per_micro_batch, group=group)
+        self.cost = ModelCost.of(model, causal_lm=False)
+        return model
+
+    def _train_step(self, model, training: TrainingStart, train: tuple[list[list[int]], list[list[int]]],
+                    idx: list[int], pad_id: int, group: TrainGroup) -> dict[str, float]:
+        """One optimizer step on the pairs `idx` (this rank's token-balanced share of them) -> the step's metrics."""
+        model.train()
+        meter = WorkMeter(next(model.parameters()).device, self.cfg.model.train_compute_dtype)
+        chosen_ids, rejected_ids = train
+        loss_sum, correct = 0.0, 0
+        # chosen and rejected share one forward: a pair takes the longer side's length twice when padded,
+        # both sides' tokens when packed
+        lengths = [len(chosen_ids[i]) + len(rejected_ids[i]) if self.plan.packed
+                   else max(len(chosen_ids[i]), len(rejected_ids[i])) for i in idx]
+        mine = group.share(lengths)  # this rank's pairs; each pair's loss weighs 1 / len(idx) on every rank
+        share = self._shares(model)
+        for g in self.plan.groups([lengths[j] for j in mine]):
+            mi = [idx[mine[j]] for j in g]
+            chosen, rejected = [chosen_ids[i] for i in mi], [rejected_ids[i] for i in mi]
+            r_chosen, r_rejected = self._scores(model, chosen, rejected, pad_id, share)
+            meter.train(self.cost, *pair_work(model.config, chosen, rejected, share),
+                        checkpointing=self.cfg.model.gradient_checkpointing)
+            loss = pairwise_loss(r_chosen, r_rejected) * len(mi) / len(idx)
+            loss.backward()
+            loss_sum += loss.item()
+            correct += int((r_chosen > r_rejected).sum())
+        grad_norm = optimizer_step(model, training.opt, training.sched, self.cfg.rm.max_grad_norm)
+        summed = group.sum({"loss": loss_sum, "correct": float(correct)})
+        work = meter.stop(sum(len(chosen_ids[i]) + len(rejected_ids[i]) for i in idx))
+        return {f"{self.role}/loss": summed["loss"], f"{self.role}/train_accuracy": summed["correct"] / len(idx),
+                f"{self.role}/grad_norm": grad_norm, f"{self.role}/lr": training.sched.get_last_lr()[0],
+                f"{self.role}/tokens_per_s": work.tokens_per_s, f"{self.role}/mfu": work.mfu}
+
     sharded = False  # an FSDP group: its units' parameters are freed between the two passes (below)
 
-    @property
-    def share_prefix(self) -> bool:
-        """Each pair's shared start run once (`pair_scores`): padded micro batches with the KV cache on, in one
-        process (under FSDP2 a fully trained backbone called twice before one backward fails in it)."""
-        rc = self.cfg.rm
-        return (rc.share_prefix and rc.max_tokens_per_micro_batch is None and not self.cfg.model.gradient_checkpointing
-                and not self.sharded)
-
     def _shares(self, model) -> bool:
-        """`share_prefix`, where the shared pass gives exactly the whole sides' scores: not while dropout is
-        active in training (one mask for the post of both sides), not on a sliding-window cache."""
-        return self.share_prefix and prefix_runs_once_exactly(model)
+        """Each pair's shared start run once (`pair_scores`) where `may_share_prefix` allows: padded micro batches,
+        the KV cache on, one process, and not while dropout is active in training (one mask for the post of both
+        sides) nor on a sliding-window cache."""
+        rm_cfg = self.cfg.rm
+        return rm_cfg.share_prefix and may_share_prefix(
+            [model], packed=rm_cfg.max_tokens_per_micro_batch is not None,
+            gradient_checkpointing=self.cfg.model.gradient_checkpointing, sharded=self.sharded)
 
     def _scores(self, model, chosen: list[list[int]], rejected: list[list[int]], pad_id: int, share: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,10 +181,10 @@ class RMTrainer:
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every pair's scores, in order, in micro batches of similar lengths."""
         model.eval()
-        rc, share = self.cfg.rm, self._shares(model)
+        rm_cfg, share = self.cfg.rm, self._shares(model)
         out_c, out_r = torch.zeros(len(chosen)), torch.zeros(len(chosen))
         lengths = [len(c) + len(r) for c, r in zip(chosen, rejected)]
-        for g in micro_batch_groups(lengths, rc.micro_batch_size, rc.max_tokens_per_micro_batch):
+        for g in micro_batch_groups(lengths, rm_cfg.micro_batch_size, rm_cfg.max_tokens_per_micro_batch):
             sc, sr = self._scores(model, [chosen[i] for i in g], [rejected[i] for i in g], pad_id, share)
             out_c[g], out_r[g] = sc.float().cpu(), sr.float().cpu()
         return out_c, out_r
@@ -185,10 +192,10 @@ class RMTrainer:
     def evaluate(self, model, tok, pairs: list[ComparisonExample],
                  encoded: tuple[list[list[int]], list[list[int]]] | None = None) -> dict[str, float]:
         c, r = encoded if encoded is not None else self._encode_pairs(tok, pairs)
-        rc_, rr = self._pair_scores(model, c, r, tok.pad_token_id)
-        agree = rc_ > rr
+        r_chosen, r_rejected = self._pair_scores(model, c, r, tok.pad_token_id)
+        agree = r_chosen > r_rejected
         out = {f"{self.role}/valid_accuracy": agree.float().mean().item(),
-               f"{self.role}/valid_loss": pairwise_loss(rc_, rr).item(),
+               f"{self.role}/valid_loss": pairwise_loss(r_chosen, r_rejected).item(),
                f"{self.role}/valid_pairs": float(len(c))}  # the accuracy's sample size (its interval, its test)
         if pairs[0].gold_agrees is not None:
             gold = torch.tensor([p.gold_agrees for p in pairs])

@@ -23,9 +23,12 @@ from transformers import AutoConfig
 from rayrlhf.core.config import RolloutConfig
 from rayrlhf.core.experience import RolloutBatch, RolloutRequest, VersionMismatch
 from rayrlhf.core.modeling import default_device, load_frozen
-from rayrlhf.core.sequences import pad_left, prefills_prompts_once, prompt_ids, sample_with_logprobs
-from rayrlhf.core.throughput import forward_flops, head_params, matmul_params, mfu, peak_flops, shared_prefix_work
+from rayrlhf.core.padding import pad_left
+from rayrlhf.core.plan import prompt_ids
+from rayrlhf.core.sampling import prefills_prompts_once, sample_with_logprobs
+from rayrlhf.core.throughput import head_params, matmul_params, shared_prefix_work
 from rayrlhf.core.weight_sync import VersionedChecksum, WeightsPacket, WeightSyncError, checksum, unpack
+from rayrlhf.core.work import ModelCost, WorkMeter
 
 
 class RolloutBackend(Protocol):
@@ -107,33 +110,28 @@ class RolloutGenerator:
         self.dtype = dtype
         # vLLM with tensor parallelism splits each forward over this many GPUs: MFU is against all their peaks
         self.devices = cfg.tensor_parallel_size if cfg.backend == "vllm" else 1
-        named = self.backend.named_weights().items()
-        self.n_params, self.n_head = matmul_params(named), head_params(named)
-        self.model_config = AutoConfig.from_pretrained(checkpoint)
+        named = self.backend.named_weights().items()  # the engine's HF copy with vLLM: nothing trains here
+        self.cost = ModelCost(AutoConfig.from_pretrained(checkpoint), matmul_params(named), 0, head_params(named), 0)
 
     def generate(self, req: RolloutRequest) -> RolloutBatch:
         if req.version is not None and req.version != self.version:
             raise VersionMismatch(f"rollout worker {self.worker_index} holds policy v{self.version}, batch {req.batch_id} "
                                   f"needs v{req.version}")
-        # cached after the first; the GPUs a forward is split over (vLLM's tensor parallelism) have a peak each
-        peak = peak_flops("cuda" if torch.cuda.is_available() else "cpu", self.dtype) * self.devices
-        t0 = time.perf_counter()
+        # the GPUs a forward is split over (vLLM's tensor parallelism) have a peak each
+        meter = WorkMeter("cuda" if torch.cuda.is_available() else "cpu", self.dtype, self.devices)
         responses, rmask, logprobs = self.backend.generate(req.prompts, req.seed)
-        seconds = time.perf_counter() - t0
-        pad_id = self.backend.tokenizer.pad_token_id
-        prompts, pmask = pad_left(req.prompts, pad_id)
+        prompts, pmask = pad_left(req.prompts, self.backend.tokenizer.pad_token_id)
         # prefill and decode: a forward pass of each token, a shared prefill's once per distinct prompt (all of the
         # prompt but the last token, which each row runs); the head makes each sampled token's logits
         plens, lengths = pmask.sum(-1), (pmask.sum(-1) + rmask.sum(-1)).tolist()
         groups = self.backend.prefill_groups(prompts, pmask)
-        tokens, attention = shared_prefix_work(self.model_config, lengths, (plens - 1).tolist() if groups else
-                                               [0] * len(lengths), groups)
-        flops = forward_flops(self.n_params, tokens) + forward_flops(self.n_head, int(rmask.sum())) + attention
+        meter.forward(self.cost, *shared_prefix_work(self.cost.config, lengths, (plens - 1).tolist() if groups else
+                                                     [0] * len(lengths), groups), int(rmask.sum()))
+        work = meter.stop()
         return RolloutBatch(batch_id=req.batch_id, shard=req.shard, worker=self.worker_index,
                             policy_version=self.version, prompt_indices=list(req.prompt_indices), prompts=prompts,
                             prompt_mask=pmask, responses=responses, response_mask=rmask, logprobs=logprobs,
-                            generate_s=seconds, mfu=mfu(flops, seconds, peak),
-                            engine_probe_diff=self.last_verify_diff)
+                            seconds=work.seconds, mfu=work.mfu, engine_probe_diff=self.last_verify_diff)
 
     def load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
         """Swap in `packet`'s weights; with `verify`, compare the checksum of the weights held (the generating

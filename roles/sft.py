@@ -21,14 +21,20 @@ from rayrlhf.core.metrics import MetricsLogger, NoMetrics
 from rayrlhf.core.modeling import (
     build_tiny_llama, convert_gguf, count_params, load_causal_lm, load_tokenizer, train_tokenizer, trainable,
 )
-from rayrlhf.core.sequences import check_packing, micro_batch_groups, pad_left, pad_right, response_logits, sample
+from rayrlhf.core.forward import check_packing, response_logits
+from rayrlhf.core.padding import pad_left, pad_right
+from rayrlhf.core.plan import ForwardPlan, micro_batch_groups
+from rayrlhf.core.sampling import sample
 from rayrlhf.core.sharding import TrainGroup, shard_model
 from rayrlhf.core.synthetic import judge
 from rayrlhf.core.text import (
     EncodedSummary, budget_warnings, encode_summaries, reference_budget, rouge, with_encodable_queries,
 )
-from rayrlhf.core.throughput import attention_flops, mfu, model_head_params, model_params, peak_flops, training_flops
-from rayrlhf.core.training import epoch_batches, keep_best, optimizer_step, seed_everything, start_training
+from rayrlhf.core.throughput import attention_flops
+from rayrlhf.core.training import (
+    TrainingStart, epoch_batches, keep_best, optimizer_step, seed_everything, start_training,
+)
+from rayrlhf.core.work import ModelCost, WorkMeter
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -50,7 +56,7 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], packed: boo
     Summing (not averaging) per micro-batch makes gradient accumulation exact: the caller divides by
     the token count of the whole optimizer batch. Only the logits that predict summary tokens go through the
     LM head (`response_logits`): on SmolLM2 (49k vocabulary) that makes a LoRA step 1.6x faster. `packed`:
-    the forward runs on the real tokens only (`sequences.pack`).
+    the forward runs on the real tokens only (`padding.pack`).
     """
     labels = batch["labels"]
     logits = response_logits(model, batch["input_ids"], batch["attention_mask"], labels.shape[1], packed)
@@ -113,11 +119,7 @@ class SFTTrainer:
         data = load_tldr(cfg.data)
         model, tok = init_policy(cfg, data, self.out_dir.parent, group)
         data = with_encodable_queries(tok, data, cfg.data)
-        model = trainable(model, cfg.model, "CAUSAL_LM")
-        if sc.max_tokens_per_micro_batch is not None:
-            check_packing(model, "sft.max_tokens_per_micro_batch")
-        if group.fsdp:  # before the optimizer: it holds the shards
-            model = shard_model(model, cfg.model.mixed_precision)
+        model = self._trainable(model, group)
         log.info("SFT: %d parameters, %d train / %d valid examples%s", count_params(model), len(data.sft_train),
                  len(data.sft_valid), f", rank {group.rank.rank} of {group.rank.world}" if group.fsdp else "")
         budget = reference_budget(tok, data.sft_train, cfg.data.max_summary_tokens, cfg.rollout.max_new_tokens)
@@ -127,40 +129,16 @@ class SFTTrainer:
         train, valid = enc(data.sft_train), enc(data.sft_valid)
         eval_examples = data.sft_valid[: sc.num_eval_prompts]
         eval_queries = [e.query_ids for e in valid[: sc.num_eval_prompts]]
-
         training = start_training(model, sc, len(train), "examples", self.out_dir, cfg.run.keep_checkpoints,
                                   self.resume, {"sft/valid_loss": float("inf")}, group)
         step, best = training.step, training.best
-        packed = sc.max_tokens_per_micro_batch is not None
-        n_params, n_head = model_params(model), model_head_params(model)
-        peak = peak_flops(next(model.parameters()).device, cfg.model.train_compute_dtype)
         metrics = MetricsLogger(self.out_dir, cfg=cfg) if group.leader else NoMetrics()
         bar = tqdm(total=training.total_steps, initial=step, desc="sft", mininterval=2, ascii=True,
                    disable=not group.leader)
         for idx in epoch_batches(len(train), sc.batch_size, sc.epochs, cfg.run.seed, step):
-            model.train()
-            t_step = time.perf_counter()
-            lengths = [len(train[i].query_ids) + len(train[i].summary_ids) for i in idx]
-            n_tokens = sum(len(train[i].summary_ids) for i in idx)  # the label tokens of the whole batch
-            mine = group.share(lengths)
-            my_lengths = [lengths[j] for j in mine]
-            groups = micro_batch_groups(my_lengths, sc.micro_batch_size, sc.max_tokens_per_micro_batch,
-                                        group.passes(my_lengths, sc.max_tokens_per_micro_batch))
-            loss_sum = 0.0
-            for g in groups:
-                loss, _ = sft_loss(model, sft_batch([train[idx[mine[j]]] for j in g], tok.pad_token_id), packed)
-                (loss / n_tokens).backward()
-                loss_sum += loss.item()
-            grad_norm = optimizer_step(model, training.opt, training.sched, sc.max_grad_norm)
-            loss_sum = group.sum({"loss": loss_sum})["loss"]
-            step_s = time.perf_counter() - t_step
+            row = self._train_step(model, training, [train[i] for i in idx], tok.pad_token_id, group)
             step += 1
             bar.update(1)
-            ckpt = cfg.model.gradient_checkpointing
-            flops = (training_flops(*n_params, sum(lengths), ckpt, attention_flops(model.config, lengths))
-                     + training_flops(*n_head, n_tokens)) / group.rank.world  # the head: on summaries, not recomputed
-            row = {"sft/loss": loss_sum / n_tokens, "sft/grad_norm": grad_norm, "sft/lr": training.sched.get_last_lr()[0],
-                   "sft/tokens_per_s": sum(lengths) / step_s, "sft/mfu": mfu(flops, step_s, peak)}
             metrics.log(step, row)
             if step % sc.eval_every == 0 or step == training.total_steps:
                 result = self.evaluate(model, tok, valid, eval_examples, eval_queries)
@@ -169,15 +147,56 @@ class SFTTrainer:
                 best = keep_best(step, result, best, "sft/valid_loss", False, model, tok, self.out_dir, training,
                                  group)
         bar.close()
-        baseline = rouge([lead_baseline(e.query) for e in eval_examples], [e.reference for e in eval_examples])
-        best.update({f"sft/lead_{k}": v for k, v in baseline.items()})
-        if eval_examples[0].post is not None:
-            best["sft/lead_gold_score"] = float(np.mean([judge(e.post, lead_baseline(e.query)).score for e in eval_examples]))
+        best.update(self._baselines(eval_examples))
         best.update(budget)
         best["timing/sft_s"] = time.time() - t0
         metrics.log(step, best)
         metrics.close()
         return best
+
+    def _trainable(self, model, group: TrainGroup):
+        """The base policy trainable as the config says (LoRA or full), sharded in a group; the plan its examples
+        are cut by."""
+        cfg, sc = self.cfg, self.cfg.sft
+        model = trainable(model, cfg.model, "CAUSAL_LM")
+        if sc.max_tokens_per_micro_batch is not None:
+            check_packing(model, "sft.max_tokens_per_micro_batch")
+        if group.fsdp:  # before the optimizer: it holds the shards
+            model = shard_model(model, cfg.model.mixed_precision)
+        self.plan = ForwardPlan(sc.micro_batch_size, sc.max_tokens_per_micro_batch, group=group)
+        self.cost = ModelCost.of(model)
+        return model
+
+    def _train_step(self, model, training: TrainingStart, batch: list[EncodedSummary], pad_id: int,
+                    group: TrainGroup) -> dict[str, float]:
+        """One optimizer step on `batch` (this rank's token-balanced share of it) -> the step's metrics."""
+        model.train()
+        meter = WorkMeter(next(model.parameters()).device, self.cfg.model.train_compute_dtype)
+        lengths = [len(e.query_ids) + len(e.summary_ids) for e in batch]
+        n_tokens = sum(len(e.summary_ids) for e in batch)  # the label tokens of the whole batch
+        mine = group.share(lengths)
+        loss_sum = 0.0
+        for g in self.plan.groups([lengths[j] for j in mine]):
+            items = [batch[mine[j]] for j in g]
+            loss, n = sft_loss(model, sft_batch(items, pad_id), self.plan.packed)
+            (loss / n_tokens).backward()
+            loss_sum += loss.item()
+            ran = [lengths[mine[j]] for j in g]  # the head runs on the summaries' positions only, never recomputed
+            meter.train(self.cost, sum(ran), attention_flops(model.config, ran), n,
+                        self.cfg.model.gradient_checkpointing)
+        grad_norm = optimizer_step(model, training.opt, training.sched, self.cfg.sft.max_grad_norm)
+        loss_sum = group.sum({"loss": loss_sum})["loss"]
+        work = meter.stop(sum(lengths))
+        return {"sft/loss": loss_sum / n_tokens, "sft/grad_norm": grad_norm, "sft/lr": training.sched.get_last_lr()[0],
+                "sft/tokens_per_s": work.tokens_per_s, "sft/mfu": work.mfu}
+
+    def _baselines(self, examples: list[SummaryExample]) -> dict[str, float]:
+        """ROUGE (and, on the synthetic task, the gold score) of the lead-sentence baseline on the eval posts."""
+        leads = [lead_baseline(e.query) for e in examples]
+        out = {f"sft/lead_{k}": v for k, v in rouge(leads, [e.reference for e in examples]).items()}
+        if examples[0].post is not None:
+            out["sft/lead_gold_score"] = float(np.mean([judge(e.post, lead).score for e, lead in zip(examples, leads)]))
+        return out
 
     @torch.no_grad()
     def evaluate(self, model, tok, valid: list[EncodedSummary], examples: list[SummaryExample],

@@ -4,7 +4,7 @@
 `RolloutGenerator`, the reference, the reward scorer and the learner cannot tell the two apart:
 
 - responses (B, R = max_new_tokens), right-padded with the pad id after the first EOS, which is kept;
-- response_mask (B, R): 1 up to and including the first EOS (`core.sequences.truncate_after_eos`);
+- response_mask (B, R): 1 up to and including the first EOS (`core.padding.truncate_after_eos`);
 - behaviour log-probs (B, R): log softmax(logits / T) of the sampled tokens, 0 on padding. The engine runs
   with `logprobs_mode="processed_logprobs"` (vLLM's default, `raw_logprobs`, is the T = 1 distribution).
   With top_p < 1 the processed log-probs are renormalised over the nucleus, as HF's sampling distribution
@@ -58,7 +58,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from rayrlhf.core.config import VLLM_CPU_HEAD_SIZES, RolloutConfig
 from rayrlhf.core.modeling import DTYPES, load_tokenizer
-from rayrlhf.core.sequences import truncate_after_eos
+from rayrlhf.core.padding import truncate_after_eos
 from rayrlhf.core.weight_sync import WeightSyncError
 
 log = logging.getLogger(__name__)

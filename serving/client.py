@@ -26,7 +26,8 @@ from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
 from rayrlhf.core.experience import RolloutBatch, Scores
-from rayrlhf.core.sequences import eos_trick, has_eos
+from rayrlhf.core.padding import has_eos
+from rayrlhf.core.ppo_math import eos_trick
 from rayrlhf.serving.api import Health, ModelInfo, ScoreResponse
 
 log = logging.getLogger(__name__)
@@ -194,4 +195,4 @@ class RemoteRewardScorer:
         raw = torch.tensor(out.scores, dtype=torch.float32)
         eos = has_eos(batch.responses, batch.response_mask, self.tokenizer.eos_token_id)
         return Scores(batch_id=batch.batch_id, shard=batch.shard, scores=eos_trick(raw, eos, self.missing_eos_score),
-                      raw_scores=raw, has_eos=eos, score_s=time.perf_counter() - t0)
+                      raw_scores=raw, has_eos=eos, seconds=time.perf_counter() - t0)

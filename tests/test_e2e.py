@@ -75,7 +75,7 @@ def _check_ppo_and_eval(run: Path, max_staleness: int) -> None:
         for role in ("learner", "rollout", "reference", "reward"):  # each role's model FLOPs against its peak
             assert 0 < r[f"perf/{role}_mfu"] < 1 and r[f"perf/{role}_tokens_per_s"] > 0, role
         # the scoring roles count prompt and response tokens, the rollout the tokens it generated
-        generated = r["perf/rollout_tokens_per_s"] * r["timing/generate_s"]
+        generated = r["perf/rollout_tokens_per_s"] * r["timing/rollout_s"]
         assert generated == pytest.approx(r["rollout/response_length"] * r["rollout/sequences"])
         assert r["perf/reference_tokens_per_s"] * r["timing/reference_s"] > generated + r["rollout/sequences"]
     if max_staleness == 1:

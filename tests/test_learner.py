@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from rayrlhf.roles.learner import PPOLearner, StalenessError
-from rayrlhf.core.sequences import token_budget_groups
+from rayrlhf.core.plan import MicroBatch, token_budget_groups
+from rayrlhf.core.work import WorkMeter
 
 pytestmark = pytest.mark.slow  # every test here uses the tiny checkpoints (trained once per session)
 
@@ -123,14 +124,16 @@ def test_the_learner_turns_every_dropout_off_loras_too_and_counts_the_work_it_ra
         learner = _learner(make_tiny_cfg, tiny_checkpoints, *lora, f"ppo.micro_batch_size={micro}")
         assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0
                        for model in (learner.policy, learner.critic) for m in model.modules())
-        assert learner.share_prompts
+        assert learner.plan.share_prompts
         assert experience.prompts[0::2].tolist() == experience.prompts[1::2].tolist()  # 2 samples a prompt
         learner.train_step(copy.deepcopy(experience))
         want = shared_prefix_work(learner.policy.config, lengths, prompts, groups)
-        assert tuple(learner._work["policy"]) == pytest.approx(want) == tuple(learner._work["critic"])
-        assert learner._work["head"][0] == int(experience.response_mask.sum())
-        # GAE's old values: a critic forward of its own unless the update reuses the value loss's
-        assert ("critic_forward" in learner._work) == (micro == 1)
+        expected = WorkMeter("cpu", "float32")
+        expected.train(learner.costs["policy"], *want, int(experience.response_mask.sum()))
+        expected.train(learner.costs["critic"], *want)
+        if micro == 1:  # GAE's old values: a critic forward of its own unless the update reuses the value loss's
+            expected.forward(learner.costs["critic"], *want)
+        assert learner.meter.flops == pytest.approx(expected.flops, rel=1e-12)
     assert groups is None and want[0] == sum(lengths)
 
 
@@ -234,7 +237,9 @@ def test_critic_starts_as_the_reward_model(make_tiny_cfg, tiny_checkpoints, expe
     # V(s_t) is read before token t: one more (padding) column puts the state after the last token in reach
     responses = F.pad(exp.responses, (0, 1), value=learner.tokenizer.pad_token_id)
     with torch.no_grad():
-        values = learner._critic(exp.prompts, exp.prompt_mask, responses, F.pad(exp.response_mask, (0, 1)), False)
+        rows = torch.arange(exp.size)
+        values = learner._values(MicroBatch(rows, rows.tolist(), exp.prompts, exp.prompt_mask, responses,
+                                            F.pad(exp.response_mask, (0, 1)), False))
     at_last = values.gather(1, exp.response_mask.sum(-1, keepdim=True).long())[:, 0]
     raw = scorer.score_tokens(exp.prompts, exp.prompt_mask, exp.responses, exp.response_mask).raw_scores
     assert (at_last - raw).abs().max().item() < 1e-6
@@ -242,7 +247,7 @@ def test_critic_starts_as_the_reward_model(make_tiny_cfg, tiny_checkpoints, expe
 
 def _own_logprobs(learner, exp):
     """The batch with the learner's own log-probs as the behaviour ones: staleness 0, no numeric mismatch."""
-    from rayrlhf.core.sequences import response_logprobs
+    from rayrlhf.core.forward import response_logprobs
 
     with torch.no_grad():
         logp, _ = response_logprobs(learner.policy, exp.prompts, exp.prompt_mask, exp.responses, exp.response_mask,

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from rayrlhf.roles.rm import pairwise_loss
-from rayrlhf.core.sequences import flush_right, last_token_index, pad_left, pad_right, sequence_scores
+from rayrlhf.core.forward import sequence_scores
+from rayrlhf.core.padding import flush_right, last_token_index, pad_left, pad_right
 from rayrlhf.roles.sft import IGNORE, sft_batch, sft_loss
 from rayrlhf.core.text import EncodedSummary
 
@@ -64,7 +65,7 @@ def test_sft_loss_ignores_logits_that_predict_query_or_padding():
     T, S = b["input_ids"].shape[1], b["labels"].shape[1]
     predicts_summary = torch.zeros(2, T, dtype=torch.bool)
     predicts_summary[:, T - S - 1 : T - 1] = b["labels"] != IGNORE  # logits at t predict token t + 1
-    # the model sees the rows flushed right (sequences.response_logits): mark the same positions there
+    # the model sees the rows flushed right (forward.response_logits): mark the same positions there
     flushed, _, index = flush_right(b["input_ids"], b["attention_mask"])
     rows, cols = predicts_summary.nonzero(as_tuple=True)
     marked = torch.zeros(flushed.shape, dtype=torch.bool)

@@ -125,7 +125,8 @@ def test_sft_and_rm_steps_move_every_weight(name, make_tiny_cfg, tiny_checkpoint
     from rayrlhf.roles.sft import sft_batch, sft_loss
     from rayrlhf.core.data import load_tldr
     from rayrlhf.core.modeling import load_causal_lm, load_scalar_model, load_tokenizer, trainable
-    from rayrlhf.core.sequences import pad_right, sequence_scores
+    from rayrlhf.core.forward import sequence_scores
+    from rayrlhf.core.padding import pad_right
     from rayrlhf.core.text import encode_responses, encode_summaries
 
     cfg = make_tiny_cfg(*_model_settings(name))

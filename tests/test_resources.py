@@ -31,7 +31,7 @@ def test_shortfall_names_each_roles_ask_and_key():
     short = shortfall(bundles, {"CPU": 8, "GPU": 3})
     assert short == ("4 GPU (learner ppo.num_gpus=1 x ppo.learner_workers=2, rollout rollout.num_gpus=0.5 x "
                      "rollout.num_workers=3) but 3 exist")
-    assert shortfall({"eval": [{"CPU": 1}]}, {"CPU": 0.5}) == "1 CPU (eval sft.num_cpus=1) but 0.5 exist"
+    assert shortfall({"eval": [{"CPU": 1}]}, {"CPU": 0.5}) == "1 CPU (eval eval.num_cpus=1) but 0.5 exist"
 
 
 def test_fractional_gpus_share_a_gpu_only_where_they_fit_in_it():

@@ -140,9 +140,10 @@ def test_sft_and_rm_resume_from_their_last_checkpoint_equal_uninterrupted(make_t
         state = torch.load(CheckpointDir(tmp_path / f"{mod.__name__}-killed" / "checkpoints").latest()
                            / "trainer_state.pt", weights_only=False)
         if lora:
-            assert "model" not in state and all("lora_" in n or "score" in n for n in state["trainable"])
+            assert "weights" not in state["model"] and all("lora_" in n or "score" in n
+                                                          for n in state["model"]["trainable"])
         else:
-            assert "trainable" not in state and "model" in state
+            assert "trainable" not in state["model"] and "weights" in state["model"]
         resumed = make(tmp_path / f"{mod.__name__}-killed", True).run()
 
         for key in whole:

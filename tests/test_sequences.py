@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rayrlhf.core.sequences import (
-    flush_right, has_eos, length_grouped, pad_left, pad_right, position_ids, prompt_ids, response_logprobs, sample,
-    token_budget_groups, trim_padding, truncate_after_eos,
-)
-from rayrlhf.core.throughput import shared_prefix_work
+from rayrlhf.core.forward import response_logprobs
+from rayrlhf.core.padding import flush_right, has_eos, pad_left, pad_right, position_ids, trim_padding, truncate_after_eos
+from rayrlhf.core.plan import length_grouped, prompt_ids, token_budget_groups
+from rayrlhf.core.sampling import sample
+from rayrlhf.core.throughput import forward_flops, shared_prefix_work
+from rayrlhf.core.work import WorkMeter
 
 EOS, PAD = 2, 0  # ids for the tests without a model; those with the tiny tokenizer read its own (EOS 1)
 
@@ -85,7 +86,7 @@ def test_flushed_rows_give_the_logits_and_values_of_the_rows_padded_in_place(pol
     """response_logits / token_values compute on rows flushed right: every real position's output equals the
     model's on `[pad.. prompt | response .. pad]` as laid out, padding positions are 0."""
     from rayrlhf.core.modeling import load_scalar_model
-    from rayrlhf.core.sequences import response_logits, token_values
+    from rayrlhf.core.forward import response_logits, token_values
 
     model, tok = policy
     responses = [q[: 2 + 3 * i] for i, q in enumerate(prompts)]  # 2..11 tokens
@@ -186,7 +187,7 @@ def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts
     assert (packed.logprobs - logprobs).abs().max().item() < 1e-5
     # each prompt once for its two samples (micro batches of 4 keep them together): the same log-probs
     shared = ReferenceLogprobs(str(tiny_checkpoints.sft), temperature=0.7, batch_size=4, share_prompts=True)
-    assert shared.share_prompts
+    assert shared.plan.share_prompts
     assert (shared.logprobs(batch).logprobs - logprobs).abs().max().item() < 1e-5
 
     from rayrlhf.roles.reward import RewardScorer
@@ -196,17 +197,18 @@ def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts
     assert (packed_scores - padded.raw_scores).abs().max().item() < 1e-5
     # each prompt once for its two samples: the same scores, from less work (MFU counts the work as it ran)
     shared_rm = RewardScorer(str(tiny_checkpoints.rm), batch_size=4, share_prompts=True)
-    assert shared_rm.share_prompts
+    assert shared_rm.plan.share_prompts
     s = shared_rm.score_rollout(batch)
     assert (s.raw_scores - padded.raw_scores).abs().max().item() < 1e-5 and torch.equal(s.has_eos, padded.has_eos)
     assert (s.scores - padded.scores).abs().max().item() < 1e-5
     lengths, plens = (pm.sum(-1) + rmask.sum(-1)).tolist(), pm.sum(-1).tolist()
     whole_work, _ = shared_prefix_work(shared_rm.model.config, lengths, plens, None)
-    once_work, _ = shared_prefix_work(shared_rm.model.config, lengths, plens, prompt_ids(p, pm))
+    once_work, once_attention = shared_prefix_work(shared_rm.model.config, lengths, plens, prompt_ids(p, pm))
     assert once_work < whole_work
-    _, computed, _ = shared_rm._score_rollout_rows(p, pm, responses, rmask)
-    assert computed == once_work
-    assert RewardScorer(str(tiny_checkpoints.rm), max_tokens=200, share_prompts=True).share_prompts is False
+    meter = WorkMeter("cpu", "float32")
+    shared_rm._score_rollout_rows(p, pm, responses, rmask, meter)
+    assert meter.flops == pytest.approx(forward_flops(shared_rm.cost.params, once_work) + once_attention, rel=1e-12)
+    assert RewardScorer(str(tiny_checkpoints.rm), max_tokens=200, share_prompts=True).plan.share_prompts is False
 
     # the generator prefills each prompt once for its two samples and counts that work
     from rayrlhf.roles.rollout import RolloutGenerator
@@ -215,14 +217,20 @@ def test_hf_backend_logprobs_equal_reference_recompute(tiny_checkpoints, prompts
     import rayrlhf.roles.rollout as rollout_module
 
     flops = []  # the FLOPs each generate call counted
-    monkeypatch.setattr(rollout_module, "mfu", lambda f, seconds, peak: flops.append(f) or 0.0)
+
+    class Recording(WorkMeter):
+        def stop(self, tokens: int = 0):
+            flops.append(self.flops)
+            return super().stop(tokens)
+
+    monkeypatch.setattr(rollout_module, "WorkMeter", Recording)
     req = RolloutRequest(batch_id=0, shard=0, prompt_indices=list(range(8)), prompts=rep, seed=3)
     gens = [RolloutGenerator(str(tiny_checkpoints.sft), cfg, share_prompts=share) for share in (False, True)]
     (a, b) = (g.generate(req) for g in gens)
     assert torch.equal(a.responses, b.responses) and (a.logprobs - b.logprobs).abs().max().item() < 1e-5
     assert gens[0].backend.prefill_groups(p, pm) is None and gens[1].backend.prefill_groups(p, pm) == prompt_ids(p, pm)
     # each row's prefill and response whole, or each prompt's tokens but its last once (the rows run the last)
-    config, n_params, n_head = gens[0].model_config, gens[0].n_params, gens[0].n_head
+    config, n_params, n_head = gens[0].cost.config, gens[0].cost.params, gens[0].cost.head
     lengths, plens = (pm.sum(-1) + a.response_mask.sum(-1)).tolist(), pm.sum(-1)
     head = 2.0 * n_head * int(a.response_mask.sum())
     for got, prefixes, groups in ((flops[0], [0] * 8, None), (flops[1], (plens - 1).tolist(), prompt_ids(p, pm))):
@@ -305,7 +313,7 @@ def test_packed_forward_equals_the_padded_one(policy, prompts, tiny_checkpoints)
     """Packing (real tokens in one row, positions restarting, attention within each sequence) gives the padded
     batch's log-probs, entropies and values; fp32."""
     from rayrlhf.core.modeling import load_scalar_model
-    from rayrlhf.core.sequences import response_values
+    from rayrlhf.core.forward import response_values
 
     model, tok = policy
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -328,7 +336,7 @@ def test_packing_is_refused_on_a_model_that_attends_across_packed_sequences():
         OPTForCausalLM,
     )
 
-    from rayrlhf.core.sequences import check_packing
+    from rayrlhf.core.forward import check_packing
 
     torch.manual_seed(0)
     llama = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
@@ -348,7 +356,7 @@ def test_packing_is_refused_on_a_model_that_attends_across_packed_sequences():
 
 
 def test_common_prefix_leaves_each_side_a_token_of_its_own():
-    from rayrlhf.core.sequences import common_prefix
+    from rayrlhf.core.pairs import common_prefix
 
     assert common_prefix([1, 2, 3, 4], [1, 2, 5]) == 2
     assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 2  # one side starts the other: it keeps its last token
@@ -360,7 +368,8 @@ def test_the_work_of_a_shared_prefix_counts_it_once_only_where_it_ran_once():
     """By hand, on a model of one layer, one head of dimension 1 (attention: 4 FLOPs per causal query-key pair)."""
     from types import SimpleNamespace
 
-    from rayrlhf.core.sequences import pair_work, response_work
+    from rayrlhf.core.pairs import pair_work
+    from rayrlhf.core.plan import response_work
 
     one = SimpleNamespace(num_attention_heads=1, head_dim=1, hidden_size=1, num_hidden_layers=1)
     # two samples of a 2-token prompt (responses of 1 and 3 tokens) and one of a 3-token prompt (2 tokens)
@@ -379,7 +388,7 @@ def test_the_work_of_a_shared_prefix_counts_it_once_only_where_it_ran_once():
 def test_a_prefix_runs_once_exactly_only_with_a_full_cache_and_no_active_dropout():
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-    from rayrlhf.core.sequences import prefix_runs_once_exactly
+    from rayrlhf.core.plan import prefix_runs_once_exactly
 
     small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=50)
     llama = LlamaForCausalLM(LlamaConfig(**small))
@@ -398,7 +407,8 @@ def test_pair_scores_with_the_shared_prefix_run_once_equal_each_side_scored_whol
     from rayrlhf.roles.rm import pairwise_loss
     from rayrlhf.core.config import LoraConfig
     from rayrlhf.core.modeling import apply_lora, load_scalar_model, load_tokenizer
-    from rayrlhf.core.sequences import pair_scores, sequence_scores
+    from rayrlhf.core.forward import sequence_scores
+    from rayrlhf.core.pairs import pair_scores
 
     tok = load_tokenizer(str(tiny_checkpoints.rm))
     torch.manual_seed(0)
@@ -449,7 +459,8 @@ def test_each_prompt_run_once_gives_the_logprobs_values_and_gradients_of_whole_r
     and values: log-probs, entropies, values and their gradients equal the whole rows', fp32."""
     from rayrlhf.core.config import LoraConfig
     from rayrlhf.core.modeling import apply_lora, load_causal_lm, load_scalar_model
-    from rayrlhf.core.sequences import prompt_ids, response_values
+    from rayrlhf.core.forward import response_values
+    from rayrlhf.core.plan import prompt_ids
 
     _, tok = policy
     torch.manual_seed(0)
@@ -492,7 +503,7 @@ def test_generate_with_each_prompt_prefilled_once_samples_what_generate_samples(
     """share_prompts prefills each distinct prompt once and generates its samples on copies of its cache: the
     same tokens (greedy, and sampled with the same seed) and the same behaviour log-probs as generate's own
     prefill of every row, fp32; only where a prompt repeats."""
-    import rayrlhf.core.sequences as seq
+    import rayrlhf.core.sampling as seq
 
     model, tok = policy
     calls = []
@@ -546,7 +557,7 @@ def test_response_scores_with_each_prompt_run_once_equal_the_whole_rows(policy, 
     """The reward at each row's last token, each distinct prompt run once: the whole rows' scores, fp32, for
     responses that fill the width, stop early or are empty (the score is then read at the prompt's last token)."""
     from rayrlhf.core.modeling import load_scalar_model
-    from rayrlhf.core.sequences import response_scores, sequence_scores
+    from rayrlhf.core.forward import response_scores, sequence_scores
 
     _, tok = policy
     rm = load_scalar_model(str(tiny_checkpoints.rm), tok).eval()
@@ -576,7 +587,7 @@ def test_generate_samples_softmax_of_logits_over_t_whatever_the_checkpoints_gene
     from scipy.stats import chisquare
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from rayrlhf.core.sequences import sample_with_logprobs
+    from rayrlhf.core.sampling import sample_with_logprobs
 
     V, T, N = 32, 0.7, 4000
     torch.manual_seed(0)

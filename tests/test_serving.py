@@ -41,7 +41,7 @@ from rayrlhf.core.data import corpus_text, load_tldr  # noqa: E402
 from rayrlhf.core.experience import RolloutBatch  # noqa: E402
 from rayrlhf.core.modeling import build_tiny_llama, load_scalar_model, save_checkpoint, train_tokenizer  # noqa: E402
 from rayrlhf.core.text import encode_responses  # noqa: E402
-from rayrlhf.core.sequences import pad_left, pad_right  # noqa: E402
+from rayrlhf.core.padding import pad_left, pad_right  # noqa: E402
 from rayrlhf.core.text import encode_queries  # noqa: E402
 from rayrlhf.serving.auth import BearerAuth, TokenError, is_loopback, resolve_token  # noqa: E402
 from rayrlhf.serving.client import RemoteRewardScorer, RewardClient, RewardServiceError  # noqa: E402

@@ -15,7 +15,7 @@ import torch
 
 from rayrlhf.roles.rm import RMTrainer
 from rayrlhf.roles.sft import SFTTrainer
-from rayrlhf.core.sequences import pair_scores
+from rayrlhf.core.pairs import pair_scores
 
 
 

@@ -27,7 +27,9 @@ from rayrlhf.core.config import DataConfig, ModelConfig, RolloutConfig
 from rayrlhf.core.data import corpus_text, load_tldr
 from rayrlhf.core.experience import RolloutBatch, RolloutRequest
 from rayrlhf.core.modeling import build_tiny_llama, load_causal_lm, load_tokenizer, save_checkpoint, train_tokenizer
-from rayrlhf.core.sequences import has_eos, pad_left, response_logprobs, sample, truncate_after_eos
+from rayrlhf.core.forward import response_logprobs
+from rayrlhf.core.padding import has_eos, pad_left, truncate_after_eos
+from rayrlhf.core.sampling import sample
 from rayrlhf.core.weight_sync import WeightSyncError, make_packet, unpack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +89,7 @@ def _hf_policy(path: Path):
 
 
 def assert_rollout_conventions(responses, mask, logprobs, eos: int, pad: int) -> None:
-    """What every role assumes of a rollout (see core/sequences.py), checked row by row."""
+    """What every role assumes of a rollout (see core/padding.py), checked row by row."""
     assert responses.shape == mask.shape == logprobs.shape and responses.shape[1] == MAX_NEW
     assert (responses.dtype, mask.dtype, logprobs.dtype) == (torch.long, torch.long, torch.float32)
     assert torch.equal(torch.stack(truncate_after_eos(responses, eos, pad)), torch.stack([responses, mask]))
