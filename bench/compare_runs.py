@@ -15,7 +15,12 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-VOLATILE = ("timing/", "perf/", "ppo/sequences_per_s", "ppo/tokens_per_s", "rollout/sequences_per_s")
+VOLATILE = ("timing/", "perf/")  # and every stage's throughput: `<stage>/mfu`, `<stage>/..._per_s` (`volatile`)
+
+
+def volatile(key: str) -> bool:
+    """A figure of time (seconds, MFU, throughput): it differs between any two runs."""
+    return key.startswith(VOLATILE) or key.endswith(("/mfu", "_per_s")) or key == "time"
 
 
 def weight_diff(a: Path, b: Path) -> float:
@@ -38,15 +43,17 @@ def main() -> None:
     for stage in sa:
         for key in sorted(set(sa[stage]) | set(sb.get(stage, {}))):
             va, vb = sa[stage].get(key), sb.get(stage, {}).get(key)
-            if va != vb and not key.startswith(VOLATILE):
+            if va != vb and not volatile(key):
                 differing += 1
                 print(f"{stage} {key}: {va} != {vb}")
     print(f"{differing} non-timing summary metrics differ")
-    for stage in ("sft", "rm", "ppo"):
-        rows = [[json.loads(line) for line in (r / stage / "metrics.jsonl").read_text().splitlines()]
-                for r in (args.a, args.b)]
-        strip = [[{k: v for k, v in row.items() if not k.startswith(VOLATILE) and k != "time"} for row in rs]
-                 for rs in rows]
+    for stage in ("sft", "rm", "judge", "ppo"):
+        files = [r / stage / "metrics.jsonl" for r in (args.a, args.b)]
+        if not all(f.is_file() for f in files):
+            print(f"{stage}/metrics.jsonl: not in both runs")
+            continue
+        rows = [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
+        strip = [[{k: v for k, v in row.items() if not volatile(k)} for row in rs] for rs in rows]
         same = strip[0] == strip[1]
         print(f"{stage}/metrics.jsonl: {len(rows[0])} vs {len(rows[1])} rows, non-timing values "
               f"{'identical' if same else 'DIFFER'}")

@@ -10,16 +10,12 @@ whole batch's token count, so how a batch is cut changes no update, only its pad
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from rayrlhf.core.padding import trim_padding
 from rayrlhf.core.throughput import shared_prefix_work
-
-if TYPE_CHECKING:
-    from rayrlhf.core.sharding import TrainGroup
 from torch import Tensor, nn
 
 
@@ -145,24 +141,24 @@ class MicroBatch:
 @dataclass(frozen=True)
 class ForwardPlan:
     """How one role cuts its rows: `rows` per padded micro batch (longest first), or packed micro batches of at
-    most `max_tokens` tokens, each distinct prompt run once where `share_prompts`. In a group of FSDP ranks
-    (`group`), every rank runs as many packed micro batches as the busiest (FSDP's collectives need equal passes)."""
+    most `max_tokens` tokens, each distinct prompt run once where `share_prompts`. In a group of FSDP ranks,
+    every rank runs as many packed micro batches as the busiest (FSDP's collectives need equal passes):
+    `busiest(n)` is the most any rank has (`sharding.TrainGroup.busiest`)."""
 
     rows: int
     max_tokens: int | None = None
     share_prompts: bool = False
     device: torch.device | str = "cpu"
-    group: TrainGroup | None = None
+    busiest: Callable[[int], int] | None = None
 
     @classmethod
     def build(cls, rows: int, max_tokens: int | None, share_prompts: bool, models: Sequence[nn.Module | None], *,
-              device: torch.device | str = "cpu", gradient_checkpointing: bool = False,
-              group: TrainGroup | None = None) -> ForwardPlan:
+              device: torch.device | str = "cpu", gradient_checkpointing: bool = False, sharded: bool = False,
+              busiest: Callable[[int], int] | None = None) -> ForwardPlan:
         """The plan of a role whose config asks for `share_prompts`, on `models`: shared where `may_share_prefix`."""
         share = share_prompts and may_share_prefix(models, packed=max_tokens is not None,
-                                                   gradient_checkpointing=gradient_checkpointing,
-                                                   sharded=group is not None and group.fsdp)
-        return cls(rows, max_tokens, share, device, group)
+                                                   gradient_checkpointing=gradient_checkpointing, sharded=sharded)
+        return cls(rows, max_tokens, share, device, busiest)
 
     @property
     def packed(self) -> bool:
@@ -171,7 +167,9 @@ class ForwardPlan:
     def groups(self, lengths: Sequence[int], prompts: Sequence[int] | None = None) -> list[list[int]]:
         """Positions into `lengths` per micro batch (`micro_batch_groups`); `prompts`: an id per position, a
         prompt's samples together (padded micro batches only)."""
-        passes = self.group.passes(list(lengths), self.max_tokens) if self.group is not None else None
+        passes = None
+        if self.max_tokens is not None and self.busiest is not None:
+            passes = self.busiest(len(token_budget_groups(lengths, self.max_tokens)))
         return micro_batch_groups(lengths, self.rows, self.max_tokens, passes, prompts)
 
     def cut(self, prompts: Tensor, prompt_mask: Tensor, responses: Tensor, response_mask: Tensor,

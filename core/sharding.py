@@ -10,14 +10,21 @@ more than its shard and one full tensor beyond what it sends.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 from peft.utils.other import transpose
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
-from rayrlhf.core.plan import longest_first, token_budget_groups
+from rayrlhf.core.modeling import unwrap
+from rayrlhf.core.plan import longest_first
+from rayrlhf.core.weight_sync import stream_packet
 
 
 @dataclass(frozen=True)
@@ -29,7 +36,6 @@ class Rank:
 
     @classmethod
     def current(cls) -> Rank:
-        import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
@@ -55,7 +61,6 @@ class TrainGroup:
         mixed precision makes a lone process a group of one."""
         rank = Rank.current()
         if mixed_precision != "no" and not rank.sharded:
-            import torch.distributed as dist
 
             if not dist.is_initialized():
                 one_rank_group(timeout_s)
@@ -70,19 +75,16 @@ class TrainGroup:
         """The positions of one optimizer batch (by token counts) this rank trains on (`rank_share`)."""
         return rank_share(lengths, self.rank.rank, self.rank.world) if self.rank.sharded else list(range(len(lengths)))
 
-    def passes(self, lengths: list[int], max_tokens: int | None) -> int | None:
-        """With a token budget, the micro batches every rank runs (the busiest rank's count: FSDP's collectives
-        need equal passes); None otherwise."""
-        if max_tokens is None or not self.fsdp:
-            return None
-        return int(all_reduce_max(float(len(token_budget_groups(lengths, max_tokens)))))
+    def busiest(self, count: int) -> int:
+        """The largest of every rank's `count` (a collective in a group): the passes each rank runs, as FSDP's
+        collectives need the same number on every rank."""
+        return int(all_reduce_max(float(count))) if self.fsdp else count
 
     def sum(self, values: dict[str, float]) -> dict[str, float]:
         return all_reduce_sum(values) if self.fsdp else values
 
     def barrier(self) -> None:
         if self.fsdp:
-            import torch.distributed as dist
 
             dist.barrier()
 
@@ -90,7 +92,6 @@ class TrainGroup:
         """Rank 0's `obj` on every rank (pickled)."""
         if not self.rank.sharded:
             return obj
-        import torch.distributed as dist
 
         box = [obj]
         dist.broadcast_object_list(box, src=0)
@@ -99,7 +100,6 @@ class TrainGroup:
 
 def free_port() -> int:
     """A TCP port free on this node now (the group's rendezvous binds it moments later)."""
-    import socket
 
     with socket.socket() as s:
         s.bind(("", 0))
@@ -111,9 +111,7 @@ def init_default_group(addr: str, port: int, rank: int, world: int, timeout_s: f
 
     `timeout_s` bounds the rendezvous and every later collective: a rank that never joins, or a peer that dies
     mid-collective, becomes an error instead of a hang."""
-    from datetime import timedelta
 
-    import torch.distributed as dist
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
@@ -145,7 +143,6 @@ def mixed_precision_policy(mode: str):
     in fp32 (the sharded fp32 parameters and the optimizer never see bf16). None for "no"."""
     if mode == "no":
         return None
-    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
@@ -158,7 +155,6 @@ def shard_model(model: nn.Module, mixed_precision: str = "no") -> nn.Module:
     A scalar (reward/value) model's backbone and score head are units of their own: the critic calls them
     directly for per-token values (`forward.token_values`), and a unit gathers its parameters only when its
     own forward runs. A causal LM is called through its root, which keeps tied embeddings in one unit."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     hf = _hf_model(model)
     blocks = set(getattr(hf, "_no_split_modules", None) or ())
@@ -198,7 +194,6 @@ def rank_share(lengths: list[int], rank: int, world: int) -> list[int]:
 
 def all_gather_rows(local: Tensor, world: int) -> list[Tensor]:
     """Each rank's equally shaped tensor, in rank order (a collective: every rank calls it)."""
-    import torch.distributed as dist
 
     out = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(out, local.contiguous())
@@ -207,7 +202,6 @@ def all_gather_rows(local: Tensor, world: int) -> list[Tensor]:
 
 def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
     """Sums of each rank's figures (a collective; every rank passes the same keys in the same order)."""
-    import torch.distributed as dist
 
     if not values:
         return values
@@ -217,7 +211,6 @@ def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
 
 
 def all_reduce_max(value: float) -> float:
-    import torch.distributed as dist
 
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -226,14 +219,12 @@ def all_reduce_max(value: float) -> float:
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> Tensor:
     """Clip the gradients to `max_norm`; the norm before clipping, of the full gradient when sharded."""
-    from torch.distributed.tensor import DTensor
 
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def _full(p: Tensor) -> Tensor:
-    from torch.distributed.tensor import DTensor
 
     return (p.full_tensor() if isinstance(p, DTensor) else p).detach()
 
@@ -307,7 +298,6 @@ def rollout_weights(model: nn.Module, group: TrainGroup, dtype: torch.dtype) -> 
     rollout's dtype (`model.inference_dtype`: the fp32 master weights cast, e.g. to bf16 for vLLM). In a group
     this is a collective that gathers the shards one parameter at a time; rank 0 keeps them (on the CPU)."""
     if not group.fsdp:
-        from rayrlhf.core.modeling import unwrap
 
         return {name: t.detach().to(dtype) for name, t in unwrap(model).named_parameters()}
     keep = group.leader
@@ -320,7 +310,6 @@ def rollout_packet(model: nn.Module, group: TrainGroup, dtype: torch.dtype, vers
     every rank gathers the full tensors one at a time (a collective) and rank 0 fills one bucket at a time, handing
     each to `store` before the next: no rank holds more than its shard plus one bucket and one tensor. The other
     ranks return None."""
-    from rayrlhf.core.weight_sync import stream_packet
 
     if not group.fsdp:
         return stream_packet(rollout_weights(model, group, dtype).items(), version, bucket_bytes, store)

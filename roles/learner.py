@@ -110,7 +110,8 @@ class PPOLearner:
         # A prompt's samples run its prompt once where `may_share_prefix` allows it for both models.
         self.plan = ForwardPlan.build(pc.micro_batch_size, pc.max_tokens_per_micro_batch, share_prompts,
                                       [self.policy, self.critic], device=self.device,
-                                      gradient_checkpointing=model.gradient_checkpointing, group=self.group)
+                                      gradient_checkpointing=model.gradient_checkpointing, sharded=self.fsdp,
+                                      busiest=self.group.busiest if self.fsdp else None)
         self.costs = {"policy": ModelCost.of(self.policy)}
         if self.critic is not None:
             self.costs["critic"] = ModelCost.of(self.critic, causal_lm=False)

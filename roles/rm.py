@@ -121,7 +121,8 @@ class RMTrainer:
             check_packing(model, "rm.max_tokens_per_micro_batch")
         if group.fsdp:  # before the optimizer: it holds the shards
             model = shard_model(model, cfg.model.mixed_precision)
-        self.plan = ForwardPlan(rm_cfg.micro_batch_size, rm_cfg.max_tokens_per_micro_batch, group=group)
+        self.plan = ForwardPlan(rm_cfg.micro_batch_size, rm_cfg.max_tokens_per_micro_batch,
+                                busiest=group.busiest if group.fsdp else None)
         self.cost = ModelCost.of(model, causal_lm=False)
         return model
 

@@ -163,7 +163,8 @@ class SFTTrainer:
             check_packing(model, "sft.max_tokens_per_micro_batch")
         if group.fsdp:  # before the optimizer: it holds the shards
             model = shard_model(model, cfg.model.mixed_precision)
-        self.plan = ForwardPlan(sc.micro_batch_size, sc.max_tokens_per_micro_batch, group=group)
+        self.plan = ForwardPlan(sc.micro_batch_size, sc.max_tokens_per_micro_batch,
+                                busiest=group.busiest if group.fsdp else None)
         self.cost = ModelCost.of(model)
         return model
 

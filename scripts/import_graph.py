@@ -8,7 +8,7 @@ Everything installs under the one import name `rayrlhf` (`rayrlhf.core`, ...: py
 top-level folders into it), so a bare `import core` works only from the repository root and would break an install.
 
 Layers, bottom to top; a package may import only from layers below it (and itself):
-  core           the foundation: config, RL math, sequences, messages, data, models, checkpoints (no Ray, no vLLM)
+  core           the foundation: config, RL math, token rows and forwards, messages, data, models, checkpoints (no Ray, no vLLM)
   roles          the plain role classes: rollout (+ vLLM backend), reference, reward, PPO learner, SFT, RM, eval
   serving        the HTTP reward service and its client
   actors         every @ray.remote: the thin actors around the role classes

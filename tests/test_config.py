@@ -41,6 +41,7 @@ def test_tiny_config_derived_sizes(tiny_cfg):
         (["sft.bogus=1"], "sft.bogus", "unknown key"),
         (["bogus.x=1"], "bogus", "unknown key"),
         (["ppo.startup_timeout_s=60"], "ppo.startup_timeout_s", "moved to ray.startup_timeout_s"),
+        (["ppo.share_prompts=false"], "ppo.share_prompts", "moved to rollout.share_prompts"),
         (["sft.lr=abc"], "sft.lr", "valid number"),
         (["ppo.steps=two"], "ppo.steps", "valid integer"),
         (["rollout.backend=tensorrt"], "rollout.backend", "'hf' or 'vllm'"),
@@ -327,8 +328,11 @@ def test_a_run_written_before_a_key_moved_still_loads(tmp_path):
     tree = yaml.safe_load(config_to_yaml(load_config()))
     tree["ppo"]["startup_timeout_s"] = 123.0
     del tree["ray"]["startup_timeout_s"]
+    tree["ppo"]["share_prompts"] = False
+    del tree["rollout"]["share_prompts"]
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(tree))
-    assert load_config(path, written_by_a_run=True).ray.startup_timeout_s == 123.0
+    cfg = load_config(path, written_by_a_run=True)
+    assert cfg.ray.startup_timeout_s == 123.0 and cfg.rollout.share_prompts is False
     with pytest.raises(ConfigError, match="ppo.startup_timeout_s: moved to ray.startup_timeout_s"):
         load_config(path)
