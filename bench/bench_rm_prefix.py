@@ -8,7 +8,7 @@ tokens, two summaries of up to 53 each), in micro batches of `--micro` pairs of 
 
 Both compute the same scores and gradients (tests/test_sequences.py); only the time differs.
 
-    python bench/bench_rm_prefix.py [--pairs 32 --micro 8 --repeats 2]
+    python bench/bench_rm_prefix.py [--pairs 32 --micro 8 --repeats 2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from result_file import add_json_option, describe_machine, write_result  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -30,7 +32,9 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    add_json_option(ap)
     args = ap.parse_args()
+    machine = describe_machine()
     from transformers import LlamaForSequenceClassification
 
     from rayrlhf.roles.rm import pairwise_loss
@@ -75,10 +79,14 @@ def main() -> None:
           f"{max(map(len, posts))} tokens), micro batches of {args.micro} pairs, LoRA r=16, fp32, {args.threads} "
           f"threads; best of {args.repeats}")
     base = None
+    rows = []
     for name, shared in (("whole", False), ("shared prefix", True)):
         s = min(step(shared) for _ in range(args.repeats))
         base = base or s
         print(f"  {name:>13}: {args.pairs / s:5.2f} pairs/s, {base / s:.2f}x whole")
+        rows.append({"pairs run": name, "pairs/s": args.pairs / s, "vs whole": base / s})
+    if args.json:
+        write_result(args.json, "bench_rm_prefix", machine, rows, {"pairs/s": "{:.2f}", "vs whole": "{:.2f}×"})
 
 
 if __name__ == "__main__":

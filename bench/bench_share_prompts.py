@@ -11,7 +11,7 @@ Both settings give the same log-probs and scores up to float rounding, so they s
 same seed (rounding could flip a rare sample; the script stops if one does); it prints seconds per call (after
 one untimed call of each, the median of `--repeats`, the settings alternating) and the ratio.
 
-    python bench/bench_share_prompts.py --run-dir RUN [--prompts 16] [--k 2] [--repeats 3] [--threads 2]
+    python bench/bench_share_prompts.py --run-dir RUN [--prompts 16] [--k 2] [--repeats 3] [--threads 2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
+from result_file import add_json_option, describe_machine, write_result
 
 
 def main() -> None:
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2, help="samples per prompt")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    add_json_option(ap)
     args = ap.parse_args()
     run = Path(args.run_dir)
     for stage in ("sft", "rm"):
@@ -40,6 +42,7 @@ def main() -> None:
     for name in ("prompts", "k", "repeats", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    machine = describe_machine()
     import torch
 
     from rayrlhf.roles.reward import RewardScorer
@@ -66,6 +69,7 @@ def main() -> None:
     for share in (False, True):  # untimed: the peak probe and first-call costs of each role
         scorers[share].score_rollout(gens[share].generate(req))
     seconds: dict[str, dict[bool, list[float]]] = {"generate": {False: [], True: []}, "reward": {False: [], True: []}}
+    diffs: dict[str, list[float]] = {"generate": [], "reward": []}  # max |diff| of log-probs, of scores
     for r in range(args.repeats):
         order = (False, True) if r % 2 == 0 else (True, False)  # alternate, so a drift weighs on both
         batches, scores = {}, {}
@@ -81,6 +85,8 @@ def main() -> None:
             raise SystemExit("the shared prefill sampled other tokens than the whole one")
         lp = (batches[False].logprobs - batches[True].logprobs).abs().max().item()
         sc = (scores[False].raw_scores - scores[True].raw_scores).abs().max().item()
+        diffs["generate"].append(lp)
+        diffs["reward"].append(sc)
         print(f"repeat {r}: generate {seconds['generate'][False][-1]:.2f} -> {seconds['generate'][True][-1]:.2f} s, "
               f"reward {seconds['reward'][False][-1]:.2f} -> {seconds['reward'][True][-1]:.2f} s; "
               f"max |diff| log-probs {lp:.1e}, scores {sc:.1e}")
@@ -88,9 +94,16 @@ def main() -> None:
     print(f"\n=== {len(prompts)} prompts x {args.k} samples of {run} ({cfg.model.name_or_path}), prompts "
           f"{lengths[0].mean():.0f} tokens, responses {lengths[1].mean():.0f} of {cfg.rollout.max_new_tokens}, "
           f"{args.threads} threads ===")
+    rows = []
     for what, s in seconds.items():
         whole, shared = statistics.median(s[False]), statistics.median(s[True])
         print(f"{what:9s} every row whole {whole:7.2f} s   each prompt once {shared:7.2f} s   {whole / shared:5.2f}x")
+        rows.append({"call": what, "repeats": args.repeats, "every row whole s": whole, "each prompt once s": shared,
+                     "speed-up": whole / shared, "max abs diff": max(diffs[what])})
+    if args.json:
+        write_result(args.json, "bench_share_prompts", machine, rows,
+                     {"every row whole s": "{:.2f}", "each prompt once s": "{:.2f}", "speed-up": "{:.2f}×",
+                      "max abs diff": "{:.1e}"})
 
 
 if __name__ == "__main__":

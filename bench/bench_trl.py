@@ -4,6 +4,7 @@ estimator (RLOO), one update per batch. Both sides are timed alike: completions/
 first, whose time includes start-up on either side.
 
     python bench/bench_trl.py --run-dir RUN --trl-python /path/to/trl-venv/bin/python [--steps 10] [--set k=v ...]
+        [--json PATH]
 
 RUN: a run directory whose `sft` and `rm` stages finished (`rayrlhf train` on the default config makes one). TRL
 runs in its own virtual environment (it pins a newer transformers than rayrlhf's):
@@ -31,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rayrlhf.core.process import enable_token_auth, quiet_transformers  # noqa: E402
+from result_file import add_json_option, describe_machine, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -42,6 +44,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    add_json_option(p)
     args = p.parse_args()
     run_path = Path(args.run_dir)
     for stage in ("sft", "rm"):
@@ -73,6 +76,7 @@ def main() -> None:
     prompts = [tok.decode(q) for q in encode_queries(tok, [e.query for e in data.sft_train], cfg.data.max_prompt_tokens)]
     cores = len(os.sched_getaffinity(0))
     load_before = os.getloadavg()[0]
+    machine = describe_machine()
 
     results: dict[str, float] = {}
     try:
@@ -102,6 +106,10 @@ def main() -> None:
     for est in ("rloo", "gae"):
         print(f"rayrlhf {est}: async / sync {results[f'rayrlhf {est} async'] / results[f'rayrlhf {est} sync']:.2f}x")
     (run.path / "bench-trl" / "results.json").write_text(json.dumps(results, indent=2))
+    if args.json:
+        write_result(args.json, "bench_trl", machine,
+                     [{"side": name, "completions/s": value, "vs TRL": value / trl} for name, value in results.items()],
+                     {"completions/s": "{:.1f}", "vs TRL": "{:.2f}×"})
 
 
 def _after_first_step(metrics: Path, batch: int) -> float:

@@ -8,6 +8,7 @@ arguments' deserialisation included) on random weights of a real model's shapes 
 the recipe's policy), for `--workers` receivers, the two forms alternating, the median of `--repeats`:
 
     python bench/bench_weight_sync.py [--model smollm2-135m|tiny] [--workers 2] [--repeats 5] [--bucket-mb 64]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
+
+from result_file import add_json_option, describe_machine, write_result
 
 
 # (hidden, layers, heads, kv heads, intermediate, vocab): HuggingFaceTB/SmolLM2-135M-Instruct's config.json
@@ -28,6 +30,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="rollout workers reading each packet")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bucket-mb", type=float, default=64.0, help="as ppo.bucket_mb")
+    add_json_option(ap)
     args = ap.parse_args()
     for name in ("workers", "repeats"):
         if getattr(args, name) < 1:
@@ -35,6 +38,7 @@ def main() -> None:
     if args.bucket_mb <= 0:
         ap.error(f"--bucket-mb must be positive, got {args.bucket_mb}")
 
+    machine = describe_machine()
     from rayrlhf.core.process import enable_token_auth
 
     enable_token_auth()
@@ -103,6 +107,12 @@ def main() -> None:
               f"{n_bytes * args.workers / med[form] / 2**30:7.2f}")
     tensor_form, wire_form = forms
     print(f"sync time ratio torch / NumPy bytes: {med[tensor_form] / med[wire_form]:.2f}x")
+    if args.json:
+        rows = [{"buckets shipped as": form, "sync s": med[form], "copy in worker s": statistics.median(copy_s[form]),
+                 "GiB/s": n_bytes * args.workers / med[form] / 2**30,
+                 "vs torch tensors": med[tensor_form] / med[form]} for form in forms]
+        write_result(args.json, "bench_weight_sync", machine, rows,
+                     {"sync s": "{:.3f}", "copy in worker s": "{:.3f}", "GiB/s": "{:.2f}", "vs torch tensors": "{:.2f}×"})
 
 
 if __name__ == "__main__":

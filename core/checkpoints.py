@@ -108,6 +108,13 @@ def load_trainable_state(model, saved: dict, what: str) -> None:
             p.copy_(saved[n])
 
 
+STATE_FORMAT = 2  # of `trainer_state.pt`: 2 = one entry per trained part (`write_state`); 1 (unnamed) = before
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint written by another version of rayrlhf's state format: it cannot be resumed."""
+
+
 @dataclass(frozen=True)
 class Trained:
     """A model that trains, with its optimizer and schedule: one part of a resumable checkpoint (`write_state`).
@@ -132,7 +139,7 @@ def write_state(path: Path, parts: Sequence[Trained], small: dict, group=None) -
     import torch
 
     sharded = group is not None and group.fsdp
-    state = dict(small)
+    state = {"format": STATE_FORMAT, **small}
     if sharded:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -152,7 +159,8 @@ def write_state(path: Path, parts: Sequence[Trained], small: dict, group=None) -
                 entry["weights"] = part.model.state_dict()
         state[part.name] = entry
     if not sharded or group.leader:
-        torch.save(state, path / "trainer_state.pt")
+        torch.save(state, path / "trainer_state.pt.tmp")
+        (path / "trainer_state.pt.tmp").replace(path / "trainer_state.pt")
 
 
 def read_state(path: Path, parts: Sequence[Trained], group=None, hint: str = "",
@@ -163,7 +171,14 @@ def read_state(path: Path, parts: Sequence[Trained], group=None, hint: str = "",
     `hf_folder`."""
     import torch
 
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    file = path / "trainer_state.pt"
+    if not file.is_file():
+        raise CheckpointFormatError(f"{path} holds no trainer_state.pt (written by an older rayrlhf, or not a "
+                                    "checkpoint): start this stage over instead of resuming it")
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    if state.get("format") != STATE_FORMAT:
+        raise CheckpointFormatError(f"{file} has checkpoint format {state.get('format', 1)}; this rayrlhf reads "
+                                    f"format {STATE_FORMAT}: start this stage over instead of resuming it")
     world = group.rank.world if group is not None and group.fsdp else None
     if state.get("world") != world:
         wrote = f"a group of {state['world']} ranks" if "world" in state else "one unsharded process"
@@ -185,8 +200,12 @@ def read_state(path: Path, parts: Sequence[Trained], group=None, hint: str = "",
         if world is None:
             if "trainable" in entry:
                 load_trainable_state(part.model, entry["trainable"], f"{path} ({part.name})")
+            elif "weights" in entry:
+                part.model.load_state_dict(entry["weights"])
+            elif load_hf is not None and part.hf_folder is not None:
+                part.model.load_state_dict(load_hf(part))
             else:
-                part.model.load_state_dict(entry["weights"] if "weights" in entry else load_hf(part))
+                raise CheckpointFormatError(f"{file} holds no weights of {part.name} and names no folder that does")
             part.opt.load_state_dict(entry["optimizer"])
         part.sched.load_state_dict(entry["scheduler"])
     torch.set_rng_state(state["torch_rng"])

@@ -523,8 +523,9 @@ class EvalConfig(_Section):
         "A judge reward model, trained on comparisons disjoint from the training reward model's, that scores both "
         "policies (judge score, judge win rate PPO vs SFT); default: the run's `judge` stage when "
         "data.judge_fraction > 0."))
-    num_cpus: float = Field(1, ge=0, description="CPUs of the evaluation task (also its torch threads).")
-    num_gpus: float = Field(0, ge=0, description="GPUs of the evaluation task.")
+    num_cpus: float = Field(1, ge=0, description=(
+        "CPUs of the evaluation task (also its torch threads); unset: sft.num_cpus, as the policy it samples."))
+    num_gpus: float = Field(0, ge=0, description="GPUs of the evaluation task; unset: sft.num_gpus.")
 
 
 class ServeConfig(_Section):
@@ -563,6 +564,19 @@ class Config(_Section):
     ppo: PPOConfig = PPOConfig()
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_follows_sft(cls, data):
+        """Evaluation samples the SFT policy's size of model: it takes the SFT stage's resources unless `eval` sets
+        its own (also in a run's config.yaml written before `eval` had them)."""
+        if isinstance(data, dict) and isinstance(data.get("sft"), dict) and isinstance(data.get("eval", {}), dict):
+            own = dict(data.get("eval") or {})
+            for key in ("num_cpus", "num_gpus"):
+                if key not in own and key in data["sft"]:
+                    own[key] = data["sft"][key]
+            data = {**data, "eval": own}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -619,7 +633,7 @@ def role_cpus(cfg: Config) -> float:
     ppo = (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.reward.num_cpus * cfg.reward.replicas
            + cfg.reference.num_cpus * cfg.reference.replicas
            + cfg.ppo.num_cpus * cfg.ppo.learner_workers)
-    return max(ppo, cfg.sft.num_cpus * cfg.sft.workers, cfg.rm.num_cpus * cfg.rm.workers,
+    return max(ppo, cfg.sft.num_cpus * cfg.sft.workers, cfg.rm.num_cpus * cfg.rm.workers, cfg.eval.num_cpus,
                cfg.serve.num_cpus * cfg.serve.num_replicas)
 
 

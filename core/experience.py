@@ -24,7 +24,7 @@ class Role(StrEnum):
     LEARNER = "learner"
 
 
-SCORING = (Role.ROLLOUT, Role.REFERENCE, Role.REWARD)  # the roles that make a batch's experience, in that order
+EXPERIENCE_ROLES = (Role.ROLLOUT, Role.REFERENCE, Role.REWARD)  # the roles that make a batch's experience, in that order
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,7 +134,7 @@ def batch_timings(rollouts: list[RolloutInfo], references: list[CallInfo], score
     """Seconds (the slowest shard's) and mean MFU of each role on one batch (`<role>_s`, `<role>_mfu`); a role
     without MFU has no key."""
     timings = {}
-    for role, calls in zip(SCORING, (rollouts, references, scores)):
+    for role, calls in zip(EXPERIENCE_ROLES, (rollouts, references, scores)):
         timings[f"{role}_s"] = max(c.seconds for c in calls)
         if all(c.mfu is not None for c in calls):  # a reward scored over HTTP is not logged as MFU 0
             timings[f"{role}_mfu"] = sum(c.mfu for c in calls) / len(calls)

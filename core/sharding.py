@@ -19,8 +19,6 @@ import torch
 import torch.distributed as dist
 from peft.utils.other import transpose
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from rayrlhf.core.modeling import unwrap
 from rayrlhf.core.plan import longest_first
@@ -143,6 +141,7 @@ def mixed_precision_policy(mode: str):
     in fp32 (the sharded fp32 parameters and the optimizer never see bf16). None for "no"."""
     if mode == "no":
         return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy  # public from torch 2.6; unsharded runs need not import it
 
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
@@ -155,6 +154,7 @@ def shard_model(model: nn.Module, mixed_precision: str = "no") -> nn.Module:
     A scalar (reward/value) model's backbone and score head are units of their own: the critic calls them
     directly for per-token values (`forward.token_values`), and a unit gathers its parameters only when its
     own forward runs. A causal LM is called through its root, which keeps tied embeddings in one unit."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     hf = _hf_model(model)
     blocks = set(getattr(hf, "_no_split_modules", None) or ())
@@ -219,14 +219,17 @@ def all_reduce_max(value: float) -> float:
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> Tensor:
     """Clip the gradients to `max_norm`; the norm before clipping, of the full gradient when sharded."""
-
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return norm.full_tensor() if _is_dtensor(norm) else norm
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    """A sharded tensor (FSDP2's DTensor), without importing torch.distributed.tensor where nothing is sharded."""
+    return hasattr(t, "full_tensor")
 
 
 def _full(p: Tensor) -> Tensor:
-
-    return (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+    return (p.full_tensor() if _is_dtensor(p) else p).detach()
 
 
 def full_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:

@@ -50,7 +50,8 @@ class Work:
 
 
 class WorkMeter:
-    """Started when a call begins; `forward` / `train` / `ran` add the work as it runs; `stop` reads the clock.
+    """Started when a call begins; `forward` / `train` / `ran` add the work as it runs; `stop` reads the clock
+    (or `stop_clock` does, when the work is counted after the timed call: a rollout's from its output).
 
     `devices`: the devices one forward is split over (vLLM's tensor parallelism), whose peaks add up."""
 
@@ -58,6 +59,7 @@ class WorkMeter:
         self.peak = peak_flops(device, dtype) * devices  # measured once per process, before the clock starts
         self.flops = 0.0
         self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+        self.stopped: tuple[float, float] | None = None  # (wall, CPU) seconds, once the clock is stopped
 
     def forward(self, cost: ModelCost, positions: int, attention: float = 0.0, head_positions: int = 0) -> None:
         """One forward over `positions` (with `attention` FLOPs), `head_positions` of them through the LM head."""
@@ -79,8 +81,15 @@ class WorkMeter:
         else:
             self.forward(cost, positions, attention, head)
 
+    def stop_clock(self) -> None:
+        """The timed work is over: `stop` reports these seconds, whatever is counted after."""
+        self.stopped = (time.perf_counter() - self.t0, time.process_time() - self.cpu0)
+
     def stop(self, tokens: int = 0) -> Work:
-        """The work so far and the seconds since the meter started; `tokens`: what tokens/s counts."""
-        seconds = time.perf_counter() - self.t0
-        return Work(seconds, time.process_time() - self.cpu0, self.flops, mfu(self.flops, seconds, self.peak),
+        """The work so far and the seconds since the meter started (or until `stop_clock`); `tokens`: what
+        tokens/s counts."""
+        if self.stopped is None:
+            self.stop_clock()
+        seconds, cpu_seconds = self.stopped
+        return Work(seconds, cpu_seconds, self.flops, mfu(self.flops, seconds, self.peak),
                     tokens / seconds if seconds > 0 else 0.0)

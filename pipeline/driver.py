@@ -34,7 +34,7 @@ from rayrlhf.core.checkpoints import CheckpointDir
 from rayrlhf.core.files import atomic_write_text, read_json, write_json
 from rayrlhf.core.config import Config
 from rayrlhf.core.data import load_tldr
-from rayrlhf.core.experience import SCORING, BatchInfo, Experience, Role, RolloutRequest, ShardRefs
+from rayrlhf.core.experience import EXPERIENCE_ROLES, BatchInfo, Experience, Role, RolloutRequest, ShardRefs
 from rayrlhf.core.ledger import ExperienceLedger
 from rayrlhf.core.metrics import MetricsLogger
 from rayrlhf.core.modeling import load_tokenizer
@@ -261,11 +261,11 @@ class PPODriver:
         state.totals["tokens"] += tokens
         done.sequences += info.sequences
         done.tokens += tokens
-        roles = {f"timing/{role}_s": t[f"{role}_s"] for role in SCORING}
-        roles.update({f"perf/{role}_mfu": t[f"{role}_mfu"] for role in SCORING if f"{role}_mfu" in t})
+        roles = {f"timing/{role}_s": t[f"{role}_s"] for role in EXPERIENCE_ROLES}
+        roles.update({f"perf/{role}_mfu": t[f"{role}_mfu"] for role in EXPERIENCE_ROLES if f"{role}_mfu" in t})
         # the generator's tokens are the responses; the scoring roles run prompt and response
         roles.update({f"perf/{role}_tokens_per_s": _per_s(tokens if role == Role.ROLLOUT else scored, t[f"{role}_s"])
-                      for role in SCORING})
+                      for role in EXPERIENCE_ROLES})
         return {**metrics, **timer.metrics(), **roles, "timing/worker_load_s": max(sync_times, default=0.0),
                 # the vLLM engine's log-probs against the weights it was sent, on the probe of this batch's load
                 **({"rollout/engine_probe_diff": t["engine_probe_diff"]} if "engine_probe_diff" in t else {}),

@@ -16,12 +16,12 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
 
 from rayrlhf.core.experience import (
-    SCORING, BatchInfo, CallInfo, Experience, Role, RolloutInfo, RolloutRequest, ShardRefs, VersionMismatch,
+    EXPERIENCE_ROLES, BatchInfo, CallInfo, Experience, Role, RolloutInfo, RolloutRequest, ShardRefs, VersionMismatch,
 )
 from rayrlhf.pipeline.calls import RoleTimeout, first_line
 
 # The calls of one shard, in chain order: reference and reward both read the rollout's result.
-ROLES = SCORING
+ROLES = EXPERIENCE_ROLES
 
 
 @dataclass(kw_only=True)

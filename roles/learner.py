@@ -82,6 +82,7 @@ class Minibatch:
             seq_norm, n_policy = float(max_new_tokens), torch.tensor(float(len(idx)), device=device)
         return cls(idx, n_tokens, n_policy, seq_norm, adv, values_graph, prox, check_behaviour, first_epoch)
 
+
 class PPOLearner:
     """The policy and the critic of one PPO run, their optimizers, and the policy version they hold.
 
@@ -159,7 +160,7 @@ class PPOLearner:
 
     def _one_optimizer_step(self, exp: Experience) -> bool:
         """One epoch of one minibatch: the policy that starts the update is the one every micro batch runs, so
-        its log-probs are the proximal policy's (`_minibatch`) and need no forward of their own."""
+        its log-probs are the proximal policy's (`_micro_batch`) and need no forward of their own."""
         return self.pc.ppo_epochs == 1 and self.pc.minibatch_size >= exp.size
 
     @torch.no_grad()
@@ -176,7 +177,8 @@ class PPOLearner:
         mine = torch.zeros(len(rows), exp.responses.shape[1])
         for mb in self.plan.cut(exp.prompts, exp.prompt_mask, exp.responses, exp.response_mask, rows, trim_responses):
             out = forward(mb).float().cpu()
-            self.meter.ran(self.costs[name], mb)
+            if self.meter is not None:  # inside an update (`advantages` may be called on its own)
+                self.meter.ran(self.costs[name], mb)
             mine[mb.positions, : out.shape[1]] = out
         return torch.cat(all_gather_rows(mine, self.rank.world)) if self.fsdp else mine
 

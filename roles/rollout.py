@@ -120,6 +120,7 @@ class RolloutGenerator:
         # the GPUs a forward is split over (vLLM's tensor parallelism) have a peak each
         meter = WorkMeter("cuda" if torch.cuda.is_available() else "cpu", self.dtype, self.devices)
         responses, rmask, logprobs = self.backend.generate(req.prompts, req.seed)
+        meter.stop_clock()
         prompts, pmask = pad_left(req.prompts, self.backend.tokenizer.pad_token_id)
         # prefill and decode: a forward pass of each token, a shared prefill's once per distinct prompt (all of the
         # prompt but the last token, which each row runs); the head makes each sampled token's logits

@@ -58,7 +58,6 @@ TINY_OVERRIDES = [
     "sft.eval_every=100",
     "sft.num_eval_prompts=8",
     "sft.num_cpus=1",
-    "eval.num_cpus=1",
     "rm.epochs=1",
     "rm.batch_size=16",
     "rm.micro_batch_size=8",

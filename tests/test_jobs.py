@@ -43,7 +43,7 @@ TINY = [
     "sft.micro_batch_size=16", "rm.batch_size=16", "rm.micro_batch_size=16", "sft.num_eval_prompts=4",
     "eval.num_prompts=4", "ppo.steps=2", "ppo.prompts_per_step=4", "ppo.samples_per_prompt=2",
     "ppo.minibatch_size=8", "ppo.micro_batch_size=4", "ppo.ppo_epochs=1", "rollout.max_new_tokens=8",
-    "sft.num_cpus=1", "eval.num_cpus=1", "rm.num_cpus=1", "rollout.num_cpus=1", "reward.num_cpus=1", "reference.num_cpus=1",
+    "sft.num_cpus=1", "rm.num_cpus=1", "rollout.num_cpus=1", "reward.num_cpus=1", "reference.num_cpus=1",
     "ppo.num_cpus=1", "serve.num_cpus=1",
 ]
 
@@ -301,7 +301,7 @@ def test_auth_token_precedence(monkeypatch, tmp_path: Path) -> None:
 def test_entrypoint_quotes_overrides_for_the_shell() -> None:
     assert job_entrypoint("sft", ["run.name=a b", "sft.lr=1e-4"], None) == \
         "rayrlhf sft --config job_config.yaml --set 'run.name=a b' --set sft.lr=1e-4"
-    assert job_entrypoint("train", ["ignored=1"], None, resume_from="/mnt/runs/my run") == \
+    assert job_entrypoint("train", ["ignored=1"], None, resume="/mnt/runs/my run") == \
         "rayrlhf train --resume '/mnt/runs/my run'"
 
 

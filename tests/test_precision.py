@@ -8,7 +8,6 @@ reaches; full-weight training in bf16/fp16 without a master copy is refused when
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch

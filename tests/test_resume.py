@@ -323,3 +323,37 @@ def test_a_killed_command_leaves_no_process_of_its_local_ray(tiny_overrides, tmp
         time.sleep(0.5)
     left = [(p.pid, p.name()) for p in marked(f"{proc.pid}:")]
     assert left == [], f"processes of the killed command's Ray still alive after 30 s: {left}"
+
+
+def test_a_checkpoint_of_another_state_format_is_refused_naming_what_to_do(tmp_path):
+    """A stage checkpoint written before `trainer_state.pt` named its parts (format 1: flat model/optimizer keys,
+    or the learner's learner_state.pt) cannot be resumed: one error that says to start the stage over, not a
+    KeyError from inside the loader. The current format round-trips."""
+    from rayrlhf.core.checkpoints import CheckpointFormatError, Trained, read_state, write_state
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    parts = [Trained("model", model, opt, sched)]
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({"step": 3, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(), "best": {}},
+               old / "trainer_state.pt")
+    with pytest.raises(CheckpointFormatError, match=r"format 1; this rayrlhf reads format 2: start this stage over"):
+        read_state(old, parts)
+    with pytest.raises(CheckpointFormatError, match="holds no trainer_state.pt"):
+        read_state(tmp_path, parts)
+    new = tmp_path / "new"
+    new.mkdir()
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    write_state(new, parts, {"step": 4, "torch_rng": torch.get_rng_state(), "best": {"x": 1.0}})
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    state = read_state(new, [Trained("model", fresh, fresh_opt,
+                                     torch.optim.lr_scheduler.LambdaLR(fresh_opt, lambda step: 1.0))])
+    assert state["step"] == 4 and state["best"] == {"x": 1.0}
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in trained.items())
+    assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
