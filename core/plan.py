@@ -97,6 +97,11 @@ def prefix_runs_once_exactly(model: nn.Module) -> bool:
     return full and not dropout
 
 
+def sequence_work(config, lengths: Sequence[int]) -> tuple[int, float]:
+    """(positions computed, attention forward FLOPs) of one forward over whole sequences of these lengths."""
+    return shared_prefix_work(config, lengths, [0] * len(lengths), None)
+
+
 def response_work(config, prompt_mask: Tensor, response_mask: Tensor, prompts: Tensor | None = None
                   ) -> tuple[int, float]:
     """(positions computed, attention forward FLOPs) of one forward over these rows: each prompt once when

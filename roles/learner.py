@@ -159,8 +159,7 @@ class PPOLearner:
                 and min(pc.minibatch_size, pc.micro_batch_size) >= exp.size)
 
     def _one_optimizer_step(self, exp: Experience) -> bool:
-        """One epoch of one minibatch: the policy that starts the update is the one every micro batch runs, so
-        its log-probs are the proximal policy's (`_micro_batch`) and need no forward of their own."""
+        """One epoch of one minibatch: the step's own log-probs are the proximal policy's (`_micro_batch`)."""
         return self.pc.ppo_epochs == 1 and self.pc.minibatch_size >= exp.size
 
     @torch.no_grad()

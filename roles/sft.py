@@ -23,14 +23,13 @@ from rayrlhf.core.modeling import (
 )
 from rayrlhf.core.forward import check_packing, response_logits
 from rayrlhf.core.padding import pad_left, pad_right
-from rayrlhf.core.plan import ForwardPlan, micro_batch_groups
+from rayrlhf.core.plan import ForwardPlan, micro_batch_groups, sequence_work
 from rayrlhf.core.sampling import sample
 from rayrlhf.core.sharding import TrainGroup, shard_model
 from rayrlhf.core.synthetic import judge
 from rayrlhf.core.text import (
     EncodedSummary, budget_warnings, encode_summaries, reference_budget, rouge, with_encodable_queries,
 )
-from rayrlhf.core.throughput import attention_flops
 from rayrlhf.core.training import (
     TrainingStart, epoch_batches, keep_best, optimizer_step, seed_everything, start_training,
 )
@@ -183,8 +182,7 @@ class SFTTrainer:
             (loss / n_tokens).backward()
             loss_sum += loss.item()
             ran = [lengths[mine[j]] for j in g]  # the head runs on the summaries' positions only, never recomputed
-            meter.train(self.cost, sum(ran), attention_flops(model.config, ran), n,
-                        self.cfg.model.gradient_checkpointing)
+            meter.train(self.cost, *sequence_work(model.config, ran), n, self.cfg.model.gradient_checkpointing)
         grad_norm = optimizer_step(model, training.opt, training.sched, self.cfg.sft.max_grad_norm)
         loss_sum = group.sum({"loss": loss_sum})["loss"]
         work = meter.stop(sum(lengths))
