@@ -15,9 +15,12 @@ import torch
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from rayrlhf.core.checkpoints import CheckpointDir, resume_or_start, save_training_state
-from rayrlhf.core.config import RMConfig, SFTConfig
-from rayrlhf.core.modeling import save_checkpoint
-from rayrlhf.core.sharding import TrainGroup, clip_grad_norm, full_weights, plain_copy
+from rayrlhf.core.config import ModelConfig, RMConfig, SFTConfig
+from rayrlhf.core.forward import check_packing
+from rayrlhf.core.modeling import save_checkpoint, trainable
+from rayrlhf.core.plan import ForwardPlan
+from rayrlhf.core.sharding import TrainGroup, clip_grad_norm, full_weights, plain_copy, shard_model
+from rayrlhf.core.work import ModelCost
 
 
 def seed_everything(seed: int) -> None:
@@ -35,6 +38,21 @@ def epoch_batches(n: int, batch_size: int, epochs: int, seed: int, start_step: i
         random.Random(f"{seed}-{epoch}").shuffle(order)
         for b in range(max(0, start_step - epoch * per_epoch), per_epoch):
             yield order[b * batch_size : (b + 1) * batch_size]
+
+
+def prepare_model(model: torch.nn.Module, model_cfg: ModelConfig, tc: SFTConfig | RMConfig,
+                  group: TrainGroup = TrainGroup()) -> tuple[torch.nn.Module, ForwardPlan, ModelCost]:
+    """A loaded model made trainable as `model_cfg` says (LoRA or full), its packing checked where `tc` packs,
+    sharded in a group (before the optimizer: it holds the shards); with the plan its batches are cut by and what
+    its FLOPs are counted from. A causal LM for SFT, a scalar model for the reward model (`tc.section`)."""
+    causal_lm = tc.section == "sft"
+    model = trainable(model, model_cfg, "CAUSAL_LM" if causal_lm else "SEQ_CLS")
+    if tc.max_tokens_per_micro_batch is not None:
+        check_packing(model, f"{tc.section}.max_tokens_per_micro_batch")
+    if group.fsdp:
+        model = shard_model(model, model_cfg.mixed_precision)
+    plan = ForwardPlan(tc.micro_batch_size, tc.max_tokens_per_micro_batch, busiest=group.busiest if group.fsdp else None)
+    return model, plan, ModelCost.of(model, causal_lm)
 
 
 def adamw_cosine(model: torch.nn.Module, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int):

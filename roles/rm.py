@@ -20,17 +20,17 @@ from tqdm import tqdm
 from rayrlhf.core.config import Config
 from rayrlhf.core.data import ComparisonExample, SummaryExample, load_tldr
 from rayrlhf.core.metrics import MetricsLogger, NoMetrics
-from rayrlhf.core.modeling import count_params, load_scalar_model, load_tokenizer, save_checkpoint, trainable
-from rayrlhf.core.forward import check_packing, sequence_scores
+from rayrlhf.core.modeling import count_params, load_scalar_model, load_tokenizer, save_checkpoint
+from rayrlhf.core.forward import sequence_scores
 from rayrlhf.core.padding import pad_right
 from rayrlhf.core.pairs import pair_scores, pair_work
-from rayrlhf.core.plan import ForwardPlan, may_share_prefix, micro_batch_groups
-from rayrlhf.core.sharding import TrainGroup, shard_model
+from rayrlhf.core.plan import may_share_prefix, micro_batch_groups
+from rayrlhf.core.sharding import TrainGroup
 from rayrlhf.core.text import encode_responses, with_encodable_queries
 from rayrlhf.core.training import (
-    TrainingStart, epoch_batches, keep_best, optimizer_step, seed_everything, start_training,
+    TrainingStart, epoch_batches, keep_best, optimizer_step, prepare_model, seed_everything, start_training,
 )
-from rayrlhf.core.work import ModelCost, WorkMeter
+from rayrlhf.core.work import WorkMeter
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +116,7 @@ class RMTrainer:
         cfg, rm_cfg = self.cfg, self.cfg.rm
         self.sharded = group.fsdp
         model = load_scalar_model(self.sft_checkpoint, tok, cfg.model.dtype, init_head=True)
-        model = trainable(model, cfg.model, "SEQ_CLS")
-        if rm_cfg.max_tokens_per_micro_batch is not None:
-            check_packing(model, "rm.max_tokens_per_micro_batch")
-        if group.fsdp:  # before the optimizer: it holds the shards
-            model = shard_model(model, cfg.model.mixed_precision)
-        self.plan = ForwardPlan(rm_cfg.micro_batch_size, rm_cfg.max_tokens_per_micro_batch,
-                                busiest=group.busiest if group.fsdp else None)
-        self.cost = ModelCost.of(model, causal_lm=False)
+        model, self.plan, self.cost = prepare_model(model, cfg.model, rm_cfg, group)
         return model
 
     def _train_step(self, model, training: TrainingStart, train: tuple[list[list[int]], list[list[int]]],

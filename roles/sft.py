@@ -19,21 +19,21 @@ from rayrlhf.core.config import Config, package_path
 from rayrlhf.core.data import SummaryExample, TLDRData, corpus_text, lead_baseline, load_tldr
 from rayrlhf.core.metrics import MetricsLogger, NoMetrics
 from rayrlhf.core.modeling import (
-    build_tiny_llama, convert_gguf, count_params, load_causal_lm, load_tokenizer, train_tokenizer, trainable,
+    build_tiny_llama, convert_gguf, count_params, load_causal_lm, load_tokenizer, train_tokenizer,
 )
-from rayrlhf.core.forward import check_packing, response_logits
+from rayrlhf.core.forward import response_logits
 from rayrlhf.core.padding import pad_left, pad_right
-from rayrlhf.core.plan import ForwardPlan, micro_batch_groups, sequence_work
+from rayrlhf.core.plan import micro_batch_groups, sequence_work
 from rayrlhf.core.sampling import sample
-from rayrlhf.core.sharding import TrainGroup, shard_model
+from rayrlhf.core.sharding import TrainGroup
 from rayrlhf.core.synthetic import judge
 from rayrlhf.core.text import (
     EncodedSummary, budget_warnings, encode_summaries, reference_budget, rouge, with_encodable_queries,
 )
 from rayrlhf.core.training import (
-    TrainingStart, epoch_batches, keep_best, optimizer_step, seed_everything, start_training,
+    TrainingStart, epoch_batches, keep_best, optimizer_step, prepare_model, seed_everything, start_training,
 )
-from rayrlhf.core.work import ModelCost, WorkMeter
+from rayrlhf.core.work import WorkMeter
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -156,15 +156,7 @@ class SFTTrainer:
     def _trainable(self, model, group: TrainGroup):
         """The base policy trainable as the config says (LoRA or full), sharded in a group; the plan its examples
         are cut by."""
-        cfg, sc = self.cfg, self.cfg.sft
-        model = trainable(model, cfg.model, "CAUSAL_LM")
-        if sc.max_tokens_per_micro_batch is not None:
-            check_packing(model, "sft.max_tokens_per_micro_batch")
-        if group.fsdp:  # before the optimizer: it holds the shards
-            model = shard_model(model, cfg.model.mixed_precision)
-        self.plan = ForwardPlan(sc.micro_batch_size, sc.max_tokens_per_micro_batch,
-                                busiest=group.busiest if group.fsdp else None)
-        self.cost = ModelCost.of(model)
+        model, self.plan, self.cost = prepare_model(model, self.cfg.model, self.cfg.sft, group)
         return model
 
     def _train_step(self, model, training: TrainingStart, batch: list[EncodedSummary], pad_id: int,
