@@ -55,3 +55,35 @@ def test_k8s_validator_without_its_extra_exits_2_naming_it():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "install rayrlhf[k8s]" in out.stderr and "Traceback" not in out.stderr
+
+
+def _definitions():
+    """(module, qualified name, lines, node) of every function and class in the package's source."""
+    import ast
+
+    for module, path in import_graph.modules().items():
+        tree = ast.parse(path.read_text())
+        stack = [(node, node.name) for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+        while stack:
+            node, name = stack.pop()
+            yield module, name, node.end_lineno - node.lineno + 1, node
+            stack += [(child, f"{name}.{child.name}") for child in node.body
+                      if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+
+
+def test_functions_stay_short_and_the_learner_does_the_update_only():
+    """The sizes issue 32 set, kept: no function over 50 lines, PPOLearner within 250 (its checkpoints, exports,
+    FLOP counting and cutting of micro batches live in shared modules), no role counting FLOPs itself."""
+    import ast
+
+    long = [f"{m}.{name} ({n} lines)" for m, name, n, node in _definitions()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and n > 50]
+    assert long == []
+    sizes = {f"{m}.{name}": n for m, name, n, _ in _definitions()}
+    assert sizes["rayrlhf.roles.learner.PPOLearner"] <= 250
+    flop_math = {"forward_flops", "training_flops", "attention_flops", "mfu", "peak_flops"}
+    for module, path in import_graph.modules().items():
+        if module.startswith("rayrlhf.roles."):
+            tree = ast.parse(path.read_text())
+            used = {a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for a in node.names}
+            assert not used & flop_math, (module, used & flop_math)
