@@ -45,7 +45,7 @@ def killing(driver: PPODriver, kills: dict[str, int]) -> PPODriver:
             for victim in victims:
                 ray.kill(first[victim], no_restart=False)
         flight = dispatch(batch_id, version)
-        earlier.extend(flight.refs())
+        earlier.extend(flight.infos())
         return flight
 
     driver.dispatch = kill_then_dispatch

@@ -301,7 +301,7 @@ def test_auth_token_precedence(monkeypatch, tmp_path: Path) -> None:
 def test_entrypoint_quotes_overrides_for_the_shell() -> None:
     assert job_entrypoint("sft", ["run.name=a b", "sft.lr=1e-4"], None) == \
         "rayrlhf sft --config job_config.yaml --set 'run.name=a b' --set sft.lr=1e-4"
-    assert job_entrypoint("train", ["ignored=1"], None, resume="/mnt/runs/my run") == \
+    assert job_entrypoint("train", ["ignored=1"], None, resume_from="/mnt/runs/my run") == \
         "rayrlhf train --resume '/mnt/runs/my run'"
 
 
