@@ -15,11 +15,11 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +292,31 @@ class DataConfig(_Section):
         return posts | pairs
 
 
+
+# Resources every Ray node has, set by a role's num_cpus / num_gpus (memory: by Ray's own accounting).
+_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _custom_resources(value: dict[str, float]) -> dict[str, float]:
+    for name, amount in value.items():
+        if not name or name in _BUILTIN_RESOURCES:
+            raise ValueError(f"custom resource {name!r}: CPU and GPU are set by num_cpus / num_gpus, and a name must "
+                             f"not be one of {', '.join(_BUILTIN_RESOURCES)} or empty")
+        if not amount > 0:
+            raise ValueError(f"custom resource {name!r}: amount must be > 0, got {amount}")
+    return value
+
+
+def _resources_field():
+    return Field(default_factory=dict, description=(
+        "Custom Ray resources each actor of the role asks for, e.g. {learner_node: 1}: the role runs only on nodes "
+        "started with them (`ray start --resources`, a KubeRay worker group's rayStartParams.resources), one "
+        "actor per unit. This is how roles are spread over nodes: the PPO placement group packs roles onto as few "
+        "nodes as their resources allow."))
+
+
+CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
+
 def _token_budget(what: str):
     return Field(None, ge=8, description=(
         f"Pack {what} into micro batches of at most this many real tokens: sorted by length, one row per micro "
@@ -318,6 +343,7 @@ class _TrainerConfig(_Section):
         "each batch (batch_size must be a multiple); validation runs on every rank in step."))
     num_cpus: float = Field(1, ge=0, description="CPUs of the stage's Ray actor (of each rank; also its torch threads).")
     num_gpus: float = Field(0, ge=0, description="GPUs of the stage's Ray actor (of each rank).")
+    resources: CustomResources = _resources_field()
 
     @model_validator(mode="after")
     def _check(self) -> _TrainerConfig:
@@ -360,6 +386,7 @@ class RolloutConfig(_Section):
     nice: int = Field(0, ge=0, le=19, description=(
         "Added to the worker process's OS niceness (0: generation runs beside the learner at equal priority)."))
     num_gpus: float = Field(0, ge=0, description="GPUs per rollout worker.")
+    resources: CustomResources = _resources_field()
     tensor_parallel_size: int = Field(1, ge=1, description=(
         "vLLM tensor parallelism: GPUs each rollout worker's engine splits the model over (rollout.num_gpus must "
         "equal it, so the worker's placement bundle holds them)."))
@@ -401,6 +428,7 @@ class RewardConfig(_Section):
     nice: int = Field(10, ge=0, le=19, description=(
         "Added to the actor process's OS niceness: on CPU cores it shares with the learner, it yields to it."))
     num_gpus: float = Field(0, ge=0, description="GPUs of the reward scorer.")
+    resources: CustomResources = _resources_field()
 
     @model_validator(mode="after")
     def _check(self) -> RewardConfig:
@@ -423,6 +451,7 @@ class ReferenceConfig(_Section):
     nice: int = Field(10, ge=0, le=19, description=(
         "Added to the actor process's OS niceness: on CPU cores it shares with the learner, it yields to it."))
     num_gpus: float = Field(0, ge=0, description="GPUs of the reference actor.")
+    resources: CustomResources = _resources_field()
 
 
 class PPOConfig(_Section):
@@ -486,6 +515,11 @@ class PPOConfig(_Section):
     bucket_mb: float = Field(64.0, ge=1, description="Size of the flat buckets weights are sent in (MiB, at least 1).")
     checkpoint_every: int = Field(10, ge=0, description="PPO steps between resumable checkpoints in ppo/checkpoints (0: only the final one).")
     max_actor_restarts: int = Field(3, ge=0, description="Restarts Ray gives a dead rollout, reference or reward actor; its in-flight work is dispatched again.")
+    max_learner_restarts: int = Field(2, ge=0, description=(
+        "Times a PPO run starts its roles again and goes on from its last checkpoint by itself when a learner rank "
+        "dies (its node lost, its process killed), on whatever nodes Ray then places the ranks; an exception in the "
+        "learner's own code is never retried. Once used up, the run stops with the node lost and the command that "
+        "resumes it. Counted per command: `--resume` starts a fresh budget."))
     learner_workers: int = Field(1, ge=1, description=(
         "Ranks of the learner group: policy and critic sharded with FSDP2 over this many actors (gloo on CPU, "
         "NCCL on GPU), each with ppo.num_cpus and ppo.num_gpus; every rank takes an equal share of each minibatch."))
@@ -496,6 +530,7 @@ class PPOConfig(_Section):
         "max_staleness >= 1 the roles overlap and keep their num_cpus."))
     num_cpus: float = Field(1, ge=0, description="CPUs of the learner actor (of each rank of a learner group).")
     num_gpus: float = Field(0, ge=0, description="GPUs of the learner actor (of each rank of a learner group).")
+    resources: CustomResources = _resources_field()
 
     @model_validator(mode="after")
     def _check(self) -> PPOConfig:
@@ -526,6 +561,7 @@ class EvalConfig(_Section):
     num_cpus: float = Field(1, ge=0, description=(
         "CPUs of the evaluation task (also its torch threads); unset: sft.num_cpus, as the policy it samples."))
     num_gpus: float = Field(0, ge=0, description="GPUs of the evaluation task; unset: sft.num_gpus.")
+    resources: CustomResources = _resources_field()
 
 
 class ServeConfig(_Section):
@@ -534,6 +570,7 @@ class ServeConfig(_Section):
     num_replicas: int = Field(1, ge=1, description="Serve replicas of the scorer.")
     num_cpus: float = Field(1, ge=0, description="CPUs per replica.")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica.")
+    resources: CustomResources = _resources_field()
     max_batch_size: int = Field(64, ge=1, description="Dynamic batching: most sequences scored in one model call.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="Dynamic batching: longest wait to fill a batch.")
     max_request_items: int = Field(256, ge=1, description="Most {prompt, response} items in one request.")
@@ -572,7 +609,7 @@ class Config(_Section):
         its own (also in a run's config.yaml written before `eval` had them)."""
         if isinstance(data, dict) and isinstance(data.get("sft"), dict) and isinstance(data.get("eval", {}), dict):
             own = dict(data.get("eval") or {})
-            for key in ("num_cpus", "num_gpus"):
+            for key in ("num_cpus", "num_gpus", "resources"):
                 if key not in own and key in data["sft"]:
                     own[key] = data["sft"][key]
             data = {**data, "eval": own}

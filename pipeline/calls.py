@@ -27,14 +27,29 @@ def first_line(e: BaseException, limit: int = 300) -> str:
 
 def ray_get(refs, what: str, timeout_s: float, hint: Callable[[], str] | None = None):
     """ray.get under a timeout: a hung peer becomes `RoleTimeout` naming `what`, a dead actor a RuntimeError
-    naming it and ending with `hint()` (where the run can be resumed from)."""
+    naming it and ending with `hint()` (where the run can be resumed from). Of several calls, the first to fail
+    ends the wait: calls that wait on each other (a group's ranks in a collective) would otherwise hang on a dead
+    peer until the timeout."""
     try:
+        if isinstance(refs, list) and len(refs) > 1:
+            _first_failure(refs, timeout_s)
         return ray.get(refs, timeout=timeout_s)
     except GetTimeoutError as e:
         raise RoleTimeout(what, timeout_s) from e
     except RayActorError as e:
         raise RuntimeError(f"{what} failed: an actor died: {str(e).splitlines()[0]}"
                            f"{hint() if hint else ''}") from e
+
+
+def _first_failure(refs: list, timeout_s: float) -> None:
+    """Wait for `refs` in the order they finish; raise the first one's error at once (GetTimeoutError past
+    `timeout_s`)."""
+    deadline, pending = time.monotonic() + timeout_s, list(refs)
+    while pending:
+        finished, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not finished:
+            raise GetTimeoutError(f"{len(pending)} of {len(refs)} calls not finished within {timeout_s}s")
+        ray.get(finished[0])
 
 
 def done(ref: ray.ObjectRef) -> bool:

@@ -42,14 +42,18 @@ from rayrlhf.core.text import encode_queries, with_encodable_queries
 from rayrlhf.pipeline.calls import RoleTimeout, StageTimer, await_restart, first_line, ray_get
 from rayrlhf.pipeline.inflight import ROLES, InFlight, ShardCalls, ShardFailure, await_batch, gather
 from rayrlhf.pipeline.launch import (
-    RoleHandles, await_started, close_roles, join_weight_sync_group, launch_roles, launch_rollout_worker,
+    LearnerLost, RoleHandles, await_started, close_roles, join_weight_sync_group, launch_roles, launch_rollout_worker,
 )
 from rayrlhf.pipeline.pool import EventLog, PoolCalls, RolloutPool
 from rayrlhf.pipeline.preflight import config_differences
-from rayrlhf.pipeline.resources import asks
+from rayrlhf.pipeline.resources import role_asks
 from rayrlhf.pipeline.schedule import PromptSource, StalenessGate
 
 log = logging.getLogger(__name__)
+
+# After a failed call, how long to wait for Ray to declare a learner rank dead: a lost node is declared after its
+# health checks fail (Ray's default: about 15 s), while a peer of the dead rank hangs in a collective meanwhile.
+LEARNER_DEATH_S = 45.0
 
 Launcher = Callable[[Config, str, str, str], RoleHandles]  # cfg, sft, rm checkpoints, run name -> started roles
 
@@ -148,7 +152,7 @@ class PPODriver:
         self.events = EventLog(self.out_dir)
         self.pool = RolloutPool(list(self.roles.rollouts), lambda i: launch_rollout_worker(self.cfg, self.sft_checkpoint, i),
                                 PoolCalls(self._get), self.events, self.pc.sync_timeout_s,
-                                asks(self.cfg.rollout.num_cpus, self.cfg.rollout.num_gpus))
+                                role_asks(self.cfg.rollout))
         await_started(self.roles.named(), self.cfg.ray.startup_timeout_s)
         self.roles.learner.rendezvous(self.cfg.ray.startup_timeout_s)
         if self.pc.weight_sync == "collective":
@@ -199,14 +203,15 @@ class PPODriver:
         try:
             return self._run(resume_from)
         except Exception as e:
-            # A dead rank of a learner group fails its peers' collectives: name the rank that died.
-            group = self.roles.learner if self.roles is not None else None
-            dead = group.dead_ranks() if group is not None and group.world > 1 else []
-            if dead:
-                raise RuntimeError(f"learner rank {', '.join(map(str, dead))} of {group.world} died "
-                                   f"({type(e).__name__}: {first_line(e)})"
-                                   f"{self._resume_hint()}") from e
-            raise
+            # A dead learner rank (its node lost, its process killed) fails the call, or its peers' collectives:
+            # name the rank and its node. `workflow.ppo` may start the run again from its last checkpoint.
+            lost = self.roles.learner.lost(e, LEARNER_DEATH_S) if self.roles is not None else None
+            if lost is None:
+                raise
+            if self.events is not None:
+                self.events.write(self.step, "learner_lost", -1, nodes=lost.nodes, error=first_line(e),
+                                  checkpoint=str(self.checkpoints.latest() or ""))
+            raise LearnerLost(f"{lost}{self._resume_hint()}", lost.nodes) from e
 
     def _run(self, resume_from: Path | None) -> dict[str, float]:
         self.start()

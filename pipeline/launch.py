@@ -16,6 +16,7 @@ the run, and a dead learner ends the run, to be resumed from its last checkpoint
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ import ray
 from ray.actor import ActorHandle
 from ray import ObjectRef
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from rayrlhf.actors import (
     LearnerWorker, ReferenceWorker, RemoteRewardWorker, RewardWorker, RolloutScaler, RolloutWorker,
@@ -34,7 +35,7 @@ from rayrlhf.core.config import Config
 from rayrlhf.core.experience import Experience, ShardRefs
 from rayrlhf.core.scaling import SCALER_NAMESPACE, scaler_name
 from rayrlhf.pipeline.calls import RoleTimeout, first_line, ray_get
-from rayrlhf.pipeline.resources import Bundles, asks, bundle, role_bundles, shortfall
+from rayrlhf.pipeline.resources import Bundles, RoleSection, actor_options, bundle, role_asks, role_bundles, shortfall
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,31 @@ class Placement:
 
     def on(self, role: str, i: int = 0) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=self.first_bundle[role] + i)
+
+    def nodes(self, role: str, count: int) -> list[str]:
+        """The node id each of the role's first `count` bundles was placed on (now: Ray moves the bundles of a
+        dead node)."""
+        where = placement_group_table(self.group)["bundles_to_node_id"]
+        return [where[self.first_bundle[role] + i] for i in range(count)]
+
+
+class LearnerLost(RuntimeError):
+    """A learner rank's actor died (its node lost, its process killed): the run can go on from its last
+    checkpoint with new ranks, which `workflow.ppo` does within `ppo.max_learner_restarts`."""
+
+    def __init__(self, message: str, nodes: list[str]):
+        super().__init__(message)
+        self.nodes = nodes  # "<node id> (<address>, dead|alive)" of each dead rank
+
+
+def describe_node(node_id: str | None) -> str:
+    """A node as Ray knows it: its id, address and whether it is alive."""
+    if node_id is None:
+        return "an unknown node"
+    info = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
+    if info is None:
+        return f"node {node_id[:12]}"
+    return f"node {node_id[:12]} ({info['NodeManagerAddress']}, {'alive' if info['Alive'] else 'dead'})"
 
 
 def unplaced(bundles: Bundles, timeout_s: float) -> str:
@@ -94,8 +120,9 @@ class RankGroup:
     call goes to every rank (each runs its share; FSDP's collectives join them) and returns every rank's ref;
     rank 0's result is the group's."""
 
-    def __init__(self, ranks: list[ActorHandle], role: str = "learner"):
+    def __init__(self, ranks: list[ActorHandle], role: str = "learner", nodes: list[str] | None = None):
         self.ranks, self.role = tuple(ranks), role
+        self.nodes = list(nodes) if nodes is not None else [None] * len(self.ranks)  # node id of each rank, as placed
 
     @property
     def world(self) -> int:
@@ -149,16 +176,33 @@ class RankGroup:
         return ray.get(results[0])
 
     def dead_ranks(self, timeout_s: float = 10.0) -> list[int]:
-        """The ranks whose actor has died (asked after a failure, to name them)."""
-        dead = []
-        for i, r in enumerate(self.ranks):
-            try:
-                ray.get(r.__ray_ready__.remote(), timeout=timeout_s)
-            except RayActorError:
-                dead.append(i)
-            except GetTimeoutError:  # alive but busy: not dead
-                pass
-        return dead
+        """The ranks whose actor has died, asked after a failure. A rank that answers is alive; one busy in a
+        collective with a dead peer does not answer, so this waits up to `timeout_s` for Ray to declare a death (a
+        lost node takes its health checks' time) and returns as soon as one is declared, or every rank answered."""
+        ready = [r.__ray_ready__.remote() for r in self.ranks]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            done, pending = ray.wait(ready, num_returns=len(ready), timeout=0.5)
+            dead = []
+            for i, ref in enumerate(ready):
+                if ref in done:
+                    try:
+                        ray.get(ref)
+                    except RayActorError:
+                        dead.append(i)
+            if dead or not pending or time.monotonic() > deadline:
+                return dead
+
+    def lost(self, cause: BaseException, timeout_s: float) -> LearnerLost | None:
+        """After `cause` ended a call to the group: a `LearnerLost` naming the ranks that died and their nodes,
+        or None when every rank is alive (`cause` is the group's own error)."""
+        dead = self.dead_ranks(timeout_s)
+        if not dead:
+            return None
+        nodes = [describe_node(self.nodes[i]) for i in dead]
+        who = ", ".join(f"{self.role} rank {i} on {n}" if self.world > 1 else f"{self.role} on {n}"
+                        for i, n in zip(dead, nodes))
+        return LearnerLost(f"{who} died ({type(cause).__name__}: {first_line(cause)})", nodes)
 
     def kill(self) -> None:
         for r in self.ranks:
@@ -188,14 +232,12 @@ class LearnerGroup(RankGroup):
         return self._each(lambda r: r.make_packet.remote())[0]
 
 
-def run_group(stage: type, role: str, workers: int, num_cpus: float, num_gpus: float, args: tuple,
-              timeout_s: float):
+def run_group(stage: type, role: str, workers: int, section: RoleSection, args: tuple, timeout_s: float):
     """An offline stage (`SFTStage`, `RMStage`) run to its end by `workers` ranks: one bundle per rank in a PACK
     placement group (the ranks as close as the cluster allows), the process group formed, `run` on every rank;
     rank 0's result. The actors and the placement group are released however it ends."""
-    with placed({role: [bundle(num_cpus, num_gpus)] * workers}, timeout_s) as placement:
-        group = RankGroup([stage.options(num_cpus=num_cpus, num_gpus=num_gpus,
-                                         scheduling_strategy=placement.on(role, i))
+    with placed({role: [bundle(section)] * workers}, timeout_s) as placement:
+        group = RankGroup([stage.options(**actor_options(section), scheduling_strategy=placement.on(role, i))
                            .remote(*args, rank=i, world=workers) for i in range(workers)], role)
         try:
             group.rendezvous(timeout_s)
@@ -237,7 +279,7 @@ def launch_rollout_worker(cfg: Config, sft_checkpoint: str, index: int,
                           strategy: PlacementGroupSchedulingStrategy | None = None) -> ActorHandle:
     """A rollout worker; outside the placement group (a worker added while the run goes) without `strategy`."""
     rollout_cfg = cfg.rollout
-    opts = {"num_cpus": rollout_cfg.num_cpus, "num_gpus": rollout_cfg.num_gpus, "max_restarts": rollout_restarts(cfg)}
+    opts = {**actor_options(rollout_cfg), "max_restarts": rollout_restarts(cfg)}
     if strategy is not None:
         opts["scheduling_strategy"] = strategy
     return RolloutWorker.options(**opts).remote(cfg, sft_checkpoint, index)
@@ -248,27 +290,28 @@ def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name:
     placement = Placement.create(role_bundles(cfg), cfg.ray.startup_timeout_s)
     restarts = cfg.ppo.max_actor_restarts
 
-    def on(role: str, num_cpus: float, num_gpus: float, i: int = 0) -> dict:
-        return {"num_cpus": num_cpus, "num_gpus": num_gpus, "scheduling_strategy": placement.on(role, i)}
+    def on(role: str, section: RoleSection, i: int = 0) -> dict:
+        return {**actor_options(section), "scheduling_strategy": placement.on(role, i)}
 
     world = cfg.ppo.learner_workers
-    learner = LearnerGroup([LearnerWorker.options(**on("learner", cfg.ppo.num_cpus, cfg.ppo.num_gpus, i)).remote(
-        cfg, sft_checkpoint, rm_checkpoint, i, world) for i in range(world)])
-    references = tuple(ReferenceWorker.options(**on("reference", cfg.reference.num_cpus, cfg.reference.num_gpus, i),
+    learner = LearnerGroup([LearnerWorker.options(**on("learner", cfg.ppo, i)).remote(
+        cfg, sft_checkpoint, rm_checkpoint, i, world) for i in range(world)], nodes=placement.nodes("learner", world))
+    references = tuple(ReferenceWorker.options(**on("reference", cfg.reference, i),
                                                max_restarts=restarts).remote(cfg, sft_checkpoint)
                        for i in range(cfg.reference.replicas))
     if cfg.reward.backend == "local":
-        rewards = tuple(RewardWorker.options(**on("reward", cfg.reward.num_cpus, cfg.reward.num_gpus, i),
+        rewards = tuple(RewardWorker.options(**on("reward", cfg.reward, i),
                                              max_restarts=restarts).remote(cfg, rm_checkpoint)
                         for i in range(cfg.reward.replicas))
     else:
-        rewards = (RemoteRewardWorker.options(num_cpus=0.1, max_restarts=restarts).remote(cfg, sft_checkpoint),)
+        rewards = (RemoteRewardWorker.options(num_cpus=0.1, max_restarts=restarts,
+                                              scheduling_strategy=on_this_node()).remote(cfg, sft_checkpoint),)
     rollouts = tuple(launch_rollout_worker(cfg, sft_checkpoint, i, placement.on("rollout", i))
                      for i in range(cfg.rollout.num_workers))
     name = scaler_name(run_name)
     try:
-        scaler = RolloutScaler.options(name=name, namespace=SCALER_NAMESPACE).remote(
-            cfg.rollout.num_workers, cfg.ppo.weight_sync, asks(cfg.rollout.num_cpus, cfg.rollout.num_gpus))
+        scaler = RolloutScaler.options(name=name, namespace=SCALER_NAMESPACE, scheduling_strategy=on_this_node()).remote(
+            cfg.rollout.num_workers, cfg.ppo.weight_sync, role_asks(cfg.rollout))
     except ValueError as e:  # the name is taken
         learner.kill()
         for a in (*references, *rewards, *rollouts):
@@ -277,6 +320,11 @@ def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name:
         raise RuntimeError(f"a PPO run named {run_name!r} is already running on this Ray cluster "
                            f"({name} exists); give the run directory another name") from e
     return RoleHandles(learner, references, rewards, rollouts, scaler, placement)
+
+
+def on_this_node() -> NodeAffinitySchedulingStrategy:
+    """The driver's own node, for the small actors that should share its fate (not die with a worker node)."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def await_started(actors: dict[str, ActorHandle], timeout_s: float) -> None:

@@ -57,7 +57,8 @@ class EventLog:
 
     `{"time", "step", "event", "worker", ...}` where `step` is the metrics.jsonl step of the driver iteration
     it happened in, and event is worker_starting | worker_joined | worker_first_batch | worker_draining |
-    worker_removed | worker_failed | worker_unplaced | worker_waiting.
+    worker_removed | worker_failed | worker_unplaced | worker_waiting; and the run's own: resumed (from a
+    checkpoint) | learner_lost (a learner rank died; `workflow.ppo` may go on from the last checkpoint).
     """
 
     def __init__(self, out_dir: Path):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
+from typing import Protocol
 
 from rayrlhf.core.config import Config, role_cpus
 
@@ -33,23 +35,41 @@ ROLE_KEYS: dict[str, tuple[str, str | None]] = {
 Bundles = dict[str, list[dict[str, float]]]  # role -> one bundle per actor, in placement order
 
 
-def asks(num_cpus: float, num_gpus: float) -> dict[str, float]:
-    """What an actor with these options asks Ray for (nothing for num_cpus 0)."""
-    return {k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus}.items() if v > 0}
+class RoleSection(Protocol):
+    """A role's config section: what each of its actors asks Ray for."""
+
+    num_cpus: float
+    num_gpus: float
+    resources: dict[str, float]
 
 
-def bundle(num_cpus: float, num_gpus: float) -> dict[str, float]:
-    """A placement bundle for such an actor (Ray refuses an empty bundle: a token CPU then)."""
-    return asks(num_cpus, num_gpus) or {"CPU": 0.01}
+def asks(num_cpus: float, num_gpus: float, resources: Mapping[str, float] | None = None) -> dict[str, float]:
+    """What an actor with these options asks Ray for (nothing for num_cpus 0); `resources`: its custom ones."""
+    return {**{k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus}.items() if v > 0}, **(resources or {})}
+
+
+def role_asks(section: RoleSection) -> dict[str, float]:
+    """What one actor of a role asks Ray for, from its config section."""
+    return asks(section.num_cpus, section.num_gpus, section.resources)
+
+
+def actor_options(section: RoleSection) -> dict:
+    """The `.options(...)` of one actor of a role."""
+    return {"num_cpus": section.num_cpus, "num_gpus": section.num_gpus, "resources": dict(section.resources)}
+
+
+def bundle(section: RoleSection) -> dict[str, float]:
+    """A placement bundle for one actor of a role (Ray refuses an empty bundle: a token CPU then)."""
+    return role_asks(section) or {"CPU": 0.01}
 
 
 def role_bundles(cfg: Config) -> Bundles:
     """The PPO placement group's bundles per role, in placement order."""
     return {
-        "learner": [bundle(cfg.ppo.num_cpus, cfg.ppo.num_gpus)] * cfg.ppo.learner_workers,
-        "reference": [bundle(cfg.reference.num_cpus, cfg.reference.num_gpus)] * cfg.reference.replicas,
-        "reward": [bundle(cfg.reward.num_cpus, cfg.reward.num_gpus)] * cfg.reward.replicas,
-        "rollout": [bundle(cfg.rollout.num_cpus, cfg.rollout.num_gpus)] * cfg.rollout.num_workers,
+        "learner": [bundle(cfg.ppo)] * cfg.ppo.learner_workers,
+        "reference": [bundle(cfg.reference)] * cfg.reference.replicas,
+        "reward": [bundle(cfg.reward)] * cfg.reward.replicas,
+        "rollout": [bundle(cfg.rollout)] * cfg.rollout.num_workers,
     }
 
 
@@ -60,7 +80,7 @@ def stage_bundles(cfg: Config, command: str) -> dict[str, Bundles]:
         section = getattr(cfg, ROLE_KEYS[role][0])
         count = {"sft": cfg.sft.workers, "rm": cfg.rm.workers, "judge": cfg.rm.workers,
                  "serve": cfg.serve.num_replicas}.get(role, 1)
-        return {role: [bundle(section.num_cpus, section.num_gpus)] * count}
+        return {role: [bundle(section)] * count}
 
     stages = {"train": ["sft", "rm", "judge", "ppo", "eval"], "sft": ["sft"], "rm": ["rm"], "judge": ["judge"],
               "ppo": ["ppo"], "eval": ["eval"], "serve": ["serve"]}[command]
@@ -113,7 +133,7 @@ def shortfall(bundles: Bundles, capacity: dict[str, float]) -> str | None:
         return None
     parts = []
     for res in short:
-        key = f"num_{res.lower()}s"
+        key = f"num_{res.lower()}s" if res in ("CPU", "GPU") else f"resources.{res}"
         asks = []
         for role, group in bundles.items():
             if group and group[0].get(res):

@@ -25,10 +25,11 @@ from rayrlhf.core.metrics import read_metrics
 from rayrlhf.core.text import budget_warnings
 from rayrlhf.pipeline.cluster import connect
 from rayrlhf.pipeline.driver import DriverState, PPODriver
-from rayrlhf.pipeline.launch import placed, run_group
+from rayrlhf.pipeline.calls import first_line
+from rayrlhf.pipeline.launch import LearnerLost, placed, run_group
 from rayrlhf.pipeline.preflight import config_differences
 from rayrlhf.pipeline.report import write_report
-from rayrlhf.pipeline.resources import bundle
+from rayrlhf.pipeline.resources import RoleSection, actor_options, bundle
 from rayrlhf.pipeline.run_dir import RunDir, require_checkpoint
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,11 @@ def _attempt(run: RunDir, stage: str, cfg: Config, resume: bool) -> Config:
     return cfg
 
 
-def _run_on(cfg: Config, role: str, stage: type, num_cpus: float, num_gpus: float, args: tuple) -> dict[str, float]:
+def _run_on(cfg: Config, role: str, stage: type, section: RoleSection, args: tuple) -> dict[str, float]:
     """Run an offline stage's single actor to its end in a placement of its own (one the cluster cannot give
     fails within `ray.startup_timeout_s`, naming the role and resource), then free its resources."""
-    with placed({role: [bundle(num_cpus, num_gpus)]}, cfg.ray.startup_timeout_s) as placement:
-        actor = stage.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=placement.on(role)).remote(*args)
+    with placed({role: [bundle(section)]}, cfg.ray.startup_timeout_s) as placement:
+        actor = stage.options(**actor_options(section), scheduling_strategy=placement.on(role)).remote(*args)
         try:
             return ray.get(actor.run.remote())
         finally:
@@ -81,17 +82,16 @@ def _run_on(cfg: Config, role: str, stage: type, num_cpus: float, num_gpus: floa
 def run_sft(cfg: Config, out_dir: Path, resume: bool = False) -> dict[str, float]:
     sc = cfg.sft
     if sc.workers > 1:
-        return run_group(SFTStage, "sft", sc.workers, sc.num_cpus, sc.num_gpus, (cfg, str(out_dir), resume),
-                         cfg.ray.startup_timeout_s)
-    return _run_on(cfg, "sft", SFTStage, sc.num_cpus, sc.num_gpus, (cfg, str(out_dir), resume))
+        return run_group(SFTStage, "sft", sc.workers, sc, (cfg, str(out_dir), resume), cfg.ray.startup_timeout_s)
+    return _run_on(cfg, "sft", SFTStage, sc, (cfg, str(out_dir), resume))
 
 
 def run_rm(cfg: Config, out_dir: Path, sft_checkpoint: Path, resume: bool = False,
            role: str = "rm") -> dict[str, float]:
     rm_cfg, args = cfg.rm, (cfg, str(out_dir), str(sft_checkpoint), resume, role)
     if rm_cfg.workers > 1:
-        return run_group(RMStage, role, rm_cfg.workers, rm_cfg.num_cpus, rm_cfg.num_gpus, args, cfg.ray.startup_timeout_s)
-    return _run_on(cfg, role, RMStage, rm_cfg.num_cpus, rm_cfg.num_gpus, args)
+        return run_group(RMStage, role, rm_cfg.workers, rm_cfg, args, cfg.ray.startup_timeout_s)
+    return _run_on(cfg, role, RMStage, rm_cfg, args)
 
 
 def evaluate_run(cfg: Config, run: RunDir) -> dict[str, float]:
@@ -101,9 +101,8 @@ def evaluate_run(cfg: Config, run: RunDir) -> dict[str, float]:
     sft, rm = run.evaluated_checkpoints()
     args = (cfg, str(sft), str(rm), str(ppo) if (ppo / "config.json").exists() else None, str(run.path / "eval"),
             str(judge) if judge is not None else None)
-    with placed({"eval": [bundle(cfg.eval.num_cpus, cfg.eval.num_gpus)]}, cfg.ray.startup_timeout_s) as placement:
-        task = evaluate_task.options(num_cpus=cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus,
-                                     scheduling_strategy=placement.on("eval"))
+    with placed({"eval": [bundle(cfg.eval)]}, cfg.ray.startup_timeout_s) as placement:
+        task = evaluate_task.options(**actor_options(cfg.eval), scheduling_strategy=placement.on("eval"))
         return ray.get(task.remote(*args))
 
 
@@ -161,11 +160,7 @@ def ppo(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, rm_checkpo
     sft_ckpt = require_checkpoint(sft_checkpoint or run.checkpoint("sft"), "SFT")
     rm_ckpt = require_checkpoint(rm_checkpoint or run.checkpoint("rm"), "reward model")
     connect(cfg)
-    driver = PPODriver(cfg, run.stage("ppo"), sft_ckpt, rm_ckpt, command=command)
-    try:
-        summary = driver.run(resume_from=latest)
-    finally:
-        driver.close()
+    summary = _run_ppo(cfg, run, sft_ckpt, rm_ckpt, latest, command)
     rows = read_metrics(run.path / "ppo" / "metrics.jsonl")
     eos = [r["rollout/eos_fraction"] for r in rows if "rollout/eos_fraction" in r]
     summary["ppo/eos_fraction_mean"] = sum(eos) / len(eos) if eos else float("nan")
@@ -173,6 +168,26 @@ def ppo(cfg: Config, run: RunDir, sft_checkpoint: Path | None = None, rm_checkpo
         log.warning("budgets: %s", warning)
     _done(run, "ppo", summary)
     return run.checkpoint("ppo")
+
+
+def _run_ppo(cfg: Config, run: RunDir, sft_ckpt: Path, rm_ckpt: Path, latest: Path | None,
+             command: str) -> dict[str, float]:
+    """The PPO driver, started again from the last checkpoint (on new learner ranks, wherever Ray places them)
+    each time a learner rank dies, up to `ppo.max_learner_restarts` times; then the loss ends the run."""
+    budget, restarts = cfg.ppo.max_learner_restarts, 0
+    while True:
+        driver = PPODriver(cfg, run.stage("ppo"), sft_ckpt, rm_ckpt, command=command)
+        try:
+            return driver.run(resume_from=latest)
+        except LearnerLost as e:
+            if restarts == budget:
+                raise LearnerLost(f"{e} [ppo.max_learner_restarts={budget} used]", e.nodes) from e
+            restarts += 1
+            latest = CheckpointDir(run.path / "ppo" / "checkpoints").latest()
+            log.warning("PPO restart %d of %d: %s; going on from %s", restarts, budget, first_line(e),
+                        latest or "the start")
+        finally:
+            driver.close()
 
 
 def evaluate(cfg: Config, run: RunDir) -> Path:

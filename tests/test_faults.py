@@ -146,6 +146,46 @@ def test_a_dead_learner_ends_the_run_pointing_at_the_last_checkpoint(ray_local, 
         _run(driver)
 
 
+def test_learner_deaths_beyond_the_restart_budget_end_the_run_naming_the_node_and_the_resume(
+        ray_local, make_tiny_cfg, tiny_checkpoints, tmp_path, monkeypatch):
+    """The learner dies before its update on batch 1 in every attempt: the run goes on once from its step-1
+    checkpoint by itself (ppo.max_learner_restarts=1), then stops with one line naming the learner's node, the
+    budget used and the command that resumes it."""
+    import re
+    import shutil
+
+    import ray
+
+    from rayrlhf.pipeline.launch import LearnerLost
+    from rayrlhf.pipeline.run_dir import RunDir
+    from rayrlhf.pipeline.workflow import ppo
+
+    learn = PPODriver.learn
+
+    def die_then_learn(self, flight):
+        if flight.batch_id == 1:
+            ray.kill(self.roles.learner.ranks[0], no_restart=True)
+        return learn(self, flight)
+
+    monkeypatch.setattr(PPODriver, "learn", die_then_learn)
+    cfg = make_tiny_cfg(*OVERRIDES, "ppo.max_staleness=0", "ppo.checkpoint_every=1", "rollout.num_workers=1",
+                        "ppo.max_learner_restarts=1", "ppo.steps=3")
+    run = RunDir.create(cfg, tmp_path / "run")
+    shutil.copytree(tiny_checkpoints.sft, run.checkpoint("sft"))
+    shutil.copytree(tiny_checkpoints.rm, run.checkpoint("rm"))
+    with pytest.raises(LearnerLost) as e:
+        ppo(cfg, run)
+    message = str(e.value)
+    print(message)
+    assert "\n" not in message
+    assert re.match(r"learner on node [0-9a-f]{12} \([0-9.]+, alive\) died \(", message), message
+    assert message.endswith(f"the last checkpoint is {run.path}/ppo/checkpoints/step-000001; `rayrlhf ppo --resume "
+                            f"{run.path}` continues the PPO stage) [ppo.max_learner_restarts=1 used]"), message
+    events = [json.loads(line) for line in (run.path / "ppo" / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if e["event"] in ("learner_lost", "resumed")] == [
+        "learner_lost", "resumed", "learner_lost"]
+
+
 def test_a_hanging_reward_scorer_times_out_naming_it(ray_local, make_tiny_cfg, tiny_checkpoints, tmp_path):
     import ray
 

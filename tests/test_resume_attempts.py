@@ -20,7 +20,7 @@ from rayrlhf.core.config import config_to_yaml, load_config
 
 # Cheap PPO steps (as tests/test_resume.py's kill test); the run's own PPO: 2 steps, a checkpoint after step 1.
 PPO_SIZES = ["ppo.prompts_per_step=4", "ppo.minibatch_size=4", "ppo.micro_batch_size=4", "run.keep_checkpoints=0",
-             "ppo.steps=2", "ppo.checkpoint_every=1"]
+             "ppo.steps=2", "ppo.checkpoint_every=1", "ppo.max_learner_restarts=0"]
 
 
 def _finished_run(path: Path, ckpt, tiny_overrides: list[str], ppo_finished: bool = True) -> Path:

@@ -19,7 +19,9 @@ Every YAML document under the paths is checked; `kustomization.yaml` files are r
 - The enumerations KubeRay's validation enforces where its CRDs declare a plain string: RayJob
   spec.submissionMode, RayService spec.upgradeStrategy.type, the head group's serviceType.
 - Project rules: every document has metadata.name; a container's nvidia.com/gpu request equals its limit;
-  rayStartParams.resources is the quoted JSON object KubeRay passes to `ray start --resources`.
+  rayStartParams.resources is the quoted JSON object KubeRay passes to `ray start --resources`; a RayJob that
+  runs rayrlhf follows the failure and placement policy of `k8s_policy` (a deadline, retries only of a
+  resuming entrypoint, a worker group with room for every role's custom resources, a learner restart budget).
 Not checked: string formats (int32, date-time), and KubeRay's other run-time checks (e.g. a suspended RayJob
 needs shutdownAfterJobFinishes).
 
@@ -56,6 +58,7 @@ from typing import Any
 import yaml
 
 from rayrlhf.tools import k8s_manifests
+from rayrlhf.tools.k8s_policy import job_problems
 from rayrlhf.tools.k8s_manifests import (
     KUSTOMIZATION, Loader, Manifest, Problem, canonical, containers, find_key, inner, json_path, mapping,
 )
@@ -547,6 +550,8 @@ def _validate_one(m: Manifest, crd_dir: Path) -> list[Problem]:
     if kind in KUBERAY_KINDS:
         problems += _cel_problems(m, validator.schema, instance, [])
     spec = mapping(m.doc.get("spec"))
+    if kind == "RayJob":
+        problems += job_problems(m)
     if kind == "RayJob" and isinstance(spec.get("runtimeEnvYAML"), str):
         problems += _runtime_env_problems(m, spec["runtimeEnvYAML"])
     if kind == "RayService" and isinstance(spec.get("serveConfigV2"), str):
