@@ -35,7 +35,7 @@ def test_k8s_manifests_are_valid(crds: Path) -> None:
     problems += kv.validate(manifests, crds)
     assert problems == [], "\n".join(map(str, problems))
     labels = {(m.rendered_by and Path(m.rendered_by).name, m.label) for m in manifests}
-    for overlay in (None, "small", "large"):
+    for overlay in (None, "small", "large", "gcs-ft"):
         for label in ("RayJob/rayrlhf-pipeline", "RayService/rayrlhf-reward", "RayCluster/rayrlhf-dev"):
             assert (overlay, label) in labels
 
@@ -125,6 +125,28 @@ def test_large_overlay_runs_the_learner_as_a_group_that_fits_its_pod() -> None:
     n = cfg.ppo.learner_workers
     assert n == 4 and int(res["limits"]["nvidia.com/gpu"]) == n * cfg.ppo.num_gpus
     assert int(res["limits"]["cpu"]) >= n * cfg.ppo.num_cpus
+
+
+def test_every_overlay_pins_each_role_to_its_group_and_bounds_the_run() -> None:
+    """The failure policy (k8s_policy) in every rendering: roles asking for their worker group's resource, a
+    deadline, no KubeRay retries of a run that would start over, a learner restart budget; gcs-ft adds the GCS's
+    external Redis to all three clusters."""
+    import shlex
+
+    from rayrlhf.tools import k8s_policy
+
+    for overlay in (K8S / "base", *(K8S / "overlays" / o for o in ("small", "large", "gcs-ft"))):
+        docs = {m.label: m for m in km.render(overlay)}
+        job = docs["RayJob/rayrlhf-pipeline"]
+        assert k8s_policy.job_problems(job) == []
+        spec = job.doc["spec"]
+        assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] > 0
+        cfg = k8s_policy._entrypoint_config(shlex.split(spec["entrypoint"]))
+        assert (cfg.ppo.resources, cfg.rollout.resources) == ({"role_learner": 1}, {"role_rollout": 1})
+        assert cfg.ppo.max_learner_restarts >= 1
+        ft = [d.doc for d in docs.values() if "gcsFaultToleranceOptions" in str(d.doc)]
+        assert len(ft) == (3 if overlay.name == "gcs-ft" else 0)
+    assert "Deployment/rayrlhf-redis" in {m.label for m in km.render(K8S / "overlays" / "gcs-ft")}
 
 
 def _overlay(tmp_path: Path, patch: str) -> Path:
