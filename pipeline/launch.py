@@ -87,7 +87,9 @@ def describe_node(node_id: str | None) -> str:
     info = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
     if info is None:
         return f"node {node_id[:12]}"
-    return f"node {node_id[:12]} ({info['NodeManagerAddress']}, {'alive' if info['Alive'] else 'dead'})"
+    # A rank on a lost node dies before Ray's health checks declare the node dead: say what Ray knows now.
+    state = "alive" if info["Alive"] else "dead"
+    return f"node {node_id[:12]} ({info['NodeManagerAddress']}; Ray reports it {state})"
 
 
 def unplaced(bundles: Bundles, timeout_s: float) -> str:
@@ -310,7 +312,8 @@ def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name:
                      for i in range(cfg.rollout.num_workers))
     name = scaler_name(run_name)
     try:
-        scaler = RolloutScaler.options(name=name, namespace=SCALER_NAMESPACE, scheduling_strategy=on_this_node()).remote(
+        scaler = RolloutScaler.options(name=name, namespace=SCALER_NAMESPACE,
+                                       scheduling_strategy=on_this_node()).remote(
             cfg.rollout.num_workers, cfg.ppo.weight_sync, role_asks(cfg.rollout))
     except ValueError as e:  # the name is taken
         learner.kill()

@@ -178,7 +178,7 @@ def test_learner_deaths_beyond_the_restart_budget_end_the_run_naming_the_node_an
     message = str(e.value)
     print(message)
     assert "\n" not in message
-    assert re.match(r"learner on node [0-9a-f]{12} \([0-9.]+, alive\) died \(", message), message
+    assert re.match(r"learner on node [0-9a-f]{12} \([0-9.]+; Ray reports it alive\) died \(", message), message
     assert message.endswith(f"the last checkpoint is {run.path}/ppo/checkpoints/step-000001; `rayrlhf ppo --resume "
                             f"{run.path}` continues the PPO stage) [ppo.max_learner_restarts=1 used]"), message
     events = [json.loads(line) for line in (run.path / "ppo" / "events.jsonl").read_text().splitlines()]

@@ -34,6 +34,7 @@ from rayrlhf.pipeline.cli import main
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multinode")]
 
 SIZES = ["ppo.steps=4", "ppo.checkpoint_every=1", "ppo.learner_workers=2", "rollout.num_workers=2",
+         "rollout.num_cpus=0.5", "reference.num_cpus=0.5", "reward.num_cpus=0.5",  # 4 CPUs, as a one-node Ray here
          "run.keep_checkpoints=0", "ray.startup_timeout_s=240"]
 PLACED = ["ppo.resources={learner_node: 1}", "rollout.resources={rollout_node: 1}",
           "reference.resources={scorer_node: 1}", "reward.resources={scorer_node: 1}"]
@@ -143,7 +144,7 @@ def _job_ok(cluster: LocalCluster, job_id: str, status: str) -> None:
     assert status == "SUCCEEDED", cluster.client().get_job_logs(job_id)[-4000:]
 
 
-def test_roles_spread_over_nodes_equal_one_node(cluster, one_node, tiny_overrides, tiny_checkpoints, tmp_path):
+def test_roles_spread_over_nodes_equal_one_node(one_node, cluster, tiny_overrides, tiny_checkpoints, tmp_path):
     """Item 1: the learner group's ranks on two nodes, the rollout workers on a third, the scorers on a fourth;
     weights crossing nodes through the collective transport (gloo between the learner and the rollout workers on
     other nodes) and the object store (experience, the reference's and reward's inputs). Same weights as one node."""
@@ -161,7 +162,7 @@ def test_roles_spread_over_nodes_equal_one_node(cluster, one_node, tiny_override
     assert diff <= 1e-5
 
 
-def test_a_lost_rollout_node_costs_nothing(cluster, one_node, tiny_overrides, tiny_checkpoints, tmp_path):
+def test_a_lost_rollout_node_costs_nothing(one_node, cluster, tiny_overrides, tiny_checkpoints, tmp_path):
     """Item 2(a): the node holding the rollout workers is killed after step 1. Ray moves their bundles to the
     spare node and restarts them; the driver dispatches the lost shards again; nothing is lost or duplicated."""
     cluster.add_node("spare", 2, {"rollout_node": 2, "scorer_node": 2})
@@ -183,13 +184,14 @@ def test_a_lost_rollout_node_costs_nothing(cluster, one_node, tiny_overrides, ti
     again = [e for e in events if e["event"].endswith("_redispatched")]
     assert again and len(again) == len(audit["redispatched"]), (again, audit["redispatched"])
     after = [r for r in _rows(run / "ppo" / "metrics.jsonl") if r["time"] > killed_at]
-    print(f"killed {victim.name}; first re-dispatch {again[0]['time'] - killed_at:.1f} s after the kill, next step "
-          f"logged {after[0]['time'] - killed_at:.1f} s after; re-dispatched calls: {len(again)}")
+    redone = [r for r in after if r["time"] > again[0]["time"]]
+    print(f"killed {victim.name}; first re-dispatch {again[0]['time'] - killed_at:.1f} s after the kill, the first "
+          f"step logged after it {redone[0]['time'] - killed_at:.1f} s after; re-dispatched calls: {len(again)}")
     assert [r["step"] for r in _rows(run / "ppo" / "metrics.jsonl")] == [1, 2, 3, 4]
     assert _max_weight_diff(one_node, run) == 0.0
 
 
-def test_a_lost_learner_node_resumes_from_its_checkpoint_by_itself(cluster, one_node, tiny_overrides,
+def test_a_lost_learner_node_resumes_from_its_checkpoint_by_itself(one_node, cluster, tiny_overrides,
                                                                     tiny_checkpoints, tmp_path):
     """Item 2(b): the node of a learner rank is killed after the first checkpoint; a new learner node joins (as
     KubeRay replaces a lost pod). The job starts its roles again from the checkpoint, on their own, and ends with
@@ -205,7 +207,7 @@ def test_a_lost_learner_node_resumes_from_its_checkpoint_by_itself(cluster, one_
     events = _rows(run / "ppo" / "events.jsonl")
     lost = [e for e in events if e["event"] == "learner_lost"]
     resumed = [e for e in events if e["event"] == "resumed" and e["time"] > killed_at]
-    assert len(lost) == 1 and "dead" in lost[0]["nodes"][0], lost
+    assert len(lost) == 1 and lost[0]["nodes"][0].startswith(f"node {victim.node_id[:12]} ("), lost
     assert len(resumed) == 1, events
     rows = _rows(run / "ppo" / "metrics.jsonl")
     after = [r for r in rows if r["time"] > resumed[0]["time"]]

@@ -36,7 +36,8 @@ def _entrypoint_config(argv: list[str]) -> Config:
 def _role_actors(cfg: Config) -> dict[str, tuple[int, dict[str, float]]]:
     """config section of a role -> (its actors, custom resources per actor)."""
     actors = {"ppo": cfg.ppo.learner_workers, "rollout": cfg.rollout.num_workers,
-              "reference": cfg.reference.replicas, "reward": cfg.reward.replicas if cfg.reward.backend == "local" else 0,
+              "reference": cfg.reference.replicas,
+              "reward": cfg.reward.replicas if cfg.reward.backend == "local" else 0,
               "sft": cfg.sft.workers, "rm": cfg.rm.workers, "eval": 1}
     return {section: (n, dict(getattr(cfg, section).resources)) for section, n in actors.items() if n}
 
@@ -84,8 +85,9 @@ def job_problems(m: Manifest) -> list[Problem]:
         for name, per_actor in resources.items():
             asked.add(name)
             if name not in groups:
-                problems.append(Problem.of(m, "$.spec.entrypoint", f"{section}.resources asks for {name!r}, which no "
-                                           "worker group advertises (rayStartParams.resources): its actors never start"))
+                problems.append(Problem.of(m, "$.spec.entrypoint", f"{section}.resources asks for {name!r}, which "
+                                           "no worker group advertises (rayStartParams.resources): its actors "
+                                           "never start"))
             elif per_actor * count > groups[name][1]:
                 group, room = groups[name]
                 problems.append(Problem.of(m, "$.spec.entrypoint", f"{count} {section} actor(s) x {name} {per_actor:g} "
