@@ -32,7 +32,7 @@ from rayrlhf.core.experience import (
 from rayrlhf.core.modeling import load_tokenizer
 from rayrlhf.core.process import init_worker_process, node_cores
 from rayrlhf.core.scaling import ScaleControl, ScaleStatus
-from rayrlhf.core.sharding import free_port, join_group
+from rayrlhf.core.sharding import adapter_weights, free_port, join_group
 from rayrlhf.core.weight_sync import (
     BucketLayout, CollectiveGroup, VersionedChecksum, WeightsPacket, WeightSyncError, checksum, pack, to_wire,
 )
@@ -54,7 +54,8 @@ class RolloutWorker:
     def __init__(self, cfg: Config, checkpoint: str, worker_index: int):
         init_worker_process(role_threads(cfg, "rollout", node_cores()), cfg.rollout.nice)
         self.gen = RolloutGenerator(checkpoint, cfg.rollout, worker_index, cfg.model.frozen_dtype,
-                                    share_prompts=cfg.rollout.share_prompts)
+                                    share_prompts=cfg.rollout.share_prompts,
+                                    lora=cfg.model.lora if cfg.sync_adapters else None)
         self.group: CollectiveGroup | None = None
 
     @ray.method(num_returns=2)
@@ -177,10 +178,13 @@ class LearnerWorker(_GroupRank):
     def make_packet(self) -> WeightsPacket | None:
         # Buckets as NumPy bytes, which every worker on the node reads from shared memory without a copy; a group's
         # rank 0 puts each bucket in the object store as it fills: it never holds the whole model.
-        return self.learner.make_packet(store=(lambda b: ray.put(to_wire(b))) if self.world > 1 else to_wire)
+        return self.learner.make_packet(store=(lambda b: ray.put(to_wire(b))) if self.world > 1 else to_wire,
+                                        adapters=self.args[0].sync_adapters)
 
     def weights_checksum(self) -> VersionedChecksum:
-        return VersionedChecksum(self.learner.version, checksum(self.learner.policy_weights().items()))
+        named = (adapter_weights(self.learner.policy) if self.args[0].sync_adapters
+                 else self.learner.policy_weights().items())
+        return VersionedChecksum(self.learner.version, checksum(named))
 
     def save(self, out_dir: str) -> None:
         self.learner.save(out_dir)

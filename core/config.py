@@ -382,6 +382,12 @@ class RolloutConfig(_Section):
         "attention layers. The HF rollout backend likewise prefills each distinct prompt once and generates its "
         "samples on copies of its cache (vLLM has its own prefix cache)."))
     num_workers: int = Field(1, ge=1, description="Rollout workers, scaled independently of the learner.")
+    lora_sync: Literal["auto", "adapters", "merged"] = Field("auto", description=(
+        "What a LoRA policy (model.lora) sends its rollout workers each version. `adapters`: the LoRA matrices "
+        "only (1-3 % of the model), which the workers apply to the base they loaded once, in the same unmerged "
+        "forward as the learner's; `merged`: the full weights with the adapters merged in. `auto`: adapters where "
+        "they can go (the hf backend, object_store transport), else merged. vLLM workers and the collective "
+        "transport take merged weights for now."))
     num_cpus: float = Field(1, ge=0, description="CPUs per rollout worker.")
     nice: int = Field(0, ge=0, le=19, description=(
         "Added to the worker process's OS niceness (0: generation runs beside the learner at equal priority)."))
@@ -625,10 +631,19 @@ class Config(_Section):
             raise ValueError(f"ray.num_cpus {self.ray.num_cpus} is less than the {role_cpus(self):g} CPUs the roles ask "
                              "for together (rollout.num_workers x rollout.num_cpus + reference and reward replicas x num_cpus + "
                              "ppo.learner_workers x ppo.num_cpus; or a stage's workers x num_cpus)")
+        if self.rollout.lora_sync == "adapters" and not self.sync_adapters:
+            raise ValueError("rollout.lora_sync adapters needs model.lora, rollout.backend hf and ppo.weight_sync "
+                             "object_store (vLLM workers and the collective transport take merged weights for now)")
         if self.ppo.weight_sync == "collective" and self.rollout.backend == "vllm":
             raise ValueError("ppo.weight_sync collective is implemented for the hf rollout backend; use object_store with vllm")
         _check_token_budgets(self)
         return self
+
+    @property
+    def sync_adapters(self) -> bool:
+        """Whether the policy's versions travel as LoRA adapters only (`rollout.lora_sync`)."""
+        return (self.rollout.lora_sync != "merged" and self.model.lora is not None and self.rollout.backend == "hf"
+                and self.ppo.weight_sync == "object_store")
 
 
 def _check_token_budgets(cfg: Config) -> None:

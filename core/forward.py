@@ -50,6 +50,11 @@ def check_packing(model: nn.Module, key: str) -> None:
                          f"unset {key} to pad micro batches instead")
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (a sharded model's: its local shards'), so its inputs go there."""
+    return next(model.parameters()).device
+
+
 def response_logits(model: nn.Module, ids: Tensor, mask: Tensor, R: int, packed: bool = False) -> Tensor:
     """Logits at the R positions that predict the response tokens -> (B, R, V).
 

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -234,6 +234,19 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig | None, task_type: str) -
                     head.float()
                     head.register_forward_pre_hook(lambda _, args: tuple(a.float() for a in args))
     return model
+
+
+def lora_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name, parameter) of a peft model's LoRA matrices (`lora_A`, `lora_B`), named as in the plain transformers
+    model it wraps (`...q_proj.lora_A.default.weight`): what an adapter-only weight sync sends and loads. Any other
+    trainable parameter (a fully trained module, a LoRA bias or magnitude) could not travel that way: ValueError."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name, p in hf.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            yield name, p
+        elif p.requires_grad:
+            raise ValueError(f"{name} trains beside the LoRA matrices: an adapter-only sync cannot carry it "
+                             "(set rollout.lora_sync merged)")
 
 
 def unwrap(model: nn.Module) -> PreTrainedModel:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from rayrlhf.core.forward import scalar_model_parts, sequence_scores
+from rayrlhf.core.forward import model_device, scalar_model_parts, sequence_scores
 from rayrlhf.core.padding import pad_left, pad_right, position_ids
 from rayrlhf.core.throughput import shared_prefix_work
 from torch import Tensor, nn
@@ -46,20 +46,22 @@ def pair_scores(model: nn.Module, chosen: Sequence[Sequence[int]], rejected: Seq
     posts and two summaries. Causal attention never lets the prefix see what follows it, so its keys and values
     are the ones each whole side would compute, and the gradient reaches them through the cache."""
     backbone, head = scalar_model_parts(model)
+    device = model_device(model)
     shared = shared_starts(chosen, rejected)
     if shared is None:
-        ids, mask = pad_right([*chosen, *rejected], pad_id)
+        ids, mask = (t.to(device) for t in pad_right([*chosen, *rejected], pad_id))
         scores = sequence_scores(model, ids, mask)
         return scores[: len(chosen)], scores[len(chosen):]
-    prefix, prefix_mask = pad_left([c[:n] for c, n in zip(chosen, shared)], pad_id)
+    prefix, prefix_mask = (t.to(device) for t in pad_left([c[:n] for c, n in zip(chosen, shared)], pad_id))
     cache = backbone(input_ids=prefix, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask),
                      use_cache=True).past_key_values
     cache.batch_repeat_interleave(2)  # rows c0, r0, c1, r1, ...
-    ids, mask = pad_right([side[n:] for c, r, n in zip(chosen, rejected, shared) for side in (c, r)], pad_id)
-    start = torch.tensor(shared).repeat_interleave(2).unsqueeze(1)  # positions go on from each prefix's end
+    ids, mask = (t.to(device) for t in pad_right([side[n:] for c, r, n in zip(chosen, rejected, shared)
+                                                  for side in (c, r)], pad_id))
+    start = torch.tensor(shared, device=device).repeat_interleave(2).unsqueeze(1)  # positions go on from each prefix's end
     hidden = backbone(input_ids=ids, attention_mask=torch.cat([prefix_mask.repeat_interleave(2, 0), mask], 1),
-                      position_ids=start + torch.arange(ids.shape[1]), past_key_values=cache,
+                      position_ids=start + torch.arange(ids.shape[1], device=device), past_key_values=cache,
                       use_cache=True).last_hidden_state
-    last = hidden[torch.arange(ids.shape[0]), mask.sum(-1) - 1]  # each side's last real token (detail 7)
+    last = hidden[torch.arange(ids.shape[0], device=device), mask.sum(-1) - 1]  # each side's last real token (detail 7)
     scores = head(last).squeeze(-1).float()
     return scores[0::2], scores[1::2]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from peft.utils.other import transpose
 from torch import Tensor, nn
 
-from rayrlhf.core.modeling import unwrap
+from rayrlhf.core.modeling import lora_parameters, unwrap
 from rayrlhf.core.plan import longest_first
 from rayrlhf.core.weight_sync import stream_packet
 
@@ -307,13 +307,27 @@ def rollout_weights(model: nn.Module, group: TrainGroup, dtype: torch.dtype) -> 
     return {name: t.cpu().detach().to(dtype) for name, t in full_weights(model) if keep}
 
 
+def adapter_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(name, full tensor) of the policy's LoRA matrices (`modeling.lora_parameters`), in fp32 as they train:
+    what an adapter-only sync sends. A collective when the model is sharded: every rank must iterate it."""
+    for name, p in lora_parameters(model):
+        yield name, _full(p).detach().float().cpu()
+
+
 def rollout_packet(model: nn.Module, group: TrainGroup, dtype: torch.dtype, version: int, bucket_bytes: int,
-                   store=None):
+                   store=None, adapters: bool = False):
     """`rollout_weights` as a versioned, checksummed packet of flat buckets (`weight_sync.stream_packet`). Sharded,
     every rank gathers the full tensors one at a time (a collective) and rank 0 fills one bucket at a time, handing
     each to `store` before the next: no rank holds more than its shard plus one bucket and one tensor. The other
-    ranks return None."""
-
+    ranks return None. `adapters`: the LoRA matrices only (`adapter_weights`), for workers that hold the base.
+    """
+    if adapters:
+        named = adapter_weights(model)
+        if not group.leader:
+            for _ in named:  # take part in every gather
+                pass
+            return None
+        return replace(stream_packet(named, version, bucket_bytes, store), adapters=True)
     if not group.fsdp:
         return stream_packet(rollout_weights(model, group, dtype).items(), version, bucket_bytes, store)
     gathered = ((name, t.cpu().detach().to(dtype)) for name, t in full_weights(model))

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmu
 from rayrlhf.core.checkpoints import CheckpointDir, resume_or_start, save_training_state
 from rayrlhf.core.config import ModelConfig, RMConfig, SFTConfig
 from rayrlhf.core.forward import check_packing
-from rayrlhf.core.modeling import save_checkpoint, trainable
+from rayrlhf.core.modeling import default_device, save_checkpoint, trainable
 from rayrlhf.core.plan import ForwardPlan
 from rayrlhf.core.sharding import TrainGroup, clip_grad_norm, full_weights, plain_copy, shard_model
 from rayrlhf.core.work import ModelCost
@@ -46,7 +46,8 @@ def prepare_model(model: torch.nn.Module, model_cfg: ModelConfig, tc: SFTConfig 
     sharded in a group (before the optimizer: it holds the shards); with the plan its batches are cut by and what
     its FLOPs are counted from. A causal LM for SFT, a scalar model for the reward model (`tc.section`)."""
     causal_lm = tc.section == "sft"
-    model = trainable(model, model_cfg, "CAUSAL_LM" if causal_lm else "SEQ_CLS")
+    # On the actor's GPU where it has one (the learner's rule); a sharded model's shards follow it there.
+    model = trainable(model, model_cfg, "CAUSAL_LM" if causal_lm else "SEQ_CLS").to(default_device())
     if tc.max_tokens_per_micro_batch is not None:
         check_packing(model, f"{tc.section}.max_tokens_per_micro_batch")
     if group.fsdp:

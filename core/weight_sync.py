@@ -61,6 +61,7 @@ class WeightsPacket:
     layouts: tuple[BucketLayout, ...]
     buckets: tuple[Any, ...]
     checksum: str
+    adapters: bool = False  # the LoRA matrices only (`sharding.adapter_weights`): the worker holds the base
 
 
 def plan_buckets(named: Iterable[tuple[str, Tensor]], bucket_bytes: int) -> tuple[BucketLayout, ...]:

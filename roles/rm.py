@@ -21,7 +21,7 @@ from rayrlhf.core.config import Config
 from rayrlhf.core.data import ComparisonExample, SummaryExample, load_tldr
 from rayrlhf.core.metrics import MetricsLogger, NoMetrics
 from rayrlhf.core.modeling import count_params, load_scalar_model, load_tokenizer, save_checkpoint
-from rayrlhf.core.forward import sequence_scores
+from rayrlhf.core.forward import model_device, sequence_scores
 from rayrlhf.core.padding import pad_right
 from rayrlhf.core.pairs import pair_scores, pair_work
 from rayrlhf.core.plan import may_share_prefix, micro_batch_groups
@@ -47,7 +47,7 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int,
     model.eval()
     out = torch.zeros(len(seqs))
     for group in micro_batch_groups([len(s) for s in seqs], batch_size, max_tokens):
-        ids, mask = pad_right([seqs[i] for i in group], pad_id)
+        ids, mask = (t.to(model_device(model)) for t in pad_right([seqs[i] for i in group], pad_id))
         out[group] = sequence_scores(model, ids, mask, max_tokens is not None).float().cpu()
     return out
 
@@ -166,7 +166,7 @@ class RMTrainer:
         forward (2b rows, padded or packed)."""
         if share:  # `_shares(model)`, decided once per step or evaluation
             return pair_scores(model, chosen, rejected, pad_id)
-        ids, mask = pad_right(chosen + rejected, pad_id)
+        ids, mask = (t.to(model_device(model)) for t in pad_right(chosen + rejected, pad_id))
         r = sequence_scores(model, ids, mask, self.cfg.rm.max_tokens_per_micro_batch is not None)
         return r[: len(chosen)], r[len(chosen):]
 

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig
 
-from rayrlhf.core.config import RolloutConfig
+from rayrlhf.core.config import LoraConfig, RolloutConfig
 from rayrlhf.core.experience import RolloutBatch, RolloutRequest, VersionMismatch
-from rayrlhf.core.modeling import default_device, load_frozen
+from rayrlhf.core.modeling import apply_lora, default_device, load_frozen, lora_parameters
 from rayrlhf.core.padding import pad_left
 from rayrlhf.core.plan import prompt_ids
 from rayrlhf.core.sampling import prefills_prompts_once, sample_with_logprobs
@@ -49,9 +49,12 @@ class HFBackend:
     """transformers `generate`; the behaviour log-probs come off the logits it sampled from (no second pass)."""
 
     def __init__(self, checkpoint: str, cfg: RolloutConfig, dtype: str = "float32", device: str | None = None,
-                 share_prompts: bool = False):
+                 share_prompts: bool = False, lora: LoraConfig | None = None):
         self.device = device or default_device()
         self.model, self.tokenizer = load_frozen(checkpoint, "causal_lm", dtype, self.device)
+        if lora is not None:  # adapter-only sync: the base stays, each version's LoRA matrices are loaded into it
+            self.model = apply_lora(self.model, lora, "CAUSAL_LM").to(self.device).eval()
+        self.adapters = lora is not None
         self.cfg, self.share_prompts = cfg, share_prompts
         self.last_probe_diff = None  # the model that generates is the one loaded: nothing to probe
 
@@ -75,8 +78,9 @@ class HFBackend:
 
     @torch.no_grad()
     def load_weights(self, named: Iterable[tuple[str, Tensor]]) -> None:
-        """Copy into the model that generates: no probe, its parameters are the engine's (checksum them)."""
-        params = dict(self.model.named_parameters())
+        """Copy into the model that generates (with adapter-only sync, into its LoRA matrices): no probe, its
+        parameters are the engine's (checksum them)."""
+        params = self.named_weights()
         seen = set()
         for name, t in named:
             if name not in params:
@@ -88,14 +92,15 @@ class HFBackend:
             raise KeyError(f"weight sync left {len(missing)} parameters unset, e.g. {sorted(missing)[:3]}")
 
     def named_weights(self) -> dict[str, Tensor]:
-        return dict(self.model.named_parameters())
+        """What a sync loads: the LoRA matrices with adapter-only sync, else every parameter."""
+        return dict(lora_parameters(self.model)) if self.adapters else dict(self.model.named_parameters())
 
 
 class RolloutGenerator:
     """One rollout worker: n samples per prompt, truncated after EOS, tagged with the weight version."""
 
     def __init__(self, checkpoint: str, cfg: RolloutConfig, worker_index: int = 0, dtype: str = "float32",
-                 share_prompts: bool = False):
+                 share_prompts: bool = False, lora: LoraConfig | None = None):
         if cfg.backend == "vllm":
             from rayrlhf.roles.vllm_backend import VLLMBackend
 
@@ -104,13 +109,15 @@ class RolloutGenerator:
             except WeightSyncError as e:
                 raise WeightSyncError(f"rollout worker {worker_index}, weights v0: {e}") from e
         else:
-            self.backend = HFBackend(checkpoint, cfg, dtype, share_prompts=share_prompts)
+            self.backend = HFBackend(checkpoint, cfg, dtype, share_prompts=share_prompts, lora=lora)
         self.worker_index = worker_index
         self.version = 0
         self.dtype = dtype
         # vLLM with tensor parallelism splits each forward over this many GPUs: MFU is against all their peaks
         self.devices = cfg.tensor_parallel_size if cfg.backend == "vllm" else 1
-        named = self.backend.named_weights().items()  # the engine's HF copy with vLLM: nothing trains here
+        # every weight that computes (the engine's HF copy with vLLM; the base and its adapters with adapter sync)
+        named = list(self.backend.model.named_parameters()) if isinstance(self.backend, HFBackend) \
+            else self.backend.named_weights().items()
         self.cost = ModelCost(AutoConfig.from_pretrained(checkpoint), matmul_params(named), 0, head_params(named), 0)
 
     def generate(self, req: RolloutRequest) -> RolloutBatch:
@@ -137,14 +144,20 @@ class RolloutGenerator:
     def load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
         """Swap in `packet`'s weights; with `verify`, compare the checksum of the weights held (the generating
         model's for HF, the engine's HF copy for vLLM, whose engine is probed on every load whatever `verify`).
-        Returns seconds taken."""
+        An adapter-only packet is always verified: its checksum is read back from the LoRA matrices the model
+        computes with (a few MB). Returns seconds taken."""
         t0 = time.perf_counter()
+        where = f"rollout worker {self.worker_index}, weights v{packet.version}"
+        if packet.adapters != getattr(self.backend, "adapters", False):
+            held = "its base with LoRA adapters" if packet.adapters is False else "full weights"
+            raise WeightSyncError(f"{where}: the learner sent {'adapters only' if packet.adapters else 'full weights'}, "
+                                  f"the worker holds {held} (rollout.lora_sync differs between them)")
         try:
             self.backend.load_weights(unpack(packet.layouts, packet.buckets))
-        except WeightSyncError as e:
-            raise WeightSyncError(f"rollout worker {self.worker_index}, weights v{packet.version}: {e}") from e
+        except (WeightSyncError, KeyError) as e:
+            raise WeightSyncError(f"{where}: {e}") from e
         self.version = packet.version
-        if verify:
+        if verify or packet.adapters:
             got = self.weights_checksum().checksum
             if got != packet.checksum:
                 raise RuntimeError(f"rollout worker {self.worker_index}: weights after sync v{packet.version} "

@@ -21,7 +21,7 @@ from rayrlhf.core.metrics import MetricsLogger, NoMetrics
 from rayrlhf.core.modeling import (
     build_tiny_llama, convert_gguf, count_params, load_causal_lm, load_tokenizer, train_tokenizer,
 )
-from rayrlhf.core.forward import response_logits
+from rayrlhf.core.forward import model_device, response_logits
 from rayrlhf.core.padding import pad_left, pad_right
 from rayrlhf.core.plan import micro_batch_groups, sequence_work
 from rayrlhf.core.sampling import sample
@@ -57,6 +57,7 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], packed: boo
     LM head (`response_logits`): on SmolLM2 (49k vocabulary) that makes a LoRA step 1.6x faster. `packed`:
     the forward runs on the real tokens only (`padding.pack`).
     """
+    batch = {k: v.to(model_device(model)) for k, v in batch.items()}
     labels = batch["labels"]
     logits = response_logits(model, batch["input_ids"], batch["attention_mask"], labels.shape[1], packed)
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
@@ -71,9 +72,11 @@ def generate_summaries(model, tokenizer, query_ids: list[list[int]], max_new_tok
     out = []
     for i in range(0, len(query_ids), batch_size):
         prompts, mask = pad_left(query_ids[i : i + batch_size], tokenizer.pad_token_id)
+        prompts, mask = prompts.to(model_device(model)), mask.to(model_device(model))
         responses, rmask = sample(model, prompts, mask, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
                                   pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=1.0, greedy=greedy)
-        out += tokenizer.batch_decode(responses.masked_fill(rmask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
+        responses = responses.masked_fill(rmask == 0, tokenizer.pad_token_id).cpu()
+        out += tokenizer.batch_decode(responses, skip_special_tokens=True)
     return out
 
 
