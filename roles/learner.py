@@ -298,11 +298,9 @@ class PPOLearner:
         """The policy's weights as the rollout models take them (`sharding.rollout_weights`); a collective in a group."""
         return rollout_weights(self.policy, self.group, DTYPES[self.model_cfg.frozen_dtype])
 
-    def make_packet(self, store: Callable[[torch.Tensor], Any] | None = None,
-                    adapters: bool = False) -> WeightsPacket | None:
-        """The policy's weights (`adapters`: its LoRA matrices only) as a versioned, checksummed packet
-        (`sharding.rollout_packet`): rank 0's; None on the other ranks of a group. `store`: where each bucket
-        goes once full (the actor passes `ray.put`)."""
+    def make_packet(self, store: Callable[[torch.Tensor], Any] | None = None, adapters: bool = False):
+        """The policy's weights (`adapters`: its LoRA matrices) as a versioned packet (`sharding.rollout_packet`):
+        rank 0's, None on the others. `store`: where each bucket goes once full (the actor passes `ray.put`)."""
         return rollout_packet(self.policy, self.group, DTYPES[self.model_cfg.frozen_dtype], self.version,
                               int(self.pc.bucket_mb * 2**20), store, adapters)
 
