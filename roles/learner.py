@@ -35,7 +35,6 @@ from rayrlhf.core.sharding import (
     rollout_packet, rollout_weights, shard_model,
 )
 from rayrlhf.core.training import save_model
-from rayrlhf.core.weight_sync import WeightsPacket
 from rayrlhf.core.work import ModelCost, Work, WorkMeter
 
 
