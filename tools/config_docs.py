@@ -19,7 +19,8 @@ def reference_markdown() -> str:
             for noise in ("typing.", "__main__.", "rayrlhf.core.config."):
                 ann = ann.replace(noise, "")
             ann = ann.replace("|", "\\|")
-            default = f.default if not isinstance(f.default, BaseModel) else "{...}"
+            default = f.get_default(call_default_factory=True)  # e.g. `resources`: a fresh {} per config
+            default = default if not isinstance(default, BaseModel) else "{...}"
             lines.append(f"| `{section}.{name}` | `{ann}` | `{default!r}` | {(f.description or '').replace('|', '/')} |")
         lines.append("")
     return "\n".join(lines)
