@@ -176,6 +176,18 @@ class LocalCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+def wait_terminal(cluster: LocalCluster, job_id: str, timeout_s: float) -> str:
+    """Until the job ends; its status (the test fails with the job's logs past `timeout_s`)."""
+    client = cluster.client()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status.is_terminal():
+            return status.value
+        time.sleep(1)
+    pytest.fail(f"job {job_id} not finished after {timeout_s:.0f} s:\n{client.get_job_logs(job_id)[-4000:]}")
+
+
 @contextlib.contextmanager
 def local_cluster(head_cpus: int, **system_env: str):
     """A head node for the duration of the block, with `local_cluster(...).add_node` for workers; `system_env`:

@@ -8,24 +8,17 @@ machine (other engineers' tests included).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 import requests
 
+from raynodes import LocalCluster, free_ports, local_cluster, wait_terminal
 from rayrlhf.pipeline.cli import main
 from rayrlhf.pipeline.jobs import DashboardError, auth_token, job_entrypoint, job_runtime_env
 
@@ -33,7 +26,6 @@ from rayrlhf.pipeline.jobs import DashboardError, auth_token, job_entrypoint, jo
 pytestmark = pytest.mark.xdist_group("jobs")
 
 VENV_BIN = Path(sys.executable).parent
-HEAD_START_TIMEOUT_S = 120.0
 JOB_TIMEOUT_S = 120.0
 
 TINY = [
@@ -52,120 +44,25 @@ def _sets(items: list[str]) -> list[str]:
     return [a for item in items for a in ("--set", item)]
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-@dataclass(frozen=True)
-class LocalHead:
-    address: str  # dashboard URL, what `--address` takes
-    gcs_port: int
-    token: str
-    temp_dir: Path
-
-    def client(self):
-        from ray.job_submission import JobSubmissionClient
-
-        return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"})
-
-
-def _wait_for_dashboard(proc: subprocess.Popen, address: str, token: str, log: Path) -> None:
-    """Until the jobs API answers an authorised request (the dashboard comes up after the GCS and raylet)."""
-    deadline = time.monotonic() + HEAD_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"},
-                            timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    pytest.fail(f"dashboard at {address} not up after {HEAD_START_TIMEOUT_S:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop_head(proc: subprocess.Popen, temp_dir: Path) -> None:
-    """SIGTERM to `ray start --block` makes it stop the processes it started; SIGKILL what is left of its
-    process group, then any process still naming our temp dir (workers, job drivers in their own sessions)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if p.info["pid"] != os.getpid() and any(str(temp_dir) in a for a in (p.info["cmdline"] or [])):
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-
-
 @pytest.fixture(scope="module")
-def head() -> Iterator[LocalHead]:
-    # tests/conftest.py may already have chosen token auth and a token for in-process Ray: use the same.
-    token = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(16)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_AUTH_MODE", "token")
-    mp.setenv("RAY_AUTH_TOKEN", token)
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.delenv("RAY_ADDRESS", raising=False)
-    temp_dir = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    (gcs, dash, agent_http, agent_grpc, runtime_env_agent, metrics, node_manager, object_manager,
-     client_server) = _free_ports(9)
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", "--num-cpus=4", f"--temp-dir={temp_dir}", "--include-dashboard=true",
-           # Explicit free ports: the defaults (52365, 10001, ...) collide with other Ray instances on this machine.
-           f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}",
-           f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-           f"--ray-client-server-port={client_server}", "--disable-usage-stats"]
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    log = temp_dir / "ray-start.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=temp_dir,
-                                start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        _wait_for_dashboard(proc, address, token, log)
-        yield LocalHead(address=address, gcs_port=gcs, token=token, temp_dir=temp_dir)
-    finally:
-        _stop_head(proc, temp_dir)
-        mp.undo()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def head() -> Iterator[LocalCluster]:
+    with local_cluster(head_cpus=4) as cluster:
+        yield cluster
 
 
-def _cpus_in_use(head: LocalHead) -> float:
+def _cpus_in_use(head: LocalCluster) -> float:
     r = requests.get(f"{head.address}/api/cluster_status", headers={"Authorization": f"Bearer {head.token}"}, timeout=10)
     r.raise_for_status()
     used, _total = r.json()["data"]["clusterStatus"]["loadMetricsReport"]["usage"]["CPU"]
     return used
 
 
-def _wait_terminal(head: LocalHead, job_id: str) -> str:
-    client = head.client()
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
-        status = client.get_job_status(job_id)
-        if status.is_terminal():
-            return status.value
-        time.sleep(1)
-    pytest.fail(f"job {job_id} not finished after {JOB_TIMEOUT_S:.0f} s:\n{client.get_job_logs(job_id)[-3000:]}")
+def _wait_terminal(head: LocalCluster, job_id: str) -> str:
+    return wait_terminal(head, job_id, JOB_TIMEOUT_S)
 
 
 @pytest.mark.slow
-def test_bad_config_exits_2_before_anything_is_sent(head: LocalHead, capsys) -> None:
+def test_bad_config_exits_2_before_anything_is_sent(head: LocalCluster, capsys) -> None:
     before = len(head.client().list_jobs())
     assert main(["submit", "--address", head.address, "--set", "sft.batch_size=3"]) == 2
     assert "sft.batch_size" in capsys.readouterr().err
@@ -173,7 +70,7 @@ def test_bad_config_exits_2_before_anything_is_sent(head: LocalHead, capsys) -> 
 
 
 @pytest.mark.slow
-def test_submit_tiny_sft_job_succeeds(head: LocalHead, tmp_path: Path, capsys) -> None:
+def test_submit_tiny_sft_job_succeeds(head: LocalCluster, tmp_path: Path, capsys) -> None:
     argv = ["submit", "--address", head.address, "--command", "sft", *_sets([*TINY, f"run.output_dir={tmp_path}"])]
     assert main(argv) == 0
     out, err = capsys.readouterr()
@@ -194,7 +91,7 @@ def test_submit_tiny_sft_job_succeeds(head: LocalHead, tmp_path: Path, capsys) -
 
 
 @pytest.mark.slow
-def test_runtime_failure_on_the_cluster_fails_the_job(head: LocalHead, tmp_path: Path, capsys) -> None:
+def test_runtime_failure_on_the_cluster_fails_the_job(head: LocalCluster, tmp_path: Path, capsys) -> None:
     # Valid here (paths are not checked when loading: they are the cluster's), missing on the cluster.
     bad = ["data.source=local", "data.sft_train=/nonexistent/train.jsonl", "data.sft_valid=/nonexistent/valid.jsonl",
            "data.sft_test=/nonexistent/test.jsonl", f"run.output_dir={tmp_path}"]
@@ -211,7 +108,7 @@ def test_runtime_failure_on_the_cluster_fails_the_job(head: LocalHead, tmp_path:
 
 
 @pytest.mark.slow
-def test_config_error_on_the_cluster_side_is_in_the_job_logs(head: LocalHead, capsys) -> None:
+def test_config_error_on_the_cluster_side_is_in_the_job_logs(head: LocalCluster, capsys) -> None:
     # What a cluster with a different rayrlhf version (other config keys) would do: submit_main validates
     # first, so go around it with the SDK.
     job_id = head.client().submit_job(entrypoint="rayrlhf sft --set sft.batch_size=3",
@@ -225,7 +122,7 @@ def test_config_error_on_the_cluster_side_is_in_the_job_logs(head: LocalHead, ca
 
 
 @pytest.mark.slow
-def test_jobs_stop_stops_a_running_pipeline(head: LocalHead, tmp_path: Path, capsys) -> None:
+def test_jobs_stop_stops_a_running_pipeline(head: LocalCluster, tmp_path: Path, capsys) -> None:
     long_run = [*TINY, "sft.epochs=100000", f"run.output_dir={tmp_path}"]
     assert main(["submit", "--address", head.address, "--command", "sft", "--no-wait", *_sets(long_run)]) == 0
     job_id = capsys.readouterr().out.strip()
@@ -247,7 +144,7 @@ def test_jobs_stop_stops_a_running_pipeline(head: LocalHead, tmp_path: Path, cap
 
 
 @pytest.mark.slow
-def test_wrong_token_is_a_clear_error(head: LocalHead, monkeypatch, capsys) -> None:
+def test_wrong_token_is_a_clear_error(head: LocalCluster, monkeypatch, capsys) -> None:
     monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
     assert main(["jobs", "status", "raysubmit_x", "--address", head.address]) == 1
     err = capsys.readouterr().err
@@ -255,7 +152,7 @@ def test_wrong_token_is_a_clear_error(head: LocalHead, monkeypatch, capsys) -> N
 
 
 @pytest.mark.slow
-def test_unknown_job_id_is_a_clear_error(head: LocalHead, capsys) -> None:
+def test_unknown_job_id_is_a_clear_error(head: LocalCluster, capsys) -> None:
     assert main(["jobs", "status", "raysubmit_nosuchjob", "--address", head.address]) == 1
     err = capsys.readouterr().err
     assert "raysubmit_nosuchjob" in err and "Traceback" not in err
@@ -263,7 +160,7 @@ def test_unknown_job_id_is_a_clear_error(head: LocalHead, capsys) -> None:
 
 @pytest.mark.slow
 def test_unreachable_address_exits_1_with_a_message() -> None:
-    (port,) = _free_ports(1)  # nothing listens there
+    (port,) = free_ports(1)  # nothing listens there
     address = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for argv in (["submit", "--address", address, "--command", "sft"], ["jobs", "status", "raysubmit_x", "--address", address]):

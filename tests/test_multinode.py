@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raynodes import LocalCluster, local_cluster
+from raynodes import LocalCluster, local_cluster, wait_terminal
 from rayrlhf.pipeline.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multinode")]
@@ -104,14 +104,7 @@ def _submit(cluster: LocalCluster, run: Path, tiny_overrides: list[str], *extra:
 
 
 def _wait(cluster: LocalCluster, job_id: str) -> str:
-    client = cluster.client()
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
-        status = client.get_job_status(job_id)
-        if status.is_terminal():
-            return status.value
-        time.sleep(2)
-    pytest.fail(f"job {job_id} not finished after {JOB_TIMEOUT_S:.0f} s:\n{client.get_job_logs(job_id)[-4000:]}")
+    return wait_terminal(cluster, job_id, JOB_TIMEOUT_S)
 
 
 def _wait_for_step(cluster: LocalCluster, job_id: str, run: Path, step: int, checkpoint: bool = False) -> None:
