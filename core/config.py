@@ -385,7 +385,8 @@ class RolloutConfig(_Section):
     lora_sync: Literal["auto", "adapters", "merged"] = Field("auto", description=(
         "What a LoRA policy (model.lora) sends its rollout workers each version. `adapters`: the LoRA matrices "
         "only (1-3 % of the model), which the workers apply to the base they loaded once, in the same unmerged "
-        "forward as the learner's; `merged`: the full weights with the adapters merged in. `auto`: adapters where "
+        "forward as the learner's (a learner in bf16 mixed precision computes it in bf16, the workers in their "
+        "model.inference_dtype); `merged`: the full weights with the adapters merged in. `auto`: adapters where "
         "they can go (the hf backend, object_store transport), else merged. vLLM workers and the collective "
         "transport take merged weights for now."))
     num_cpus: float = Field(1, ge=0, description="CPUs per rollout worker.")

@@ -242,7 +242,7 @@ def lora_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     trainable parameter (a fully trained module, a LoRA bias or magnitude) could not travel that way: ValueError."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     for name, p in hf.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
+        if any(f".{m}." in name for m in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")):
             yield name, p
         elif p.requires_grad:
             raise ValueError(f"{name} trains beside the LoRA matrices: an adapter-only sync cannot carry it "

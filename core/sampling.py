@@ -53,12 +53,18 @@ def prefills_prompts_once(model: nn.Module, prompts: Tensor, prompt_mask: Tensor
     prompt position (`plan.may_share_prefix`), and generate would use the plain dynamic cache we hand it: not
     with a cache implementation of its own (static, offloaded: it refuses a given cache), nor with a chunked
     prefill (which would run the whole prompt again over ours), nor on models without a KV cache (Mamba-like)."""
-    gen = getattr(model, "generation_config", None)
+    hf = _transformers_model(model)
+    gen = getattr(hf, "generation_config", None)
     plain_cache = (gen is not None and getattr(gen, "cache_implementation", None) is None
                    and getattr(gen, "prefill_chunk_size", None) is None
-                   and "mamba" not in type(model).__name__.lower() and model._supports_default_dynamic_cache())
+                   and "mamba" not in type(hf).__name__.lower() and hf._supports_default_dynamic_cache())
     return (prompts.shape[1] > 1 and plain_cache and repeats_a_prompt(prompts, prompt_mask)
             and may_share_prefix([model]))
+
+
+def _transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model itself (LoRA layers injected) under a peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def prefill_distinct_prompts(model: nn.Module, prompts: Tensor, prompt_mask: Tensor):
@@ -72,8 +78,9 @@ def prefill_distinct_prompts(model: nn.Module, prompts: Tensor, prompt_mask: Ten
     P = prompts.shape[1]
     distinct, inverse = torch.unique(torch.cat([prompts, prompt_mask], 1), dim=0, return_inverse=True)
     ids, mask = distinct[:, : P - 1], distinct[:, P : 2 * P - 1]
-    cache = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                             use_cache=True).past_key_values
+    # the decoder without its head (a peft model's `base_model` is its LoRA wrapper, which runs the head too)
+    decoder = _transformers_model(model).base_model
+    cache = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True).past_key_values
     from transformers import DynamicCache
 
     if not isinstance(cache, DynamicCache):

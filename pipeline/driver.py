@@ -15,6 +15,7 @@ Each step k reads as numbered, timed stages:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from rayrlhf.actors import read_batch
 from rayrlhf.core.checkpoints import CheckpointDir
 from rayrlhf.core.files import atomic_write_text, read_json, write_json
-from rayrlhf.core.config import Config
+from rayrlhf.core.config import Config, ConfigError, config_from_dict
 from rayrlhf.core.data import load_tldr
 from rayrlhf.core.experience import EXPERIENCE_ROLES, BatchInfo, Experience, Role, RolloutRequest, ShardRefs
 from rayrlhf.core.ledger import ExperienceLedger
@@ -133,6 +134,7 @@ class PPODriver:
         self.roles: RoleHandles | None = None  # set by `start`, with the pool and its event log
         self.pool: RolloutPool | None = None
         self.events: EventLog | None = None
+        self.started = False
 
     def _get(self, refs, what: str):
         return ray_get(refs, what, self.pc.sync_timeout_s, self._resume_hint)
@@ -157,6 +159,7 @@ class PPODriver:
         self.roles.learner.rendezvous(self.cfg.ray.startup_timeout_s)
         if self.pc.weight_sync == "collective":
             join_weight_sync_group(self.roles, self.pc.sync_timeout_s)
+        self.started = True  # from here a dead learner rank is a loss to go on from, not a failure to start
 
     def fresh(self) -> LoopState:
         self.checkpoints.clear()
@@ -168,7 +171,7 @@ class PPODriver:
     def restore(self, ckpt: Path) -> LoopState:
         """Restore the learner, the ledger and the buffered batches from `ckpt`; give the workers its weights."""
         state = DriverState.read(ckpt)
-        diff = config_differences(state.config, _resumable_config(self.cfg))
+        diff = config_differences(_saved_config(state.config), _resumable_config(self.cfg))
         if diff:
             # Not a command to resume with: `--resume` is what failed. Only a run directory from before attempts
             # recorded their config (`RunDir.start_attempt`), or one edited by hand, gets here.
@@ -205,7 +208,7 @@ class PPODriver:
         except Exception as e:
             # A dead learner rank (its node lost, its process killed) fails the call, or its peers' collectives:
             # name the rank and its node. `workflow.ppo` may start the run again from its last checkpoint.
-            lost = self.roles.learner.lost(e, LEARNER_DEATH_S) if self.roles is not None else None
+            lost = self.roles.learner.lost(e, LEARNER_DEATH_S) if self.started else None
             if lost is None:
                 raise
             if self.events is not None:
@@ -222,17 +225,19 @@ class PPODriver:
         pending: list[PendingLoad] = []
         done = Throughput()
         last: dict[str, float] = {}
-        for step in range(state.step, self.pc.steps):
-            last, pending = self.run_step(step, state, pending, done)
-            metrics_log.log(step + 1, last)  # 5. record
-            bar.update(1)
-            bar.set_postfix(score=f"{last['reward/score_mean']:.3f}", kl=f"{last['ppo/kl']:.2f}",
-                            workers=int(last["rollout/num_workers"]))
-            if self.pc.checkpoint_every and (step + 1) % self.pc.checkpoint_every == 0 and step + 1 < self.pc.steps:
-                self.checkpoint(step + 1, state)
-        bar.close()
-        summary = self.finish(pending, done)
-        metrics_log.close()
+        try:  # closed however the attempt ends: a restarted run's next attempt logs to the same files
+            for step in range(state.step, self.pc.steps):
+                last, pending = self.run_step(step, state, pending, done)
+                metrics_log.log(step + 1, last)  # 5. record
+                bar.update(1)
+                bar.set_postfix(score=f"{last['reward/score_mean']:.3f}", kl=f"{last['ppo/kl']:.2f}",
+                                workers=int(last["rollout/num_workers"]))
+                if self.pc.checkpoint_every and (step + 1) % self.pc.checkpoint_every == 0 and step + 1 < self.pc.steps:
+                    self.checkpoint(step + 1, state)
+            summary = self.finish(pending, done)
+        finally:
+            bar.close()
+            metrics_log.close()
         return {"ppo/final_score_mean": last.get("reward/score_mean", float("nan")),
                 "ppo/final_kl": last.get("ppo/kl", float("nan")), "ppo/steps": float(self.pc.steps),
                 "ppo/resumed_at_step": float(state.step), **summary, "timing/ppo_setup_s": setup_s}
@@ -476,8 +481,22 @@ def _per_s(n: int, seconds: float) -> float:
 
 
 def _resumable_config(cfg: Config) -> dict:
-    """The parts of the config a resumed run must share with the checkpoint (not where Ray runs)."""
+    """The parts of the config a resumed run must share with the checkpoint: not where Ray runs the roles (`ray`,
+    `<role>.resources`) nor how often a lost learner is replaced."""
     dump = cfg.model_dump(mode="json")
     dump.pop("ray", None)
     dump.get("run", {}).pop("output_dir", None)
+    dump.get("ppo", {}).pop("max_learner_restarts", None)
+    for section in dump.values():
+        if isinstance(section, dict):
+            section.pop("resources", None)
     return dump
+
+
+def _saved_config(saved: dict) -> dict:
+    """A checkpoint's config with the defaults of keys added since it was written (validated again), so that a
+    key it could not know is no difference; as written where it no longer validates."""
+    try:
+        return _resumable_config(config_from_dict(copy.deepcopy(saved)))
+    except ConfigError:
+        return saved

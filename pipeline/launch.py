@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import ray
 from ray.actor import ActorHandle
 from ray import ObjectRef
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
@@ -184,15 +184,19 @@ class RankGroup:
         ready = [r.__ray_ready__.remote() for r in self.ranks]
         deadline = time.monotonic() + timeout_s
         while True:
-            done, pending = ray.wait(ready, num_returns=len(ready), timeout=0.5)
-            dead = []
+            done, _ = ray.wait(ready, num_returns=len(ready), timeout=0.5)
+            dead, answered = [], 0
             for i, ref in enumerate(ready):
-                if ref in done:
-                    try:
-                        ray.get(ref)
-                    except RayActorError:
-                        dead.append(i)
-            if dead or not pending or time.monotonic() > deadline:
+                if ref not in done:
+                    continue
+                try:
+                    ray.get(ref)
+                    answered += 1
+                except ActorUnavailableError:  # unreachable for now (e.g. a head failover): not known to be dead
+                    ready[i] = self.ranks[i].__ray_ready__.remote()
+                except RayActorError:
+                    dead.append(i)
+            if dead or answered == len(ready) or time.monotonic() > deadline:
                 return dead
 
     def lost(self, cause: BaseException, timeout_s: float) -> LearnerLost | None:
@@ -306,7 +310,8 @@ def launch_roles(cfg: Config, sft_checkpoint: str, rm_checkpoint: str, run_name:
                                              max_restarts=restarts).remote(cfg, rm_checkpoint)
                         for i in range(cfg.reward.replicas))
     else:
-        rewards = (RemoteRewardWorker.options(num_cpus=0.1, max_restarts=restarts,
+        # no CPU asked: it lives on the driver's node, which on KubeRay is a head that offers none
+        rewards = (RemoteRewardWorker.options(num_cpus=0, max_restarts=restarts,
                                               scheduling_strategy=on_this_node()).remote(cfg, sft_checkpoint),)
     rollouts = tuple(launch_rollout_worker(cfg, sft_checkpoint, i, placement.on("rollout", i))
                      for i in range(cfg.rollout.num_workers))

@@ -174,7 +174,7 @@ def _run_ppo(cfg: Config, run: RunDir, sft_ckpt: Path, rm_ckpt: Path, latest: Pa
              command: str) -> dict[str, float]:
     """The PPO driver, started again from the last checkpoint (on new learner ranks, wherever Ray places them)
     each time a learner rank dies, up to `ppo.max_learner_restarts` times; then the loss ends the run."""
-    budget, restarts = cfg.ppo.max_learner_restarts, 0
+    budget, restarts, lost = cfg.ppo.max_learner_restarts, 0, None
     while True:
         driver = PPODriver(cfg, run.stage("ppo"), sft_ckpt, rm_ckpt, command=command)
         try:
@@ -182,10 +182,16 @@ def _run_ppo(cfg: Config, run: RunDir, sft_ckpt: Path, rm_ckpt: Path, latest: Pa
         except LearnerLost as e:
             if restarts == budget:
                 raise LearnerLost(f"{e} [ppo.max_learner_restarts={budget} used]", e.nodes) from e
-            restarts += 1
+            restarts, lost = restarts + 1, e
             latest = CheckpointDir(run.path / "ppo" / "checkpoints").latest()
             log.warning("PPO restart %d of %d: %s; going on from %s", restarts, budget, first_line(e),
-                        latest or "the start")
+                        latest or "the start (no checkpoint was written)")
+        except Exception as e:
+            if lost is None:
+                raise
+            # e.g. no room for the new learner ranks: say which loss this attempt was replacing
+            raise RuntimeError(f"{first_line(e, 500)} (PPO restart {restarts} of {budget}, after: "
+                               f"{first_line(lost, 500)})") from e
         finally:
             driver.close()
 

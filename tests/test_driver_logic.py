@@ -217,3 +217,20 @@ def test_a_started_worker_without_room_is_reported_at_once(tmp_path):
     assert [(r["event"], r["worker"]) for r in rows] == [
         ("worker_starting", 1), ("worker_starting", 2), ("worker_unplaced", 2)]
     assert rows[-1]["asks"] == {"CPU": 1.0} and rows[-1]["free"] == {"CPU": 1.0} and rows[-1]["step"] == 3
+
+
+def test_a_checkpoint_from_before_newer_config_keys_still_resumes():
+    """A PPO checkpoint records the config it ran with; a key added to rayrlhf since (here rollout.lora_sync) takes
+    its default when the two are compared, while a real difference is still found. Where the roles run and how
+    often a lost learner is replaced are not part of what a resume must share."""
+    from rayrlhf.core.config import load_config
+    from rayrlhf.pipeline.driver import _resumable_config, _saved_config
+    from rayrlhf.pipeline.preflight import config_differences
+
+    cfg = load_config(None, [])
+    old = _resumable_config(cfg)
+    del old["rollout"]["lora_sync"]
+    assert config_differences(_saved_config(old), _resumable_config(cfg)) == []
+    assert config_differences(_saved_config(old), _resumable_config(load_config(None, ["ppo.lr=0.5"]))) != []
+    moved = load_config(None, ["ppo.max_learner_restarts=5", "ppo.resources={learner_node: 1}"])
+    assert _resumable_config(moved) == _resumable_config(cfg)
