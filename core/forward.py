@@ -51,8 +51,10 @@ def check_packing(model: nn.Module, key: str) -> None:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Where the model's parameters are (a sharded model's: its local shards'), so its inputs go there."""
-    return next(model.parameters()).device
+    """Where the model's parameters are (a sharded model's: its local shards'), so its inputs go there; the CPU for
+    a module without parameters (a stand-in in tests)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def response_logits(model: nn.Module, ids: Tensor, mask: Tensor, R: int, packed: bool = False) -> Tensor:

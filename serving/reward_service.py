@@ -276,7 +276,8 @@ def reward_app(checkpoint: str, cfg: Config, require_token: bool) -> Application
     s = cfg.serve
     return RewardService.options(
         num_replicas=s.num_replicas,
-        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus, "resources": dict(s.resources)},
+        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus,
+                           **({"resources": dict(s.resources)} if s.resources else {})},
         # Enough requests inside a replica to fill the next batch while the current one runs.
         max_ongoing_requests=2 * s.max_batch_size,
         # A hung replica is found in seconds, not Serve's default half minute (a dead one is found at once).

@@ -9,6 +9,7 @@ misses a tensor, or whose bytes changed on the way, fails the load naming the wo
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -118,13 +119,13 @@ def test_lora_sync_adapters_is_refused_where_it_cannot_go(make_tiny_cfg):
 def test_a_lora_ppo_run_on_ray_syncs_adapters_only_from_a_learner_group(ray_local, make_tiny_cfg, tiny_checkpoints,
                                                                         tmp_path):
     """Two learner ranks (FSDP2) gather only the LoRA matrices; two rollout workers load them each version and
-    verify them (a checksum read back from their LoRA matrices); the same run with merged syncs runs too."""
+    verify them (a checksum read back from their LoRA matrices). (`-k ray` outside CI also runs it merged.)"""
     from rayrlhf.pipeline.driver import PPODriver
 
     sizes = [*LORA, "ppo.steps=3", "ppo.learner_workers=2", "rollout.num_workers=2", "rollout.num_cpus=0.5",
              "reference.num_cpus=0.5", "reward.num_cpus=0.5"]
     summaries = {}
-    for mode in ("adapters", "merged"):
+    for mode in ("adapters",) if os.environ.get("CI") else ("adapters", "merged"):
         cfg = make_tiny_cfg(*sizes, f"rollout.lora_sync={mode}")
         assert cfg.sync_adapters == (mode == "adapters")
         driver = PPODriver(cfg, tmp_path / mode / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm)
