@@ -77,7 +77,7 @@ class LearnerLost(RuntimeError):
 
     def __init__(self, message: str, nodes: list[str]):
         super().__init__(message)
-        self.nodes = nodes  # "<node id> (<address>, dead|alive)" of each dead rank
+        self.nodes = nodes  # `describe_node` of each dead rank's node
 
 
 def describe_node(node_id: str | None) -> str:
@@ -177,7 +177,7 @@ class RankGroup:
                 raise RuntimeError(f"{who} failed: {first_line(e, 500)}") from e
         return ray.get(results[0])
 
-    def dead_ranks(self, timeout_s: float = 10.0) -> list[int]:
+    def dead_ranks(self, timeout_s: float) -> list[int]:
         """The ranks whose actor has died, asked after a failure. A rank that answers is alive; one busy in a
         collective with a dead peer does not answer, so this waits up to `timeout_s` for Ray to declare a death (a
         lost node takes its health checks' time) and returns as soon as one is declared, or every rank answered."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
 from typing import Protocol
 
 from rayrlhf.core.config import Config, role_cpus
@@ -43,14 +42,11 @@ class RoleSection(Protocol):
     resources: dict[str, float]
 
 
-def asks(num_cpus: float, num_gpus: float, resources: Mapping[str, float] | None = None) -> dict[str, float]:
-    """What an actor with these options asks Ray for (nothing for num_cpus 0); `resources`: its custom ones."""
-    return {**{k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus}.items() if v > 0}, **(resources or {})}
-
-
 def role_asks(section: RoleSection) -> dict[str, float]:
-    """What one actor of a role asks Ray for, from its config section."""
-    return asks(section.num_cpus, section.num_gpus, section.resources)
+    """What one actor of a role asks Ray for, from its config section (no CPU for num_cpus 0), custom resources
+    included."""
+    builtin = {"CPU": section.num_cpus, "GPU": section.num_gpus}
+    return {**{k: v for k, v in builtin.items() if v > 0}, **section.resources}
 
 
 def actor_options(section: RoleSection) -> dict:

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from raynodes import LocalCluster, local_cluster, wait_terminal
+from rayrlhf.core.metrics import read_metrics
 from rayrlhf.pipeline.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multinode")]
@@ -57,10 +58,6 @@ def _max_weight_diff(a: Path, b: Path) -> float:
         assert x.keys() == y.keys()
         diffs += [(x[k] - y[k]).abs().max().item() for k in x]
     return max(diffs)
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _run_dir(root: Path, ckpts) -> Path:
@@ -174,14 +171,14 @@ def test_a_lost_rollout_node_costs_nothing(one_node, cluster, tiny_overrides, ti
 
     audit = json.loads((run / "ppo" / "ledger.json").read_text())["audit"]
     assert audit["ok"] and audit["consumed"] == 4, audit
-    events = _rows(run / "ppo" / "events.jsonl")
+    events = read_metrics(run / "ppo" / "events.jsonl")
     again = [e for e in events if e["event"].endswith("_redispatched")]
     assert again and len(again) == len(audit["redispatched"]), (again, audit["redispatched"])
-    after = [r for r in _rows(run / "ppo" / "metrics.jsonl") if r["time"] > killed_at]
+    after = [r for r in read_metrics(run / "ppo" / "metrics.jsonl") if r["time"] > killed_at]
     redone = [r for r in after if r["time"] > again[0]["time"]]
     print(f"killed {victim.name}; first re-dispatch {again[0]['time'] - killed_at:.1f} s after the kill, the first "
           f"step logged after it {redone[0]['time'] - killed_at:.1f} s after; re-dispatched calls: {len(again)}")
-    assert [r["step"] for r in _rows(run / "ppo" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(run / "ppo" / "metrics.jsonl")] == [1, 2, 3, 4]
     assert _max_weight_diff(one_node, run) == 0.0
 
 
@@ -198,12 +195,12 @@ def test_a_lost_learner_node_resumes_from_its_checkpoint_by_itself(one_node, clu
     cluster.add_node("learner-c", 1, {"learner_node": 1})
     _job_ok(cluster, job, _wait(cluster, job))
 
-    events = _rows(run / "ppo" / "events.jsonl")
+    events = read_metrics(run / "ppo" / "events.jsonl")
     lost = [e for e in events if e["event"] == "learner_lost"]
     resumed = [e for e in events if e["event"] == "resumed" and e["time"] > killed_at]
     assert len(lost) == 1 and lost[0]["nodes"][0].startswith(f"node {victim.node_id[:12]} ("), lost
     assert len(resumed) == 1, events
-    rows = _rows(run / "ppo" / "metrics.jsonl")
+    rows = read_metrics(run / "ppo" / "metrics.jsonl")
     after = [r for r in rows if r["time"] > resumed[0]["time"]]
     print(f"kill -> learner_lost {lost[0]['time'] - killed_at:.1f} s -> resumed from {resumed[0]['checkpoint']} "
           f"{resumed[0]['time'] - killed_at:.1f} s -> next step logged {after[0]['time'] - killed_at:.1f} s")

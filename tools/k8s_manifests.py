@@ -64,6 +64,20 @@ def mapping(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def ray_resources(value: str) -> dict:
+    """The custom resources of a `rayStartParams.resources` value, the quoted JSON object KubeRay passes to
+    `ray start --resources` through a shell ('"{\\"role_x\\": 1}"'); ValueError saying what is wrong."""
+    if not (len(value) >= 2 and value[0] == value[-1] == '"'):
+        raise ValueError('must be a double-quoted JSON object, e.g. \'"{\\"role_x\\": 1}"\'')
+    try:
+        parsed = json.loads(value[1:-1].replace('\\"', '"'))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not a JSON object once unquoted: {e}") from None
+    if not isinstance(parsed, dict) or not all(isinstance(v, (int, float)) for v in parsed.values()):
+        raise ValueError("must map resource names to numbers")
+    return parsed
+
+
 def json_path(parts: typing.Iterable[str | int], root: str = "$") -> str:
     """["spec", "workerGroupSpecs", 0, "nvidia.com/gpu"] -> $.spec.workerGroupSpecs[0]['nvidia.com/gpu']"""
     out = root

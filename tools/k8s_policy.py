@@ -15,12 +15,11 @@ command). The same policy as a run on a `ray start` cluster (docs/fault-toleranc
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 
 from rayrlhf.core.config import Config, ConfigError, load_config
-from rayrlhf.tools.k8s_manifests import Manifest, Problem, mapping
+from rayrlhf.tools.k8s_manifests import Manifest, Problem, mapping, ray_resources
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # holds configs/, as the image's WORKDIR does
 
@@ -48,13 +47,11 @@ def _group_resources(spec: dict) -> dict[str, tuple[str, float]]:
     cluster = mapping(spec.get("rayClusterSpec"))
     for group in cluster.get("workerGroupSpecs") or []:
         value = mapping(mapping(group).get("rayStartParams")).get("resources")
-        if not isinstance(value, str) or len(value) < 2:
-            continue  # its format is `_ray_resources_problems`'s to report
         try:
-            advertised = json.loads(value[1:-1].replace('\\"', '"'))
-        except json.JSONDecodeError:
-            continue
-        for name, amount in mapping(advertised).items():
+            advertised = ray_resources(value) if isinstance(value, str) else {}
+        except ValueError:
+            continue  # reported by `k8s_validate._ray_resources_problems`
+        for name, amount in advertised.items():
             groups[name] = (str(group.get("groupName")), float(amount) * int(group.get("replicas", 1)))
     return groups
 

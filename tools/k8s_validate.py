@@ -60,7 +60,7 @@ import yaml
 from rayrlhf.tools import k8s_manifests
 from rayrlhf.tools.k8s_policy import job_problems
 from rayrlhf.tools.k8s_manifests import (
-    KUSTOMIZATION, Loader, Manifest, Problem, canonical, containers, find_key, inner, json_path, mapping,
+    KUSTOMIZATION, Loader, Manifest, Problem, canonical, containers, find_key, inner, json_path, mapping, ray_resources,
 )
 
 # The validators come with the `k8s` extra (`pip install 'rayrlhf[k8s]'`); without it `main` says so and exits 2.
@@ -509,15 +509,11 @@ def _project_problems(m: Manifest) -> list[Problem]:
 
 
 def _ray_resources_problems(m: Manifest, where: str, value: str) -> list[Problem]:
-    """KubeRay passes the value to `ray start --resources=<value>` through a shell: '"{\\"role_x\\": 1}"'."""
-    if not (len(value) >= 2 and value[0] == value[-1] == '"'):
-        return [Problem.of(m, where, 'must be a double-quoted JSON object, e.g. \'"{\\"role_x\\": 1}"\'')]
+    """KubeRay passes the value to `ray start --resources=<value>` through a shell (`ray_resources`)."""
     try:
-        parsed = json.loads(value[1:-1].replace('\\"', '"'))
-    except json.JSONDecodeError as e:
-        return [Problem.of(m, where, f"not a JSON object once unquoted: {e}")]
-    if not isinstance(parsed, dict) or not all(isinstance(v, (int, float)) for v in parsed.values()):
-        return [Problem.of(m, where, "must map resource names to numbers")]
+        ray_resources(value)
+    except ValueError as e:
+        return [Problem.of(m, where, str(e))]
     return []
 
 
