@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 # Head sizes of vLLM's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py): the builtin model keeps to
 # them so that `rollout.backend: vllm` works on CPU; `roles.vllm_backend` checks a loaded checkpoint against them.
+# Modules whose LoRA rayrlhf does not send to a vLLM engine: adapter-only sync to vLLM is verified for linear layers
+VLLM_NO_LORA_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
@@ -386,9 +388,11 @@ class RolloutConfig(_Section):
         "What a LoRA policy (model.lora) sends its rollout workers each version. `adapters`: the LoRA matrices "
         "only (1-3 % of the model), which the workers apply to the base they loaded once, in the same unmerged "
         "forward as the learner's (a learner in bf16 mixed precision computes it in bf16, the workers in their "
-        "model.inference_dtype); `merged`: the full weights with the adapters merged in. `auto`: adapters where "
-        "they can go (the hf backend, object_store transport), else merged. vLLM workers and the collective "
-        "transport take merged weights for now."))
+        "model.inference_dtype; vLLM workers load each version as a new LoRA request of their engine); `merged`: "
+        "the full weights with the adapters merged in. `auto`: adapters where they can go, else merged. They "
+        "cannot go over ppo.weight_sync collective (its gloo broadcast ships full weights), nor to vLLM workers "
+        "when model.lora.target_modules names the embeddings or the output head (adapters of linear layers "
+        "only are verified against vLLM 0.32) or model.lora.r exceeds 512 (vLLM's largest LoRA rank)."))
     num_cpus: float = Field(1, ge=0, description="CPUs per rollout worker.")
     nice: int = Field(0, ge=0, le=19, description=(
         "Added to the worker process's OS niceness (0: generation runs beside the learner at equal priority)."))
@@ -633,8 +637,8 @@ class Config(_Section):
                              "for together (rollout.num_workers x rollout.num_cpus + reference and reward replicas x num_cpus + "
                              "ppo.learner_workers x ppo.num_cpus; or a stage's workers x num_cpus)")
         if self.rollout.lora_sync == "adapters" and not self.sync_adapters:
-            raise ValueError("rollout.lora_sync adapters needs model.lora, rollout.backend hf and ppo.weight_sync "
-                             "object_store (vLLM workers and the collective transport take merged weights for now)")
+            raise ValueError(f"rollout.lora_sync adapters: {self.adapter_sync_blocker}; set rollout.lora_sync merged "
+                             "or auto")
         if self.ppo.weight_sync == "collective" and self.rollout.backend == "vllm":
             raise ValueError("ppo.weight_sync collective is implemented for the hf rollout backend; use object_store with vllm")
         _check_token_budgets(self)
@@ -643,8 +647,25 @@ class Config(_Section):
     @property
     def sync_adapters(self) -> bool:
         """Whether the policy's versions travel as LoRA adapters only (`rollout.lora_sync`)."""
-        return (self.rollout.lora_sync != "merged" and self.model.lora is not None and self.rollout.backend == "hf"
-                and self.ppo.weight_sync == "object_store")
+        return self.rollout.lora_sync != "merged" and self.adapter_sync_blocker is None
+
+    @property
+    def adapter_sync_blocker(self) -> str | None:
+        """Why a version cannot travel as LoRA adapters only, or None where it can."""
+        lora = self.model.lora
+        if lora is None:
+            return "needs model.lora (full fine-tuning sends the full weights)"
+        if self.ppo.weight_sync != "object_store":
+            return f"needs ppo.weight_sync object_store (the {self.ppo.weight_sync} transport ships full weights)"
+        if self.rollout.backend == "vllm":
+            targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
+            heads = [m for m in targets if m in VLLM_NO_LORA_MODULES]
+            if heads:
+                return (f"model.lora.target_modules {heads}: adapters of the embeddings or the head are not sent to "
+                        "vLLM workers (linear layers only)")
+            if lora.r > 512:
+                return f"model.lora.r {lora.r} exceeds vLLM's largest LoRA rank, 512"
+        return None
 
 
 def _check_token_budgets(cfg: Config) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import AutoConfig
 
 from rayrlhf.core.config import LoraConfig, RolloutConfig
@@ -33,6 +33,8 @@ from rayrlhf.core.work import ModelCost, WorkMeter
 
 class RolloutBackend(Protocol):
     last_probe_diff: float | None  # max |engine - weights| log-prob of the last load's probe; None: no probe
+    model: nn.Module  # the HF model of the weights held (with `adapters`, a peft model over the base)
+    adapters: bool  # whether a load takes LoRA matrices only (adapter-only sync) or every weight
 
     def generate(self, prompts: list[list[int]], seed: int) -> tuple[Tensor, Tensor, Tensor]:
         """-> responses (B, R), response_mask (B, R) cut after EOS, behaviour log-probs (B, R)."""
@@ -105,7 +107,7 @@ class RolloutGenerator:
             from rayrlhf.roles.vllm_backend import VLLMBackend
 
             try:  # the engine is probed against the checkpoint once it starts
-                self.backend: RolloutBackend = VLLMBackend(checkpoint, cfg, dtype)
+                self.backend: RolloutBackend = VLLMBackend(checkpoint, cfg, dtype, lora=lora)
             except WeightSyncError as e:
                 raise WeightSyncError(f"rollout worker {worker_index}, weights v0: {e}") from e
         else:
@@ -116,8 +118,7 @@ class RolloutGenerator:
         # vLLM with tensor parallelism splits each forward over this many GPUs: MFU is against all their peaks
         self.devices = cfg.tensor_parallel_size if cfg.backend == "vllm" else 1
         # every weight that computes (the engine's HF copy with vLLM; the base and its adapters with adapter sync)
-        named = list(self.backend.model.named_parameters()) if isinstance(self.backend, HFBackend) \
-            else self.backend.named_weights().items()
+        named = list(self.backend.model.named_parameters())
         self.cost = ModelCost(AutoConfig.from_pretrained(checkpoint), matmul_params(named), 0, head_params(named), 0)
 
     def generate(self, req: RolloutRequest) -> RolloutBatch:
@@ -148,7 +149,7 @@ class RolloutGenerator:
         computes with (a few MB). Returns seconds taken."""
         t0 = time.perf_counter()
         where = f"rollout worker {self.worker_index}, weights v{packet.version}"
-        if packet.adapters != getattr(self.backend, "adapters", False):
+        if packet.adapters != self.backend.adapters:
             held = "its base with LoRA adapters" if packet.adapters is False else "full weights"
             raise WeightSyncError(f"{where}: the learner sent {'adapters only' if packet.adapters else 'full weights'}, "
                                   f"the worker holds {held} (rollout.lora_sync differs between them)")

@@ -22,16 +22,26 @@ Every load is checked against the engine itself, not the transport: vLLM only lo
 not load, and none for a part of its fused q/k/v; a lost tensor can leave uninitialised memory in the engine. The
 backend keeps the weights it was given as a Hugging Face model on CPU (`self.model`, in the rollout dtype; every
 load copies into its parameters in place, and `named_weights`, hence the checksum, reads them), and after each
-load runs a fixed probe through both (`verify_engine`): `PROBE_SEQUENCES` sequences of `PROBE_LENGTH` tokens drawn
-once from the vocabulary. vLLM's `prompt_logprobs` are log softmax(logits) in every `logprobs_mode` (prompt
-positions skip temperature and the other sampling processors; vllm v1/worker/gpu_model_runner.py
-`_get_prompt_logprobs_dict`), as is the HF forward. At each position after the first, the prompt token's log-prob
-and the engine's top `PROBE_TOP` must agree within `PROBE_TOLERANCE` of the dtype, or the load raises
-`WeightSyncError` (`RolloutGenerator.load_weights` adds the worker and the version); nothing falls back. The
-engine is probed once at start too (checkpoint against checkpoint). A probe is a 32-token prefill on each side
-(~10 ms on the test policy on CPU). A tensor the engine kept from an earlier version shows once its change moves
-the probe past the tolerance: in fp32 any that matters (five tensors of SmolLM2-135M, each dropped after the weights
-moved by 1% of their spread: 0.017 to 3.2), in half precision only large ones (see `PROBE_TOLERANCE`).
+load runs a fixed probe through both (`verify_engine`): from `PROBE_SEQUENCES` prompts of `PROBE_PROMPT` tokens
+drawn once from the vocabulary, the engine samples `PROBE_LENGTH - PROBE_PROMPT` tokens at T = 1 with
+`logprobs=PROBE_TOP`; in `processed_logprobs` mode at T = 1 these are log softmax(logits), as is the HF forward
+over the same tokens. At each sampled position, the sampled token's log-prob and the engine's top `PROBE_TOP` must
+agree within `PROBE_TOLERANCE` of the dtype, or the load raises `WeightSyncError` (`RolloutGenerator.load_weights`
+adds the worker and the version); nothing falls back. The probe runs the engine's decode path, the one rollouts
+use. (Prompt log-probs would be cheaper, but with LoRA enabled vLLM 0.32's CPU LoRA head fails on them: its
+sampler indices have one row per request, the prompt logits one per position.) The engine is probed once at start
+too (checkpoint against checkpoint). A probe is 2 x 12 decode steps (~50 ms on the test policy on CPU). A tensor
+the engine kept from an earlier version shows once its change moves the probe past the tolerance: in fp32 any that
+matters (five tensors of SmolLM2-135M, each dropped after the weights moved by 1% of their spread: 0.017 to 3.2),
+in half precision only large ones (see `PROBE_TOLERANCE`).
+
+Adapter-only sync (`lora`, `rollout.lora_sync`): the engine starts with `enable_lora` on the base checkpoint, which
+is all of the model it ever loads; each version's LoRA matrices are copied into the HF copy (a peft model over
+the same base), written from it in peft's adapter format (`save_pretrained`, under /dev/shm) and added to the
+engine as a new LoRA request, id = loads so far (`_load_adapter`); generate calls name that request. Each load is
+probed with its request before it replaces the previous one, which is then removed: a request never reaches an
+older version's matrices, and an adapter that failed its probe never serves. A new id per version rather than
+`load_inplace` on one id: vLLM keys its prefix cache by the adapter, and a fresh id cannot meet an old entry.
 
 On CPU, a head tied to the token embeddings needs one more step after a reload (`_repack_lm_heads`); the probe
 found it (tests/test_vllm_backend.py).
@@ -46,7 +56,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -56,14 +69,16 @@ from safetensors.torch import load_file
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from rayrlhf.core.config import VLLM_CPU_HEAD_SIZES, RolloutConfig
-from rayrlhf.core.modeling import DTYPES, load_tokenizer
+from rayrlhf.core.config import VLLM_CPU_HEAD_SIZES, LoraConfig, RolloutConfig
+from rayrlhf.core.modeling import DTYPES, apply_lora, load_tokenizer, lora_parameters
 from rayrlhf.core.padding import truncate_after_eos
 from rayrlhf.core.weight_sync import WeightSyncError
 
 log = logging.getLogger(__name__)
 
-PROBE_SEQUENCES, PROBE_LENGTH, PROBE_TOP = 2, 16, 5
+PROBE_SEQUENCES, PROBE_PROMPT, PROBE_LENGTH, PROBE_TOP = 2, 4, 16, 5
+# vLLM's LoRA ranks (vllm/config/lora.py MaxLoRARanks): the engine is sized for the smallest that holds model.lora.r
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # The largest max |engine - HF| probe log-prob that passes, by rollout dtype, set well above what vLLM's and
 # transformers' kernels differ by on the same weights. Measured on CPU (max over the probe, at start and after a
 # sync): fp32 1e-6 on the test policy, 4e-5 on SmolLM2-135M; fp16 0.03 and bf16 0.57 on SmolLM2-135M (logits of
@@ -143,7 +158,7 @@ def engine_args(cfg: RolloutConfig, max_position_embeddings: int, on_gpu: bool) 
 class VLLMBackend:
     """A vLLM engine started once; `generate` samples, `load_weights` swaps a new policy version in place."""
 
-    def __init__(self, checkpoint: str, cfg: RolloutConfig, dtype: str = "float32"):
+    def __init__(self, checkpoint: str, cfg: RolloutConfig, dtype: str = "float32", lora: LoraConfig | None = None):
         on_gpu = torch.cuda.is_available()
         hf_config = AutoConfig.from_pretrained(checkpoint)
         if not on_gpu:
@@ -161,12 +176,26 @@ class VLLMBackend:
         # The checkpoint's tensors as they are (load_causal_lm would fit the vocabulary to the tokenizer, not to
         # the engine), in eval mode: nothing random in the probe.
         self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype]).eval()
-        self.params = dict(self.model.named_parameters())  # tied weights once, under the name the learner sends
+        self.adapters = lora is not None
+        self.lora_request, self.loads, self.adapter_root = None, 0, None
+        if self.adapters:  # adapter-only sync: the HF copy holds the LoRA matrices the engine's requests name
+            self.model = apply_lora(self.model, lora, "CAUSAL_LM").eval()
+            self.params = dict(lora_parameters(self.model))
+            # each version's adapter is written here for vLLM to read: RAM-backed where the OS has it
+            shm = Path("/dev/shm")
+            self.adapter_root = Path(tempfile.mkdtemp(prefix="rayrlhf-lora-", dir=shm if shm.is_dir() else None))
+            weakref.finalize(self, shutil.rmtree, self.adapter_root, True)  # at exit too (not after a kill -9)
+        else:
+            self.params = dict(self.model.named_parameters())  # tied weights once, under the name the learner sends
         self.repack_tied_head = not on_gpu and bool(getattr(hf_config, "tie_word_embeddings", False))
         vocab = min(len(self.tokenizer), hf_config.vocab_size)  # ids the engine's tokenizer accepts
-        self.probe = torch.randint(0, vocab, (PROBE_SEQUENCES, PROBE_LENGTH),
+        self.probe = torch.randint(0, vocab, (PROBE_SEQUENCES, PROBE_PROMPT),
                                    generator=torch.Generator().manual_seed(0))
         device_args = engine_args(cfg, hf_config.max_position_embeddings, on_gpu)
+        if self.adapters:
+            # one adapter computes at a time; the next version's is loaded beside it before the old one goes
+            device_args.update(enable_lora=True, max_loras=1, max_cpu_loras=2,
+                               max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= lora.r))
         set_num_threads = torch.set_num_threads
         rng_states = torch.get_rng_state(), random.getstate(), np.random.get_state()
         t0 = time.perf_counter()
@@ -201,7 +230,8 @@ class VLLMBackend:
             n=1, temperature=0.0 if greedy else self.cfg.temperature, top_p=self.cfg.top_p, top_k=-1,
             max_tokens=R, stop_token_ids=[eos], ignore_eos=False, logprobs=0, seed=int(s), detokenize=False,
         ) for s in row_seeds]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                                    lora_request=self.lora_request)
 
         responses = torch.full((len(prompts), R), pad, dtype=torch.long)
         logprobs = torch.zeros((len(prompts), R), dtype=torch.float32)
@@ -242,6 +272,17 @@ class VLLMBackend:
             name, got, want = wrong[0]
             raise ValueError(f"weight {name} has shape {got}, the rollout model's is {want} ({len(wrong)} such); "
                              "the rollout must start from the checkpoint the learner trains (same vocabulary)")
+        if self.adapters:  # the matrices are small: keep the serving version's until the new one passes
+            serving = {name: p.clone() for name, p in self.params.items()}
+            for name, t in new.items():
+                self.params[name].copy_(t)
+            try:
+                self._load_adapter()
+            except Exception:
+                for name, p in serving.items():
+                    self.params[name].copy_(p)
+                raise
+            return
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(new.items())})
         if self.repack_tied_head:
             self.llm.collective_rpc(_repack_lm_heads)
@@ -251,28 +292,62 @@ class VLLMBackend:
             self.params[name].copy_(t)
         self.last_probe_diff = self.verify_engine("a weight update")
 
+    def _load_adapter(self) -> None:
+        """The HF copy's LoRA matrices, written as a peft adapter, become the engine's next LoRA request (a new id
+        per load: no request can reach an older version's matrices); once the probe passes with it, the previous
+        adapter is dropped. A probe that fails leaves the previous request in place and raises."""
+        from vllm.lora.request import LoRARequest
+
+        self.loads += 1
+        path = self.adapter_root / f"load-{self.loads}"
+        self.write_adapter(path)
+        request = LoRARequest(f"rayrlhf-policy-{self.loads}", self.loads, str(path))
+        try:
+            # read and checked by vLLM now, not at the next generate
+            if not self.llm.llm_engine.add_lora(request):
+                raise WeightSyncError(f"vLLM did not load the adapter at {path}")
+            self.last_probe_diff = self.verify_engine(f"adapter load {self.loads}", request)
+        except Exception as e:
+            self.llm.llm_engine.remove_lora(request.lora_int_id)
+            shutil.rmtree(path, ignore_errors=True)
+            if isinstance(e, WeightSyncError):
+                raise
+            raise WeightSyncError(f"vLLM could not load the adapter written for load {self.loads}: {e}") from e
+        old, self.lora_request = self.lora_request, request
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+
+    def write_adapter(self, path: Path) -> None:
+        """peft's own adapter format (adapter_config.json + adapter_model.safetensors), which vLLM reads."""
+        self.model.save_pretrained(str(path))
+
     @torch.no_grad()
-    def probe_differences(self) -> Tensor:
-        """|engine - HF model| of every log-prob the probe reads -> (n,): at each position after the first, the
-        prompt's token and the engine's top `PROBE_TOP`."""
-        params = self._SamplingParams(n=1, temperature=1.0, max_tokens=1, prompt_logprobs=PROBE_TOP, seed=0,
-                                      detokenize=False)
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in self.probe.tolist()], params, use_tqdm=False)
-        hf = torch.log_softmax(self.model(input_ids=self.probe).logits.float(), -1)  # (S, L, V) at T = 1
+    def probe_differences(self, lora_request=None) -> Tensor:
+        """|engine - HF model| of every log-prob the probe reads -> (n,): the engine samples `PROBE_LENGTH -
+        PROBE_PROMPT` tokens after each probe prompt at T = 1 (with `lora_request`'s adapter); at each, the sampled
+        token's and the engine's top `PROBE_TOP` log-probs against the HF copy's forward over the same tokens."""
+        params = self._SamplingParams(n=1, temperature=1.0, max_tokens=PROBE_LENGTH - PROBE_PROMPT, logprobs=PROBE_TOP,
+                                      ignore_eos=True, seed=0, detokenize=False)
+        prompts = self.probe.tolist()
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                                    lora_request=lora_request)
+        sequences = torch.tensor([p + list(out.outputs[0].token_ids) for p, out in zip(prompts, outputs)])
+        hf = torch.log_softmax(self.model(input_ids=sequences).logits.float(), -1)  # (S, L, V) at T = 1
         engine, ours = [], []
         for s, out in enumerate(outputs):
-            # out.prompt_logprobs: None for the first token, then {token id: Logprob} per position (the prompt's
-            # token and the engine's top PROBE_TOP): the log-prob of that token given the ones before it
-            for t, entries in enumerate(out.prompt_logprobs[1:], start=1):
+            # out.outputs[0].logprobs: one {token id: Logprob} per sampled token (it and the engine's top PROBE_TOP),
+            # log softmax(logits / 1) in processed_logprobs mode: the log-prob of that token given the ones before
+            for t, entries in enumerate(out.outputs[0].logprobs, start=PROBE_PROMPT):
                 for tid, lp in entries.items():
                     engine.append(lp.logprob)
                     ours.append(hf[s, t - 1, tid])
         return (torch.tensor(engine) - torch.stack(ours)).abs()
 
-    def verify_engine(self, after: str) -> float:
+    def verify_engine(self, after: str, lora_request=None) -> float:
         """The probe's max |engine - HF| log-prob; raises `WeightSyncError` beyond `PROBE_TOLERANCE` (the module
         docstring says why the two are comparable)."""
-        diff = float(self.probe_differences().max())
+        diff = float(self.probe_differences(lora_request).max())
         tolerance = PROBE_TOLERANCE[self.dtype]
         if not diff <= tolerance:  # NaN fails too
             raise WeightSyncError(f"the vLLM engine's log-probs on the probe differ from the weights it was given by "

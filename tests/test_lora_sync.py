@@ -109,10 +109,15 @@ def test_lora_sync_adapters_is_refused_where_it_cannot_go(make_tiny_cfg):
 
     assert not make_tiny_cfg(*LORA, "rollout.lora_sync=merged").sync_adapters
     assert not make_tiny_cfg().sync_adapters  # no LoRA: full weights
-    with pytest.raises(ConfigError, match="rollout.lora_sync adapters needs model.lora"):
+    assert make_tiny_cfg(*LORA, "rollout.backend=vllm").sync_adapters  # vLLM takes LoRA requests (auto)
+    with pytest.raises(ConfigError, match="rollout.lora_sync adapters: needs model.lora"):
         load_config(None, ["rollout.lora_sync=adapters"])
-    with pytest.raises(ConfigError, match="rollout.lora_sync adapters needs"):
+    with pytest.raises(ConfigError, match="rollout.lora_sync adapters: needs ppo.weight_sync object_store"):
         load_config(None, [*LORA, "rollout.lora_sync=adapters", "ppo.weight_sync=collective"])
+    head = ["model.lora={r: 4, target_modules: [q_proj, lm_head]}", "rollout.backend=vllm"]
+    assert not load_config(None, head).sync_adapters  # auto: merged
+    with pytest.raises(ConfigError, match=r"target_modules \['lm_head'\]: adapters of the embeddings or the head"):
+        load_config(None, [*head, "rollout.lora_sync=adapters"])
 
 
 @pytest.mark.slow

@@ -11,6 +11,8 @@ load that loses a tensor on its way into the engine fails, naming the worker and
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import subprocess
@@ -105,8 +107,8 @@ def assert_rollout_conventions(responses, mask, logprobs, eos: int, pad: int) ->
 class VLLMRollout:
     """A RolloutGenerator with the vllm backend in its own process (where the engine's thread patch stays)."""
 
-    def __init__(self, checkpoint: str, cfg: RolloutConfig, worker_index: int = 0):
-        self.gen = RolloutGenerator(checkpoint, cfg, worker_index)
+    def __init__(self, checkpoint: str, cfg: RolloutConfig, worker_index: int = 0, lora=None):
+        self.gen = RolloutGenerator(checkpoint, cfg, worker_index, lora=lora)
 
     def generate(self, req: RolloutRequest) -> RolloutBatch:
         return self.gen.generate(req)
@@ -142,6 +144,28 @@ class VLLMRollout:
             return self.gen.load_weights(packet, verify=True)
         finally:
             del llm.collective_rpc  # the engine's own method again
+
+    def load_adapter_losing(self, packet, lost: list[str]) -> float:
+        """`load_weights` of an adapter packet whose tensors `lost` go missing from the adapter file the engine
+        reads (written whole by peft, then stripped, as a faulty disk or copy would)."""
+        from safetensors.torch import load_file, save_file
+
+        backend = self.gen.backend
+        write = backend.write_adapter
+
+        def lossy(path):
+            write(path)
+            file = path / "adapter_model.safetensors"
+            tensors = load_file(file)
+            dropped = [k for k in tensors if k.replace(".weight", ".default.weight").endswith(tuple(lost))]
+            assert len(dropped) == len(lost), (lost, sorted(tensors)[:4])
+            save_file({k: v for k, v in tensors.items() if k not in dropped}, file)
+
+        backend.write_adapter = lossy
+        try:
+            return self.gen.load_weights(packet)
+        finally:
+            del backend.write_adapter
 
 
 @pytest.fixture(scope="class")
@@ -376,3 +400,62 @@ def test_train_end_to_end_with_vllm_rollouts(tiny_overrides, tmp_path, vllm_requ
     assert [s["rollout/policy_version"] for s in steps] == [0.0, 1.0]
     assert (tmp_path / "run" / "ppo" / "checkpoint" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "report.md").is_file()
+
+
+@pytest.mark.vllm
+def test_adapter_only_sync_reaches_the_engine_as_a_lora_request(ray_local, policy_dir, queries, vllm_required):
+    """rollout.lora_sync adapters with vLLM: the engine starts on the base with LoRA enabled; each version's LoRA
+    matrices become a new LoRA request, probed before they serve. After two syncs the engine's behaviour log-probs
+    are the learner's peft policy's at that version; an adapter file missing one tensor fails the sync naming the
+    worker and the version, and the previous version keeps serving."""
+    from rayrlhf.core.config import LoraConfig
+    from rayrlhf.core.modeling import apply_lora
+    from rayrlhf.core.sharding import adapter_weights
+    from rayrlhf.core.weight_sync import stream_packet
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    lora = LoraConfig(r=4, alpha=8)
+    actor = VLLMRollout.remote(str(policy_dir), RolloutConfig(backend="vllm", temperature=T, max_new_tokens=MAX_NEW),
+                               worker_index=2, lora=lora)
+    try:
+        policy = apply_lora(_hf_policy(policy_dir), lora, "CAUSAL_LM").eval()
+        gen = torch.Generator().manual_seed(11)
+        prompts = [q[: 40 + 3 * i] for i, q in enumerate(queries[:8])]
+        diffs, packets = [], {}
+        for version in (1, 2):  # two versions: the second replaces the first in the engine
+            with torch.no_grad():
+                for name, p in policy.named_parameters():
+                    if "lora_" in name:
+                        p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+            packets[version] = dataclasses.replace(
+                stream_packet(list(adapter_weights(policy)), version, 1 << 16), adapters=True)
+            ray.get(actor.load_weights.remote(packets[version]))
+            batch = ray.get(actor.generate.remote(RolloutRequest(
+                batch_id=version, shard=0, prompt_indices=[i for i in range(8) for _ in range(2)],
+                prompts=[p for p in prompts for _ in range(2)], seed=30 + version, version=version)))
+            with torch.no_grad():
+                lp, _ = response_logprobs(policy, batch.prompts, batch.prompt_mask, batch.responses,
+                                          batch.response_mask, T)
+            diffs.append((lp * batch.response_mask - batch.logprobs).abs().max().item())
+        probe = ray.get(actor.last_verify_diff.remote())
+        print(f"max |vLLM (LoRA request) - peft recompute| behaviour log-prob (fp32, T={T}) after syncs 1, 2: "
+              f"{diffs}; probe {probe:.2e}; adapter {sum(lay.numel * 4 for lay in packets[2].layouts)} bytes")
+        assert max(diffs) <= 1e-4 and probe <= 1e-4
+
+        # v3 moves one module's adapter; a file missing one of its two matrices is refused by vLLM, a file missing
+        # both leaves the module unadapted in the engine, which the probe finds
+        module = "model.layers.1.mlp.down_proj"
+        with torch.no_grad():
+            dict(policy.named_parameters())[f"base_model.model.{module}.lora_B.default.weight"].add_(0.5)
+        bad = dataclasses.replace(stream_packet(list(adapter_weights(policy)), 3, 1 << 16), adapters=True)
+        with pytest.raises(WeightSyncError, match=r"rollout worker 2, weights v3: vLLM could not load the adapter"):
+            ray.get(actor.load_adapter_losing.remote(bad, [f"{module}.lora_B.default.weight"]))
+        with pytest.raises(WeightSyncError, match=r"rollout worker 2, weights v3: the vLLM engine's log-probs on the "
+                                                  r"probe differ from the weights it was given by [\d.]+ "):
+            ray.get(actor.load_adapter_losing.remote(bad, [f"{module}.lora_{m}.default.weight" for m in "AB"]))
+        assert ray.get(actor.weights_checksum.remote()) == (2, packets[2].checksum)  # v2's matrices kept
+        again = ray.get(actor.generate.remote(RolloutRequest(
+            batch_id=9, shard=0, prompt_indices=[0], prompts=prompts[:1], seed=1, version=None)))
+        assert again.policy_version == 2  # the failed load changed nothing that serves
+    finally:
+        ray.kill(actor)
