@@ -37,11 +37,13 @@ def describe_machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} before it"
 
 
-def write_result(path: str, bench: str, machine: str, rows: list[dict], formats: dict[str, str]) -> None:
-    """Write the result file atomically (a reader never sees half of it; a failed write leaves the old one)."""
+def write_result(path: str, bench: str, machine: str, rows: list[dict], formats: dict[str, str],
+                 extra: dict | None = None) -> None:
+    """Write the result file atomically (a reader never sees half of it; a failed write leaves the old one);
+    `extra`: figures beside the table, kept under their own keys."""
     result = {"bench": bench, "command": shlex.join(["python", *sys.argv]), "machine": machine,
               "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "source": "measured", "rows": rows,
-              "formats": formats}
+              "formats": formats, **(extra or {})}
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, path)

@@ -2,8 +2,9 @@
 
 Runs in TRL's own virtual environment (TRL pins a newer transformers than rayrlhf), so it imports nothing from
 rayrlhf: the checkpoints are plain Hugging Face folders and the prompts come as text in a JSON file, already cut
-to the token budget by the caller. Prints one JSON line: completions/s over the steps after the first (the first
-includes start-up), and the per-step seconds.
+to the token budget by the caller. Prints one JSON line: completions/s and trained (completion) tokens/s over the
+steps after the first (the first includes start-up), and the per-step seconds. `--lora-r` trains peft adapters
+(`peft_config`), as TRL's users train LoRA.
 
     <trl-venv>/bin/python bench/trl_rloo_side.py --sft S --rm R --prompts P.json --out O.json [...]
 """
@@ -30,6 +31,9 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.05)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank (peft), 0: all weights")
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-targets", default="all-linear", help="comma-separated module names, or all-linear")
     args = p.parse_args()
 
     import trl
@@ -57,16 +61,27 @@ def main() -> None:
             report_to=[], save_strategy="no", use_cpu=True, bf16=False, fp16=False, seed=0,
             dataloader_num_workers=0, disable_dropout=True,
         )
-        trainer = RLOOTrainer(model=policy, reward_funcs=reward, args=cfg,
+        peft_config = None
+        if args.lora_r:
+            from peft import LoraConfig
+
+            targets = args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+            peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                     target_modules=targets, task_type="CAUSAL_LM")
+        trainer = RLOOTrainer(model=policy, reward_funcs=reward, args=cfg, peft_config=peft_config,
                               train_dataset=Dataset.from_list([{"prompt": q} for q in prompts]),
                               processing_class=tok, reward_processing_classes=tok, callbacks=[Clock()])
         start = time.perf_counter()
         trainer.train()
     steps = [b - a for a, b in zip([start, *stamps], stamps)]
     timed = stamps[-1] - stamps[0]
+    # the completion tokens each update trained on: its mean completion length x its completions
+    lengths = [row["completions/mean_length"] for row in trainer.state.log_history if "completions/mean_length" in row]
+    batch = args.prompts_per_step * args.k
     result = {"trl": trl.__version__, "steps": len(stamps), "step_s": steps,
-              "completions_per_s": (len(stamps) - 1) * args.prompts_per_step * args.k / timed,
-              "threads": args.threads}
+              "completions_per_s": (len(stamps) - 1) * batch / timed,
+              "trained_tokens_per_s": sum(lengths[1:]) * batch / timed if len(lengths) == len(stamps) else None,
+              "lora_r": args.lora_r, "threads": args.threads}
     json.dump(result, open(args.out, "w"))
     print(json.dumps(result))
 

@@ -32,7 +32,9 @@ from rayrlhf.core.work import ModelCost, WorkMeter
 
 
 class RolloutBackend(Protocol):
-    last_probe_diff: float | None  # max |engine - weights| log-prob of the last load's probe; None: no probe
+    # max |engine - weights| log-prob of the last probe (vLLM: every full-weight load; with adapters, the start's
+    # self-test, each load being read back instead); None: no probe
+    last_probe_diff: float | None
     model: nn.Module  # the HF model of the weights held (with `adapters`, a peft model over the base)
     adapters: bool  # whether a load takes LoRA matrices only (adapter-only sync) or every weight
 
@@ -145,8 +147,9 @@ class RolloutGenerator:
     def load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
         """Swap in `packet`'s weights; with `verify`, compare the checksum of the weights held (the generating
         model's for HF, the engine's HF copy for vLLM, whose engine is probed on every load whatever `verify`).
-        An adapter-only packet is always verified: its checksum is read back from the LoRA matrices the model
-        computes with (a few MB). Returns seconds taken."""
+        An adapter-only packet is always verified: its checksum against the LoRA matrices the worker holds (a few
+        MB; the HF backend computes with them, vLLM's backend also reads them back from the engine's LoRA slot).
+        The worker's version changes only once the load is verified. Returns seconds taken."""
         t0 = time.perf_counter()
         where = f"rollout worker {self.worker_index}, weights v{packet.version}"
         if packet.adapters != self.backend.adapters:
@@ -157,12 +160,12 @@ class RolloutGenerator:
             self.backend.load_weights(unpack(packet.layouts, packet.buckets))
         except (WeightSyncError, KeyError) as e:
             raise WeightSyncError(f"{where}: {e}") from e
-        self.version = packet.version
         if verify or packet.adapters:
-            got = self.weights_checksum().checksum
+            got = checksum(self.backend.named_weights().items())
             if got != packet.checksum:
                 raise RuntimeError(f"rollout worker {self.worker_index}: weights after sync v{packet.version} "
                                    f"have checksum {got[:12]}, learner sent {packet.checksum[:12]}")
+        self.version = packet.version  # only once verified: a batch tagged with it was made by it
         return time.perf_counter() - t0
 
     @property

@@ -22,25 +22,35 @@ Every load is checked against the engine itself, not the transport: vLLM only lo
 not load, and none for a part of its fused q/k/v; a lost tensor can leave uninitialised memory in the engine. The
 backend keeps the weights it was given as a Hugging Face model on CPU (`self.model`, in the rollout dtype; every
 load copies into its parameters in place, and `named_weights`, hence the checksum, reads them), and after each
-load runs a fixed probe through both (`verify_engine`): from `PROBE_SEQUENCES` prompts of `PROBE_PROMPT` tokens
-drawn once from the vocabulary, the engine samples `PROBE_LENGTH - PROBE_PROMPT` tokens at T = 1 with
-`logprobs=PROBE_TOP`; in `processed_logprobs` mode at T = 1 these are log softmax(logits), as is the HF forward
-over the same tokens. At each sampled position, the sampled token's log-prob and the engine's top `PROBE_TOP` must
-agree within `PROBE_TOLERANCE` of the dtype, or the load raises `WeightSyncError` (`RolloutGenerator.load_weights`
-adds the worker and the version); nothing falls back. The probe runs the engine's decode path, the one rollouts
-use. (Prompt log-probs would be cheaper, but with LoRA enabled vLLM 0.32's CPU LoRA head fails on them: its
-sampler indices have one row per request, the prompt logits one per position.) The engine is probed once at start
-too (checkpoint against checkpoint). A probe is 2 x 12 decode steps (~50 ms on the test policy on CPU). A tensor
-the engine kept from an earlier version shows once its change moves the probe past the tolerance: in fp32 any that
-matters (five tensors of SmolLM2-135M, each dropped after the weights moved by 1% of their spread: 0.017 to 3.2),
-in half precision only large ones (see `PROBE_TOLERANCE`).
+load runs a fixed probe through both (`verify_engine`): `PROBE_SEQUENCES` sequences of `PROBE_LENGTH` tokens drawn
+once from the vocabulary. vLLM's `prompt_logprobs` are log softmax(logits) in every `logprobs_mode` (prompt
+positions skip temperature and the other sampling processors; vllm v1/worker/gpu_model_runner.py
+`_get_prompt_logprobs_dict`), as is the HF forward. At each position after the first, the prompt token's log-prob
+and the engine's top `PROBE_TOP` must agree within `PROBE_TOLERANCE` of the dtype, or the load raises
+`WeightSyncError` (`RolloutGenerator.load_weights` adds the worker and the version); nothing falls back. The
+engine is probed once at start too (checkpoint against checkpoint). A probe is a 32-token prefill on each side
+(~10 ms on the test policy on CPU). A tensor the engine kept from an earlier version shows once its change moves
+the probe past the tolerance: in fp32 any that matters (five tensors of SmolLM2-135M, each dropped after the weights
+moved by 1% of their spread: 0.017 to 3.2), in half precision only large ones (see `PROBE_TOLERANCE`).
 
 Adapter-only sync (`lora`, `rollout.lora_sync`): the engine starts with `enable_lora` on the base checkpoint, which
 is all of the model it ever loads; each version's LoRA matrices are copied into the HF copy (a peft model over
 the same base), written from it in peft's adapter format (`save_pretrained`, under /dev/shm) and added to the
 engine as a new LoRA request, id = loads so far (`_load_adapter`); generate calls name that request. Each load is
-probed with its request before it replaces the previous one, which is then removed: a request never reaches an
-older version's matrices, and an adapter that failed its probe never serves. A new id per version rather than
+read back before it replaces the previous request, which is then removed: a request never reaches an older
+version's matrices, and an adapter that failed never serves. The read-back (`verify_adapter`) puts the adapter in
+the engine's LoRA slot, as the next generate would, and compares every slot's A and B entry by entry with the sent
+matrices (B scaled by alpha / r as vLLM folds it in, the rank padding zero), through the engine's packing (qkv_proj
+holds q, k and v), within `ADAPTER_TOLERANCE` of the dtype: a matrix lost, zeroed, transposed or left from another
+version fails, naming it. That the engine computes with its slot is checked once, at start
+(`_self_test_adapters`): an adapter far from zero is loaded, read back and probed through the engine, and must
+move the probe by more than twice the tolerance (an engine ignoring adapters would fail). With LoRA enabled the
+probe samples: vLLM 0.32's CPU LoRA head fails on prompt log-probs (its sampler indices have one row per request,
+the prompt logits one per position), so the engine samples `PROBE_LENGTH - PROBE_PROMPT` tokens at T = 1 after
+the first `PROBE_PROMPT` probe tokens, and its log-probs of each sampled position (the token and its top
+`PROBE_TOP`; log softmax(logits) in `processed_logprobs` mode at T = 1) are compared with the HF forward over the
+same tokens. A probe on every load would cost more than the load itself (~0.5 s of LoRA decode on CPU for
+SmolLM2-135M against ~0.2 s for writing, loading and reading back the adapter). A new id per version rather than
 `load_inplace` on one id: vLLM keys its prefix cache by the adapter, and a fresh id cannot meet an old entry.
 
 On CPU, a head tied to the token embeddings needs one more step after a reload (`_repack_lm_heads`); the probe
@@ -54,6 +64,7 @@ construction undoes both, so a process that holds an engine keeps its own thread
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import shutil
@@ -76,7 +87,16 @@ from rayrlhf.core.weight_sync import WeightSyncError
 
 log = logging.getLogger(__name__)
 
-PROBE_SEQUENCES, PROBE_PROMPT, PROBE_LENGTH, PROBE_TOP = 2, 4, 16, 5
+PROBE_SEQUENCES, PROBE_LENGTH, PROBE_TOP = 2, 16, 5
+PROBE_PROMPT = 12  # with LoRA enabled: the prompt's tokens; the engine samples the rest of PROBE_LENGTH
+# Largest |engine - sent| of a LoRA matrix read back from the engine's slot, relative to the sent matrix's largest
+# entry, by rollout dtype: vLLM casts the matrices to the model's dtype and multiplies B by alpha / r in it (one or
+# two roundings: 2^-24, 2^-11, 2^-8 relative each); a matrix lost, zeroed, transposed or left from another version
+# is off by far more
+ADAPTER_TOLERANCE = {"float32": 1e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
+# The self-test adapter loaded once at start: entries N(0, ADAPTER_TEST_STD), far from the zero start of a LoRA B,
+# so that an engine ignoring its adapters would fail the probe
+ADAPTER_TEST_STD = 0.05
 # vLLM's LoRA ranks (vllm/config/lora.py MaxLoRARanks): the engine is sized for the smallest that holds model.lora.r
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # The largest max |engine - HF| probe log-prob that passes, by rollout dtype, set well above what vLLM's and
@@ -139,6 +159,22 @@ def _repack_lm_heads(worker) -> None:
             module.quant_method.process_weights_after_loading(module)
 
 
+def _engine_adapter_slot(worker, lora_id: int) -> tuple[dict[str, tuple[list[Tensor], list[Tensor]]], dict]:
+    """Run in the engine's worker (`collective_rpc`): put adapter `lora_id` in its slot, as the next generate with its
+    request does, and return each LoRA layer's A and B slices of that slot as the layer computes with them (B with
+    the scaling folded in; views: the executor runs in this process), and the engine's packing of modules
+    (qkv_proj: q, k, v)."""
+    manager = worker.model_runner.lora_manager._adapter_manager
+    manager.activate_adapter(lora_id)
+    slot = manager.lora_index_to_id.index(lora_id)
+    out = {}
+    for name, module in manager.modules.items():
+        a, b = getattr(module, "lora_a_stacked", ()), getattr(module, "lora_b_stacked", ())
+        a, b = (a,) if isinstance(a, Tensor) else a, (b,) if isinstance(b, Tensor) else b
+        out[name] = ([t[slot] for t in a], [t[slot] for t in b])
+    return out, dict(manager.packed_modules_mapping)
+
+
 def engine_args(cfg: RolloutConfig, max_position_embeddings: int, on_gpu: bool) -> dict:
     """The device-dependent arguments of `vllm.LLM`: tensor parallelism over the worker's GPUs (its own
     processes: executor `mp`), or the in-process CPU engine."""
@@ -189,7 +225,7 @@ class VLLMBackend:
             self.params = dict(self.model.named_parameters())  # tied weights once, under the name the learner sends
         self.repack_tied_head = not on_gpu and bool(getattr(hf_config, "tie_word_embeddings", False))
         vocab = min(len(self.tokenizer), hf_config.vocab_size)  # ids the engine's tokenizer accepts
-        self.probe = torch.randint(0, vocab, (PROBE_SEQUENCES, PROBE_PROMPT),
+        self.probe = torch.randint(0, vocab, (PROBE_SEQUENCES, PROBE_LENGTH),
                                    generator=torch.Generator().manual_seed(0))
         device_args = engine_args(cfg, hf_config.max_position_embeddings, on_gpu)
         if self.adapters:
@@ -215,6 +251,8 @@ class VLLMBackend:
         log.info("vLLM engine for %s started in %.1f s (%s)", checkpoint, time.perf_counter() - t0,
                  "GPU" if on_gpu else f"CPU, KV cache {cfg.vllm_kv_cache_gib} GiB")
         self.last_probe_diff = self.verify_engine(f"loading {checkpoint}")
+        if self.adapters:
+            self.last_probe_diff = self._self_test_adapters()
 
     def generate(self, prompts: list[list[int]], seed: int, greedy: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """-> responses (B, R), response_mask (B, R), behaviour log-probs (B, R); R = max_new_tokens.
@@ -293,52 +331,143 @@ class VLLMBackend:
         self.last_probe_diff = self.verify_engine("a weight update")
 
     def _load_adapter(self) -> None:
-        """The HF copy's LoRA matrices, written as a peft adapter, become the engine's next LoRA request (a new id
-        per load: no request can reach an older version's matrices); once the probe passes with it, the previous
-        adapter is dropped. A probe that fails leaves the previous request in place and raises."""
+        """The HF copy's LoRA matrices become the engine's next LoRA request (`_add_adapter`: a new id per load, so no
+        request can reach an older version's matrices; read back before it serves); then the previous one goes."""
+        request = self._add_adapter(f"adapter load {self.loads + 1}")
+        old, self.lora_request = self.lora_request, request
+        if old is not None:
+            self._remove_adapter(old)
+
+    def _add_adapter(self, what: str):
+        """Write the HF copy's LoRA matrices as a peft adapter, add it to the engine as a new request and read it back
+        (`verify_adapter`); on any failure the engine drops it and `WeightSyncError` is raised."""
         from vllm.lora.request import LoRARequest
 
         self.loads += 1
         path = self.adapter_root / f"load-{self.loads}"
-        self.write_adapter(path)
         request = LoRARequest(f"rayrlhf-policy-{self.loads}", self.loads, str(path))
         try:
+            self.write_adapter(path)
             # read and checked by vLLM now, not at the next generate
             if not self.llm.llm_engine.add_lora(request):
                 raise WeightSyncError(f"vLLM did not load the adapter at {path}")
-            self.last_probe_diff = self.verify_engine(f"adapter load {self.loads}", request)
+            self.verify_adapter(request, what)
         except Exception as e:
-            self.llm.llm_engine.remove_lora(request.lora_int_id)
-            shutil.rmtree(path, ignore_errors=True)
+            self._remove_adapter(request)
             if isinstance(e, WeightSyncError):
                 raise
-            raise WeightSyncError(f"vLLM could not load the adapter written for load {self.loads}: {e}") from e
-        old, self.lora_request = self.lora_request, request
-        if old is not None:
-            self.llm.llm_engine.remove_lora(old.lora_int_id)
-            shutil.rmtree(old.lora_path, ignore_errors=True)
+            raise WeightSyncError(f"vLLM could not load the adapter written for {what}: {e!r}") from e
+        return request
+
+    def _remove_adapter(self, request) -> None:
+        """Drop an adapter from the engine and its files. A failure is logged, not raised: the adapter's id is never
+        requested again, and vLLM's cache evicts it."""
+        try:
+            self.llm.llm_engine.remove_lora(request.lora_int_id)
+        except Exception as e:  # noqa: BLE001 -- nothing serves from it any more
+            log.warning("vLLM could not remove adapter %s: %r", request.lora_name, e)
+        shutil.rmtree(request.lora_path, ignore_errors=True)
+
+    @torch.no_grad()
+    def _self_test_adapters(self) -> float:
+        """Once at start: an adapter far from zero (`ADAPTER_TEST_STD`) is loaded, read back and probed through the
+        engine. This proves that a request reaches its adapter and that LoRA's kernels compute with it, which a v1
+        adapter barely away from its zero start could not: the test adapter must move the HF copy's probe
+        log-probs by more than twice the tolerance, so an engine computing without it fails. Then it is dropped and
+        the HF copy's matrices are put back. Returns the probe's max |engine - HF| log-prob."""
+        start = {name: p.clone() for name, p in self.params.items()}
+        gen = torch.Generator().manual_seed(1)
+        for p in self.params.values():
+            p.copy_(torch.randn(p.shape, generator=gen) * ADAPTER_TEST_STD)
+        tolerance = PROBE_TOLERANCE[self.dtype]
+        try:
+            adapted = torch.log_softmax(self.model(input_ids=self.probe).logits.float(), -1)
+            with self.model.disable_adapter():
+                base = torch.log_softmax(self.model(input_ids=self.probe).logits.float(), -1)
+            moved = float((adapted - base).abs().max())
+            if not moved > 2 * tolerance:
+                raise WeightSyncError(f"the adapter self-test cannot tell an adapted engine from its base (the test "
+                                      f"adapter moves the probe by {moved:.3g}, tolerance {tolerance:g}, {self.dtype})")
+            request = self._add_adapter("the adapter self-test at start")
+            try:
+                return self.verify_engine("the adapter self-test at start", request)
+            finally:
+                self._remove_adapter(request)
+        finally:
+            for name, p in start.items():
+                self.params[name].copy_(p)
+
+    @torch.no_grad()
+    def verify_adapter(self, request, what: str) -> None:
+        """The LoRA matrices in the engine's slot for `request` against the HF copy's, entry by entry through the
+        engine's packing (qkv_proj holds q, k and v; the slot's rank padding must be zero), B scaled by alpha / r as
+        vLLM folds it in, within `ADAPTER_TOLERANCE` of the dtype; a module adapted on one side only fails too.
+        Raises `WeightSyncError` naming the first matrix that differs."""
+        try:
+            (slots, packed), = self.llm.collective_rpc(_engine_adapter_slot, args=(request.lora_int_id,))
+        except (AttributeError, ValueError) as e:  # another vLLM's internals
+            raise WeightSyncError(f"cannot read the adapter back from this vLLM's LoRA slots ({e!r}): set "
+                                  "rollout.lora_sync merged") from e
+        peft_cfg = self.model.peft_config["default"]
+        scaling = peft_cfg.lora_alpha / peft_cfg.r
+        tolerance = ADAPTER_TOLERANCE[self.dtype]
+        seen = set()
+        for module, (a_slices, b_slices) in slots.items():
+            prefix, _, last = module.rpartition(".")
+            for i, (a_got, b_got) in enumerate(zip(a_slices, b_slices)):
+                name = f"{prefix}.{packed[last][i]}" if last in packed else module
+                a, b = (self.params.get(f"{name}.lora_{m}.default.weight") for m in "AB")
+                if a is None:
+                    if a_got.any() or b_got.any():
+                        raise WeightSyncError(f"the vLLM engine adapts {name}, which the sent adapter does not "
+                                              f"(after {what})")
+                    continue
+                seen.update((f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight"))
+                # a slot: A (1, max rank, in), B (1, out, max rank); rank r of max rank used, the rest zero
+                a_got, b_got = a_got[0].float().cpu(), b_got[0].float().cpu()
+                r = a.shape[0]
+                for matrix, got, want, pad in (("A", a_got[:r], a.float(), a_got[r:]),
+                                               ("B", b_got[:, :r], b.float() * scaling, b_got[:, r:])):
+                    err = float((got - want).abs().max()) if got.shape == want.shape else math.inf
+                    if not err <= tolerance * float(want.abs().max()) + 1e-12 or pad.any():
+                        raise WeightSyncError(
+                            f"the vLLM engine's LoRA {matrix} of {name} differs from the one it was given (max |engine "
+                            f"- sent| {err:.3g}, largest sent entry {float(want.abs().max()):.3g}, tolerance "
+                            f"{tolerance:g} of it, {self.dtype}) after {what}")
+        unplaced = set(self.params) - seen
+        if unplaced:
+            raise WeightSyncError(f"the vLLM engine has no LoRA slot for {len(unplaced)} adapted matrices, e.g. "
+                                  f"{sorted(unplaced)[0]} (its modules are named otherwise: set rollout.lora_sync "
+                                  "merged)")
 
     def write_adapter(self, path: Path) -> None:
         """peft's own adapter format (adapter_config.json + adapter_model.safetensors), which vLLM reads."""
-        self.model.save_pretrained(str(path))
+        self.model.save_pretrained(str(path), save_embedding_layers=False)  # no hub lookup of the base's vocabulary
 
     @torch.no_grad()
     def probe_differences(self, lora_request=None) -> Tensor:
-        """|engine - HF model| of every log-prob the probe reads -> (n,): the engine samples `PROBE_LENGTH -
-        PROBE_PROMPT` tokens after each probe prompt at T = 1 (with `lora_request`'s adapter); at each, the sampled
-        token's and the engine's top `PROBE_TOP` log-probs against the HF copy's forward over the same tokens."""
-        params = self._SamplingParams(n=1, temperature=1.0, max_tokens=PROBE_LENGTH - PROBE_PROMPT, logprobs=PROBE_TOP,
-                                      ignore_eos=True, seed=0, detokenize=False)
-        prompts = self.probe.tolist()
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
-                                    lora_request=lora_request)
-        sequences = torch.tensor([p + list(out.outputs[0].token_ids) for p, out in zip(prompts, outputs)])
-        hf = torch.log_softmax(self.model(input_ids=sequences).logits.float(), -1)  # (S, L, V) at T = 1
+        """|engine - HF model| of every log-prob the probe reads -> (n,) (the module docstring says which), the
+        engine with `lora_request`'s adapter against the HF copy (with its adapters where it has them)."""
+        if not self.adapters:  # prompt log-probs: at each position after the first, the token and the top PROBE_TOP
+            params = self._SamplingParams(n=1, temperature=1.0, max_tokens=1, prompt_logprobs=PROBE_TOP, seed=0,
+                                          detokenize=False)
+            outputs = self.llm.generate([{"prompt_token_ids": p} for p in self.probe.tolist()], params,
+                                        use_tqdm=False)
+            hf = torch.log_softmax(self.model(input_ids=self.probe).logits.float(), -1)  # (S, L, V) at T = 1
+            positions = [enumerate(out.prompt_logprobs[1:], start=1) for out in outputs]
+        else:  # LoRA enabled: the engine samples after a shorter prompt; its log-probs at each sampled position
+            params = self._SamplingParams(n=1, temperature=1.0, max_tokens=PROBE_LENGTH - PROBE_PROMPT,
+                                          logprobs=PROBE_TOP, ignore_eos=True, seed=0, detokenize=False)
+            prompts = self.probe[:, :PROBE_PROMPT].tolist()
+            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                                        lora_request=lora_request)
+            sequences = torch.tensor([p + list(out.outputs[0].token_ids) for p, out in zip(prompts, outputs)])
+            hf = torch.log_softmax(self.model(input_ids=sequences).logits.float(), -1)
+            # one {token id: Logprob} per sampled token: log softmax(logits / 1) in processed_logprobs mode
+            positions = [enumerate(out.outputs[0].logprobs, start=PROBE_PROMPT) for out in outputs]
         engine, ours = [], []
-        for s, out in enumerate(outputs):
-            # out.outputs[0].logprobs: one {token id: Logprob} per sampled token (it and the engine's top PROBE_TOP),
-            # log softmax(logits / 1) in processed_logprobs mode: the log-prob of that token given the ones before
-            for t, entries in enumerate(out.outputs[0].logprobs, start=PROBE_PROMPT):
+        for s, entries_at in enumerate(positions):
+            for t, entries in entries_at:  # the log-prob of each token given the ones before position t
                 for tid, lp in entries.items():
                     engine.append(lp.logprob)
                     ours.append(hf[s, t - 1, tid])

@@ -262,8 +262,8 @@ def wheel_install(tmp_path_factory) -> WheelInstall:
 # workers (pyproject.toml) take tests in this order as they free up, so the long tests start early and the short
 # ones fill in at the end. Modules not named keep their order after these.
 SLOW_MODULES = ("test_recipe", "test_resume", "test_faults", "test_vllm_backend", "test_learner_group", "test_e2e",
-                "test_trainer_group", "test_sharding", "test_serving", "test_jobs", "test_gguf", "test_weight_sync",
-                "test_serving_ha", "test_elastic", "test_learner")
+                "test_resume_attempts", "test_lora_sync", "test_trainer_group", "test_sharding", "test_serving",
+                "test_jobs", "test_gguf", "test_weight_sync", "test_serving_ha", "test_elastic", "test_learner")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -65,7 +65,7 @@ def _metrics(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.outside_ci  # CI: a dead (single) learner ends the run naming it, in test_faults.py
+@pytest.mark.outside_ci  # CI: a dead learner ends the run naming it (test_faults.py, the restart-budget test)
 def test_a_dead_learner_rank_ends_the_run_naming_it(ray_local, make_tiny_cfg, tiny_checkpoints, tmp_path):
     import ray
 

@@ -109,7 +109,10 @@ def test_lora_sync_adapters_is_refused_where_it_cannot_go(make_tiny_cfg):
 
     assert not make_tiny_cfg(*LORA, "rollout.lora_sync=merged").sync_adapters
     assert not make_tiny_cfg().sync_adapters  # no LoRA: full weights
-    assert make_tiny_cfg(*LORA, "rollout.backend=vllm").sync_adapters  # vLLM takes LoRA requests (auto)
+    # vLLM takes LoRA requests; auto sends them where its LoRA kernels are fast (GPUs), merged weights on CPU
+    assert make_tiny_cfg(*LORA, "rollout.backend=vllm", "rollout.lora_sync=adapters").sync_adapters
+    assert not make_tiny_cfg(*LORA, "rollout.backend=vllm").sync_adapters
+    assert make_tiny_cfg(*LORA, "rollout.backend=vllm", "rollout.num_gpus=1").sync_adapters
     with pytest.raises(ConfigError, match="rollout.lora_sync adapters: needs model.lora"):
         load_config(None, ["rollout.lora_sync=adapters"])
     with pytest.raises(ConfigError, match="rollout.lora_sync adapters: needs ppo.weight_sync object_store"):

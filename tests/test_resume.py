@@ -211,11 +211,11 @@ def _learning_metrics(run: Path) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-# one step off-policy with a learner group of two (its batch restored from the checkpoint), and synchronous with
-# one learner, which runs outside CI only (up to 4 minutes there, CI's limit is 25; it passes locally); the
-# pairing (1, 1) passed as well and was dropped
+# one step off-policy (its batch restored from the checkpoint) with one learner in CI; with a learner group of two,
+# and synchronous, outside CI only (CI's limit is 25 minutes; they pass locally). A learner group of two resuming
+# from its checkpoint to the uninterrupted weights is CI's in test_multinode.py (a learner node killed).
 @pytest.mark.parametrize(("staleness", "learners"), [
-    (1, 2), pytest.param(0, 1, marks=pytest.mark.outside_ci)])
+    (1, 1), pytest.param(1, 2, marks=pytest.mark.outside_ci), pytest.param(0, 1, marks=pytest.mark.outside_ci)])
 def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch, tiny_checkpoints, tiny_overrides,
                                                          tmp_path, staleness, learners, capsys):
     from rayrlhf.pipeline.cli import main

@@ -145,9 +145,10 @@ class VLLMRollout:
         finally:
             del llm.collective_rpc  # the engine's own method again
 
-    def load_adapter_losing(self, packet, lost: list[str]) -> float:
-        """`load_weights` of an adapter packet whose tensors `lost` go missing from the adapter file the engine
-        reads (written whole by peft, then stripped, as a faulty disk or copy would)."""
+    def load_adapter_altered(self, packet, names: list[str], alter: str) -> float:
+        """`load_weights` of an adapter packet whose tensors `names` are altered in the adapter file the engine reads
+        (written whole by peft, then changed, as a faulty disk or copy would): `drop` them, or `permute` their rows
+        (the same entries, the same norm)."""
         from safetensors.torch import load_file, save_file
 
         backend = self.gen.backend
@@ -157,9 +158,13 @@ class VLLMRollout:
             write(path)
             file = path / "adapter_model.safetensors"
             tensors = load_file(file)
-            dropped = [k for k in tensors if k.replace(".weight", ".default.weight").endswith(tuple(lost))]
-            assert len(dropped) == len(lost), (lost, sorted(tensors)[:4])
-            save_file({k: v for k, v in tensors.items() if k not in dropped}, file)
+            hit = [k for k in tensors if k.replace(".weight", ".default.weight").endswith(tuple(names))]
+            assert len(hit) == len(names), (names, sorted(tensors)[:4])
+            if alter == "drop":
+                tensors = {k: v for k, v in tensors.items() if k not in hit}
+            else:
+                tensors.update({k: tensors[k].flip(0).contiguous() for k in hit})
+            save_file(tensors, file)
 
         backend.write_adapter = lossy
         try:
@@ -405,7 +410,8 @@ def test_train_end_to_end_with_vllm_rollouts(tiny_overrides, tmp_path, vllm_requ
 @pytest.mark.vllm
 def test_adapter_only_sync_reaches_the_engine_as_a_lora_request(ray_local, policy_dir, queries, vllm_required):
     """rollout.lora_sync adapters with vLLM: the engine starts on the base with LoRA enabled; each version's LoRA
-    matrices become a new LoRA request, probed before they serve. After two syncs the engine's behaviour log-probs
+    matrices become a new LoRA request, read back from the engine's LoRA slot before they serve (the engine's LoRA
+    path probed once at start, with an adapter far from zero). After two syncs the engine's behaviour log-probs
     are the learner's peft policy's at that version; an adapter file missing one tensor fails the sync naming the
     worker and the version, and the previous version keeps serving."""
     from rayrlhf.core.config import LoraConfig
@@ -437,25 +443,36 @@ def test_adapter_only_sync_reaches_the_engine_as_a_lora_request(ray_local, polic
                 lp, _ = response_logprobs(policy, batch.prompts, batch.prompt_mask, batch.responses,
                                           batch.response_mask, T)
             diffs.append((lp * batch.response_mask - batch.logprobs).abs().max().item())
-        probe = ray.get(actor.last_verify_diff.remote())
+        probe = ray.get(actor.last_verify_diff.remote())  # the start's self-test, an adapter far from zero
         print(f"max |vLLM (LoRA request) - peft recompute| behaviour log-prob (fp32, T={T}) after syncs 1, 2: "
-              f"{diffs}; probe {probe:.2e}; adapter {sum(lay.numel * 4 for lay in packets[2].layouts)} bytes")
+              f"{diffs}; self-test probe {probe:.2e}; adapter {sum(lay.numel * 4 for lay in packets[2].layouts)} bytes")
         assert max(diffs) <= 1e-4 and probe <= 1e-4
 
-        # v3 moves one module's adapter; a file missing one of its two matrices is refused by vLLM, a file missing
-        # both leaves the module unadapted in the engine, which the probe finds
+        # v3 moves one module's adapter. A file missing one of its two matrices is refused by vLLM; missing both,
+        # the module is left unadapted in the engine; its A's rows reversed (same entries, same norm), the engine
+        # computes with another matrix: the read-back finds both
+        serving = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
         module = "model.layers.1.mlp.down_proj"
         with torch.no_grad():
             dict(policy.named_parameters())[f"base_model.model.{module}.lora_B.default.weight"].add_(0.5)
         bad = dataclasses.replace(stream_packet(list(adapter_weights(policy)), 3, 1 << 16), adapters=True)
+        lora_b, lora_a = f"{module}.lora_B.default.weight", f"{module}.lora_A.default.weight"
         with pytest.raises(WeightSyncError, match=r"rollout worker 2, weights v3: vLLM could not load the adapter"):
-            ray.get(actor.load_adapter_losing.remote(bad, [f"{module}.lora_B.default.weight"]))
-        with pytest.raises(WeightSyncError, match=r"rollout worker 2, weights v3: the vLLM engine's log-probs on the "
-                                                  r"probe differ from the weights it was given by [\d.]+ "):
-            ray.get(actor.load_adapter_losing.remote(bad, [f"{module}.lora_{m}.default.weight" for m in "AB"]))
-        assert ray.get(actor.weights_checksum.remote()) == (2, packets[2].checksum)  # v2's matrices kept
-        again = ray.get(actor.generate.remote(RolloutRequest(
-            batch_id=9, shard=0, prompt_indices=[0], prompts=prompts[:1], seed=1, version=None)))
-        assert again.policy_version == 2  # the failed load changed nothing that serves
+            ray.get(actor.load_adapter_altered.remote(bad, [lora_b], "drop"))
+        for names, alter in (([lora_a, lora_b], "drop"), ([lora_a], "permute")):
+            with pytest.raises(WeightSyncError, match=rf"rollout worker 2, weights v3: the vLLM engine's LoRA A of "
+                                                      rf"{module} differs from the one it was given \(max \|engine"):
+                ray.get(actor.load_adapter_altered.remote(bad, names, alter))
+        # nothing of the failed loads serves: the worker holds v2, and samples with v2's policy
+        assert ray.get(actor.weights_checksum.remote()) == (2, packets[2].checksum)
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if n in serving:
+                    p.copy_(serving[n])
+        batch = ray.get(actor.generate.remote(RolloutRequest(
+            batch_id=9, shard=0, prompt_indices=[0, 1], prompts=prompts[:2], seed=1, version=2)))
+        with torch.no_grad():
+            lp, _ = response_logprobs(policy, batch.prompts, batch.prompt_mask, batch.responses, batch.response_mask, T)
+        assert (lp * batch.response_mask - batch.logprobs).abs().max().item() <= 1e-4
     finally:
         ray.kill(actor)
