@@ -118,8 +118,8 @@ def main() -> None:
                 sub = RunDir(run.path / "bench-trl" / f"{name.replace(' ', '-').replace(',', '')}-run{run_no}")
                 summary = _ppo(workflow, c, run, sub)
                 results[name] = _after_first_step(sub.path / "ppo" / "metrics.jsonl", c.ppo.rollout_batch_size)
-                print(f"{name}: {results[name][0]:.1f} completions/s after the first step "
-                      f"({summary['ppo/sequences_per_s']:.1f} over the whole loop)"
+                print(f"{name}: {results[name][0]:.3g} completions/s after the first step "
+                      f"({summary['ppo/sequences_per_s']:.3g} over the whole loop)"
                       + (f"; LoRA sync {'adapters only' if c.sync_adapters else 'merged'}" if lora else ""))
             rows += [{"run": run_no, "side": name, "completions/s": cps, "trained tokens/s": tps,
                       "vs TRL": cps / results["trl rloo"][0] if "trl rloo" in results else None}
@@ -132,13 +132,13 @@ def main() -> None:
     for r in rows:
         vs = f"{r['vs TRL']:5.2f}x TRL" if r["vs TRL"] else ""
         tps = f"{r['trained tokens/s']:8.1f}" if r["trained tokens/s"] is not None else "       -"
-        print(f"run {r['run']} {r['side']:36s} {r['completions/s']:8.1f} completions/s {tps} trained tokens/s  {vs}")
+        print(f"run {r['run']} {r['side']:36s} {r['completions/s']:8.3g} completions/s {tps} trained tokens/s  {vs}")
     if "rayrlhf gae sync" in args.sides:
         print("(GAE trains a critic beside the policy; TRL has no PPO with a critic, so it is set against TRL's RLOO)")
     (run.path / "bench-trl" / "results.json").write_text(json.dumps(rows, indent=2))
     if args.json:
         write_result(args.json, "bench_trl", machine, rows,
-                     {"completions/s": "{:.1f}", "trained tokens/s": "{:.1f}", "vs TRL": "{:.2f}×"})
+                     {"completions/s": "{:.3g}", "trained tokens/s": "{:.1f}", "vs TRL": "{:.2f}×"})
 
 
 def _after_first_step(metrics: Path, batch: int) -> tuple[float, float]:
