@@ -191,6 +191,26 @@ def engine_args(cfg: RolloutConfig, max_position_embeddings: int, on_gpu: bool) 
                 max_num_batched_tokens=max(4096, max_position_embeddings))
 
 
+def _start_engine(LLM, checkpoint: str, dtype: str, device_args: dict):
+    """`vllm.LLM` in this process, with this process's `torch.set_num_threads` and random states kept (the module
+    docstring says why)."""
+    set_num_threads = torch.set_num_threads
+    rng_states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        return LLM(
+            model=checkpoint, dtype=dtype, seed=0,
+            logprobs_mode="processed_logprobs",
+            # Ignore generation_config.json: its sampling defaults and extra EOS ids would diverge from HF.
+            generation_config="vllm",
+            **device_args,
+        )
+    finally:
+        torch.set_num_threads = set_num_threads
+        torch.set_rng_state(rng_states[0])
+        random.setstate(rng_states[1])
+        np.random.set_state(rng_states[2])
+
+
 class VLLMBackend:
     """A vLLM engine started once; `generate` samples, `load_weights` swaps a new policy version in place."""
 
@@ -214,13 +234,8 @@ class VLLMBackend:
         self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype]).eval()
         self.adapters = lora is not None
         self.lora_request, self.loads, self.adapter_root = None, 0, None
-        if self.adapters:  # adapter-only sync: the HF copy holds the LoRA matrices the engine's requests name
-            self.model = apply_lora(self.model, lora, "CAUSAL_LM").eval()
-            self.params = dict(lora_parameters(self.model))
-            # each version's adapter is written here for vLLM to read: RAM-backed where the OS has it
-            shm = Path("/dev/shm")
-            self.adapter_root = Path(tempfile.mkdtemp(prefix="rayrlhf-lora-", dir=shm if shm.is_dir() else None))
-            weakref.finalize(self, shutil.rmtree, self.adapter_root, True)  # at exit too (not after a kill -9)
+        if self.adapters:
+            self._hold_adapters(lora)
         else:
             self.params = dict(self.model.named_parameters())  # tied weights once, under the name the learner sends
         self.repack_tied_head = not on_gpu and bool(getattr(hf_config, "tie_word_embeddings", False))
@@ -232,27 +247,22 @@ class VLLMBackend:
             # one adapter computes at a time; the next version's is loaded beside it before the old one goes
             device_args.update(enable_lora=True, max_loras=1, max_cpu_loras=2,
                                max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= lora.r))
-        set_num_threads = torch.set_num_threads
-        rng_states = torch.get_rng_state(), random.getstate(), np.random.get_state()
         t0 = time.perf_counter()
-        try:
-            self.llm = LLM(
-                model=checkpoint, dtype=dtype, seed=0,
-                logprobs_mode="processed_logprobs",
-                # Ignore generation_config.json: its sampling defaults and extra EOS ids would diverge from HF.
-                generation_config="vllm",
-                **device_args,
-            )
-        finally:
-            torch.set_num_threads = set_num_threads
-            torch.set_rng_state(rng_states[0])
-            random.setstate(rng_states[1])
-            np.random.set_state(rng_states[2])
+        self.llm = _start_engine(LLM, checkpoint, dtype, device_args)
         log.info("vLLM engine for %s started in %.1f s (%s)", checkpoint, time.perf_counter() - t0,
                  "GPU" if on_gpu else f"CPU, KV cache {cfg.vllm_kv_cache_gib} GiB")
         self.last_probe_diff = self.verify_engine(f"loading {checkpoint}")
         if self.adapters:
             self.last_probe_diff = self._self_test_adapters()
+
+    def _hold_adapters(self, lora: LoraConfig) -> None:
+        """Adapter-only sync: the HF copy becomes a peft model over the base, holding the LoRA matrices the engine's
+        requests name; each version's adapter is written under a RAM-backed folder where the OS has one."""
+        self.model = apply_lora(self.model, lora, "CAUSAL_LM").eval()
+        self.params = dict(lora_parameters(self.model))
+        shm = Path("/dev/shm")
+        self.adapter_root = Path(tempfile.mkdtemp(prefix="rayrlhf-lora-", dir=shm if shm.is_dir() else None))
+        weakref.finalize(self, shutil.rmtree, self.adapter_root, True)  # at exit too (not after a kill -9)
 
     def generate(self, prompts: list[list[int]], seed: int, greedy: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """-> responses (B, R), response_mask (B, R), behaviour log-probs (B, R); R = max_new_tokens.
