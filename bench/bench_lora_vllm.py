@@ -107,11 +107,13 @@ def main() -> None:
         versions.append({n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n})
 
     def packet(v: int, adapters: bool):
+        """Version `v` put in the object store as the learner actor puts it; its ref and its bytes."""
         with torch.no_grad():
             for n, p in policy.named_parameters():
                 if n in versions[v - 1]:
                     p.copy_(versions[v - 1][n])
-        return ray.put(rollout_packet(policy, group, torch.float32, v, bucket, to_wire, adapters))
+        built = rollout_packet(policy, group, torch.float32, v, bucket, to_wire, adapters)
+        return ray.put(built), sum(lay.numel * lay.dtype.itemsize for lay in built.layouts)
 
     ray.init(num_cpus=max(2, max(args.workers)), include_dashboard=False, log_to_driver=False)
     rows, batches = [], {}
@@ -124,8 +126,7 @@ def main() -> None:
                 ray.get([w.version.remote() for w in workers])  # engines started
                 sync_s, load_s, nbytes = [], [], 0
                 for v in range(1, args.syncs + 1):
-                    ref = packet(v, mode == "adapters")
-                    nbytes = sum(lay.numel * lay.dtype.itemsize for lay in ray.get(ref).layouts)
+                    ref, nbytes = packet(v, mode == "adapters")
                     t0 = time.perf_counter()
                     inside = ray.get([w.load_weights.remote(ref) for w in workers])
                     if v > 1:

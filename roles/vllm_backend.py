@@ -97,8 +97,6 @@ ADAPTER_TOLERANCE = {"float32": 1e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
 # The self-test adapter loaded once at start: entries N(0, ADAPTER_TEST_STD), far from the zero start of a LoRA B,
 # so that an engine ignoring its adapters would fail the probe
 ADAPTER_TEST_STD = 0.05
-# vLLM's LoRA ranks (vllm/config/lora.py MaxLoRARanks): the engine is sized for the smallest that holds model.lora.r
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # The largest max |engine - HF| probe log-prob that passes, by rollout dtype, set well above what vLLM's and
 # transformers' kernels differ by on the same weights. Measured on CPU (max over the probe, at start and after a
 # sync): fp32 1e-6 on the test policy, 4e-5 on SmolLM2-135M; fp16 0.03 and bf16 0.57 on SmolLM2-135M (logits of
@@ -191,6 +189,15 @@ def engine_args(cfg: RolloutConfig, max_position_embeddings: int, on_gpu: bool) 
                 max_num_batched_tokens=max(4096, max_position_embeddings))
 
 
+def _lora_rank_slot(r: int) -> int:
+    """The smallest LoRA rank vLLM sizes its slots for (vllm/config/lora.py `MaxLoRARanks`) that holds rank r."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    return min(rank for rank in get_args(MaxLoRARanks) if rank >= r)
+
+
 def _start_engine(LLM, checkpoint: str, dtype: str, device_args: dict):
     """`vllm.LLM` in this process, with this process's `torch.set_num_threads` and random states kept (the module
     docstring says why)."""
@@ -246,7 +253,7 @@ class VLLMBackend:
         if self.adapters:
             # one adapter computes at a time; the next version's is loaded beside it before the old one goes
             device_args.update(enable_lora=True, max_loras=1, max_cpu_loras=2,
-                               max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= lora.r))
+                               max_lora_rank=_lora_rank_slot(lora.r))
         t0 = time.perf_counter()
         self.llm = _start_engine(LLM, checkpoint, dtype, device_args)
         log.info("vLLM engine for %s started in %.1f s (%s)", checkpoint, time.perf_counter() - t0,
