@@ -5,7 +5,8 @@ HTTP), `LearnerWorker`, and `RolloutScaler` (elastic rollout's control channel).
 `RMStage`, `evaluate_task`. Placement and resources are the caller's (`pipeline.launch`, `pipeline.workflow`).
 
 Each actor runs one call at a time (Ray's default for sync actors), which is what makes a weight swap
-and a generate call on one rollout worker mutually exclusive.
+and a generate call on one rollout worker mutually exclusive; except an in-flight rollout worker
+(`rollout.inflight`), a threaded actor whose decode loop orders its calls itself (`roles.inflight`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class RolloutWorker:
         init_worker_process(role_threads(cfg, "rollout", node_cores()), cfg.rollout.nice)
         self.gen = RolloutGenerator(checkpoint, cfg.rollout, worker_index, cfg.model.frozen_dtype,
                                     share_prompts=cfg.rollout.share_prompts,
-                                    lora=cfg.model.lora if cfg.sync_adapters else None)
+                                    lora=cfg.model.lora if cfg.sync_adapters else None,
+                                    max_rows=cfg.rollout.inflight_max_rows or cfg.ppo.prompts_per_step * cfg.ppo.samples_per_prompt,
+                                    wait_s=cfg.ppo.sync_timeout_s)
         self.group: CollectiveGroup | None = None
 
     @ray.method(num_returns=2)
@@ -64,10 +67,13 @@ class RolloutWorker:
         batch = self.gen.generate(req)
         return batch, batch.info()
 
-    def load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
+    def load_weights(self, packet: WeightsPacket, verify: bool = False, after_requests: int | None = None) -> float:
         if packet.buckets and isinstance(packet.buckets[0], ray.ObjectRef):  # from a learner group's rank 0
             packet = replace(packet, buckets=tuple(ray.get(list(packet.buckets))))
-        return self.gen.load_weights(packet, verify)
+        return self.gen.load_weights(packet, verify, after_requests)
+
+    def busy_seconds(self) -> float:
+        return self.gen.busy_seconds()
 
     def weights_checksum(self) -> VersionedChecksum:
         return self.gen.weights_checksum()

@@ -410,6 +410,30 @@ class RolloutConfig(_Section):
         "softmax(logits / T), while a nucleus changes the distribution tokens are drawn from (HF records the "
         "full-softmax probability of a nucleus token, vLLM the renormalised one): PPO's ratios would be wrong."))
     max_new_tokens: int = Field(24, ge=1, description="Fixed response budget; responses are cut after the first EOS.")
+    inflight: bool = Field(False, description=(
+        "In-flight weight updates (HF backend): each worker generates in a decode loop of its own with continuous "
+        "batching (a prompt's samples join as soon as rows are free, and leave as soon as all of them finished), "
+        "applies each new weight version between two decode steps without stopping or dropping the sequences in "
+        "progress, and tags every token with the version that sampled it; the learner checks staleness token by "
+        "token. A prompt's samples are a shard of their own, scored as soon as they finish. By default the version "
+        "a token gets depends on when the weights arrive, so runs are not repeatable (see "
+        "rollout.inflight_deterministic)."))
+    inflight_kv: Literal["recompute", "keep"] = Field("recompute", description=(
+        "After an in-flight weight update: `recompute` runs every sequence in progress through the new weights "
+        "again (one prefill), so each token's recorded log-prob is exactly its version's (what the learner "
+        "recomputes); `keep` keeps the keys and values the old weights computed (PipelineRL's choice, no prefill): "
+        "a token sampled after the update then comes from the new weights over the old cache, whose probability is "
+        "recorded as the behaviour log-prob but is neither version's."))
+    inflight_deterministic: bool = Field(False, description=(
+        "In-flight, repeatable bit for bit: each worker runs its requests one at a time, in the order the driver "
+        "sent them, each in a forward of its own, and a request switches to the next version at decode step "
+        "rollout.inflight_switch_step (waiting for it), not when it arrives. Without continuous batching."))
+    inflight_switch_step: int = Field(8, ge=1, description=(
+        "Deterministic in-flight: the decode step at which a request's remaining tokens move to the version after "
+        "the one it started with (if the learner makes it before the batch is consumed)."))
+    inflight_max_rows: int = Field(0, ge=0, description=(
+        "In-flight: most sequences a worker decodes together (0: one PPO batch, prompts_per_step x "
+        "samples_per_prompt)."))
     vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM on GPU: share of GPU memory for weights and KV cache.")
     vllm_kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
 
@@ -418,6 +442,9 @@ class RolloutConfig(_Section):
         if self.top_p != 1.0:
             raise ValueError(f"rollout.top_p {self.top_p}: PPO's learner and reference compute log-probs of the full "
                              "softmax(logits / T), not of the nucleus the rollout would sample from; keep 1")
+        if self.inflight and self.backend != "hf":
+            raise ValueError("rollout.inflight needs rollout.backend hf: in-flight weight updates are built on the HF "
+                             "decode loop; vLLM's step loop with reloads between steps is not built yet")
         tp = self.tensor_parallel_size
         if tp > 1 and self.backend != "vllm":
             raise ValueError(f"rollout.tensor_parallel_size {tp} needs rollout.backend vllm (got {self.backend})")
@@ -644,6 +671,9 @@ class Config(_Section):
                              "or auto")
         if self.ppo.weight_sync == "collective" and self.rollout.backend == "vllm":
             raise ValueError("ppo.weight_sync collective is implemented for the hf rollout backend; use object_store with vllm")
+        if self.rollout.inflight and self.ppo.weight_sync == "collective":
+            raise ValueError("rollout.inflight needs ppo.weight_sync object_store: a collective broadcast holds every "
+                             "worker in step with the learner, which an in-flight decode loop cannot join mid-step")
         _check_token_budgets(self)
         return self
 

@@ -37,6 +37,11 @@ class RolloutRequest:
     prompts: list[list[int]]  # token ids, already truncated
     seed: int
     version: int | None = None  # the policy version it must be generated with; None: whatever the worker holds
+    # in-flight rollout (`rollout.inflight`): the request's place in its worker's order (deterministic mode runs
+    # them in it; None: re-sent to a restarted worker, run on arrival), and (decode step, version): from that step
+    # on, its tokens are sampled by that version (deterministic mode; None: versions apply as they arrive)
+    seq: int | None = None
+    switch: tuple[int, int] | None = None
 
 
 class VersionMismatch(RuntimeError):
@@ -50,6 +55,9 @@ class RolloutBatch:
     prompts (B, P) / prompt_mask (B, P): left-padded queries; the n samples of a prompt are adjacent.
     responses (B, R) / response_mask (B, R): cut after the first EOS, padded to R = max_new_tokens.
     logprobs (B, R): behaviour log-probs log softmax(logits / T) of the sampled tokens, 0 on padding.
+    token_versions (B, R): the policy version that sampled each token, -1 on padding (in-flight rollout, where a
+    weight version can arrive mid-sequence; None: every token is `policy_version`'s). `policy_version` is then the
+    oldest of them.
     """
 
     batch_id: int
@@ -63,17 +71,19 @@ class RolloutBatch:
     response_mask: Tensor
     logprobs: Tensor
     seconds: float = 0.0  # of the generation
-    mfu: float = 0.0  # model FLOPs utilisation of the generation (core.work)
+    mfu: float | None = 0.0  # model FLOPs utilisation of the generation (core.work); None: not measured
     # max |log-prob| difference between the engine and the weights it was sent, on the probe of the load of this
     # version (vLLM); None where the model that generates is the one loaded (HF)
     engine_probe_diff: float | None = None
+    token_versions: Tensor | None = None
 
     def info(self) -> RolloutInfo:
         return RolloutInfo(batch_id=self.batch_id, shard=self.shard, seconds=self.seconds, mfu=self.mfu,
                            worker=self.worker, policy_version=self.policy_version,
                            prompt_indices=tuple(self.prompt_indices), sequences=self.responses.shape[0],
                            prompt_tokens=int(self.prompt_mask.sum()), response_tokens=int(self.response_mask.sum()),
-                           engine_probe_diff=self.engine_probe_diff)
+                           engine_probe_diff=self.engine_probe_diff,
+                           token_versions=version_counts(self.token_versions, self.response_mask, self.policy_version))
 
 
 @dataclass(kw_only=True)
@@ -128,6 +138,24 @@ class RolloutInfo(CallInfo):
     prompt_tokens: int
     response_tokens: int
     engine_probe_diff: float | None = None  # `RolloutBatch.engine_probe_diff`
+    token_versions: dict[int, int] = field(default_factory=dict)  # policy version -> response tokens it sampled
+
+
+def version_counts(token_versions: Tensor | None, mask: Tensor, version: int) -> dict[int, int]:
+    """{policy version: response tokens it sampled}."""
+    if token_versions is None:
+        return {version: int(mask.sum())}
+    versions, counts = token_versions[mask.bool()].unique(return_counts=True)
+    return dict(zip(versions.tolist(), counts.tolist()))
+
+
+def spans_versions(token_versions: Tensor | None, mask: Tensor) -> Tensor:
+    """(B,) bool: the sequence's tokens were sampled by more than one policy version."""
+    if token_versions is None:
+        return torch.zeros(mask.shape[0], dtype=torch.bool)
+    real = mask.bool()
+    big, small = token_versions.masked_fill(~real, -(2**62)), token_versions.masked_fill(~real, 2**62)
+    return real.any(-1) & (big.max(-1).values != small.min(-1).values)
 
 
 def batch_timings(rollouts: list[RolloutInfo], references: list[CallInfo], scores: list[CallInfo]) -> dict[str, float]:
@@ -155,13 +183,19 @@ class BatchInfo:
     prompt_tokens: int
     response_tokens: int
     timings: dict[str, float]
+    token_versions: dict[int, int] = field(default_factory=dict)  # policy version -> response tokens it sampled
 
     @classmethod
     def of_calls(cls, rollouts: list[RolloutInfo], references: list[CallInfo], scores: list[CallInfo]) -> BatchInfo:
-        return cls(batch_id=rollouts[0].batch_id, policy_version=rollouts[0].policy_version,
+        counts: dict[int, int] = {}
+        for r in rollouts:
+            for v, n in r.token_versions.items():
+                counts[v] = counts.get(v, 0) + n
+        return cls(batch_id=rollouts[0].batch_id, policy_version=min(r.policy_version for r in rollouts),
                    prompt_indices=[i for r in rollouts for i in r.prompt_indices],
                    sequences=sum(r.sequences for r in rollouts), prompt_tokens=sum(r.prompt_tokens for r in rollouts),
-                   response_tokens=sum(r.response_tokens for r in rollouts), timings=batch_timings(rollouts, references, scores))
+                   response_tokens=sum(r.response_tokens for r in rollouts), timings=batch_timings(rollouts, references, scores),
+                   token_versions=dict(sorted(counts.items())))
 
     @classmethod
     def of_experience(cls, exp: Experience) -> BatchInfo:
@@ -169,7 +203,8 @@ class BatchInfo:
         return cls(batch_id=exp.batch_id, policy_version=exp.policy_version,
                    prompt_indices=list(exp.prompt_indices), sequences=exp.size,
                    prompt_tokens=int(exp.prompt_mask.sum()), response_tokens=int(exp.response_mask.sum()),
-                   timings=dict(exp.timings))
+                   timings=dict(exp.timings),
+                   token_versions=version_counts(exp.token_versions, exp.response_mask, exp.policy_version))
 
 
 @dataclass(frozen=True)
@@ -189,7 +224,7 @@ class Experience:
     """A rollout joined with its reference log-probs and scores: what the learner consumes."""
 
     batch_id: int
-    policy_version: int  # version that generated every sequence in it
+    policy_version: int  # version that generated every sequence in it; in-flight rollout: the oldest token's
     prompt_indices: list[int]
     prompts: Tensor
     prompt_mask: Tensor
@@ -200,16 +235,28 @@ class Experience:
     scores: Tensor
     has_eos: Tensor
     timings: dict[str, float] = field(default_factory=dict)
+    token_versions: Tensor | None = None  # (B, R) `RolloutBatch.token_versions`; None: all `policy_version`'s
 
     @property
     def size(self) -> int:
         return self.responses.shape[0]
+
+    def token_ages(self, learner_version: int) -> Tensor:
+        """(B, R) versions between each token's sampler and the learner that trains on it (0 on padding)."""
+        versions = (self.token_versions if self.token_versions is not None
+                    else torch.full_like(self.responses, self.policy_version))
+        return (learner_version - versions) * self.response_mask
 
     @classmethod
     def join(cls, rollouts: list[RolloutBatch], references: list[RefLogprobs], scores: list[Scores], pad_id: int
              ) -> Experience:
         """Concatenate the shards of one batch (left-padding prompts to a common width)."""
         versions = {r.policy_version for r in rollouts}
+        inflight = [r.token_versions is not None for r in rollouts]
+        if any(inflight) and not all(inflight):
+            raise ValueError("shards of one batch disagree: some carry per-token versions, some do not")
+        if all(inflight):  # in-flight rollout: shards may start under different versions; the oldest is the batch's
+            versions = {min(versions)}
         if len(versions) != 1 or len({r.batch_id for r in rollouts}) != 1:
             raise ValueError(f"shards of one batch disagree: versions {versions}, batches {[r.batch_id for r in rollouts]}")
         for r, lp, s in zip(rollouts, references, scores):
@@ -231,4 +278,5 @@ class Experience:
             scores=torch.cat([s.scores for s in scores]),
             has_eos=torch.cat([s.has_eos for s in scores]),
             timings=batch_timings([r.info() for r in rollouts], [lp.info() for lp in references], [s.info() for s in scores]),
+            token_versions=torch.cat([r.token_versions for r in rollouts]) if all(inflight) else None,
         )

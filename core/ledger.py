@@ -38,6 +38,9 @@ class BatchEntry:
     consumed_by: int | None = None  # the learner version that trained on it (it then became consumed_by + 1)
     restored: bool = False  # loaded from a checkpoint's buffer on resume instead of being generated again
     recalls: list[dict] = field(default_factory=list)  # reference/reward calls made again after their actor died
+    # response tokens per policy version that sampled them ({"3": 410, "4": 102}): in-flight rollout moves a
+    # sequence to a newer version mid-way; otherwise every token is `version`'s
+    token_versions: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -81,11 +84,12 @@ class ExperienceLedger:
     def recalled(self, batch_id: int, shard: int, role: str, error: str) -> None:
         self.batches[batch_id].recalls.append({"shard": shard, "role": role, "error": error})
 
-    def collected(self, batch_id: int, shards: int) -> None:
+    def collected(self, batch_id: int, shards: int, token_versions: dict[int, int] | None = None) -> None:
         entry = self.batches[batch_id]
         for s in range(shards):
             self._last_attempt(batch_id, s).outcome = "generated"
         entry.collected = True
+        entry.token_versions = {str(v): n for v, n in sorted((token_versions or {}).items())}
 
     def consumed(self, batch_id: int, learner_version: int) -> None:
         entry = self.batches.get(batch_id)

@@ -16,6 +16,7 @@ Each step k reads as numbered, timed stages:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -100,6 +101,7 @@ class Throughput:
     start: float = field(default_factory=time.perf_counter)
     sequences: int = 0
     tokens: int = 0
+    learn_s: float = 0.0  # in the learn stage: the rest of the loop the learner idles
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class PPODriver:
         self.prompts = encode_queries(tok, [e.query for e in data.sft_train], cfg.data.max_prompt_tokens)
         self.prompt_source = PromptSource(self.prompts, self.pc.prompts_per_step, cfg.run.seed)
         self.packets: dict[int, ObjectRef] = {}  # version -> weights packet, for re-dispatch after a restart
+        self.sent: dict[ActorHandle, int] = {}  # in-flight rollout: requests sent to each worker (their `seq`)
         self.step = 0  # the step being run, for event rows
         self.roles: RoleHandles | None = None  # set by `start`, with the pool and its event log
         self.pool: RolloutPool | None = None
@@ -258,8 +261,10 @@ class PPODriver:
             flight = state.in_flight.pop(step)
             info = self.collect(flight)
             sync_times = self.await_sync(pending)
+        t_learn = time.perf_counter()
         with timer.stage("learn"):  # 3. learn
             metrics = self.learn(flight)
+        done.learn_s += time.perf_counter() - t_learn
         with timer.stage("sync"):  # 4. sync
             pending = self.sync(step + 1)
             self.gate.publish(step + 1)
@@ -287,8 +292,9 @@ class PPODriver:
     def finish(self, pending: list[PendingLoad], done: Throughput) -> dict[str, float]:
         """After the last step: loads and retiring workers finished, final weights saved, the ledger audited."""
         self.await_sync(pending)
-        self.pool.finish(self.pc.steps)
         loop_s = time.perf_counter() - done.start
+        busy = self._get([w.busy_seconds.remote() for w in self.pool.handles()], "rollout workers' busy seconds")
+        self.pool.finish(self.pc.steps)
         self._get(self.roles.learner.save(str(self.out_dir)), "learner checkpoint")
         audit = self.ledger.audit(self.pc.steps, self.prompt_source.batch)
         atomic_write_text(self.out_dir / "ledger.json", json.dumps(
@@ -299,7 +305,11 @@ class PPODriver:
         return {"ppo/sequences_per_s": done.sequences / loop_s, "ppo/tokens_per_s": done.tokens / loop_s,
                 "ledger/consumed_batches": float(audit.consumed),
                 "ledger/redispatched_shards": float(len(audit.redispatched)),
-                "ledger/restored_batches": float(len(audit.restored)), "timing/ppo_loop_s": loop_s}
+                "ledger/restored_batches": float(len(audit.restored)), "timing/ppo_loop_s": loop_s,
+                # the learner outside its updates, and the rollout workers outside generation (and in-flight loads),
+                # as shares of this process's loop (a worker's busy seconds count from its start)
+                "ppo/learner_idle_fraction": max(0.0, 1 - done.learn_s / loop_s),
+                "rollout/idle_fraction": max(0.0, 1 - sum(busy) / len(busy) / loop_s) if busy else float("nan")}
 
     # --- stages -----------------------------------------------------------------------------------
 
@@ -316,26 +326,43 @@ class PPODriver:
         scaler.report.remote(len(self.pool.active), len(self.pool.starting), step + 1)
 
     def dispatch(self, batch_id: int, version: int) -> InFlight:
-        """Stage 1: shard batch `batch_id` over the workers; chain reference and reward on each shard."""
+        """Stage 1: shard batch `batch_id` over the workers; chain reference and reward on each shard. In-flight
+        (`rollout.inflight`), each prompt's samples are a shard: scored as soon as they finish, a group whole."""
         n = self.pc.samples_per_prompt
         indices = self.prompt_source.batch(batch_id)
         workers = self.pool.handles()
+        if self.cfg.rollout.inflight:
+            shards = [(workers[p % len(workers)], [indices[p]]) for p in range(len(indices))]
+        else:
+            shards = [(worker, indices[w :: len(workers)]) for w, worker in enumerate(workers)]
         flight = InFlight(batch_id, version, [])
         references, rewards = self.roles.references, self.roles.rewards
-        for w, worker in enumerate(workers):
-            rep = [i for i in indices[w :: len(workers)] for _ in range(n)]  # the n samples of a prompt stay adjacent
-            req = RolloutRequest(batch_id=batch_id, shard=w, prompt_indices=rep, prompts=[self.prompts[i] for i in rep],
-                                 seed=self.cfg.run.seed * 1_000_003 + batch_id * 1009 + w, version=version)
+        for s, (worker, mine) in enumerate(shards):
+            rep = [i for i in mine for _ in range(n)]  # the n samples of a prompt stay adjacent
+            req = RolloutRequest(batch_id=batch_id, shard=s, prompt_indices=rep, prompts=[self.prompts[i] for i in rep],
+                                 seed=self.cfg.run.seed * 1_000_003 + batch_id * 1009 + s, version=version,
+                                 **self._inflight_order(worker, batch_id, version))
             # Round robin over the shards of all batches: a batch's shards go to different replicas, and with
             # a single rollout worker successive batches (in flight together when asynchronous) do.
-            turn = batch_id * len(workers) + w
+            turn = batch_id * len(shards) + s
             shard = ShardCalls(request=req, worker=worker, reference_actor=references[turn % len(references)],
                                reward_actor=rewards[turn % len(rewards)])
             for role in ROLES:  # in chain order: scoring reads the rollout's result
                 shard.dispatch(role)
             flight.shards.append(shard)
-        self.ledger.dispatched(batch_id, indices, version, [self.pool.index_of(h) for h in workers])
+        self.ledger.dispatched(batch_id, indices, version, [self.pool.index_of(h) for h, _ in shards])
         return flight
+
+    def _inflight_order(self, worker: ActorHandle, batch_id: int, version: int) -> dict:
+        """In-flight rollout: the request's place in its worker's order and, deterministic, the decode step at which
+        it moves to the next version (which exists before the batch is consumed only if version < batch_id)."""
+        if not self.cfg.rollout.inflight:
+            return {}
+        seq = self.sent.get(worker, 0)
+        self.sent[worker] = seq + 1
+        rc = self.cfg.rollout
+        switch = (rc.inflight_switch_step, version + 1) if rc.inflight_deterministic and version < batch_id else None
+        return {"seq": seq, "switch": switch}
 
     def collect(self, flight: InFlight) -> BatchInfo:
         """Stage 2: wait for every shard of the batch, dispatching again the work of actors that died; read the
@@ -356,8 +383,8 @@ class PPODriver:
         else:
             raise RuntimeError(f"batch {flight.batch_id} kept failing after {self.pc.max_actor_restarts} restarts")
         self.pool.note_collected(results.rollouts)
-        self.ledger.collected(flight.batch_id, len(flight.shards))
         flight.info = BatchInfo.of_calls(results.rollouts, results.references, results.rewards)
+        self.ledger.collected(flight.batch_id, len(flight.shards), flight.info.token_versions)
         return flight.info
 
     def _redispatch(self, flight: InFlight, failed: dict[int, ShardFailure]) -> None:
@@ -369,6 +396,10 @@ class PPODriver:
                 index = self.pool.index_of(shard.worker)
                 self._await_restart(shard.worker, f"rollout worker {index}")
                 attempt = self.ledger.redispatched(flight.batch_id, s, index, f.error)
+                # In-flight, the restarted worker's decode loop starts its order again: this request runs on
+                # arrival (seq None, no switch), the next ones it is sent count from 0.
+                shard.request = dataclasses.replace(shard.request, seq=None, switch=None)
+                self.sent[shard.worker] = 0
                 # The restarted actor holds the SFT weights: the batch's version first, then the current one.
                 shard.worker.load_weights.remote(self.packets[flight.version])
                 shard.dispatch(Role.ROLLOUT)
@@ -417,7 +448,10 @@ class PPODriver:
         self.packets[version] = packet = learner.packet()  # one object, read by every worker
         for old in [v for v in self.packets if v < self.gate.oldest_usable(version)]:
             del self.packets[old]  # no batch can need it any more
-        return [PendingLoad(w, w.load_weights.remote(packet)) for w in self.pool.handles()]
+        # deterministic in-flight: a worker applies it on its own only once the requests sent before it are done
+        after = self.cfg.rollout.inflight and self.cfg.rollout.inflight_deterministic
+        return [PendingLoad(w, w.load_weights.remote(packet, False, self.sent.get(w, 0) if after else None))
+                for w in self.pool.handles()]
 
     def await_sync(self, pending: list[PendingLoad]) -> list[float]:
         """Wait for a sync's loads: one wait and one `ray.get` for all workers. A worker that died meanwhile is

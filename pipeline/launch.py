@@ -281,11 +281,17 @@ def rollout_restarts(cfg: Config) -> int:
     return cfg.ppo.max_actor_restarts if cfg.ppo.weight_sync == "object_store" else 0
 
 
+# In-flight rollout: calls a worker runs at once (a thread each): every shard of the batches in flight, and a load.
+INFLIGHT_CONCURRENCY = 256
+
+
 def launch_rollout_worker(cfg: Config, sft_checkpoint: str, index: int,
                           strategy: PlacementGroupSchedulingStrategy | None = None) -> ActorHandle:
     """A rollout worker; outside the placement group (a worker added while the run goes) without `strategy`."""
     rollout_cfg = cfg.rollout
     opts = {**actor_options(rollout_cfg), "max_restarts": rollout_restarts(cfg)}
+    if rollout_cfg.inflight:  # generate calls and weight loads meet in the worker's decode loop (`roles.inflight`)
+        opts["max_concurrency"] = INFLIGHT_CONCURRENCY
     if strategy is not None:
         opts["scheduling_strategy"] = strategy
     return RolloutWorker.options(**opts).remote(cfg, sft_checkpoint, index)

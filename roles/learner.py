@@ -23,7 +23,7 @@ from transformers import get_constant_schedule, get_cosine_schedule_with_warmup
 from rayrlhf.core import ppo_math as pm
 from rayrlhf.core.checkpoints import Trained, read_state, write_state
 from rayrlhf.core.config import Config, ModelConfig, PPOConfig
-from rayrlhf.core.experience import Experience
+from rayrlhf.core.experience import Experience, spans_versions
 from rayrlhf.core.forward import check_packing, response_logprobs, response_values
 from rayrlhf.core.modeling import (
     DTYPES, default_device, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer, trainable,
@@ -68,18 +68,25 @@ class Minibatch:
     prox: torch.Tensor | None
     check_behaviour: bool
     first_epoch: bool
+    fresh: torch.Tensor | None  # (B, R) 1 where a token is within ppo.max_staleness (in-flight rollout), else None
 
     @classmethod
     def of(cls, pc: PPOConfig, idx: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, device, adv: Advantages,
            values_graph: torch.Tensor | None, prox: torch.Tensor | None, check_behaviour: bool,
-           first_epoch: bool) -> Minibatch:
+           first_epoch: bool, fresh: torch.Tensor | None = None) -> Minibatch:
+        mask = mask * fresh if fresh is not None else mask  # a token past the staleness bound has no loss
         n_tokens = mask[idx].sum().clamp(min=1.0).to(device)
         # what the policy loss divides by: the token count, or with Dr. GRPO's aggregation the minibatch's
         # sequences (each sequence's sum already over the constant max_new_tokens)
         seq_norm, n_policy = None, n_tokens
         if pc.loss_aggregation == "seq_sum_norm":
             seq_norm, n_policy = float(max_new_tokens), torch.tensor(float(len(idx)), device=device)
-        return cls(idx, n_tokens, n_policy, seq_norm, adv, values_graph, prox, check_behaviour, first_epoch)
+        return cls(idx, n_tokens, n_policy, seq_norm, adv, values_graph, prox, check_behaviour, first_epoch, fresh)
+
+    def loss_mask(self, mi: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+        """A micro batch's response mask (rows `mi`), without the tokens past the staleness bound."""
+        mask = response_mask.float()
+        return mask if self.fresh is None else mask * self.fresh[mi, : mask.shape[1]].to(mask.device)
 
 
 class PPOLearner:
@@ -191,7 +198,7 @@ class PPOLearner:
 
     def train_step(self, exp: Experience) -> dict[str, float]:
         """One policy version: advantages, then PPO epochs over minibatches. Returns `ppo/...` metrics."""
-        staleness = _staleness(exp, self.version, self.pc.max_staleness)
+        staleness, fresh = _staleness(exp, self.version, self.pc.max_staleness)
         self.meter = WorkMeter(self.device, self.model_cfg.train_compute_dtype)
         # With a single update the value loss's forward is the one GAE needs: run the critic once, not twice.
         values_graph = None
@@ -205,7 +212,7 @@ class PPOLearner:
         if self.pc.proximal_policy and not self._one_optimizer_step(exp):
             prox = self._batch_forward(exp, "policy", lambda mb: self._logprobs(mb)[0])
         self.offpolicy.clear()
-        sums, n_updates = self._epochs(exp, adv, values_graph, prox, staleness)
+        sums, n_updates = self._epochs(exp, adv, values_graph, prox, staleness, fresh)
         self.version += 1
         metrics = _update_metrics(self.pc, exp, adv, sums, n_updates, staleness, self.sched.get_last_lr()[0],
                                   self.meter.stop(int(exp.prompt_mask.sum() + exp.response_mask.sum()) * self.pc.ppo_epochs))
@@ -217,7 +224,7 @@ class PPOLearner:
         return metrics
 
     def _epochs(self, exp: Experience, adv: Advantages, values_graph: torch.Tensor | None,
-                prox: torch.Tensor | None, staleness: int) -> tuple[dict[str, float], int]:
+                prox: torch.Tensor | None, staleness: int, fresh: torch.Tensor | None) -> tuple[dict[str, float], int]:
         """`ppo_epochs` passes over shuffled minibatches, one optimizer step each -> summed stats, step count."""
         pc, mask = self.pc, exp.response_mask.float()
         sums: dict[str, float] = {}
@@ -233,7 +240,7 @@ class PPOLearner:
                 # its log-probs must equal the rollout backend's (HF or vLLM), up to float error.
                 check = staleness == 0 and epoch == 0 and start == 0
                 mini = Minibatch.of(pc, idx, mask, self.max_new_tokens, self.device, adv, values_graph, prox, check,
-                                    epoch == 0)
+                                    epoch == 0, fresh)
                 for k, v in self._minibatch(exp, mini).items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
@@ -271,7 +278,7 @@ class PPOLearner:
         """Forward and backward of one micro batch: the clipped policy loss (against the proximal or the behaviour
         policy, importance-weighted where configured), the entropy bonus and the clipped value loss."""
         pc, dev, mi = self.pc, self.device, mb.rows
-        R, mmask = mb.responses.shape[1], mb.response_mask.float()
+        R, mmask = mb.responses.shape[1], mini.loss_mask(mi, mb.response_mask)
         checkpointing = self.model_cfg.gradient_checkpointing
         self.meter.ran(self.costs["policy"], mb, train=True, checkpointing=checkpointing)
         if self.critic is not None:  # on the same rows: here, or in the whole batch's `values_graph`
@@ -394,6 +401,7 @@ def _update_metrics(pc: PPOConfig, exp: Experience, adv: Advantages, sums: dict[
         "perf/learner_tokens_per_s": work.tokens_per_s,
         "perf/learner_mfu": work.mfu,
     })
+    metrics.update(_provenance_metrics(exp, exp.policy_version + staleness, pc.max_staleness))
     if adv.values is not None:
         metrics["ppo/value_mean"] = pm.masked_mean(adv.values, mask).item()
         metrics["ppo/return_mean"] = pm.masked_mean(adv.returns, mask).item()
@@ -427,17 +435,35 @@ def _loss(pc: PPOConfig, mini: Minibatch, mi: torch.Tensor, mmask: torch.Tensor,
     return loss
 
 
-def _staleness(exp: Experience, version: int, max_staleness: int) -> int:
-    """The batch's staleness, after refusing one too stale or with non-finite inputs."""
-    staleness = version - exp.policy_version
-    if not 0 <= staleness <= max_staleness:
+def _staleness(exp: Experience, version: int, max_staleness: int) -> tuple[int, torch.Tensor | None]:
+    """The batch's staleness (its oldest token's), after refusing one too stale or with non-finite inputs; and,
+    for a batch with per-token versions (in-flight rollout), which tokens are within `max_staleness`: the others
+    are masked out of the loss (the batch is refused only when none is)."""
+    staleness, fresh = version - exp.policy_version, None
+    if exp.token_versions is not None and staleness > max_staleness:
+        fresh = (exp.token_ages(version) <= max_staleness).float()
+    too_old = staleness > max_staleness and (fresh is None or not (fresh * exp.response_mask).any())
+    if staleness < 0 or too_old:
         raise StalenessError(f"learner at version {version} got batch {exp.batch_id} generated by "
                              f"version {exp.policy_version}; ppo.max_staleness is {max_staleness}")
     for name, t in (("behaviour log-probs", exp.logprobs), ("reference log-probs", exp.ref_logprobs),
                     ("reward scores", exp.scores)):
         if not torch.isfinite(t).all():
             raise FloatingPointError(f"non-finite {name} in batch {exp.batch_id}")
-    return staleness
+    return staleness, fresh
+
+
+def _provenance_metrics(exp: Experience, version: int, max_staleness: int) -> dict[str, float]:
+    """Per-token provenance: the share of response tokens of each age (versions between the one that sampled it
+    and the learner's, `rollout/token_age_<a>`; older than the bound: masked, `ppo/stale_token_fraction`), and the
+    share of sequences sampled by more than one version (`rollout/multi_version_fraction`)."""
+    mask = exp.response_mask.bool()
+    ages = exp.token_ages(version)[mask]
+    n = max(1, ages.numel())
+    out = {f"rollout/token_age_{a}": (ages == a).sum().item() / n for a in range(max_staleness + 1)}
+    out["ppo/stale_token_fraction"] = (ages > max_staleness).sum().item() / n
+    out["rollout/multi_version_fraction"] = spans_versions(exp.token_versions, exp.response_mask).float().mean().item()
+    return out
 
 
 def compute_advantages(pc: PPOConfig, exp: Experience, values: torch.Tensor | None) -> Advantages:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig
 
 from rayrlhf.core.config import LoraConfig, RolloutConfig
+from rayrlhf.core.decode import ContinuousDecoder
 from rayrlhf.core.experience import RolloutBatch, RolloutRequest, VersionMismatch
 from rayrlhf.core.modeling import apply_lora, default_device, load_frozen, lora_parameters
 from rayrlhf.core.padding import pad_left
@@ -29,6 +30,7 @@ from rayrlhf.core.sampling import prefills_prompts_once, sample_with_logprobs
 from rayrlhf.core.throughput import head_params, matmul_params, shared_prefix_work
 from rayrlhf.core.weight_sync import VersionedChecksum, WeightsPacket, WeightSyncError, checksum, unpack
 from rayrlhf.core.work import ModelCost, WorkMeter
+from rayrlhf.roles.inflight import InflightEngine
 
 
 class RolloutBackend(Protocol):
@@ -101,10 +103,15 @@ class HFBackend:
 
 
 class RolloutGenerator:
-    """One rollout worker: n samples per prompt, truncated after EOS, tagged with the weight version."""
+    """One rollout worker: n samples per prompt, truncated after EOS, tagged with the weight version.
+
+    With `rollout.inflight` (HF backend) the worker generates in a decode loop of its own (`InflightEngine`):
+    generate calls and weight loads arrive concurrently (a threaded actor), loads are applied between decode
+    steps, and every token carries the version that sampled it (`RolloutBatch.token_versions`)."""
 
     def __init__(self, checkpoint: str, cfg: RolloutConfig, worker_index: int = 0, dtype: str = "float32",
-                 share_prompts: bool = False, lora: LoraConfig | None = None):
+                 share_prompts: bool = False, lora: LoraConfig | None = None, max_rows: int = 64,
+                 wait_s: float = 600.0):
         if cfg.backend == "vllm":
             from rayrlhf.roles.vllm_backend import VLLMBackend
 
@@ -122,8 +129,24 @@ class RolloutGenerator:
         # every weight that computes (the engine's HF copy with vLLM; the base and its adapters with adapter sync)
         named = list(self.backend.model.named_parameters())
         self.cost = ModelCost(AutoConfig.from_pretrained(checkpoint), matmul_params(named), 0, head_params(named), 0)
+        self.busy_s = 0.0  # seconds generating (and loading, in-flight): 1 - busy / wall is the worker's idle share
+        self.engine = None
+        if cfg.inflight:
+            tok = self.backend.tokenizer
+
+            def decoder() -> ContinuousDecoder:
+                return ContinuousDecoder(self.backend.model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                         temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                         kv=cfg.inflight_kv)
+
+            self.engine = InflightEngine(decoder, max_rows, cfg.inflight_deterministic, wait_s)
+
+    def busy_seconds(self) -> float:
+        return self.engine.busy_s if self.engine is not None else self.busy_s
 
     def generate(self, req: RolloutRequest) -> RolloutBatch:
+        if self.engine is not None:
+            return self._generate_inflight(req)
         if req.version is not None and req.version != self.version:
             raise VersionMismatch(f"rollout worker {self.worker_index} holds policy v{self.version}, batch {req.batch_id} "
                                   f"needs v{req.version}")
@@ -139,12 +162,33 @@ class RolloutGenerator:
         meter.forward(self.cost, *shared_prefix_work(self.cost.config, lengths, (plens - 1).tolist() if groups else
                                                      [0] * len(lengths), groups), int(rmask.sum()))
         work = meter.stop()
+        self.busy_s += work.seconds
         return RolloutBatch(batch_id=req.batch_id, shard=req.shard, worker=self.worker_index,
                             policy_version=self.version, prompt_indices=list(req.prompt_indices), prompts=prompts,
                             prompt_mask=pmask, responses=responses, response_mask=rmask, logprobs=logprobs,
                             seconds=work.seconds, mfu=work.mfu, engine_probe_diff=self.last_verify_diff)
 
-    def load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
+    def _generate_inflight(self, req: RolloutRequest) -> RolloutBatch:
+        """The request's rows from the decode loop, each token with its version; the batch's version is the
+        oldest token's. MFU is not measured: a request's decode steps are shared with the others in the loop."""
+        got = self.engine.generate(req)
+        s = got.sampled
+        prompts, pmask = pad_left(req.prompts, self.backend.tokenizer.pad_token_id)
+        real = s.versions[s.response_mask.bool()]
+        oldest = int(real.min()) if real.numel() else self.engine.version
+        return RolloutBatch(batch_id=req.batch_id, shard=req.shard, worker=self.worker_index, policy_version=oldest,
+                            prompt_indices=list(req.prompt_indices), prompts=prompts, prompt_mask=pmask,
+                            responses=s.responses, response_mask=s.response_mask, logprobs=s.logprobs,
+                            seconds=got.seconds, mfu=None, token_versions=s.versions)
+
+    def load_weights(self, packet: WeightsPacket, verify: bool = False, after_requests: int | None = None) -> float:
+        """`_load_weights`; in-flight, run by the decode loop between two steps (deterministic mode: once the
+        requests sent before it, `after_requests` of them, are done, or when a request's schedule asks for it)."""
+        if self.engine is None:
+            return self._load_weights(packet, verify)
+        return self.engine.load(packet.version, lambda: self._load_weights(packet, verify), after_requests)
+
+    def _load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
         """Swap in `packet`'s weights; with `verify`, compare the checksum of the weights held (the generating
         model's for HF, the engine's HF copy for vLLM, whose engine is probed on every load whatever `verify`).
         An adapter-only packet is always verified: its checksum against the LoRA matrices the worker holds (a few
@@ -174,4 +218,7 @@ class RolloutGenerator:
         return self.backend.last_probe_diff
 
     def weights_checksum(self) -> VersionedChecksum:
-        return VersionedChecksum(self.version, checksum(self.backend.named_weights().items()))
+        def read() -> VersionedChecksum:
+            return VersionedChecksum(self.version, checksum(self.backend.named_weights().items()))
+
+        return self.engine.locked(read) if self.engine is not None else read()

@@ -1,0 +1,268 @@
+"""In-flight rollout: the decode loop against generate, mid-sequence weight updates with per-token versions,
+per-token staleness masking, the worker's decode loop (streaming, loads between steps, deterministic mode)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+import time
+
+import pytest
+import torch
+
+from rayrlhf.core.config import RolloutConfig
+from rayrlhf.core.decode import ContinuousDecoder
+from rayrlhf.core.experience import RolloutRequest, spans_versions
+from rayrlhf.core.forward import response_logprobs
+from rayrlhf.core.padding import pad_left
+from rayrlhf.core.sampling import sample_with_logprobs
+from rayrlhf.core.weight_sync import stream_packet
+
+T = 0.7
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_checkpoints):
+    from rayrlhf.core.modeling import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_checkpoints.sft))
+    return load_causal_lm(str(tiny_checkpoints.sft), tok).eval(), tok
+
+
+@pytest.fixture(scope="module")
+def queries(tiny_cfg, policy) -> list[list[int]]:
+    from rayrlhf.core.data import load_tldr
+    from rayrlhf.core.text import encode_queries
+
+    _, tok = policy
+    return encode_queries(tok, [e.query for e in load_tldr(tiny_cfg.data).sft_test[:6]], tiny_cfg.data.max_prompt_tokens)
+
+
+def frequent_token(model, prompts: list[list[int]], pad_id: int) -> int:
+    """A token the barely trained policy samples often, used as EOS so that rows finish at different steps."""
+    ids, mask = pad_left(prompts, pad_id)
+    torch.manual_seed(0)
+    out, _, _ = sample_with_logprobs(model, ids, mask, max_new_tokens=12, eos_id=-1, pad_id=pad_id, temperature=T,
+                                     top_p=1.0)
+    return int(out.flatten().mode().values)
+
+
+def decode_all(dec: ContinuousDecoder, req) -> None:
+    while req in dec.requests:
+        dec.step()
+
+
+def perturbed(model, scale: float = 0.05, seed: int = 1):
+    """A copy of `model` with every weight moved: the next policy version."""
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.abs().mean())
+    return other
+
+
+def recompute(model, prompts: list[list[int]], responses, mask, pad_id: int):
+    p, pm = pad_left(prompts, pad_id)
+    with torch.no_grad():
+        return response_logprobs(model, p, pm, responses, mask, T)[0]
+
+
+def test_decode_loop_samples_what_generate_samples(policy, queries):
+    """No update in between: the decode loop's tokens and log-probs are generate's (same seed, same prefill), with
+    rows finishing at different steps; a request that joins others mid-way samples what it samples alone."""
+    model, tok = policy
+    rep = [q for q in queries[:4] for _ in range(2)]
+    eos = frequent_token(model, rep, tok.pad_token_id)
+    kw = dict(eos_id=eos, pad_id=tok.pad_token_id, temperature=T, max_new_tokens=12)
+    ids, mask = pad_left(rep, tok.pad_token_id)
+    torch.manual_seed(5)
+    want, want_mask, want_lp = sample_with_logprobs(model, ids, mask, top_p=1.0, share_prompts=True, **kw)
+    assert len(set(want_mask.sum(-1).tolist())) > 1, "rows should finish at different steps"
+
+    dec = ContinuousDecoder(model, **kw)
+    req = dec.add("a", rep, seed=5)
+    decode_all(dec, req)
+    got = dec.result(req)
+    assert torch.equal(got.responses, want) and torch.equal(got.response_mask, want_mask)
+    torch.testing.assert_close(got.logprobs, want_lp, atol=1e-6, rtol=0)
+    assert (got.versions[want_mask == 1] == 0).all() and (got.versions[want_mask == 0] == -1).all()
+
+    alone = ContinuousDecoder(model, **kw)
+    b_alone = alone.add("b", [queries[4]] * 2, seed=9)
+    decode_all(alone, b_alone)
+    shared = ContinuousDecoder(model, **kw)
+    first = shared.add("a", rep, seed=5)
+    for _ in range(3):
+        shared.step()
+    b = shared.add("b", [queries[4]] * 2, seed=9)  # joins the running batch: its cache rows merged in
+    decode_all(shared, b)
+    decode_all(shared, first)
+    assert torch.equal(shared.result(b).responses, alone.result(b_alone).responses)
+    torch.testing.assert_close(shared.result(b).logprobs, alone.result(b_alone).logprobs, atol=1e-5, rtol=0)
+    assert torch.equal(shared.result(first).responses, want)
+    assert not shared.requests and shared.cache is None  # every row left
+
+
+@pytest.mark.parametrize("kv", ["recompute", "keep"])
+def test_a_mid_sequence_update_tags_each_token_with_its_version(policy, queries, kv):
+    """Version 1 arrives after 4 decode steps: tokens before carry v0, after v1, no row is dropped. With
+    `recompute`, every recorded log-prob is what the learner computes at the token's version; with `keep`, the tokens
+    after the update come from v1's weights over v0's cache, which neither version reproduces (measured)."""
+    model, tok = policy
+    v1 = perturbed(model)
+    live = copy.deepcopy(model)
+    rep = [q for q in queries[:3] for _ in range(2)]
+    dec = ContinuousDecoder(live, eos_id=-1, pad_id=tok.pad_token_id, temperature=T, max_new_tokens=10, kv=kv)
+    req = dec.add("a", rep, seed=3)
+    for _ in range(4):
+        dec.step()
+    live.load_state_dict(v1.state_dict())
+    dec.weights_changed(1)
+    decode_all(dec, req)
+    got = dec.result(req)
+    assert got.response_mask.sum().item() == 6 * 10  # nothing dropped
+    assert (got.versions[:, :4] == 0).all() and (got.versions[:, 4:] == 1).all()
+    assert spans_versions(got.versions, got.response_mask).all()
+    at0 = recompute(model, rep, got.responses, got.response_mask, tok.pad_token_id)
+    at1 = recompute(v1, rep, got.responses, got.response_mask, tok.pad_token_id)
+    at_version = torch.where(got.versions == 0, at0, at1)
+    diff = (at_version - got.logprobs).abs()
+    assert diff[:, :4].max().item() < 1e-5  # before the update: v0's, either way
+    if kv == "recompute":
+        assert diff.max().item() < 1e-5
+    else:
+        assert diff[:, 4:].max().item() > 1e-3  # v1 over v0's keys and values is not v1
+
+
+def test_tokens_past_the_staleness_bound_are_masked_out_of_the_loss(make_experience, tiny_checkpoints, make_tiny_cfg):
+    """A batch whose tokens span versions 0 and 1, trained at version 2 with max_staleness 1: v0's tokens have no
+    loss (their gradient is zero), the metrics count them; a batch of v0 tokens only is refused."""
+    from rayrlhf.roles.learner import PPOLearner, StalenessError, _staleness
+
+    cfg = make_tiny_cfg("ppo.max_staleness=1")
+    exp = make_experience(cfg)
+    versions = torch.where(torch.arange(exp.responses.shape[1]) < 2, 0, 1).expand_as(exp.responses)
+    exp = dataclasses.replace(exp, token_versions=versions.masked_fill(exp.response_mask == 0, -1), policy_version=0)
+    staleness, fresh = _staleness(exp, 2, 1)
+    real = exp.response_mask == 1
+    assert staleness == 2 and (fresh[:, :2][real[:, :2]] == 0).all() and (fresh[:, 2:][real[:, 2:]] == 1).all()
+    old = dataclasses.replace(exp, token_versions=torch.zeros_like(versions).masked_fill(exp.response_mask == 0, -1))
+    with pytest.raises(StalenessError, match="ppo.max_staleness is 1"):
+        _staleness(old, 2, 1)
+
+    def trained(batch, version: int):
+        lr = PPOLearner(cfg.ppo, cfg.model, str(tiny_checkpoints.sft), str(tiny_checkpoints.rm),
+                        temperature=cfg.rollout.temperature, seed=0, max_new_tokens=cfg.rollout.max_new_tokens)
+        lr.version = version
+        return lr.train_step(batch), dict(lr.policy.named_parameters())
+
+    metrics, a = trained(exp, 2)
+    n = int(exp.response_mask.sum())
+    stale = int((exp.response_mask[:, :2]).sum())
+    assert metrics["ppo/stale_token_fraction"] == pytest.approx(stale / n)
+    assert metrics["rollout/token_age_1"] == pytest.approx(1 - stale / n)
+    assert metrics["rollout/multi_version_fraction"] == pytest.approx(
+        (exp.response_mask.sum(-1) > 2).float().mean().item())
+    # The stale tokens' behaviour and reference log-probs moved together: their KL, so every advantage, is unchanged,
+    # only their importance weights move. Masked, the update is the same; at version 1 (all fresh) it is not.
+    shift = torch.zeros_like(exp.logprobs)
+    shift[:, :2] = 0.5
+    shift *= exp.response_mask
+    moved = dataclasses.replace(exp, logprobs=exp.logprobs + shift, ref_logprobs=exp.ref_logprobs + shift)
+    _, b = trained(moved, 2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    _, a1 = trained(exp, 1)
+    _, b1 = trained(moved, 1)
+    assert any(not torch.equal(a1[k], b1[k]) for k in a1)
+
+
+def _generator(tiny_checkpoints, **kw):
+    from rayrlhf.roles.rollout import RolloutGenerator
+
+    cfg = RolloutConfig(temperature=T, max_new_tokens=kw.pop("max_new_tokens", 16), inflight=True, **kw)
+    return RolloutGenerator(str(tiny_checkpoints.sft), cfg, max_rows=kw.pop("max_rows", 64), wait_s=30)
+
+
+def _packet(model, version: int):
+    return stream_packet(model.named_parameters(), version, 2**20)
+
+
+def test_the_worker_loads_a_version_between_decode_steps_and_streams_groups(tiny_checkpoints, queries, monkeypatch):
+    """Groups sent to a worker's decode loop come back as each finishes (a short group before a long one that
+    started with it); a load arriving mid-generation is applied between steps, the sequences go on."""
+    gen = _generator(tiny_checkpoints, max_new_tokens=48)
+    model = gen.backend.model
+    step = gen.engine.decoder.step
+
+    def slow_step():  # 20 ms a step, so that the load lands mid-generation on any machine
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(gen.engine.decoder, "step", slow_step)
+    # a token the barely trained policy samples often ends a sequence, so the groups finish at different steps
+    gen.engine.decoder.eos_id = eos = frequent_token(model, queries[:3], gen.backend.tokenizer.pad_token_id)
+    v1 = perturbed(model)
+    out, order = {}, []
+
+    def run(shard: int, prompt: list[int]):
+        req = RolloutRequest(batch_id=0, shard=shard, prompt_indices=[shard, shard], prompts=[prompt, prompt],
+                             seed=shard, version=0)
+        out[shard] = gen.generate(req)
+        order.append(shard)
+
+    threads = [threading.Thread(target=run, args=(s, queries[s])) for s in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    seconds = gen.load_weights(_packet(v1, 1))
+    assert gen.version == 1 and seconds > 0
+    for t in threads:
+        t.join(60)
+    assert sorted(out) == [0, 1, 2]
+    for batch in out.values():
+        assert batch.token_versions is not None and batch.policy_version in (0, 1)
+        real = batch.token_versions[batch.response_mask == 1]
+        assert real.numel() == int(batch.response_mask.sum()) and set(real.tolist()) <= {0, 1}
+        # a version never goes back within a sequence
+        for row, m in zip(batch.token_versions, batch.response_mask):
+            v = row[m == 1]
+            assert torch.equal(v, v.sort().values)
+        assert ((batch.responses == eos) | (batch.response_mask.sum(-1, keepdim=True) == 48)).any(-1).all()
+    assert any(spans_versions(b.token_versions, b.response_mask).any() for b in out.values())
+    lengths = {s: int(b.response_mask.sum(-1).max()) for s, b in out.items()}
+    assert len(set(lengths.values())) > 1, lengths
+    # each group as it finished: one that ended steps before another came back before it
+    assert all(order.index(a) < order.index(b) for a in out for b in out if lengths[a] + 2 <= lengths[b])
+    assert gen.weights_checksum().version == 1
+
+
+def test_deterministic_mode_repeats_bit_for_bit(tiny_checkpoints, queries):
+    """Deterministic in-flight: each request switches to v1 at decode step 3 whenever v1 arrives (here before the
+    requests, and in the second run long after they reached step 3); two runs give identical tensors."""
+    def run(load_first: bool):
+        gen = _generator(tiny_checkpoints, max_new_tokens=12, inflight_deterministic=True)
+        v1 = perturbed(gen.backend.model)
+        reqs = [RolloutRequest(batch_id=1, shard=s, prompt_indices=[s, s], prompts=[queries[s]] * 2, seed=s, version=0,
+                               seq=s, switch=(3, 1)) for s in range(2)]
+        out = {}
+        threads = [threading.Thread(target=lambda r=r: out.__setitem__(r.shard, gen.generate(r))) for r in reversed(reqs)]
+        if load_first:
+            loader = threading.Thread(target=gen.load_weights, args=(_packet(v1, 1), False, 2))
+            loader.start()
+        for t in threads:
+            t.start()
+        if not load_first:
+            time.sleep(1.0)
+            gen.load_weights(_packet(v1, 1), False, 2)
+        for t in threads:
+            t.join(60)
+        return out
+
+    a, b = run(True), run(False)
+    for s in (0, 1):
+        assert (a[s].token_versions[:, :3] == 0).all()
+        assert (a[s].token_versions[:, 3:][a[s].response_mask[:, 3:] == 1] == 1).all()
+        for field in ("responses", "response_mask", "logprobs", "token_versions"):
+            assert torch.equal(getattr(a[s], field), getattr(b[s], field)), (s, field)
