@@ -79,7 +79,8 @@ class RolloutWorker:
         return self.gen.weights_checksum()
 
     def version(self) -> int:
-        return self.gen.version
+        """The version held after the calls sent before this one (the pool reads it after loads and to drain)."""
+        return self.gen.settled_version()
 
     def join_group(self, addr: str, port: int, rank: int, world: int, timeout_s: float,
                    layouts: tuple[BucketLayout, ...]) -> None:

@@ -198,12 +198,13 @@ class RolloutPool:
     def load_verified(self, workers: list[PoolWorker], packet: ObjectRef, version: int, what: str) -> list[float]:
         """Load `packet` (policy `version`) into `workers`, checksum verified; returns each load's seconds."""
         loads = [w.handle.load_weights.remote(packet, verify=True) for w in workers]
-        versions = [w.handle.version.remote() for w in workers]
-        out = self.calls.get(loads + versions, f"loading {what} into rollout workers")
-        for w, got in zip(workers, out[len(workers):]):
+        seconds = self.calls.get(loads, f"loading {what} into rollout workers")
+        # asked once the loads are done: an in-flight worker runs its calls concurrently, not in order
+        versions = self.calls.get([w.handle.version.remote() for w in workers], "rollout workers' versions")
+        for w, got in zip(workers, versions):
             if got != version:
                 raise RuntimeError(f"rollout worker {w.index} holds v{got} after loading {what} (v{version})")
-        return out[: len(workers)]
+        return seconds
 
     def _retire(self, w: PoolWorker, step: int, next_batch: int) -> None:
         self.active.remove(w)

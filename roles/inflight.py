@@ -95,6 +95,12 @@ class InflightEngine:
         load.done.result()
         return time.perf_counter() - t0
 
+    def wait_idle(self) -> None:
+        """Until no request or load is waiting or running (the calls sent before this one are done)."""
+        with self.cond:
+            while (self.waiting or self.running or self.loads) and self.error is None:
+                self.cond.wait(timeout=1.0)
+
     def locked(self, fn: Callable[[], object]) -> object:
         """`fn` run between two decode steps (a checksum of the weights that generate)."""
         with self.cond:
@@ -126,6 +132,7 @@ class InflightEngine:
                     self._admit()
                     finished = self._step()
                     self.busy_s += time.perf_counter() - t0
+                    self.cond.notify_all()  # `wait_idle`
                 for job in finished:  # outside the lock: the caller's thread builds its batch
                     job.done.set_result(Generated(job.decoder.result(job.decoding), time.perf_counter() - job.started))
         except BaseException as e:  # every caller waiting gets the error, none hangs

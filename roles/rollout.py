@@ -141,6 +141,13 @@ class RolloutGenerator:
 
             self.engine = InflightEngine(decoder, max_rows, cfg.inflight_deterministic, wait_s)
 
+    def settled_version(self) -> int:
+        """The version held once the calls before this one are done (in-flight, calls run concurrently: this one
+        waits for the decode loop to be idle)."""
+        if self.engine is not None:
+            self.engine.wait_idle()
+        return self.version
+
     def busy_seconds(self) -> float:
         return self.engine.busy_s if self.engine is not None else self.busy_s
 
