@@ -243,6 +243,10 @@ class DataConfig(_Section):
     num_train_pairs: int = Field(3000, ge=1, description="Synthetic: reward-model training comparisons.")
     num_valid_pairs: int = Field(400, ge=1, description="Synthetic: reward-model validation comparisons.")
     label_noise: float = Field(0.1, ge=0.0, lt=0.5, description="Probability that a synthetic comparison label is flipped.")
+    synthetic_lengths: Literal["uniform", "long_tail"] = Field("uniform", description=(
+        "Synthetic: `uniform`, two key facts per post (a good summary ~12 tokens); `long_tail`, 1 to 8 key facts, "
+        "P(k) ~ k^-1.5 (most summaries short, a few ~8x as long: the workload where in-flight rollout pays; "
+        "give it rollout.max_new_tokens and data.max_summary_tokens ~64)."))
     # Real data: hub ids or local files (jsonl/json/parquet); split names as in the CarperAI datasets.
     sft_dataset: str = Field("CarperAI/openai_summarize_tldr", description="Hub id of the SFT dataset (fields prompt, label).")
     comparisons_dataset: str = Field("CarperAI/openai_summarize_comparisons", description="Hub id of the comparisons dataset (fields prompt, chosen, rejected).")

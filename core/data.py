@@ -250,13 +250,13 @@ def read_comparisons(cfg: DataConfig, split_or_path: str) -> list[ComparisonExam
 
 def _synthetic_summaries(cfg: DataConfig, split: str, n: int) -> list[SummaryExample]:
     return [SummaryExample(p.id, format_query(p.subreddit, p.title, p.body), " " + ref, p)
-            for p, ref in make_posts(cfg.seed, split, n)]
+            for p, ref in make_posts(cfg.seed, split, n, cfg.synthetic_lengths == "long_tail")]
 
 
 def _synthetic_pairs(cfg: DataConfig, split: str, n: int) -> list[ComparisonExample]:
     return [ComparisonExample(p.post.id, format_query(p.post.subreddit, p.post.title, p.post.body),
                               " " + p.chosen, " " + p.rejected, p.post, p.gold_agrees)
-            for p in make_pairs(cfg.seed, split, n, cfg.label_noise)]
+            for p in make_pairs(cfg.seed, split, n, cfg.label_noise, cfg.synthetic_lengths == "long_tail")]
 
 
 def _shuffled(items: list, seed: int, salt: str) -> list:

@@ -102,12 +102,19 @@ def prefer(post: Post, a: str, b: str) -> float:
     return 0.5 if abs(sa - sb) < 1e-9 else float(sa > sb)
 
 
-def make_post(rng: random.Random, index: int, split: str) -> Post:
-    n_distractors = rng.randint(2, 3)
-    people = rng.sample(SUBJECTS, KEY_FACTS_PER_POST + n_distractors)
-    subjects = people[:KEY_FACTS_PER_POST]
+# The long-tailed variant (`data.synthetic_lengths: long_tail`): 1 to 8 key facts per post, P(k) ~ k^-1.5, so a
+# good summary runs from ~6 tokens to ~8x that, most posts short, a few long (mean ~2.3 facts): the response-length
+# spread where generating a batch to its slowest sequence wastes most.
+LONG_TAIL_FACTS = tuple(range(1, 9))
+LONG_TAIL_WEIGHTS = tuple(k ** -1.5 for k in LONG_TAIL_FACTS)
+
+
+def make_post(rng: random.Random, index: int, split: str, facts: int = KEY_FACTS_PER_POST) -> Post:
+    n_distractors = min(rng.randint(2, 3), len(SUBJECTS) - 1 - facts)  # someone left unmentioned (`write_summary`)
+    people = rng.sample(SUBJECTS, facts + n_distractors)
+    subjects = people[:facts]
     key_facts = tuple(f"{s} {EVENT_OF[s]}" for s in subjects)
-    distractors = tuple(f"{s} {e}" for s, e in zip(people[KEY_FACTS_PER_POST:], rng.sample(MUNDANE_EVENTS, n_distractors)))
+    distractors = tuple(f"{s} {e}" for s, e in zip(people[facts:], rng.sample(MUNDANE_EVENTS, n_distractors)))
     sentences = [rng.choice(KEY_FRAMES).format(fact=f) for f in key_facts]
     sentences += [rng.choice(DISTRACTOR_FRAMES).format(fact=d) for d in distractors]
     rng.shuffle(sentences)
@@ -143,12 +150,19 @@ def _quality(rng: random.Random) -> str:
     return rng.choices(names, weights)[0]
 
 
-def make_posts(seed: int, split: str, n: int) -> list[tuple[Post, str]]:
+def _facts(lengths: random.Random | None) -> int:
+    """Key facts of the next post: two, or drawn from the long tail (a stream of its own, so that the default
+    task's posts stay what they were)."""
+    return KEY_FACTS_PER_POST if lengths is None else lengths.choices(LONG_TAIL_FACTS, LONG_TAIL_WEIGHTS)[0]
+
+
+def make_posts(seed: int, split: str, n: int, long_tail: bool = False) -> list[tuple[Post, str]]:
     """n posts of one split, each with a human-style reference summary."""
     rng = random.Random(f"{seed}-{split}-posts")
+    lengths = random.Random(f"{seed}-{split}-lengths") if long_tail else None
     out = []
     for i in range(n):
-        post = make_post(rng, i, split)
+        post = make_post(rng, i, split, _facts(lengths))
         out.append((post, write_summary(rng, post, _quality(rng))))
     return out
 
@@ -161,12 +175,13 @@ class Pair:
     gold_agrees: bool  # False where label noise flipped the gold preference
 
 
-def make_pairs(seed: int, split: str, n: int, label_noise: float) -> list[Pair]:
+def make_pairs(seed: int, split: str, n: int, label_noise: float, long_tail: bool = False) -> list[Pair]:
     """n comparisons on fresh posts, labelled by the gold judge with `label_noise` flips; no ties."""
     rng = random.Random(f"{seed}-{split}-pairs")
+    lengths = random.Random(f"{seed}-{split}-pair-lengths") if long_tail else None
     pairs: list[Pair] = []
     while len(pairs) < n:
-        post = make_post(rng, len(pairs), f"{split}-pair")
+        post = make_post(rng, len(pairs), f"{split}-pair", _facts(lengths))
         a, b = (write_summary(rng, post, _quality(rng)) for _ in range(2))
         p = prefer(post, a, b)
         if p == 0.5:

@@ -599,3 +599,20 @@ def test_a_byte_order_mark_does_not_cost_a_lax_file_its_first_row(tmp_path, suff
     path.write_bytes(b"\xef\xbb\xbf" + body.encode())
     assert [e.reference for e in read_summaries(_local(strict=False), str(path))] == [" first", " second"]
     assert len(read_summaries(_local(strict=True), str(path))) == 2
+
+
+def test_the_long_tailed_variant_spreads_key_facts_from_one_to_eight():
+    """`data.synthetic_lengths: long_tail`: 1-8 key facts per post, most posts one fact, a few eight (a good summary
+    ~8x as long); every reference quality still has what it needs (a distractor, an unmentioned person)."""
+    import collections
+
+    from rayrlhf.core.synthetic import make_pairs, make_posts
+
+    posts = make_posts(5, "train", 2000, long_tail=True)
+    counts = collections.Counter(len(p.key_facts) for p, _ in posts)
+    assert set(counts) == set(range(1, 9)) and counts[1] > 800 and 20 < counts[8] < 100
+    assert all(judge(p, ref).coverage <= 1 for p, ref in posts)
+    assert len(make_pairs(5, "train", 200, 0.1, long_tail=True)) == 200
+    # the default task is drawn as before
+    assert [p.body for p, _ in make_posts(5, "train", 20)] != [p.body for p, _ in posts[:20]]
+    assert all(len(p.key_facts) == 2 for p, _ in make_posts(5, "train", 200))
