@@ -415,17 +415,20 @@ class RolloutConfig(_Section):
         "full-softmax probability of a nucleus token, vLLM the renormalised one): PPO's ratios would be wrong."))
     max_new_tokens: int = Field(24, ge=1, description="Fixed response budget; responses are cut after the first EOS.")
     inflight: bool = Field(False, description=(
-        "In-flight weight updates (HF backend): each worker generates in a decode loop of its own with continuous "
+        "In-flight weight updates: each worker generates in a decode loop of its own with continuous "
         "batching (a prompt's samples join as soon as rows are free, and leave as soon as all of them finished), "
         "applies each new weight version between two decode steps without stopping or dropping the sequences in "
         "progress, and tags every token with the version that sampled it; the learner checks staleness token by "
-        "token. A prompt's samples are a shard of their own, scored as soon as they finish. By default the version "
+        "token. A prompt's samples are a shard of their own, scored as soon as they finish. HF: a decode loop of "
+        "rayrlhf's own; vLLM: the engine's step loop, with each new version reloaded between two steps and probed "
+        "through the same steps (merged weights only). By default the version "
         "a token gets depends on when the weights arrive, so runs are not repeatable (see "
         "rollout.inflight_deterministic)."))
     inflight_kv: Literal["recompute", "keep"] = Field("recompute", description=(
         "After an in-flight weight update: `recompute` runs every sequence in progress through the new weights "
         "again (one prefill), so each token's recorded log-prob is exactly its version's (what the learner "
-        "recomputes); `keep` keeps the keys and values the old weights computed (PipelineRL's choice, no prefill): "
+        "recomputes; vLLM preempts its running requests, which it then prefills again); `keep` keeps the keys and "
+        "values the old weights computed (PipelineRL's choice, no prefill; vLLM without its prefix cache): "
         "a token sampled after the update then comes from the new weights over the old cache, whose probability is "
         "recorded as the behaviour log-prob but is neither version's."))
     inflight_deterministic: bool = Field(False, description=(
@@ -446,9 +449,9 @@ class RolloutConfig(_Section):
         if self.top_p != 1.0:
             raise ValueError(f"rollout.top_p {self.top_p}: PPO's learner and reference compute log-probs of the full "
                              "softmax(logits / T), not of the nucleus the rollout would sample from; keep 1")
-        if self.inflight and self.backend != "hf":
-            raise ValueError("rollout.inflight needs rollout.backend hf: in-flight weight updates are built on the HF "
-                             "decode loop; vLLM's step loop with reloads between steps is not built yet")
+        if self.inflight and self.backend == "vllm" and self.inflight_deterministic:
+            raise ValueError("rollout.inflight_deterministic needs rollout.backend hf: vLLM's scheduler batches "
+                             "requests its own way, so its float rounding is not repeatable")
         tp = self.tensor_parallel_size
         if tp > 1 and self.backend != "vllm":
             raise ValueError(f"rollout.tensor_parallel_size {tp} needs rollout.backend vllm (got {self.backend})")
@@ -700,6 +703,9 @@ class Config(_Section):
         if self.ppo.weight_sync != "object_store":
             return f"needs ppo.weight_sync object_store (the {self.ppo.weight_sync} transport ships full weights)"
         if self.rollout.backend == "vllm":
+            if self.rollout.inflight:
+                return ("rollout.inflight with vLLM: a request keeps the LoRA adapter it started with, so an adapter "
+                        "version cannot reach the sequences in progress; merged weights can")
             if self.rollout.tensor_parallel_size > 1:
                 return (f"rollout.tensor_parallel_size {self.rollout.tensor_parallel_size}: adapters are read back from "
                         "one engine process, not from a tensor-parallel group's shards")

@@ -137,16 +137,7 @@ class ContinuousDecoder:
             self.cache, self.mask = self._prefill([row.ids[:-1] for row in self.rows])
 
     def result(self, req: DecodeRequest) -> Sampled:
-        R, n = self.max_new_tokens, len(req.rows)
-        out = Sampled(torch.full((n, R), self.pad_id, dtype=torch.long), torch.zeros(n, R, dtype=torch.long),
-                      torch.zeros(n, R), torch.full((n, R), -1, dtype=torch.long))
-        for i, row in enumerate(req.rows):
-            k = len(row.tokens)
-            out.responses[i, :k] = torch.tensor(row.tokens)
-            out.response_mask[i, :k] = 1
-            out.logprobs[i, :k] = torch.tensor(row.logprobs)
-            out.versions[i, :k] = torch.tensor(row.versions)
-        return out
+        return sampled(req.rows, self.max_new_tokens, self.pad_id)
 
     # --- internals --------------------------------------------------------------------------------
 
@@ -212,6 +203,20 @@ class ContinuousDecoder:
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def sampled(rows: list[Row], max_new_tokens: int, pad_id: int) -> Sampled:
+    """Finished rows as right-padded tensors (`Sampled`)."""
+    R, n = max_new_tokens, len(rows)
+    out = Sampled(torch.full((n, R), pad_id, dtype=torch.long), torch.zeros(n, R, dtype=torch.long),
+                  torch.zeros(n, R), torch.full((n, R), -1, dtype=torch.long))
+    for i, row in enumerate(rows):
+        k = len(row.tokens)
+        out.responses[i, :k] = torch.tensor(row.tokens)
+        out.response_mask[i, :k] = 1
+        out.logprobs[i, :k] = torch.tensor(row.logprobs)
+        out.versions[i, :k] = torch.tensor(row.versions)
+    return out
 
 
 def _pad_columns(t: Tensor, width: int) -> Tensor:

@@ -170,13 +170,16 @@ class InflightEngine:
             self.loads.remove(load)
             try:
                 load.apply()
-            except BaseException as e:  # the load's caller gets it; the loop and the old version go on
+                self.version = load.version
+                decoders = {id(job.decoder): job.decoder for job in self.running}
+                decoders.setdefault(id(self.decoder), self.decoder)
+                for decoder in decoders.values():  # vLLM's probes the engine through its own steps
+                    decoder.weights_changed(load.version)
+            except BaseException as e:
+                # The load's caller gets the error, and the loop stops (every caller waiting gets it too): the
+                # model may hold part of the new weights, or weights its engine does not compute with.
                 load.done.set_exception(e)
-                continue
-            self.version = load.version
-            for decoder in {id(job.decoder): job.decoder for job in self.running}.values():
-                decoder.weights_changed(load.version)
-            self.decoder.version = load.version
+                raise
             load.done.set_result(None)
 
     def _admissible(self) -> list[_Job]:

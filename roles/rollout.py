@@ -135,6 +135,10 @@ class RolloutGenerator:
             tok = self.backend.tokenizer
 
             def decoder() -> ContinuousDecoder:
+                if cfg.backend == "vllm":  # the engine's own step loop (one engine: one decoder)
+                    from rayrlhf.roles.vllm_inflight import VLLMStepDecoder
+
+                    return VLLMStepDecoder(self.backend, cfg.inflight_kv)
                 return ContinuousDecoder(self.backend.model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                                          temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                          kv=cfg.inflight_kv)

@@ -189,6 +189,11 @@ def engine_args(cfg: RolloutConfig, max_position_embeddings: int, on_gpu: bool) 
                 max_num_batched_tokens=max(4096, max_position_embeddings))
 
 
+def row_seeds(seed: int, n: int) -> list[int]:
+    """A seed per row drawn from the request's: each row is its own vLLM request, reproducible and in order."""
+    return torch.randint(0, 2**31 - 1, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def _lora_rank_slot(r: int) -> int:
     """The smallest LoRA rank vLLM sizes its slots for (vllm/config/lora.py `MaxLoRARanks`) that holds rank r."""
     from typing import get_args
@@ -222,6 +227,7 @@ class VLLMBackend:
     """A vLLM engine started once; `generate` samples, `load_weights` swaps a new policy version in place."""
 
     def __init__(self, checkpoint: str, cfg: RolloutConfig, dtype: str = "float32", lora: LoraConfig | None = None):
+        self.inflight = cfg.inflight  # loads land between the engine's steps, requests in progress (vllm_inflight)
         on_gpu = torch.cuda.is_available()
         hf_config = AutoConfig.from_pretrained(checkpoint)
         if not on_gpu:
@@ -250,6 +256,8 @@ class VLLMBackend:
         self.probe = torch.randint(0, vocab, (PROBE_SEQUENCES, PROBE_LENGTH),
                                    generator=torch.Generator().manual_seed(0))
         device_args = engine_args(cfg, hf_config.max_position_embeddings, on_gpu)
+        if cfg.inflight and cfg.inflight_kv == "keep":  # no reset between steps: no cached prefix of old weights
+            device_args["enable_prefix_caching"] = False
         if self.adapters:
             # one adapter computes at a time; the next version's is loaded beside it before the old one goes
             device_args.update(enable_lora=True, max_loras=1, max_cpu_loras=2,
@@ -280,11 +288,7 @@ class VLLMBackend:
         """
         tok, R = self.tokenizer, self.cfg.max_new_tokens
         eos, pad = tok.eos_token_id, tok.pad_token_id
-        row_seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=torch.Generator().manual_seed(seed))
-        params = [self._SamplingParams(
-            n=1, temperature=0.0 if greedy else self.cfg.temperature, top_p=self.cfg.top_p, top_k=-1,
-            max_tokens=R, stop_token_ids=[eos], ignore_eos=False, logprobs=0, seed=int(s), detokenize=False,
-        ) for s in row_seeds]
+        params = [self.sampling_params(int(s), greedy) for s in row_seeds(seed, len(prompts))]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
                                     lora_request=self.lora_request)
 
@@ -301,6 +305,14 @@ class VLLMBackend:
             logprobs[i, : len(ids)] = torch.tensor([c.logprobs[t][tid].logprob for t, tid in enumerate(ids)])
         responses, rmask = truncate_after_eos(responses, eos, pad)
         return responses, rmask, logprobs * rmask
+
+    def sampling_params(self, seed: int, greedy: bool = False):
+        """One row's: softmax(logits / T) (or the argmax), up to EOS or max_new_tokens, the sampled token's
+        log-prob kept."""
+        return self._SamplingParams(
+            n=1, temperature=0.0 if greedy else self.cfg.temperature, top_p=self.cfg.top_p, top_k=-1,
+            max_tokens=self.cfg.max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id], ignore_eos=False,
+            logprobs=0, seed=seed, detokenize=False)
 
     def prefill_groups(self, prompts: Tensor, prompt_mask: Tensor) -> None:
         """Every row's prefill counted whole: what vLLM's prefix cache spares of a prompt's repeats it does not
@@ -341,10 +353,12 @@ class VLLMBackend:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(new.items())})
         if self.repack_tied_head:
             self.llm.collective_rpc(_repack_lm_heads)
-        if not self.llm.reset_prefix_cache():  # cached KV blocks were computed by the old weights
-            raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
         for name, t in new.items():
             self.params[name].copy_(t)
+        if self.inflight:  # between two steps of the engine's loop, requests in progress: `VLLMStepDecoder` resets
+            return       # what its rollout.inflight_kv says and probes the engine through its own steps
+        if not self.llm.reset_prefix_cache():  # cached KV blocks were computed by the old weights
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
         self.last_probe_diff = self.verify_engine("a weight update")
 
     def _load_adapter(self) -> None:
@@ -466,12 +480,9 @@ class VLLMBackend:
         """|engine - HF model| of every log-prob the probe reads -> (n,) (the module docstring says which), the
         engine with `lora_request`'s adapter against the HF copy (with its adapters where it has them)."""
         if not self.adapters:  # prompt log-probs: at each position after the first, the token and the top PROBE_TOP
-            params = self._SamplingParams(n=1, temperature=1.0, max_tokens=1, prompt_logprobs=PROBE_TOP, seed=0,
-                                          detokenize=False)
-            outputs = self.llm.generate([{"prompt_token_ids": p} for p in self.probe.tolist()], params,
-                                        use_tqdm=False)
-            hf = torch.log_softmax(self.model(input_ids=self.probe).logits.float(), -1)  # (S, L, V) at T = 1
-            positions = [enumerate(out.prompt_logprobs[1:], start=1) for out in outputs]
+            prompts, params = self.probe_inputs()
+            return self.probe_compare(self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                        use_tqdm=False))
         else:  # LoRA enabled: the engine samples after a shorter prompt; its log-probs at each sampled position
             params = self._SamplingParams(n=1, temperature=1.0, max_tokens=PROBE_LENGTH - PROBE_PROMPT,
                                           logprobs=PROBE_TOP, ignore_eos=True, seed=0, detokenize=False)
@@ -490,10 +501,28 @@ class VLLMBackend:
                     ours.append(hf[s, t - 1, tid])
         return (torch.tensor(engine) - torch.stack(ours)).abs()
 
-    def verify_engine(self, after: str, lora_request=None) -> float:
-        """The probe's max |engine - HF| log-prob; raises `WeightSyncError` beyond `PROBE_TOLERANCE` (the module
-        docstring says why the two are comparable)."""
-        diff = float(self.probe_differences(lora_request).max())
+    def probe_inputs(self) -> tuple[list[list[int]], object]:
+        """The full-weight probe's prompts and sampling params: one token each, the prompt's log-probs kept."""
+        params = self._SamplingParams(n=1, temperature=1.0, max_tokens=1, prompt_logprobs=PROBE_TOP, seed=0,
+                                      detokenize=False)
+        return self.probe.tolist(), params
+
+    @torch.no_grad()
+    def probe_compare(self, outputs) -> Tensor:
+        """|engine - HF model| of every prompt log-prob the probe's `outputs` (in probe order) read -> (n,)."""
+        hf = torch.log_softmax(self.model(input_ids=self.probe).logits.float(), -1)  # (S, L, V) at T = 1
+        engine, ours = [], []
+        for s, out in enumerate(outputs):
+            for t, entries in enumerate(out.prompt_logprobs[1:], start=1):  # given the tokens before position t
+                for tid, lp in entries.items():
+                    engine.append(lp.logprob)
+                    ours.append(hf[s, t - 1, tid])
+        return (torch.tensor(engine) - torch.stack(ours)).abs()
+
+    def verify_engine(self, after: str, lora_request=None, differences: Tensor | None = None) -> float:
+        """The probe's max |engine - HF| log-prob (`differences`, or the probe run now); raises `WeightSyncError`
+        beyond `PROBE_TOLERANCE` (the module docstring says why the two are comparable)."""
+        diff = float((differences if differences is not None else self.probe_differences(lora_request)).max())
         tolerance = PROBE_TOLERANCE[self.dtype]
         if not diff <= tolerance:  # NaN fails too
             raise WeightSyncError(f"the vLLM engine's log-probs on the probe differ from the weights it was given by "

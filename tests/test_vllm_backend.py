@@ -476,3 +476,84 @@ def test_adapter_only_sync_reaches_the_engine_as_a_lora_request(ray_local, polic
         assert (lp * batch.response_mask - batch.logprobs).abs().max().item() <= 1e-4
     finally:
         ray.kill(actor)
+
+
+@ray.remote(num_cpus=1)
+class VLLMInflightRollout:
+    """An in-flight vLLM RolloutGenerator in its own process: groups generated concurrently, a load mid-way."""
+
+    def __init__(self, checkpoint: str, cfg: RolloutConfig):
+        self.gen = RolloutGenerator(checkpoint, cfg, worker_index=3, max_rows=64, wait_s=60)
+
+    def generate_across_a_load(self, groups: list[list[int]], packet, after_steps: int) -> tuple:
+        import threading
+        import time
+
+        decoder = self.gen.engine.decoder
+        step = decoder._step
+
+        def slow_step():  # 20 ms an engine step, so the load lands mid-generation on any machine
+            time.sleep(0.02)
+            return step()
+
+        decoder._step = slow_step
+        out: dict[int, RolloutBatch] = {}
+
+        def run(g: int):
+            out[g] = self.gen.generate(RolloutRequest(batch_id=1, shard=g, prompt_indices=[g, g],
+                                                      prompts=[groups[g]] * 2, seed=g, version=0))
+
+        threads = [threading.Thread(target=run, args=(g,)) for g in range(len(groups))]
+        for t in threads:
+            t.start()
+        while decoder.steps < after_steps:
+            time.sleep(0.005)
+        seconds = self.gen.load_weights(packet, verify=True)
+        for t in threads:
+            t.join(120)
+        return [out[g] for g in range(len(groups))], self.gen.last_verify_diff, seconds, self.gen.version
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("kv", ["recompute", "keep"])
+def test_inflight_vllm_applies_a_version_between_engine_steps(ray_local, policy_dir, queries, vllm_required, kv):
+    """vLLM's step loop (`rollout.inflight`): version 1 is reloaded after 4 engine steps while three groups are
+    being generated; nothing is dropped, the tokens before carry v0 and after v1, the engine is probed through its
+    own steps. With `recompute` (vLLM preempts and prefills again), every recorded log-prob is what HF computes at
+    the token's version, within the engine tolerance; with `keep`, the tokens before the load are v0's."""
+    from rayrlhf.core.experience import spans_versions
+    from rayrlhf.core.weight_sync import stream_packet
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = RolloutConfig(backend="vllm", temperature=T, max_new_tokens=48, inflight=True, inflight_kv=kv)
+    v0 = _hf_policy(policy_dir)
+    v1 = _hf_policy(policy_dir)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in v1.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    actor = VLLMInflightRollout.remote(str(policy_dir), cfg)
+    try:
+        groups = [q[:40] for q in queries[:3]]
+        batches, probe, seconds, version = ray.get(actor.generate_across_a_load.remote(
+            groups, stream_packet(v1.named_parameters(), 1, 2**20), 4), timeout=600)
+    finally:
+        ray.kill(actor)
+    assert version == 1 and probe is not None and probe <= 1e-3 and seconds > 0
+    spans = 0
+    for b in batches:
+        real = b.response_mask == 1
+        assert set(b.token_versions[real].tolist()) <= {0, 1} and (b.token_versions[~real] == -1).all()
+        for row, m in zip(b.token_versions, real):
+            assert torch.equal(row[m], row[m].sort().values)  # a version never goes back within a sequence
+        spans += int(spans_versions(b.token_versions, b.response_mask).sum())
+        with torch.no_grad():
+            at0, _ = response_logprobs(v0, b.prompts, b.prompt_mask, b.responses, b.response_mask, T)
+            at1, _ = response_logprobs(v1, b.prompts, b.prompt_mask, b.responses, b.response_mask, T)
+        before = real & (b.token_versions == 0)
+        if before.any():
+            assert (at0 - b.logprobs)[before].abs().max().item() <= 1e-4
+        after = real & (b.token_versions == 1)
+        if kv == "recompute" and after.any():
+            assert (at1 - b.logprobs)[after].abs().max().item() <= 1e-4
+    assert spans > 0

@@ -1,0 +1,136 @@
+"""Synchronous, one-step-off and in-flight PPO on the same checkpoints and prompts, in one run.
+
+    python bench/bench_inflight.py [--run-dir DIR] [--workload long_tail|uniform] [--steps N] [--set k=v ...]
+                                   [--modes sync one-step-off in-flight] [--json PATH]
+
+The long-tailed workload is the builtin task's `data.synthetic_lengths: long_tail` variant (1 to 8 key facts per
+post, so good summaries run from ~10 to ~80 tokens of the builtin tokenizer), with a 96-token response budget;
+`uniform` is the default task (two facts, 24 tokens). SFT and reward model are trained once in DIR (or reused);
+then each mode's PPO phase runs from them with the same seed and steps:
+
+- sync: `ppo.max_staleness 0`, generation then learning;
+- one-step-off: `ppo.max_staleness 1`, today's asynchronous PPO (a batch generated whole by one version, the
+  driver waiting for its slowest sequence);
+- in-flight: `ppo.max_staleness 1` and `rollout.inflight` (continuous batching, weight versions applied between
+  decode steps, each prompt's samples scored as soon as they finish).
+
+Per mode: completions/s and trained (response) tokens/s of the PPO loop, the learner's idle share of the loop
+(outside its updates), the rollout workers' idle share (outside generation), the share of trained tokens of each
+age (versions between sampler and learner) and of sequences sampled by two versions, and the gold judge's win rate
+of the final policy over SFT on held-out posts with its 95 % bootstrap interval. Figures only; no assertion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_file import add_json_option, describe_machine, write_result  # noqa: E402
+
+from rayrlhf.core.metrics import read_metrics  # noqa: E402
+from rayrlhf.core.process import enable_token_auth, quiet_transformers  # noqa: E402
+
+MODES = {
+    "sync": ["ppo.max_staleness=0"],
+    "one-step-off": ["ppo.max_staleness=1"],
+    "in-flight": ["ppo.max_staleness=1", "rollout.inflight=true"],
+}
+WORKLOADS = {
+    # sizes for a 2-core machine: SFT and RM in a few minutes, PPO a minute or two a mode
+    "long_tail": ["data.synthetic_lengths=long_tail", "data.num_train_posts=4000", "data.num_train_pairs=3000",
+                  "data.max_prompt_tokens=192", "data.max_summary_tokens=96", "rollout.max_new_tokens=96",
+                  "sft.epochs=2", "rm.epochs=2", "eval.num_prompts=200"],
+    "uniform": ["data.num_train_posts=4000", "data.num_train_pairs=3000", "sft.epochs=2", "rm.epochs=2",
+                "eval.num_prompts=200"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run-dir", default="runs/bench-inflight")
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="long_tail")
+    ap.add_argument("--steps", type=int, default=12, help="PPO steps of every mode (default 12)")
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    add_json_option(ap)
+    args = ap.parse_args()
+    if args.steps < 2:
+        ap.error(f"--steps must be at least 2, got {args.steps}")
+    enable_token_auth()
+    quiet_transformers()
+    from rayrlhf.core.config import ConfigError, load_config
+    from rayrlhf.pipeline import workflow
+    from rayrlhf.pipeline.run_dir import RunDir
+    from rayrlhf.roles.evaluate import evaluate_policies
+
+    base = [*WORKLOADS[args.workload], f"ppo.steps={args.steps}", "ppo.checkpoint_every=0", *args.overrides]
+    try:
+        configs = {mode: load_config(None, [*base, *MODES[mode]]) for mode in args.modes}
+    except ConfigError as e:
+        ap.exit(2, f"bench_inflight: {e}\n")
+    machine = describe_machine()
+    cfg = next(iter(configs.values()))
+    run = RunDir.create(cfg, args.run_dir)
+    results = {}
+    try:
+        if not (run.checkpoint("sft") / "config.json").exists():
+            workflow.sft(cfg, run)
+        if not (run.checkpoint("rm") / "config.json").exists():
+            workflow.rm(cfg, run)
+        for mode, c in configs.items():
+            sub = RunDir(run.path / mode)
+            summary = _ppo(workflow, c, run, sub)
+            summary.update(evaluate_policies(c, str(run.checkpoint("sft")), str(run.checkpoint("rm")),
+                                             str(sub.path / "ppo" / "checkpoint"), sub.path / "eval"))
+            results[mode] = {**summary, **_step_means(sub)}
+    finally:
+        workflow.shutdown()
+    rows = [_row(mode, r, results.get("one-step-off")) for mode, r in results.items()]
+    formats = {"completions/s": "{:.2f}", "trained tokens/s": "{:.1f}", "vs one-step-off": "{:.2f}x",
+               "learner idle": "{:.1%}", "rollout idle": "{:.1%}", "token age 0": "{:.1%}", "token age 1": "{:.1%}",
+               "two versions": "{:.1%}", "mean response tokens": "{:.1f}", "win rate vs SFT": "{:.3f}",
+               "95 % interval": "{}"}
+    print(f"\n=== {args.workload} workload, {args.steps} PPO steps per mode, same checkpoints and seed ({machine}) ===")
+    for row in rows:
+        print("  ".join(f"{k}={formats.get(k, '{}').format(v)}" for k, v in row.items()))
+    (run.path / "bench_inflight.json").write_text(json.dumps(results, indent=2))
+    if args.json:
+        write_result(args.json, "bench_inflight", machine, rows, formats,
+                     extra={"workload": args.workload, "steps": args.steps})
+
+
+def _ppo(workflow, cfg, run, sub) -> dict:
+    from rayrlhf.pipeline.driver import PPODriver
+
+    workflow.connect(cfg)
+    driver = PPODriver(cfg, sub.path / "ppo", run.checkpoint("sft"), run.checkpoint("rm"))
+    try:
+        return driver.run()
+    finally:
+        driver.close()
+
+
+def _step_means(sub) -> dict[str, float]:
+    """Per-step figures averaged over the run: token ages, sequences spanning versions, response length."""
+    rows = read_metrics(sub.path / "ppo" / "metrics.jsonl")
+    keys = ("rollout/token_age_0", "rollout/token_age_1", "rollout/multi_version_fraction", "rollout/response_length")
+    return {f"mean/{k}": statistics.fmean(r.get(k, 0.0) for r in rows) for k in keys}
+
+
+def _row(mode: str, r: dict, base: dict | None) -> dict:
+    win, lo, hi = (r.get(f"eval/ppo_gold_win_vs_sft{s}", float("nan")) for s in ("", "_ci_low", "_ci_high"))
+    return {"mode": mode, "completions/s": r["ppo/sequences_per_s"], "trained tokens/s": r["ppo/tokens_per_s"],
+            "vs one-step-off": r["ppo/sequences_per_s"] / base["ppo/sequences_per_s"] if base else float("nan"),
+            "learner idle": r["ppo/learner_idle_fraction"], "rollout idle": r["rollout/idle_fraction"],
+            "token age 0": r["mean/rollout/token_age_0"], "token age 1": r["mean/rollout/token_age_1"],
+            "two versions": r["mean/rollout/multi_version_fraction"],
+            "mean response tokens": r["mean/rollout/response_length"],
+            "win rate vs SFT": win, "95 % interval": f"[{lo:.3f}, {hi:.3f}] n={int(r.get('eval/ppo_gold_win_vs_sft_n', 0))}"}
+
+
+if __name__ == "__main__":
+    main()
