@@ -164,6 +164,13 @@ class ContinuousDecoder:
         out = self._decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
                               position_ids=position_ids(mask).to(device), use_cache=True)
         self.forward_tokens += int(mask.sum())
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(out.past_key_values, "layers", None)
+        if layers is None or any(type(layer) is not DynamicLayer for layer in layers):
+            raise TypeError(f"{type(self.model).__name__}'s KV cache is not made of plain dynamic layers (sliding "
+                            "window, recurrent state?): the in-flight decode loop cannot merge and trim its rows; "
+                            "set rollout.inflight false")
         return out.past_key_values, mask
 
     def _merge(self, cache, mask: Tensor) -> None:

@@ -76,6 +76,7 @@ class RolloutBatch:
     # version (vLLM); None where the model that generates is the one loaded (HF)
     engine_probe_diff: float | None = None
     token_versions: Tensor | None = None
+    started: float | None = None  # in-flight: wall clock (time.time) when its rows joined the worker's loop
 
     def info(self) -> RolloutInfo:
         return RolloutInfo(batch_id=self.batch_id, shard=self.shard, seconds=self.seconds, mfu=self.mfu,
@@ -83,7 +84,8 @@ class RolloutBatch:
                            prompt_indices=tuple(self.prompt_indices), sequences=self.responses.shape[0],
                            prompt_tokens=int(self.prompt_mask.sum()), response_tokens=int(self.response_mask.sum()),
                            engine_probe_diff=self.engine_probe_diff,
-                           token_versions=version_counts(self.token_versions, self.response_mask, self.policy_version))
+                           token_versions=version_counts(self.token_versions, self.response_mask, self.policy_version),
+                           started=self.started)
 
 
 @dataclass(kw_only=True)
@@ -139,6 +141,7 @@ class RolloutInfo(CallInfo):
     response_tokens: int
     engine_probe_diff: float | None = None  # `RolloutBatch.engine_probe_diff`
     token_versions: dict[int, int] = field(default_factory=dict)  # policy version -> response tokens it sampled
+    started: float | None = None  # `RolloutBatch.started`
 
 
 def version_counts(token_versions: Tensor | None, mask: Tensor, version: int) -> dict[int, int]:
@@ -164,6 +167,8 @@ def batch_timings(rollouts: list[RolloutInfo], references: list[CallInfo], score
     timings = {}
     for role, calls in zip(EXPERIENCE_ROLES, (rollouts, references, scores)):
         timings[f"{role}_s"] = max(c.seconds for c in calls)
+    if all(r.started is not None for r in rollouts):  # in-flight groups overlap: the batch's span, first to last
+        timings["rollout_s"] = max(r.started + r.seconds for r in rollouts) - min(r.started for r in rollouts)
         if all(c.mfu is not None for c in calls):  # a reward scored over HTTP is not logged as MFU 0
             timings[f"{role}_mfu"] = sum(c.mfu for c in calls) / len(calls)
     probes = [r.engine_probe_diff for r in rollouts if r.engine_probe_diff is not None]

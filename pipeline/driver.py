@@ -133,6 +133,7 @@ class PPODriver:
         self.prompt_source = PromptSource(self.prompts, self.pc.prompts_per_step, cfg.run.seed)
         self.packets: dict[int, ObjectRef] = {}  # version -> weights packet, for re-dispatch after a restart
         self.sent: dict[ActorHandle, int] = {}  # in-flight rollout: requests sent to each worker (their `seq`)
+        self.unordered: set[ActorHandle] = set()  # in-flight workers restarted by Ray: out of the deterministic order
         self.step = 0  # the step being run, for event rows
         self.roles: RoleHandles | None = None  # set by `start`, with the pool and its event log
         self.pool: RolloutPool | None = None
@@ -339,8 +340,10 @@ class PPODriver:
         references, rewards = self.roles.references, self.roles.rewards
         for s, (worker, mine) in enumerate(shards):
             rep = [i for i in mine for _ in range(n)]  # the n samples of a prompt stay adjacent
+            # a seed per shard (in-flight, per prompt group: more shards than 1009, so a wider stride)
+            stride = 1_000_003 if self.cfg.rollout.inflight else 1009
             req = RolloutRequest(batch_id=batch_id, shard=s, prompt_indices=rep, prompts=[self.prompts[i] for i in rep],
-                                 seed=self.cfg.run.seed * 1_000_003 + batch_id * 1009 + s, version=version,
+                                 seed=self.cfg.run.seed * 1_000_003 + batch_id * stride + s, version=version,
                                  **self._inflight_order(worker, batch_id, version))
             # Round robin over the shards of all batches: a batch's shards go to different replicas, and with
             # a single rollout worker successive batches (in flight together when asynchronous) do.
@@ -358,6 +361,8 @@ class PPODriver:
         it moves to the next version (which exists before the batch is consumed only if version < batch_id)."""
         if not self.cfg.rollout.inflight:
             return {}
+        if worker in self.unordered:
+            return {"seq": None, "switch": None}
         seq = self.sent.get(worker, 0)
         self.sent[worker] = seq + 1
         rc = self.cfg.rollout
@@ -396,12 +401,14 @@ class PPODriver:
                 index = self.pool.index_of(shard.worker)
                 self._await_restart(shard.worker, f"rollout worker {index}")
                 attempt = self.ledger.redispatched(flight.batch_id, s, index, f.error)
-                # In-flight, the restarted worker's decode loop starts its order again: this request runs on
-                # arrival (seq None, no switch), the next ones it is sent count from 0.
-                shard.request = dataclasses.replace(shard.request, seq=None, switch=None)
-                self.sent[shard.worker] = 0
-                # The restarted actor holds the SFT weights: the batch's version first, then the current one.
-                shard.worker.load_weights.remote(self.packets[flight.version])
+                if self.cfg.rollout.inflight:
+                    # The restarted worker's decode loop has lost its place in the order: its requests run on
+                    # arrival from now on (seq None, no switch; not repeatable), under the current version, which
+                    # it is sent below (a request takes any version at or above its own: not the batch's first).
+                    shard.request = dataclasses.replace(shard.request, seq=None, switch=None)
+                    self.unordered.add(shard.worker)
+                else:  # the restarted actor holds the SFT weights: the batch's version first, then the current one
+                    shard.worker.load_weights.remote(self.packets[flight.version])
                 shard.dispatch(Role.ROLLOUT)
                 restarted.add(shard.worker)
                 self.events.write(self.step, "shard_redispatched", index, batch=flight.batch_id, shard=s,
@@ -450,7 +457,8 @@ class PPODriver:
             del self.packets[old]  # no batch can need it any more
         # deterministic in-flight: a worker applies it on its own only once the requests sent before it are done
         after = self.cfg.rollout.inflight and self.cfg.rollout.inflight_deterministic
-        return [PendingLoad(w, w.load_weights.remote(packet, False, self.sent.get(w, 0) if after else None))
+        return [PendingLoad(w, w.load_weights.remote(packet, False, self.sent.get(w, 0)
+                                                     if after and w not in self.unordered else None))
                 for w in self.pool.handles()]
 
     def await_sync(self, pending: list[PendingLoad]) -> list[float]:
@@ -478,6 +486,8 @@ class PPODriver:
                     raise RuntimeError(f"rollout worker {index} died during a collective weight sync"
                                        f"{self._resume_hint()}") from None
                 self._await_restart(w, f"rollout worker {index}")
+                if self.cfg.rollout.inflight:
+                    self.unordered.add(w)
                 times.append(self._get(w.load_weights.remote(self.packets[self.gate.version]),
                                        f"weight sync to restarted rollout worker {index}"))
                 self.events.write(self.step, "worker_restarted", index, version=self.gate.version)

@@ -281,8 +281,11 @@ def rollout_restarts(cfg: Config) -> int:
     return cfg.ppo.max_actor_restarts if cfg.ppo.weight_sync == "object_store" else 0
 
 
-# In-flight rollout: calls a worker runs at once (a thread each): every shard of the batches in flight, and a load.
-INFLIGHT_CONCURRENCY = 256
+def inflight_concurrency(cfg: Config) -> int:
+    """In-flight rollout: calls a worker runs at once, a thread each: every shard of the batches in flight (a prompt
+    group each, all of them on one worker at worst), with room to spare for the loads and version reads, which
+    must never wait for a thread behind generate calls waiting for them."""
+    return cfg.ppo.prompts_per_step * (cfg.ppo.max_staleness + 1) + 16
 
 
 def launch_rollout_worker(cfg: Config, sft_checkpoint: str, index: int,
@@ -291,7 +294,7 @@ def launch_rollout_worker(cfg: Config, sft_checkpoint: str, index: int,
     rollout_cfg = cfg.rollout
     opts = {**actor_options(rollout_cfg), "max_restarts": rollout_restarts(cfg)}
     if rollout_cfg.inflight:  # generate calls and weight loads meet in the worker's decode loop (`roles.inflight`)
-        opts["max_concurrency"] = INFLIGHT_CONCURRENCY
+        opts["max_concurrency"] = inflight_concurrency(cfg)
     if strategy is not None:
         opts["scheduling_strategy"] = strategy
     return RolloutWorker.options(**opts).remote(cfg, sft_checkpoint, index)

@@ -49,6 +49,7 @@ class Generated:
 
     sampled: Sampled
     seconds: float
+    started: float  # wall clock (time.time) when its rows joined the loop
 
 
 class InflightEngine:
@@ -127,14 +128,16 @@ class InflightEngine:
                     if self.closed:
                         return
                     t0 = time.perf_counter()
-                    self._admit()
-                    self._apply_loads()
+                    if self.deterministic:  # a request admitted first may be what a load waits for
+                        self._admit()
+                    self._apply_loads()  # before admitting: a new request's prompt is cached by the new weights
                     self._admit()
                     finished = self._step()
                     self.busy_s += time.perf_counter() - t0
                     self.cond.notify_all()  # `wait_idle`
                 for job in finished:  # outside the lock: the caller's thread builds its batch
-                    job.done.set_result(Generated(job.decoder.result(job.decoding), time.perf_counter() - job.started))
+                    seconds = time.perf_counter() - job.started
+                    job.done.set_result(Generated(job.decoder.result(job.decoding), seconds, time.time() - seconds))
         except BaseException as e:  # every caller waiting gets the error, none hangs
             with self.cond:
                 self.error = e
@@ -154,10 +157,10 @@ class InflightEngine:
         runs or finished: a request that starts with an older version must never see it."""
         if not self.loads:
             return []
-        if not self.deterministic:
-            return list(self.loads)
+        if not self.deterministic or self.loads[0].version <= self.version:
+            return list(self.loads)  # (`_apply_loads` skips one at or below the version held)
         load = self.loads[0]
-        if any(self._version_wanted(job) < load.version for job in self.running):
+        if any(job.req.seq is not None and self._version_wanted(job) < load.version for job in self.running):
             return []
         before = range(load.after_requests or 0)
         if not all(s in self.seen for s in before) or any(
@@ -168,6 +171,9 @@ class InflightEngine:
     def _apply_loads(self) -> None:
         for load in self._ready_loads():
             self.loads.remove(load)
+            if load.version <= self.version:  # overtaken by a newer one (calls of a threaded actor race): a worker
+                load.done.set_result(None)    # never goes back to an older version
+                continue
             try:
                 load.apply()
                 self.version = load.version
@@ -188,8 +194,9 @@ class InflightEngine:
         if self.deterministic:
             out, seq = [], self.next_seq
             for job in sorted(self.waiting, key=lambda j: -1 if j.req.seq is None else j.req.seq):
-                if job.req.seq is None:
-                    out.append(job)
+                if job.req.seq is None:  # re-sent after a restart: on arrival, once its version is held
+                    if job.req.version is None or job.req.version <= self.version:
+                        out.append(job)
                 elif job.req.seq == seq and job.req.version == self.version:
                     out.append(job)
                     seq += 1
@@ -213,7 +220,11 @@ class InflightEngine:
             job.started = time.perf_counter()
             job.decoder = self.make_decoder() if self.deterministic else self.decoder
             job.decoder.version = self.version
-            job.decoding = job.decoder.add(job, job.req.prompts, job.req.seed)
+            try:
+                job.decoding = job.decoder.add(job, job.req.prompts, job.req.seed)
+            except ValueError as e:  # a request the decoder refuses fails alone
+                job.done.set_exception(e)
+                continue
             self.running.append(job)
 
     def _stepping(self) -> list[_Job]:

@@ -190,13 +190,15 @@ class RolloutGenerator:
         return RolloutBatch(batch_id=req.batch_id, shard=req.shard, worker=self.worker_index, policy_version=oldest,
                             prompt_indices=list(req.prompt_indices), prompts=prompts, prompt_mask=pmask,
                             responses=s.responses, response_mask=s.response_mask, logprobs=s.logprobs,
-                            seconds=got.seconds, mfu=None, token_versions=s.versions)
+                            seconds=got.seconds, mfu=None, token_versions=s.versions, started=got.started)
 
     def load_weights(self, packet: WeightsPacket, verify: bool = False, after_requests: int | None = None) -> float:
         """`_load_weights`; in-flight, run by the decode loop between two steps (deterministic mode: once the
         requests sent before it, `after_requests` of them, are done, or when a request's schedule asks for it)."""
         if self.engine is None:
-            return self._load_weights(packet, verify)
+            seconds = self._load_weights(packet, verify)
+            self.busy_s += seconds  # as the decode loop counts its loads: busy either way
+            return seconds
         return self.engine.load(packet.version, lambda: self._load_weights(packet, verify), after_requests)
 
     def _load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:

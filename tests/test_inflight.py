@@ -358,3 +358,19 @@ def test_inflight_ppo_with_a_rollout_worker_killed_mid_generation_loses_nothing(
     for e in ledger["batches"]:  # one shard per prompt, each prompt's samples together
         assert len({a["shard"] for a in e["shards"]}) == len(e["prompt_indices"])
         assert sum(e["token_versions"].values()) > 0
+
+
+def test_a_late_older_load_never_takes_the_worker_back_and_a_bad_request_fails_alone(tiny_checkpoints, queries):
+    """Calls of a threaded actor race: a load of v1 arriving after v2's is resolved without being applied (the
+    worker stays at v2, its weights v2's); a request the decode loop refuses fails alone, the loop goes on."""
+    gen = _generator(tiny_checkpoints, max_new_tokens=4)
+    v1, v2 = perturbed(gen.backend.model, seed=1), perturbed(gen.backend.model, seed=2)
+    gen.load_weights(_packet(v2, 2))
+    gen.load_weights(_packet(v1, 1))
+    assert gen.version == 2 and gen.engine.version == 2
+    assert all(torch.equal(p, dict(v2.named_parameters())[n]) for n, p in gen.backend.model.named_parameters())
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        gen.generate(RolloutRequest(batch_id=0, shard=0, prompt_indices=[0], prompts=[[5]], seed=0, version=2))
+    batch = gen.generate(RolloutRequest(batch_id=0, shard=1, prompt_indices=[0], prompts=[queries[0]], seed=0,
+                                        version=1))  # an older version's request runs under the newer weights
+    assert (batch.token_versions[batch.response_mask == 1] == 2).all() and batch.policy_version == 2
