@@ -27,6 +27,8 @@ os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
 
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -107,17 +109,39 @@ class Checkpoints:
     rm: Path
 
 
+@contextmanager
+def built_once(tmp_path_factory, name: str) -> Iterator[tuple[Path, bool]]:
+    """A folder built once per test run and shared by the xdist workers -> (folder, whether to build it now): the
+    first worker to get here builds it under a file lock, the others wait and then read it. A build that failed
+    (no `.done` beside it) is built again from scratch. Nothing writes into such a folder after its build."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, above each worker's
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            yield path, False
+            return
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir()
+        yield path, True
+        done.touch()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tiny_cfg, tmp_path_factory) -> Checkpoints:
     """Tiny SFT and reward-model checkpoints, trained once per session with the plain trainers (no Ray)."""
     from rayrlhf.roles.rm import RMTrainer
     from rayrlhf.roles.sft import SFTTrainer
 
-    root = tmp_path_factory.mktemp("tiny_ckpt")
-    SFTTrainer(tiny_cfg, root / "sft").run()
-    sft = root / "sft" / "checkpoint"
-    RMTrainer(tiny_cfg, root / "rm", sft).run()
-    return Checkpoints(sft, root / "rm" / "checkpoint")
+    with built_once(tmp_path_factory, "tiny_ckpt") as (root, build):
+        if build:
+            SFTTrainer(tiny_cfg, root / "sft").run()
+            RMTrainer(tiny_cfg, root / "rm", root / "sft" / "checkpoint").run()
+    return Checkpoints(root / "sft" / "checkpoint", root / "rm" / "checkpoint")
 
 
 @pytest.fixture(scope="session")
@@ -234,11 +258,18 @@ class WheelInstall:
 def wheel_install(tmp_path_factory) -> WheelInstall:
     """rayrlhf as a user installs it: a plain wheel built from the checkout, installed without its dependencies
     (this environment has them) into a folder of its own."""
+    root = Path(__file__).resolve().parents[1]
+    with built_once(tmp_path_factory, "wheel") as (tmp, build):
+        if build:
+            _build_wheel(root, tmp)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return WheelInstall(tmp / "site", {**env, "PYTHONPATH": str(tmp / "site"), "HF_HUB_OFFLINE": "1"})
+
+
+def _build_wheel(root: Path, tmp: Path) -> None:
+    import shutil
     import subprocess
 
-    import shutil
-
-    root, tmp = Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("wheel")
     # Built from a clean copy of what the Docker image copies: setuptools builds in place and packs whatever an
     # earlier build left in build/lib, which could hide a module missing from the source.
     src = tmp / "src"
@@ -254,8 +285,6 @@ def wheel_install(tmp_path_factory) -> WheelInstall:
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                               str(tmp / "site"), str(wheel)], capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return WheelInstall(tmp / "site", {**env, "PYTHONPATH": str(tmp / "site"), "HF_HUB_OFFLINE": "1"})
 
 
 # Modules by how long they take (seconds in one process, from CI's --durations), longest first: the two xdist

@@ -271,7 +271,7 @@ def test_deterministic_mode_repeats_bit_for_bit(tiny_checkpoints, queries):
 
 # --- on Ray: the PPO loop with in-flight rollout -----------------------------------------------------------------
 
-STEPS = 4
+STEPS = 3
 ON_RAY = [f"ppo.steps={STEPS}", "ppo.max_staleness=1", "rollout.num_workers=2", "rollout.num_cpus=0.5",
           "reward.num_cpus=0.5", "reference.num_cpus=0.5", "ppo.sync_timeout_s=60", "rollout.inflight=true"]
 # deterministic: a batch moves to the next version after 3 of its 12 tokens, so its sequences span a sync

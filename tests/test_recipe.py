@@ -20,8 +20,8 @@ SMOKE = [
     "sft.batch_size=8", "sft.micro_batch_size=4", "sft.eval_every=100", "sft.num_eval_prompts=2",
     "rm.batch_size=8", "rm.micro_batch_size=4", "rm.eval_every=100",
     "rollout.max_new_tokens=16",
-    "ppo.steps=2", "ppo.prompts_per_step=4", "ppo.minibatch_size=8", "ppo.micro_batch_size=4", "ppo.max_staleness=0",
-    "ppo.checkpoint_every=0", "eval.num_prompts=4", "eval.batch_size=4", "eval.num_samples_shown=1",
+    "ppo.steps=2", "ppo.prompts_per_step=2", "ppo.minibatch_size=4", "ppo.micro_batch_size=4", "ppo.max_staleness=0",
+    "ppo.checkpoint_every=0", "eval.num_prompts=2", "eval.batch_size=2", "eval.num_samples_shown=1",
 ]
 
 

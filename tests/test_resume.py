@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -284,12 +283,17 @@ def test_stages_started_from_outside_checkpoints_resume_from_them(ray_local, mon
     assert "rm" in json.loads((rm_run / "stages.json").read_text())
 
     ppo_run = tmp_path / "ppo-run"
-    assert main(["ppo", "--run-dir", str(ppo_run), "--sft-checkpoint", str(tiny_checkpoints.sft),
-                 "--rm-checkpoint", str(tiny_checkpoints.rm), *sets, "--set", "ppo.steps=2",
-                 "--set", "ppo.checkpoint_every=0"]) == 0
-    # Killed before its first checkpoint: `--resume` starts the stage over, from the same checkpoints.
-    (ppo_run / "stages.json").unlink()
-    shutil.rmtree(ppo_run / "ppo")
+
+    def killed(cfg):  # the first attempt dies before its first checkpoint (once its inputs are recorded)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("rayrlhf.pipeline.workflow.connect", killed)
+        assert main(["ppo", "--run-dir", str(ppo_run), "--sft-checkpoint", str(tiny_checkpoints.sft),
+                     "--rm-checkpoint", str(tiny_checkpoints.rm), *sets, "--set", "ppo.steps=2",
+                     "--set", "ppo.checkpoint_every=0"]) == 130
+    assert "ppo" not in json.loads((ppo_run / "stages.json").read_text())
+    # `--resume` starts the stage over, from the same checkpoints.
     assert main(["ppo", "--resume", str(ppo_run)]) == 0
     assert json.loads((ppo_run / "stages.json").read_text())["ppo"]["ppo/steps"] == 2.0
     recorded = json.loads((ppo_run / "inputs.json").read_text())["ppo"]
