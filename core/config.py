@@ -438,6 +438,10 @@ class RolloutConfig(_Section):
     inflight_switch_step: int = Field(8, ge=1, description=(
         "Deterministic in-flight: the decode step at which a request's remaining tokens move to the version after "
         "the one it started with (if the learner makes it before the batch is consumed)."))
+    inflight_shard_prompts: int = Field(8, ge=1, description=(
+        "In-flight: prompts per shard (each with its samples). A shard goes to scoring as soon as its prompts' "
+        "samples are all done: fewer prompts stream sooner, more make fewer and larger reference and reward calls "
+        "(on a shared CPU, 32 one-prompt calls cost several times one call of 32)."))
     inflight_max_rows: int = Field(0, ge=0, description=(
         "In-flight: most sequences a worker decodes together (0: one PPO batch, prompts_per_step x "
         "samples_per_prompt)."))

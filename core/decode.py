@@ -82,16 +82,19 @@ class ContinuousDecoder:
         self.temperature, self.max_new_tokens, self.kv = temperature, max_new_tokens, kv
         self.version = version
         self.requests: list[DecodeRequest] = []
-        self.cache = None  # DynamicCache of every row's tokens but the one it feeds next
+        self.active: list[Row] = []  # the unfinished rows, in cache order
+        self.cache = None  # DynamicCache of every active row's tokens but the one it feeds next
         self.mask: Tensor | None = None  # (B, T): which cache columns are real
         self.forward_tokens = 0  # tokens run through the model (prefills and decode steps), for throughput
 
     @property
     def rows(self) -> list[Row]:
-        return [row for req in self.requests for row in req.rows]
+        """The rows in the forward, in cache order: the unfinished ones (a finished row leaves at once, its
+        request's other rows go on)."""
+        return self.active
 
     def __len__(self) -> int:
-        return sum(len(req.rows) for req in self.requests)
+        return len(self.active)
 
     @torch.no_grad()
     def add(self, key: object, prompts: list[list[int]], seed: int) -> DecodeRequest:
@@ -101,15 +104,16 @@ class ContinuousDecoder:
         req = DecodeRequest(key, [Row(list(p)) for p in prompts], torch.Generator().manual_seed(seed))
         cache, mask = self._prefill([row.ids[:-1] for row in req.rows])
         self._merge(cache, mask)
+        self.active += req.rows
         self.requests.append(req)
         return req
 
     @torch.no_grad()
     def step(self) -> list[DecodeRequest]:
         """One token for every unfinished row; returns the requests that finished (removed from the batch)."""
-        if not self.requests:
+        if not self.active:
             return []
-        rows = self.rows
+        rows = self.active
         feed = torch.tensor([[row.ids[-1]] for row in rows])
         mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=self.mask.dtype)], 1)
         positions = torch.tensor([[len(row.ids) - 1] for row in rows])
@@ -119,13 +123,12 @@ class ContinuousDecoder:
         self.cache, self.mask = out.past_key_values, mask
         self.forward_tokens += len(rows)
         logprobs = F.log_softmax(out.logits[:, -1].float().cpu() / self.temperature, -1)
-        start = 0
+        at = {id(row): i for i, row in enumerate(rows)}
         for req in self.requests:
-            self._sample(req, logprobs[start : start + len(req.rows)])
-            start += len(req.rows)
+            self._sample(req, logprobs, at)
+        self._drop([row for row in rows if row.done])
         finished = [req for req in self.requests if req.done]
-        if finished:
-            self._drop(finished)
+        self.requests = [req for req in self.requests if not req.done]
         return finished
 
     @torch.no_grad()
@@ -133,27 +136,27 @@ class ContinuousDecoder:
         """The model now holds `version`: later tokens are tagged with it; with `recompute`, every row's cache is
         computed again by the new weights."""
         self.version = version
-        if self.kv == "recompute" and self.requests:
-            self.cache, self.mask = self._prefill([row.ids[:-1] for row in self.rows])
+        if self.kv == "recompute" and self.active:
+            self.cache, self.mask = self._prefill([row.ids[:-1] for row in self.active])
 
     def result(self, req: DecodeRequest) -> Sampled:
         return sampled(req.rows, self.max_new_tokens, self.pad_id)
 
     # --- internals --------------------------------------------------------------------------------
 
-    def _sample(self, req: DecodeRequest, logprobs: Tensor) -> None:
+    def _sample(self, req: DecodeRequest, logprobs: Tensor, at: dict[int, int]) -> None:
         """One multinomial draw per row from the request's generator, finished rows included (as generate draws
-        for them), so a request's tokens depend on its seed and logits only."""
-        probs = logprobs.exp()
-        done = torch.tensor([row.done for row in req.rows])
-        probs[done] = F.one_hot(torch.tensor(self.pad_id), probs.shape[-1]).to(probs.dtype)
+        for them, from a one-hot stand-in: they are no longer computed), so a request's tokens depend on its seed
+        and logits only."""
+        pad = F.one_hot(torch.tensor(self.pad_id), logprobs.shape[-1]).to(logprobs.dtype)
+        probs = torch.stack([pad if row.done else logprobs[at[id(row)]].exp() for row in req.rows])
         tokens = torch.multinomial(probs, 1, generator=req.generator)[:, 0].tolist()
         req.steps += 1
-        for i, (row, token) in enumerate(zip(req.rows, tokens)):
+        for row, token in zip(req.rows, tokens):
             if row.done:
                 continue
             row.tokens.append(token)
-            row.logprobs.append(logprobs[i, token].item())
+            row.logprobs.append(logprobs[at[id(row)], token].item())
             row.versions.append(self.version)
             row.done = token == self.eos_id or len(row.tokens) == self.max_new_tokens
 
@@ -175,7 +178,7 @@ class ContinuousDecoder:
 
     def _merge(self, cache, mask: Tensor) -> None:
         """Append the rows of (`cache`, `mask`) to the batch's, left-padding the narrower to the wider."""
-        if self.cache is None or not self.requests:
+        if not self.active:
             self.cache, self.mask = cache, mask
             return
         width = max(self.mask.shape[1], mask.shape[1])
@@ -184,14 +187,13 @@ class ContinuousDecoder:
             mine.values = torch.cat([_pad_columns(mine.values, width), _pad_columns(new.values, width)])
         self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - mask.shape[1], 0))])
 
-    def _drop(self, finished: list[DecodeRequest]) -> None:
-        """Remove the rows of `finished` and the cache columns no row left uses."""
-        keep, start = [], 0
-        for req in self.requests:
-            if req not in finished:
-                keep.extend(range(start, start + len(req.rows)))
-            start += len(req.rows)
-        self.requests = [req for req in self.requests if req not in finished]
+    def _drop(self, done: list[Row]) -> None:
+        """Remove the rows `done` from the forward, and the cache columns no row left uses."""
+        if not done:
+            return
+        gone = {id(row) for row in done}
+        keep = [i for i, row in enumerate(self.active) if id(row) not in gone]
+        self.active = [self.active[i] for i in keep]
         if not keep:
             self.cache, self.mask = None, None
             return

@@ -328,12 +328,15 @@ class PPODriver:
 
     def dispatch(self, batch_id: int, version: int) -> InFlight:
         """Stage 1: shard batch `batch_id` over the workers; chain reference and reward on each shard. In-flight
-        (`rollout.inflight`), each prompt's samples are a shard: scored as soon as they finish, a group whole."""
+        (`rollout.inflight`), shards of `rollout.inflight_shard_prompts` prompts with all their samples, round robin
+        over the workers: each scored as soon as its samples are done, a prompt's group whole."""
         n = self.pc.samples_per_prompt
         indices = self.prompt_source.batch(batch_id)
         workers = self.pool.handles()
         if self.cfg.rollout.inflight:
-            shards = [(workers[p % len(workers)], [indices[p]]) for p in range(len(indices))]
+            k = self.cfg.rollout.inflight_shard_prompts
+            shards = [(workers[c % len(workers)], indices[start : start + k])
+                      for c, start in enumerate(range(0, len(indices), k))]
         else:
             shards = [(worker, indices[w :: len(workers)]) for w, worker in enumerate(workers)]
         flight = InFlight(batch_id, version, [])

@@ -36,7 +36,7 @@ class VLLMStepDecoder:
         self.steps = 0  # engine steps run
 
     def __len__(self) -> int:
-        return sum(len(req.rows) for req in self.requests)
+        return sum(not row.done for req in self.requests for row in req.rows)  # rows still generating
 
     def add(self, key: object, prompts: list[list[int]], seed: int) -> DecodeRequest:
         req = DecodeRequest(key, [Row(list(p)) for p in prompts], torch.Generator())  # the engine seeds each row

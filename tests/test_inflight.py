@@ -273,6 +273,7 @@ def test_deterministic_mode_repeats_bit_for_bit(tiny_checkpoints, queries):
 
 STEPS = 3
 ON_RAY = [f"ppo.steps={STEPS}", "ppo.max_staleness=1", "rollout.num_workers=2", "rollout.num_cpus=0.5",
+          "rollout.inflight_shard_prompts=2",
           "reward.num_cpus=0.5", "reference.num_cpus=0.5", "ppo.sync_timeout_s=60", "rollout.inflight=true"]
 # deterministic: a batch moves to the next version after 3 of its 12 tokens, so its sequences span a sync
 DETERMINISTIC = ["rollout.inflight_deterministic=true", "rollout.inflight_switch_step=3", "ppo.checkpoint_every=2"]
@@ -355,8 +356,8 @@ def test_inflight_ppo_with_a_rollout_worker_killed_mid_generation_loses_nothing(
     ledger = json.loads((tmp_path / "run" / "ppo" / "ledger.json").read_text())
     assert ledger["audit"]["ok"] and ledger["audit"]["consumed"] == STEPS
     assert ledger["audit"]["redispatched"]
-    for e in ledger["batches"]:  # one shard per prompt, each prompt's samples together
-        assert len({a["shard"] for a in e["shards"]}) == len(e["prompt_indices"])
+    for e in ledger["batches"]:  # shards of 2 prompts (rollout.inflight_shard_prompts), each with its samples
+        assert len({a["shard"] for a in e["shards"]}) == len(e["prompt_indices"]) // 2
         assert sum(e["token_versions"].values()) > 0
 
 
