@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_async import _ppo  # noqa: E402  (one PPO phase on a run's checkpoints)
 from result_file import add_json_option, describe_machine, write_result  # noqa: E402
 
 from rayrlhf.core.metrics import read_metrics  # noqa: E402
@@ -101,17 +102,6 @@ def main() -> None:
     if args.json:
         write_result(args.json, "bench_inflight", machine, rows, formats,
                      extra={"workload": args.workload, "steps": args.steps})
-
-
-def _ppo(workflow, cfg, run, sub) -> dict:
-    from rayrlhf.pipeline.driver import PPODriver
-
-    workflow.connect(cfg)
-    driver = PPODriver(cfg, sub.path / "ppo", run.checkpoint("sft"), run.checkpoint("rm"))
-    try:
-        return driver.run()
-    finally:
-        driver.close()
 
 
 def _step_means(sub) -> dict[str, float]:
