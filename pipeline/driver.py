@@ -335,8 +335,9 @@ class PPODriver:
         workers = self.pool.handles()
         if self.cfg.rollout.inflight:
             k = self.cfg.rollout.inflight_shard_prompts
-            shards = [(workers[c % len(workers)], indices[start : start + k])
-                      for c, start in enumerate(range(0, len(indices), k))]
+            starts = range(0, len(indices), k)  # round robin continued from batch to batch: every worker gets work
+            shards = [(workers[(batch_id * len(starts) + c) % len(workers)], indices[start : start + k])
+                      for c, start in enumerate(starts)]
         else:
             shards = [(worker, indices[w :: len(workers)]) for w, worker in enumerate(workers)]
         flight = InFlight(batch_id, version, [])

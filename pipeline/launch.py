@@ -282,8 +282,8 @@ def rollout_restarts(cfg: Config) -> int:
 
 
 def inflight_concurrency(cfg: Config) -> int:
-    """In-flight rollout: calls a worker runs at once, a thread each: every shard of the batches in flight (a prompt
-    group each, all of them on one worker at worst), with room to spare for the loads and version reads, which
+    """In-flight rollout: calls a worker runs at once, a thread each: every shard of the batches in flight (at most a
+    prompt each, all of them on one worker at worst), with room to spare for the loads and version reads, which
     must never wait for a thread behind generate calls waiting for them."""
     return cfg.ppo.prompts_per_step * (cfg.ppo.max_staleness + 1) + 16
 

@@ -116,7 +116,7 @@ class RolloutGenerator:
             from rayrlhf.roles.vllm_backend import VLLMBackend
 
             try:  # the engine is probed against the checkpoint once it starts
-                self.backend: RolloutBackend = VLLMBackend(checkpoint, cfg, dtype, lora=lora)
+                self.backend: RolloutBackend = VLLMBackend(checkpoint, cfg, dtype, lora=lora, inflight=cfg.inflight)
             except WeightSyncError as e:
                 raise WeightSyncError(f"rollout worker {worker_index}, weights v0: {e}") from e
         else:

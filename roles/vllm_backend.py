@@ -226,8 +226,11 @@ def _start_engine(LLM, checkpoint: str, dtype: str, device_args: dict):
 class VLLMBackend:
     """A vLLM engine started once; `generate` samples, `load_weights` swaps a new policy version in place."""
 
-    def __init__(self, checkpoint: str, cfg: RolloutConfig, dtype: str = "float32", lora: LoraConfig | None = None):
-        self.inflight = cfg.inflight  # loads land between the engine's steps, requests in progress (vllm_inflight)
+    def __init__(self, checkpoint: str, cfg: RolloutConfig, dtype: str = "float32", lora: LoraConfig | None = None,
+                 inflight: bool = False):
+        # a rollout worker's in-flight decode loop (vllm_inflight): loads land between the engine's steps, requests in
+        # progress; evaluation's sampler, built from the same config, never is one
+        self.inflight = inflight
         on_gpu = torch.cuda.is_available()
         hf_config = AutoConfig.from_pretrained(checkpoint)
         if not on_gpu:
@@ -256,8 +259,11 @@ class VLLMBackend:
         self.probe = torch.randint(0, vocab, (PROBE_SEQUENCES, PROBE_LENGTH),
                                    generator=torch.Generator().manual_seed(0))
         device_args = engine_args(cfg, hf_config.max_position_embeddings, on_gpu)
-        if cfg.inflight and cfg.inflight_kv == "keep":  # no reset between steps: no cached prefix of old weights
-            device_args["enable_prefix_caching"] = False
+        if inflight:
+            # the engine steps only when the loop calls it: no step of old weights in flight across a reload
+            device_args["async_scheduling"] = False
+            if cfg.inflight_kv == "keep":  # no reset between steps: no cached prefix of old weights
+                device_args["enable_prefix_caching"] = False
         if self.adapters:
             # one adapter computes at a time; the next version's is loaded beside it before the old one goes
             device_args.update(enable_lora=True, max_loras=1, max_cpu_loras=2,

@@ -27,6 +27,7 @@ class VLLMStepDecoder:
         self.backend, self.kv = backend, kv
         self.engine = backend.llm.llm_engine
         self.max_new_tokens, self.pad_id = backend.cfg.max_new_tokens, backend.tokenizer.pad_token_id
+        self.eos_id = backend.tokenizer.eos_token_id
         self.version = 0
         self.requests: list[DecodeRequest] = []
         self.rows: dict[str, tuple[DecodeRequest, Row]] = {}  # engine request id -> its request and row
@@ -40,11 +41,19 @@ class VLLMStepDecoder:
 
     def add(self, key: object, prompts: list[list[int]], seed: int) -> DecodeRequest:
         req = DecodeRequest(key, [Row(list(p)) for p in prompts], torch.Generator())  # the engine seeds each row
-        for row, s in zip(req.rows, row_seeds(seed, len(prompts))):
-            rid = f"row-{self.added}"
-            self.added += 1
-            self.engine.add_request(rid, {"prompt_token_ids": row.prompt}, self.backend.sampling_params(s))
-            self.rows[rid] = (req, row)
+        added = []
+        try:
+            for row, s in zip(req.rows, row_seeds(seed, len(prompts))):
+                rid = f"row-{self.added}"
+                self.added += 1
+                self.engine.add_request(rid, {"prompt_token_ids": row.prompt}, self.backend.sampling_params(s))
+                self.rows[rid] = (req, row)
+                added.append(rid)
+        except Exception as e:  # a row the engine refuses: the request fails alone, its other rows leave the engine
+            self.engine.abort_request(added)
+            for rid in added:
+                del self.rows[rid]
+            raise ValueError(f"vLLM refused a row of the request: {e}") from e
         self.requests.append(req)
         return req
 
@@ -87,6 +96,9 @@ class VLLMStepDecoder:
                 row.logprobs.append(c.logprobs[t][tid].logprob)
                 row.versions.append(self.version)
             if out.finished:
+                if len(row.tokens) < self.max_new_tokens and row.tokens[-1:] != [self.eos_id]:
+                    raise RuntimeError(f"vLLM stopped a row after {len(row.tokens)} of {self.max_new_tokens} tokens "
+                                       f"without EOS (finish_reason {c.finish_reason})")
                 row.done = True
                 del self.rows[out.request_id]
         done = [req for req in self.requests if req.done]
