@@ -167,10 +167,10 @@ def batch_timings(rollouts: list[RolloutInfo], references: list[CallInfo], score
     timings = {}
     for role, calls in zip(EXPERIENCE_ROLES, (rollouts, references, scores)):
         timings[f"{role}_s"] = max(c.seconds for c in calls)
-    if all(r.started is not None for r in rollouts):  # in-flight groups overlap: the batch's span, first to last
-        timings["rollout_s"] = max(r.started + r.seconds for r in rollouts) - min(r.started for r in rollouts)
         if all(c.mfu is not None for c in calls):  # a reward scored over HTTP is not logged as MFU 0
             timings[f"{role}_mfu"] = sum(c.mfu for c in calls) / len(calls)
+    if all(r.started is not None for r in rollouts):  # in-flight shards overlap: the batch's span, first to last
+        timings["rollout_s"] = max(r.started + r.seconds for r in rollouts) - min(r.started for r in rollouts)
     probes = [r.engine_probe_diff for r in rollouts if r.engine_probe_diff is not None]
     if probes:
         timings["engine_probe_diff"] = max(probes)

@@ -375,3 +375,20 @@ def test_a_late_older_load_never_takes_the_worker_back_and_a_bad_request_fails_a
     batch = gen.generate(RolloutRequest(batch_id=0, shard=1, prompt_indices=[0], prompts=[queries[0]], seed=0,
                                         version=1))  # an older version's request runs under the newer weights
     assert (batch.token_versions[batch.response_mask == 1] == 2).all() and batch.policy_version == 2
+
+
+def test_batch_timings_keep_each_roles_mfu_and_span_in_flight_shards():
+    """Each role's MFU is the mean of its calls' (none where a call has none); in-flight shards overlap, so the
+    batch's rollout seconds run from the first shard's start to the last one's end, not the longest shard's."""
+    from rayrlhf.core.experience import CallInfo, RolloutInfo, batch_timings
+
+    def rollout(started, seconds, mfu):
+        return RolloutInfo(batch_id=0, shard=0, seconds=seconds, mfu=mfu, worker=0, policy_version=0,
+                           prompt_indices=(0,), sequences=1, prompt_tokens=1, response_tokens=1, started=started)
+
+    calls = [CallInfo(batch_id=0, shard=s, seconds=1.0, mfu=0.1 * (s + 1)) for s in range(2)]
+    whole = batch_timings([rollout(None, 3.0, 0.2), rollout(None, 2.0, 0.4)], calls, calls)
+    assert whole["rollout_s"] == 3.0 and whole["rollout_mfu"] == pytest.approx(0.3)
+    assert whole["reference_mfu"] == pytest.approx(0.15) and whole["reward_mfu"] == pytest.approx(0.15)
+    inflight = batch_timings([rollout(10.0, 3.0, None), rollout(12.0, 2.0, None)], calls, calls)
+    assert inflight["rollout_s"] == 4.0 and "rollout_mfu" not in inflight and "reference_mfu" in inflight
