@@ -189,6 +189,18 @@ def engine_args(cfg: RolloutConfig, max_position_embeddings: int, on_gpu: bool) 
                 max_num_batched_tokens=max(4096, max_position_embeddings))
 
 
+def _differences(hf: Tensor, positions) -> Tensor:
+    """|engine - HF| of every log-prob the engine reported -> (n,): `positions[s]` yields (t, {token id: Logprob}),
+    the engine's log-probs of sequence s at position t, given the tokens before t (HF's at t - 1)."""
+    engine, ours = [], []
+    for s, entries_at in enumerate(positions):
+        for t, entries in entries_at:
+            for tid, lp in entries.items():
+                engine.append(lp.logprob)
+                ours.append(hf[s, t - 1, tid])
+    return (torch.tensor(engine) - torch.stack(ours)).abs()
+
+
 def row_seeds(seed: int, n: int) -> list[int]:
     """A seed per row drawn from the request's: each row is its own vLLM request, reproducible and in order."""
     return torch.randint(0, 2**31 - 1, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -489,23 +501,16 @@ class VLLMBackend:
             prompts, params = self.probe_inputs()
             return self.probe_compare(self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                                         use_tqdm=False))
-        else:  # LoRA enabled: the engine samples after a shorter prompt; its log-probs at each sampled position
-            params = self._SamplingParams(n=1, temperature=1.0, max_tokens=PROBE_LENGTH - PROBE_PROMPT,
-                                          logprobs=PROBE_TOP, ignore_eos=True, seed=0, detokenize=False)
-            prompts = self.probe[:, :PROBE_PROMPT].tolist()
-            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
-                                        lora_request=lora_request)
-            sequences = torch.tensor([p + list(out.outputs[0].token_ids) for p, out in zip(prompts, outputs)])
-            hf = torch.log_softmax(self.model(input_ids=sequences).logits.float(), -1)
-            # one {token id: Logprob} per sampled token: log softmax(logits / 1) in processed_logprobs mode
-            positions = [enumerate(out.outputs[0].logprobs, start=PROBE_PROMPT) for out in outputs]
-        engine, ours = [], []
-        for s, entries_at in enumerate(positions):
-            for t, entries in entries_at:  # the log-prob of each token given the ones before position t
-                for tid, lp in entries.items():
-                    engine.append(lp.logprob)
-                    ours.append(hf[s, t - 1, tid])
-        return (torch.tensor(engine) - torch.stack(ours)).abs()
+        # LoRA enabled: the engine samples after a shorter prompt; its log-probs at each sampled position
+        params = self._SamplingParams(n=1, temperature=1.0, max_tokens=PROBE_LENGTH - PROBE_PROMPT,
+                                      logprobs=PROBE_TOP, ignore_eos=True, seed=0, detokenize=False)
+        prompts = self.probe[:, :PROBE_PROMPT].tolist()
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                                    lora_request=lora_request)
+        sequences = torch.tensor([p + list(out.outputs[0].token_ids) for p, out in zip(prompts, outputs)])
+        hf = torch.log_softmax(self.model(input_ids=sequences).logits.float(), -1)
+        # one {token id: Logprob} per sampled token: log softmax(logits / 1) in processed_logprobs mode
+        return _differences(hf, [enumerate(out.outputs[0].logprobs, start=PROBE_PROMPT) for out in outputs])
 
     def probe_inputs(self) -> tuple[list[list[int]], object]:
         """The full-weight probe's prompts and sampling params: one token each, the prompt's log-probs kept."""
@@ -517,13 +522,7 @@ class VLLMBackend:
     def probe_compare(self, outputs) -> Tensor:
         """|engine - HF model| of every prompt log-prob the probe's `outputs` (in probe order) read -> (n,)."""
         hf = torch.log_softmax(self.model(input_ids=self.probe).logits.float(), -1)  # (S, L, V) at T = 1
-        engine, ours = [], []
-        for s, out in enumerate(outputs):
-            for t, entries in enumerate(out.prompt_logprobs[1:], start=1):  # given the tokens before position t
-                for tid, lp in entries.items():
-                    engine.append(lp.logprob)
-                    ours.append(hf[s, t - 1, tid])
-        return (torch.tensor(engine) - torch.stack(ours)).abs()
+        return _differences(hf, [enumerate(out.prompt_logprobs[1:], start=1) for out in outputs])
 
     def verify_engine(self, after: str, lora_request=None, differences: Tensor | None = None) -> float:
         """The probe's max |engine - HF| log-prob (`differences`, or the probe run now); raises `WeightSyncError`
