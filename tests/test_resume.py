@@ -3,7 +3,9 @@
 The kill test runs `rayrlhf ppo` in a child process (its own local Ray), SIGKILLs it once its first PPO
 checkpoint exists — wherever in the next steps it happens to be — then resumes it with
 `rayrlhf ppo --resume` and compares with an uninterrupted run: final policy and critic weights and every
-non-timing metric must be equal, and the ledger must show each batch consumed exactly once.
+non-timing metric must be equal, and the ledger must show each batch consumed exactly once. In CI it runs the
+deterministic in-flight rollout, where the batches after the first are generated across a weight sync: the kill
+lands while sequences span one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 import torch
 
 from rayrlhf.core.checkpoints import CheckpointDir
+from rayrlhf.core.experience import spans_versions
 from rayrlhf.core.ledger import ExperienceLedger, LedgerError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,14 +188,20 @@ def test_learner_save_load_continues_identically(make_tiny_cfg, tiny_checkpoints
 STEPS, EVERY = 4, 2  # killed after its step-2 checkpoint, resumed there for steps 3-4
 
 
-def _ppo_args(run: Path, ckpt, tiny_overrides: list[str], staleness: int, learners: int) -> list[str]:
+# Two in-flight workers on shards of 2 prompts; a batch moves to the next version after 3 of its 12 tokens.
+INFLIGHT = ["rollout.inflight=true", "rollout.inflight_deterministic=true", "rollout.inflight_switch_step=3",
+            "rollout.num_workers=2", "rollout.inflight_shard_prompts=2"]
+
+
+def _ppo_args(run: Path, ckpt, tiny_overrides: list[str], staleness: int, learners: int, inflight: bool) -> list[str]:
     argv = ["ppo", "--run-dir", str(run), "--sft-checkpoint", str(ckpt.sft), "--rm-checkpoint", str(ckpt.rm)]
-    # A learner group of 2 fits a local Ray's 4 CPUs with the scorers and the rollout worker on half a CPU each.
-    group = [f"ppo.learner_workers={learners}", "rollout.num_cpus=0.5", "reward.num_cpus=0.5",
-             "reference.num_cpus=0.5"] if learners > 1 else []
+    # A learner group of 2 (or two rollout workers) fits a local Ray's CPUs with the scorers and the rollout
+    # workers on half a CPU each.
+    halves = ["rollout.num_cpus=0.5", "reward.num_cpus=0.5", "reference.num_cpus=0.5"]
+    group = [f"ppo.learner_workers={learners}", *halves] if learners > 1 else []
     for o in [*tiny_overrides, f"ppo.steps={STEPS}", f"ppo.checkpoint_every={EVERY}", f"ppo.max_staleness={staleness}",
               "ppo.prompts_per_step=4", "ppo.minibatch_size=4", "ppo.micro_batch_size=4", "run.keep_checkpoints=0",
-              *group]:
+              *group, *([*INFLIGHT, *halves] if inflight else [])]:
         argv += ["--set", o]
     return argv
 
@@ -210,23 +219,25 @@ def _learning_metrics(run: Path) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-# one step off-policy (its batch restored from the checkpoint) with one learner in CI; with a learner group of two,
-# and synchronous, outside CI only (CI's limit is 25 minutes; they pass locally). A learner group of two resuming
-# from its checkpoint to the uninterrupted weights is CI's in test_multinode.py (a learner node killed).
-@pytest.mark.parametrize(("staleness", "learners"), [
-    (1, 1), pytest.param(1, 2, marks=pytest.mark.outside_ci), pytest.param(0, 1, marks=pytest.mark.outside_ci)])
+# In CI: one step off-policy with in-flight rollout (its buffered batch, generated across a sync, restored from the
+# checkpoint) and one learner. Outside CI only (CI's limit is 25 minutes; they pass locally): whole-batch rollout,
+# with one learner, a learner group of two, and synchronous. Whole-batch rollout resuming to the uninterrupted
+# weights, with a learner group of two, is CI's in test_multinode.py (a learner node killed).
+@pytest.mark.parametrize(("staleness", "learners", "inflight"), [
+    pytest.param(1, 1, True, id="inflight"), pytest.param(1, 1, False, marks=pytest.mark.outside_ci),
+    pytest.param(1, 2, False, marks=pytest.mark.outside_ci), pytest.param(0, 1, False, marks=pytest.mark.outside_ci)])
 def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch, tiny_checkpoints, tiny_overrides,
-                                                         tmp_path, staleness, learners, capsys):
+                                                         tmp_path, staleness, learners, inflight, capsys):
     from rayrlhf.pipeline.cli import main
 
     monkeypatch.setattr("rayrlhf.pipeline.workflow.shutdown", lambda: None)  # keep the session's Ray for other tests
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert main(_ppo_args(whole, tiny_checkpoints, tiny_overrides, staleness, learners)) == 0
+    assert main(_ppo_args(whole, tiny_checkpoints, tiny_overrides, staleness, learners, inflight)) == 0
 
     # The driver in its own process, with its own local Ray; SIGKILL once its first checkpoint is complete.
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen([sys.executable, "-m", "rayrlhf.pipeline.cli", *_ppo_args(killed, tiny_checkpoints, tiny_overrides,
-                                                                             staleness, learners)],
+                                                                             staleness, learners, inflight)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     latest = killed / "ppo" / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
@@ -258,10 +269,15 @@ def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch,
     assert all(b["consumed_by"] == b["batch_id"] for b in ledger["batches"])
     # With one step of staleness the batch generated before the checkpoint was saved with it, not regenerated.
     assert audit["restored"] == ([resumed_at] if staleness == 1 else [])
+    spans = [b["batch_id"] for b in ledger["batches"] if len(b["token_versions"]) > 1]
+    if inflight:  # the kill landed while batches were generated across syncs; the restored one was
+        buffered = torch.load(killed / "ppo" / "checkpoints" / f"step-{resumed_at:06d}" / "buffer.pt", weights_only=False)
+        assert any(spans_versions(e.token_versions, e.response_mask).any() for e in buffered.values())
+        assert spans and 0 not in spans
     with capsys.disabled():
-        print(f"\nmax_staleness={staleness}, learner_workers={learners}: killed with {steps_before} steps logged, resumed at step {resumed_at}, "
+        print(f"\nmax_staleness={staleness}, learner_workers={learners}, inflight={inflight}: killed with {steps_before} steps logged, resumed at step {resumed_at}, "
               f"max abs diff policy {diffs['checkpoint']} critic {diffs['critic']}, ledger consumed "
-              f"{audit['consumed']}/{STEPS}, lost {audit['lost']}, restored batches {audit['restored']}")
+              f"{audit['consumed']}/{STEPS}, lost {audit['lost']}, restored batches {audit['restored']}, batches spanning a sync {spans}")
 
 
 @pytest.mark.slow
