@@ -99,17 +99,17 @@ def _check_ppo_and_eval(run: Path, max_staleness: int) -> None:
 
 def test_cli_stage_by_stage_synchronous(cli, tiny_overrides, tiny_cfg, tmp_path):
     """`rayrlhf sft`, `rm`, `ppo` (max_staleness 0: on-policy), `eval`, one run directory: what `train` chains.
-    SFT and the reward model each train as a group of two ranks (FSDP2; equal to one rank: test_trainer_group)."""
+    SFT trains as a group of two ranks on Ray (FSDP2; equal to one rank: test_trainer_group, which also runs the
+    reward model's group of two through the same `run_group`)."""
     run = tmp_path / "run"
-    groups = [*tiny_overrides, "sft.workers=2", "rm.workers=2"]
-    cli("sft", run, groups)
+    cli("sft", run, [*tiny_overrides, "sft.workers=2"])
     assert (run / "sft" / "checkpoint" / "config.json").is_file() and not (run / "rm").exists()
-    cli("rm", run, groups)
+    cli("rm", run, tiny_overrides)
     _check_sft_rm_run(run)
     from rayrlhf.core.checkpoints import CheckpointDir
 
-    for stage in ("sft", "rm"):  # each rank wrote its shards of the resumable state
-        assert (CheckpointDir(run / stage / "checkpoints").latest() / "sharded").is_dir(), stage
+    # each rank wrote its shards of the resumable state
+    assert (CheckpointDir(run / "sft" / "checkpoints").latest() / "sharded").is_dir()
 
     # The normalising bias makes the training references score 0 on average (detail 7).
     from rayrlhf.roles.reward import RewardScorer

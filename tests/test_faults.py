@@ -188,6 +188,45 @@ def test_learner_deaths_beyond_the_restart_budget_end_the_run_naming_the_node_an
         "learner_lost", "resumed", "learner_lost"]
 
 
+def test_a_batch_whose_reward_scorer_hangs_times_out_naming_the_calls(ray_local):
+    """`collect` on a batch of 2 shards of fake actors, the reward scorer hanging: past ppo.sync_timeout_s a
+    timeout naming each shard's reward call (and no other)."""
+    import ray
+    from types import SimpleNamespace
+
+    from rayrlhf.pipeline.inflight import ROLES, InFlight, ShardCalls
+
+    @ray.remote(num_cpus=0)
+    class Role:
+        @ray.method(num_returns=2)
+        def generate(self, request):
+            return request, "rollout info"
+
+        @ray.method(num_returns=2)
+        def logprobs(self, rollout):
+            return rollout, "reference info"
+
+        @ray.method(num_returns=2)
+        def score(self, rollout):
+            time.sleep(3600)
+
+    worker, reference, reward = (Role.remote() for _ in range(3))
+    ray.get([a.__ray_ready__.remote() for a in (worker, reference, reward)])  # started: the timeout times calls only
+    shards = [ShardCalls(request=s, worker=worker, reference_actor=reference, reward_actor=reward) for s in range(2)]
+    for shard in shards:
+        for role in ROLES:
+            shard.dispatch(role)
+    driver = SimpleNamespace(pc=SimpleNamespace(sync_timeout_s=2.0, max_actor_restarts=1),
+                             pool=SimpleNamespace(index_of=lambda w: 0))
+    with pytest.raises(TimeoutError, match=r"^batch 0: reward of shard 0, reward of shard 1 did not finish within "
+                                           r"ppo.sync_timeout_s=2.0s$"):
+        PPODriver.collect(driver, InFlight(batch_id=0, version=0, shards=shards))
+    for a in (worker, reference, reward):
+        ray.kill(a)
+
+
+# Outside CI (its 25 minutes): the same timeout on a real PPO run; CI's is the fake actors' test above.
+@pytest.mark.outside_ci
 def test_a_hanging_reward_scorer_times_out_naming_it(ray_local, make_tiny_cfg, tiny_checkpoints, tmp_path):
     import ray
 

@@ -3,7 +3,8 @@
 The kill test runs `rayrlhf ppo` in a child process (its own local Ray), SIGKILLs it once its first PPO
 checkpoint exists — wherever in the next steps it happens to be — then resumes it with
 `rayrlhf ppo --resume` and compares with an uninterrupted run: final policy and critic weights and every
-non-timing metric must be equal, and the ledger must show each batch consumed exactly once. In CI it runs the
+non-timing metric must be equal, and the ledger must show each batch consumed exactly once. The killed run is a
+new attempt on a finished run directory, so its resume must continue it rather than skip it as finished. In CI it runs the
 deterministic in-flight rollout, where the batches after the first are generated across a weight sync: the kill
 lands while sequences span one.
 """
@@ -24,6 +25,7 @@ import torch
 from rayrlhf.core.checkpoints import CheckpointDir
 from rayrlhf.core.experience import spans_versions
 from rayrlhf.core.ledger import ExperienceLedger, LedgerError
+from test_resume_attempts import _finished_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,6 +236,9 @@ def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch,
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert main(_ppo_args(whole, tiny_checkpoints, tiny_overrides, staleness, learners, inflight)) == 0
 
+    # A new attempt, with other PPO settings, on a finished run (`rayrlhf train`'s SFT, RM and a 40-step PPO):
+    # `--resume` must continue this attempt with its own config, never skip it as finished.
+    _finished_run(killed, tiny_checkpoints, tiny_overrides)
     # The driver in its own process, with its own local Ray; SIGKILL once its first checkpoint is complete.
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen([sys.executable, "-m", "rayrlhf.pipeline.cli", *_ppo_args(killed, tiny_checkpoints, tiny_overrides,
@@ -247,7 +252,7 @@ def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch,
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     steps_before = len(_learning_metrics(killed))
-    assert not (killed / "ppo" / "checkpoint").exists()  # it did not finish
+    assert "ppo" not in json.loads((killed / "stages.json").read_text())  # the attempt did not finish
 
     assert main(["ppo", "--resume", str(killed)]) == 0
     stages = json.loads((killed / "stages.json").read_text())["ppo"]

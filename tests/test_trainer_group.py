@@ -151,6 +151,7 @@ def test_two_rm_ranks_make_the_one_process_steps_with_lora(make_tiny_cfg, tiny_c
     for key in ("rm/loss", "rm/train_accuracy", "rm/valid_accuracy", "rm/reward_bias"):
         assert _rows(two, key) == pytest.approx(_rows(one, key), rel=1e-5, abs=1e-6), key
     assert _lines(two) == _lines(one)  # rank 0 alone logs
+    assert _sharded_state(two)["world"] == 2
     from transformers import AutoModelForSequenceClassification
 
     scorer = AutoModelForSequenceClassification.from_pretrained(two / "checkpoint")  # plain: merged, no peft
