@@ -58,7 +58,8 @@ class RolloutWorker:
                                     share_prompts=cfg.rollout.share_prompts,
                                     lora=cfg.model.lora if cfg.sync_adapters else None,
                                     max_rows=cfg.rollout.inflight_max_rows or cfg.ppo.prompts_per_step * cfg.ppo.samples_per_prompt,
-                                    wait_s=cfg.ppo.sync_timeout_s)
+                                    wait_s=cfg.ppo.sync_timeout_s,
+                                    restarted=ray.get_runtime_context().was_current_actor_reconstructed)
         self.group: CollectiveGroup | None = None
 
     @ray.method(num_returns=2)

@@ -54,8 +54,11 @@ class Generated:
 
 class InflightEngine:
     def __init__(self, make_decoder: Callable[[], ContinuousDecoder], max_rows: int, deterministic: bool,
-                 wait_s: float):
+                 wait_s: float, restarted: bool = False):
         self.make_decoder, self.max_rows, self.deterministic, self.wait_s = make_decoder, max_rows, deterministic, wait_s
+        # A worker Ray restarted has lost its place in the driver's deterministic order: a request with a place in
+        # it fails at once (the driver sends it again without one), a load waits for no request.
+        self.restarted = restarted
         # on arrival, every request's rows share one decoder; deterministic, each request has its own
         self.decoder = make_decoder()
         self.version = 0  # the version the model holds
@@ -75,6 +78,9 @@ class InflightEngine:
     # --- called from the actor's threads ------------------------------------------------------------
 
     def generate(self, req: RolloutRequest) -> Generated:
+        if self.restarted and self.deterministic and req.seq is not None:
+            raise VersionMismatch(f"rollout worker restarted: it lost its place in the deterministic order (batch "
+                                  f"{req.batch_id} shard {req.shard} is its request {req.seq})")
         job = _Job(req)
         with self.cond:
             self._alive()
@@ -87,7 +93,7 @@ class InflightEngine:
     def load(self, version: int, apply: Callable[[], None], after_requests: int | None = None) -> float:
         """Queue a weight load and wait until the loop ran it; returns the seconds from arrival to applied."""
         t0 = time.perf_counter()
-        load = _Load(version, apply, after_requests if self.deterministic else None)
+        load = _Load(version, apply, after_requests if self.deterministic and not self.restarted else None)
         with self.cond:
             self._alive()
             self.loads.append(load)

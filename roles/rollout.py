@@ -111,7 +111,7 @@ class RolloutGenerator:
 
     def __init__(self, checkpoint: str, cfg: RolloutConfig, worker_index: int = 0, dtype: str = "float32",
                  share_prompts: bool = False, lora: LoraConfig | None = None, max_rows: int = 64,
-                 wait_s: float = 600.0):
+                 wait_s: float = 600.0, restarted: bool = False):
         if cfg.backend == "vllm":
             from rayrlhf.roles.vllm_backend import VLLMBackend
 
@@ -143,7 +143,7 @@ class RolloutGenerator:
                                          temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                          kv=cfg.inflight_kv)
 
-            self.engine = InflightEngine(decoder, max_rows, cfg.inflight_deterministic, wait_s)
+            self.engine = InflightEngine(decoder, max_rows, cfg.inflight_deterministic, wait_s, restarted)
 
     def settled_version(self) -> int:
         """The version held once the calls before this one are done (in-flight, calls run concurrently: this one

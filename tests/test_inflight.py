@@ -380,6 +380,30 @@ def test_a_late_older_load_never_takes_the_worker_back_and_a_bad_request_fails_a
     assert (batch.token_versions[batch.response_mask == 1] == 2).all() and batch.policy_version == 2
 
 
+def test_a_restarted_deterministic_worker_fails_requests_of_the_order_it_lost_and_loads_on_arrival(tiny_checkpoints,
+                                                                                                    queries):
+    """Ray restarted the worker: its decode loop starts at request 0 of the driver's order, so a request with a
+    later place (sent before the driver noticed the restart) fails at once as a version mismatch, which the driver
+    answers by sending it again without a place, and a load waits for none of the requests sent before it."""
+    from rayrlhf.core.experience import VersionMismatch
+    from rayrlhf.roles.rollout import RolloutGenerator
+
+    cfg = RolloutConfig(temperature=T, max_new_tokens=4, inflight=True, inflight_deterministic=True)
+    gen = RolloutGenerator(str(tiny_checkpoints.sft), cfg, max_rows=64, wait_s=30, restarted=True)
+    with pytest.raises(VersionMismatch, match=r"restarted: .* \(batch 3 shard 1 is its request 5\)"):
+        gen.generate(RolloutRequest(batch_id=3, shard=1, prompt_indices=[0], prompts=[queries[0]], seed=0, version=0,
+                                    seq=5, switch=(2, 1)))
+    # after 6 requests of the order, none of which this worker will get: applied on arrival
+    loader = threading.Thread(target=gen.load_weights, args=(_packet(perturbed(gen.backend.model), 1), False, 6))
+    loader.start()
+    loader.join(60)
+    assert not loader.is_alive() and gen.version == 1
+    batch = gen.generate(RolloutRequest(batch_id=3, shard=1, prompt_indices=[0], prompts=[queries[0]], seed=0,
+                                        version=0))  # sent again without a place: runs under the version held
+    assert (batch.token_versions[batch.response_mask == 1] == 1).all()
+    gen.engine.close()
+
+
 def test_batch_timings_keep_each_roles_mfu_and_span_in_flight_shards():
     """Each role's MFU is the mean of its calls' (none where a call has none); in-flight shards overlap, so the
     batch's rollout seconds run from the first shard's start to the last one's end, not the longest shard's."""

@@ -25,6 +25,7 @@ import torch
 from rayrlhf.core.checkpoints import CheckpointDir
 from rayrlhf.core.experience import spans_versions
 from rayrlhf.core.ledger import ExperienceLedger, LedgerError
+from rayrlhf.pipeline.reaper import marked
 from test_resume_attempts import _finished_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,8 +250,16 @@ def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch,
     while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert latest.exists(), f"no checkpoint before the driver ended: {proc.stderr.read().decode()[-2000:]}"
+    names = {p.name() for p in marked(f"{proc.pid}:")}
+    assert "raylet" in names, f"the command's local Ray is not up: {names}"
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
+    # no process of the killed command's local Ray is left (its watchdog ends them; test_reaper: Ray's agents too)
+    deadline = time.monotonic() + 30
+    while marked(f"{proc.pid}:") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [(p.pid, p.name()) for p in marked(f"{proc.pid}:")]
+    assert left == [], f"processes of the killed command's Ray still alive after 30 s: {left}"
     steps_before = len(_learning_metrics(killed))
     assert "ppo" not in json.loads((killed / "stages.json").read_text())  # the attempt did not finish
 
@@ -324,10 +333,10 @@ def test_stages_started_from_outside_checkpoints_resume_from_them(ray_local, mon
 
 
 @pytest.mark.slow
+# Outside CI (its 25 minutes): the kill test above checks the same after its SIGKILL, later in a run's life.
+@pytest.mark.outside_ci
 def test_a_killed_command_leaves_no_process_of_its_local_ray(tiny_overrides, tmp_path):
     """SIGKILL of `rayrlhf sft` while its local Ray runs: within 30 s no process of that Ray is left."""
-    from rayrlhf.pipeline.reaper import marked
-
     # As from a shell: the command starts its own Ray with its own token.
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYRLHF_LOCAL_RAY", "RAY_AUTH_TOKEN")}
     argv = ["sft", "--run-dir", str(tmp_path / "run"), *sum((["--set", o] for o in tiny_overrides), []),
