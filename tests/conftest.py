@@ -23,6 +23,11 @@ os.environ.setdefault("RAYRLHF_CACHE", os.path.join(tempfile.gettempdir(), f"ray
 # Serve kills an HTTP proxy whose readiness check misses 5 s three times; on a busy 2-core CI machine the proxy
 # can take longer than that to start (seen in CI: every test_serving test errored at set-up), so give it 60 s.
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+# pytest-xdist runs a worker per core: each worker's torch, and the processes it starts, run one OpenMP thread
+# instead of one per core, so that the workers' threads do not spin against each other (measured: 16 % less CPU
+# on the in-process tests). Ray actors set their own (init_worker_process).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Token auth chosen deliberately (not left to Ray's default), with a fresh token per test session.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)

@@ -324,12 +324,22 @@ def test_stages_started_from_outside_checkpoints_resume_from_them(ray_local, mon
                      "--set", "ppo.checkpoint_every=0"]) == 130
     stages = ppo_run / "stages.json"
     assert not stages.exists() or "ppo" not in json.loads(stages.read_text())
-    # `--resume` starts the stage over, from the same checkpoints.
-    assert main(["ppo", "--resume", str(ppo_run)]) == 0
-    assert json.loads((ppo_run / "stages.json").read_text())["ppo"]["ppo/steps"] == 2.0
     recorded = json.loads((ppo_run / "inputs.json").read_text())["ppo"]
     assert recorded == {"sft_checkpoint": str(tiny_checkpoints.sft.resolve()),
                         "rm_checkpoint": str(tiny_checkpoints.rm.resolve())}
+    # `--resume` starts the stage over, from the same checkpoints: the driver is handed them (a PPO run resumed
+    # through the driver is the kill test's)
+    started = []
+
+    def run_ppo(cfg, run, sft, rm, latest, command):
+        started.append((sft, rm, latest, cfg.ppo.steps))
+        return {"ppo/steps": float(cfg.ppo.steps)}
+
+    monkeypatch.setattr("rayrlhf.pipeline.workflow.connect", lambda cfg: None)
+    monkeypatch.setattr("rayrlhf.pipeline.workflow._run_ppo", run_ppo)
+    assert main(["ppo", "--resume", str(ppo_run)]) == 0
+    assert started == [(tiny_checkpoints.sft.resolve(), tiny_checkpoints.rm.resolve(), None, 2)]
+    assert json.loads((ppo_run / "stages.json").read_text())["ppo"]["ppo/steps"] == 2.0
 
 
 @pytest.mark.slow
