@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,6 +51,13 @@ def read_batch(refs: ShardRefs) -> Experience:
     return Experience.join(ray.get(refs.rollouts), ray.get(refs.references), ray.get(refs.rewards), refs.pad_id)
 
 
+def _restarted() -> bool:
+    """Whether Ray restarted this actor (it then holds the SFT weights and none of its calls' state)."""
+    with warnings.catch_warnings():  # Ray's property reads its own deprecated `actor_id`, with a warning
+        warnings.simplefilter("ignore")
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
 @ray.remote
 class RolloutWorker:
     def __init__(self, cfg: Config, checkpoint: str, worker_index: int):
@@ -59,7 +67,7 @@ class RolloutWorker:
                                     lora=cfg.model.lora if cfg.sync_adapters else None,
                                     max_rows=cfg.rollout.inflight_max_rows or cfg.ppo.prompts_per_step * cfg.ppo.samples_per_prompt,
                                     wait_s=cfg.ppo.sync_timeout_s,
-                                    restarted=ray.get_runtime_context().was_current_actor_reconstructed)
+                                    restarted=cfg.rollout.inflight and _restarted())
         self.group: CollectiveGroup | None = None
 
     @ray.method(num_returns=2)

@@ -340,17 +340,22 @@ def test_deterministic_inflight_ppo_repeats_and_resumes_bit_for_bit(ray_local, m
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("deterministic", [False, True], ids=["arrival", "deterministic"])
 def test_inflight_ppo_with_a_rollout_worker_killed_mid_generation_loses_nothing(ray_local, make_tiny_cfg,
-                                                                                tiny_checkpoints, tmp_path):
-    """Versions applied on arrival, a rollout worker killed before batch 2 is dispatched (its groups of batch 1
-    may be mid-sequence): Ray restarts it, its groups go again once, the ledger's audit passes."""
+                                                                                tiny_checkpoints, tmp_path,
+                                                                                deterministic):
+    """A rollout worker killed before batch 2 is dispatched (its shards of batch 1 may be mid-sequence): Ray
+    restarts it, its shards go again once, the ledger's audit passes. Deterministic, batch 2's requests reach the
+    restarted worker with places in an order it lost: they fail at once and go again, instead of waiting for the
+    driver's timeout (ppo.sync_timeout_s=60 here)."""
     import json
 
     from test_faults import killing
     from rayrlhf.pipeline.driver import PPODriver
 
-    driver = killing(PPODriver(make_tiny_cfg(*ON_RAY), tmp_path / "run" / "ppo", tiny_checkpoints.sft,
-                               tiny_checkpoints.rm), {"rollout": 2})
+    cfg = make_tiny_cfg(*ON_RAY, *(DETERMINISTIC if deterministic else []))
+    driver = killing(PPODriver(cfg, tmp_path / "run" / "ppo", tiny_checkpoints.sft, tiny_checkpoints.rm),
+                     {"rollout": 2})
     try:
         summary = driver.run()
     finally:
