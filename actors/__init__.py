@@ -68,6 +68,9 @@ class RolloutWorker:
                                     max_rows=cfg.rollout.inflight_max_rows or cfg.ppo.prompts_per_step * cfg.ppo.samples_per_prompt,
                                     wait_s=cfg.ppo.sync_timeout_s,
                                     restarted=cfg.rollout.inflight and _restarted())
+        if self.gen.engine is not None and self.gen.engine.unordered and cfg.rollout.inflight_deterministic:
+            log.warning("rollout worker %d was restarted by Ray: its requests run on arrival, out of the "
+                        "deterministic order (this worker's share of the run is not repeatable)", worker_index)
         self.group: CollectiveGroup | None = None
 
     @ray.method(num_returns=2)
@@ -83,6 +86,9 @@ class RolloutWorker:
 
     def busy_seconds(self) -> float:
         return self.gen.busy_seconds()
+
+    def leave_order(self) -> None:
+        self.gen.leave_order()
 
     def weights_checksum(self) -> VersionedChecksum:
         return self.gen.weights_checksum()

@@ -410,7 +410,10 @@ class PPODriver:
                     # arrival from now on (seq None, no switch; not repeatable), under the current version, which
                     # it is sent below (a request takes any version at or above its own: not the batch's first).
                     shard.request = dataclasses.replace(shard.request, seq=None, switch=None)
-                    self.unordered.add(shard.worker)
+                    if shard.worker not in self.unordered:  # its places after this one will never come
+                        self.unordered.add(shard.worker)
+                        shard.worker.leave_order.remote()
+                        self.events.write(self.step, "worker_unordered", index, batch=flight.batch_id, shard=s)
                 else:  # the restarted actor holds the SFT weights: the batch's version first, then the current one
                     shard.worker.load_weights.remote(self.packets[flight.version])
                 shard.dispatch(Role.ROLLOUT)

@@ -56,9 +56,10 @@ class InflightEngine:
     def __init__(self, make_decoder: Callable[[], ContinuousDecoder], max_rows: int, deterministic: bool,
                  wait_s: float, restarted: bool = False):
         self.make_decoder, self.max_rows, self.deterministic, self.wait_s = make_decoder, max_rows, deterministic, wait_s
-        # A worker Ray restarted has lost its place in the driver's deterministic order: a request with a place in
-        # it fails at once (the driver sends it again without one), a load waits for no request.
-        self.restarted = restarted
+        # Out of the driver's deterministic order: a worker Ray restarted (it lost its place), or one the driver
+        # took out of it (`leave_order`). A request with a place in the order then fails at once as a version
+        # mismatch (the driver sends it again without one), and a load waits for no request.
+        self.unordered = restarted
         # on arrival, every request's rows share one decoder; deterministic, each request has its own
         self.decoder = make_decoder()
         self.version = 0  # the version the model holds
@@ -78,9 +79,8 @@ class InflightEngine:
     # --- called from the actor's threads ------------------------------------------------------------
 
     def generate(self, req: RolloutRequest) -> Generated:
-        if self.restarted and self.deterministic and req.seq is not None:
-            raise VersionMismatch(f"rollout worker restarted: it lost its place in the deterministic order (batch "
-                                  f"{req.batch_id} shard {req.shard} is its request {req.seq})")
+        if self.unordered and self.deterministic and req.seq is not None:
+            raise self._out_of_order(req)
         job = _Job(req)
         with self.cond:
             self._alive()
@@ -93,7 +93,7 @@ class InflightEngine:
     def load(self, version: int, apply: Callable[[], None], after_requests: int | None = None) -> float:
         """Queue a weight load and wait until the loop ran it; returns the seconds from arrival to applied."""
         t0 = time.perf_counter()
-        load = _Load(version, apply, after_requests if self.deterministic and not self.restarted else None)
+        load = _Load(version, apply, after_requests if self.deterministic and not self.unordered else None)
         with self.cond:
             self._alive()
             self.loads.append(load)
@@ -101,6 +101,24 @@ class InflightEngine:
             self.cond.notify_all()
         load.done.result()
         return time.perf_counter() - t0
+
+    def leave_order(self) -> None:
+        """Deterministic: from now on this worker is out of the driver's order (the driver re-sent a request of it
+        without a place, so the places after it never come). The requests waiting with a place fail at once, the
+        loads waiting for requests are applied on arrival."""
+        with self.cond:
+            self.unordered = True
+            for job in [j for j in self.waiting if j.req.seq is not None]:
+                self.waiting.remove(job)
+                job.done.set_exception(self._out_of_order(job.req))
+            for load in self.loads:
+                load.after_requests = None
+            self.cond.notify_all()
+
+    @staticmethod
+    def _out_of_order(req: RolloutRequest) -> VersionMismatch:
+        return VersionMismatch(f"rollout worker out of the deterministic order (restarted, or a request of it sent "
+                               f"again): batch {req.batch_id} shard {req.shard} has place {req.seq} in it")
 
     def wait_idle(self) -> None:
         """Until no request or load is waiting or running (the calls sent before this one are done)."""

@@ -145,6 +145,11 @@ class RolloutGenerator:
 
             self.engine = InflightEngine(decoder, max_rows, cfg.inflight_deterministic, wait_s, restarted)
 
+    def leave_order(self) -> None:
+        """In-flight, deterministic: this worker's requests run on arrival from now on (`InflightEngine.leave_order`)."""
+        if self.engine is not None:
+            self.engine.leave_order()
+
     def settled_version(self) -> int:
         """The version held once the calls before this one are done (in-flight, calls run concurrently: this one
         waits for the decode loop to be idle)."""

@@ -216,10 +216,11 @@ def test_a_batch_whose_reward_scorer_hangs_times_out_naming_the_calls(ray_local)
     for shard in shards:
         for role in ROLES:
             shard.dispatch(role)
-    driver = SimpleNamespace(pc=SimpleNamespace(sync_timeout_s=2.0, max_actor_restarts=1),
+    ray.get([call for shard in shards for call in (shard.rollout_info, shard.reference_info)])  # the timeout times the reward's
+    driver = SimpleNamespace(pc=SimpleNamespace(sync_timeout_s=3.0, max_actor_restarts=1),
                              pool=SimpleNamespace(index_of=lambda w: 0))
     with pytest.raises(TimeoutError, match=r"^batch 0: reward of shard 0, reward of shard 1 did not finish within "
-                                           r"ppo.sync_timeout_s=2.0s$"):
+                                           r"ppo.sync_timeout_s=3.0s$"):
         PPODriver.collect(driver, InFlight(batch_id=0, version=0, shards=shards))
     for a in (worker, reference, reward):
         ray.kill(a)

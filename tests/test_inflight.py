@@ -344,7 +344,7 @@ def test_deterministic_inflight_ppo_repeats_and_resumes_bit_for_bit(ray_local, m
 def test_inflight_ppo_with_a_rollout_worker_killed_mid_generation_loses_nothing(ray_local, make_tiny_cfg,
                                                                                 tiny_checkpoints, tmp_path,
                                                                                 deterministic):
-    """A rollout worker killed before batch 2 is dispatched (its shards of batch 1 may be mid-sequence): Ray
+    """A rollout worker killed (idle: `killing` waits for the earlier batches) before batch 2 is dispatched: Ray
     restarts it, its shards go again once, the ledger's audit passes. Deterministic, batch 2's requests reach the
     restarted worker with places in an order it lost: they fail at once and go again, instead of waiting for the
     driver's timeout (ppo.sync_timeout_s=60 here)."""
@@ -385,28 +385,47 @@ def test_a_late_older_load_never_takes_the_worker_back_and_a_bad_request_fails_a
     assert (batch.token_versions[batch.response_mask == 1] == 2).all() and batch.policy_version == 2
 
 
-def test_a_restarted_deterministic_worker_fails_requests_of_the_order_it_lost_and_loads_on_arrival(tiny_checkpoints,
-                                                                                                    queries):
-    """Ray restarted the worker: its decode loop starts at request 0 of the driver's order, so a request with a
-    later place (sent before the driver noticed the restart) fails at once as a version mismatch, which the driver
-    answers by sending it again without a place, and a load waits for none of the requests sent before it."""
+def test_a_worker_out_of_the_deterministic_order_fails_requests_with_places_and_loads_on_arrival(tiny_checkpoints,
+                                                                                                   queries):
+    """Ray restarted the worker: its decode loop starts at place 0 of the driver's order, so a request with a later
+    place (sent before the driver noticed the restart) fails at once as a version mismatch, which the driver answers
+    by sending it again without a place, and a load waits for none of the requests sent before it. A worker the
+    driver takes out of the order (`leave_order`: a request of it was sent again) does the same with the requests
+    and loads already waiting."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from rayrlhf.core.experience import VersionMismatch
     from rayrlhf.roles.rollout import RolloutGenerator
 
     cfg = RolloutConfig(temperature=T, max_new_tokens=4, inflight=True, inflight_deterministic=True)
-    gen = RolloutGenerator(str(tiny_checkpoints.sft), cfg, max_rows=64, wait_s=30, restarted=True)
-    with pytest.raises(VersionMismatch, match=r"restarted: .* \(batch 3 shard 1 is its request 5\)"):
-        gen.generate(RolloutRequest(batch_id=3, shard=1, prompt_indices=[0], prompts=[queries[0]], seed=0, version=0,
-                                    seq=5, switch=(2, 1)))
-    # after 6 requests of the order, none of which this worker will get: applied on arrival
-    loader = threading.Thread(target=gen.load_weights, args=(_packet(perturbed(gen.backend.model), 1), False, 6))
-    loader.start()
-    loader.join(60)
-    assert not loader.is_alive() and gen.version == 1
-    batch = gen.generate(RolloutRequest(batch_id=3, shard=1, prompt_indices=[0], prompts=[queries[0]], seed=0,
-                                        version=0))  # sent again without a place: runs under the version held
+    pool = ThreadPoolExecutor(4)
+
+    def request(seq: int | None):
+        return RolloutRequest(batch_id=3, shard=1, prompt_indices=[0], prompts=[queries[0]], seed=0, version=0,
+                              seq=seq, switch=None if seq is None else (2, 1))
+
+    restarted = RolloutGenerator(str(tiny_checkpoints.sft), cfg, max_rows=64, wait_s=30, restarted=True)
+    with pytest.raises(VersionMismatch, match=r"out of the deterministic order .* batch 3 shard 1 has place 5 in it"):
+        pool.submit(restarted.generate, request(5)).result(timeout=30)
+    # a load after 6 requests of the order, none of which this worker will get: applied on arrival
+    pool.submit(restarted.load_weights, _packet(perturbed(restarted.backend.model), 1), False, 6).result(timeout=30)
+    assert restarted.version == 1
+    batch = pool.submit(restarted.generate, request(None)).result(timeout=30)  # without a place: the version held
     assert (batch.token_versions[batch.response_mask == 1] == 1).all()
-    gen.engine.close()
+    restarted.engine.close()
+
+    ordered = RolloutGenerator(str(tiny_checkpoints.sft), cfg, max_rows=64, wait_s=30)
+    waiting = pool.submit(ordered.generate, request(2))  # places 0 and 1 never come
+    loading = pool.submit(ordered.load_weights, _packet(perturbed(ordered.backend.model), 1), False, 3)
+    time.sleep(0.5)
+    assert not waiting.done() and not loading.done()
+    ordered.leave_order()
+    with pytest.raises(VersionMismatch, match="has place 2 in it"):
+        waiting.result(timeout=30)
+    loading.result(timeout=30)
+    assert ordered.version == 1
+    ordered.engine.close()
+    pool.shutdown()
 
 
 def test_batch_timings_keep_each_roles_mfu_and_span_in_flight_shards():

@@ -4,9 +4,10 @@ The kill test runs `rayrlhf ppo` in a child process (its own local Ray), SIGKILL
 checkpoint exists — wherever in the next steps it happens to be — then resumes it with
 `rayrlhf ppo --resume` and compares with an uninterrupted run: final policy and critic weights and every
 non-timing metric must be equal, and the ledger must show each batch consumed exactly once. The killed run is a
-new attempt on a finished run directory, so its resume must continue it rather than skip it as finished. In CI it runs the
-deterministic in-flight rollout, where the batches after the first are generated across a weight sync: the kill
-lands while sequences span one.
+new attempt on a finished run directory, so its resume must continue it rather than skip it as finished. In CI it
+runs the deterministic in-flight rollout, where the batches after the first are generated across a weight sync:
+the kill lands after a checkpoint whose buffered batch was generated across one (asserted), with later batches
+in flight.
 """
 
 from __future__ import annotations
@@ -209,6 +210,19 @@ def _ppo_args(run: Path, ckpt, tiny_overrides: list[str], staleness: int, learne
     return argv
 
 
+def _names(processes) -> list[str]:
+    """Names of processes, skipping those that ended meanwhile."""
+    import psutil
+
+    out = []
+    for p in processes:
+        try:
+            out.append(p.name())
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -244,13 +258,13 @@ def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch,
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen([sys.executable, "-m", "rayrlhf.pipeline.cli", *_ppo_args(killed, tiny_checkpoints, tiny_overrides,
                                                                              staleness, learners, inflight)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr.log").open("w"))
     latest = killed / "ppo" / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
     while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert latest.exists(), f"no checkpoint before the driver ended: {proc.stderr.read().decode()[-2000:]}"
-    names = {p.name() for p in marked(f"{proc.pid}:")}
+    assert latest.exists(), f"no checkpoint before the driver ended: {(tmp_path / 'stderr.log').read_text()[-2000:]}"
+    names = set(_names(marked(f"{proc.pid}:")))
     assert "raylet" in names, f"the command's local Ray is not up: {names}"
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
@@ -258,7 +272,7 @@ def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch,
     deadline = time.monotonic() + 30
     while marked(f"{proc.pid}:") and time.monotonic() < deadline:
         time.sleep(0.5)
-    left = [(p.pid, p.name()) for p in marked(f"{proc.pid}:")]
+    left = _names(marked(f"{proc.pid}:"))
     assert left == [], f"processes of the killed command's Ray still alive after 30 s: {left}"
     steps_before = len(_learning_metrics(killed))
     assert "ppo" not in json.loads((killed / "stages.json").read_text())  # the attempt did not finish
@@ -275,10 +289,16 @@ def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch,
         diffs[part] = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diffs == {"checkpoint": 0.0, "critic": 0.0}
     assert _learning_metrics(whole) == _learning_metrics(killed)
+    # one row a step: the killed attempt's rows after its checkpoint dropped, the finished run's 40 too
+    assert [json.loads(line)["step"] for line in (killed / "ppo" / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, STEPS + 1))
 
     ledger = json.loads((killed / "ppo" / "ledger.json").read_text())
     audit = ledger["audit"]
     assert audit["ok"] and audit["consumed"] == STEPS and audit["lost"] == []
+    # no actor died: nothing dispatched again (a deterministic worker wrongly out of its order would show here)
+    assert audit["redispatched"] == [] and json.loads((whole / "ppo" / "ledger.json").read_text())["audit"][
+        "redispatched"] == []
     assert sorted(b["batch_id"] for b in ledger["batches"]) == list(range(STEPS))
     assert all(b["consumed_by"] == b["batch_id"] for b in ledger["batches"])
     # With one step of staleness the batch generated before the checkpoint was saved with it, not regenerated.
