@@ -79,11 +79,11 @@ class InflightEngine:
     # --- called from the actor's threads ------------------------------------------------------------
 
     def generate(self, req: RolloutRequest) -> Generated:
-        if self.unordered and self.deterministic and req.seq is not None:
-            raise self._out_of_order(req)
         job = _Job(req)
-        with self.cond:
+        with self.cond:  # under the lock: `leave_order` may run on another thread
             self._alive()
+            if self.unordered and self.deterministic and req.seq is not None:
+                raise self._out_of_order(req)
             self.waiting.append(job)
             if req.seq is not None:
                 self.seen.add(req.seq)
@@ -93,9 +93,9 @@ class InflightEngine:
     def load(self, version: int, apply: Callable[[], None], after_requests: int | None = None) -> float:
         """Queue a weight load and wait until the loop ran it; returns the seconds from arrival to applied."""
         t0 = time.perf_counter()
-        load = _Load(version, apply, after_requests if self.deterministic and not self.unordered else None)
         with self.cond:
             self._alive()
+            load = _Load(version, apply, after_requests if self.deterministic and not self.unordered else None)
             self.loads.append(load)
             self.loads.sort(key=lambda x: x.version)
             self.cond.notify_all()
