@@ -62,13 +62,14 @@ def _restarted() -> bool:
 class RolloutWorker:
     def __init__(self, cfg: Config, checkpoint: str, worker_index: int):
         init_worker_process(role_threads(cfg, "rollout", node_cores()), cfg.rollout.nice)
+        restarted = cfg.rollout.inflight and _restarted()
         self.gen = RolloutGenerator(checkpoint, cfg.rollout, worker_index, cfg.model.frozen_dtype,
                                     share_prompts=cfg.rollout.share_prompts,
                                     lora=cfg.model.lora if cfg.sync_adapters else None,
                                     max_rows=cfg.rollout.inflight_max_rows or cfg.ppo.prompts_per_step * cfg.ppo.samples_per_prompt,
                                     wait_s=cfg.ppo.sync_timeout_s,
-                                    restarted=cfg.rollout.inflight and _restarted())
-        if self.gen.engine is not None and self.gen.engine.unordered and cfg.rollout.inflight_deterministic:
+                                    restarted=restarted)
+        if restarted and cfg.rollout.inflight_deterministic:
             log.warning("rollout worker %d was restarted by Ray: its requests run on arrival, out of the "
                         "deterministic order (this worker's share of the run is not repeatable)", worker_index)
         self.group: CollectiveGroup | None = None

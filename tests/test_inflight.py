@@ -301,7 +301,8 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.mark.slow
 # Outside CI (its 25 minutes): CI's test_resume.py::test_driver_killed_and_resumed_matches_uninterrupted[inflight]
-# runs this deterministic mode, SIGKILLs it while batches span a sync and resumes it to the uninterrupted weights.
+# runs this deterministic mode, SIGKILLs it after a checkpoint whose buffered batch spans a sync and resumes it to
+# the uninterrupted weights.
 @pytest.mark.outside_ci
 def test_deterministic_inflight_ppo_repeats_and_resumes_bit_for_bit(ray_local, make_tiny_cfg, tiny_checkpoints,
                                                                      tmp_path, capsys):

@@ -223,6 +223,14 @@ def _names(processes) -> list[str]:
     return out
 
 
+def _left_of_local_ray(pid: int, wait_s: float = 30.0) -> list[str]:
+    """The processes of the local Ray that the command `pid` started still alive after up to `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while marked(f"{pid}:") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return _names(marked(f"{pid}:"))
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -256,23 +264,22 @@ def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch,
     _finished_run(killed, tiny_checkpoints, tiny_overrides)
     # The driver in its own process, with its own local Ray; SIGKILL once its first checkpoint is complete.
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "rayrlhf.pipeline.cli", *_ppo_args(killed, tiny_checkpoints, tiny_overrides,
-                                                                             staleness, learners, inflight)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr.log").open("w"))
+    stderr = tmp_path / "stderr.log"
+    with stderr.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "rayrlhf.pipeline.cli",
+                                 *_ppo_args(killed, tiny_checkpoints, tiny_overrides, staleness, learners, inflight)],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
     latest = killed / "ppo" / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
     while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert latest.exists(), f"no checkpoint before the driver ended: {(tmp_path / 'stderr.log').read_text()[-2000:]}"
+    assert latest.exists(), f"no checkpoint before the driver ended: {stderr.read_text()[-2000:]}"
     names = set(_names(marked(f"{proc.pid}:")))
     assert "raylet" in names, f"the command's local Ray is not up: {names}"
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     # no process of the killed command's local Ray is left (its watchdog ends them; test_reaper: Ray's agents too)
-    deadline = time.monotonic() + 30
-    while marked(f"{proc.pid}:") and time.monotonic() < deadline:
-        time.sleep(0.5)
-    left = _names(marked(f"{proc.pid}:"))
+    left = _left_of_local_ray(proc.pid)
     assert left == [], f"processes of the killed command's Ray still alive after 30 s: {left}"
     steps_before = len(_learning_metrics(killed))
     assert "ppo" not in json.loads((killed / "stages.json").read_text())  # the attempt did not finish
@@ -304,7 +311,7 @@ def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch,
     # With one step of staleness the batch generated before the checkpoint was saved with it, not regenerated.
     assert audit["restored"] == ([resumed_at] if staleness == 1 else [])
     spans = [b["batch_id"] for b in ledger["batches"] if len(b["token_versions"]) > 1]
-    if inflight:  # the kill landed while batches were generated across syncs; the restored one was
+    if inflight:  # the batch restored from the checkpoint was generated across a sync, as were the later ones
         buffered = torch.load(killed / "ppo" / "checkpoints" / f"step-{resumed_at:06d}" / "buffer.pt", weights_only=False)
         assert any(spans_versions(e.token_versions, e.response_mask).any() for e in buffered.values())
         assert spans and 0 not in spans
@@ -383,10 +390,7 @@ def test_a_killed_command_leaves_no_process_of_its_local_ray(tiny_overrides, tmp
     assert proc.poll() is None and "raylet" in names, f"the command's Ray did not come up: {names}"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while marked(f"{proc.pid}:") and time.monotonic() < deadline:
-        time.sleep(0.5)
-    left = [(p.pid, p.name()) for p in marked(f"{proc.pid}:")]
+    left = _left_of_local_ray(proc.pid)
     assert left == [], f"processes of the killed command's Ray still alive after 30 s: {left}"
 
 
