@@ -6,15 +6,18 @@ loss of TL;DR posts: not PPO, but adapters a few updates away from their zero st
 Each sync is built as the learner actor builds it (`sharding.rollout_packet`, buckets as NumPy bytes, one
 `ray.put`) and loaded by `actors.RolloutWorker`s with `rollout.backend vllm`, as a run makes them:
 
-- `adapters`: workers that hold the base and load each version as a new LoRA request, probed before it serves;
-- `merged`: workers that reload every weight (`reload_weights`), probed too.
+- `adapters`: workers that hold the base and load each version as a new LoRA request, read back before it serves
+  (`rollout.vllm_adapters lora`);
+- `adapters, worker merge`: the same packet; the workers merge it into their own copy of the base and reload the
+  engine (`rollout.vllm_adapters merge`), probed;
+- `merged`: the learner merges, workers reload every weight it sends (`reload_weights`), probed too.
 
 Printed per mode and worker count: MiB per sync, the sync's seconds as the driver sees it (`ray.get` of every
 worker's load: the object store read, the copy, vLLM's load, the probe), the slowest worker's own load seconds,
 medians over the syncs after the first. Then, at the last version (staleness 0, after `--syncs` >= 2 syncs):
 the engine's behaviour log-probs of a batch of recipe prompts against the learner's own (peft, fp32), max and
-mean |difference|, for either mode, and adapters against merged on the same tokens; and the seconds one worker
-takes to generate that batch with either (the faster of two calls): what the sync mode costs the rollout.
+mean |difference|, for each mode, and each adapter mode against merged on the same tokens; and the seconds one
+worker takes to generate that batch with each (the faster of two calls): what the sync mode costs the rollout.
 
     python bench/bench_lora_vllm.py [--config configs/smollm2-tldr.yaml] [--workers 1 2] [--syncs 4]
         [--prompts 8] [--json PATH]
@@ -32,6 +35,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from result_file import add_json_option, describe_machine, write_result  # noqa: E402
+
+
+# The sync modes compared: their config overrides
+MODES = {"adapters": ["rollout.lora_sync=adapters", "rollout.vllm_adapters=lora"],
+         "adapters, worker merge": ["rollout.lora_sync=adapters", "rollout.vllm_adapters=merge"],
+         "merged": ["rollout.lora_sync=merged"]}
 
 
 def base_checkpoint(cfg, work: Path) -> str:
@@ -118,15 +127,15 @@ def main() -> None:
     ray.init(num_cpus=max(2, max(args.workers)), include_dashboard=False, log_to_driver=False)
     rows, batches = [], {}
     try:
-        for mode in ("adapters", "merged"):
-            wcfg = load_config(args.config, [*args.set, f"rollout.lora_sync={mode}", "rollout.num_cpus=1"])
-            assert wcfg.sync_adapters == (mode == "adapters")
+        for mode, overrides in MODES.items():
+            wcfg = load_config(args.config, [*args.set, *overrides, "rollout.num_cpus=1"])
+            assert wcfg.sync_adapters == (mode != "merged")
             for n in args.workers:
                 workers = [RolloutWorker.options(num_cpus=0).remote(wcfg, base, i) for i in range(n)]
                 ray.get([w.version.remote() for w in workers])  # engines started
                 sync_s, load_s, nbytes = [], [], 0
                 for v in range(1, args.syncs + 1):
-                    ref, nbytes = packet(v, mode == "adapters")
+                    ref, nbytes = packet(v, wcfg.sync_adapters)
                     t0 = time.perf_counter()
                     inside = ray.get([w.load_weights.remote(ref) for w in workers])
                     if v > 1:
@@ -159,33 +168,37 @@ def main() -> None:
                                       cfg.rollout.temperature)
             d = ((lp - b.logprobs) * b.response_mask).abs()
             agree[mode] = (d.max().item(), (d.sum() / b.response_mask.sum()).item(), int(b.response_mask.sum()))
-        same = torch.equal(batches["adapters"].responses, batches["merged"].responses)
-        cross = ((batches["adapters"].logprobs - batches["merged"].logprobs) * batches["adapters"].response_mask
-                 ).abs().max().item() if same else float("nan")
+        cross = {}  # each adapter mode against merged, on the same tokens (NaN where they sampled others)
+        for mode, b in batches.items():
+            m = batches["merged"]
+            cross[mode] = (((b.logprobs - m.logprobs) * b.response_mask).abs().max().item()
+                           if torch.equal(b.responses, m.responses) else float("nan"))
 
     merged = {r["workers"]: r for r in rows if r["mode"] == "merged"}
     print(f"\n=== LoRA sync into vLLM workers, {cfg.model.name_or_path} r={cfg.model.lora.r}, fp32, medians of "
           f"{args.syncs - 1} syncs; {machine} ===")
-    print(f"{'mode':9s} {'workers':>7s} {'MiB/sync':>9s} {'sync s':>8s} {'worker load s':>14s} {'bytes %':>8s} "
+    print(f"{'mode':22s} {'workers':>7s} {'MiB/sync':>9s} {'sync s':>8s} {'worker load s':>14s} {'bytes %':>8s} "
           f"{'speed-up':>8s} {'generate s':>10s}")
     for r in rows:
         m = merged[r["workers"]]
         r["bytes % of merged"] = 100 * r["MiB per sync"] / m["MiB per sync"]
         r["merged / this sync s"] = m["sync s"] / r["sync s"]
         gen = f"{r['generate s']:10.2f}" if "generate s" in r else ""
-        print(f"{r['mode']:9s} {r['workers']:7d} {r['MiB per sync']:9.2f} {r['sync s']:8.3f} {r['worker load s']:14.3f} "
+        print(f"{r['mode']:22s} {r['workers']:7d} {r['MiB per sync']:9.2f} {r['sync s']:8.3f} {r['worker load s']:14.3f} "
               f"{r['bytes % of merged']:8.2f} {r['merged / this sync s']:7.2f}x {gen}")
     print(f"\nbehaviour log-probs at v{args.syncs} (staleness 0) vs the learner's peft forward (fp32, T = "
           f"{cfg.rollout.temperature}), {len(prompts)} prompts x 2 samples:")
     for mode, (mx, mean, tokens) in agree.items():
-        print(f"  {mode:9s} max |diff| {mx:.2e}, mean {mean:.2e} over {tokens} tokens")
-    print(f"  adapters vs merged on the same tokens: max |diff| {cross:.2e}" if same else
-          "  adapters and merged sampled different tokens (their kernels differ in the last bits)")
+        print(f"  {mode:22s} max |diff| {mx:.2e}, mean {mean:.2e} over {tokens} tokens")
+    for mode, d in cross.items():
+        if mode != "merged":
+            print(f"  {mode} vs merged on the same tokens: max |diff| {d:.2e}" if d == d else
+                  f"  {mode} and merged sampled different tokens (their kernels differ in the last bits)")
     if args.json:
         write_result(args.json, "bench_lora_vllm", machine, rows,
                      {"MiB per sync": "{:.2f}", "sync s": "{:.3f}", "worker load s": "{:.3f}",
                       "bytes % of merged": "{:.2f}", "merged / this sync s": "{:.2f}×", "generate s": "{:.2f}"},
-                     extra={"logprob_agreement": agree, "adapters_vs_merged_max": cross})
+                     extra={"logprob_agreement": agree, "vs_merged_max": cross})
 
 
 if __name__ == "__main__":

@@ -392,14 +392,23 @@ class RolloutConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Rollout workers, scaled independently of the learner.")
     lora_sync: Literal["auto", "adapters", "merged"] = Field("auto", description=(
         "What a LoRA policy (model.lora) sends its rollout workers each version. `adapters`: the LoRA matrices "
-        "only (1-3 % of the model), which the workers apply to the base they loaded once, in the same unmerged "
-        "forward as the learner's (a learner in bf16 mixed precision computes it in bf16, the workers in their "
-        "model.inference_dtype; vLLM workers load each version as a new LoRA request of their engine); `merged`: "
-        "the full weights with the adapters merged in. `auto`: adapters where they can go and pay, else merged: "
-        "vLLM workers on CPU take merged weights (vLLM's CPU LoRA kernels generate several times slower). They "
+        "only (1-3 % of the model), which the workers apply to the base they loaded once (HF workers in the same "
+        "unmerged forward as the learner's: a learner in bf16 mixed precision computes it in bf16, the workers in "
+        "their model.inference_dtype; vLLM workers as rollout.vllm_adapters says); `merged`: the full weights "
+        "with the adapters merged in by the learner. `auto`: adapters where they can go, else merged. They "
         "cannot go over ppo.weight_sync collective (its gloo broadcast ships full weights), nor to vLLM workers "
         "when model.lora.target_modules names the embeddings or the output head (adapters of linear layers "
-        "only are verified against vLLM 0.32) or model.lora.r exceeds 512 (vLLM's largest LoRA rank)."))
+        "only are verified against vLLM 0.32); to vLLM workers as LoRA requests (rollout.vllm_adapters lora) "
+        "neither when model.lora.r exceeds 512 (vLLM's largest LoRA rank), with tensor parallelism, nor in "
+        "flight (a request keeps the adapter it started with)."))
+    vllm_adapters: Literal["auto", "lora", "merge"] = Field("auto", description=(
+        "How a vLLM worker computes with the adapters it is sent (rollout.lora_sync adapters). `lora`: each "
+        "version becomes a LoRA request of the engine, computed by vLLM's LoRA kernels on the untouched base; "
+        "`merge`: the worker merges the matrices into its own copy of the base (W + alpha/r B A, as peft "
+        "merges) and reloads the merged layers into the engine, which then generates as fast as a full model "
+        "(the adapters still travel alone; the reload costs the worker time and the engine no LoRA memory). "
+        "`auto`: merge on CPU (vLLM 0.32's CPU LoRA kernels generate 4.4x slower than the merged model), lora "
+        "on GPUs."))
     num_cpus: float = Field(1, ge=0, description="CPUs per rollout worker.")
     nice: int = Field(0, ge=0, le=19, description=(
         "Added to the worker process's OS niceness (0: generation runs beside the learner at equal priority)."))
@@ -463,6 +472,12 @@ class RolloutConfig(_Section):
             raise ValueError(f"rollout.tensor_parallel_size {tp} needs rollout.num_gpus {tp} (got {self.num_gpus:g}): "
                              f"each rollout worker's bundle holds the GPUs its engine splits the model over")
         return self
+
+    @property
+    def merges_adapters(self) -> bool:
+        """Whether vLLM workers merge the adapters they are sent into their base (`vllm_adapters`) instead of
+        loading them as LoRA requests: `auto` merges without GPUs."""
+        return self.vllm_adapters == "merge" or (self.vllm_adapters == "auto" and self.num_gpus == 0)
 
 
 class RewardConfig(_Section):
@@ -690,13 +705,9 @@ class Config(_Section):
 
     @property
     def sync_adapters(self) -> bool:
-        """Whether the policy's versions travel as LoRA adapters only (`rollout.lora_sync`). `auto` sends merged
-        weights to vLLM workers without GPUs: vLLM 0.32's CPU LoRA kernels generate several times slower than
-        the merged model (the recipe: 6.9 against 33 rollout tokens/s), which costs far more than the sync saves."""
-        if self.rollout.lora_sync == "merged" or self.adapter_sync_blocker is not None:
-            return False
-        return self.rollout.lora_sync == "adapters" or not (self.rollout.backend == "vllm"
-                                                            and self.rollout.num_gpus == 0)
+        """Whether the policy's versions travel as LoRA adapters only (`rollout.lora_sync`): unless merged weights
+        are asked for, wherever they can (`adapter_sync_blocker`)."""
+        return self.rollout.lora_sync != "merged" and self.adapter_sync_blocker is None
 
     @property
     def adapter_sync_blocker(self) -> str | None:
@@ -706,20 +717,24 @@ class Config(_Section):
             return "needs model.lora (full fine-tuning sends the full weights)"
         if self.ppo.weight_sync != "object_store":
             return f"needs ppo.weight_sync object_store (the {self.ppo.weight_sync} transport ships full weights)"
-        if self.rollout.backend == "vllm":
-            if self.rollout.inflight:
-                return ("rollout.inflight with vLLM: a request keeps the LoRA adapter it started with, so an adapter "
-                        "version cannot reach the sequences in progress; merged weights can")
-            if self.rollout.tensor_parallel_size > 1:
-                return (f"rollout.tensor_parallel_size {self.rollout.tensor_parallel_size}: adapters are read back from "
-                        "one engine process, not from a tensor-parallel group's shards")
-            targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
-            heads = [m for m in targets if m.rsplit(".", 1)[-1] in VLLM_NO_LORA_MODULES]  # a name or a path
-            if heads:
-                return (f"model.lora.target_modules {heads}: adapters of the embeddings or the head are not sent to "
-                        "vLLM workers (linear layers only)")
-            if lora.r > 512:
-                return f"model.lora.r {lora.r} exceeds vLLM's largest LoRA rank, 512"
+        if self.rollout.backend != "vllm":
+            return None
+        targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
+        heads = [m for m in targets if m.rsplit(".", 1)[-1] in VLLM_NO_LORA_MODULES]  # a name or a path
+        if heads:
+            return (f"model.lora.target_modules {heads}: adapters of the embeddings or the head are not sent to "
+                    "vLLM workers (linear layers only)")
+        if self.rollout.merges_adapters:
+            return None
+        as_requests = "to vLLM workers as LoRA requests (rollout.vllm_adapters lora; merge can)"
+        if self.rollout.inflight:
+            return (f"rollout.inflight {as_requests}: a request keeps the LoRA adapter it started with, so an "
+                    "adapter version cannot reach the sequences in progress")
+        if self.rollout.tensor_parallel_size > 1:
+            return (f"rollout.tensor_parallel_size {self.rollout.tensor_parallel_size} {as_requests}: adapters are "
+                    "read back from one engine process, not from a tensor-parallel group's shards")
+        if lora.r > 512:
+            return f"model.lora.r {lora.r} {as_requests}: exceeds vLLM's largest LoRA rank, 512"
         return None
 
 

@@ -33,7 +33,16 @@ engine is probed once at start too (checkpoint against checkpoint). A probe is a
 the probe past the tolerance: in fp32 any that matters (five tensors of SmolLM2-135M, each dropped after the weights
 moved by 1% of their spread: 0.017 to 3.2), in half precision only large ones (see `PROBE_TOLERANCE`).
 
-Adapter-only sync (`lora`, `rollout.lora_sync`): the engine starts with `enable_lora` on the base checkpoint, which
+Adapter-only sync (`lora`, `rollout.lora_sync`) comes in two kinds (`rollout.vllm_adapters`). Merged by the worker
+(`merge`, the default without GPUs): the HF copy is a peft model over the base; each version's LoRA matrices are
+copied into it, merged into its base weights (`merged_weights`: base + peft's `get_delta_weight`, from the unmerged
+base every time, so nothing accumulates) and reloaded into the engine as a full set, which is then probed as after
+a full-weight load. The engine runs without LoRA: it generates as fast as with merged weights (vLLM 0.32's CPU LoRA
+kernels are 4.4x slower), and only the adapters travel. That the merge reaches the engine is checked once at start
+as for requests below (an adapter far from zero, merged, must pass the probe it moves). A load that fails puts
+the serving version's matrices back and reloads them, so the worker computes with the version it reports.
+
+As LoRA requests (`lora`): the engine starts with `enable_lora` on the base checkpoint, which
 is all of the model it ever loads; each version's LoRA matrices are copied into the HF copy (a peft model over
 the same base), written from it in peft's adapter format (`save_pretrained`, under /dev/shm) and added to the
 engine as a new LoRA request, id = loads so far (`_load_adapter`); generate calls name that request. Each load is
@@ -260,7 +269,10 @@ class VLLMBackend:
         # The checkpoint's tensors as they are (load_causal_lm would fit the vocabulary to the tokenizer, not to
         # the engine), in eval mode: nothing random in the probe.
         self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype]).eval()
+        # adapter-only sync: loads take LoRA matrices, which become LoRA requests of the engine or, with
+        # `cfg.merges_adapters`, are merged into the engine's base weights
         self.adapters = lora is not None
+        self.engine_lora = self.adapters and not cfg.merges_adapters
         self.lora_request, self.loads, self.adapter_root = None, 0, None
         if self.adapters:
             self._hold_adapters(lora)
@@ -276,7 +288,7 @@ class VLLMBackend:
             device_args["async_scheduling"] = False
             if cfg.inflight_kv == "keep":  # no reset between steps: no cached prefix of old weights
                 device_args["enable_prefix_caching"] = False
-        if self.adapters:
+        if self.engine_lora:
             # one adapter computes at a time; the next version's is loaded beside it before the old one goes
             device_args.update(enable_lora=True, max_loras=1, max_cpu_loras=2,
                                max_lora_rank=_lora_rank_slot(lora.r))
@@ -293,6 +305,8 @@ class VLLMBackend:
         requests name; each version's adapter is written under a RAM-backed folder where the OS has one."""
         self.model = apply_lora(self.model, lora, "CAUSAL_LM").eval()
         self.params = dict(lora_parameters(self.model))
+        if not self.engine_lora:
+            return
         shm = Path("/dev/shm")
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rayrlhf-lora-", dir=shm if shm.is_dir() else None))
         weakref.finalize(self, shutil.rmtree, self.adapter_root, True)  # at exit too (not after a kill -9)
@@ -357,27 +371,67 @@ class VLLMBackend:
             name, got, want = wrong[0]
             raise ValueError(f"weight {name} has shape {got}, the rollout model's is {want} ({len(wrong)} such); "
                              "the rollout must start from the checkpoint the learner trains (same vocabulary)")
-        if self.adapters:  # the matrices are small: keep the serving version's until the new one passes
-            serving = {name: p.clone() for name, p in self.params.items()}
+        if not self.adapters:
+            self._reload(new.items())
             for name, t in new.items():
                 self.params[name].copy_(t)
-            try:
-                self._load_adapter()
-            except Exception:
-                for name, p in serving.items():
-                    self.params[name].copy_(p)
-                raise
-            return
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(new.items())})
-        if self.repack_tied_head:
-            self.llm.collective_rpc(_repack_lm_heads)
+            return self._verify_load()
+        serving = {name: p.clone() for name, p in self.params.items()}  # small: kept until the new version passes
         for name, t in new.items():
             self.params[name].copy_(t)
+        try:
+            if self.engine_lora:
+                return self._load_adapter()
+            self._reload(self.merged_weights().items())
+            self._verify_load()
+        except Exception:
+            for name, p in serving.items():
+                self.params[name].copy_(p)
+            if not self.engine_lora:
+                self._reload_serving()
+            raise
+
+    def _verify_load(self) -> None:
         if self.inflight:  # between two steps of the engine's loop, requests in progress: `VLLMStepDecoder` resets
             return       # what its rollout.inflight_kv says and probes the engine through its own steps
-        if not self.llm.reset_prefix_cache():  # cached KV blocks were computed by the old weights
+        self.last_probe_diff = self._reset_and_verify("a weight update")
+
+    def _reload_serving(self) -> None:
+        """After a merged adapter load failed: the serving version's merged weights back into the engine, so that
+        the worker computes with the version it reports (the failure is raised either way)."""
+        try:
+            self._reload(self.merged_weights().items())
+            self._verify_load()
+        except Exception as e:  # noqa: BLE001 -- the load's own failure is what the caller sees
+            log.error("vLLM engine: the serving version could not be reloaded after a failed load: %r", e)
+
+    def _reload(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        """Reload the engine's weights in place from HF-named tensors (a complete set)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        if self.repack_tied_head:
+            self.llm.collective_rpc(_repack_lm_heads)
+
+    def _reset_and_verify(self, after: str) -> float:
+        """After a reload between generate calls: drop the prefix cache (its KV blocks were computed by the old
+        weights), then probe the engine (`verify_engine`)."""
+        if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
-        self.last_probe_diff = self.verify_engine("a weight update")
+        return self.verify_engine(after)
+
+    @torch.no_grad()
+    def merged_weights(self) -> dict[str, Tensor]:
+        """The HF copy's weights with its adapters merged in, under the checkpoint's names: each LoRA layer's base
+        weight plus peft's own delta (alpha / r B A, `get_delta_weight`), every other weight as it is. Computed from
+        the base the HF copy keeps unmerged, so no rounding accumulates over versions."""
+        from peft.tuners.lora import LoraLayer
+
+        base = self.model.get_base_model()
+        merged = {f"{name}.weight": m.base_layer.weight + m.get_delta_weight("default")
+                  for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+        for name, p in base.named_parameters():  # tied weights once
+            if ".lora_" not in name:  # a LoRA layer's bias, as its base layer holds it
+                merged.setdefault(name.replace(".base_layer.", "."), p)
+        return merged
 
     def _load_adapter(self) -> None:
         """The HF copy's LoRA matrices become the engine's next LoRA request (`_add_adapter`: a new id per load, so no
@@ -419,16 +473,18 @@ class VLLMBackend:
 
     @torch.no_grad()
     def _self_test_adapters(self) -> float:
-        """Once at start: an adapter far from zero (`ADAPTER_TEST_STD`) is loaded, read back and probed through the
-        engine. This proves that a request reaches its adapter and that LoRA's kernels compute with it, which a v1
-        adapter barely away from its zero start could not: the test adapter must move the HF copy's probe
-        log-probs by more than twice the tolerance, so an engine computing without it fails. Then it is dropped and
-        the HF copy's matrices are put back. Returns the probe's max |engine - HF| log-prob."""
+        """Once at start: an adapter far from zero (`ADAPTER_TEST_STD`) is loaded (as a request, read back; or merged
+        and reloaded) and probed through the engine. This proves that a load reaches what the engine computes with,
+        which a v1 adapter barely away from its zero start could not: the test adapter must move the HF copy's
+        probe log-probs by more than twice the tolerance, so an engine computing without it fails. Then the HF
+        copy's matrices are put back (and merged, the engine reloaded and probed again). Returns the probe's max
+        |engine - HF| log-prob."""
         start = {name: p.clone() for name, p in self.params.items()}
         gen = torch.Generator().manual_seed(1)
         for p in self.params.values():
             p.copy_(torch.randn(p.shape, generator=gen) * ADAPTER_TEST_STD)
         tolerance = PROBE_TOLERANCE[self.dtype]
+        what = "the adapter self-test at start"
         try:
             adapted = torch.log_softmax(self.model(input_ids=self.probe).logits.float(), -1)
             with self.model.disable_adapter():
@@ -437,14 +493,19 @@ class VLLMBackend:
             if not moved > 2 * tolerance:
                 raise WeightSyncError(f"the adapter self-test cannot tell an adapted engine from its base (the test "
                                       f"adapter moves the probe by {moved:.3g}, tolerance {tolerance:g}, {self.dtype})")
-            request = self._add_adapter("the adapter self-test at start")
-            try:
-                return self.verify_engine("the adapter self-test at start", request)
-            finally:
-                self._remove_adapter(request)
+            if self.engine_lora:
+                request = self._add_adapter(what)
+                try:
+                    return self.verify_engine(what, request)
+                finally:
+                    self._remove_adapter(request)
+            self._reload(self.merged_weights().items())
+            diff = self._reset_and_verify(f"{what} (merged into the engine)")
         finally:
             for name, p in start.items():
                 self.params[name].copy_(p)
+        self._reload(self.merged_weights().items())
+        return max(diff, self._reset_and_verify(f"{what} (the start's weights reloaded)"))
 
     @torch.no_grad()
     def verify_adapter(self, request, what: str) -> None:
@@ -497,7 +558,7 @@ class VLLMBackend:
     def probe_differences(self, lora_request=None) -> Tensor:
         """|engine - HF model| of every log-prob the probe reads -> (n,) (the module docstring says which), the
         engine with `lora_request`'s adapter against the HF copy (with its adapters where it has them)."""
-        if not self.adapters:  # prompt log-probs: at each position after the first, the token and the top PROBE_TOP
+        if not self.engine_lora:  # prompt log-probs: at each position after the first, the token and the top PROBE_TOP
             prompts, params = self.probe_inputs()
             return self.probe_compare(self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                                         use_tqdm=False))

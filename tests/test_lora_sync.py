@@ -109,10 +109,19 @@ def test_lora_sync_adapters_is_refused_where_it_cannot_go(make_tiny_cfg):
 
     assert not make_tiny_cfg(*LORA, "rollout.lora_sync=merged").sync_adapters
     assert not make_tiny_cfg().sync_adapters  # no LoRA: full weights
-    # vLLM takes LoRA requests; auto sends them where its LoRA kernels are fast (GPUs), merged weights on CPU
-    assert make_tiny_cfg(*LORA, "rollout.backend=vllm", "rollout.lora_sync=adapters").sync_adapters
-    assert not make_tiny_cfg(*LORA, "rollout.backend=vllm").sync_adapters
-    assert make_tiny_cfg(*LORA, "rollout.backend=vllm", "rollout.num_gpus=1").sync_adapters
+    # vLLM workers merge the adapters into their base without GPUs (vLLM's CPU LoRA kernels are slow), take them
+    # as LoRA requests on GPUs
+    cpu = make_tiny_cfg(*LORA, "rollout.backend=vllm")
+    assert cpu.sync_adapters and cpu.rollout.merges_adapters
+    gpu = make_tiny_cfg(*LORA, "rollout.backend=vllm", "rollout.num_gpus=1")
+    assert gpu.sync_adapters and not gpu.rollout.merges_adapters
+    # as requests, not in flight (a request keeps its adapter) nor tensor-parallel; merged by the worker, both can
+    inflight = [*LORA, "rollout.backend=vllm", "rollout.inflight=true"]
+    assert make_tiny_cfg(*inflight).sync_adapters
+    assert not make_tiny_cfg(*inflight, "rollout.vllm_adapters=lora").sync_adapters
+    with pytest.raises(ConfigError, match=r"rollout.inflight to vLLM workers as LoRA requests \(rollout.vllm_adapters "
+                                          r"lora; merge can\): a request keeps the LoRA adapter it started with"):
+        load_config(None, [*inflight, "rollout.vllm_adapters=lora", "rollout.lora_sync=adapters"])
     with pytest.raises(ConfigError, match="rollout.lora_sync adapters: needs model.lora"):
         load_config(None, ["rollout.lora_sync=adapters"])
     with pytest.raises(ConfigError, match="rollout.lora_sync adapters: needs ppo.weight_sync object_store"):

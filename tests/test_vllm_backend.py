@@ -409,7 +409,7 @@ def test_train_end_to_end_with_vllm_rollouts(tiny_overrides, tmp_path, vllm_requ
 
 @pytest.mark.vllm
 def test_adapter_only_sync_reaches_the_engine_as_a_lora_request(ray_local, policy_dir, queries, vllm_required):
-    """rollout.lora_sync adapters with vLLM: the engine starts on the base with LoRA enabled; each version's LoRA
+    """rollout.lora_sync adapters with vLLM, rollout.vllm_adapters lora: the engine starts on the base with LoRA enabled; each version's LoRA
     matrices become a new LoRA request, read back from the engine's LoRA slot before they serve (the engine's LoRA
     path probed once at start, with an adapter far from zero). After two syncs the engine's behaviour log-probs
     are the learner's peft policy's at that version; an adapter file missing one tensor fails the sync naming the
@@ -421,8 +421,8 @@ def test_adapter_only_sync_reaches_the_engine_as_a_lora_request(ray_local, polic
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     lora = LoraConfig(r=4, alpha=8)
-    actor = VLLMRollout.remote(str(policy_dir), RolloutConfig(backend="vllm", temperature=T, max_new_tokens=MAX_NEW),
-                               worker_index=2, lora=lora)
+    actor = VLLMRollout.remote(str(policy_dir), RolloutConfig(backend="vllm", temperature=T, max_new_tokens=MAX_NEW,
+                                                              vllm_adapters="lora"), worker_index=2, lora=lora)
     try:
         policy = apply_lora(_hf_policy(policy_dir), lora, "CAUSAL_LM").eval()
         gen = torch.Generator().manual_seed(11)
@@ -474,6 +474,76 @@ def test_adapter_only_sync_reaches_the_engine_as_a_lora_request(ray_local, polic
         with torch.no_grad():
             lp, _ = response_logprobs(policy, batch.prompts, batch.prompt_mask, batch.responses, batch.response_mask, T)
         assert (lp * batch.response_mask - batch.logprobs).abs().max().item() <= 1e-4
+    finally:
+        ray.kill(actor)
+
+
+@pytest.mark.vllm
+def test_adapter_only_sync_merged_into_the_engine_by_the_worker(ray_local, policy_dir, queries, vllm_required):
+    """rollout.vllm_adapters merge: the adapters travel alone, the worker merges them into its base and reloads
+    the engine, which generates without LoRA kernels. At start an adapter far from zero is merged and probed (an
+    engine ignoring the merge fails). After two syncs the engine's behaviour log-probs are the learner's peft
+    policy's at that version. A packet short of one LoRA matrix fails before the engine changes; a merged layer lost
+    on its way into the engine fails the probe, naming the worker and the version; either way the worker keeps the
+    previous version and samples with it."""
+    from rayrlhf.core.config import LoraConfig
+    from rayrlhf.core.modeling import apply_lora
+    from rayrlhf.core.sharding import adapter_weights
+    from rayrlhf.core.weight_sync import stream_packet
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    lora = LoraConfig(r=4, alpha=8)
+    actor = VLLMRollout.remote(str(policy_dir), RolloutConfig(backend="vllm", temperature=T, max_new_tokens=MAX_NEW,
+                                                              vllm_adapters="merge"), worker_index=2, lora=lora)
+    try:
+        policy = apply_lora(_hf_policy(policy_dir), lora, "CAUSAL_LM").eval()
+        gen = torch.Generator().manual_seed(11)
+        prompts = [q[: 40 + 3 * i] for i, q in enumerate(queries[:8])]
+
+        def sample_and_compare(version: int, seed: int) -> float:
+            batch = ray.get(actor.generate.remote(RolloutRequest(
+                batch_id=seed, shard=0, prompt_indices=[i for i in range(8) for _ in range(2)],
+                prompts=[p for p in prompts for _ in range(2)], seed=seed, version=version)))
+            with torch.no_grad():
+                lp, _ = response_logprobs(policy, batch.prompts, batch.prompt_mask, batch.responses,
+                                          batch.response_mask, T)
+            return (lp * batch.response_mask - batch.logprobs).abs().max().item()
+
+        probe = ray.get(actor.last_verify_diff.remote())  # the start's self-test, then the base reloaded
+        diffs, packets = [], {}
+        for version in (1, 2):
+            with torch.no_grad():
+                for name, p in policy.named_parameters():
+                    if "lora_" in name:
+                        p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+            packets[version] = dataclasses.replace(
+                stream_packet(list(adapter_weights(policy)), version, 1 << 16), adapters=True)
+            ray.get(actor.load_weights.remote(packets[version]))
+            diffs.append(sample_and_compare(version, 30 + version))
+        print(f"max |vLLM (adapters merged by the worker) - peft recompute| behaviour log-prob (fp32, T={T}) after "
+              f"syncs 1, 2: {diffs}; self-test probe {probe:.2e}")
+        assert max(diffs) <= 1e-4 and probe <= 1e-4
+
+        serving = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
+        module = "model.layers.1.mlp.down_proj"
+        with torch.no_grad():
+            dict(policy.named_parameters())[f"base_model.model.{module}.lora_B.default.weight"].add_(0.5)
+        bad = dataclasses.replace(stream_packet(list(adapter_weights(policy)), 3, 1 << 16), adapters=True)
+        short = dataclasses.replace(stream_packet([(n, t) for n, t in adapter_weights(policy)
+                                                   if n != f"{module}.lora_A.default.weight"], 3, 1 << 16),
+                                    adapters=True)  # one matrix dropped on the way
+        with pytest.raises(WeightSyncError, match=r"rollout worker 2, weights v3: .*weight sync left 1 parameters "
+                                                  rf"unset, e.g. \['{module}.lora_A"):
+            ray.get(actor.load_weights.remote(short))
+        with pytest.raises(WeightSyncError, match=r"rollout worker 2, weights v3: the vLLM engine's log-probs on the "
+                                                  r"probe differ from the weights it was given"):
+            ray.get(actor.load_weights_losing.remote(bad, f"{module}.weight"))
+        assert ray.get(actor.weights_checksum.remote()) == (2, packets[2].checksum)
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if n in serving:
+                    p.copy_(serving[n])
+        assert sample_and_compare(2, 9) <= 1e-4
     finally:
         ray.kill(actor)
 
