@@ -8,10 +8,11 @@ first, whose time includes start-up on either side.
 
 The real model with LoRA (item 5 of the LoRA issue): the recipe's run directory and config, its prompts, lengths
 and LoRA (TRL gets the same rank, alpha and targets through `peft_config`), rayrlhf's vLLM rollout with
-adapter-only sync, synchronous and one step off, two runs:
+adapter-only sync (on CPU merged by each worker into its base, `rollout.vllm_adapters`), synchronous and one step
+off, two runs:
 
     python bench/bench_trl.py --run-dir RECIPE_RUN --config configs/smollm2-tldr.yaml --trl-python ... \
-        --prompts-per-step 16 --max-new-tokens 53 --steps 4 --runs 2 \
+        --prompts-per-step 16 --max-new-tokens 53 --steps 4 --runs 2 --set rollout.lora_sync=adapters \
         --sides "rayrlhf rloo sync" "trl rloo" "rayrlhf rloo async"
 
 Besides completions/s, trained tokens/s: the completion tokens the updates after the first trained on, per second

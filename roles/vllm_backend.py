@@ -283,15 +283,7 @@ class VLLMBackend:
         self.probe = torch.randint(0, vocab, (PROBE_SEQUENCES, PROBE_LENGTH),
                                    generator=torch.Generator().manual_seed(0))
         device_args = engine_args(cfg, hf_config.max_position_embeddings, on_gpu)
-        if inflight:
-            # the engine steps only when the loop calls it: no step of old weights in flight across a reload
-            device_args["async_scheduling"] = False
-            if cfg.inflight_kv == "keep":  # no reset between steps: no cached prefix of old weights
-                device_args["enable_prefix_caching"] = False
-        if self.engine_lora:
-            # one adapter computes at a time; the next version's is loaded beside it before the old one goes
-            device_args.update(enable_lora=True, max_loras=1, max_cpu_loras=2,
-                               max_lora_rank=_lora_rank_slot(lora.r))
+        device_args.update(self._loop_and_lora_args(lora))
         t0 = time.perf_counter()
         self.llm = _start_engine(LLM, checkpoint, dtype, device_args)
         log.info("vLLM engine for %s started in %.1f s (%s)", checkpoint, time.perf_counter() - t0,
@@ -299,6 +291,19 @@ class VLLMBackend:
         self.last_probe_diff = self.verify_engine(f"loading {checkpoint}")
         if self.adapters:
             self.last_probe_diff = self._self_test_adapters()
+
+    def _loop_and_lora_args(self, lora: LoraConfig | None) -> dict:
+        """The engine's arguments for an in-flight decode loop and for LoRA requests."""
+        args = {}
+        if self.inflight:
+            # the engine steps only when the loop calls it: no step of old weights in flight across a reload
+            args["async_scheduling"] = False
+            if self.cfg.inflight_kv == "keep":  # no reset between steps: no cached prefix of old weights
+                args["enable_prefix_caching"] = False
+        if self.engine_lora:
+            # one adapter computes at a time; the next version's is loaded beside it before the old one goes
+            args.update(enable_lora=True, max_loras=1, max_cpu_loras=2, max_lora_rank=_lora_rank_slot(lora.r))
+        return args
 
     def _hold_adapters(self, lora: LoraConfig) -> None:
         """Adapter-only sync: the HF copy becomes a peft model over the base, holding the LoRA matrices the engine's

