@@ -405,9 +405,9 @@ class RolloutConfig(_Section):
         "How a vLLM worker computes with the adapters it is sent (rollout.lora_sync adapters). `lora`: each "
         "version becomes a LoRA request of the engine, computed by vLLM's LoRA kernels on the untouched base; "
         "`merge`: the worker merges the matrices into its own copy of the base (W + alpha/r B A, as peft "
-        "merges) and reloads the merged layers into the engine, which then generates as fast as a full model "
+        "merges) and reloads its weights into the engine, which then generates as fast as a full model "
         "(the adapters still travel alone; the reload costs the worker time and the engine no LoRA memory). "
-        "`auto`: merge on CPU (vLLM 0.32's CPU LoRA kernels generate 4.4x slower than the merged model), lora "
+        "`auto`: merge on CPU (vLLM 0.32's CPU LoRA kernels generate about 4x slower than the merged model), lora "
         "on GPUs."))
     num_cpus: float = Field(1, ge=0, description="CPUs per rollout worker.")
     nice: int = Field(0, ge=0, le=19, description=(

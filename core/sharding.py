@@ -249,7 +249,7 @@ def full_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
         elif module.endswith(".base_layer"):
             owner = module.removesuffix(".base_layer")
             if leaf == "weight" and _is_lora(hf, owner):
-                _check_plain_lora(hf.get_submodule(owner), owner)
+                check_plain_lora(hf.get_submodule(owner), owner)
                 lora[owner] = [full, None]
                 continue
             yield f"{owner}.{leaf}", full
@@ -271,12 +271,12 @@ def _is_lora(hf: nn.Module, module_name: str) -> bool:
     return hasattr(hf.get_submodule(module_name), "lora_A")
 
 
-def _check_plain_lora(layer: nn.Module, name: str) -> None:
-    """The gathered merge is W + B A (scaled): DoRA (a magnitude vector) and a LoRA bias merge otherwise."""
+def check_plain_lora(layer: nn.Module, name: str, merger: str = "a sharded learner (from gathered shards)") -> None:
+    """`merger` merges W + B A (scaled): DoRA (a magnitude vector) and a LoRA bias merge otherwise."""
     for variant in ("use_dora", "lora_bias"):
         if any(getattr(layer, variant, {}).values()):
-            raise ValueError(f"{name}: LoRA with {variant} cannot be merged from gathered shards; a sharded learner "
-                             "supports plain LoRA only")
+            raise ValueError(f"{name}: LoRA with {variant} cannot be merged by {merger}, which supports plain LoRA "
+                             "only")
 
 
 def plain_copy(model: nn.Module, weights: dict[str, Tensor]) -> nn.Module:

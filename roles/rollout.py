@@ -34,8 +34,8 @@ from rayrlhf.roles.inflight import InflightEngine
 
 
 class RolloutBackend(Protocol):
-    # max |engine - weights| log-prob of the last probe (vLLM: every full-weight load; with adapters, the start's
-    # self-test, each load being read back instead); None: no probe
+    # max |engine - weights| log-prob of the last probe (vLLM: every full-weight or merged-adapter load; with adapters
+    # as LoRA requests, the start's self-test, each load being read back instead); None: no probe
     last_probe_diff: float | None
     model: nn.Module  # the HF model of the weights held (with `adapters`, a peft model over the base)
     adapters: bool  # whether a load takes LoRA matrices only (adapter-only sync) or every weight
@@ -209,15 +209,21 @@ class RolloutGenerator:
     def _load_weights(self, packet: WeightsPacket, verify: bool = False) -> float:
         """Swap in `packet`'s weights; with `verify`, compare the checksum of the weights held (the generating
         model's for HF, the engine's HF copy for vLLM, whose engine is probed on every load whatever `verify`).
-        An adapter-only packet is always verified: its checksum against the LoRA matrices the worker holds (a few
-        MB; the HF backend computes with them, vLLM's backend also reads them back from the engine's LoRA slot).
-        The worker's version changes only once the load is verified. Returns seconds taken."""
+        An adapter-only packet is always verified, before the load (the matrices as they arrived, a few MB: a packet
+        changed on the way never reaches the engine) and after it (the matrices the worker holds; the HF backend
+        computes with them, vLLM's backend reads them back from the engine's LoRA slot or probes the engine it
+        merged them into). The worker's version changes only once the load is verified. Returns seconds taken."""
         t0 = time.perf_counter()
         where = f"rollout worker {self.worker_index}, weights v{packet.version}"
         if packet.adapters != self.backend.adapters:
             held = "its base with LoRA adapters" if packet.adapters is False else "full weights"
             raise WeightSyncError(f"{where}: the learner sent {'adapters only' if packet.adapters else 'full weights'}, "
                                   f"the worker holds {held} (rollout.lora_sync differs between them)")
+        if packet.adapters:
+            arrived = checksum(unpack(packet.layouts, packet.buckets))
+            if arrived != packet.checksum:
+                raise WeightSyncError(f"{where}: the adapters arrived with checksum {arrived[:12]}, the learner sent "
+                                      f"{packet.checksum[:12]}")
         try:
             self.backend.load_weights(unpack(packet.layouts, packet.buckets))
         except (WeightSyncError, KeyError) as e:

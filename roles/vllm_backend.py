@@ -38,9 +38,12 @@ Adapter-only sync (`lora`, `rollout.lora_sync`) comes in two kinds (`rollout.vll
 copied into it, merged into its base weights (`merged_weights`: base + peft's `get_delta_weight`, from the unmerged
 base every time, so nothing accumulates) and reloaded into the engine as a full set, which is then probed as after
 a full-weight load. The engine runs without LoRA: it generates as fast as with merged weights (vLLM 0.32's CPU LoRA
-kernels are 4.4x slower), and only the adapters travel. That the merge reaches the engine is checked once at start
-as for requests below (an adapter far from zero, merged, must pass the probe it moves). A load that fails puts
-the serving version's matrices back and reloads them, so the worker computes with the version it reports.
+kernels are about 4x slower on 2 cores, bench/bench_lora_vllm.py), and only the adapters travel. That the merge reaches the engine is checked once at start
+as for requests below (an adapter far from zero, merged, must pass the probe it moves); each load is then checked by
+the probe only, as a full-weight load is: a layer the engine failed to take shows once its change moves the probe
+past the tolerance, which one version's change to one layer may not (the read-back of LoRA requests is exact). A
+load that fails puts the serving version's matrices back and reloads them, so the worker computes with the version
+it reports; if that reload fails too, the backend refuses to generate.
 
 As LoRA requests (`lora`): the engine starts with `enable_lora` on the base checkpoint, which
 is all of the model it ever loads; each version's LoRA matrices are copied into the HF copy (a peft model over
@@ -80,18 +83,20 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from peft.tuners.lora import LoraLayer
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from rayrlhf.core.config import VLLM_CPU_HEAD_SIZES, LoraConfig, RolloutConfig
 from rayrlhf.core.modeling import DTYPES, apply_lora, load_tokenizer, lora_parameters
 from rayrlhf.core.padding import truncate_after_eos
+from rayrlhf.core.sharding import check_plain_lora
 from rayrlhf.core.weight_sync import WeightSyncError
 
 log = logging.getLogger(__name__)
@@ -274,6 +279,7 @@ class VLLMBackend:
         self.adapters = lora is not None
         self.engine_lora = self.adapters and not cfg.merges_adapters
         self.lora_request, self.loads, self.adapter_root = None, 0, None
+        self.broken: str | None = None  # why the engine no longer holds a version the worker can name
         if self.adapters:
             self._hold_adapters(lora)
         else:
@@ -310,7 +316,10 @@ class VLLMBackend:
         requests name; each version's adapter is written under a RAM-backed folder where the OS has one."""
         self.model = apply_lora(self.model, lora, "CAUSAL_LM").eval()
         self.params = dict(lora_parameters(self.model))
-        if not self.engine_lora:
+        if not self.engine_lora:  # merged here as W + alpha / r B A: DoRA or a LoRA bias would merge otherwise
+            for name, m in self.model.named_modules():
+                if isinstance(m, LoraLayer):
+                    check_plain_lora(m, name, "a vLLM worker (rollout.vllm_adapters merge)")
             return
         shm = Path("/dev/shm")
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rayrlhf-lora-", dir=shm if shm.is_dir() else None))
@@ -323,6 +332,8 @@ class VLLMBackend:
         rows keep their order (the n samples of a prompt stay adjacent). `greedy` decodes with argmax
         (tests and evaluation); its log-probs are then log softmax(logits), without the temperature.
         """
+        if self.broken:
+            raise WeightSyncError(f"the vLLM engine holds no known weights: {self.broken}")
         tok, R = self.tokenizer, self.cfg.max_new_tokens
         eos, pad = tok.eos_token_id, tok.pad_token_id
         params = [self.sampling_params(int(s), greedy) for s in row_seeds(seed, len(prompts))]
@@ -387,7 +398,7 @@ class VLLMBackend:
         try:
             if self.engine_lora:
                 return self._load_adapter()
-            self._reload(self.merged_weights().items())
+            self._reload(self.merged_weights())
             self._verify_load()
         except Exception:
             for name, p in serving.items():
@@ -405,10 +416,11 @@ class VLLMBackend:
         """After a merged adapter load failed: the serving version's merged weights back into the engine, so that
         the worker computes with the version it reports (the failure is raised either way)."""
         try:
-            self._reload(self.merged_weights().items())
+            self._reload(self.merged_weights())
             self._verify_load()
         except Exception as e:  # noqa: BLE001 -- the load's own failure is what the caller sees
-            log.error("vLLM engine: the serving version could not be reloaded after a failed load: %r", e)
+            self.broken = f"the serving version could not be reloaded after a failed load ({e!r})"
+            log.error("vLLM engine: %s", self.broken)
 
     def _reload(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         """Reload the engine's weights in place from HF-named tensors (a complete set)."""
@@ -424,19 +436,18 @@ class VLLMBackend:
         return self.verify_engine(after)
 
     @torch.no_grad()
-    def merged_weights(self) -> dict[str, Tensor]:
-        """The HF copy's weights with its adapters merged in, under the checkpoint's names: each LoRA layer's base
-        weight plus peft's own delta (alpha / r B A, `get_delta_weight`), every other weight as it is. Computed from
-        the base the HF copy keeps unmerged, so no rounding accumulates over versions."""
-        from peft.tuners.lora import LoraLayer
-
+    def merged_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """The HF copy's weights with its adapters merged in, under the checkpoint's names, in its order (layer by
+        layer, one merged tensor at a time): each LoRA layer's base weight plus peft's own delta (alpha / r B A,
+        `get_delta_weight`, in fp32 where peft keeps the adapters so) rounded once to the base's dtype, every other
+        weight as it is. Computed from the base the HF copy keeps unmerged, so no rounding accumulates."""
         base = self.model.get_base_model()
-        merged = {f"{name}.weight": m.base_layer.weight + m.get_delta_weight("default")
-                  for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+        layers = {f"{name}.base_layer.weight": m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
         for name, p in base.named_parameters():  # tied weights once
-            if ".lora_" not in name:  # a LoRA layer's bias, as its base layer holds it
-                merged.setdefault(name.replace(".base_layer.", "."), p)
-        return merged
+            if name in layers:
+                yield name.replace(".base_layer.", "."), (p + layers[name].get_delta_weight("default")).to(p.dtype)
+            elif ".lora_" not in name:  # a LoRA layer's bias, as its base layer holds it
+                yield name.replace(".base_layer.", "."), p
 
     def _load_adapter(self) -> None:
         """The HF copy's LoRA matrices become the engine's next LoRA request (`_add_adapter`: a new id per load, so no
@@ -504,12 +515,12 @@ class VLLMBackend:
                     return self.verify_engine(what, request)
                 finally:
                     self._remove_adapter(request)
-            self._reload(self.merged_weights().items())
+            self._reload(self.merged_weights())
             diff = self._reset_and_verify(f"{what} (merged into the engine)")
         finally:
             for name, p in start.items():
                 self.params[name].copy_(p)
-        self._reload(self.merged_weights().items())
+        self._reload(self.merged_weights())
         return max(diff, self._reset_and_verify(f"{what} (the start's weights reloaded)"))
 
     @torch.no_grad()

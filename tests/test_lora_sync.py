@@ -18,7 +18,7 @@ from rayrlhf.core.config import ConfigError
 from rayrlhf.core.experience import RolloutRequest
 from rayrlhf.core.forward import response_logprobs
 from rayrlhf.core.sharding import adapter_weights
-from rayrlhf.core.weight_sync import WeightSyncError, stream_packet
+from rayrlhf.core.weight_sync import WeightSyncError, checksum, stream_packet
 from rayrlhf.roles.learner import PPOLearner
 from rayrlhf.roles.rollout import RolloutGenerator
 
@@ -97,8 +97,11 @@ def test_an_adapter_lost_or_changed_on_the_way_fails_the_sync_naming_worker_and_
     sent = stream_packet(named.items(), 2, 2**20)
     received = stream_packet(changed.items(), 2, 2**20)
     corrupt = dataclasses.replace(received, checksum=sent.checksum, adapters=True)
-    with pytest.raises(RuntimeError, match=r"^rollout worker 3: weights after sync v2 have checksum \w+, learner sent"):
+    held = checksum(gen.backend.named_weights().items())
+    with pytest.raises(WeightSyncError, match=r"^rollout worker 3, weights v2: the adapters arrived with checksum \w+, "
+                                              r"the learner sent"):
         gen.load_weights(corrupt)
+    assert gen.version == 0 and checksum(gen.backend.named_weights().items()) == held  # nothing of it loaded
 
     with pytest.raises(WeightSyncError, match=r"the learner sent full weights, the worker holds its base with LoRA"):
         gen.load_weights(learner.make_packet())

@@ -524,10 +524,13 @@ def test_adapter_only_sync_merged_into_the_engine_by_the_worker(ray_local, polic
               f"syncs 1, 2: {diffs}; self-test probe {probe:.2e}")
         assert max(diffs) <= 1e-4 and probe <= 1e-4
 
+        # v3 moves two modules' adapters; the first module's merged weight is lost on its way into the engine, the
+        # second's arrives: after the failure the worker must put v2's back (the probe below would see v3's)
         serving = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
         module = "model.layers.1.mlp.down_proj"
         with torch.no_grad():
-            dict(policy.named_parameters())[f"base_model.model.{module}.lora_B.default.weight"].add_(0.5)
+            for moved in (module, "model.layers.0.self_attn.o_proj"):
+                dict(policy.named_parameters())[f"base_model.model.{moved}.lora_B.default.weight"].add_(0.5)
         bad = dataclasses.replace(stream_packet(list(adapter_weights(policy)), 3, 1 << 16), adapters=True)
         short = dataclasses.replace(stream_packet([(n, t) for n, t in adapter_weights(policy)
                                                    if n != f"{module}.lora_A.default.weight"], 3, 1 << 16),
