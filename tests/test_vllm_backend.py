@@ -390,8 +390,8 @@ def test_train_end_to_end_with_vllm_rollouts(tiny_overrides, tmp_path, vllm_requ
     """`rayrlhf train` with rollout.backend=vllm: SFT -> RM -> PPO on a vLLM rollout worker -> eval and report.
 
     A subprocess with its own local Ray (the CLI ends Ray when it is done; the log shows which backend ran);
-    max_staleness 0 makes step 2 generate with the synced version 1. LoRA end to end on vLLM (merged weights
-    synced to the engine) is the real-model recipe's smoke test, test_recipe.py.
+    max_staleness 0 makes step 2 generate with the synced version 1. LoRA end to end on vLLM (adapters merged
+    into the engine by the worker) is the real-model recipe's smoke test, test_recipe.py.
     """
     overrides = [*tiny_overrides, f"run.output_dir={tmp_path}", "rollout.backend=vllm", "ppo.max_staleness=0"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -407,6 +407,62 @@ def test_train_end_to_end_with_vllm_rollouts(tiny_overrides, tmp_path, vllm_requ
     assert (tmp_path / "run" / "report.md").is_file()
 
 
+def _lora_policy_and_worker(policy_dir, mode: str):
+    """The learner's peft policy (LoRA r = 4) and a vLLM worker (index 2) over the same base taking its adapter-only
+    syncs as `rollout.vllm_adapters` `mode`."""
+    from rayrlhf.core.config import LoraConfig
+    from rayrlhf.core.modeling import apply_lora
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    lora = LoraConfig(r=4, alpha=8)
+    policy = apply_lora(_hf_policy(policy_dir), lora, "CAUSAL_LM").eval()
+    return policy, VLLMRollout.remote(str(policy_dir), RolloutConfig(
+        backend="vllm", temperature=T, max_new_tokens=MAX_NEW, vllm_adapters=mode), worker_index=2, lora=lora)
+
+
+def _move_lora_b(policy, modules: list[str]) -> dict:
+    """Add 0.5 to the LoRA B of each of `modules` -> the LoRA matrices as they were before."""
+    before = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for module in modules:
+            dict(policy.named_parameters())[f"base_model.model.{module}.lora_B.default.weight"].add_(0.5)
+    return before
+
+
+def _adapter_packet(policy, version: int):
+    """The peft policy's LoRA matrices as the learner sends them (adapter-only sync)."""
+    from rayrlhf.core.sharding import adapter_weights
+    from rayrlhf.core.weight_sync import stream_packet
+
+    return dataclasses.replace(stream_packet(list(adapter_weights(policy)), version, 1 << 16), adapters=True)
+
+
+def _logprob_diff(actor, policy, prompts: list[list[int]], version: int, seed: int) -> float:
+    """Max |behaviour log-prob - the peft policy's recompute| of 2 samples a prompt from the worker at `version`."""
+    batch = ray.get(actor.generate.remote(RolloutRequest(
+        batch_id=seed, shard=0, prompt_indices=[i for i in range(len(prompts)) for _ in range(2)],
+        prompts=[p for p in prompts for _ in range(2)], seed=seed, version=version)))
+    with torch.no_grad():
+        lp, _ = response_logprobs(policy, batch.prompts, batch.prompt_mask, batch.responses, batch.response_mask, T)
+    return (lp * batch.response_mask - batch.logprobs).abs().max().item()
+
+
+def _two_adapter_syncs(actor, policy, prompts: list[list[int]]) -> tuple[list[float], dict]:
+    """Versions 1 and 2 (the second replaces the first in the engine): the policy's adapters moved, sent, loaded
+    and sampled from -> each version's `_logprob_diff`, and the packets."""
+    gen = torch.Generator().manual_seed(11)
+    diffs, packets = [], {}
+    for version in (1, 2):
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_" in name:
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        packets[version] = _adapter_packet(policy, version)
+        ray.get(actor.load_weights.remote(packets[version]))
+        diffs.append(_logprob_diff(actor, policy, prompts, version, 30 + version))
+    return diffs, packets
+
+
 @pytest.mark.vllm
 def test_adapter_only_sync_reaches_the_engine_as_a_lora_request(ray_local, policy_dir, queries, vllm_required):
     """rollout.lora_sync adapters with vLLM, rollout.vllm_adapters lora: the engine starts on the base with LoRA enabled; each version's LoRA
@@ -414,35 +470,10 @@ def test_adapter_only_sync_reaches_the_engine_as_a_lora_request(ray_local, polic
     path probed once at start, with an adapter far from zero). After two syncs the engine's behaviour log-probs
     are the learner's peft policy's at that version; an adapter file missing one tensor fails the sync naming the
     worker and the version, and the previous version keeps serving."""
-    from rayrlhf.core.config import LoraConfig
-    from rayrlhf.core.modeling import apply_lora
-    from rayrlhf.core.sharding import adapter_weights
-    from rayrlhf.core.weight_sync import stream_packet
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    lora = LoraConfig(r=4, alpha=8)
-    actor = VLLMRollout.remote(str(policy_dir), RolloutConfig(backend="vllm", temperature=T, max_new_tokens=MAX_NEW,
-                                                              vllm_adapters="lora"), worker_index=2, lora=lora)
+    policy, actor = _lora_policy_and_worker(policy_dir, "lora")
     try:
-        policy = apply_lora(_hf_policy(policy_dir), lora, "CAUSAL_LM").eval()
-        gen = torch.Generator().manual_seed(11)
         prompts = [q[: 40 + 3 * i] for i, q in enumerate(queries[:8])]
-        diffs, packets = [], {}
-        for version in (1, 2):  # two versions: the second replaces the first in the engine
-            with torch.no_grad():
-                for name, p in policy.named_parameters():
-                    if "lora_" in name:
-                        p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-            packets[version] = dataclasses.replace(
-                stream_packet(list(adapter_weights(policy)), version, 1 << 16), adapters=True)
-            ray.get(actor.load_weights.remote(packets[version]))
-            batch = ray.get(actor.generate.remote(RolloutRequest(
-                batch_id=version, shard=0, prompt_indices=[i for i in range(8) for _ in range(2)],
-                prompts=[p for p in prompts for _ in range(2)], seed=30 + version, version=version)))
-            with torch.no_grad():
-                lp, _ = response_logprobs(policy, batch.prompts, batch.prompt_mask, batch.responses,
-                                          batch.response_mask, T)
-            diffs.append((lp * batch.response_mask - batch.logprobs).abs().max().item())
+        diffs, packets = _two_adapter_syncs(actor, policy, prompts)
         probe = ray.get(actor.last_verify_diff.remote())  # the start's self-test, an adapter far from zero
         print(f"max |vLLM (LoRA request) - peft recompute| behaviour log-prob (fp32, T={T}) after syncs 1, 2: "
               f"{diffs}; self-test probe {probe:.2e}; adapter {sum(lay.numel * 4 for lay in packets[2].layouts)} bytes")
@@ -451,11 +482,9 @@ def test_adapter_only_sync_reaches_the_engine_as_a_lora_request(ray_local, polic
         # v3 moves one module's adapter. A file missing one of its two matrices is refused by vLLM; missing both,
         # the module is left unadapted in the engine; its A's rows reversed (same entries, same norm), the engine
         # computes with another matrix: the read-back finds both
-        serving = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
         module = "model.layers.1.mlp.down_proj"
-        with torch.no_grad():
-            dict(policy.named_parameters())[f"base_model.model.{module}.lora_B.default.weight"].add_(0.5)
-        bad = dataclasses.replace(stream_packet(list(adapter_weights(policy)), 3, 1 << 16), adapters=True)
+        serving = _move_lora_b(policy, [module])
+        bad = _adapter_packet(policy, 3)
         lora_b, lora_a = f"{module}.lora_B.default.weight", f"{module}.lora_A.default.weight"
         with pytest.raises(WeightSyncError, match=r"rollout worker 2, weights v3: vLLM could not load the adapter"):
             ray.get(actor.load_adapter_altered.remote(bad, [lora_b], "drop"))
@@ -465,15 +494,8 @@ def test_adapter_only_sync_reaches_the_engine_as_a_lora_request(ray_local, polic
                 ray.get(actor.load_adapter_altered.remote(bad, names, alter))
         # nothing of the failed loads serves: the worker holds v2, and samples with v2's policy
         assert ray.get(actor.weights_checksum.remote()) == (2, packets[2].checksum)
-        with torch.no_grad():
-            for n, p in policy.named_parameters():
-                if n in serving:
-                    p.copy_(serving[n])
-        batch = ray.get(actor.generate.remote(RolloutRequest(
-            batch_id=9, shard=0, prompt_indices=[0, 1], prompts=prompts[:2], seed=1, version=2)))
-        with torch.no_grad():
-            lp, _ = response_logprobs(policy, batch.prompts, batch.prompt_mask, batch.responses, batch.response_mask, T)
-        assert (lp * batch.response_mask - batch.logprobs).abs().max().item() <= 1e-4
+        assert not policy.load_state_dict(serving, strict=False).unexpected_keys  # the serving version's adapters
+        assert _logprob_diff(actor, policy, prompts[:2], 2, 9) <= 1e-4
     finally:
         ray.kill(actor)
 
@@ -486,52 +508,23 @@ def test_adapter_only_sync_merged_into_the_engine_by_the_worker(ray_local, polic
     policy's at that version. A packet short of one LoRA matrix fails before the engine changes; a merged layer lost
     on its way into the engine fails the probe, naming the worker and the version; either way the worker keeps the
     previous version and samples with it."""
-    from rayrlhf.core.config import LoraConfig
-    from rayrlhf.core.modeling import apply_lora
     from rayrlhf.core.sharding import adapter_weights
     from rayrlhf.core.weight_sync import stream_packet
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    lora = LoraConfig(r=4, alpha=8)
-    actor = VLLMRollout.remote(str(policy_dir), RolloutConfig(backend="vllm", temperature=T, max_new_tokens=MAX_NEW,
-                                                              vllm_adapters="merge"), worker_index=2, lora=lora)
+    policy, actor = _lora_policy_and_worker(policy_dir, "merge")
     try:
-        policy = apply_lora(_hf_policy(policy_dir), lora, "CAUSAL_LM").eval()
-        gen = torch.Generator().manual_seed(11)
         prompts = [q[: 40 + 3 * i] for i, q in enumerate(queries[:8])]
-
-        def sample_and_compare(version: int, seed: int) -> float:
-            batch = ray.get(actor.generate.remote(RolloutRequest(
-                batch_id=seed, shard=0, prompt_indices=[i for i in range(8) for _ in range(2)],
-                prompts=[p for p in prompts for _ in range(2)], seed=seed, version=version)))
-            with torch.no_grad():
-                lp, _ = response_logprobs(policy, batch.prompts, batch.prompt_mask, batch.responses,
-                                          batch.response_mask, T)
-            return (lp * batch.response_mask - batch.logprobs).abs().max().item()
-
         probe = ray.get(actor.last_verify_diff.remote())  # the start's self-test, then the base reloaded
-        diffs, packets = [], {}
-        for version in (1, 2):
-            with torch.no_grad():
-                for name, p in policy.named_parameters():
-                    if "lora_" in name:
-                        p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-            packets[version] = dataclasses.replace(
-                stream_packet(list(adapter_weights(policy)), version, 1 << 16), adapters=True)
-            ray.get(actor.load_weights.remote(packets[version]))
-            diffs.append(sample_and_compare(version, 30 + version))
+        diffs, packets = _two_adapter_syncs(actor, policy, prompts)
         print(f"max |vLLM (adapters merged by the worker) - peft recompute| behaviour log-prob (fp32, T={T}) after "
               f"syncs 1, 2: {diffs}; self-test probe {probe:.2e}")
         assert max(diffs) <= 1e-4 and probe <= 1e-4
 
         # v3 moves two modules' adapters; the first module's merged weight is lost on its way into the engine, the
         # second's arrives: after the failure the worker must put v2's back (the probe below would see v3's)
-        serving = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
         module = "model.layers.1.mlp.down_proj"
-        with torch.no_grad():
-            for moved in (module, "model.layers.0.self_attn.o_proj"):
-                dict(policy.named_parameters())[f"base_model.model.{moved}.lora_B.default.weight"].add_(0.5)
-        bad = dataclasses.replace(stream_packet(list(adapter_weights(policy)), 3, 1 << 16), adapters=True)
+        serving = _move_lora_b(policy, [module, "model.layers.0.self_attn.o_proj"])
+        bad = _adapter_packet(policy, 3)
         short = dataclasses.replace(stream_packet([(n, t) for n, t in adapter_weights(policy)
                                                    if n != f"{module}.lora_A.default.weight"], 3, 1 << 16),
                                     adapters=True)  # one matrix dropped on the way
@@ -542,11 +535,8 @@ def test_adapter_only_sync_merged_into_the_engine_by_the_worker(ray_local, polic
                                                   r"probe differ from the weights it was given"):
             ray.get(actor.load_weights_losing.remote(bad, f"{module}.weight"))
         assert ray.get(actor.weights_checksum.remote()) == (2, packets[2].checksum)
-        with torch.no_grad():
-            for n, p in policy.named_parameters():
-                if n in serving:
-                    p.copy_(serving[n])
-        assert sample_and_compare(2, 9) <= 1e-4
+        assert not policy.load_state_dict(serving, strict=False).unexpected_keys  # the serving version's adapters
+        assert _logprob_diff(actor, policy, prompts, 2, 9) <= 1e-4
     finally:
         ray.kill(actor)
 
