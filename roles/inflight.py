@@ -127,8 +127,10 @@ class InflightEngine:
                 self.cond.wait(timeout=1.0)
 
     def locked(self, fn: Callable[[], object]) -> object:
-        """`fn` run between two decode steps (a checksum of the weights that generate)."""
+        """`fn` run between two decode steps (a checksum of the weights that generate); raises once the loop has
+        stopped: a load that failed its engine check there left the worker's version ahead of what it computes with."""
         with self.cond:
+            self._alive()
             return fn()
 
     def close(self) -> None:

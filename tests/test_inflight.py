@@ -386,6 +386,27 @@ def test_a_late_older_load_never_takes_the_worker_back_and_a_bad_request_fails_a
     assert (batch.token_versions[batch.response_mask == 1] == 2).all() and batch.policy_version == 2
 
 
+def test_a_load_failing_its_engine_check_in_flight_leaves_the_worker_naming_no_version(tiny_checkpoints, queries,
+                                                                                        monkeypatch):
+    """The loop applies a load, then checks the engine (vLLM's probe runs in `weights_changed`): a failure there stops
+    the loop, and the worker then reports no version (its checksum read raises) and generates nothing, rather than
+    name the version whose check failed."""
+    from rayrlhf.core.weight_sync import WeightSyncError
+
+    gen = _generator(tiny_checkpoints, max_new_tokens=4)
+
+    def fail(version: int) -> None:
+        raise WeightSyncError(f"probe failed at v{version}")
+
+    monkeypatch.setattr(gen.engine.decoder, "weights_changed", fail)
+    with pytest.raises(WeightSyncError, match="probe failed at v1"):
+        gen.load_weights(_packet(perturbed(gen.backend.model, seed=1), 1))
+    with pytest.raises(RuntimeError, match=r"the in-flight decode loop stopped: .*probe failed at v1"):
+        gen.weights_checksum()
+    with pytest.raises(RuntimeError, match="the in-flight decode loop stopped"):
+        gen.generate(RolloutRequest(batch_id=0, shard=0, prompt_indices=[0], prompts=[queries[0]], seed=0, version=1))
+
+
 def test_a_worker_out_of_the_deterministic_order_fails_requests_with_places_and_loads_on_arrival(tiny_checkpoints,
                                                                                                    queries):
     """Ray restarted the worker: its decode loop starts at place 0 of the driver's order, so a request with a later
