@@ -398,8 +398,7 @@ class VLLMBackend:
         try:
             if self.engine_lora:
                 return self._load_adapter()
-            self._reload(self.merged_weights())
-            self._verify_load()
+            self._load_merged()
         except Exception:
             for name, p in serving.items():
                 self.params[name].copy_(p)
@@ -412,12 +411,16 @@ class VLLMBackend:
             return       # what its rollout.inflight_kv says and probes the engine through its own steps
         self.last_probe_diff = self._reset_and_verify("a weight update")
 
+    def _load_merged(self) -> None:
+        """The HF copy's adapters merged into the engine's weights (`merged_weights`), then checked."""
+        self._reload(self.merged_weights())
+        self._verify_load()
+
     def _reload_serving(self) -> None:
         """After a merged adapter load failed: the serving version's merged weights back into the engine, so that
         the worker computes with the version it reports (the failure is raised either way)."""
         try:
-            self._reload(self.merged_weights())
-            self._verify_load()
+            self._load_merged()
         except Exception as e:  # noqa: BLE001 -- the load's own failure is what the caller sees
             self.broken = f"the serving version could not be reloaded after a failed load ({e!r})"
             log.error("vLLM engine: %s", self.broken)
