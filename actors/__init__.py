@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 def read_batch(refs: ShardRefs) -> Experience:
     """A collected batch read from the object store and joined: in the learner; in the driver only for a
     checkpoint, which saves the batches in flight."""
-    return Experience.join(ray.get(refs.rollouts), ray.get(refs.references), ray.get(refs.rewards), refs.pad_id)
+    return Experience.join(ray.get(refs.rollouts), ray.get(refs.references), ray.get(refs.rewards), refs.pad_id,
+                           refs.step)
 
 
 def _restarted() -> bool:

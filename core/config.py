@@ -451,6 +451,13 @@ class RolloutConfig(_Section):
         "In-flight: prompts per shard (each with its samples). A shard goes to scoring as soon as its prompts' "
         "samples are all done: fewer prompts stream sooner, more make fewer and larger reference and reward calls "
         "(on a shared CPU, 32 one-prompt calls cost several times one call of 32)."))
+    inflight_batches: Literal["fixed", "stream"] = Field("fixed", description=(
+        "In-flight: which sequences a PPO step trains on. `fixed`: batch k's prompts (the seeded prompt order), "
+        "waiting for its slowest shard; repeatable with rollout.inflight_deterministic. `stream`: the first "
+        "shards scored, whichever batch dispatched them (the oldest first among those ready), until the step has "
+        "ppo.prompts_per_step prompts: a slow shard is trained a step or more later, its early tokens older "
+        "(counted token by token against ppo.max_staleness, see ppo.stale_tokens). Which shards a step takes "
+        "depends on timing. A resumed run generates again the shards dispatched but not trained."))
     inflight_max_rows: int = Field(0, ge=0, description=(
         "In-flight: most sequences a worker decodes together (0: one PPO batch, prompts_per_step x "
         "samples_per_prompt)."))
@@ -462,6 +469,11 @@ class RolloutConfig(_Section):
         if self.top_p != 1.0:
             raise ValueError(f"rollout.top_p {self.top_p}: PPO's learner and reference compute log-probs of the full "
                              "softmax(logits / T), not of the nucleus the rollout would sample from; keep 1")
+        if self.inflight_batches == "stream" and not self.inflight:
+            raise ValueError("rollout.inflight_batches stream needs rollout.inflight true")
+        if self.inflight_batches == "stream" and self.inflight_deterministic:
+            raise ValueError("rollout.inflight_batches stream takes shards as they finish, which depends on timing: "
+                             "it cannot be rollout.inflight_deterministic (use inflight_batches fixed)")
         if self.inflight and self.backend == "vllm" and self.inflight_deterministic:
             raise ValueError("rollout.inflight_deterministic needs rollout.backend hf: vLLM's scheduler batches "
                              "requests its own way, so its float rounding is not repeatable")
@@ -577,6 +589,12 @@ class PPOConfig(_Section):
     advantage_estimator: Literal["gae", "rloo", "grpo"] = Field("gae", description="gae (with critic), rloo or grpo (critic-free, n samples per prompt).")
     whiten_advantages: bool = Field(True, description="Normalise advantages over the batch (detail 10).")
     max_staleness: int = Field(1, ge=0, description="0: synchronous on-policy PPO; k: a batch may come from version >= step - k.")
+    stale_tokens: Literal["mask", "regenerate"] = Field("mask", description=(
+        "Tokens sampled more than max_staleness versions before the learner that trains on them (possible only "
+        "with rollout.inflight_batches stream: otherwise the staleness gate rules them out). `mask`: they leave "
+        "the loss (ppo/stale_token_fraction). `regenerate`: the shard holding them is generated again under the "
+        "current version instead of being trained (rollout/regenerated_shards); once: a regenerated shard that "
+        "is late again has its stale tokens masked, so a sequence longer than the bound cannot loop."))
     weight_sync: Literal["object_store", "collective"] = Field("object_store", description="Transport of new weights to rollout workers.")
     sync_timeout_s: float = Field(120.0, gt=0, description="A weight sync or remote call slower than this is an error naming the component.")
     bucket_mb: float = Field(64.0, ge=1, description="Size of the flat buckets weights are sent in (MiB, at least 1).")
@@ -697,6 +715,14 @@ class Config(_Section):
                              "or auto")
         if self.ppo.weight_sync == "collective" and self.rollout.backend == "vllm":
             raise ValueError("ppo.weight_sync collective is implemented for the hf rollout backend; use object_store with vllm")
+        if self.rollout.inflight_batches == "stream":
+            k, per_step = self.rollout.inflight_shard_prompts, self.ppo.prompts_per_step
+            if self.ppo.max_staleness < 1:
+                raise ValueError("rollout.inflight_batches stream needs ppo.max_staleness >= 1: synchronous PPO has "
+                                 "one batch in flight, nothing to stream from")
+            if per_step % k:
+                raise ValueError(f"rollout.inflight_batches stream: ppo.prompts_per_step {per_step} must be a multiple "
+                                 f"of rollout.inflight_shard_prompts {k}, so that every step takes whole shards")
         if self.rollout.inflight and self.ppo.weight_sync == "collective":
             raise ValueError("rollout.inflight needs ppo.weight_sync object_store: a collective broadcast holds every "
                              "worker in step with the learner, which an in-flight decode loop cannot join mid-step")

@@ -222,6 +222,7 @@ class ShardRefs:
     references: list[Any]
     rewards: list[Any]
     pad_id: int
+    step: int | None = None  # streamed shards (rollout.inflight_batches stream): the step that joins them
 
 
 @dataclass(kw_only=True)
@@ -253,16 +254,19 @@ class Experience:
         return (learner_version - versions) * self.response_mask
 
     @classmethod
-    def join(cls, rollouts: list[RolloutBatch], references: list[RefLogprobs], scores: list[Scores], pad_id: int
-             ) -> Experience:
-        """Concatenate the shards of one batch (left-padding prompts to a common width)."""
+    def join(cls, rollouts: list[RolloutBatch], references: list[RefLogprobs], scores: list[Scores], pad_id: int,
+             step: int | None = None) -> Experience:
+        """Concatenate the shards of one batch (left-padding prompts to a common width). `step`: shards streamed
+        in-flight from several batches, which the step's experience then holds (its `batch_id`)."""
         versions = {r.policy_version for r in rollouts}
         inflight = [r.token_versions is not None for r in rollouts]
         if any(inflight) and not all(inflight):
             raise ValueError("shards of one batch disagree: some carry per-token versions, some do not")
         if all(inflight):  # in-flight rollout: shards may start under different versions; the oldest is the batch's
             versions = {min(versions)}
-        if len(versions) != 1 or len({r.batch_id for r in rollouts}) != 1:
+        if step is not None and not all(inflight):
+            raise ValueError("only in-flight shards (with per-token versions) are joined across batches")
+        if len(versions) != 1 or (step is None and len({r.batch_id for r in rollouts}) != 1):
             raise ValueError(f"shards of one batch disagree: versions {versions}, batches {[r.batch_id for r in rollouts]}")
         for r, lp, s in zip(rollouts, references, scores):
             if (r.batch_id, r.shard) != (lp.batch_id, lp.shard) or (r.batch_id, r.shard) != (s.batch_id, s.shard):
@@ -271,7 +275,7 @@ class Experience:
         prompts = torch.cat([F.pad(r.prompts, (P - r.prompts.shape[1], 0), value=pad_id) for r in rollouts])
         prompt_mask = torch.cat([F.pad(r.prompt_mask, (P - r.prompt_mask.shape[1], 0), value=0) for r in rollouts])
         return cls(
-            batch_id=rollouts[0].batch_id,
+            batch_id=rollouts[0].batch_id if step is None else step,
             policy_version=versions.pop(),
             prompt_indices=[i for r in rollouts for i in r.prompt_indices],
             prompts=prompts,

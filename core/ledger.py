@@ -24,7 +24,7 @@ class ShardAttempt:
     shard: int
     worker: int
     attempt: int  # 0 for the first dispatch
-    outcome: str = "dispatched"  # dispatched | generated | failed
+    outcome: str = "dispatched"  # dispatched | generated | failed | regenerated (sent again, see `regenerated`)
     error: str = ""
 
 
@@ -41,6 +41,12 @@ class BatchEntry:
     # response tokens per policy version that sampled them ({"3": 410, "4": 102}): in-flight rollout moves a
     # sequence to a newer version mid-way; otherwise every token is `version`'s
     token_versions: dict[str, int] = field(default_factory=dict)
+    # streamed batches (rollout.inflight_batches stream): the learner version that trained each shard ({"2": 5});
+    # the batch is consumed once all its shards are, `consumed_by` then the last of them
+    consumed_shards: dict[str, int] = field(default_factory=dict)
+
+    def shard_ids(self) -> set[int]:
+        return {a.shard for a in self.shards}
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,17 @@ class ExperienceLedger:
         self.batches[batch_id].shards.append(ShardAttempt(shard, worker, last.attempt + 1))
         return last.attempt + 1
 
+    def regenerated(self, batch_id: int, shard: int, worker: int, why: str) -> int:
+        """The shard's last attempt is dropped untrained and the shard generated again (streamed batches: its
+        tokens were past the staleness bound, or a resumed run lost the attempt in flight). Returns the new
+        attempt's number."""
+        if str(shard) in self.batches[batch_id].consumed_shards:
+            raise LedgerError(f"batch {batch_id} shard {shard} regenerated after it was consumed")
+        last = self._last_attempt(batch_id, shard)
+        last.outcome, last.error = "regenerated", why
+        self.batches[batch_id].shards.append(ShardAttempt(shard, worker, last.attempt + 1))
+        return last.attempt + 1
+
     def recalled(self, batch_id: int, shard: int, role: str, error: str) -> None:
         self.batches[batch_id].recalls.append({"shard": shard, "role": role, "error": error})
 
@@ -99,6 +116,28 @@ class ExperienceLedger:
             raise LedgerError(f"batch {batch_id} consumed twice (by versions {entry.consumed_by} and {learner_version})")
         entry.consumed_by = learner_version
 
+    def consumed_shard(self, batch_id: int, shard: int, learner_version: int, token_versions: dict[int, int]) -> None:
+        """Streamed batches: one shard generated and trained by `learner_version`; the batch is consumed with its
+        last shard."""
+        entry = self.batches.get(batch_id)
+        if entry is None or shard not in entry.shard_ids():
+            raise LedgerError(f"batch {batch_id} shard {shard} consumed but never dispatched")
+        if str(shard) in entry.consumed_shards:
+            raise LedgerError(f"batch {batch_id} shard {shard} consumed twice (by versions "
+                              f"{entry.consumed_shards[str(shard)]} and {learner_version})")
+        self._last_attempt(batch_id, shard).outcome = "generated"
+        entry.consumed_shards[str(shard)] = learner_version
+        for v, n in token_versions.items():
+            entry.token_versions[str(v)] = entry.token_versions.get(str(v), 0) + n
+        entry.token_versions = dict(sorted(entry.token_versions.items(), key=lambda kv: int(kv[0])))
+        if len(entry.consumed_shards) == len(entry.shard_ids()):
+            entry.collected, entry.consumed_by = True, max(entry.consumed_shards.values())
+
+    def unconsumed_shards(self) -> dict[int, list[int]]:
+        """Streamed batches: {batch: its shards not trained yet}, of the batches dispatched and not consumed."""
+        return {b: sorted(e.shard_ids() - {int(s) for s in e.consumed_shards})
+                for b, e in sorted(self.batches.items()) if e.consumed_by is None}
+
     def mark_restored(self, batch_id: int) -> None:
         self.batches[batch_id].restored = True
 
@@ -115,6 +154,8 @@ class ExperienceLedger:
                 dupes.append(b)
             redispatched += [{"batch": b, "shard": a.shard, "role": "rollout", "failed_worker": a.worker,
                               "error": a.error} for a in e.shards if a.outcome == "failed"]
+            redispatched += [{"batch": b, "shard": a.shard, "role": "rollout", "regenerated": a.error}
+                             for a in e.shards if a.outcome == "regenerated"]
             redispatched += [{"batch": b, **r} for r in e.recalls]
         return LedgerAudit(sum(e.consumed_by is not None for e in self.batches.values()), lost, mismatched, dupes,
                            redispatched, [b for b, e in sorted(self.batches.items()) if e.restored])

@@ -36,13 +36,15 @@ from rayrlhf.core.checkpoints import CheckpointDir
 from rayrlhf.core.files import atomic_write_text, read_json, write_json
 from rayrlhf.core.config import Config, ConfigError, config_from_dict
 from rayrlhf.core.data import load_tldr
-from rayrlhf.core.experience import EXPERIENCE_ROLES, BatchInfo, Experience, Role, RolloutRequest, ShardRefs
+from rayrlhf.core.experience import (
+    EXPERIENCE_ROLES, BatchInfo, CallInfo, Experience, Role, RolloutInfo, RolloutRequest, ShardRefs,
+)
 from rayrlhf.core.ledger import ExperienceLedger
 from rayrlhf.core.metrics import MetricsLogger
 from rayrlhf.core.modeling import load_tokenizer
 from rayrlhf.core.text import encode_queries, with_encodable_queries
 from rayrlhf.pipeline.calls import RoleTimeout, StageTimer, await_restart, first_line, ray_get
-from rayrlhf.pipeline.inflight import ROLES, InFlight, ShardCalls, ShardFailure, await_batch, gather
+from rayrlhf.pipeline.inflight import ROLES, InFlight, ShardCalls, ShardFailure, await_batch, finished_shards, gather
 from rayrlhf.pipeline.launch import (
     LearnerLost, RoleHandles, await_started, close_roles, join_weight_sync_group, launch_roles, launch_rollout_worker,
 )
@@ -126,6 +128,8 @@ class PPODriver:
         self.checkpoints = CheckpointDir(self.out_dir / "checkpoints", cfg.run.keep_checkpoints)
         self.ledger = ExperienceLedger()
         self.gate = StalenessGate(self.pc.max_staleness)
+        self.stream = cfg.rollout.inflight_batches == "stream"
+        self.stream_counts = {"regenerated": 0, "later": 0}  # streamed: this step's shards regenerated, taken early
         tok = load_tokenizer(self.sft_checkpoint)
         self.pad_id = tok.pad_token_id
         data = with_encodable_queries(tok, load_tldr(cfg.data), cfg.data)
@@ -201,6 +205,8 @@ class PPODriver:
                  sorted(buffered))
         in_flight = {b: InFlight(b, exp.policy_version, [], experience=exp, info=BatchInfo.of_experience(exp))
                      for b, exp in buffered.items()}
+        if self.stream:  # the shards dispatched but not trained, generated again with the version resumed
+            in_flight = {b: self.dispatch(b, version, only) for b, only in self.ledger.unconsumed_shards().items()}
         return LoopState(state.step, state.next_batch, in_flight, state.totals)
 
     # --- loop -------------------------------------------------------------------------------------
@@ -252,14 +258,14 @@ class PPODriver:
         self.step = step
         timer = StageTimer()
         with timer.stage("scale"):  # 0. scale
-            self.scale(step, self.gate.version, state.next_batch)
+            self.scale(step, self.gate.version, state.next_batch, min([step, *state.in_flight]))
         num_workers = len(self.pool.active)
         with timer.stage("dispatch"):  # 1. dispatch
             while state.next_batch < self.pc.steps and self.gate.admits(state.next_batch):
                 state.in_flight[state.next_batch] = self.dispatch(state.next_batch, self.gate.version)
                 state.next_batch += 1
         with timer.stage("wait_rollout"):  # 2. collect: the learner idles meanwhile
-            flight = state.in_flight.pop(step)
+            flight = self.take(step, state) if self.stream else state.in_flight.pop(step)
             info = self.collect(flight)
             sync_times = self.await_sync(pending)
         t_learn = time.perf_counter()
@@ -288,6 +294,9 @@ class PPODriver:
                 "rollout/policy_version": float(info.policy_version), "rollout/num_workers": float(num_workers),
                 "rollout/workers_starting": float(len(self.pool.starting)),
                 "rollout/sequences": float(info.sequences),
+                # streamed: shards generated again for stale tokens, and shards of later batches this step took
+                **({"rollout/regenerated_shards": float(self.stream_counts["regenerated"]),
+                    "rollout/shards_from_later_batches": float(self.stream_counts["later"])} if self.stream else {}),
                 "rollout/sequences_per_s": done.sequences / (time.perf_counter() - done.start)}, pending
 
     def finish(self, pending: list[PendingLoad], done: Throughput) -> dict[str, float]:
@@ -314,11 +323,11 @@ class PPODriver:
 
     # --- stages -----------------------------------------------------------------------------------
 
-    def scale(self, step: int, version: int, next_batch: int) -> None:
+    def scale(self, step: int, version: int, next_batch: int, collected_before: int | None = None) -> None:
         """Stage 0: bring the rollout pool to the worker count asked for with `rayrlhf scale`."""
         scaler = self.roles.scaler
         desired = self._get(scaler.get_desired.remote(), "rollout scaler")
-        failed = self.pool.reconcile(desired, step, version, next_batch, self.roles.learner)
+        failed = self.pool.reconcile(desired, step, version, next_batch, self.roles.learner, collected_before)
         have = len(self.pool.active) + len(self.pool.starting)
         if failed:  # not retried: a worker that cannot start would likely fail again every step
             log.error("%d new rollout worker(s) failed to start; the requested count goes from %d to %d",
@@ -326,10 +335,11 @@ class PPODriver:
             self._get(scaler.set_desired.remote(have), "rollout scaler")
         scaler.report.remote(len(self.pool.active), len(self.pool.starting), step + 1)
 
-    def dispatch(self, batch_id: int, version: int) -> InFlight:
+    def dispatch(self, batch_id: int, version: int, only: list[int] | None = None) -> InFlight:
         """Stage 1: shard batch `batch_id` over the workers; chain reference and reward on each shard. In-flight
         (`rollout.inflight`), shards of `rollout.inflight_shard_prompts` prompts with all their samples, round robin
-        over the workers: each scored as soon as its samples are done, a prompt's group whole."""
+        over the workers: each scored as soon as its samples are done, a prompt's group whole. `only`: just those
+        shards, generated again (a resumed streamed run, whose shards in flight were not saved)."""
         n = self.pc.samples_per_prompt
         indices = self.prompt_source.batch(batch_id)
         workers = self.pool.handles()
@@ -343,6 +353,8 @@ class PPODriver:
         flight = InFlight(batch_id, version, [])
         references, rewards = self.roles.references, self.roles.rewards
         for s, (worker, mine) in enumerate(shards):
+            if only is not None and s not in only:
+                continue
             rep = [i for i in mine for _ in range(n)]  # the n samples of a prompt stay adjacent
             # a seed per shard (in-flight, per prompt group: more shards than 1009, so a wider stride)
             stride = 1_000_003 if self.cfg.rollout.inflight else 1009
@@ -357,7 +369,12 @@ class PPODriver:
             for role in ROLES:  # in chain order: scoring reads the rollout's result
                 shard.dispatch(role)
             flight.shards.append(shard)
-        self.ledger.dispatched(batch_id, indices, version, [self.pool.index_of(h) for h, _ in shards])
+        if only is None:
+            self.ledger.dispatched(batch_id, indices, version, [self.pool.index_of(h) for h, _ in shards])
+        else:
+            for shard in flight.shards:
+                self.ledger.regenerated(batch_id, shard.request.shard, self.pool.index_of(shard.worker),
+                                        "in flight at the checkpoint resumed from")
         return flight
 
     def _inflight_order(self, worker: ActorHandle, batch_id: int, version: int) -> dict:
@@ -396,15 +413,82 @@ class PPODriver:
         self.ledger.collected(flight.batch_id, len(flight.shards), flight.info.token_versions)
         return flight.info
 
+    def take(self, step: int, state: LoopState) -> InFlight:
+        """Stage 2, streamed (`rollout.inflight_batches stream`): the first shards to be scored, oldest batch first
+        among those ready, until the step has ppo.prompts_per_step prompts; the others stay in flight for later
+        steps. A shard whose actor died goes again (`_redispatch`); one holding tokens past the staleness bound
+        goes again under the current version with ppo.stale_tokens regenerate (`_regenerate`). Exactly once: a
+        shard leaves `state.in_flight` when taken, and the ledger refuses a shard consumed twice."""
+        need = self.pc.prompts_per_step // self.cfg.rollout.inflight_shard_prompts
+        deadline = time.monotonic() + self.pc.sync_timeout_s
+        taken: list[ShardCalls] = []
+        infos: list[tuple[RolloutInfo, CallInfo, CallInfo]] = []
+        self.stream_counts = {"regenerated": 0, "later": 0}
+        while len(taken) < need:
+            finished, running = finished_shards([fl for _, fl in sorted(state.in_flight.items())])
+            if self._settle(finished):  # some went again: look again
+                continue
+            for fl, sh in finished[: need - len(taken)]:
+                results, _ = gather(InFlight(fl.batch_id, fl.version, [sh]))
+                if not self._regenerate(fl, sh, results.rollouts[0]):
+                    fl.shards.remove(sh)
+                    taken.append(sh)
+                    infos.append((results.rollouts[0], results.references[0], results.rewards[0]))
+            if len(taken) < need and not finished:
+                if not running:  # the gate keeps a step's shards dispatched: a bug if not
+                    raise RuntimeError(f"step {step}: {len(taken)} of its {need} shards taken and none in flight")
+                if not ray.wait(running, timeout=max(0.0, deadline - time.monotonic()))[0]:
+                    raise RoleTimeout(f"step {step}: {len(taken)} of its {need} shards scored", self.pc.sync_timeout_s)
+        for b in [b for b, fl in state.in_flight.items() if not fl.shards]:
+            del state.in_flight[b]
+        rollouts, references, rewards = (list(x) for x in zip(*infos))
+        self.pool.note_collected(rollouts)
+        self.stream_counts["later"] = sum(r.batch_id > step for r in rollouts)
+        info = dataclasses.replace(BatchInfo.of_calls(rollouts, references, rewards), batch_id=step)
+        return InFlight(step, info.policy_version, taken, info=info, taken=rollouts)
+
+    def _settle(self, finished: list[tuple[InFlight, ShardCalls]]) -> bool:
+        """Streamed: dispatch again the finished shards whose calls failed (their actor died); True if any did."""
+        failed_any = False
+        for fl, sh in finished:
+            _, failed = gather(InFlight(fl.batch_id, fl.version, [sh]))
+            if failed:
+                self._redispatch(fl, {fl.shards.index(sh): failed[0]})
+                failed_any = True
+        return failed_any
+
+    def _regenerate(self, flight: InFlight, shard: ShardCalls, rollout: RolloutInfo) -> bool:
+        """ppo.stale_tokens regenerate: a shard holding tokens older than the staleness bound at this step's
+        learner version is generated again under the current version instead of being trained, once (a shard late
+        again has its stale tokens masked by the learner). True if it went again."""
+        oldest = min(rollout.token_versions, default=rollout.policy_version)
+        if (self.pc.stale_tokens != "regenerate" or shard.regenerated
+                or oldest >= self.gate.oldest_usable(self.gate.version)):
+            return False
+        if shard.worker not in self.pool.handles():  # retired since: the shard goes to a worker still in the pool
+            shard.worker = self.pool.handles()[shard.request.shard % len(self.pool.handles())]
+        index = self.pool.index_of(shard.worker)
+        attempt = self.ledger.regenerated(flight.batch_id, shard.request.shard, index,
+                                          f"tokens of v{oldest} past ppo.max_staleness at v{self.gate.version}")
+        shard.request = dataclasses.replace(shard.request, version=self.gate.version, seq=None, switch=None)
+        shard.regenerated = True
+        for role in ROLES:
+            shard.dispatch(role)
+        self.stream_counts["regenerated"] += 1
+        self.events.write(self.step, "shard_regenerated", index, batch=flight.batch_id, shard=shard.request.shard,
+                          attempt=attempt, oldest_version=oldest, version=self.gate.version)
+        return True
+
     def _redispatch(self, flight: InFlight, failed: dict[int, ShardFailure]) -> None:
         """Dispatch again the failed calls of `flight`, once each, after their actor has restarted."""
         restarted = set()
         for s, f in sorted(failed.items()):
             shard = flight.shards[s]
+            sid = shard.request.shard  # its id: a streamed batch's shards leave it as they are taken
             if f.role == Role.ROLLOUT:
                 index = self.pool.index_of(shard.worker)
                 self._await_restart(shard.worker, f"rollout worker {index}")
-                attempt = self.ledger.redispatched(flight.batch_id, s, index, f.error)
+                attempt = self.ledger.redispatched(flight.batch_id, sid, index, f.error)
                 if self.cfg.rollout.inflight:
                     # The restarted worker's decode loop has lost its place in the order: its requests run on
                     # arrival from now on (seq None, no switch; not repeatable), under the current version, which
@@ -413,18 +497,18 @@ class PPODriver:
                     if shard.worker not in self.unordered:  # its places after this one will never come
                         self.unordered.add(shard.worker)
                         shard.worker.leave_order.remote()
-                        self.events.write(self.step, "worker_unordered", index, batch=flight.batch_id, shard=s)
+                        self.events.write(self.step, "worker_unordered", index, batch=flight.batch_id, shard=sid)
                 else:  # the restarted actor holds the SFT weights: the batch's version first, then the current one
                     shard.worker.load_weights.remote(self.packets[flight.version])
                 shard.dispatch(Role.ROLLOUT)
                 restarted.add(shard.worker)
-                self.events.write(self.step, "shard_redispatched", index, batch=flight.batch_id, shard=s,
+                self.events.write(self.step, "shard_redispatched", index, batch=flight.batch_id, shard=sid,
                                   attempt=attempt, version=flight.version, error=f.error)
             else:
                 actor = shard.reference_actor if f.role == Role.REFERENCE else shard.reward_actor
                 self._await_restart(actor, self.roles.name_of(actor))
-                self.ledger.recalled(flight.batch_id, s, f.role, f.error)
-                self.events.write(self.step, f"{f.role}_redispatched", -1, batch=flight.batch_id, shard=s, error=f.error)
+                self.ledger.recalled(flight.batch_id, sid, f.role, f.error)
+                self.events.write(self.step, f"{f.role}_redispatched", -1, batch=flight.batch_id, shard=sid, error=f.error)
             if f.role in (Role.ROLLOUT, Role.REFERENCE):
                 shard.dispatch(Role.REFERENCE)
             if f.role in (Role.ROLLOUT, Role.REWARD):
@@ -446,7 +530,10 @@ class PPODriver:
         except FloatingPointError as e:  # raised in the learner; Ray's error is also an instance of it
             raise RuntimeError(f"PPO step {flight.batch_id + 1} stopped: {getattr(e, 'cause', e)}"
                                f"{self._resume_hint()}") from e
-        self.ledger.consumed(flight.batch_id, learner_version=self.gate.version)
+        for r in flight.taken or []:
+            self.ledger.consumed_shard(r.batch_id, r.shard, self.gate.version, r.token_versions)
+        if not flight.streamed:
+            self.ledger.consumed(flight.batch_id, learner_version=self.gate.version)
         return metrics
 
     def sync(self, version: int) -> list[PendingLoad]:
@@ -505,7 +592,8 @@ class PPODriver:
         saved with it: a resumed run trains on exactly the experience this one would have (nothing dropped,
         nothing generated twice)."""
         buffered = {}
-        for b, fl in sorted(state.in_flight.items()):
+        # streamed: shards in flight are not saved; a resumed run generates them again (`restore`)
+        for b, fl in [] if self.stream else sorted(state.in_flight.items()):
             self.collect(fl)
             if fl.experience is None:  # read here once: a checkpoint saves the batch itself
                 fl.experience = read_batch(fl.results(self.pad_id))

@@ -33,6 +33,7 @@ class ShardCalls:
     worker: ActorHandle
     reference_actor: ActorHandle
     reward_actor: ActorHandle
+    regenerated: bool = False  # streamed: generated again once already for its stale tokens (ppo.stale_tokens)
     # each set by `dispatch`
     rollout: ObjectRef | None = None  # -> RolloutBatch
     reference: ObjectRef | None = None  # -> RefLogprobs
@@ -50,6 +51,9 @@ class ShardCalls:
         else:
             self.reward, self.reward_info = self.reward_actor.score.remote(self.rollout)
 
+    def calls(self) -> list[ObjectRef]:
+        return [self.rollout_info, self.reference_info, self.reward_info]
+
     def call(self, role: Role) -> ObjectRef:
         """The info of the call of `role`: what the driver waits for and reads."""
         return {Role.ROLLOUT: self.rollout_info, Role.REFERENCE: self.reference_info, Role.REWARD: self.reward_info}[role]
@@ -65,6 +69,12 @@ class InFlight:
     shards: list[ShardCalls]
     experience: Experience | None = None
     info: BatchInfo | None = None
+    # streamed (rollout.inflight_batches stream): the shards a step took, from any batches, their rollouts' infos
+    taken: list[RolloutInfo] | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.taken is not None
 
     def infos(self) -> list[ObjectRef]:
         return [s.call(role) for role in ROLES for s in self.shards]
@@ -72,7 +82,7 @@ class InFlight:
     def results(self, pad_id: int) -> ShardRefs:
         """Where the collected batch's tensors are: what the learner reads (`read_batch`)."""
         return ShardRefs([s.rollout for s in self.shards], [s.reference for s in self.shards],
-                         [s.reward for s in self.shards], pad_id)
+                         [s.reward for s in self.shards], pad_id, self.batch_id if self.streamed else None)
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,17 @@ def classify_failures(batch_id: int, errors: list[tuple[str, int, BaseException]
         elif shard not in failed:
             raise RuntimeError(f"{role} of batch {batch_id} shard {shard} failed: {getattr(e, 'cause', e)!r}") from e
     return failed
+
+
+def finished_shards(flights: list[InFlight]) -> tuple[list[tuple[InFlight, ShardCalls]], list[ObjectRef]]:
+    """Streamed batches: the shards whose three calls all finished (well or not), in the order of `flights` and
+    of their shards; and the infos of the calls still running."""
+    infos = [ref for fl in flights for sh in fl.shards for ref in sh.calls()]
+    if not infos:
+        return [], []
+    _, running = ray.wait(infos, num_returns=len(infos), timeout=0)
+    late = set(running)
+    return [(fl, sh) for fl in flights for sh in fl.shards if not late.intersection(sh.calls())], running
 
 
 def await_batch(flight: InFlight, timeout_s: float, worker_index: Callable[[ActorHandle], int]) -> None:

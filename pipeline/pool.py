@@ -132,10 +132,13 @@ class RolloutPool:
     def all_handles(self) -> list:
         return [w.handle for w in self.active + self.starting + self.retiring]
 
-    def reconcile(self, desired: int, step: int, version: int, next_batch: int, learner) -> int:
+    def reconcile(self, desired: int, step: int, version: int, next_batch: int, learner,
+                  collected_before: int | None = None) -> int:
         """Move towards `desired` workers at the start of step `step` (policy `version` published, batches
-        before `next_batch` dispatched). Returns how many started workers failed to come up."""
-        self._remove_drained(collected_before=step, event_step=step + 1)
+        before `next_batch` dispatched, those before `collected_before`, by default `step`, all collected: a
+        streamed batch's late shard can outlive its step). Returns how many started workers failed to come up."""
+        self._remove_drained(collected_before=step if collected_before is None else collected_before,
+                             event_step=step + 1)
         failed = self._join_started(step, version, learner)
         more = desired - len(self.active) - len(self.starting)
         if more > 0:

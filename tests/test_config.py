@@ -98,6 +98,15 @@ def test_tiny_config_derived_sizes(tiny_cfg):
         (["data.valid_fraction=0.5", "data.test_fraction=0.5"], "data.valid_fraction + data.test_fraction",
          "no training posts"),
         (["data.judge_fraction=1.0"], "data.judge_fraction", "less than 1"),
+        # streamed in-flight batches
+        (["rollout.inflight_batches=stream"], "rollout.inflight_batches", "needs rollout.inflight true"),
+        (["rollout.inflight=true", "rollout.inflight_batches=stream", "rollout.inflight_deterministic=true"],
+         "rollout.inflight_batches", "depends on timing"),
+        (["rollout.inflight=true", "rollout.inflight_batches=stream", "ppo.max_staleness=0"],
+         "rollout.inflight_batches", "ppo.max_staleness >= 1"),
+        (["rollout.inflight=true", "rollout.inflight_batches=stream", "rollout.inflight_shard_prompts=5"],
+         "ppo.prompts_per_step", "multiple of rollout.inflight_shard_prompts 5"),
+        (["ppo.stale_tokens=drop"], "ppo.stale_tokens", "'mask' or 'regenerate'"),
     ],
 )
 def test_invalid_config_names_the_key(overrides, key, words):

@@ -37,7 +37,7 @@ class SteppedDriver(PPODriver):
         self.paused_at = -1  # the step it is waiting to begin
         self.batch_prompts: dict[int, list[int]] = {}
 
-    def scale(self, step: int, version: int, next_batch: int) -> None:
+    def scale(self, step: int, version: int, next_batch: int, collected_before: int | None = None) -> None:
         import ray
 
         with self.cv:
@@ -46,7 +46,7 @@ class SteppedDriver(PPODriver):
             self.cv.wait_for(lambda: step < self.allowed)
         if self.pool.starting:  # stand-in for a step longer than a worker's start
             ray.wait([w.ready for w in self.pool.starting], num_returns=len(self.pool.starting), timeout=60)
-        super().scale(step, version, next_batch)
+        super().scale(step, version, next_batch, collected_before)
 
     def collect(self, flight) -> BatchInfo:
         info = super().collect(flight)

@@ -370,6 +370,108 @@ def test_inflight_ppo_with_a_rollout_worker_killed_mid_generation_loses_nothing(
         assert sum(e["token_versions"].values()) > 0
 
 
+# streamed batches: 4 shards of 2 prompts a step; batch 1's shard 0 is scored late, after a shard of batch 2
+STREAM = ["rollout.inflight_batches=stream", "ppo.checkpoint_every=2"]
+LATE = (1, 0)
+
+
+def _late_reward(cfg, rm_checkpoint):
+    """A reward scorer (threaded, so other calls go on meanwhile) that holds the scores of shard `LATE` until it
+    scored a shard of batch 2, and 3 s more: step 1 then takes that shard of batch 2 in its place. Once: the shard
+    generated again is scored at once."""
+    import ray
+
+    from rayrlhf.roles.reward import RewardScorer
+
+    @ray.remote(num_cpus=0, max_concurrency=4)
+    class LateReward:
+        def __init__(self):
+            self.scorer = RewardScorer(rm_checkpoint, cfg.reward.missing_eos_score)
+            self.lock = threading.Lock()  # one forward at a time: the scorer's model is shared by the threads
+            self.batch2, self.held = threading.Event(), False
+
+        @ray.method(num_returns=2)
+        def score(self, batch):
+            if (batch.batch_id, batch.shard) == LATE and not self.held:
+                self.held = True
+                self.batch2.wait(60)
+                time.sleep(3)
+            with self.lock:
+                out = self.scorer.score_rollout(batch)
+            if batch.batch_id == 2:
+                self.batch2.set()
+            return out, out.info()
+
+    return LateReward.remote()
+
+
+def _streamed_run(cfg, out: Path, ckpts) -> tuple[dict, list[dict], dict]:
+    """A streamed PPO run whose batch 1 shard 0 is scored late -> (ledger, metrics rows, summary)."""
+    import json
+
+    from test_faults import _with_reward
+    from rayrlhf.pipeline.driver import PPODriver
+
+    driver = PPODriver(cfg, out / "ppo", ckpts.sft, ckpts.rm, launcher=_with_reward(_late_reward))
+    try:
+        summary = driver.run()
+    finally:
+        driver.close()
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((out / "ppo" / "ledger.json").read_text()), rows, summary
+
+
+def _consumed_once(ledger: dict) -> None:
+    """Every shard of every batch trained once, the batches' prompts those of the seeded order."""
+    assert ledger["audit"]["ok"] and ledger["audit"]["consumed"] == STEPS
+    for e in ledger["batches"]:
+        assert sorted(int(s) for s in e["consumed_shards"]) == sorted({a["shard"] for a in e["shards"]}) == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_streamed_steps_take_shards_as_scored_and_mask_tokens_past_the_bound_then_resume(
+        ray_local, make_tiny_cfg, tiny_checkpoints, tmp_path):
+    """Streamed batches: a step trains a shard of a later batch in place of batch 1's late one, which step 2
+    trains with its version-0 tokens masked (two versions old at learner v2, ppo.max_staleness 1); the ledger
+    holds every shard once. A run resumed from the step-2 checkpoint generates again the shards in flight then,
+    and trains each once."""
+    import json
+    import shutil
+
+    cfg = make_tiny_cfg(*ON_RAY, *STREAM)
+    ledger, rows, _ = _streamed_run(cfg, tmp_path / "a", tiny_checkpoints)
+    _consumed_once(ledger)
+    assert ledger["batches"][LATE[0]]["consumed_shards"][str(LATE[1])] == 2
+    assert sum(r["rollout/shards_from_later_batches"] for r in rows) >= 1  # at least the one taken in LATE's place
+    assert rows[2]["ppo/stale_token_fraction"] > 0 and rows[0]["ppo/stale_token_fraction"] == 0
+    assert all(r["rollout/regenerated_shards"] == 0 for r in rows)
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "ppo" / "checkpoint")
+    _ppo(cfg, tmp_path / "b", tiny_checkpoints, resume_from=tmp_path / "b" / "ppo" / "checkpoints" / "step-000002")
+    resumed = json.loads((tmp_path / "b" / "ppo" / "ledger.json").read_text())
+    _consumed_once(resumed)
+    # in flight at the checkpoint (after step 2): the late shard and batch 2's shards step 1 did not take
+    step2 = {(e["batch_id"], int(sh)) for e in ledger["batches"] for sh, v in e["consumed_shards"].items() if v == 2}
+    again = [(r["batch"], r["shard"]) for r in resumed["audit"]["redispatched"] if "regenerated" in r]
+    assert sorted(again) == sorted(step2) and LATE in step2 and len(step2) == 4, again  # generated again, once
+
+
+@pytest.mark.slow
+def test_streamed_shards_past_the_staleness_bound_are_generated_again_once(ray_local, make_tiny_cfg,
+                                                                          tiny_checkpoints, tmp_path):
+    """ppo.stale_tokens regenerate: batch 1's late shard, past the bound at step 2, is generated again under v2
+    and trained then: no token is masked, the ledger records the dropped attempt."""
+    cfg = make_tiny_cfg(*ON_RAY, *STREAM, "ppo.stale_tokens=regenerate")
+    ledger, rows, _ = _streamed_run(cfg, tmp_path / "a", tiny_checkpoints)
+    _consumed_once(ledger)
+    assert all(r["ppo/stale_token_fraction"] == 0 for r in rows)
+    assert [r["rollout/regenerated_shards"] for r in rows] == [0, 0, 1]
+    late = [a for a in ledger["batches"][LATE[0]]["shards"] if a["shard"] == LATE[1]]
+    assert [a["outcome"] for a in late] == ["regenerated", "generated"] and "past ppo.max_staleness" in late[0]["error"]
+    assert ledger["batches"][LATE[0]]["consumed_shards"]["0"] == 2
+
+
 def test_a_late_older_load_never_takes_the_worker_back_and_a_bad_request_fails_alone(tiny_checkpoints, queries):
     """Calls of a threaded actor race: a load of v1 arriving after v2's is resolved without being applied (the
     worker stays at v2, its weights v2's); a request the decode loop refuses fails alone, the loop goes on."""

@@ -63,6 +63,36 @@ def test_ledger_records_exactly_once_and_round_trips():
     assert not again.audit(2, lambda b: [9, 9]).ok  # prompts other than the seeded order's
 
 
+def test_ledger_of_streamed_shards_consumes_each_once_and_a_batch_with_its_last():
+    """rollout.inflight_batches stream: shards of two batches trained by different steps, one generated again; a
+    shard consumed twice, or regenerated once trained, is refused; a batch is consumed with its last shard."""
+    ledger = ExperienceLedger()
+    ledger.dispatched(0, [3, 1], version=0, workers=[0, 1])
+    ledger.dispatched(1, [0, 2], version=0, workers=[1, 0])
+    ledger.consumed_shard(0, 1, 0, {0: 5})
+    ledger.consumed_shard(1, 0, 0, {0: 4})
+    with pytest.raises(LedgerError, match="shard 1 consumed twice"):
+        ledger.consumed_shard(0, 1, 1, {0: 5})
+    with pytest.raises(LedgerError, match="never dispatched"):
+        ledger.consumed_shard(1, 2, 1, {0: 1})
+    with pytest.raises(LedgerError, match="regenerated after it was consumed"):
+        ledger.regenerated(0, 1, worker=0, why="stale")
+    assert ledger.unconsumed_shards() == {0: [0], 1: [1]}
+    assert ledger.regenerated(0, 0, worker=1, why="tokens of v0 past ppo.max_staleness at v2") == 1
+    ledger.consumed_shard(0, 0, 2, {2: 3})
+    assert ledger.batches[0].consumed_by == 2 and ledger.batches[1].consumed_by is None
+    assert ledger.batches[0].token_versions == {"0": 5, "2": 3}
+
+    again = ExperienceLedger.from_json(json.loads(json.dumps(ledger.to_json())))
+    assert again.audit(2, {0: [3, 1], 1: [0, 2]}.__getitem__).lost == [1]  # batch 1's shard 1 never trained
+    again.consumed_shard(1, 1, 2, {1: 2})
+    audit = again.audit(2, {0: [3, 1], 1: [0, 2]}.__getitem__)
+    assert audit.ok and audit.consumed == 2 and again.unconsumed_shards() == {}
+    assert [(r["batch"], r["shard"], r["regenerated"]) for r in audit.redispatched] == [
+        (0, 0, "tokens of v0 past ppo.max_staleness at v2")]
+    assert [a.outcome for a in again.batches[0].shards if a.shard == 0] == ["regenerated", "generated"]
+
+
 def test_checkpoint_dir_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path):
     ckpts = CheckpointDir(tmp_path / "checkpoints", keep=2)
     ckpts.save(2, lambda d: (d / "state.txt").write_text("two"))
