@@ -1,7 +1,7 @@
 """Synchronous, one-step-off and in-flight PPO on the same checkpoints and prompts, in one run.
 
     python bench/bench_inflight.py [--run-dir DIR] [--workload long_tail|uniform] [--steps N] [--set k=v ...]
-                                   [--modes sync one-step-off in-flight] [--json PATH]
+                                   [--modes sync one-step-off in-flight in-flight-stream] [--json PATH]
 
 The long-tailed workload is the builtin task's `data.synthetic_lengths: long_tail` variant (1 to 8 key facts per
 post, so good summaries run from ~10 to ~80 tokens of the builtin tokenizer), with a 96-token response budget;
@@ -12,11 +12,14 @@ then each mode's PPO phase runs from them with the same seed and steps:
 - one-step-off: `ppo.max_staleness 1`, today's asynchronous PPO (a batch generated whole by one version, the
   driver waiting for its slowest sequence);
 - in-flight: `ppo.max_staleness 1` and `rollout.inflight` (continuous batching, weight versions applied between
-  decode steps, each prompt's samples scored as soon as they finish).
+  decode steps, each prompt's samples scored as soon as they finish);
+- in-flight-stream: the same with `rollout.inflight_batches stream` (a step trains the first shards scored,
+  whichever batch dispatched them; stale tokens masked).
 
 Per mode: completions/s and trained (response) tokens/s of the PPO loop, the learner's idle share of the loop
 (outside its updates), the rollout workers' idle share (outside generation), the share of trained tokens of each
-age (versions between sampler and learner) and of sequences sampled by two versions, and the gold judge's win rate
+age (versions between sampler and learner), of sequences sampled by two versions, of masked (stale) tokens and of
+shards a step took from a later batch (streamed), and the gold judge's win rate
 of the final policy over SFT on held-out posts with its 95 % bootstrap interval. Figures only; no assertion.
 """
 
@@ -39,6 +42,7 @@ MODES = {
     "sync": ["ppo.max_staleness=0"],
     "one-step-off": ["ppo.max_staleness=1"],
     "in-flight": ["ppo.max_staleness=1", "rollout.inflight=true"],
+    "in-flight-stream": ["ppo.max_staleness=1", "rollout.inflight=true", "rollout.inflight_batches=stream"],
 }
 WORKLOADS = {
     # sizes for a 2-core machine: SFT and RM in a few minutes, PPO a minute or two a mode
@@ -93,7 +97,8 @@ def main() -> None:
     rows = [_row(mode, r, results.get("one-step-off")) for mode, r in results.items()]
     formats = {"completions/s": "{:.2f}", "trained tokens/s": "{:.1f}", "vs one-step-off": "{:.2f}x",
                "learner idle": "{:.1%}", "rollout idle": "{:.1%}", "token age 0": "{:.1%}", "token age 1": "{:.1%}",
-               "two versions": "{:.1%}", "mean response tokens": "{:.1f}", "win rate vs SFT": "{:.3f}",
+               "two versions": "{:.1%}", "stale (masked)": "{:.2%}", "later shards/step": "{:.2f}",
+               "mean response tokens": "{:.1f}", "win rate vs SFT": "{:.3f}",
                "95 % interval": "{}"}
     print(f"\n=== {args.workload} workload, {args.steps} PPO steps per mode, same checkpoints and seed ({machine}) ===")
     for row in rows:
@@ -107,7 +112,8 @@ def main() -> None:
 def _step_means(sub) -> dict[str, float]:
     """Per-step figures averaged over the run: token ages, sequences spanning versions, response length."""
     rows = read_metrics(sub.path / "ppo" / "metrics.jsonl")
-    keys = ("rollout/token_age_0", "rollout/token_age_1", "rollout/multi_version_fraction", "rollout/response_length")
+    keys = ("rollout/token_age_0", "rollout/token_age_1", "rollout/multi_version_fraction", "rollout/response_length",
+            "ppo/stale_token_fraction", "rollout/shards_from_later_batches")
     return {f"mean/{k}": statistics.fmean(r.get(k, 0.0) for r in rows) for k in keys}
 
 
@@ -117,7 +123,8 @@ def _row(mode: str, r: dict, base: dict | None) -> dict:
             "vs one-step-off": r["ppo/sequences_per_s"] / base["ppo/sequences_per_s"] if base else float("nan"),
             "learner idle": r["ppo/learner_idle_fraction"], "rollout idle": r["rollout/idle_fraction"],
             "token age 0": r["mean/rollout/token_age_0"], "token age 1": r["mean/rollout/token_age_1"],
-            "two versions": r["mean/rollout/multi_version_fraction"],
+            "two versions": r["mean/rollout/multi_version_fraction"], "stale (masked)": r["mean/ppo/stale_token_fraction"],
+            "later shards/step": r["mean/rollout/shards_from_later_batches"],
             "mean response tokens": r["mean/rollout/response_length"],
             "win rate vs SFT": win, "95 % interval": f"[{lo:.3f}, {hi:.3f}] n={int(r.get('eval/ppo_gold_win_vs_sft_n', 0))}"}
 

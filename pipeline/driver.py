@@ -453,7 +453,7 @@ class PPODriver:
         for fl, sh in finished:
             _, failed = gather(InFlight(fl.batch_id, fl.version, [sh]))
             if failed:
-                self._redispatch(fl, {fl.shards.index(sh): failed[0]})
+                self._redispatch(fl, failed)
                 failed_any = True
         return failed_any
 
@@ -482,9 +482,8 @@ class PPODriver:
     def _redispatch(self, flight: InFlight, failed: dict[int, ShardFailure]) -> None:
         """Dispatch again the failed calls of `flight`, once each, after their actor has restarted."""
         restarted = set()
-        for s, f in sorted(failed.items()):
-            shard = flight.shards[s]
-            sid = shard.request.shard  # its id: a streamed batch's shards leave it as they are taken
+        for sid, f in sorted(failed.items()):
+            shard = next(sh for sh in flight.shards if sh.request.shard == sid)
             if f.role == Role.ROLLOUT:
                 index = self.pool.index_of(shard.worker)
                 self._await_restart(shard.worker, f"rollout worker {index}")

@@ -140,8 +140,8 @@ def await_batch(flight: InFlight, timeout_s: float, worker_index: Callable[[Acto
 
 
 def gather(flight: InFlight) -> tuple[BatchResults, dict[int, ShardFailure]]:
-    """The infos of every call of a batch that has finished, and the failures among them: one `ray.get` of
-    the whole batch's infos; only when a call failed are they read one by one, to name which."""
+    """The infos of every call of a batch that has finished, and the failures among them by shard id: one
+    `ray.get` of the whole batch's infos; only when a call failed are they read one by one, to name which."""
     infos, n = flight.infos(), len(flight.shards)
     try:
         values = ray.get(infos)
@@ -156,6 +156,6 @@ def gather(flight: InFlight) -> tuple[BatchResults, dict[int, ShardFailure]]:
             try:
                 results[role][s] = ray.get(shard.call(role))
             except (RayActorError, VersionMismatch, RayTaskError) as e:
-                errors.append((role, s, e))
+                errors.append((role, shard.request.shard, e))  # its id: a streamed batch's shards leave it
     failed = classify_failures(flight.batch_id, errors)
     return BatchResults(results[Role.ROLLOUT], results[Role.REFERENCE], results[Role.REWARD]), failed
