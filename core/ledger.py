@@ -59,6 +59,9 @@ class LedgerAudit:
     duplicate_prompts: list[int]  # batches holding a prompt twice
     redispatched: list[dict]  # {"batch", "shard", "role", "error", ...} per call dispatched again after a death
     restored: list[int]  # buffered batches restored from a checkpoint on resume
+    # {"batch", "shard", "why"} per streamed shard dropped untrained and generated again (stale tokens, or in
+    # flight at the checkpoint a run resumed from)
+    regenerated: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -144,7 +147,7 @@ class ExperienceLedger:
     def audit(self, steps: int, expected_prompts: Callable[[int], list[int]]) -> LedgerAudit:
         """Check batches 0..steps-1 against `expected_prompts(batch_id)` (the seeded prompt order)."""
         lost = [b for b in range(steps) if b not in self.batches or self.batches[b].consumed_by is None]
-        mismatched, dupes, redispatched = [], [], []
+        mismatched, dupes, redispatched, regenerated = [], [], [], []
         for b, e in sorted(self.batches.items()):
             if e.consumed_by is None:
                 continue
@@ -154,11 +157,10 @@ class ExperienceLedger:
                 dupes.append(b)
             redispatched += [{"batch": b, "shard": a.shard, "role": "rollout", "failed_worker": a.worker,
                               "error": a.error} for a in e.shards if a.outcome == "failed"]
-            redispatched += [{"batch": b, "shard": a.shard, "role": "rollout", "regenerated": a.error}
-                             for a in e.shards if a.outcome == "regenerated"]
+            regenerated += [{"batch": b, "shard": a.shard, "why": a.error} for a in e.shards if a.outcome == "regenerated"]
             redispatched += [{"batch": b, **r} for r in e.recalls]
         return LedgerAudit(sum(e.consumed_by is not None for e in self.batches.values()), lost, mismatched, dupes,
-                           redispatched, [b for b, e in sorted(self.batches.items()) if e.restored])
+                           redispatched, [b for b, e in sorted(self.batches.items()) if e.restored], regenerated)
 
     def to_json(self) -> list[dict]:
         return [asdict(e) for _, e in sorted(self.batches.items())]

@@ -37,7 +37,7 @@ from rayrlhf.core.files import atomic_write_text, read_json, write_json
 from rayrlhf.core.config import Config, ConfigError, config_from_dict
 from rayrlhf.core.data import load_tldr
 from rayrlhf.core.experience import (
-    EXPERIENCE_ROLES, BatchInfo, CallInfo, Experience, Role, RolloutInfo, RolloutRequest, ShardRefs,
+    EXPERIENCE_ROLES, BatchInfo, Experience, Role, RolloutRequest, ShardRefs,
 )
 from rayrlhf.core.ledger import ExperienceLedger
 from rayrlhf.core.metrics import MetricsLogger
@@ -315,6 +315,7 @@ class PPODriver:
         return {"ppo/sequences_per_s": done.sequences / loop_s, "ppo/tokens_per_s": done.tokens / loop_s,
                 "ledger/consumed_batches": float(audit.consumed),
                 "ledger/redispatched_shards": float(len(audit.redispatched)),
+                "ledger/regenerated_shards": float(len(audit.regenerated)),
                 "ledger/restored_batches": float(len(audit.restored)), "timing/ppo_loop_s": loop_s,
                 # the learner outside its updates, and the rollout workers outside generation (and in-flight loads),
                 # as shares of this process's loop (a worker's busy seconds count from its start)
@@ -416,54 +417,61 @@ class PPODriver:
     def take(self, step: int, state: LoopState) -> InFlight:
         """Stage 2, streamed (`rollout.inflight_batches stream`): the first shards to be scored, oldest batch first
         among those ready, until the step has ppo.prompts_per_step prompts; the others stay in flight for later
-        steps. A shard whose actor died goes again (`_redispatch`); one holding tokens past the staleness bound
-        goes again under the current version with ppo.stale_tokens regenerate (`_regenerate`). Exactly once: a
-        shard leaves `state.in_flight` when taken, and the ledger refuses a shard consumed twice."""
+        steps. A shard whose actor died goes again (`_settle`); one with tokens past the staleness bound may go
+        again under the current version (`_regenerate`). Exactly once: a shard leaves `state.in_flight` when
+        taken, and the ledger refuses a shard consumed twice. Each wait is bounded by ppo.sync_timeout_s from the
+        step's last progress."""
         need = self.pc.prompts_per_step // self.cfg.rollout.inflight_shard_prompts
-        deadline = time.monotonic() + self.pc.sync_timeout_s
         taken: list[ShardCalls] = []
-        infos: list[tuple[RolloutInfo, CallInfo, CallInfo]] = []
         self.stream_counts = {"regenerated": 0, "later": 0}
         while len(taken) < need:
             finished, running = finished_shards([fl for _, fl in sorted(state.in_flight.items())])
             if self._settle(finished):  # some went again: look again
                 continue
             for fl, sh in finished[: need - len(taken)]:
-                results, _ = gather(InFlight(fl.batch_id, fl.version, [sh]))
-                if not self._regenerate(fl, sh, results.rollouts[0]):
+                if not self._regenerate(fl, sh):
                     fl.shards.remove(sh)
                     taken.append(sh)
-                    infos.append((results.rollouts[0], results.references[0], results.rewards[0]))
             if len(taken) < need and not finished:
                 if not running:  # the gate keeps a step's shards dispatched: a bug if not
                     raise RuntimeError(f"step {step}: {len(taken)} of its {need} shards taken and none in flight")
-                if not ray.wait(running, timeout=max(0.0, deadline - time.monotonic()))[0]:
+                if not ray.wait(running, timeout=self.pc.sync_timeout_s)[0]:
                     raise RoleTimeout(f"step {step}: {len(taken)} of its {need} shards scored", self.pc.sync_timeout_s)
         for b in [b for b, fl in state.in_flight.items() if not fl.shards]:
             del state.in_flight[b]
-        rollouts, references, rewards = (list(x) for x in zip(*infos))
+        rollouts, references, rewards = (list(x) for x in zip(*(sh.infos for sh in taken)))
         self.pool.note_collected(rollouts)
         self.stream_counts["later"] = sum(r.batch_id > step for r in rollouts)
         info = dataclasses.replace(BatchInfo.of_calls(rollouts, references, rewards), batch_id=step)
         return InFlight(step, info.policy_version, taken, info=info, taken=rollouts)
 
     def _settle(self, finished: list[tuple[InFlight, ShardCalls]]) -> bool:
-        """Streamed: dispatch again the finished shards whose calls failed (their actor died); True if any did."""
+        """Streamed: read the infos of the finished shards not read yet, dispatching again those whose calls
+        failed (their actor died); True if any went again."""
         failed_any = False
         for fl, sh in finished:
-            _, failed = gather(InFlight(fl.batch_id, fl.version, [sh]))
+            if sh.infos is not None:
+                continue
+            results, failed = gather(InFlight(fl.batch_id, fl.version, [sh]))
             if failed:
                 self._redispatch(fl, failed)
                 failed_any = True
+                continue
+            sh.infos = (results.rollouts[0], results.references[0], results.rewards[0])
+            if tuple(sh.infos[0].prompt_indices) != tuple(sh.request.prompt_indices):
+                raise RuntimeError(f"batch {fl.batch_id} shard {sh.request.shard}: the rollout holds prompts "
+                                   f"{sh.infos[0].prompt_indices}, the request {sh.request.prompt_indices}")
         return failed_any
 
-    def _regenerate(self, flight: InFlight, shard: ShardCalls, rollout: RolloutInfo) -> bool:
-        """ppo.stale_tokens regenerate: a shard holding tokens older than the staleness bound at this step's
-        learner version is generated again under the current version instead of being trained, once (a shard late
-        again has its stale tokens masked by the learner). True if it went again."""
-        oldest = min(rollout.token_versions, default=rollout.policy_version)
-        if (self.pc.stale_tokens != "regenerate" or shard.regenerated
-                or oldest >= self.gate.oldest_usable(self.gate.version)):
+    def _regenerate(self, flight: InFlight, shard: ShardCalls) -> bool:
+        """A shard with tokens older than the staleness bound at this step's learner version is generated again
+        under the current version instead of being trained: with ppo.stale_tokens regenerate once (a shard late
+        again has its stale tokens masked by the learner), and always when none of its tokens is within the bound
+        (it would train nothing, and a step of such shards would have nothing to train). True if it went again."""
+        r = shard.infos[0]
+        oldest, newest = (f(r.token_versions, default=r.policy_version) for f in (min, max))
+        bound = self.gate.oldest_usable(self.gate.version)
+        if oldest >= bound or (newest >= bound and (self.pc.stale_tokens == "mask" or shard.regenerated)):
             return False
         if shard.worker not in self.pool.handles():  # retired since: the shard goes to a worker still in the pool
             shard.worker = self.pool.handles()[shard.request.shard % len(self.pool.handles())]

@@ -34,6 +34,7 @@ class ShardCalls:
     reference_actor: ActorHandle
     reward_actor: ActorHandle
     regenerated: bool = False  # streamed: generated again once already for its stale tokens (ppo.stale_tokens)
+    infos: tuple[RolloutInfo, CallInfo, CallInfo] | None = None  # streamed: its calls' infos, once read
     # each set by `dispatch`
     rollout: ObjectRef | None = None  # -> RolloutBatch
     reference: ObjectRef | None = None  # -> RefLogprobs
@@ -44,6 +45,7 @@ class ShardCalls:
 
     def dispatch(self, role: Role) -> None:
         """(Re)issue the call of `role`: generate the request, or score the shard's current rollout."""
+        self.infos = None
         if role == Role.ROLLOUT:
             self.rollout, self.rollout_info = self.worker.generate.remote(self.request)
         elif role == Role.REFERENCE:

@@ -79,8 +79,8 @@ class Minibatch:
         # what the policy loss divides by: the token count, or with Dr. GRPO's aggregation the minibatch's
         # sequences (each sequence's sum already over the constant max_new_tokens)
         seq_norm, n_policy = None, n_tokens
-        if pc.loss_aggregation == "seq_sum_norm":
-            seq_norm, n_policy = float(max_new_tokens), torch.tensor(float(len(idx)), device=device)
+        if pc.loss_aggregation == "seq_sum_norm":  # the sequences with a token to train (all, without staleness)
+            seq_norm, n_policy = float(max_new_tokens), (mask[idx].sum(-1) > 0).sum().clamp(min=1).float().to(device)
         return cls(idx, n_tokens, n_policy, seq_norm, adv, values_graph, prox, check_behaviour, first_epoch, fresh)
 
     def loss_mask(self, mi: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -187,12 +187,13 @@ class PPOLearner:
             mine[mb.positions, : out.shape[1]] = out
         return torch.cat(all_gather_rows(mine, self.rank.world)) if self.fsdp else mine
 
-    def advantages(self, exp: Experience, values_graph: torch.Tensor | None = None) -> Advantages:
+    def advantages(self, exp: Experience, values_graph: torch.Tensor | None = None,
+                   fresh: torch.Tensor | None = None) -> Advantages:
         """`compute_advantages`, on the critic's V(s_t) of the whole batch before the update where GAE needs it.
         `values_graph`: those values computed with grad for the value loss (`_single_update`), read instead."""
         if self.critic is not None and values_graph is None:
             values_graph = self._batch_forward(exp, "critic", self._values, trim_responses=False)
-        return compute_advantages(self.pc, exp, values_graph)
+        return compute_advantages(self.pc, exp, values_graph, fresh)
 
     # --- update -----------------------------------------------------------------------------------
 
@@ -205,7 +206,7 @@ class PPOLearner:
         if self._single_update(exp):
             self.critic.train()
             values_graph = self._values(self._whole(exp))
-        adv = self.advantages(exp, values_graph)
+        adv = self.advantages(exp, values_graph, fresh)
         # The proximal policy: the learner's log-probs before this update (`ppo.proximal_policy`). With one optimizer
         # step they are the step's own log-probs, detached (`_micro_batch`); otherwise one forward over the batch.
         prox = None
@@ -236,6 +237,8 @@ class PPOLearner:
             perm = torch.randperm(exp.size, generator=self.generator)
             for start in range(0, exp.size, pc.minibatch_size):
                 idx = perm[start : start + pc.minibatch_size]
+                if fresh is not None and not (mask[idx] * fresh[idx]).any():
+                    continue  # every token past the staleness bound: no optimizer step moves the weights for it
                 # Before the first update of an on-policy batch the learner holds the weights that sampled it:
                 # its log-probs must equal the rollout backend's (HF or vLLM), up to float error.
                 check = staleness == 0 and epoch == 0 and start == 0
@@ -466,8 +469,10 @@ def _provenance_metrics(exp: Experience, version: int, max_staleness: int) -> di
     return out
 
 
-def compute_advantages(pc: PPOConfig, exp: Experience, values: torch.Tensor | None) -> Advantages:
-    """KL, advantages (and values, returns for GAE, whose `values` are the critic's V(s_t) (B, R))."""
+def compute_advantages(pc: PPOConfig, exp: Experience, values: torch.Tensor | None,
+                       fresh: torch.Tensor | None = None) -> Advantages:
+    """KL, advantages (and values, returns for GAE, whose `values` are the critic's V(s_t) (B, R)). Whitened over
+    the tokens trained: without those past the staleness bound (`fresh`), which have no loss."""
     mask = exp.response_mask.float()
     kl = pm.kl_estimate(exp.logprobs, exp.ref_logprobs, pc.kl_estimator) * mask
     returns = rewards = None
@@ -477,7 +482,8 @@ def compute_advantages(pc: PPOConfig, exp: Experience, values: torch.Tensor | No
         adv, returns = pm.gae(rewards, values, mask, pc.gamma, pc.lam)
     else:
         adv = pm.sequence_advantages(exp.scores, kl, mask, pc.kl_coef, pc.samples_per_prompt, pc.advantage_estimator)
-    return Advantages(kl=kl, advantages=pm.whiten(adv, mask) if pc.whiten_advantages else adv,
+    trained = mask * fresh if fresh is not None else mask
+    return Advantages(kl=kl, advantages=pm.whiten(adv, trained) if pc.whiten_advantages else adv,
                       values=values if pc.advantage_estimator == "gae" else None, returns=returns, rewards=rewards)
 
 

@@ -88,8 +88,8 @@ def test_ledger_of_streamed_shards_consumes_each_once_and_a_batch_with_its_last(
     again.consumed_shard(1, 1, 2, {1: 2})
     audit = again.audit(2, {0: [3, 1], 1: [0, 2]}.__getitem__)
     assert audit.ok and audit.consumed == 2 and again.unconsumed_shards() == {}
-    assert [(r["batch"], r["shard"], r["regenerated"]) for r in audit.redispatched] == [
-        (0, 0, "tokens of v0 past ppo.max_staleness at v2")]
+    assert audit.redispatched == [] and audit.regenerated == [
+        {"batch": 0, "shard": 0, "why": "tokens of v0 past ppo.max_staleness at v2"}]
     assert [a.outcome for a in again.batches[0].shards if a.shard == 0] == ["regenerated", "generated"]
 
 
