@@ -594,7 +594,8 @@ class PPOConfig(_Section):
         "with rollout.inflight_batches stream: otherwise the staleness gate rules them out). `mask`: they leave "
         "the loss (ppo/stale_token_fraction). `regenerate`: the shard holding them is generated again under the "
         "current version instead of being trained (rollout/regenerated_shards); once: a regenerated shard that "
-        "is late again has its stale tokens masked, so a sequence longer than the bound cannot loop."))
+        "is late again has its stale tokens masked, so a sequence longer than the bound cannot loop. Either way a "
+        "shard none of whose tokens is within the bound is generated again: it would train nothing."))
     weight_sync: Literal["object_store", "collective"] = Field("object_store", description="Transport of new weights to rollout workers.")
     sync_timeout_s: float = Field(120.0, gt=0, description="A weight sync or remote call slower than this is an error naming the component.")
     bucket_mb: float = Field(64.0, ge=1, description="Size of the flat buckets weights are sent in (MiB, at least 1).")

@@ -465,14 +465,12 @@ class PPODriver:
 
     def _regenerate(self, flight: InFlight, shard: ShardCalls) -> bool:
         """A shard with tokens older than the staleness bound at this step's learner version is generated again
-        under the current version instead of being trained: with ppo.stale_tokens regenerate once (a shard late
-        again has its stale tokens masked by the learner), and always when none of its tokens is within the bound
-        (it would train nothing, and a step of such shards would have nothing to train). True if it went again."""
-        r = shard.infos[0]
-        oldest, newest = (f(r.token_versions, default=r.policy_version) for f in (min, max))
-        bound = self.gate.oldest_usable(self.gate.version)
-        if oldest >= bound or (newest >= bound and (self.pc.stale_tokens == "mask" or shard.regenerated)):
+        under the current version instead of being trained (`StalenessGate.goes_again`: always when it has no token
+        within the bound, once with ppo.stale_tokens regenerate). True if it went again."""
+        versions = shard.infos[0].token_versions or {shard.infos[0].policy_version: 1}
+        if not self.gate.goes_again(versions, self.pc.stale_tokens, shard.regenerated):
             return False
+        oldest = min(versions)
         if shard.worker not in self.pool.handles():  # retired since: the shard goes to a worker still in the pool
             shard.worker = self.pool.handles()[shard.request.shard % len(self.pool.handles())]
         index = self.pool.index_of(shard.worker)

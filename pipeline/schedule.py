@@ -29,6 +29,17 @@ class StalenessGate:
     def admits(self, batch_id: int) -> bool:
         return batch_id <= self.version + self.max_staleness
 
+    def goes_again(self, token_versions: dict[int, int], stale_tokens: str, regenerated: bool) -> bool:
+        """Streamed batches: whether a finished shard, whose response tokens each version sampled
+        (`token_versions`), is generated again under the published version instead of being trained by it. Yes
+        when none of its tokens is within the bound (it would train nothing); with `stale_tokens` "regenerate",
+        also when some are past it, unless it was generated again once already (`regenerated`: its stale tokens
+        are then masked, so a sequence longer than the bound cannot loop)."""
+        bound = self.oldest_usable(self.version)
+        if not token_versions or min(token_versions) >= bound:
+            return False
+        return max(token_versions) < bound or (stale_tokens == "regenerate" and not regenerated)
+
     def publish(self, version: int) -> None:
         if version < self.version:
             raise ValueError(f"policy version went backwards: {self.version} -> {version}")

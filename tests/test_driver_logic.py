@@ -27,6 +27,20 @@ def test_gate_admits_up_to_max_staleness_batches_ahead_of_the_published_version(
         one_off.publish(1)
 
 
+@pytest.mark.parametrize("versions, stale_tokens, regenerated, again", [
+    ({2: 5, 3: 4}, "mask", False, False),  # every token within the bound at v3 (max_staleness 1)
+    ({2: 5, 3: 4}, "regenerate", False, False),
+    ({1: 5, 2: 4}, "mask", False, False),  # v1's tokens past it: masked
+    ({1: 5, 2: 4}, "regenerate", False, True),  # ... or generated again
+    ({1: 5, 2: 4}, "regenerate", True, False),  # once: late again, masked
+    ({0: 3, 1: 9}, "mask", False, True),  # no token within it: it would train nothing
+    ({1: 9}, "regenerate", True, True),  # even after a first regeneration
+])
+def test_a_streamed_shard_goes_again_when_its_tokens_are_past_the_bound(versions, stale_tokens, regenerated, again):
+    gate = StalenessGate(1, version=3)
+    assert gate.goes_again(versions, stale_tokens, regenerated) is again
+
+
 def test_prompt_order_is_a_function_of_the_batch_and_each_pass_covers_every_prompt_once():
     src = PromptSource([[i] for i in range(10)], per_step=3, seed=7)
     first_pass = [i for b in range(3) for i in src.batch(b)]  # 10 // 3 = 3 batches a pass
