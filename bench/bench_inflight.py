@@ -14,9 +14,12 @@ then each mode's PPO phase runs from them with the same seed and steps:
 - in-flight: `ppo.max_staleness 1` and `rollout.inflight` (continuous batching, weight versions applied between
   decode steps, each prompt's samples scored as soon as they finish);
 - in-flight-stream: the same with `rollout.inflight_batches stream` (a step trains the first shards scored,
-  whichever batch dispatched them; stale tokens masked).
+  whichever batch dispatched them; stale tokens masked);
+- in-flight-stream-s2: streamed with `ppo.max_staleness 2` (three batches in flight; not in the default modes).
 
-Per mode: completions/s and trained (response) tokens/s of the PPO loop, the learner's idle share of the loop
+Per mode: completions/s and trained (response) tokens/s of the PPO loop, the machine's CPU busy share during the
+loop (1 - idle time / CPU time of all cores, from the first step to the last: a loop that keeps every core busy
+cannot be sped up by scheduling, only by less work), the learner's idle share of the loop
 (outside its updates), the rollout workers' idle share (outside generation), the share of trained tokens of each
 age (versions between sampler and learner), of sequences sampled by two versions, of masked (stale) tokens and of
 shards a step took from a later batch (streamed), and the gold judge's win rate
@@ -43,6 +46,8 @@ MODES = {
     "one-step-off": ["ppo.max_staleness=1"],
     "in-flight": ["ppo.max_staleness=1", "rollout.inflight=true"],
     "in-flight-stream": ["ppo.max_staleness=1", "rollout.inflight=true", "rollout.inflight_batches=stream"],
+    # fully asynchronous as AReaL's staleness bound of 2: a third batch in flight for the stream to draw from
+    "in-flight-stream-s2": ["ppo.max_staleness=2", "rollout.inflight=true", "rollout.inflight_batches=stream"],
 }
 WORKLOADS = {
     # sizes for a 2-core machine: SFT and RM in a few minutes, PPO a minute or two a mode
@@ -59,7 +64,7 @@ def main() -> None:
     ap.add_argument("--run-dir", default="runs/bench-inflight")
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="long_tail")
     ap.add_argument("--steps", type=int, default=12, help="PPO steps of every mode (default 12)")
-    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=[m for m in MODES if m != "in-flight-stream-s2"])
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     add_json_option(ap)
     args = ap.parse_args()
@@ -88,7 +93,7 @@ def main() -> None:
             workflow.rm(cfg, run)
         for mode, c in configs.items():
             sub = RunDir(run.path / mode)
-            summary = _ppo(workflow, c, run, sub)
+            summary = _ppo_on_cpu(workflow, c, run, sub)
             summary.update(evaluate_policies(c, str(run.checkpoint("sft")), str(run.checkpoint("rm")),
                                              str(sub.path / "ppo" / "checkpoint"), sub.path / "eval"))
             results[mode] = {**summary, **_step_means(sub)}
@@ -96,7 +101,7 @@ def main() -> None:
         workflow.shutdown()
     rows = [_row(mode, r, results.get("one-step-off")) for mode, r in results.items()]
     formats = {"completions/s": "{:.2f}", "trained tokens/s": "{:.1f}", "vs one-step-off": "{:.2f}x",
-               "learner idle": "{:.1%}", "rollout idle": "{:.1%}", "token age 0": "{:.1%}", "token age 1": "{:.1%}",
+               "CPU busy": "{:.1%}", "learner idle": "{:.1%}", "rollout idle": "{:.1%}", "token age 0": "{:.1%}", "token age 1": "{:.1%}",
                "two versions": "{:.1%}", "stale (masked)": "{:.2%}", "later shards/step": "{:.2f}",
                "mean response tokens": "{:.1f}", "win rate vs SFT": "{:.3f}",
                "95 % interval": "{}"}
@@ -107,6 +112,34 @@ def main() -> None:
     if args.json:
         write_result(args.json, "bench_inflight", machine, rows, formats,
                      extra={"workload": args.workload, "steps": args.steps})
+
+
+def _ppo_on_cpu(workflow, cfg, run, sub) -> dict:
+    """One PPO phase (bench_async's `_ppo`), with the machine's CPU busy share from its first step to its end."""
+    import psutil
+
+    from rayrlhf.pipeline.driver import PPODriver
+
+    marks = []
+    run_step, finish = PPODriver.run_step, PPODriver.finish
+
+    def first_step(self, *args):
+        if not marks:
+            marks.append(psutil.cpu_times())
+        return run_step(self, *args)
+
+    def finished(self, *args):
+        marks.append(psutil.cpu_times())
+        return finish(self, *args)
+
+    PPODriver.run_step, PPODriver.finish = first_step, finished
+    try:
+        summary = _ppo(workflow, cfg, run, sub)
+    finally:
+        PPODriver.run_step, PPODriver.finish = run_step, finish
+    # per field of cpu_times, summed over cores (guest time is inside user time already)
+    spent = {f: b - a for f, a, b in zip(marks[0]._fields, *marks) if not f.startswith("guest")}
+    return {**summary, "cpu/busy_fraction": 1 - (spent["idle"] + spent.get("iowait", 0.0)) / sum(spent.values())}
 
 
 def _step_means(sub) -> dict[str, float]:
@@ -121,7 +154,7 @@ def _row(mode: str, r: dict, base: dict | None) -> dict:
     win, lo, hi = (r.get(f"eval/ppo_gold_win_vs_sft{s}", float("nan")) for s in ("", "_ci_low", "_ci_high"))
     return {"mode": mode, "completions/s": r["ppo/sequences_per_s"], "trained tokens/s": r["ppo/tokens_per_s"],
             "vs one-step-off": r["ppo/sequences_per_s"] / base["ppo/sequences_per_s"] if base else float("nan"),
-            "learner idle": r["ppo/learner_idle_fraction"], "rollout idle": r["rollout/idle_fraction"],
+            "CPU busy": r["cpu/busy_fraction"], "learner idle": r["ppo/learner_idle_fraction"], "rollout idle": r["rollout/idle_fraction"],
             "token age 0": r["mean/rollout/token_age_0"], "token age 1": r["mean/rollout/token_age_1"],
             "two versions": r["mean/rollout/multi_version_fraction"], "stale (masked)": r["mean/ppo/stale_token_fraction"],
             "later shards/step": r["mean/rollout/shards_from_later_batches"],
