@@ -235,10 +235,7 @@ class PPOLearner:
             self.critic.train()
         for epoch in range(pc.ppo_epochs):
             perm = torch.randperm(exp.size, generator=self.generator)
-            for start in range(0, exp.size, pc.minibatch_size):
-                idx = perm[start : start + pc.minibatch_size]
-                if fresh is not None and not (mask[idx] * fresh[idx]).any():
-                    continue  # every token past the staleness bound: no optimizer step moves the weights for it
+            for start, idx in _trained_minibatches(perm, pc.minibatch_size, mask, fresh):
                 # Before the first update of an on-policy batch the learner holds the weights that sampled it:
                 # its log-probs must equal the rollout backend's (HF or vLLM), up to float error.
                 check = staleness == 0 and epoch == 0 and start == 0
@@ -467,6 +464,15 @@ def _provenance_metrics(exp: Experience, version: int, max_staleness: int) -> di
     out["ppo/stale_token_fraction"] = (ages > max_staleness).sum().item() / n
     out["rollout/multi_version_fraction"] = spans_versions(exp.token_versions, exp.response_mask).float().mean().item()
     return out
+
+
+def _trained_minibatches(perm: torch.Tensor, size: int, mask: torch.Tensor, fresh: torch.Tensor | None):
+    """(start, rows) of each minibatch of `perm` with a token to train: one whose every token is past the staleness
+    bound (`fresh` 0) is skipped, since an optimizer step without gradient still moves weights (AdamW's momentum)."""
+    for start in range(0, len(perm), size):
+        idx = perm[start : start + size]
+        if fresh is None or (mask[idx] * fresh[idx]).any():
+            yield start, idx
 
 
 def compute_advantages(pc: PPOConfig, exp: Experience, values: torch.Tensor | None,
