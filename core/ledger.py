@@ -44,6 +44,7 @@ class BatchEntry:
     # streamed batches (rollout.inflight_batches stream): the learner version that trained each shard ({"2": 5});
     # the batch is consumed once all its shards are, `consumed_by` then the last of them
     consumed_shards: dict[str, int] = field(default_factory=dict)
+    shard_prompts: dict[str, list[int]] = field(default_factory=dict)  # streamed: each trained shard's prompts
 
     def shard_ids(self) -> set[int]:
         return {a.shard for a in self.shards}
@@ -119,9 +120,10 @@ class ExperienceLedger:
             raise LedgerError(f"batch {batch_id} consumed twice (by versions {entry.consumed_by} and {learner_version})")
         entry.consumed_by = learner_version
 
-    def consumed_shard(self, batch_id: int, shard: int, learner_version: int, token_versions: dict[int, int]) -> None:
-        """Streamed batches: one shard generated and trained by `learner_version`; the batch is consumed with its
-        last shard."""
+    def consumed_shard(self, batch_id: int, shard: int, learner_version: int, token_versions: dict[int, int],
+                       prompts: list[int]) -> None:
+        """Streamed batches: one shard generated and trained by `learner_version`, with the prompts its rollout
+        holds (`prompts`, audited against the batch's); the batch is consumed with its last shard."""
         entry = self.batches.get(batch_id)
         if entry is None or shard not in entry.shard_ids():
             raise LedgerError(f"batch {batch_id} shard {shard} consumed but never dispatched")
@@ -130,6 +132,7 @@ class ExperienceLedger:
                               f"{entry.consumed_shards[str(shard)]} and {learner_version})")
         self._last_attempt(batch_id, shard).outcome = "generated"
         entry.consumed_shards[str(shard)] = learner_version
+        entry.shard_prompts[str(shard)] = sorted(set(prompts))
         for v, n in token_versions.items():
             entry.token_versions[str(v)] = entry.token_versions.get(str(v), 0) + n
         entry.token_versions = dict(sorted(entry.token_versions.items(), key=lambda kv: int(kv[0])))
@@ -151,8 +154,9 @@ class ExperienceLedger:
         for b, e in sorted(self.batches.items()):
             if e.consumed_by is None:
                 continue
-            if sorted(e.prompt_indices) != sorted(expected_prompts(b)):
-                mismatched.append(b)
+            trained = [i for ps in e.shard_prompts.values() for i in ps] if e.consumed_shards else e.prompt_indices
+            if sorted(e.prompt_indices) != sorted(expected_prompts(b)) or sorted(trained) != sorted(e.prompt_indices):
+                mismatched.append(b)  # streamed: its shards' prompts together, once each, are the batch's
             if len(set(e.prompt_indices)) != len(e.prompt_indices):
                 dupes.append(b)
             redispatched += [{"batch": b, "shard": a.shard, "role": "rollout", "failed_worker": a.worker,

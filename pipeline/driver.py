@@ -453,14 +453,15 @@ class PPODriver:
             if sh.infos is not None:
                 continue
             results, failed = gather(InFlight(fl.batch_id, fl.version, [sh]))
-            if failed:
-                self._redispatch(fl, failed)
-                failed_any = True
+            if not failed:
+                sh.infos = (results.rollouts[0], results.references[0], results.rewards[0])
                 continue
-            sh.infos = (results.rollouts[0], results.references[0], results.rewards[0])
-            if tuple(sh.infos[0].prompt_indices) != tuple(sh.request.prompt_indices):
-                raise RuntimeError(f"batch {fl.batch_id} shard {sh.request.shard}: the rollout holds prompts "
-                                   f"{sh.infos[0].prompt_indices}, the request {sh.request.prompt_indices}")
+            sh.failures += 1  # every retry needs a restart, and restarts are bounded: as `collect`
+            if sh.failures > 4 * (self.pc.max_actor_restarts + 1):
+                raise RuntimeError(f"batch {fl.batch_id} shard {sh.request.shard} kept failing after "
+                                   f"{self.pc.max_actor_restarts} restarts")
+            self._redispatch(fl, failed)
+            failed_any = True
         return failed_any
 
     def _regenerate(self, flight: InFlight, shard: ShardCalls) -> bool:
@@ -536,7 +537,7 @@ class PPODriver:
             raise RuntimeError(f"PPO step {flight.batch_id + 1} stopped: {getattr(e, 'cause', e)}"
                                f"{self._resume_hint()}") from e
         for r in flight.taken or []:
-            self.ledger.consumed_shard(r.batch_id, r.shard, self.gate.version, r.token_versions)
+            self.ledger.consumed_shard(r.batch_id, r.shard, self.gate.version, r.token_versions, list(r.prompt_indices))
         if not flight.streamed:
             self.ledger.consumed(flight.batch_id, learner_version=self.gate.version)
         return metrics

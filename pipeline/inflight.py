@@ -35,6 +35,7 @@ class ShardCalls:
     reward_actor: ActorHandle
     regenerated: bool = False  # streamed: generated again once already for its stale tokens (ppo.stale_tokens)
     infos: tuple[RolloutInfo, CallInfo, CallInfo] | None = None  # streamed: its calls' infos, once read
+    failures: int = 0  # streamed: times its calls failed and went again
     # each set by `dispatch`
     rollout: ObjectRef | None = None  # -> RolloutBatch
     reference: ObjectRef | None = None  # -> RefLogprobs

@@ -45,13 +45,15 @@ class StalenessError(RuntimeError):
 @dataclass
 class Advantages:
     """What one batch's update reads, each (B, R) and 0 on padding: the per-token KL to the reference, the
-    (whitened) advantages, and for GAE the old values, the returns and the per-token rewards."""
+    (whitened) advantages, and for GAE the old values, the returns and the per-token rewards; `trained`, the
+    tokens with a loss (the response's, without those past the staleness bound)."""
 
     kl: torch.Tensor
     advantages: torch.Tensor
     values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
+    trained: torch.Tensor | None = None
 
 
 @dataclass
@@ -235,7 +237,7 @@ class PPOLearner:
             self.critic.train()
         for epoch in range(pc.ppo_epochs):
             perm = torch.randperm(exp.size, generator=self.generator)
-            for start, idx in _trained_minibatches(perm, pc.minibatch_size, mask, fresh):
+            for start, idx in _trained_minibatches(perm, pc.minibatch_size, mask, fresh, (self.sched, self.critic_sched)):
                 # Before the first update of an on-policy batch the learner holds the weights that sampled it:
                 # its log-probs must equal the rollout backend's (HF or vLLM), up to float error.
                 check = staleness == 0 and epoch == 0 and start == 0
@@ -389,7 +391,7 @@ def _update_metrics(pc: PPOConfig, exp: Experience, adv: Advantages, sums: dict[
         "ppo/kl": seq_kl.mean().item(),
         "ppo/staleness": float(staleness),
         "ppo/lr": lr,
-        "ppo/advantage_mean": pm.masked_mean(adv.advantages, mask).item(),
+        "ppo/advantage_mean": pm.masked_mean(adv.advantages, mask if adv.trained is None else adv.trained).item(),
         "reward/score_mean": exp.scores.mean().item(),
         "reward/score_std": exp.scores.std().item(),
         "reward/non_score_mean": (-pc.kl_coef * seq_kl).mean().item(),
@@ -466,13 +468,18 @@ def _provenance_metrics(exp: Experience, version: int, max_staleness: int) -> di
     return out
 
 
-def _trained_minibatches(perm: torch.Tensor, size: int, mask: torch.Tensor, fresh: torch.Tensor | None):
+def _trained_minibatches(perm: torch.Tensor, size: int, mask: torch.Tensor, fresh: torch.Tensor | None, schedulers):
     """(start, rows) of each minibatch of `perm` with a token to train: one whose every token is past the staleness
-    bound (`fresh` 0) is skipped, since an optimizer step without gradient still moves weights (AdamW's momentum)."""
+    bound (`fresh` 0) is skipped, since an optimizer step without gradient still moves weights (AdamW's momentum);
+    its learning-rate `schedulers` step all the same, so the schedule keeps its length."""
     for start in range(0, len(perm), size):
         idx = perm[start : start + size]
         if fresh is None or (mask[idx] * fresh[idx]).any():
             yield start, idx
+        else:
+            for sched in schedulers:
+                if sched is not None:
+                    sched.step()
 
 
 def compute_advantages(pc: PPOConfig, exp: Experience, values: torch.Tensor | None,
@@ -489,7 +496,7 @@ def compute_advantages(pc: PPOConfig, exp: Experience, values: torch.Tensor | No
     else:
         adv = pm.sequence_advantages(exp.scores, kl, mask, pc.kl_coef, pc.samples_per_prompt, pc.advantage_estimator)
     trained = mask * fresh if fresh is not None else mask
-    return Advantages(kl=kl, advantages=pm.whiten(adv, trained) if pc.whiten_advantages else adv,
+    return Advantages(kl=kl, advantages=pm.whiten(adv, trained) if pc.whiten_advantages else adv, trained=trained,
                       values=values if pc.advantage_estimator == "gae" else None, returns=returns, rewards=rewards)
 
 

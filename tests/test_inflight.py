@@ -182,7 +182,8 @@ def test_tokens_past_the_staleness_bound_are_masked_out_of_the_loss(make_experie
 def test_stale_tokens_leave_the_whitening_and_a_minibatch_of_them_takes_no_step(make_experience, tiny_checkpoints,
                                                                                  make_tiny_cfg):
     """Advantages are whitened over the tokens trained (mean 0, unit variance there), the stale ones zero; of two
-    minibatches, the one whose every token is stale makes no optimizer step (Adam's momentum would move weights)."""
+    minibatches, the one whose every token is stale makes no optimizer step (Adam's momentum would move weights)
+    while the learning-rate schedule steps for both."""
     from rayrlhf.core.ppo_math import masked_mean
     from rayrlhf.roles.learner import PPOLearner, _staleness
 
@@ -199,9 +200,11 @@ def test_stale_tokens_leave_the_whitening_and_a_minibatch_of_them_takes_no_step(
     trained, mask = exp.response_mask * fresh, exp.response_mask
     assert masked_mean(adv, trained).abs() < 1e-5 and (masked_mean(adv**2, trained) - 1).abs() < 1e-3
     assert (adv[(mask * (1 - fresh)).bool()] == 0).all()
-    lr.train_step(exp)
+    metrics = lr.train_step(exp)
+    assert metrics["ppo/advantage_mean"] == pytest.approx(0.0, abs=1e-5)  # over the tokens trained
     steps = {int(st["step"]) for st in lr.opt.state.values()}
     assert steps == {1}, steps  # two minibatches, one optimizer step
+    assert lr.sched.last_epoch == lr.critic_sched.last_epoch == 2  # the schedule keeps its length
 
 
 def _generator(tiny_checkpoints, **kw):

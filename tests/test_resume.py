@@ -69,23 +69,26 @@ def test_ledger_of_streamed_shards_consumes_each_once_and_a_batch_with_its_last(
     ledger = ExperienceLedger()
     ledger.dispatched(0, [3, 1], version=0, workers=[0, 1])
     ledger.dispatched(1, [0, 2], version=0, workers=[1, 0])
-    ledger.consumed_shard(0, 1, 0, {0: 5})
-    ledger.consumed_shard(1, 0, 0, {0: 4})
+    ledger.consumed_shard(0, 1, 0, {0: 5}, [1])
+    ledger.consumed_shard(1, 0, 0, {0: 4}, [0])
     with pytest.raises(LedgerError, match="shard 1 consumed twice"):
-        ledger.consumed_shard(0, 1, 1, {0: 5})
+        ledger.consumed_shard(0, 1, 1, {0: 5}, [1])
     with pytest.raises(LedgerError, match="never dispatched"):
-        ledger.consumed_shard(1, 2, 1, {0: 1})
+        ledger.consumed_shard(1, 2, 1, {0: 1}, [2])
     with pytest.raises(LedgerError, match="regenerated after it was consumed"):
         ledger.regenerated(0, 1, worker=0, why="stale")
     assert ledger.unconsumed_shards() == {0: [0], 1: [1]}
     assert ledger.regenerated(0, 0, worker=1, why="tokens of v0 past ppo.max_staleness at v2") == 1
-    ledger.consumed_shard(0, 0, 2, {2: 3})
+    ledger.consumed_shard(0, 0, 2, {2: 3}, [3])
     assert ledger.batches[0].consumed_by == 2 and ledger.batches[1].consumed_by is None
     assert ledger.batches[0].token_versions == {"0": 5, "2": 3}
 
     again = ExperienceLedger.from_json(json.loads(json.dumps(ledger.to_json())))
     assert again.audit(2, {0: [3, 1], 1: [0, 2]}.__getitem__).lost == [1]  # batch 1's shard 1 never trained
-    again.consumed_shard(1, 1, 2, {1: 2})
+    wrong = ExperienceLedger.from_json(again.to_json())
+    wrong.consumed_shard(1, 1, 2, {1: 2}, [9])  # a shard whose rollout holds a prompt not of its batch
+    assert wrong.audit(2, {0: [3, 1], 1: [0, 2]}.__getitem__).mismatched == [1]
+    again.consumed_shard(1, 1, 2, {1: 2}, [2, 2])  # a prompt's two samples
     audit = again.audit(2, {0: [3, 1], 1: [0, 2]}.__getitem__)
     assert audit.ok and audit.consumed == 2 and again.unconsumed_shards() == {}
     assert audit.redispatched == [] and audit.regenerated == [
