@@ -31,15 +31,25 @@ VENV_BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 120.0
 
 
+_HANDED_OUT: set[int] = set()  # every port free_ports gave this process: the OS may offer a closed one again
+
+
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """`n` ports free now and never handed out before by this process: a node's ports are picked in several calls
+    (a head's dashboard and client server, then each process's), and a port closed after one call can come back
+    from the next (CI once gave the client server and the object manager the same one)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        socks = [socket.socket() for _ in range(n - len(ports))]
+        try:
+            for s in socks:
+                s.bind(("127.0.0.1", 0))
+            ports += [p for p in (s.getsockname()[1] for s in socks) if p not in _HANDED_OUT and p not in ports]
+        finally:
+            for s in socks:
+                s.close()
+    _HANDED_OUT.update(ports)
+    return ports
 
 
 def _node_ports() -> list[str]:
