@@ -36,9 +36,7 @@ from rayrlhf.core.checkpoints import CheckpointDir
 from rayrlhf.core.files import atomic_write_text, read_json, write_json
 from rayrlhf.core.config import Config, ConfigError, config_from_dict
 from rayrlhf.core.data import load_tldr
-from rayrlhf.core.experience import (
-    EXPERIENCE_ROLES, BatchInfo, Experience, Role, RolloutRequest, ShardRefs,
-)
+from rayrlhf.core.experience import EXPERIENCE_ROLES, BatchInfo, Experience, Role, RolloutRequest, ShardRefs
 from rayrlhf.core.ledger import ExperienceLedger
 from rayrlhf.core.metrics import MetricsLogger
 from rayrlhf.core.modeling import load_tokenizer

@@ -276,6 +276,54 @@ def _learning_metrics(run: Path) -> dict[int, dict]:
     return {r["step"]: {k: v for k, v in r.items() if not k.startswith(volatile)} for r in rows}
 
 
+def _kill_after_first_checkpoint(run: Path, argv: list[str], tmp_path: Path) -> None:
+    """`rayrlhf <argv>` in its own process, with its own local Ray, SIGKILLed once its first PPO checkpoint is
+    complete; no process of its Ray is left after it (its watchdog ends them; test_reaper: Ray's agents too)."""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    stderr = tmp_path / "stderr.log"
+    with stderr.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "rayrlhf.pipeline.cli", *argv], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    latest = run / "ppo" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert latest.exists(), f"no checkpoint before the driver ended: {stderr.read_text()[-2000:]}"
+    names = set(_names(marked(f"{proc.pid}:")))
+    assert "raylet" in names, f"the command's local Ray is not up: {names}"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    left = _left_of_local_ray(proc.pid)
+    assert left == [], f"processes of the killed command's Ray still alive after 30 s: {left}"
+
+
+@pytest.mark.slow
+def test_a_streamed_run_killed_after_a_checkpoint_trains_each_shard_once_on_resume(ray_local, monkeypatch,
+                                                                                   tiny_checkpoints, tiny_overrides,
+                                                                                   tmp_path):
+    """rollout.inflight_batches stream: `rayrlhf ppo` SIGKILLed after its step-2 checkpoint, a batch's shards in
+    flight (not saved with it), then `--resume`d: the two shards in flight at the checkpoint are generated again,
+    once each, and the ledger's audit finds every shard of the 4 batches trained once."""
+    from rayrlhf.pipeline.cli import main
+
+    monkeypatch.setattr("rayrlhf.pipeline.workflow.shutdown", lambda: None)  # keep the session's Ray for other tests
+    run = tmp_path / "killed"
+    argv = _ppo_args(run, tiny_checkpoints, tiny_overrides, 1, 1, False)
+    for o in ["rollout.inflight=true", "rollout.inflight_batches=stream", "rollout.num_workers=2",
+              "rollout.inflight_shard_prompts=2", "rollout.num_cpus=0.5", "reward.num_cpus=0.5", "reference.num_cpus=0.5"]:
+        argv += ["--set", o]
+    _kill_after_first_checkpoint(run, argv, tmp_path)
+    assert main(["ppo", "--resume", str(run)]) == 0
+    assert json.loads((run / "stages.json").read_text())["ppo"]["ppo/resumed_at_step"] == EVERY
+    ledger = json.loads((run / "ppo" / "ledger.json").read_text())
+    assert ledger["audit"]["ok"] and ledger["audit"]["consumed"] == STEPS
+    for e in ledger["batches"]:
+        assert sorted(int(s) for s in e["consumed_shards"]) == [0, 1]
+    again = [(r["batch"], r["shard"]) for r in ledger["audit"]["regenerated"]
+             if r["why"] == "in flight at the checkpoint resumed from"]
+    assert len(again) == len(set(again)) == 2, again  # 3 batches x 2 shards dispatched by then, 2 steps x 2 trained
+
+
 @pytest.mark.slow
 # In CI: one step off-policy with in-flight rollout (its buffered batch, generated across a sync, restored from the
 # checkpoint) and one learner. Outside CI only (CI's limit is 25 minutes; they pass locally): whole-batch rollout,
@@ -295,25 +343,8 @@ def test_driver_killed_and_resumed_matches_uninterrupted(ray_local, monkeypatch,
     # A new attempt, with other PPO settings, on a finished run (`rayrlhf train`'s SFT, RM and a 40-step PPO):
     # `--resume` must continue this attempt with its own config, never skip it as finished.
     _finished_run(killed, tiny_checkpoints, tiny_overrides)
-    # The driver in its own process, with its own local Ray; SIGKILL once its first checkpoint is complete.
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    stderr = tmp_path / "stderr.log"
-    with stderr.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "rayrlhf.pipeline.cli",
-                                 *_ppo_args(killed, tiny_checkpoints, tiny_overrides, staleness, learners, inflight)],
-                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
-    latest = killed / "ppo" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert latest.exists(), f"no checkpoint before the driver ended: {stderr.read_text()[-2000:]}"
-    names = set(_names(marked(f"{proc.pid}:")))
-    assert "raylet" in names, f"the command's local Ray is not up: {names}"
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL
-    # no process of the killed command's local Ray is left (its watchdog ends them; test_reaper: Ray's agents too)
-    left = _left_of_local_ray(proc.pid)
-    assert left == [], f"processes of the killed command's Ray still alive after 30 s: {left}"
+    _kill_after_first_checkpoint(killed, _ppo_args(killed, tiny_checkpoints, tiny_overrides, staleness, learners,
+                                                    inflight), tmp_path)
     steps_before = len(_learning_metrics(killed))
     assert "ppo" not in json.loads((killed / "stages.json").read_text())  # the attempt did not finish
 
