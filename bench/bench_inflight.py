@@ -101,7 +101,8 @@ def main() -> None:
         workflow.shutdown()
     rows = [_row(mode, r, results.get("one-step-off")) for mode, r in results.items()]
     formats = {"completions/s": "{:.2f}", "trained tokens/s": "{:.1f}", "vs one-step-off": "{:.2f}x",
-               "CPU busy": "{:.1%}", "learner idle": "{:.1%}", "rollout idle": "{:.1%}", "token age 0": "{:.1%}", "token age 1": "{:.1%}",
+               "CPU busy": "{:.1%}", "learner idle": "{:.1%}", "rollout idle": "{:.1%}", "token age 0": "{:.1%}",
+               "token age 1": "{:.1%}",
                "two versions": "{:.1%}", "stale (masked)": "{:.2%}", "later shards/step": "{:.2f}",
                "mean response tokens": "{:.1f}", "win rate vs SFT": "{:.3f}",
                "95 % interval": "{}"}
@@ -154,9 +155,11 @@ def _row(mode: str, r: dict, base: dict | None) -> dict:
     win, lo, hi = (r.get(f"eval/ppo_gold_win_vs_sft{s}", float("nan")) for s in ("", "_ci_low", "_ci_high"))
     return {"mode": mode, "completions/s": r["ppo/sequences_per_s"], "trained tokens/s": r["ppo/tokens_per_s"],
             "vs one-step-off": r["ppo/sequences_per_s"] / base["ppo/sequences_per_s"] if base else float("nan"),
-            "CPU busy": r["cpu/busy_fraction"], "learner idle": r["ppo/learner_idle_fraction"], "rollout idle": r["rollout/idle_fraction"],
+            "CPU busy": r["cpu/busy_fraction"], "learner idle": r["ppo/learner_idle_fraction"],
+            "rollout idle": r["rollout/idle_fraction"],
             "token age 0": r["mean/rollout/token_age_0"], "token age 1": r["mean/rollout/token_age_1"],
-            "two versions": r["mean/rollout/multi_version_fraction"], "stale (masked)": r["mean/ppo/stale_token_fraction"],
+            "two versions": r["mean/rollout/multi_version_fraction"],
+            "stale (masked)": r["mean/ppo/stale_token_fraction"],
             "later shards/step": r["mean/rollout/shards_from_later_batches"],
             "mean response tokens": r["mean/rollout/response_length"],
             "win rate vs SFT": win, "95 % interval": f"[{lo:.3f}, {hi:.3f}] n={int(r.get('eval/ppo_gold_win_vs_sft_n', 0))}"}

@@ -87,8 +87,12 @@ class ExperienceLedger:
         last = self._last_attempt(batch_id, shard)
         if last.outcome != "dispatched":
             raise LedgerError(f"batch {batch_id} shard {shard}: attempt {last.attempt} already {last.outcome}")
-        last.outcome, last.error = "failed", error
-        self.batches[batch_id].shards.append(ShardAttempt(shard, worker, last.attempt + 1))
+        return self._next_attempt(batch_id, last, worker, "failed", error)
+
+    def _next_attempt(self, batch_id: int, last: ShardAttempt, worker: int, outcome: str, error: str) -> int:
+        """Close the shard's `last` attempt with `outcome` and record the next one, on `worker`; its number."""
+        last.outcome, last.error = outcome, error
+        self.batches[batch_id].shards.append(ShardAttempt(last.shard, worker, last.attempt + 1))
         return last.attempt + 1
 
     def regenerated(self, batch_id: int, shard: int, worker: int, why: str) -> int:
@@ -97,10 +101,7 @@ class ExperienceLedger:
         attempt's number."""
         if str(shard) in self.batches[batch_id].consumed_shards:
             raise LedgerError(f"batch {batch_id} shard {shard} regenerated after it was consumed")
-        last = self._last_attempt(batch_id, shard)
-        last.outcome, last.error = "regenerated", why
-        self.batches[batch_id].shards.append(ShardAttempt(shard, worker, last.attempt + 1))
-        return last.attempt + 1
+        return self._next_attempt(batch_id, self._last_attempt(batch_id, shard), worker, "regenerated", why)
 
     def recalled(self, batch_id: int, shard: int, role: str, error: str) -> None:
         self.batches[batch_id].recalls.append({"shard": shard, "role": role, "error": error})

@@ -50,10 +50,10 @@ class Advantages:
 
     kl: torch.Tensor
     advantages: torch.Tensor
+    trained: torch.Tensor
     values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
-    trained: torch.Tensor | None = None
 
 
 @dataclass
@@ -391,7 +391,7 @@ def _update_metrics(pc: PPOConfig, exp: Experience, adv: Advantages, sums: dict[
         "ppo/kl": seq_kl.mean().item(),
         "ppo/staleness": float(staleness),
         "ppo/lr": lr,
-        "ppo/advantage_mean": pm.masked_mean(adv.advantages, mask if adv.trained is None else adv.trained).item(),
+        "ppo/advantage_mean": pm.masked_mean(adv.advantages, adv.trained).item(),
         "reward/score_mean": exp.scores.mean().item(),
         "reward/score_std": exp.scores.std().item(),
         "reward/non_score_mean": (-pc.kl_coef * seq_kl).mean().item(),

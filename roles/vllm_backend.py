@@ -38,9 +38,9 @@ Adapter-only sync (`lora`, `rollout.lora_sync`) comes in two kinds (`rollout.vll
 copied into it, merged into its base weights (`merged_weights`: base + peft's `get_delta_weight`, from the unmerged
 base every time, so nothing accumulates) and reloaded into the engine as a full set, which is then probed as after
 a full-weight load. The engine runs without LoRA: it generates as fast as with merged weights (vLLM 0.32's CPU LoRA
-kernels are about 4x slower on 2 cores, bench/bench_lora_vllm.py), and only the adapters travel. That the merge reaches the engine is checked once at start
-as for requests below (an adapter far from zero, merged, must pass the probe it moves); each load is then checked by
-the probe only, as a full-weight load is: a layer the engine failed to take shows once its change moves the probe
+kernels are about 4x slower on 2 cores, bench/bench_lora_vllm.py), and only the adapters travel. That the merge
+reaches the engine is checked once at start as for requests below (an adapter far from zero, merged, must pass the
+probe it moves); each load is then checked by the probe only, as a full-weight load is: a layer the engine failed to take shows once its change moves the probe
 past the tolerance, which one version's change to one layer may not (the read-back of LoRA requests is exact). A
 load that fails puts the serving version's matrices back and reloads them, so the worker computes with the version
 it reports; if that reload fails too, the backend refuses to generate.
